@@ -1,0 +1,1 @@
+"""Architecture adapters: quantization sites of mmdet/timm Swin, name mapping, quantized backbone."""
