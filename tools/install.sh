@@ -20,6 +20,7 @@ MMCV_VERSION="2.1.0"
 WHEEL_CACHE="${MMDET_LRPQ_WHEEL_CACHE:-$HOME/.cache/mmdet-lrpq/wheels}/torch-$TORCH_VERSION"
 STAMP="$VENV/.mmdet-lrpq-installed"
 REQS="$ROOT/requirements/runtime.txt"
+CONSTRAINTS="$ROOT/requirements/constraints.txt"
 BUILD_LOG="$WHEEL_CACHE/mmcv-build.log"
 
 say() { printf '\033[1m[install]\033[0m %s\n' "$*"; }
@@ -32,7 +33,7 @@ trap 'rc=$?; [ $rc -eq 0 ] || { rm -f "$STAMP"; printf "[install] stopped (exit 
 
 fingerprint() {
     # What the stamp certifies: the install recipe and the pinned requirements.
-    cat "$ROOT/tools/install.sh" "$REQS" "$ROOT/setup.py" | sha256sum | cut -d' ' -f1
+    cat "$ROOT/tools/install.sh" "$REQS" "$CONSTRAINTS" "$ROOT/setup.py" | sha256sum | cut -d' ' -f1
 }
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$(fingerprint)" ] && "$VENV/bin/python" -c "import mmdet_lrpq" 2>/dev/null; then
@@ -57,10 +58,14 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV" || die "could not create a virtual environment with $PYTHON (Debian: apt install python3.11-venv)"
 fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
+PIP_INSTALL=("${PIP[@]}" install -q -c "$CONSTRAINTS")
 say "installing build tools and torch $TORCH_VERSION / torchvision $TORCHVISION_VERSION"
-"${PIP[@]}" install -q "setuptools<81" wheel ninja || die "pip could not install setuptools/wheel/ninja"
-"${PIP[@]}" install -q "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION" \
+"${PIP_INSTALL[@]}" --upgrade "pip>=24" || die "pip could not upgrade itself in $VENV"
+"${PIP_INSTALL[@]}" setuptools wheel ninja || die "pip could not install setuptools/wheel/ninja"
+"${PIP_INSTALL[@]}" "torch==$TORCH_VERSION" "torchvision==$TORCHVISION_VERSION" \
     || die "pip could not install torch==$TORCH_VERSION torchvision==$TORCHVISION_VERSION from the package index"
+"$VENV/bin/python" -c "import pkg_resources" 2>/dev/null \
+    || die "setuptools in $VENV has no pkg_resources (needs setuptools<81, see requirements/constraints.txt)"
 
 # ---------------------------------------------------------------- mmcv with ops
 if ! have_mmcv_wheel; then
@@ -85,15 +90,15 @@ if ! have_mmcv_wheel; then
 else
     say "reusing cached mmcv wheel from $WHEEL_CACHE"
 fi
-"${PIP[@]}" install -q "$WHEEL_CACHE"/mmcv-"$MMCV_VERSION"-*.whl || die "could not install the mmcv wheel"
+"${PIP_INSTALL[@]}" "$WHEEL_CACHE"/mmcv-"$MMCV_VERSION"-*.whl || die "could not install the mmcv wheel"
 
 # ---------------------------------------------------------------- the rest + the package
 say "installing mmengine / mmdet / timm / pycocotools and mmdet-lrpq (editable)"
 # mmdet is installed without dependency resolution so pip never tries to rebuild mmcv from source;
 # its own runtime requirements are pinned in requirements/runtime.txt.
-"${PIP[@]}" install -q --no-deps "mmdet==3.3.0" || die "could not install mmdet==3.3.0"
-"${PIP[@]}" install -q -r "$REQS" || die "could not install requirements/runtime.txt"
-"${PIP[@]}" install -q --no-build-isolation -e "$ROOT[tests]" || die "could not install mmdet-lrpq in editable mode"
+"${PIP_INSTALL[@]}" --no-deps "mmdet==3.3.0" || die "could not install mmdet==3.3.0"
+"${PIP_INSTALL[@]}" -r "$REQS" || die "could not install requirements/runtime.txt"
+"${PIP_INSTALL[@]}" --no-build-isolation -e "$ROOT[tests]" || die "could not install mmdet-lrpq in editable mode"
 
 # ---------------------------------------------------------------- prove it
 say "checking the environment"
