@@ -1,0 +1,305 @@
+"""Quantization primitives with RepQ-ViT's exact semantics, vectorized over channels.
+
+Contract (DESIGN §3.2). Every function here gives the same numbers as RepQ-ViT's
+``UniformQuantizer`` / ``LogSqrt2Quantizer`` run in this environment (their per-channel Python
+loop over ``torch.quantile``), without a loop over channels:
+
+* quantiles follow ``torch.quantile(x, q)`` bit for bit: ``rank = double(float32(q)) * (n - 1)``,
+  ``w = float32(rank - floor(rank))``, ``lerp(x_(floor), x_(ceil), w)`` in float32. Only the
+  order statistics those ranks touch are extracted (top/bottom tails via ``topk``; for large
+  flat tensors via an exact threshold-and-select), instead of sorting the whole tensor;
+* the MSE search over ``PERCENTILES`` keeps the candidate with the strictly lowest score (ties
+  keep the earlier percentile), evaluated in cache-sized chunks;
+* ``fake_quant_uniform`` is ``(clamp(round(x/Δ) + zp, 0, 2^b-1) - zp) * Δ`` computed as
+  ``clamp(round(x/Δ), -zp, 2^b-1-zp) * Δ``, which is the same float for integer ``zp``.
+
+Where RepQ-ViT divides by zero (constant tensors or channels) we define the result instead; see
+:func:`uniform_qparams`. NaN/Inf input and bit-widths outside 2..8 raise ``ValueError``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+PERCENTILES: tuple[float, ...] = (0.999, 0.9999, 0.99999)
+MIN_BITS, MAX_BITS = 2, 8
+SQRT2 = math.sqrt(2.0)
+# Elements processed per step of the candidate-MSE loop: small enough that the ~6 temporaries
+# of one step stay in L2 cache, large enough that the Python loop overhead is negligible.
+_CHUNK_ELEMENTS = 1 << 18
+# Flat tensors above this size take the threshold-and-select path for their tails.
+_SELECT_MIN_ELEMENTS = 1 << 20
+
+
+# ----------------------------------------------------------------------------- validation
+def check_bits(bits: int) -> int:
+    """Return ``bits`` if it is an integer in 2..8, else raise ``ValueError``."""
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f'bit-width must be an integer in {MIN_BITS}..{MAX_BITS}, got {bits!r}')
+    return int(bits)
+
+
+def _check_input(x: Tensor, what: str) -> None:
+    if x.numel() == 0:
+        raise ValueError(f'cannot calibrate {what} on an empty tensor')
+    if not torch.isfinite(x).all():
+        n_nan, n_inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
+        raise ValueError(f'cannot calibrate {what}: input has {n_nan} NaN and {n_inf} Inf values '
+                         f'(shape {tuple(x.shape)}); check the model/input for overflow')
+
+
+def _rows(x: Tensor, channel_axis: Optional[int]) -> Tensor:
+    """View ``x`` as ``[C, M]`` (channels first) or ``[1, numel]`` for per-tensor."""
+    x = x.detach().float()
+    if channel_axis is None:
+        return x.reshape(1, -1)
+    axis = channel_axis % x.dim()
+    return x.movedim(axis, 0).reshape(x.shape[axis], -1)
+
+
+def _unrows(v: Tensor, like: Tensor, channel_axis: Optional[int]) -> Tensor:
+    """Shape per-row results ``[C]`` so they broadcast against ``like``."""
+    if channel_axis is None:
+        return v.reshape(())
+    shape = [1] * like.dim()
+    shape[channel_axis % like.dim()] = -1
+    return v.reshape(shape)
+
+
+# ----------------------------------------------------------------------------- quantiles
+def _rank(n: int, q: float) -> tuple[int, int, float]:
+    """torch.quantile's rank arithmetic: q is rounded to float32, the rank taken in double."""
+    r = float(np.float32(q)) * (n - 1)
+    return math.floor(r), math.ceil(r), r - math.floor(r)
+
+
+def _top_tail(rows: Tensor, k: int, largest: bool) -> Tensor:
+    """The ``k`` largest (descending) or smallest (ascending) values of every row, exactly."""
+    n = rows.shape[1]
+    if rows.shape[0] == 1 and n >= _SELECT_MIN_ELEMENTS and k < n // 64:
+        flat = rows[0] if largest else -rows[0]
+        # Estimate a threshold from a strided sample with generous slack, then verify: if at
+        # least k elements are >= it, the k largest are among them (exact, no assumption).
+        stride = 32
+        sample = flat[::stride]
+        ks = min(sample.numel(), 2 * (k // stride) + 64)
+        thr = sample.topk(ks).values[-1]
+        selected = flat[flat >= thr]
+        if selected.numel() >= k:
+            tail = selected.topk(k).values
+            return (tail if largest else -tail).unsqueeze(0)
+    return rows.topk(k, dim=1, largest=largest, sorted=True).values
+
+
+def quantiles(rows: Tensor, qs: Sequence[float]) -> Tensor:
+    """``torch.quantile(row, q)`` for every row of ``rows`` [C, M] and every q -> ``[len(qs), C]``.
+
+    Bit-identical to ``torch.quantile`` (linear interpolation) but only extracts the order
+    statistics that extreme quantiles need, so it costs a ``topk`` instead of a full sort.
+    """
+    n = rows.shape[1]
+    ranks = [_rank(n, q) for q in qs]
+    needed = [i for lo, hi, _ in ranks for i in (lo, hi)]
+    k_top = max((n - i for i in needed if i >= n // 2), default=0)
+    k_bot = max((i + 1 for i in needed if i < n // 2), default=0)
+    if k_top + k_bot >= n // 4:  # the tails are a sizeable part of the row: sorting is as cheap
+        ordered = rows.sort(dim=1).values
+        pick = lambda i: ordered[:, i]  # noqa: E731
+    else:
+        top = _top_tail(rows, k_top, largest=True) if k_top else None      # top[:, j] = x_(n-1-j)
+        bot = _top_tail(rows, k_bot, largest=False) if k_bot else None     # bot[:, j] = x_(j)
+        pick = lambda i: top[:, n - 1 - i] if i >= n // 2 else bot[:, i]  # noqa: E731
+    out = []
+    for lo, hi, w in ranks:
+        out.append(torch.lerp(pick(lo), pick(hi), torch.tensor(w, dtype=torch.float32)))
+    return torch.stack(out)
+
+
+# ----------------------------------------------------------------------------- uniform quantizer
+def _uniform_candidate(lo: Tensor, hi: Tensor, levels: int) -> tuple[Tensor, Tensor]:
+    delta = (hi - lo) / levels
+    return delta, (-lo / delta).round()
+
+
+def _sum_sq_err(rows: Tensor, quantize) -> Tensor:
+    """Per-row sum of squared fake-quantization error, streamed through cache-sized chunks."""
+    c, m = rows.shape
+    cols = max(1, _CHUNK_ELEMENTS // c)
+    total = rows.new_zeros(c, dtype=torch.float64)
+    for start in range(0, m, cols):
+        x = rows[:, start:start + cols]
+        err = quantize(x).sub_(x)
+        total += torch.einsum('cm,cm->c', err, err).double()
+    return total
+
+
+def _fq_uniform_(y: Tensor, delta: Tensor, zero_point: Tensor, levels: int) -> Tensor:
+    """In-place tail of the uniform fake-quant on ``y = x / delta``."""
+    y.round_()
+    if zero_point.dim() == 0:
+        y.clamp_(-float(zero_point), levels - float(zero_point))
+    else:
+        y.clamp_(-zero_point, levels - zero_point)
+    return y.mul_(delta)
+
+
+def _select_best(scores: Tensor) -> Tensor:
+    """Index of the strictly lowest score per column (ties keep the earlier candidate; NaN never wins)."""
+    return torch.nan_to_num(scores, nan=math.inf).argmin(dim=0)
+
+
+def uniform_qparams(x: Tensor, bits: int, channel_axis: Optional[int] = None,
+                    percentiles: Sequence[float] = PERCENTILES) -> tuple[Tensor, Tensor]:
+    """RepQ-ViT's percentile/MSE calibration of an asymmetric uniform quantizer.
+
+    For each pct, ``max = quantile(x, pct)``, ``min = quantile(x, 1 - pct)``,
+    ``Δ = (max - min) / (2^b - 1)``, ``zp = round(-min / Δ)``; the candidate with the strictly
+    lowest MSE wins. Per tensor (``channel_axis=None``) or per channel along ``channel_axis``
+    (conv/linear weight: 0, ``[B, N, C]`` activation: -1). Returns ``(delta, zero_point)``
+    broadcastable to ``x`` (0-d tensors per tensor).
+
+    Degenerate input, where RepQ-ViT divides by zero: a candidate with ``Δ = 0`` never wins;
+    a row whose every candidate has ``Δ = 0`` is (almost) constant with value ``v`` and gets, when
+    other channels of the same tensor are regular, their mean ``Δ`` (so the channel stays
+    neutral under scale reparameterization) and ``zp = clamp(round(-v/Δ), 0, 2^b-1)``; otherwise
+    ``Δ = |v| / (2^b - 1)`` (``1`` for ``v = 0``) with ``zp = 0`` (``2^b - 1`` for ``v < 0``), which
+    represents ``v`` exactly.
+    """
+    levels = (1 << check_bits(bits)) - 1
+    _check_input(x, 'a uniform quantizer')
+    rows = _rows(x, channel_axis)
+    qs = [q for p in percentiles for q in (p, 1.0 - p)]
+    qv = quantiles(rows, qs).view(len(percentiles), 2, -1)              # [P, {max,min}, C]
+    deltas, zps = _uniform_candidate(qv[:, 1], qv[:, 0], levels)        # [P, C]
+    regular = deltas > 0
+    safe_d = torch.where(regular, deltas, torch.ones_like(deltas))
+    safe_z = torch.where(regular, zps, torch.zeros_like(zps))
+    scores = torch.stack([
+        _sum_sq_err(rows, lambda t, d=d[:, None], z=z[:, None]: _fq_uniform_(t / d, d, z, levels))
+        for d, z in zip(safe_d, safe_z)])
+    scores[~regular] = math.inf
+    best = _select_best(scores)
+    cols = torch.arange(rows.shape[0])
+    delta, zp = deltas[best, cols], zps[best, cols]
+
+    const = ~regular.any(dim=0)
+    if const.any():
+        v = qv[-1, 0, const]                                            # the (near-)constant value
+        if (~const).any():
+            d = delta[~const].mean().expand_as(v)
+            z = (-v / d).round().clamp(0, levels)
+        else:
+            d = torch.where(v != 0, v.abs() / levels, torch.ones_like(v))
+            z = torch.where(v < 0, torch.full_like(v, levels), torch.zeros_like(v))
+        delta, zp = delta.clone(), zp.clone()
+        delta[const], zp[const] = d, z
+    return _unrows(delta, x, channel_axis), _unrows(zp, x, channel_axis)
+
+
+def fake_quant_uniform(x: Tensor, delta: Tensor, zero_point: Tensor, bits: int) -> Tensor:
+    """``(clamp(round(x/Δ) + zp, 0, 2^b-1) - zp) * Δ`` (round half to even), in four passes."""
+    levels = (1 << check_bits(bits)) - 1
+    return _fq_uniform_(x / delta, delta, zero_point, levels)
+
+
+def uniform_codes(x: Tensor, delta: Tensor, zero_point: Tensor, bits: int) -> Tensor:
+    """The integer codes ``clamp(round(x/Δ) + zp, 0, 2^b-1)`` (as float), for integer pipelines."""
+    levels = (1 << check_bits(bits)) - 1
+    return (torch.round(x / delta) + zero_point).clamp_(0, levels)
+
+
+# ----------------------------------------------------------------------------- log-sqrt2 quantizer
+def log_sqrt2_codes(x: Tensor, delta: Tensor, bits: int) -> Tensor:
+    """Codes ``q = clamp(round(-2·log2(x/Δ)), 0, 2^b)`` as int64; ``2^b`` encodes an exact zero."""
+    levels = 1 << check_bits(bits)
+    t = x / delta
+    t.log2_().mul_(-2.0).round_().clamp_(0, levels)                     # x = 0 -> +inf -> 2^b
+    return t.to(torch.int64)
+
+
+def log_sqrt2_table(delta: Tensor, bits: int) -> Tensor:
+    """Dequantized value of every code, computed exactly as RepQ-ViT does (last entry: zero)."""
+    levels = 1 << check_bits(bits)
+    q = torch.arange(levels, dtype=torch.float32)
+    odd = (q % 2) * (SQRT2 - 1) + 1
+    values = 2 ** (-1 * torch.ceil(q / 2)) * odd * delta.float().reshape(())
+    return torch.cat([values, values.new_zeros(1)])
+
+
+def fake_quant_log_sqrt2(x: Tensor, delta: Tensor, bits: int) -> Tensor:
+    """RepQ-ViT's log-√2 quantizer: ``x̂ = 2^(-ceil(q/2)) · (1 + (q mod 2)(√2-1)) · Δ``, 0 if q ≥ 2^b."""
+    table = log_sqrt2_table(delta, bits).to(x.dtype)
+    return table[log_sqrt2_codes(x, delta, bits)]
+
+
+def log_sqrt2_qparams(x: Tensor, bits: int, percentiles: Sequence[float] = PERCENTILES) -> Tensor:
+    """RepQ-ViT's calibration of the log-√2 quantizer: ``Δ = quantile(x, pct)`` with the lowest MSE.
+
+    Input must be non-negative (post-softmax probabilities). If every candidate is zero the
+    tensor is (almost) all zeros and ``Δ = max(x)`` (``1`` when that is zero too) is returned.
+    """
+    check_bits(bits)
+    _check_input(x, 'a log-sqrt2 quantizer')
+    rows = _rows(x, None)
+    if bool((rows < 0).any()):
+        raise ValueError('the log-sqrt2 quantizer expects non-negative input (post-softmax '
+                         f'attention); got min {float(rows.min()):.4g}')
+    cands = quantiles(rows, percentiles)[:, 0]                          # [P]
+    regular = cands > 0
+    scores = torch.stack([
+        _sum_sq_err(rows, lambda t, d=d: fake_quant_log_sqrt2(t, d, bits)) if ok else
+        torch.full((1,), math.inf, dtype=torch.float64)
+        for d, ok in zip(cands, regular.tolist())])[:, 0]
+    if not regular.any():
+        top = rows.max()
+        return top if top > 0 else torch.ones(())
+    return cands[_select_best(scores[:, None])[0]].reshape(())
+
+
+# --------------------------------------------------------------- log2-with-shift inference form
+def log2_shift_form(codes: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Rewrite log-√2 codes as a log2 quantizer with a shift.
+
+    Returns ``(shift s = ceil(q/2), odd = q mod 2, nonzero = q < 2^b)``. Then
+    ``x̂ = 2^-s · Δ_odd`` with two per-tensor scales ``Δ_0 = Δ`` and ``Δ_1 = fl(√2)·Δ``: even codes
+    are a plain log2 quantizer, odd codes the same one scaled by √2, so ``A·V`` becomes two
+    shift-and-add products, ``Δ·A_even·V + √2Δ·A_odd·V`` (see :func:`log2_shift_matmul_int`).
+    """
+    levels = 1 << check_bits(bits)
+    return (codes + 1) // 2, codes % 2, codes < levels
+
+
+def log2_shift_scales(delta: Tensor) -> Tensor:
+    """``[Δ, fl(√2)·Δ]``: the two scales of the shift form, rounded exactly as RepQ-ViT rounds."""
+    odd = torch.tensor([0.0, 1.0]) * (SQRT2 - 1) + 1
+    return odd * delta.float().reshape(())
+
+
+def log2_shift_dequant(codes: Tensor, delta: Tensor, bits: int) -> Tensor:
+    """``ldexp(Δ_odd, -s)``: equals :func:`fake_quant_log_sqrt2` bit for bit (outside subnormals)."""
+    shift, odd, nonzero = log2_shift_form(codes, bits)
+    scale = log2_shift_scales(delta)[odd]
+    return torch.where(nonzero, torch.ldexp(scale, -shift.to(scale.dtype)), torch.zeros_like(scale))
+
+
+def log2_shift_matmul_int(codes: Tensor, v_int: Tensor, bits: int) -> tuple[Tensor, Tensor, int]:
+    """Integer-only ``A·V`` for integer ``V``: ``Σ_k V_k << (S - s_k)`` per code parity.
+
+    Returns ``(even_acc, odd_acc, S)`` in int64 such that, exactly in real arithmetic,
+    ``dequant(A) @ V = 2^-S · (Δ_0 · even_acc + Δ_1 · odd_acc)`` (scales of
+    :func:`log2_shift_scales`). Raises ``ValueError`` where int64 could overflow.
+    """
+    shift, odd, nonzero = log2_shift_form(codes, bits)
+    s_max = int(shift[nonzero].max()) if nonzero.any() else 0
+    v_int = v_int.to(torch.int64)
+    headroom = s_max + math.ceil(math.log2(max(1, int(v_int.abs().max())) * codes.shape[-1] + 1))
+    if headroom > 62:
+        raise ValueError(f'integer accumulation needs {headroom} bits (> 62): use fewer bits or '
+                         f'log2_shift_dequant')
+    weights = torch.where(nonzero, torch.ones_like(shift) << (s_max - shift).clamp(min=0),
+                          torch.zeros_like(shift))
+    return (weights * (1 - odd)) @ v_int, (weights * odd) @ v_int, s_max

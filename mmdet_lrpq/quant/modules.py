@@ -1,0 +1,286 @@
+"""Fake-quant modules: quantizers, and Linear / Conv2d / MatMul with explicit quantization states.
+
+Every quantized module moves through ``FLOAT -> CALIBRATING -> QUANTIZED``:
+
+* ``FLOAT``: exactly the float module (same kernels, bit-identical output);
+* ``CALIBRATING``: the first non-empty input fixes each activation quantizer (RepQ-ViT's
+  protocol: calibrate and quantize in the same forward, so later layers see quantized inputs);
+* ``QUANTIZED``: inputs and weights are fake-quantized; an uncalibrated quantizer is an error,
+  never a silent float pass-through.
+
+Weights are quantized once and cached. Weight quantization is a pure function of the weights,
+so the cache is keyed on the weight tensor's identity and version: any change (for instance by
+scale reparameterization) recalibrates and requantizes on the next forward.
+Bit-widths come from the caller (a bit plan), never from globals.
+"""
+from __future__ import annotations
+
+import enum
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .functional import (check_bits, fake_quant_log_sqrt2, fake_quant_uniform, log_sqrt2_qparams,
+                         uniform_qparams)
+
+
+class QuantState(enum.Enum):
+    FLOAT = 'float'
+    CALIBRATING = 'calibrating'
+    QUANTIZED = 'quantized'
+
+
+class _Quantizer(nn.Module):
+    """Base: qparams are buffers that start as ``None`` and can be loaded at any shape."""
+
+    _qparam_names: tuple[str, ...] = ()
+
+    def __init__(self, bits: int):
+        super().__init__()
+        self.bits = check_bits(bits)
+        for name in self._qparam_names:
+            self.register_buffer(name, None)
+
+    @property
+    def calibrated(self) -> bool:
+        return all(getattr(self, n) is not None for n in self._qparam_names)
+
+    def reset(self, bits: Optional[int] = None) -> None:
+        """Forget the qparams (and optionally change the bit-width)."""
+        if bits is not None:
+            self.bits = check_bits(bits)
+        for name in self._qparam_names:
+            setattr(self, name, None)
+
+    def get_extra_state(self) -> dict:
+        return {'bits': self.bits}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.bits = check_bits(state['bits'])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Buffers that are still None are invisible to nn.Module's loader: give them the saved
+        # tensor's shape first, then let the normal loader copy (and check) the values.
+        for name in self._qparam_names:
+            key = prefix + name
+            if key in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[key]))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+
+class UniformQuantizer(_Quantizer):
+    """Asymmetric uniform fake quantizer, per tensor or per channel (``channel_axis``)."""
+
+    _qparam_names = ('delta', 'zero_point')
+
+    def __init__(self, bits: int = 8, channel_axis: Optional[int] = None):
+        super().__init__(bits)
+        self.channel_axis = channel_axis
+
+    def calibrate(self, x: Tensor) -> None:
+        self.delta, self.zero_point = uniform_qparams(x, self.bits, self.channel_axis)
+
+    def get_extra_state(self) -> dict:
+        return {**super().get_extra_state(), 'channel_axis': self.channel_axis}
+
+    def set_extra_state(self, state: dict) -> None:
+        super().set_extra_state(state)
+        self.channel_axis = state['channel_axis']
+
+    def set_qparams(self, delta: Tensor, zero_point: Tensor, channel_axis: Optional[int] = None) -> None:
+        self.delta, self.zero_point, self.channel_axis = delta, zero_point, channel_axis
+
+    def forward(self, x: Tensor) -> Tensor:
+        return fake_quant_uniform(x, self.delta, self.zero_point, self.bits)
+
+    @property
+    def granularity(self) -> str:
+        return 'tensor' if self.channel_axis is None else 'channel'
+
+    def extra_repr(self) -> str:
+        return f'bits={self.bits}, granularity={self.granularity}, calibrated={self.calibrated}'
+
+
+class LogSqrt2Quantizer(_Quantizer):
+    """RepQ-ViT's log-√2 quantizer for post-softmax attention (per tensor)."""
+
+    _qparam_names = ('delta',)
+    granularity = 'tensor'
+
+    def calibrate(self, x: Tensor) -> None:
+        self.delta = log_sqrt2_qparams(x, self.bits)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return fake_quant_log_sqrt2(x, self.delta, self.bits)
+
+    def extra_repr(self) -> str:
+        return f'bits={self.bits}, log-sqrt2, calibrated={self.calibrated}'
+
+
+class QuantModule(nn.Module):
+    """Mixin state machine shared by the quantized Linear, Conv2d and MatMul."""
+
+    state: QuantState = QuantState.FLOAT
+
+    def input_quantizers(self) -> list[_Quantizer]:
+        raise NotImplementedError
+
+    def _quantize_input(self, quantizer: _Quantizer, x: Tensor) -> Tensor:
+        if self.state is QuantState.CALIBRATING and not quantizer.calibrated:
+            if x.numel() == 0:          # nothing to learn from (e.g. no RoIs): stay uncalibrated
+                return x
+            quantizer.calibrate(x)
+        elif not quantizer.calibrated:
+            raise RuntimeError(f'{type(self).__name__} is in state {self.state.value} but its input '
+                               f'quantizer was never calibrated; run calibration first')
+        return quantizer(x)
+
+    @property
+    def calibrated(self) -> bool:
+        return all(q.calibrated for q in self.input_quantizers())
+
+
+class _WeightedQuantModule(QuantModule):
+    """Shared by QuantLinear / QuantConv2d: per-output-channel weights with a cached fake-quant."""
+
+    weight: nn.Parameter
+
+    def _init_quant(self, w_bits: int, a_bits: int, act_channel_axis: Optional[int]) -> None:
+        self.weight_quantizer = UniformQuantizer(w_bits, channel_axis=0)
+        self.input_quantizer = UniformQuantizer(a_bits, channel_axis=act_channel_axis)
+        self.state = QuantState.FLOAT
+        self._wq_key: Any = None
+        self._wq: Optional[Tensor] = None
+
+    @property
+    def w_bits(self) -> int:
+        return self.weight_quantizer.bits
+
+    @property
+    def a_bits(self) -> int:
+        return self.input_quantizer.bits
+
+    def input_quantizers(self) -> list[_Quantizer]:
+        return [self.input_quantizer]
+
+    def set_bits(self, w_bits: int, a_bits: int) -> None:
+        """Change bit-widths; the activation quantizer must then be calibrated again."""
+        self.weight_quantizer.reset(w_bits)
+        self.input_quantizer.reset(a_bits)
+        self._wq_key = None
+
+    def quantized_weight(self) -> Tensor:
+        """The fake-quantized weight, recomputed only when the weight or its bit-width changed."""
+        w = self.weight
+        key = (w.data_ptr(), w._version, w.shape, self.weight_quantizer.bits)
+        if key != self._wq_key:
+            with torch.no_grad():
+                self.weight_quantizer.calibrate(w)
+                self._wq = self.weight_quantizer(w.detach())
+            self._wq_key = key
+        return self._wq
+
+    def _forward_impl(self, x: Tensor, weight: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Scale reparameterization may have created a bias this (freshly wrapped) layer lacks.
+        if self.bias is None and prefix + 'bias' in state_dict:
+            self.bias = nn.Parameter(torch.empty_like(state_dict[prefix + 'bias']))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.state is QuantState.FLOAT:
+            return self._forward_impl(x, self.weight)
+        return self._forward_impl(self._quantize_input(self.input_quantizer, x), self.quantized_weight())
+
+
+class QuantLinear(_WeightedQuantModule, nn.Linear):
+    """``nn.Linear`` with per-output-channel weight and per-tensor/per-channel input quantization."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, w_bits: int = 8,
+                 a_bits: int = 8, per_channel_input: bool = False, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self._init_quant(w_bits, a_bits, -1 if per_channel_input else None)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, **quant_kwargs) -> 'QuantLinear':
+        """Wrap ``linear``, sharing its parameters (the state-dict keys do not change)."""
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None, device='meta',
+                **quant_kwargs)
+        q.weight, q.bias = linear.weight, linear.bias
+        q.train(linear.training)
+        return q
+
+    def _forward_impl(self, x: Tensor, weight: Tensor) -> Tensor:
+        return F.linear(x, weight, self.bias)
+
+
+class QuantConv2d(_WeightedQuantModule, nn.Conv2d):
+    """``nn.Conv2d`` with per-output-channel weight and per-tensor (or per-channel) input."""
+
+    def __init__(self, *args, w_bits: int = 8, a_bits: int = 8, per_channel_input: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_quant(w_bits, a_bits, 1 if per_channel_input else None)
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, **quant_kwargs) -> 'QuantConv2d':
+        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                bias=conv.bias is not None, padding_mode=conv.padding_mode, device='meta', **quant_kwargs)
+        q.weight, q.bias = conv.weight, conv.bias
+        q.train(conv.training)
+        return q
+
+    def _forward_impl(self, x: Tensor, weight: Tensor) -> Tensor:
+        return self._conv_forward(x, weight, self.bias)
+
+
+class QuantMatMul(QuantModule):
+    """``a @ b`` with both operands quantized per tensor; ``a`` optionally with the log-√2 quantizer."""
+
+    def __init__(self, a_bits: int = 8, b_bits: Optional[int] = None, log_sqrt2_a: bool = False):
+        super().__init__()
+        self.quantizer_a = LogSqrt2Quantizer(a_bits) if log_sqrt2_a else UniformQuantizer(a_bits)
+        self.quantizer_b = UniformQuantizer(a_bits if b_bits is None else b_bits)
+        self.state = QuantState.FLOAT
+
+    @property
+    def a_bits(self) -> int:
+        return self.quantizer_a.bits
+
+    def input_quantizers(self) -> list[_Quantizer]:
+        return [self.quantizer_a, self.quantizer_b]
+
+    def set_bits(self, w_bits: Optional[int], a_bits: int) -> None:  # w_bits: no weights here
+        self.quantizer_a.reset(a_bits)
+        self.quantizer_b.reset(a_bits)
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        if self.state is QuantState.FLOAT:
+            return a @ b
+        return self._quantize_input(self.quantizer_a, a) @ self._quantize_input(self.quantizer_b, b)
+
+
+def quant_modules(model: nn.Module) -> dict[str, QuantModule]:
+    """Every quantized module of ``model`` by qualified name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantModule)}
+
+
+def set_quant_state(model: nn.Module, state: QuantState) -> None:
+    """Move every quantized module to ``state`` (QUANTIZED requires calibrated quantizers)."""
+    modules = quant_modules(model)
+    if state is QuantState.QUANTIZED:
+        missing = [name for name, m in modules.items() if not m.calibrated]
+        if missing:
+            shown = ', '.join(missing[:8]) + (f', ... ({len(missing)} in all)' if len(missing) > 8 else '')
+            raise RuntimeError(
+                f'{len(missing)} quantized layer(s) received no input during calibration and have no '
+                f'quantization parameters: {shown}. Calibrate on more images (or images where the '
+                f'model detects something, so the RoI heads run).')
+    for m in modules.values():
+        m.state = state

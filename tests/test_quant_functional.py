@@ -1,0 +1,158 @@
+"""Bit-exact parity of the vectorized quantizers with RepQ-ViT's semantics (tests/repq_reference.py)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import repq_reference as ref
+from mmdet_lrpq.quant import functional as F
+
+SHAPES = {  # (shape, channel axis as RepQ-ViT uses it)
+    'linear-weight': ((96, 384), 0),
+    'conv-weight': ((64, 3, 4, 4), 0),
+    'activation': ((2, 300, 48), -1),
+}
+
+
+def _data(kind, shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    if kind == 'normal':
+        return torch.randn(shape, generator=g) * 3 + 0.5
+    if kind == 'heavy':  # Student-t(1.5): the outlier-heavy regime post-LayerNorm activations live in
+        z = torch.randn(shape, generator=g)
+        chi = torch.distributions.Chi2(torch.tensor(1.5)).sample(shape)
+        return z / torch.sqrt(chi / 1.5)
+    if kind == 'relu':   # a spike of exact zeros plus a tail
+        return torch.relu(torch.randn(shape, generator=g)) ** 2
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize('bits', [2, 4, 6, 8])
+@pytest.mark.parametrize('kind', ['normal', 'heavy', 'relu'])
+@pytest.mark.parametrize('layout', list(SHAPES))
+def test_uniform_qparams_match_repq_per_tensor_and_per_channel(layout, kind, bits):
+    shape, axis = SHAPES[layout]
+    x = _data(kind, shape, seed=bits)
+    delta, zp = F.uniform_qparams(x, bits)
+    r_delta, r_zp = ref.uniform_per_tensor(x, bits)
+    assert torch.equal(delta, r_delta) and torch.equal(zp, r_zp)
+
+    delta, zp = F.uniform_qparams(x, bits, channel_axis=axis)
+    r_delta, r_zp = ref.uniform_per_channel(x, bits)
+    assert delta.shape == r_delta.shape
+    assert torch.equal(delta, r_delta), (delta - r_delta).abs().max()
+    assert torch.equal(zp, r_zp)
+    assert torch.equal(F.fake_quant_uniform(x, delta, zp, bits), ref.uniform_fake_quant(x, r_delta, r_zp, bits))
+
+
+@pytest.mark.parametrize('n', [2, 3, 7, 999, 1001, 10_000, 123_457])
+def test_quantiles_bit_identical_to_torch_quantile(n):
+    x = _data('heavy', (n,), seed=n)
+    qs = [0.999, 0.001, 0.9999, 0.0001, 0.99999, 0.00001, 0.5, 0.25]
+    ours = F.quantiles(x.reshape(1, -1), qs)[:, 0]
+    theirs = torch.stack([torch.quantile(x, q) for q in qs])
+    assert torch.equal(ours, theirs)
+
+
+def test_large_tensor_above_2_pow_24():
+    """RepQ-ViT needed a numpy fallback above 2^24 elements; ours is the same code path, exact."""
+    n = (1 << 24) + 12_345
+    x = _data('heavy', (n,), seed=3)
+    delta, zp = F.uniform_qparams(x, 4)
+    r_delta, r_zp = ref.uniform_per_tensor(x, 4)  # torch.quantile has no size limit in torch 2.14
+    assert torch.equal(delta, r_delta) and torch.equal(zp, r_zp)
+    # the strided-threshold path equals topk over everything
+    rows = x.reshape(1, -1)
+    k = 2000
+    assert torch.equal(F._top_tail(rows, k, largest=True), rows.topk(k, dim=1).values)
+    assert torch.equal(F._top_tail(rows, k, largest=False), rows.topk(k, dim=1, largest=False).values)
+
+
+def test_threshold_selection_survives_adversarial_order():
+    """Sorted data defeats a strided sample's estimate; the exact fallback must still be right."""
+    x = torch.cat([torch.zeros(3_000_000), torch.linspace(1, 2, 50_000)]).reshape(1, -1)
+    k = 3_100
+    assert torch.equal(F._top_tail(x, k, largest=True), x.topk(k, dim=1).values)
+
+
+@pytest.mark.parametrize('bits', [3, 4, 6, 8])
+def test_log_sqrt2_matches_repq(bits):
+    g = torch.Generator().manual_seed(bits)
+    attn = torch.softmax(torch.randn(4, 3, 49, 49, generator=g) * 4, dim=-1)
+    attn[0, 0, :5] = 0.0   # exact zeros (masked positions)
+    delta = F.log_sqrt2_qparams(attn, bits)
+    assert torch.equal(delta, ref.log_sqrt2_delta(attn, bits))
+    assert torch.equal(F.fake_quant_log_sqrt2(attn, delta, bits), ref.log_sqrt2_quantize(attn, delta, bits))
+
+
+@pytest.mark.parametrize('bits', [3, 4, 6, 8])
+def test_log2_shift_form_equals_log_sqrt2(bits):
+    """Inference form: x̂ = 2^-s · Δ_parity (a log2 quantizer plus a √2-scaled copy), bit-exact."""
+    g = torch.Generator().manual_seed(10 + bits)
+    attn = torch.softmax(torch.randn(2, 3, 49, 49, generator=g) * 3, dim=-1)
+    delta = F.log_sqrt2_qparams(attn, bits)
+    codes = F.log_sqrt2_codes(attn, delta, bits)
+    fq = F.fake_quant_log_sqrt2(attn, delta, bits)
+    shifted = F.log2_shift_dequant(codes, delta, bits)
+    normal = (fq == 0) | (fq.abs() >= torch.finfo(torch.float32).tiny)
+    assert normal.float().mean() > 0.99
+    assert torch.equal(shifted[normal], fq[normal])
+    shift, odd, nonzero = F.log2_shift_form(codes, bits)
+    assert shift.max() <= 2 ** (bits - 1) and set(odd.unique().tolist()) <= {0, 1}
+    assert torch.equal(nonzero, fq != 0)
+
+
+def test_log2_shift_integer_matmul_is_exact():
+    """A·V with integer V through shifts and adds only, equal to the fake-quant product exactly."""
+    bits = 4
+    g = torch.Generator().manual_seed(0)
+    attn = torch.softmax(torch.randn(3, 49, 49, generator=g) * 2, dim=-1)
+    v_int = torch.randint(-8, 8, (3, 49, 32), generator=g)
+    delta = F.log_sqrt2_qparams(attn, bits)
+    codes = F.log_sqrt2_codes(attn, delta, bits)
+    even, odd, s_max = F.log2_shift_matmul_int(codes, v_int, bits)
+    scales = F.log2_shift_scales(delta).double()
+    via_shifts = (scales[0] * even.double() + scales[1] * odd.double()) * 2.0 ** -s_max
+    reference = F.fake_quant_log_sqrt2(attn, delta, bits).double() @ v_int.double()
+    assert torch.equal(via_shifts, reference)  # float64 holds both sides exactly at these sizes
+    with pytest.raises(ValueError, match='62'):
+        F.log2_shift_matmul_int(codes + 120, v_int, 8)  # shifts up to ~68
+
+
+def test_constant_and_zero_tensors_do_not_divide_by_zero():
+    for v in (0.0, 2.5, -1.25):
+        x = torch.full((10, 10), v)
+        delta, zp = F.uniform_qparams(x, 4)
+        assert delta > 0 and torch.isfinite(zp)
+        assert torch.equal(F.fake_quant_uniform(x, delta, zp, 4), x)  # represented exactly
+    # a dead channel among live ones: neutral mean delta, value represented to within delta/2
+    x = torch.randn(8, 100)
+    x[3] = 0.0
+    x[5] = 0.3
+    delta, zp = F.uniform_qparams(x, 4, channel_axis=0)
+    live = [i for i in range(8) if i not in (3, 5)]
+    assert torch.allclose(delta[3], delta[live].mean()) and torch.allclose(delta[5], delta[live].mean())
+    fq = F.fake_quant_uniform(x, delta, zp, 4)
+    assert torch.equal(fq[3], x[3]) and (fq[5] - 0.3).abs().max() <= delta[5] / 2 + 1e-7
+    # a channel that is constant except for a handful of values: the non-degenerate candidate wins
+    y = torch.zeros(1, 100_000)
+    y[0, :3] = torch.tensor([1.0, 2.0, 3.0])
+    d, _ = F.uniform_qparams(y, 8)
+    assert d > 0
+    attn = torch.zeros(2, 49, 49)
+    assert F.log_sqrt2_qparams(attn, 4) == 1.0
+
+
+def test_bad_input_raises_clear_errors():
+    for bits in (1, 9, 4.0, True, '4'):
+        with pytest.raises(ValueError, match='bit-width must be an integer in 2..8'):
+            F.uniform_qparams(torch.randn(10), bits)
+    with pytest.raises(ValueError, match='1 NaN and 1 Inf'):
+        F.uniform_qparams(torch.tensor([1.0, float('nan'), float('inf')]), 4)
+    with pytest.raises(ValueError, match='empty'):
+        F.uniform_qparams(torch.empty(0, 4), 4, channel_axis=-1)
+    with pytest.raises(ValueError, match='non-negative'):
+        F.log_sqrt2_qparams(torch.randn(100), 4)
+    assert F.check_bits(np.int64(3)) == 3
+    assert math.isclose(F.SQRT2 ** 2, 2.0)
