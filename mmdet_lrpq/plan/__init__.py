@@ -1,1 +1,13 @@
-"""(filled by its issue)"""
+"""Bit plans, budgets and allocators (DESIGN §3.5): pure Python/NumPy/SciPy, no torch or mmdet.
+
+Sites (:class:`Site`) describe what can be quantized; a :class:`BitPlan` says at how many bits;
+:func:`account` / :class:`Budget` say what that costs; :func:`allocate` makes plans from scores.
+"""
+from .allocators import ALLOCATORS, allocate
+from .bitplan import CATCH_ALL, PLAN_FORMAT, BitPlan, check_bits
+from .budget import Accounting, Budget, BudgetCheck, account
+from .plot import plot_plan
+from .sites import SITE_KINDS, SWIN_LAYER_TYPES, Site
+
+__all__ = ['Site', 'SITE_KINDS', 'SWIN_LAYER_TYPES', 'BitPlan', 'PLAN_FORMAT', 'CATCH_ALL', 'check_bits',
+           'Budget', 'BudgetCheck', 'Accounting', 'account', 'allocate', 'ALLOCATORS', 'plot_plan']

@@ -1,0 +1,242 @@
+"""A bit plan is data: an ordered map from site names (or ``re:`` patterns) to ``(w_bits, a_bits)``.
+
+The shape is torchao's ordered name/regex -> config map: exact names win, otherwise the first
+``re:`` pattern (full match, in file order) decides, so a plan can say "these layers at 5 bits,
+everything else at 4" in two lines. The file also carries what produced it (scores, allocator,
+budget with its accounting, source, command) so a number in a table can always be traced back.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import numbers
+import re
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
+
+from .sites import Site
+
+PLAN_FORMAT = 'mmdet-lrpq/bitplan@1'
+PATTERN_PREFIX = 're:'
+CATCH_ALL = 're:.*'
+MIN_BITS, MAX_BITS = 2, 8
+Bits = tuple[int, int]
+_FIELDS = ('format', 'allocator', 'command', 'source', 'budget', 'bits', 'scores')
+
+
+def format_names(names: Iterable[str], limit: int = 10) -> str:
+    """``'a', 'b', ... (N in all)``: error messages list names in full up to ``limit``."""
+    names = list(names)
+    shown = ', '.join(repr(n) for n in names[:limit])
+    return shown if len(names) <= limit else f'{shown}, ... ({len(names)} in all)'
+
+
+def check_bits(entry: str, value: Any) -> Bits:
+    """``value`` as a ``(w_bits, a_bits)`` pair of ints in 2..8, or a ValueError naming ``entry``."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, '__len__') or len(value) != 2:
+        raise ValueError(f'bit plan entry {entry!r}: expected [w_bits, a_bits], got {value!r}')
+    out = []
+    for what, b in zip(('w_bits', 'a_bits'), value):
+        if isinstance(b, bool) or not isinstance(b, numbers.Integral) or not MIN_BITS <= b <= MAX_BITS:
+            raise ValueError(f'bit plan entry {entry!r}: {what} must be an integer in '
+                             f'{MIN_BITS}..{MAX_BITS}, got {b!r}')
+        out.append(int(b))
+    return out[0], out[1]
+
+
+def check_scores(scores: Mapping[str, Any]) -> dict[str, float]:
+    """``scores`` as ``{name: float}``; NaN/inf or non-numbers are rejected (they cannot rank sites)."""
+    bad = [f'{k}={v!r}' for k, v in scores.items()
+           if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v)]
+    if bad:
+        raise ValueError(f'scores must be finite numbers; got {format_names(bad)}')
+    return {str(k): float(v) for k, v in scores.items()}
+
+
+def _site_names(sites: Iterable[Union[Site, str]]) -> list[str]:
+    return [s.name if isinstance(s, Site) else s for s in sites]
+
+
+class BitPlan:
+    """Ordered ``site name | re:pattern -> (w_bits, a_bits)`` with the provenance of the plan.
+
+    ``bits`` is exposed read-only; assign a new mapping to change it (it is re-checked).
+    """
+
+    def __init__(self, bits: Optional[Mapping[str, Any]] = None, *, scores: Optional[Mapping[str, float]] = None,
+                 allocator: str = '', budget: Optional[dict] = None, source: Optional[dict] = None,
+                 command: str = ''):
+        self.bits = bits or {}
+        self.scores = scores or {}
+        self.allocator = allocator
+        self.budget = dict(budget or {})
+        self.source = dict(source or {})
+        self.command = command
+
+    @property
+    def scores(self) -> Mapping[str, float]:
+        """Site -> relative importance that produced the plan (may be empty); read-only like ``bits``."""
+        return MappingProxyType(self._scores)
+
+    @scores.setter
+    def scores(self, scores: Mapping[str, float]) -> None:
+        self._scores = check_scores(scores)
+
+    # ------------------------------------------------------------------ bits
+    @property
+    def bits(self) -> Mapping[str, Bits]:
+        return self._bits_view
+
+    @bits.setter
+    def bits(self, bits: Mapping[str, Any]) -> None:
+        checked: dict[str, Bits] = {}
+        patterns: list[tuple[str, re.Pattern]] = []
+        for key, value in bits.items():
+            if not isinstance(key, str) or not key:
+                raise ValueError(f'bit plan keys must be non-empty strings, got {key!r}')
+            checked[key] = check_bits(key, value)
+            if key.startswith(PATTERN_PREFIX):
+                try:
+                    patterns.append((key, re.compile(key[len(PATTERN_PREFIX):])))
+                except re.error as e:
+                    raise ValueError(f'bit plan entry {key!r}: invalid regular expression ({e})') from None
+        self._bits = checked
+        self._bits_view = MappingProxyType(checked)
+        self._patterns = patterns
+
+    @classmethod
+    def uniform(cls, w_bits: int, a_bits: int) -> 'BitPlan':
+        """Every site at ``(w_bits, a_bits)``: the plan behind plain WxAy configs."""
+        return cls({CATCH_ALL: (w_bits, a_bits)}, allocator='uniform')
+
+    def _match(self, name: str) -> Optional[str]:
+        """The key that decides ``name``: exact key first, else the first fully matching pattern."""
+        if name in self._bits:
+            return name
+        return next((key for key, pat in self._patterns if pat.fullmatch(name)), None)
+
+    def resolve(self, site_names: Iterable[Union[Site, str]]) -> dict[str, Bits]:
+        """``{site: (w_bits, a_bits)}`` for every given site; a site no entry covers is an error."""
+        names = _site_names(site_names)
+        keys = {n: self._match(n) for n in names}
+        unmatched = [n for n, k in keys.items() if k is None]
+        if unmatched:
+            raise ValueError(f'the bit plan covers no entry for {len(unmatched)} site(s): '
+                             f'{format_names(unmatched)}. Add entries for them, or a fallback with '
+                             f'BitPlan.with_default(w_bits, a_bits).')
+        return {n: self._bits[k] for n, k in keys.items()}
+
+    def validate(self, sites: Iterable[Union[Site, str]]) -> None:
+        """Check the plan against a model's sites; raise one ValueError listing every mismatch.
+
+        A pattern counts as used when it fully matches some site name, even where exact keys take
+        precedence, so a catch-all fallback is never reported just because exact keys cover all.
+        """
+        names = _site_names(sites)
+        known = set(names)
+        problems = []
+        unknown = [k for k in self._bits if not k.startswith(PATTERN_PREFIX) and k not in known]
+        if unknown:
+            problems.append(f'{len(unknown)} exact key(s) name no site of this model: {format_names(unknown)}. '
+                            f'Is the plan for another model or naming scheme? Map its names with '
+                            f'BitPlan.rename (e.g. timm -> mmdet) or remove these entries.')
+        unused = [k for k, pat in self._patterns if not any(pat.fullmatch(n) for n in names)]
+        if unused:
+            problems.append(f'{len(unused)} pattern(s) match no site: {format_names(unused)}. '
+                            f'Patterns must match a whole site name; fix or remove them.')
+        uncovered = [n for n in names if self._match(n) is None]
+        if uncovered:
+            problems.append(f'{len(uncovered)} site(s) are matched by no entry: {format_names(uncovered)}. '
+                            f'Add entries for them, or a fallback with BitPlan.with_default(w_bits, a_bits).')
+        if problems:
+            raise ValueError('bit plan does not fit this model:\n- ' + '\n- '.join(problems))
+
+    # ------------------------------------------------------------------ derived plans
+    def rename(self, fn: Callable[[str], Optional[str]]) -> 'BitPlan':
+        """A copy with every exact key and score key mapped through ``fn`` (``None`` drops it).
+
+        Patterns are kept as they are: they are written for the target naming already.
+        """
+        def mapped(items: Iterable[tuple[str, Any]], what: str, is_pattern: Callable[[str], bool]) -> dict:
+            out: dict[str, Any] = {}
+            origin: dict[str, str] = {}
+            for key, value in items:
+                new = key if is_pattern(key) else fn(key)
+                if new is None:
+                    continue
+                if new in out:
+                    raise ValueError(f'rename maps {what} {origin[new]!r} and {key!r} both to {new!r}')
+                out[new], origin[new] = value, key
+            return out
+
+        return self._replace(bits=mapped(self._bits.items(), 'bit plan keys', lambda k: k.startswith(PATTERN_PREFIX)),
+                             scores=mapped(self.scores.items(), 'score keys', lambda k: False))
+
+    def with_default(self, w_bits: int, a_bits: int) -> 'BitPlan':
+        """A copy whose last entry is the catch-all ``re:.*`` (replacing any earlier catch-all).
+
+        Gives a backbone-only plan its bits for the rest of a detector (neck, heads). Adding sites
+        at uniform ``k`` never breaks a ``Budget(weight_bits=k)`` that held without them.
+        """
+        return self._replace(bits={**{k: v for k, v in self._bits.items() if k != CATCH_ALL},
+                                   CATCH_ALL: (w_bits, a_bits)})
+
+    def _replace(self, **changes: Any) -> 'BitPlan':
+        fields = dict(bits=self._bits, scores=self.scores, allocator=self.allocator,
+                      budget=copy.deepcopy(self.budget), source=copy.deepcopy(self.source), command=self.command)
+        return BitPlan(**{**fields, **changes})
+
+    # ------------------------------------------------------------------ I/O
+    def to_dict(self) -> dict:
+        return {'format': PLAN_FORMAT, 'allocator': self.allocator, 'command': self.command,
+                'source': copy.deepcopy(self.source), 'budget': copy.deepcopy(self.budget),
+                'bits': {k: list(v) for k, v in self._bits.items()}, 'scores': dict(self.scores)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = 'bit plan') -> 'BitPlan':
+        if not isinstance(data, Mapping) or data.get('format') != PLAN_FORMAT:
+            found = data.get('format') if isinstance(data, Mapping) else type(data).__name__
+            raise ValueError(f'{where} is not an mmdet-lrpq bit plan: format is {found!r}, expected '
+                             f'{PLAN_FORMAT!r}. Make plans with tools/lrp_plan.py or BitPlan.save.')
+        extra = sorted(set(data) - set(_FIELDS))
+        if extra:
+            raise ValueError(f'{where}: unknown field(s) {format_names(extra)}; a {PLAN_FORMAT} plan has '
+                             f'{format_names(_FIELDS)}')
+        return cls(data.get('bits', {}), scores=data.get('scores'), allocator=data.get('allocator', ''),
+                   budget=data.get('budget'), source=data.get('source'), command=data.get('command', ''))
+
+    def save(self, path: Union[str, Path]) -> None:
+        """Write human-readable JSON (indent 2, one ``"site": [w, a]`` per line)."""
+        text = json.dumps(_json_safe(self.to_dict()), indent=2, allow_nan=False)
+        text = re.sub(r'\[\s+(-?\d+),\s+(-?\d+)\s+\]', r'[\1, \2]', text)
+        Path(path).write_text(text + '\n')
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> 'BitPlan':
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f'{path}: not valid JSON ({e})') from None
+        return cls.from_dict(data, where=str(path))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, BitPlan):
+            return NotImplemented
+        return (list(self._bits.items()) == list(other._bits.items())
+                and _json_safe(self.to_dict()) == _json_safe(other.to_dict()))
+
+    def __repr__(self) -> str:
+        return f'BitPlan({len(self._bits)} entries, allocator={self.allocator!r})'
+
+
+def _json_safe(value: Any) -> Any:
+    """Non-finite floats (e.g. a MAC-weighted average with no MACs known) become ``null`` in JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
