@@ -102,3 +102,26 @@ def load_mmdet_swin_from_timm(mmdet_swin: torch.nn.Module, timm_state_dict: Mapp
         raise ValueError(f'timm -> mmdet Swin conversion mismatch: {len(missing)} missing '
                          f'(e.g. {missing[:3]}), {len(result.unexpected_keys)} unexpected '
                          f'(e.g. {result.unexpected_keys[:3]}); are the two models the same size?')
+
+
+def convert_mmdet2_detector_state_dict(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], int]:
+    """Official mmdet-2.x Swin detector checkpoint -> mmdet 3.x keys.
+
+    Only the backbone differs (it used Microsoft's original Swin code): its keys go through the
+    'original' layout rules and the patch-merging reorder; neck and heads are unchanged. Returns
+    the new state dict and the number of backbone tensors converted.
+    """
+    backbone = {k[len('backbone.'):]: v for k, v in state_dict.items() if k.startswith('backbone.')}
+    if not any(k.startswith('layers.') for k in backbone):
+        raise ValueError('no backbone.layers.* keys: this is not an mmdet-2.x (original-layout) Swin detector '
+                         'checkpoint (already converted?)')
+    out = {k: v for k, v in state_dict.items() if not k.startswith('backbone.')}
+    # norm0..3 (the detection outputs) keep their names in both layouts
+    converted = {}
+    for key, value in backbone.items():
+        if re.match(r'^norm\d+\.', key):
+            converted[key] = value
+    converted.update(convert_swin_to_mmdet(
+        {k: v for k, v in backbone.items() if not re.match(r'^norm\d+\.', k)}, layout='original'))
+    out.update({'backbone.' + k: v for k, v in converted.items()})
+    return out, len(converted)

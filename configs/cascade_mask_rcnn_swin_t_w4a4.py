@@ -1,0 +1,6 @@
+# Cascade Mask R-CNN Swin-T, uniform W4A4 with RepQ-ViT's protocol (its reference column):
+# every Conv2d/Linear and attention matmul of the detector, log-sqrt2 post-softmax, RepQ
+# reparameterization of post-LayerNorm activations, one calibration image.
+#   python tools/test.py configs/cascade_mask_rcnn_swin_t_w4a4.py CKPT
+_base_ = './_base_/cascade_mask_rcnn_swin_t.py'
+custom_hooks = [dict(type='QuantizationHook', w_bits=4, a_bits=4, method='repq')]

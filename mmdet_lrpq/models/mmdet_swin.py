@@ -1,0 +1,149 @@
+"""Quantization sites of MMDetection's ``SwinTransformer`` (DESIGN §3.1, §3.3).
+
+Sites, in forward order: the patch-embedding conv, and per block ``qkv``, ``matmul1`` (q·kᵀ),
+``matmul2`` (attn·v, post-softmax operand on the log-√2 quantizer), ``proj``, ``fc1``
+(``ffn.layers.0.0``), ``fc2`` (``ffn.layers.1``); per stage the patch-merging ``reduction``.
+The inputs of ``qkv``, ``fc1`` and ``reduction`` follow a LayerNorm and are calibrated per
+channel, then reparameterized into ``norm1``, ``norm2``, ``downsample.norm`` (RepQ/CRL).
+
+``WindowMSA`` computes both attention matmuls inline, so its class is swapped for
+:class:`QuantWindowMSA`, whose forward performs the same operations in the same order with the
+two matmuls as :class:`~mmdet_lrpq.quant.QuantMatMul` modules: in the FLOAT state it is
+bit-identical to stock mmdet.
+
+Padding subtlety: ``ShiftWindowMSA`` zero-pads the *output* of ``norm1`` to whole windows, and
+the padded tokens take part in attention. After reparameterization ``norm1`` emits
+``x/r - b``, where a zero is no longer a zero. So for the ``norm1 -> qkv`` pair the shift ``-b``
+is applied inside :class:`QuantWindowMSA` (after padding, before ``qkv``'s quantizer) instead
+of in ``norm1``'s bias; padded tokens then still stand for zeros and the reparameterized block
+equals the original one at any image size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from mmdet.models.backbones.swin import SwinTransformer, WindowMSA
+from torch import Tensor, nn
+
+from ..plan.sites import Site
+from ..quant import QuantMatMul, QuantModule, ReparamResult
+
+
+class QuantWindowMSA(WindowMSA):
+    """mmdet ``WindowMSA`` with ``q@kᵀ`` and ``attn@v`` routed through ``QuantMatMul`` modules."""
+
+    matmul1: QuantMatMul
+    matmul2: QuantMatMul
+    input_shift: Optional[Tensor]
+
+    @classmethod
+    def convert_(cls, msa: WindowMSA, bits1: int, bits2: int) -> 'QuantWindowMSA':
+        """Turn ``msa`` into a ``QuantWindowMSA`` in place (parameters and state-dict keys kept)."""
+        msa.__class__ = cls
+        msa.matmul1 = QuantMatMul(a_bits=bits1)
+        msa.matmul2 = QuantMatMul(a_bits=bits2, log_sqrt2_a=True)
+        msa.register_buffer('input_shift', None)
+        return msa
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.input_shift is None and prefix + 'input_shift' in state_dict:
+            self.input_shift = torch.empty_like(state_dict[prefix + 'input_shift'])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        if self.input_shift is not None:        # -b of the norm1 -> qkv reparameterization
+            x = x + self.input_shift
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        q = q * self.scale
+        attn = self.matmul1(q, k.transpose(-2, -1))
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(
+            self.window_size[0] * self.window_size[1], self.window_size[0] * self.window_size[1], -1)
+        attn = attn + bias.permute(2, 0, 1).contiguous().unsqueeze(0)
+        if mask is not None:
+            nW = mask.shape[0]
+            attn = attn.view(B // nW, nW, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, self.num_heads, N, N)
+        attn = self.attn_drop(self.softmax(attn))
+        x = self.matmul2(attn, v).transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+@dataclass(frozen=True)
+class ReparamPair:
+    """A LayerNorm feeding a quantized layer whose input is calibrated per channel."""
+    norm: str        # module path of the LayerNorm
+    layer: str       # module path of the Linear / 1x1 conv it feeds
+    shift_owner: Optional[str] = None  # QuantWindowMSA that applies -b after padding (norm1 -> qkv)
+
+
+class SwinAdapter:
+    """Where the quantization sites of an mmdet ``SwinTransformer`` are (names relative to it)."""
+
+    backbone_type = SwinTransformer
+
+    def __init__(self, swin: SwinTransformer):
+        self.swin = swin
+
+    def blocks(self):
+        """(stage index, global block index, block path, block) in forward order."""
+        g = 0
+        for s, stage in enumerate(self.swin.stages):
+            for j, block in enumerate(stage.blocks):
+                yield s, g, f'stages.{s}.blocks.{j}', block
+                g += 1
+
+    def sites(self) -> list[Site]:
+        """Every quantization site of the backbone, in forward order (macs filled in later)."""
+        def linear(name: str, module: nn.Module, layer_type: str, block=None, stage=None, kind='linear') -> Site:
+            return Site(name, kind, layer_type, block, stage, params=module.weight.numel())
+
+        out = [linear('patch_embed.projection', self.swin.patch_embed.projection, 'patch_embed', kind='conv')]
+        for s, g, p, block in self.blocks():
+            msa = block.attn.w_msa
+            out += [
+                linear(f'{p}.attn.w_msa.qkv', msa.qkv, 'qkv', g, s),
+                Site(f'{p}.attn.w_msa.matmul1', 'matmul', 'matmul1', g, s),
+                Site(f'{p}.attn.w_msa.matmul2', 'matmul', 'matmul2', g, s),
+                linear(f'{p}.attn.w_msa.proj', msa.proj, 'proj', g, s),
+                linear(f'{p}.ffn.layers.0.0', block.ffn.layers[0][0], 'fc1', g, s),
+                linear(f'{p}.ffn.layers.1', block.ffn.layers[1], 'fc2', g, s),
+            ]
+            stage = self.swin.stages[s]
+            if block is stage.blocks[-1] and stage.downsample is not None:
+                out.append(linear(f'stages.{s}.downsample.reduction', stage.downsample.reduction,
+                                  'reduction', None, s))
+        return out
+
+    def reparam_pairs(self) -> list[ReparamPair]:
+        pairs = []
+        for s, _, p, block in self.blocks():
+            pairs.append(ReparamPair(f'{p}.norm1', f'{p}.attn.w_msa.qkv', shift_owner=f'{p}.attn.w_msa'))
+            pairs.append(ReparamPair(f'{p}.norm2', f'{p}.ffn.layers.0.0'))
+            stage = self.swin.stages[s]
+            if block is stage.blocks[-1] and stage.downsample is not None:
+                pairs.append(ReparamPair(f'stages.{s}.downsample.norm', f'stages.{s}.downsample.reduction'))
+        return pairs
+
+    def output_norms(self) -> dict[int, str]:
+        """Backbone output index -> the LayerNorm that produces it (for reparam into a neck)."""
+        return {i: f'norm{i}' for i in self.swin.out_indices}
+
+    def convert_attention_(self, bits_for: dict[str, int]) -> dict[str, QuantModule]:
+        """Swap every WindowMSA for QuantWindowMSA with the matmul bits of ``bits_for`` (site -> a_bits)."""
+        made: dict[str, QuantModule] = {}
+        for _, _, p, block in self.blocks():
+            name = f'{p}.attn.w_msa'
+            msa = QuantWindowMSA.convert_(block.attn.w_msa, bits_for[f'{name}.matmul1'], bits_for[f'{name}.matmul2'])
+            made[f'{name}.matmul1'], made[f'{name}.matmul2'] = msa.matmul1, msa.matmul2
+        return made
+
+
+def apply_reparam_shift(owner: QuantWindowMSA, norm: nn.LayerNorm, result: ReparamResult) -> None:
+    """Move the ``-b`` of a norm1 -> qkv reparameterization after the window padding (see module doc)."""
+    with torch.no_grad():
+        norm.bias.data = norm.bias.data + result.b
+    owner.input_shift = -result.b.clone()

@@ -1,0 +1,122 @@
+"""Test (and evaluate) an MMDetection model — quantized when its config adds ``QuantizationHook``.
+
+Same command line as mmdet's ``tools/test.py``::
+
+    python tools/test.py configs/mask_rcnn_swin_t_mp4.py CKPT [--work-dir D] [--out R.pkl]
+        [--show-dir D] [--cfg-options k=v ...] [--launcher none|pytorch]
+
+On top of mmdet's script it checks its inputs up front (config and checkpoint exist, and the
+checkpoint's keys fit the model — reported as counts, with the likely fix), loads mmengine
+checkpoints under torch's ``weights_only`` loading, and runs distributed tests on CPU (gloo).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import os.path as osp
+import sys
+
+import torch
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from a checkout too
+
+
+def parse_args(argv=None):
+    from mmengine.config import DictAction
+    parser = argparse.ArgumentParser(description='MMDet test (and eval) a (quantized) model')
+    parser.add_argument('config', help='test config file path')
+    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument('--work-dir', help='directory for metrics, logs and the quantization report')
+    parser.add_argument('--out', help='dump predictions to a pickle file for offline evaluation')
+    parser.add_argument('--show', action='store_true', help='show prediction results')
+    parser.add_argument('--show-dir', help='save painted images under work_dir/timestamp/show_dir')
+    parser.add_argument('--wait-time', type=float, default=2, help='the interval of show (s)')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config settings, key=value (e.g. test_dataloader.dataset.data_root=...)')
+    parser.add_argument('--data-root', help='COCO root (annotations/, val2017/, train2017/): moves the test/val '
+                        'datasets and the evaluators\' annotation files there together')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = parser.parse_args(argv)
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    return args
+
+
+def set_data_root(cfg, root: str) -> None:
+    """Point datasets and evaluators at ``root``; the evaluators' ann_file was fixed from the old root."""
+    root = root.rstrip('/') + '/'
+    if not osp.isdir(root):
+        sys.exit(f'error: --data-root {root} is not a directory')
+    old = cfg.test_dataloader.dataset.get('data_root', '')
+    for split in ('test', 'val'):
+        loader, evaluator = cfg.get(f'{split}_dataloader'), cfg.get(f'{split}_evaluator')
+        if loader is not None:
+            loader.dataset.data_root = root
+        for ev in (evaluator if isinstance(evaluator, list) else [evaluator]):
+            ann = ev.get('ann_file') if ev is not None else None
+            if ann and old and ann.startswith(old):
+                ev.ann_file = root + ann[len(old):]
+
+
+def build_cfg(args):
+    from mmengine.config import Config
+    if not osp.isfile(args.config):
+        sys.exit(f'error: config file not found: {args.config}')
+    cfg = Config.fromfile(args.config)
+    cfg.launcher = args.launcher
+    if args.data_root is not None:
+        set_data_root(cfg, args.data_root)
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir', None) is None:
+        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
+    cfg.load_from = args.checkpoint
+    if args.show or args.show_dir:
+        from mmdet.engine.hooks.utils import trigger_visualization_hook
+        cfg = trigger_visualization_hook(cfg, args)
+    if args.launcher != 'none' and not torch.cuda.is_available():
+        # mmengine's pytorch launcher assumes CUDA (torch.cuda.set_device, DDP device_ids):
+        # start the gloo group ourselves and use the CPU-aware wrapper.
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group('gloo')
+        cfg.model_wrapper_cfg = dict(type='CPUAwareDistributedDataParallel', broadcast_buffers=False)
+    return cfg
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from mmengine.runner import Runner
+    from mmdet.utils import register_all_modules
+
+    import mmdet_lrpq
+    from mmdet_lrpq.engine.checkpoint import require_checkpoint
+    from mmdet_lrpq.engine.checkpoint_check import check_checkpoint_fits
+    register_all_modules(init_default_scope=True)
+    mmdet_lrpq.register_all_modules()
+
+    require_checkpoint(args.checkpoint)
+    cfg = build_cfg(args)
+    if 'runner_type' in cfg:
+        from mmdet.registry import RUNNERS
+        runner = RUNNERS.build(cfg)
+    else:
+        runner = Runner.from_cfg(cfg)
+    check_checkpoint_fits(runner.model.module if hasattr(runner.model, 'module') else runner.model,
+                          args.checkpoint)
+    if args.out is not None:
+        if not args.out.endswith(('.pkl', '.pickle')):
+            sys.exit('error: --out must be a .pkl file')
+        from mmdet.evaluation import DumpDetResults
+        runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
+    return runner.test()
+
+
+if __name__ == '__main__':
+    try:
+        main()
+    except (FileNotFoundError, ValueError, TypeError) as err:  # bad input: a message, not a trace
+        if os.environ.get('MMDET_LRPQ_TRACEBACK'):
+            raise
+        sys.exit(f'error ({type(err).__name__}): {err}\n(set MMDET_LRPQ_TRACEBACK=1 for the traceback)')
