@@ -7,7 +7,9 @@ Same command line as mmdet's ``tools/test.py``::
 
 On top of mmdet's script it checks its inputs up front (config and checkpoint exist, and the
 checkpoint's keys fit the model — reported as counts, with the likely fix), loads mmengine
-checkpoints under torch's ``weights_only`` loading, and runs distributed tests on CPU (gloo).
+checkpoints under torch's ``weights_only`` loading, runs distributed tests on CPU (gloo), takes
+``--data-root`` to move datasets and evaluator annotation files together, and writes
+``<work_dir>/metrics.json`` (metrics plus the quantization report, when the hook ran).
 """
 from __future__ import annotations
 
@@ -110,7 +112,21 @@ def main(argv=None) -> dict:
             sys.exit('error: --out must be a .pkl file')
         from mmdet.evaluation import DumpDetResults
         runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
-    return runner.test()
+    metrics = runner.test()
+    save_metrics(runner, metrics)
+    return metrics
+
+
+def save_metrics(runner, metrics: dict) -> None:
+    """``<work_dir>/metrics.json``: the evaluator's numbers and, when quantized, the hook's report."""
+    import json
+    from mmengine.dist import is_main_process
+    if not is_main_process():
+        return
+    record = {'metrics': {k: float(v) for k, v in (metrics or {}).items()},
+              'quantization': runner.message_hub.get_info('quantization_report')}  # set by the hook
+    with open(osp.join(runner.work_dir, 'metrics.json'), 'w') as f:
+        json.dump(record, f, indent=1)
 
 
 if __name__ == '__main__':

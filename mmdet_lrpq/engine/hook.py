@@ -93,6 +93,7 @@ class QuantizationHook(Hook):
             self._calibrate(runner, quantizer)
         self.quantizer = quantizer
         runner.logger.info('quantization:\n' + quantizer.table())
+        runner.message_hub.update_info('quantization_report', quantizer.report())
         if rank == 0:
             os.makedirs(runner.work_dir, exist_ok=True)
             path = osp.join(runner.work_dir, self.report_file)

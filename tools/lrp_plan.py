@@ -1,0 +1,195 @@
+"""Make an LRP mixed-precision bit plan for a Swin backbone (LRP-QViT, DESIGN §3.4-3.5).
+
+    python tools/lrp_plan.py --model swin_tiny_patch4_window7_224 --checkpoint swin_tiny.pth \\
+        --images /data/imagenet/val --num-images 64 --target mp4 --out configs/plans/swin_t_mp4.json \\
+        --plot swin_t_mp4.png
+
+Relevance is propagated on the timm *classification* Swin; per-site scores become relative
+importances, an allocator turns them into bits under an explicit weight-memory budget, and the
+plan is written with mmdet's backbone names (``backbone.stages...``) plus ``re:.*`` at k bits for
+the rest of the detector. Scores are cached next to the plan (``<out>.scores.json``): running
+again with another ``--target``/``--allocator`` re-allocates without recomputing LRP.
+
+``--model``: a timm model name, or a .json/.py file of ``timm SwinTransformer`` keyword arguments
+(``model_kwargs = dict(...)`` in a .py). ``--checkpoint``: a local state dict (timm layout, bare
+or under ``state_dict``/``model``); ``--pretrained`` lets timm download its weights (network);
+``--random-init SEED`` states explicitly that random weights are used (the plan says so).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import os.path as osp
+import re
+import shlex
+import sys
+from typing import Optional
+
+import torch
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+TARGET = re.compile(r'^(?:mp)?([2-8])$')
+
+
+def parse_args(argv=None):
+    from mmdet_lrpq.plan import ALLOCATORS
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split('\n', 2)[2])
+    p.add_argument('--model', required=True, help='timm model name, or a .json/.py file of SwinTransformer kwargs')
+    w = p.add_mutually_exclusive_group(required=True)
+    w.add_argument('--checkpoint', help='local weights for the classifier')
+    w.add_argument('--pretrained', action='store_true', help="timm's pretrained weights (downloads; needs network)")
+    w.add_argument('--random-init', type=int, metavar='SEED', help='use seeded random weights (recorded in the plan)')
+    p.add_argument('--images', required=True, help='ImageNet-style class folders or a flat folder of images')
+    p.add_argument('--num-images', type=int, default=None, help='first N images in a stable, class-spread order')
+    p.add_argument('--explain', choices=['predicted', 'label'], default='predicted',
+                   help='relevance of the predicted class, or of the folder label (needs wnids.txt)')
+    p.add_argument('--batch-size', type=int, default=8)
+    p.add_argument('--target', required=True, help='mp4, mp6, ... or an integer k: the average bit-width')
+    p.add_argument('--budget-bits', type=float, default=None,
+                   help='weight-memory budget in average bits (default: k, i.e. no more than uniform k-bit)')
+    p.add_argument('--allocator', default='lrp_qvit', choices=sorted(ALLOCATORS))
+    p.add_argument('--out', required=True, help='plan JSON to write')
+    p.add_argument('--plot', help='PNG heatmap of importance and bits per block')
+    p.add_argument('--scores-cache', help='LRP score cache (default: <out>.scores.json)')
+    p.add_argument('--no-progress', action='store_true')
+    args = p.parse_args(argv)
+    m = TARGET.match(args.target.lower())
+    if not m:
+        p.error(f"--target must be mpK or K with K in 2..8 (e.g. mp4), got {args.target!r}")
+    args.k = int(m.group(1))
+    return args
+
+
+def build_classifier(args):
+    """The timm Swin (always_partition=True so its windows match mmdet's) and a description of its weights."""
+    import timm
+    from timm.models.swin_transformer import SwinTransformer
+    kwargs = dict(always_partition=True, strict_img_size=False)
+    if osp.isfile(args.model):
+        if args.model.endswith('.json'):
+            model_kwargs = json.load(open(args.model))
+        else:
+            scope: dict = {}
+            exec(compile(open(args.model).read(), args.model, 'exec'), scope)
+            model_kwargs = scope['model_kwargs']
+        model = SwinTransformer(**{**model_kwargs, **kwargs})
+    else:
+        if args.model not in timm.list_models('swin*'):
+            raise ValueError(f'--model {args.model!r} is neither a file nor a timm Swin model '
+                             f'(e.g. swin_tiny_patch4_window7_224, swin_small_patch4_window7_224)')
+        if args.random_init is not None:
+            torch.manual_seed(args.random_init)
+        model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
+    if args.random_init is not None:
+        torch.manual_seed(args.random_init)
+        if osp.isfile(args.model):  # the file path built it above; re-seed so the weights are reproducible
+            model = SwinTransformer(**{**model_kwargs, **kwargs})
+        weights = {'kind': 'random-init', 'seed': args.random_init,
+                   'note': 'random weights: no pretrained weights were available; recompute with real ones'}
+    elif args.pretrained:
+        weights = {'kind': 'timm-pretrained', 'name': args.model}
+    else:
+        from mmdet_lrpq.engine.checkpoint import require_checkpoint
+        require_checkpoint(args.checkpoint)
+        ckpt = torch.load(args.checkpoint, map_location='cpu', weights_only=True)
+        state = next((ckpt[k] for k in ('state_dict', 'model') if isinstance(ckpt, dict) and isinstance(ckpt.get(k), dict)), ckpt)
+        own = model.state_dict()
+        missing = [k for k in own if k not in state and not k.endswith(('relative_position_index', 'attn_mask'))]
+        unexpected = [k for k in state if k not in own]
+        shapes = [k for k in state if k in own and own[k].shape != state[k].shape]
+        if missing or unexpected or shapes:
+            raise ValueError(f'checkpoint {args.checkpoint} does not fit {args.model}: {len(missing)} missing '
+                             f'(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}), '
+                             f'{len(shapes)} with other shapes (e.g. {shapes[:2]})')
+        model.load_state_dict(state, strict=False)
+        with open(args.checkpoint, 'rb') as f:
+            digest = hashlib.sha256(f.read()).hexdigest()[:16]
+        weights = {'kind': 'checkpoint', 'path': args.checkpoint, 'sha256_16': digest}
+    return model.eval(), weights
+
+
+def lrp_scores(args, model, weights: dict) -> tuple[dict, dict]:
+    """Raw LRP scores (from the cache when it was made with the same model, weights and images)."""
+    from mmdet_lrpq.lrp import eval_transform, iter_images, list_images, lrp_site_scores
+    items = list_images(args.images, args.num_images)
+    image_list = [osp.relpath(str(i.path), args.images) for i in items]
+    images = {'folder': args.images, 'num_images': len(items), 'explain': args.explain,
+              'list_sha256_16': hashlib.sha256('\n'.join(image_list).encode()).hexdigest()[:16]}
+    key = {'model': args.model, 'weights': weights, **{k: v for k, v in images.items() if k != 'folder'}}
+    cache = args.scores_cache or args.out + '.scores.json'
+    if osp.isfile(cache):
+        cached = json.load(open(cache))
+        if cached.get('key') == key:
+            print(f'LRP scores from cache {cache} ({len(items)} images)')
+            return cached['scores'], images
+    targets = None
+    if args.explain == 'label':
+        if any(i.label is None for i in items):
+            raise ValueError('--explain label needs a class-folder tree with wnids.txt; use --explain predicted')
+        targets = [i.label for i in items]
+    progress = None
+    if not args.no_progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(items), desc='LRP', unit='img')
+        progress = lambda done: bar.update(done - bar.n)  # noqa: E731
+    scores = lrp_site_scores(model, iter_images(items, eval_transform(model)), targets=targets,
+                             batch_size=args.batch_size, progress=progress)
+    if progress is not None:
+        bar.close()
+    os.makedirs(osp.dirname(osp.abspath(cache)), exist_ok=True)
+    with open(cache, 'w') as f:
+        json.dump({'key': key, 'images': image_list, 'scores': scores}, f, indent=1)
+    return scores, images
+
+
+def make_plan(args, model, weights, raw, images) -> 'BitPlan':  # noqa: F821
+    from mmdet_lrpq.lrp import relative_importance, swin_sites
+    from mmdet_lrpq.models.swin_names import swin_name_to_mmdet
+    from mmdet_lrpq.plan import Budget, allocate, plot_plan
+    sites = swin_sites(model)
+    importance = relative_importance(raw)
+    budget = Budget(weight_bits=args.budget_bits if args.budget_bits is not None else args.k)
+    plan = allocate(args.allocator, sites, importance, target_bits=args.k, budget=budget)
+    if args.plot:
+        plot_plan(plan, sites, args.plot)
+    detector_plan = plan.rename(lambda n: 'backbone.' + swin_name_to_mmdet(n, 'timm')).with_default(args.k, args.k)
+    detector_plan.source = {'model': args.model, 'weights': weights, 'images': images,
+                            'note': 'sites are mmdet backbone names (timm -> mmdet mapping of '
+                                    'mmdet_lrpq.models.swin_names); the rest of the detector: re:.* at k bits'}
+    detector_plan.command = 'python tools/lrp_plan.py ' + ' '.join(shlex.quote(a) for a in args.argv)
+    return detector_plan, plan, sites
+
+
+def summary(plan, sites, k: int) -> str:
+    bits = plan.resolve(sites)
+    first = sorted({bits[s.name][0] for s in sites if s.block in (0, 1)})
+    dropped = [s.name for s in sites if s.has_weights and bits[s.name][0] < k]
+    budget = plan.budget
+    acc = budget['accounting']
+    return (f"{plan.allocator}: blocks 0-1 at {first} bits, {len(dropped)} later sites at {k - 1} bits; "
+            f"weight memory {budget['used_bits']} <= {budget['limit_bits']} bits "
+            f"(uniform {k}-bit); avg W {acc['avg_weight_bits']:.3f}, avg A {acc['avg_act_bits']:.3f} bits")
+
+
+def main(argv: Optional[list] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    args.argv = argv
+    try:
+        model, weights = build_classifier(args)
+        raw, images = lrp_scores(args, model, weights)
+        plan, timm_plan, sites = make_plan(args, model, weights, raw, images)
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f'error: {err}')
+    os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
+    plan.save(args.out)
+    print(summary(timm_plan, sites, args.k))
+    print(f'wrote {args.out}' + (f' and {args.plot}' if args.plot else ''))
+
+
+if __name__ == '__main__':
+    main()
