@@ -28,9 +28,10 @@ from torch import Tensor
 PERCENTILES: tuple[float, ...] = (0.999, 0.9999, 0.99999)
 MIN_BITS, MAX_BITS = 2, 8
 SQRT2 = math.sqrt(2.0)
-# Elements processed per step of the candidate-MSE loop: small enough that the ~6 temporaries
-# of one step stay in L2 cache, large enough that the Python loop overhead is negligible.
-_CHUNK_ELEMENTS = 1 << 18
+# Elements per step of the candidate-MSE loop: bounds the temporaries' memory; large enough that
+# each op call amortizes its thread start-up. Measured on 2 cores under load (25.8M-element
+# per-tensor + 6.4M per-channel calibration): 2^18 -> 7.8 s, 2^20 -> 1.7 s, 2^22 -> 1.5 s.
+_CHUNK_ELEMENTS = 1 << 22
 # Elements per step of the log-sqrt2 fake-quant: large enough that thread start-up per op call
 # stays negligible on a loaded machine, small enough that the passes mostly hit cache (measured
 # on a 2-core CPU: 2^20 beats both 2^15 and whole-tensor passes under load).
@@ -47,13 +48,19 @@ def check_bits(bits: int) -> int:
     return int(bits)
 
 
-def _check_input(x: Tensor, what: str) -> None:
+def _check_nonempty(x: Tensor, what: str) -> None:
     if x.numel() == 0:
         raise ValueError(f'cannot calibrate {what} on an empty tensor')
-    if not torch.isfinite(x).all():
-        n_nan, n_inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
+
+
+def _row_extremes(rows: Tensor, what: str) -> tuple[Tensor, Tensor]:
+    """Per-row (min, max) in one pass; NaN/Inf anywhere is an error (aminmax propagates NaN)."""
+    lo, hi = torch.aminmax(rows, dim=1)
+    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        n_nan, n_inf = int(torch.isnan(rows).sum()), int(torch.isinf(rows).sum())
         raise ValueError(f'cannot calibrate {what}: input has {n_nan} NaN and {n_inf} Inf values '
-                         f'(shape {tuple(x.shape)}); check the model/input for overflow')
+                         f'(shape {tuple(rows.shape)} as rows); check the model/input for overflow')
+    return lo, hi
 
 
 def _rows(x: Tensor, channel_axis: Optional[int]) -> Tensor:
@@ -85,17 +92,17 @@ def _top_tail(rows: Tensor, k: int, largest: bool) -> Tensor:
     """The ``k`` largest (descending) or smallest (ascending) values of every row, exactly."""
     n = rows.shape[1]
     if rows.shape[0] == 1 and n >= _SELECT_MIN_ELEMENTS and k < n // 64:
-        flat = rows[0] if largest else -rows[0]
+        flat = rows[0]
         # Estimate a threshold from a strided sample with generous slack, then verify: if at
-        # least k elements are >= it, the k largest are among them (exact, no assumption).
+        # least k elements are on the tail side of it, the k most extreme are among them (exact,
+        # no assumption about the data). Input is finite (checked before).
         stride = 32
         sample = flat[::stride]
         ks = min(sample.numel(), 2 * (k // stride) + 64)
-        thr = sample.topk(ks).values[-1]
-        selected = flat[flat >= thr]
+        thr = sample.topk(ks, largest=largest).values[-1]
+        selected = flat[flat >= thr] if largest else flat[flat <= thr]
         if selected.numel() >= k:
-            tail = selected.topk(k).values
-            return (tail if largest else -tail).unsqueeze(0)
+            return selected.topk(k, largest=largest).values.unsqueeze(0)
     return rows.topk(k, dim=1, largest=largest, sorted=True).values
 
 
@@ -129,16 +136,22 @@ def _uniform_candidate(lo: Tensor, hi: Tensor, levels: int) -> tuple[Tensor, Ten
     return delta, (-lo / delta).round()
 
 
-def _sum_sq_err(rows: Tensor, quantize) -> Tensor:
-    """Per-row sum of squared fake-quantization error, streamed through cache-sized chunks."""
+def _sum_sq_err(rows: Tensor, error) -> Tensor:
+    """Per-row sum of squared fake-quantization error, ``error(chunk)`` streamed over column chunks."""
     c, m = rows.shape
     cols = max(1, _CHUNK_ELEMENTS // c)
     total = rows.new_zeros(c, dtype=torch.float64)
     for start in range(0, m, cols):
-        x = rows[:, start:start + cols]
-        err = quantize(x).sub_(x)
-        total += torch.einsum('cm,cm->c', err, err).double()
+        err = error(rows[:, start:start + cols])
+        total += torch.linalg.vecdot(err, err, dim=1).double()
     return total
+
+
+def _uniform_error(x: Tensor, delta: Tensor, zero_point: Tensor, levels: int) -> Tensor:
+    """``x - fake_quant_uniform(x)`` in four passes (the last one fused: ``x - y·Δ``)."""
+    y = torch.div(x, delta)
+    y.round_().clamp_(-zero_point, levels - zero_point)
+    return torch.addcmul(x, y, delta, value=-1, out=y)
 
 
 def _fq_uniform_(y: Tensor, delta: Tensor, zero_point: Tensor, levels: int) -> Tensor:
@@ -174,8 +187,9 @@ def uniform_qparams(x: Tensor, bits: int, channel_axis: Optional[int] = None,
     represents ``v`` exactly.
     """
     levels = (1 << check_bits(bits)) - 1
-    _check_input(x, 'a uniform quantizer')
+    _check_nonempty(x, 'a uniform quantizer')
     rows = _rows(x, channel_axis)
+    _row_extremes(rows, 'a uniform quantizer')
     qs = [q for p in percentiles for q in (p, 1.0 - p)]
     qv = quantiles(rows, qs).view(len(percentiles), 2, -1)              # [P, {max,min}, C]
     deltas, zps = _uniform_candidate(qv[:, 1], qv[:, 0], levels)        # [P, C]
@@ -183,7 +197,7 @@ def uniform_qparams(x: Tensor, bits: int, channel_axis: Optional[int] = None,
     safe_d = torch.where(regular, deltas, torch.ones_like(deltas))
     safe_z = torch.where(regular, zps, torch.zeros_like(zps))
     scores = torch.stack([
-        _sum_sq_err(rows, lambda t, d=d[:, None], z=z[:, None]: _fq_uniform_(t / d, d, z, levels))
+        _sum_sq_err(rows, lambda t, d=d[:, None], z=z[:, None]: _uniform_error(t, d, z, levels))
         for d, z in zip(safe_d, safe_z)])
     scores[~regular] = math.inf
     best = _select_best(scores)
@@ -259,20 +273,20 @@ def log_sqrt2_qparams(x: Tensor, bits: int, percentiles: Sequence[float] = PERCE
     tensor is (almost) all zeros and ``Δ = max(x)`` (``1`` when that is zero too) is returned.
     """
     check_bits(bits)
-    _check_input(x, 'a log-sqrt2 quantizer')
+    _check_nonempty(x, 'a log-sqrt2 quantizer')
     rows = _rows(x, None)
-    if bool((rows < 0).any()):
+    lo, hi = _row_extremes(rows, 'a log-sqrt2 quantizer')
+    if lo[0] < 0:
         raise ValueError('the log-sqrt2 quantizer expects non-negative input (post-softmax '
-                         f'attention); got min {float(rows.min()):.4g}')
+                         f'attention); got min {float(lo[0]):.4g}')
     cands = quantiles(rows, percentiles)[:, 0]                          # [P]
     regular = cands > 0
     scores = torch.stack([
-        _sum_sq_err(rows, lambda t, d=d: fake_quant_log_sqrt2(t, d, bits)) if ok else
+        _sum_sq_err(rows, lambda t, d=d: fake_quant_log_sqrt2(t, d, bits).sub_(t)) if ok else
         torch.full((1,), math.inf, dtype=torch.float64)
         for d, ok in zip(cands, regular.tolist())])[:, 0]
     if not regular.any():
-        top = rows.max()
-        return top if top > 0 else torch.ones(())
+        return hi[0] if hi[0] > 0 else torch.ones(())
     return cands[_select_best(scores[:, None])[0]].reshape(())
 
 
