@@ -10,8 +10,9 @@ plan is written with mmdet's backbone names (``backbone.stages...``) plus ``re:.
 the rest of the detector. Scores are cached next to the plan (``<out>.scores.json``): running
 again with another ``--target``/``--allocator`` re-allocates without recomputing LRP.
 
-``--model``: a timm model name, or a .json/.py file of ``timm SwinTransformer`` keyword arguments
-(``model_kwargs = dict(...)`` in a .py). ``--checkpoint``: a local state dict (timm layout, bare
+``--model``: a timm model name, a .json/.py file of ``timm SwinTransformer`` keyword arguments
+(``model_kwargs = dict(...)`` in a .py), or a checkpoint whose ``meta['model_kwargs']`` records them
+(as the miniature world's classifier does). ``--checkpoint``: a local state dict (timm layout, bare
 or under ``state_dict``/``model``); ``--pretrained`` lets timm download its weights (network);
 ``--random-init SEED`` states explicitly that random weights are used (the plan says so).
 """
@@ -38,7 +39,8 @@ def parse_args(argv=None):
     from mmdet_lrpq.plan import ALLOCATORS
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split('\n', 2)[2])
-    p.add_argument('--model', required=True, help='timm model name, or a .json/.py file of SwinTransformer kwargs')
+    p.add_argument('--model', required=True,
+                   help='timm model name, a .json/.py file of SwinTransformer kwargs, or a checkpoint with meta.model_kwargs')
     w = p.add_mutually_exclusive_group(required=True)
     w.add_argument('--checkpoint', help='local weights for the classifier')
     w.add_argument('--pretrained', action='store_true', help="timm's pretrained weights (downloads; needs network)")
@@ -70,7 +72,12 @@ def build_classifier(args):
     from timm.models.swin_transformer import SwinTransformer
     kwargs = dict(always_partition=True, strict_img_size=False)
     if osp.isfile(args.model):
-        if args.model.endswith('.json'):
+        if args.model.endswith(('.pth', '.pt')):    # a checkpoint that records its architecture
+            meta = torch.load(args.model, map_location='cpu', weights_only=True).get('meta', {})
+            if 'model_kwargs' not in meta:
+                raise ValueError(f"{args.model} has no meta['model_kwargs']: pass a timm name or a kwargs file")
+            model_kwargs = meta['model_kwargs']
+        elif args.model.endswith('.json'):
             model_kwargs = json.load(open(args.model))
         else:
             scope: dict = {}
