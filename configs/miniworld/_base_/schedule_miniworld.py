@@ -2,8 +2,8 @@
 # recipe's optimizer) with warmup and cosine decay, one evaluation at the end (and midway).
 _base_ = 'mmdet::_base_/default_runtime.py'
 
-max_iters = 3000
-train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=1500)
+max_iters = 4800
+train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=2400)
 val_cfg = dict(type='ValLoop')
 test_cfg = dict(type='TestLoop')
 

@@ -1,0 +1,217 @@
+"""The miniature world: deterministic data that MMDetection reads and scores correctly, and the
+committed classifier/detectors that were trained on it (skipped when not present). No training."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pycocotools import mask as mask_utils
+
+from mmdet_lrpq.miniworld import CLASSES, IMAGE_SIZE, detection_scene, generate, render_detection_image
+
+REPO = Path(__file__).resolve().parents[1]
+CKPT_DIR = REPO / 'checkpoints' / 'miniworld'
+CONFIG_DIR = REPO / 'configs' / 'miniworld'
+TINY = dict(train=12, val=6, calib=2, cls_train=8, cls_val=4)
+
+
+@pytest.fixture(scope='module')
+def tiny_world(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp('miniworld')
+    generate(root, seed=0, sizes=TINY)
+    return root
+
+
+def _load_tool(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / 'tools' / 'miniworld' / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob('*')) if p.is_file()}
+
+
+# ---------------------------------------------------------------- data
+
+def test_generation_is_deterministic_and_independent_of_workers(tmp_path, tiny_world):
+    generate(tmp_path / 'again', seed=0, sizes=TINY, workers=2)
+    assert _tree_bytes(tmp_path / 'again') == _tree_bytes(tiny_world)
+    generate(tmp_path / 'other', seed=1, sizes=dict(TINY, cls_train=0, cls_val=0))
+    assert (tmp_path / 'other/annotations/instances_val.json').read_bytes() != \
+        (tiny_world / 'annotations/instances_val.json').read_bytes()
+
+
+def test_splits_are_disjoint(tiny_world):
+    images = {split: {p.read_bytes() for p in (tiny_world / split).glob('*.jpg')} for split in TINY}
+    assert all(len(images[s]) == n for s, n in TINY.items())
+    splits = list(TINY)
+    assert all(not images[a] & images[b] for i, a in enumerate(splits) for b in splits[i + 1:])
+
+
+def test_coco_annotations_are_consistent(tiny_world):
+    coco = json.loads((tiny_world / 'annotations' / 'instances_train.json').read_text())
+    assert [c['name'] for c in coco['categories']] == list(CLASSES) and len(CLASSES) >= 8
+    assert [c['id'] for c in coco['categories']] == list(range(1, len(CLASSES) + 1))
+    assert len({a['id'] for a in coco['annotations']}) == len(coco['annotations']) and \
+        min(a['id'] for a in coco['annotations']) >= 1  # pycocotools treats id 0 as "unmatched"
+    height, width = IMAGE_SIZE
+    per_image = np.bincount([a['image_id'] for a in coco['annotations']])[1:]
+    assert len(per_image) == TINY['train'] and per_image.min() >= 2 and per_image.mean() >= 3
+    for ann in coco['annotations']:
+        mask = mask_utils.decode(ann['segmentation']).astype(bool)
+        assert ann['iscrowd'] == 0 and mask.shape == (height, width) and mask.any()
+        assert ann['area'] == mask.sum()
+        ys, xs = np.nonzero(mask)
+        assert ann['bbox'] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+        x, y, w, h = ann['bbox']
+        assert 0 <= x and 0 <= y and x + w <= width and y + h <= height
+
+
+def test_scenes_have_every_class_and_partial_occlusion():
+    rng = np.random.default_rng(0)
+    instances = [inst for _ in range(40) for inst in detection_scene(rng)[1]]
+    assert {inst.label for inst in instances} == set(range(len(CLASSES)))
+    visible = np.array([inst.mask.sum() / inst.full_area for inst in instances])
+    assert visible.min() >= 0.5 - 1e-9  # occluded, but never beyond recognition
+    assert (visible < 0.95).sum() >= 5  # and occlusion does happen
+
+
+def test_classification_split(tiny_world):
+    lines = (tiny_world / 'annotations' / 'cls_train.txt').read_text().splitlines()
+    assert len(lines) == TINY['cls_train']
+    assert (tiny_world / 'annotations' / 'classes.txt').read_text().split() == list(CLASSES)
+    for line in lines:
+        name, label = line.split()
+        assert (tiny_world / name).is_file() and 0 <= int(label) < len(CLASSES)
+
+
+# ---------------------------------------------------------------- mmdet reads and scores it
+
+def _coco_dataset(root: Path, split: str, pipeline: list):
+    from mmdet.datasets import CocoDataset
+    return CocoDataset(data_root=str(root), ann_file=f'annotations/instances_{split}.json',
+                       data_prefix=dict(img=f'{split}/'), metainfo=dict(classes=CLASSES), pipeline=pipeline,
+                       test_mode=True)
+
+
+def test_mmdet_coco_dataset_loads_boxes_and_masks(tiny_world):
+    from mmdet.utils import register_all_modules
+    register_all_modules()
+    coco = json.loads((tiny_world / 'annotations' / 'instances_val.json').read_text())
+    dataset = _coco_dataset(tiny_world, 'val', [dict(type='LoadImageFromFile'),
+                                                dict(type='LoadAnnotations', with_bbox=True, with_mask=True)])
+    assert len(dataset) == TINY['val'] and dataset.metainfo['classes'] == CLASSES
+    sample = dataset[0]
+    anns = [a for a in coco['annotations'] if a['image_id'] == sample['img_id']]
+    assert sample['img'].shape == (*IMAGE_SIZE, 3)
+    assert [CLASSES[label] for label in sample['gt_bboxes_labels']] == \
+        [CLASSES[a['category_id'] - 1] for a in anns]
+    np.testing.assert_array_equal(sample['gt_masks'].to_ndarray(),
+                                  np.stack([mask_utils.decode(a['segmentation']) for a in anns]))
+    x, y, w, h = anns[0]['bbox']
+    np.testing.assert_allclose(sample['gt_bboxes'].tensor[0].numpy(), [x, y, x + w, y + h])
+
+
+def test_ground_truth_scores_ap_one_with_mmdet_coco_metric(tiny_world):
+    from mmdet.evaluation import CocoMetric
+    from mmdet.utils import register_all_modules
+    register_all_modules()
+    dataset = _coco_dataset(tiny_world, 'val', [dict(type='LoadImageFromFile'),
+                                                dict(type='LoadAnnotations', with_bbox=True, with_mask=True)])
+    metric = CocoMetric(ann_file=str(tiny_world / 'annotations' / 'instances_val.json'), metric=['bbox', 'segm'])
+    metric.dataset_meta = dataset.metainfo
+    for i in range(len(dataset)):
+        sample = dataset[i]
+        boxes = torch.as_tensor(sample['gt_bboxes'].tensor)
+        pred = dict(bboxes=boxes, scores=torch.ones(len(boxes)), labels=torch.as_tensor(sample['gt_bboxes_labels']),
+                    masks=torch.as_tensor(sample['gt_masks'].to_ndarray()).bool())
+        metric.process({}, [dict(img_id=sample['img_id'], ori_shape=sample['ori_shape'], pred_instances=pred)])
+    results = metric.evaluate(len(dataset))
+    assert results['coco/bbox_mAP'] == 1.0 and results['coco/segm_mAP'] == 1.0
+
+
+# ---------------------------------------------------------------- classifier -> detector backbone
+
+def test_classifier_conversion_initializes_the_detector_backbone(tmp_path):
+    """The configs' Pretrained init really loads the converted classifier (mmdet ignores unprefixed keys)."""
+    from mmengine.config import Config
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+    register_all_modules()
+    train_classifier = _load_tool('train_classifier')
+    classifier = train_classifier.build_classifier(len(CLASSES))
+    meta = dict(model_kwargs=dict(train_classifier.MODEL_KWARGS, num_classes=len(CLASSES)), val_accuracy=0.0)
+    torch.save(dict(state_dict=classifier.state_dict(), meta=meta), tmp_path / 'cls.pth')
+    converted = _load_tool('convert_classifier').convert_classifier(str(tmp_path / 'cls.pth'),
+                                                                    str(tmp_path / 'backbone.pth'))
+    cfg = Config.fromfile(str(CONFIG_DIR / 'mask_rcnn_swin_mini.py'))
+    cfg.model.backbone.init_cfg.checkpoint = str(tmp_path / 'backbone.pth')
+    backbone = MODELS.build(cfg.model.backbone)
+    backbone.init_weights()
+    own = backbone.state_dict()
+    assert len(converted) == len([k for k in own if not k.startswith('norm') and 'relative_position_index' not in k])
+    for key, value in converted.items():
+        torch.testing.assert_close(own[key[len('backbone.'):]], value, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- committed checkpoints
+
+def _committed(name: str) -> Path:
+    path = CKPT_DIR / name
+    if not path.is_file():
+        pytest.skip(f'{path} not present (train with tools/miniworld/train_all.py)')
+    return path
+
+
+def test_committed_classifier_reproduces_its_recorded_accuracy():
+    """The committed classifier loads strictly into the recorded architecture and, on the cls_val
+    split rendered afresh, scores exactly the validation accuracy its training recorded (the number
+    the README and training_summary.json report, whatever it is)."""
+    from mmdet_lrpq.miniworld import DEFAULT_SIZES, render_classification_image
+    train_classifier = _load_tool('train_classifier')
+    ckpt = torch.load(_committed('swin_mini_cls.pth'), map_location='cpu', weights_only=True)
+    meta = ckpt['meta']
+    assert meta['classes'] == list(CLASSES)
+    model = train_classifier.build_classifier(len(CLASSES))
+    model.load_state_dict(ckpt['state_dict'])  # strict
+    import io
+    from PIL import Image
+    rendered = [render_classification_image(0, 'cls_val', i) for i in range(1, DEFAULT_SIZES['cls_val'] + 1)]
+    images = torch.stack([torch.from_numpy(np.asarray(Image.open(io.BytesIO(jpeg)))).permute(2, 0, 1)
+                          for jpeg, _, _ in rendered])
+    labels = torch.tensor([label for _, label, _ in rendered])
+    assert train_classifier.accuracy(model, images, labels) == pytest.approx(meta['val_accuracy'], abs=1e-9)
+
+
+@pytest.mark.parametrize('name', ['mask_rcnn_swin_mini', 'cascade_mask_rcnn_swin_mini'])
+def test_committed_detector_loads_and_detects(name):
+    import io
+    from mmengine.config import Config
+    from PIL import Image
+    path = _committed(f'{name}.pth')
+    from mmdet.apis import inference_detector, init_detector
+    cfg = Config.fromfile(str(CONFIG_DIR / f'{name}.py'))
+    cfg.model.backbone.init_cfg = None
+    model = init_detector(cfg, None, device='cpu')
+    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    assert set(ckpt) == {'meta', 'state_dict'}  # slim: no optimizer state
+    assert tuple(ckpt['meta']['dataset_meta']['classes']) == CLASSES
+    model.load_state_dict(ckpt['state_dict'])  # strict: keys and shapes match the config's model
+    model.dataset_meta = ckpt['meta']['dataset_meta']
+    jpeg, anns = render_detection_image(0, 'val', 1)
+    image = np.asarray(Image.open(io.BytesIO(jpeg)))[..., ::-1].copy()  # BGR, as mmcv loads it
+    pred = inference_detector(model, image).pred_instances
+    pred = pred[pred.scores > 0.5]
+    assert len(pred) >= 1
+    gt = np.array([[x, y, x + w, y + h] for x, y, w, h in (a['bbox'] for a in anns)])
+    from mmdet.structures.bbox import bbox_overlaps
+    iou = bbox_overlaps(pred.bboxes, torch.as_tensor(gt, dtype=torch.float32)).numpy()
+    gt_labels = np.array([a['category_id'] - 1 for a in anns])
+    matched = (iou.max(0) > 0.5) & (pred.labels.numpy()[iou.argmax(0)] == gt_labels)
+    assert matched.mean() >= 0.5  # most objects found with the right class

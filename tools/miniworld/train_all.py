@@ -1,0 +1,141 @@
+"""Reproduce the miniature world end to end: data -> classifier -> backbone conversion -> detectors.
+
+    python tools/miniworld/train_all.py                 # everything (about 2-2.5 h on 2 shared CPU cores)
+    python tools/miniworld/train_all.py --from mask_rcnn # resume at a stage
+    python tools/miniworld/train_all.py --only generate
+
+Each stage is a subprocess running one of the tools next to this file, with its progress printed.
+Afterwards ``checkpoints/miniworld/training_summary.json`` records, per stage, the exact command,
+the wall-clock time and the final validation numbers (read back from the checkpoints, which store
+what the training scripts measured: the classifier's accuracy, mmdet CocoMetric's bbox/segm AP).
+Stages not run in this invocation keep their previous entry.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import os.path as osp
+import platform
+import shlex
+import subprocess
+import sys
+import time
+
+import torch
+
+REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+CKPT_DIR = 'checkpoints/miniworld'
+CLASSIFIER = f'{CKPT_DIR}/swin_mini_cls.pth'
+BACKBONE_INIT = 'work_dirs/miniworld/swin_mini_backbone_mmdet.pth'  # what the configs' init_cfg points at
+DETECTORS = ('mask_rcnn_swin_mini', 'cascade_mask_rcnn_swin_mini')
+STAGES = ('generate', 'classifier', 'convert', *DETECTORS)
+
+
+def stage_command(stage: str, args: argparse.Namespace) -> list[str]:
+    tool = lambda name: f'tools/miniworld/{name}.py'
+    if stage == 'generate':
+        return [tool('generate'), '--out', args.data_root, '--seed', str(args.seed)]
+    if stage == 'classifier':
+        return [tool('train_classifier'), '--data-root', args.data_root, '--out', CLASSIFIER,
+                '--seed', str(args.seed), '--threads', str(args.threads)]
+    if stage == 'convert':
+        return [tool('convert_classifier'), CLASSIFIER, '--out', BACKBONE_INIT]
+    data_root = args.data_root.rstrip('/') + '/'
+    return [tool('train_detector'), f'configs/miniworld/{stage}.py', '--out', f'{CKPT_DIR}/{stage}.pth',
+            '--threads', str(args.threads), '--cfg-options', f'randomness.seed={args.seed}',
+            f'train_dataloader.dataset.data_root={data_root}', f'val_dataloader.dataset.data_root={data_root}',
+            f'test_dataloader.dataset.data_root={data_root}',
+            f'val_evaluator.ann_file={data_root}annotations/instances_val.json',
+            f'test_evaluator.ann_file={data_root}annotations/instances_val.json']
+
+
+def stage_results(stage: str) -> dict:
+    """What the stage's artifact says about itself (metrics, its own training time)."""
+    if stage == 'classifier':
+        meta = torch.load(CLASSIFIER, map_location='cpu', weights_only=True)['meta']
+        return dict(recorded_command=meta['command'], checkpoint=CLASSIFIER, size_bytes=os.path.getsize(CLASSIFIER),
+                    val_accuracy=meta['val_accuracy'], history=meta['history'], train_seconds=meta['train_seconds'],
+                    model_kwargs=meta['model_kwargs'])
+    if stage in DETECTORS:
+        import mmengine  # noqa: F401  (mmdet_lrpq then allow-lists MMEngine's checkpoint metadata)
+        import mmdet_lrpq  # noqa: F401
+        path = f'{CKPT_DIR}/{stage}.pth'
+        meta = torch.load(path, map_location='cpu', weights_only=True)['meta']
+        coco = meta['final_val_metrics']
+        return dict(recorded_command=meta['command'], checkpoint=path, size_bytes=os.path.getsize(path),
+                    iters=meta.get('iter'), train_seconds=meta['train_seconds'], final_val_metrics=coco,
+                    box_ap=round(100 * coco['coco/bbox_mAP'], 1), mask_ap=round(100 * coco['coco/segm_mAP'], 1))
+    return {}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--data-root', default='data/miniworld')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--threads', type=int, default=1,
+                        help='torch threads per stage; 1 is several times faster than 2 on shared cores')
+    parser.add_argument('--from', dest='start', choices=STAGES, default=STAGES[0], help='first stage to run')
+    parser.add_argument('--only', choices=STAGES, help='run just this stage')
+    parser.add_argument('--jobs', type=int, default=min(2, os.cpu_count() or 1),
+                        help='detectors trained side by side (default: 2 where there are 2 cores)')
+    parser.add_argument('--summary', default=f'{CKPT_DIR}/training_summary.json')
+    args = parser.parse_args(argv)
+    os.chdir(REPO)
+    stages = [args.only] if args.only else list(STAGES[STAGES.index(args.start):])
+    summary = json.load(open(args.summary)) if osp.isfile(args.summary) else {}
+    summary.update(reproduce='python tools/miniworld/train_all.py', seed=args.seed, threads=args.threads,
+                   environment=dict(python=platform.python_version(), torch=torch.__version__,
+                                    machine=platform.machine(), cpus=os.cpu_count()))
+    summary.setdefault('stages', {})
+    total = time.time()
+
+    def record(stage: str, command: list[str], seconds: float) -> None:
+        summary['stages'][stage] = dict(command=shlex.join(command), wall_seconds=round(seconds, 1),
+                                        **stage_results(stage))
+        os.makedirs(osp.dirname(osp.abspath(args.summary)), exist_ok=True)
+        with open(args.summary, 'w') as f:
+            json.dump(summary, f, indent=2)
+
+    sequential = [s for s in stages if s not in DETECTORS or args.jobs == 1]
+    for stage in sequential:
+        command = ['python', *stage_command(stage, args)]
+        print(f'\n===== [{stage}] {shlex.join(command)}', flush=True)
+        start = time.time()
+        subprocess.run([sys.executable, *command[1:]], check=True)
+        seconds = time.time() - start
+        print(f'===== [{stage}] done in {seconds / 60:.1f} min', flush=True)
+        record(stage, command, seconds)
+    parallel = [s for s in stages if s not in sequential]
+    if parallel:  # the detectors side by side, one process (and --threads threads) each, logs to files
+        procs = {}
+        for stage in parallel:
+            command = ['python', *stage_command(stage, args)]
+            log_path = f'work_dirs/miniworld/{stage}.train.log'
+            os.makedirs(osp.dirname(log_path), exist_ok=True)
+            print(f'\n===== [{stage}] {shlex.join(command)}  (log: {log_path})', flush=True)
+            procs[stage] = (command, time.time(), open(log_path, 'w'))
+            procs[stage] = (*procs[stage], subprocess.Popen([sys.executable, *command[1:]], stdout=procs[stage][2],
+                                                            stderr=subprocess.STDOUT))
+        failed = []
+        for stage, (command, start, log, proc) in procs.items():
+            if proc.wait() != 0:
+                failed.append(stage)
+                continue
+            seconds = time.time() - start
+            print(f'===== [{stage}] done in {seconds / 60:.1f} min', flush=True)
+            record(stage, command, seconds)
+        if failed:
+            sys.exit(f'training failed: {failed}; see work_dirs/miniworld/<stage>.train.log')
+    for stage in ('classifier', *DETECTORS):  # trained earlier by hand: describe them from their checkpoints
+        path = CLASSIFIER if stage == 'classifier' else f'{CKPT_DIR}/{stage}.pth'
+        if stage not in summary['stages'] and osp.isfile(path):
+            summary['stages'][stage] = stage_results(stage)
+    summary['total_wall_seconds_this_run'] = round(time.time() - total, 1)
+    with open(args.summary, 'w') as f:
+        json.dump(summary, f, indent=2)
+    print(f'\nall stages done in {(time.time() - total) / 60:.1f} min; summary: {args.summary}')
+
+
+if __name__ == '__main__':
+    main()
