@@ -41,10 +41,12 @@ def parse_args(argv=None):
                                 epilog=__doc__.split('\n', 2)[2])
     p.add_argument('--model', required=True,
                    help='timm model name, a .json/.py file of SwinTransformer kwargs, or a checkpoint with meta.model_kwargs')
-    w = p.add_mutually_exclusive_group(required=True)
+    w = p.add_mutually_exclusive_group()
     w.add_argument('--checkpoint', help='local weights for the classifier')
     w.add_argument('--pretrained', action='store_true', help="timm's pretrained weights (downloads; needs network)")
-    w.add_argument('--random-init', type=int, metavar='SEED', help='use seeded random weights (recorded in the plan)')
+    w.add_argument('--random-init', type=int, metavar='SEED',
+                   help='use seeded random weights (recorded in the plan); the default, with a warning, '
+                        'when no weights are given')
     p.add_argument('--images', required=True, help='ImageNet-style class folders or a flat folder of images')
     p.add_argument('--num-images', type=int, default=None, help='first N images in a stable, class-spread order')
     p.add_argument('--explain', choices=['predicted', 'label'], default='predicted',
@@ -63,6 +65,12 @@ def parse_args(argv=None):
     if not m:
         p.error(f"--target must be mpK or K with K in 2..8 (e.g. mp4), got {args.target!r}")
     args.k = int(m.group(1))
+    if args.checkpoint is None and not args.pretrained and args.random_init is None:
+        # offline and no weights named: say loudly that the plan comes from random weights (recorded)
+        print('WARNING: no --checkpoint/--pretrained given: using seeded random weights (--random-init 0). '
+              'The plan is structurally valid but its layer ranking is not meaningful; pass the '
+              'classifier weights for a real plan.', file=sys.stderr)
+        args.random_init = 0
     return args
 
 
