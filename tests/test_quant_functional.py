@@ -69,6 +69,27 @@ def test_large_tensor_above_2_pow_24():
     assert torch.equal(F._top_tail(rows, k, largest=False), rows.topk(k, dim=1, largest=False).values)
 
 
+@pytest.mark.parametrize('kind', ['relu', 'neg_relu', 'few_levels', 'relu_with_negative_zeros'])
+def test_threshold_selection_with_massive_ties_is_exact(kind):
+    """Post-ReLU activations tie millions of values at the bottom-tail threshold; the tie path
+    (values strictly beyond the threshold, then copies of it) must equal torch.quantile and topk."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3_000_000, generator=g)
+    x = {'relu': torch.relu(x), 'neg_relu': -torch.relu(x), 'few_levels': (x * 2).round(),
+         'relu_with_negative_zeros': torch.where(x > 0, x, -0.0 * x.abs())}[kind]
+    qs = [0.999, 0.001, 0.9999, 0.0001, 0.99999, 0.00001]
+    ours = F.quantiles(x.reshape(1, -1), qs)[:, 0]
+    theirs = torch.stack([torch.quantile(x, q) for q in qs])
+    assert torch.equal(ours, theirs)
+    rows = x.reshape(1, -1)
+    for k in (10, 3000, 30_000):
+        for largest in (True, False):
+            assert torch.equal(F._top_tail(rows, k, largest), rows.topk(k, dim=1, largest=largest).values)
+    delta, zp = F.uniform_qparams(x, 4)
+    r_delta, r_zp = ref.uniform_per_tensor(x, 4)
+    assert torch.equal(delta, r_delta) and torch.equal(zp, r_zp)
+
+
 def test_threshold_selection_survives_adversarial_order():
     """Sorted data defeats a strided sample's estimate; the exact fallback must still be right."""
     x = torch.cat([torch.zeros(3_000_000), torch.linspace(1, 2, 50_000)]).reshape(1, -1)
@@ -150,6 +171,14 @@ def test_bad_input_raises_clear_errors():
             F.uniform_qparams(torch.randn(10), bits)
     with pytest.raises(ValueError, match='1 NaN and 1 Inf'):
         F.uniform_qparams(torch.tensor([1.0, float('nan'), float('inf')]), 4)
+    # one bad value anywhere, in every path (per tensor, per channel, the large-tensor select path)
+    big = torch.randn(1 << 21)
+    for bad, match in ((float('nan'), '1 NaN and 0 Inf'), (float('inf'), '0 NaN and 1 Inf'),
+                       (-float('inf'), '0 NaN and 1 Inf')):
+        for x, axis in ((torch.randn(4, 50, 8), None), (torch.randn(4, 50, 8), -1), (big.clone(), None)):
+            x.view(-1)[x.numel() // 3] = bad
+            with pytest.raises(ValueError, match=match):
+                F.uniform_qparams(x, 4, channel_axis=axis)
     with pytest.raises(ValueError, match='empty'):
         F.uniform_qparams(torch.empty(0, 4), 4, channel_axis=-1)
     with pytest.raises(ValueError, match='non-negative'):
