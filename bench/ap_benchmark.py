@@ -61,9 +61,8 @@ def tables(rows: list[dict]) -> str:
         out += [f'**{det}: MP4 allocators at the same budget (weight memory <= uniform 4 bit), CRL**', '',
                 ex.markdown_table(alloc, columns=('allocator', 'box_ap', 'mask_ap', 'avg_w_bits', 'avg_a_bits',
                                                   'weight_mb')), '']
-        sweep = [r for r in mine if r['setting'] == 'W4A4' and (r['method'] == 'repq' or 'crl_k' in r)]
-        for r in sweep:
-            r['k'] = 'inf (RepQ)' if r['method'] == 'repq' else f"{r['crl_k']:g}"
+        sweep = [dict(r, k='inf (RepQ)' if r['method'] == 'repq' else f"{r['crl_k']:g}") for r in mine
+                 if r['setting'] == 'W4A4' and (r['method'] == 'repq' or 'crl_k' in r)]
         out += [f'**{det}: W4A4, CRL clipping k (standard deviations)**', '',
                 ex.markdown_table(sweep, columns=('k', 'box_ap', 'mask_ap')), '']
     return '\n'.join(out)

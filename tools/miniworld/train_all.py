@@ -90,12 +90,16 @@ def main(argv: list[str] | None = None) -> None:
     summary.setdefault('stages', {})
     total = time.time()
 
-    def record(stage: str, command: list[str], seconds: float) -> None:
-        summary['stages'][stage] = dict(command=shlex.join(command), wall_seconds=round(seconds, 1),
-                                        **stage_results(stage))
+    def save() -> None:
         os.makedirs(osp.dirname(osp.abspath(args.summary)), exist_ok=True)
         with open(args.summary, 'w') as f:
             json.dump(summary, f, indent=2)
+
+    def record(stage: str, command: list[str], seconds: float) -> None:
+        print(f'===== [{stage}] done in {seconds / 60:.1f} min', flush=True)
+        summary['stages'][stage] = dict(command=shlex.join(command), wall_seconds=round(seconds, 1),
+                                        **stage_results(stage))
+        save()
 
     sequential = [s for s in stages if s not in DETECTORS or args.jobs == 1]
     for stage in sequential:
@@ -103,37 +107,30 @@ def main(argv: list[str] | None = None) -> None:
         print(f'\n===== [{stage}] {shlex.join(command)}', flush=True)
         start = time.time()
         subprocess.run([sys.executable, *command[1:]], check=True)
-        seconds = time.time() - start
-        print(f'===== [{stage}] done in {seconds / 60:.1f} min', flush=True)
-        record(stage, command, seconds)
-    parallel = [s for s in stages if s not in sequential]
-    if parallel:  # the detectors side by side, one process (and --threads threads) each, logs to files
-        procs = {}
-        for stage in parallel:
-            command = ['python', *stage_command(stage, args)]
-            log_path = f'work_dirs/miniworld/{stage}.train.log'
-            os.makedirs(osp.dirname(log_path), exist_ok=True)
-            print(f'\n===== [{stage}] {shlex.join(command)}  (log: {log_path})', flush=True)
-            procs[stage] = (command, time.time(), open(log_path, 'w'))
-            procs[stage] = (*procs[stage], subprocess.Popen([sys.executable, *command[1:]], stdout=procs[stage][2],
-                                                            stderr=subprocess.STDOUT))
-        failed = []
-        for stage, (command, start, log, proc) in procs.items():
-            if proc.wait() != 0:
-                failed.append(stage)
-                continue
-            seconds = time.time() - start
-            print(f'===== [{stage}] done in {seconds / 60:.1f} min', flush=True)
-            record(stage, command, seconds)
-        if failed:
-            sys.exit(f'training failed: {failed}; see work_dirs/miniworld/<stage>.train.log')
+        record(stage, command, time.time() - start)
+    running = {}  # the detectors side by side, one process (and --threads threads) each, logs to files
+    for stage in (s for s in stages if s not in sequential):
+        command = ['python', *stage_command(stage, args)]
+        log_path = f'work_dirs/miniworld/{stage}.train.log'
+        os.makedirs(osp.dirname(log_path), exist_ok=True)
+        print(f'\n===== [{stage}] {shlex.join(command)}  (log: {log_path})', flush=True)
+        with open(log_path, 'w') as log:  # the child keeps its own copy of the descriptor
+            running[stage] = (command, time.time(), subprocess.Popen([sys.executable, *command[1:]], stdout=log,
+                                                                     stderr=subprocess.STDOUT))
+    failed = []
+    for stage, (command, start, proc) in running.items():
+        if proc.wait() != 0:
+            failed.append(stage)
+        else:
+            record(stage, command, time.time() - start)
+    if failed:
+        sys.exit(f'training failed: {failed}; see work_dirs/miniworld/<stage>.train.log')
     for stage in ('classifier', *DETECTORS):  # trained earlier by hand: describe them from their checkpoints
         path = CLASSIFIER if stage == 'classifier' else f'{CKPT_DIR}/{stage}.pth'
         if stage not in summary['stages'] and osp.isfile(path):
             summary['stages'][stage] = stage_results(stage)
     summary['total_wall_seconds_this_run'] = round(time.time() - total, 1)
-    with open(args.summary, 'w') as f:
-        json.dump(summary, f, indent=2)
+    save()
     print(f'\nall stages done in {(time.time() - total) / 60:.1f} min; summary: {args.summary}')
 
 

@@ -71,25 +71,19 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f'error: backbone init checkpoint {init["checkpoint"]} not found; make it with '
                  f'`python tools/miniworld/convert_classifier.py` (after training the classifier)')
 
-    if args.measure_only:  # re-measure an existing checkpoint and rewrite its recorded metrics
-        metrics = measure(cfg, args.out)
-        ckpt = torch.load(args.out, map_location='cpu', weights_only=True)
-        ckpt['meta']['final_val_metrics'] = metrics
-        torch.save(ckpt, args.out)
-        print(f'final val metrics: {metrics}')
-        return
-    runner = Runner.from_cfg(cfg)
-    start = time.time()
-    runner.train()
-    train_seconds = time.time() - start
-    last = osp.join(cfg.work_dir, f'iter_{runner.iter}.pth')
-    size = slim_checkpoint(last, args.out, dict(train_seconds=round(train_seconds, 1),
-                                                command=' '.join(['python', *sys.argv])))
+    if not args.measure_only:
+        runner = Runner.from_cfg(cfg)
+        start = time.time()
+        runner.train()
+        train_seconds = time.time() - start
+        size = slim_checkpoint(osp.join(cfg.work_dir, f'iter_{runner.iter}.pth'), args.out,
+                               dict(train_seconds=round(train_seconds, 1), command=' '.join(['python', *sys.argv])))
+        print(f'trained {runner.iter} iterations in {train_seconds / 60:.1f} min; wrote {args.out} '
+              f'({size / 2**20:.1f} MiB)')
+    # measured on the saved file itself (also what --measure-only re-records in an existing one)
     metrics = measure(cfg, args.out)
     slim_checkpoint(args.out, args.out, dict(final_val_metrics=metrics))
     print(f'final val metrics: {metrics}')
-    print(f'trained {runner.iter} iterations in {train_seconds / 60:.1f} min; wrote {args.out} ({size / 2**20:.1f} MiB)')
-
 
 if __name__ == '__main__':
     main()
