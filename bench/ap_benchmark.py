@@ -92,9 +92,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     start = time.time()
     log = lambda msg: print(f'[{time.time() - start:5.0f}s] {msg}', flush=True)  # noqa: E731
-    for det in args.detectors:
-        if not osp.isfile(ex.DETECTORS[det][2]):
-            sys.exit(f'{ex.DETECTORS[det][2]} is missing: train it with python tools/miniworld/train_all.py')
+    ex.require_checkpoints(args.detectors)
     ex.ensure_data(log)
     plan_dir = osp.join(args.work_dir, 'plans')
     os.makedirs(plan_dir, exist_ok=True)

@@ -27,10 +27,7 @@ def main() -> None:
     start = time.time()
     log = lambda msg: print(f'[{time.time() - start:5.0f}s] {msg}', flush=True)  # noqa: E731
     work = osp.join(ex.REPO, 'work_dirs', 'demo')
-    for path in (ex.CLASSIFIER, *(d[2] for d in ex.DETECTORS.values())):
-        if not osp.isfile(path):
-            sys.exit(f'demo: {path} is missing; it is committed to the repository (or retrain with '
-                     f'tools/miniworld/train_all.py)')
+    ex.require_checkpoints()
     log('[1/4] miniature-world data')
     ex.ensure_data(log)
     log('[2/4] LRP bit plans on the tiny Swin classifier')

@@ -51,6 +51,14 @@ class Setting:
         return '_'.join(parts + [f'{k}{v}' for k, v in sorted(self.extra.items())]).replace('.', 'p')
 
 
+def require_checkpoints(detectors=tuple(DETECTORS)) -> None:
+    """Exit with a clear message if the classifier or a detector checkpoint is missing."""
+    for path in (CLASSIFIER, *(DETECTORS[d][2] for d in detectors)):
+        if not osp.isfile(path):
+            sys.exit(f'{path} is missing; it is committed to the repository (or retrain with '
+                     f'python tools/miniworld/train_all.py)')
+
+
 def ensure_data(log=print) -> None:
     """Generate the evaluation, calibration and classification-val splits if they are missing."""
     needed = [osp.join(DATA, 'annotations', f'instances_{s}.json') for s in ('val', 'calib')] + [osp.join(DATA, 'cls_val')]
