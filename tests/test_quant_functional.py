@@ -15,6 +15,16 @@ SHAPES = {  # (shape, channel axis as RepQ-ViT uses it)
 }
 
 
+@pytest.fixture(params=['fused', 'torch'])
+def quant_path(request, monkeypatch):
+    """Run a test through the fused CPU kernels and through the PyTorch path: same answers."""
+    if request.param == 'torch':
+        monkeypatch.setattr(F, 'kernels', lambda: None)
+    else:
+        assert F.kernels() is not None, 'the fused CPU kernels did not build (see the warning above)'
+    return request.param
+
+
 def _data(kind, shape, seed):
     g = torch.Generator().manual_seed(seed)
     if kind == 'normal':
@@ -31,7 +41,7 @@ def _data(kind, shape, seed):
 @pytest.mark.parametrize('bits', [2, 4, 6, 8])
 @pytest.mark.parametrize('kind', ['normal', 'heavy', 'relu'])
 @pytest.mark.parametrize('layout', list(SHAPES))
-def test_uniform_qparams_match_repq_per_tensor_and_per_channel(layout, kind, bits):
+def test_uniform_qparams_match_repq_per_tensor_and_per_channel(layout, kind, bits, quant_path):
     shape, axis = SHAPES[layout]
     x = _data(kind, shape, seed=bits)
     delta, zp = F.uniform_qparams(x, bits)
@@ -55,7 +65,7 @@ def test_quantiles_bit_identical_to_torch_quantile(n):
     assert torch.equal(ours, theirs)
 
 
-def test_large_tensor_above_2_pow_24():
+def test_large_tensor_above_2_pow_24(quant_path):
     """RepQ-ViT needed a numpy fallback above 2^24 elements; ours is the same code path, exact."""
     n = (1 << 24) + 12_345
     x = _data('heavy', (n,), seed=3)
@@ -70,7 +80,7 @@ def test_large_tensor_above_2_pow_24():
 
 
 @pytest.mark.parametrize('kind', ['relu', 'neg_relu', 'few_levels', 'relu_with_negative_zeros'])
-def test_threshold_selection_with_massive_ties_is_exact(kind):
+def test_threshold_selection_with_massive_ties_is_exact(kind, quant_path):
     """Post-ReLU activations tie millions of values at the bottom-tail threshold; the tie path
     (values strictly beyond the threshold, then copies of it) must equal torch.quantile and topk."""
     g = torch.Generator().manual_seed(7)
@@ -98,9 +108,10 @@ def test_threshold_selection_survives_adversarial_order():
 
 
 @pytest.mark.parametrize('bits', [3, 4, 6, 8])
-def test_log_sqrt2_matches_repq(bits):
+def test_log_sqrt2_matches_repq(bits, quant_path):
     g = torch.Generator().manual_seed(bits)
-    attn = torch.softmax(torch.randn(4, 3, 49, 49, generator=g) * 4, dim=-1)
+    # small, and above one 2^20-element chunk for 4 bits
+    attn = torch.softmax(torch.randn(360 if bits == 4 else 4, 3, 49, 49, generator=g) * 4, dim=-1)
     attn[0, 0, :5] = 0.0   # exact zeros (masked positions)
     delta = F.log_sqrt2_qparams(attn, bits)
     assert torch.equal(delta, ref.log_sqrt2_delta(attn, bits))
@@ -141,7 +152,7 @@ def test_log2_shift_integer_matmul_is_exact():
         F.log2_shift_matmul_int(codes + 120, v_int, 8)  # shifts up to ~68
 
 
-def test_constant_and_zero_tensors_do_not_divide_by_zero():
+def test_constant_and_zero_tensors_do_not_divide_by_zero(quant_path):
     for v in (0.0, 2.5, -1.25):
         x = torch.full((10, 10), v)
         delta, zp = F.uniform_qparams(x, 4)
@@ -165,7 +176,7 @@ def test_constant_and_zero_tensors_do_not_divide_by_zero():
     assert F.log_sqrt2_qparams(attn, 4) == 1.0
 
 
-def test_bad_input_raises_clear_errors():
+def test_bad_input_raises_clear_errors(quant_path):
     for bits in (1, 9, 4.0, True, '4'):
         with pytest.raises(ValueError, match='bit-width must be an integer in 2..8'):
             F.uniform_qparams(torch.randn(10), bits)
@@ -185,3 +196,54 @@ def test_bad_input_raises_clear_errors():
         F.log_sqrt2_qparams(torch.randn(100), 4)
     assert F.check_bits(np.int64(3)) == 3
     assert math.isclose(F.SQRT2 ** 2, 2.0)
+
+
+@pytest.mark.parametrize('layout', ['per-tensor', 'per-last-axis', 'per-first-axis', 'per-middle-axis',
+                                    'non-contiguous'])
+def test_fused_kernels_compute_the_pytorch_floats(layout, monkeypatch):
+    """The fused kernels do the PyTorch path's float operations: fake-quant bit for bit (exact
+    .5 ties, values past both clamps, ±Inf, NaN), squared-error sums to summation-order rounding."""
+    assert F.kernels() is not None, 'the fused CPU kernels did not build (see the warning above)'
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(4, 257, 48, generator=g) * 3
+    shape = {'per-last-axis': (48,), 'per-first-axis': (4, 1, 1), 'per-middle-axis': (257, 1)}.get(layout, ())
+    delta = 0.25 * (1 + torch.arange(math.prod(shape)).reshape(shape) / 300)
+    zp = torch.full_like(delta, 7.0)
+    d0 = delta.reshape(-1)[0]
+    special = (0, 0, slice(0, 7)) if layout == 'per-middle-axis' else (0, slice(0, 7), 0)  # all in channel 0
+    x[special] = torch.tensor([0.5, -1.5, 1e6, -1e6, float('inf'), -float('inf'), float('nan')]) * d0
+    if layout == 'non-contiguous':
+        x = x.transpose(0, 1)
+    fused = F.fake_quant_uniform(x, delta, zp, 4)
+    monkeypatch.setattr(F, 'kernels', lambda: None)
+    plain = F.fake_quant_uniform(x, delta, zp, 4)
+    assert torch.equal(fused.isnan(), plain.isnan()) and int(plain.isnan().sum()) == 1
+    assert torch.equal(fused.nan_to_num(), plain.nan_to_num())
+    if layout == 'non-contiguous':
+        plain = plain.transpose(0, 1)
+    assert plain[special][:6].tolist() == (torch.tensor([0, -2, 8, -7, 8, -7]) * d0).tolist()  # half to even, clamps
+    monkeypatch.undo()
+
+    rows = torch.randn(96, 50_001, generator=g) * torch.rand(96, 1, generator=g) * 4
+    d = torch.rand(3, 96, generator=g) * 0.2 + 0.01
+    z = torch.randint(0, 16, (3, 96), generator=g).float()
+    fused = F.kernels().uniform_sq_err(rows, d, z, 15)
+    plain = torch.stack([F._sum_sq_err(rows, lambda t, dd=dd[:, None], zz=zz[:, None]: F._uniform_error(t, dd, zz, 15))
+                         for dd, zz in zip(d, z)])
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=0)
+
+
+def test_fused_log_sqrt2_computes_the_pytorch_floats(monkeypatch):
+    """Codes from PyTorch's log2, then clamp/round/lookup fused: bit for bit the PyTorch path,
+    including exact zeros (code 2^b), values above Δ (code 0), NaN and a ragged last chunk."""
+    assert F.kernels() is not None, 'the fused CPU kernels did not build (see the warning above)'
+    g = torch.Generator().manual_seed(5)
+    attn = torch.softmax(torch.randn((1 << 20) + 4097, generator=g) * 6, dim=0) * 3e3
+    attn[:3] = torch.tensor([0.0, 10.0, float('nan')])
+    delta = torch.tensor(0.37)
+    fused = F.fake_quant_log_sqrt2(attn, delta, 4)
+    err = F._log_sqrt2_sq_err(attn[3:].contiguous(), delta, 4)
+    monkeypatch.setattr(F, 'kernels', lambda: None)
+    plain = F.fake_quant_log_sqrt2(attn[3:], delta, 4)
+    assert torch.equal(fused[3:], plain) and fused[0] == 0 and fused[1] == delta and fused[2].isnan()
+    torch.testing.assert_close(err, F._log_sqrt2_sq_err(attn[3:].contiguous(), delta, 4), rtol=1e-6, atol=0)

@@ -112,5 +112,11 @@ assert keep.tolist() == [0], keep
 print(f"  torch {torch.__version__}  torchvision {torchvision.__version__}  mmengine {mmengine.__version__}  "
       f"mmcv {mmcv.__version__} (ops ok)  mmdet {mmdet.__version__}  timm {timm.__version__}  mmdet_lrpq {mmdet_lrpq.__version__}")
 EOF
+say "building the fused CPU quantization kernels (mmdet_lrpq/quant/csrc, once per machine, ~1 min)"
+"$VENV/bin/python" - <<'EOF' || die "the fused CPU kernels did not build; rerun with: $VENV/bin/python -c 'from mmdet_lrpq.quant._ext import kernels; kernels(verbose=True)' (needs the C++ toolchain that built mmcv)"
+from mmdet_lrpq.quant._ext import build_dir, kernels
+assert kernels() is not None, 'build failed (the warning above says why)'
+print(f"  fused kernels in {build_dir()}")
+EOF
 fingerprint >"$STAMP"
 say "done: $VENV"

@@ -13,6 +13,12 @@ loop over ``torch.quantile``), without a loop over channels:
 * ``fake_quant_uniform`` is ``(clamp(round(x/Δ) + zp, 0, 2^b-1) - zp) * Δ`` computed as
   ``clamp(round(x/Δ), -zp, 2^b-1-zp) * Δ``, which is the same float for integer ``zp``.
 
+On CPU the element-wise work runs in fused C++ kernels (``csrc/fused_quant.cpp``, built once by
+:mod:`._ext`): the three MSE candidates in one pass, fake-quant in one pass, both quantile tails in
+one pass, and the log-√2 steps after PyTorch's own ``log2`` in one pass. They perform the same float
+operations as the PyTorch code below, which stays the reference and the fallback (CUDA, no compiler,
+``MMDET_LRPQ_NO_EXT=1``); the tests run the parity checks through both.
+
 Where RepQ-ViT divides by zero (constant tensors or channels) we define the result instead; see
 :func:`uniform_qparams`. NaN/Inf input and bit-widths outside 2..8 raise ``ValueError``.
 """
@@ -24,6 +30,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 from torch import Tensor
+
+from ._ext import kernels
 
 PERCENTILES: tuple[float, ...] = (0.999, 0.9999, 0.99999)
 MIN_BITS, MAX_BITS = 2, 8
@@ -118,6 +126,34 @@ def _top_tail(rows: Tensor, k: int, largest: bool) -> Tensor:
     return rows.topk(k, dim=1, largest=largest, sorted=True).values
 
 
+def _select_tails(flat: Tensor, k_top: int, k_bot: int, fused) -> Optional[tuple[Tensor, Tensor]]:
+    """Both tails of a large flat tensor in one fused pass: the ``k_top`` largest (descending) and
+    ``k_bot`` smallest (ascending) values, exactly, or ``None`` if a sampled threshold was too tight.
+
+    Same thresholds as :func:`_top_tail`'s select path; values strictly beyond a threshold are
+    collected and values equal to it counted, so ties at the threshold (post-ReLU zeros) cost nothing.
+    """
+    stride = 32
+    sample = flat[::stride]
+    thr = lambda k, largest: sample.topk(min(sample.numel(), 2 * (k // stride) + 64),  # noqa: E731
+                                         largest=largest).values[-1]
+    hi = thr(k_top, True) if k_top else torch.tensor(math.inf)
+    lo = thr(k_bot, False) if k_bot else torch.tensor(-math.inf)
+    above, n_hi, below, n_lo = fused.tails_beyond(flat, float(hi), float(lo))
+
+    def finish(beyond: Tensor, n_eq: int, t: Tensor, k: int, largest: bool) -> Optional[Tensor]:
+        if beyond.numel() >= k:
+            return beyond.topk(k, largest=largest).values
+        if beyond.numel() + n_eq < k:
+            return None
+        head = beyond.sort(descending=largest).values
+        return torch.cat([head, t.expand(k - head.numel())])
+
+    top = finish(above, n_hi, hi, k_top, True) if k_top else above[:0]
+    bot = finish(below, n_lo, lo, k_bot, False) if k_bot else below[:0]
+    return None if top is None or bot is None else (top.unsqueeze(0), bot.unsqueeze(0))
+
+
 def quantiles(rows: Tensor, qs: Sequence[float]) -> Tensor:
     """``torch.quantile(row, q)`` for every row of ``rows`` [C, M] and every q -> ``[len(qs), C]``.
 
@@ -133,8 +169,14 @@ def quantiles(rows: Tensor, qs: Sequence[float]) -> Tensor:
         ordered = rows.sort(dim=1).values
         pick = lambda i: ordered[:, i]  # noqa: E731
     else:
-        top = _top_tail(rows, k_top, largest=True) if k_top else None      # top[:, j] = x_(n-1-j)
-        bot = _top_tail(rows, k_bot, largest=False) if k_bot else None     # bot[:, j] = x_(j)
+        fused = kernels() if rows.device.type == 'cpu' and rows.dtype == torch.float32 else None
+        tails = None
+        if fused is not None and rows.shape[0] == 1 and n >= _SELECT_MIN_ELEMENTS and max(k_top, k_bot) < n // 64:
+            tails = _select_tails(rows[0].contiguous(), k_top, k_bot, fused)
+        if tails is None:
+            tails = (_top_tail(rows, k_top, largest=True) if k_top else None,
+                     _top_tail(rows, k_bot, largest=False) if k_bot else None)
+        top, bot = tails  # top[:, j] = x_(n-1-j), bot[:, j] = x_(j)
         pick = lambda i: top[:, n - 1 - i] if i >= n // 2 else bot[:, i]  # noqa: E731
     out = []
     for lo, hi, w in ranks:
@@ -207,9 +249,13 @@ def uniform_qparams(x: Tensor, bits: int, channel_axis: Optional[int] = None,
     regular = deltas > 0
     safe_d = torch.where(regular, deltas, torch.ones_like(deltas))
     safe_z = torch.where(regular, zps, torch.zeros_like(zps))
-    scores = torch.stack([
-        _sum_sq_err(rows, lambda t, d=d[:, None], z=z[:, None]: _uniform_error(t, d, z, levels))
-        for d, z in zip(safe_d, safe_z)])
+    fused = kernels() if rows.device.type == 'cpu' else None
+    if fused is not None:  # all candidates in one pass over the rows (same float ops per element)
+        scores = fused.uniform_sq_err(rows, safe_d, safe_z, levels)
+    else:
+        scores = torch.stack([
+            _sum_sq_err(rows, lambda t, d=d[:, None], z=z[:, None]: _uniform_error(t, d, z, levels))
+            for d, z in zip(safe_d, safe_z)])
     # NaN/Inf input makes every candidate's error non-finite (each error pass reads every element),
     # so the full min/max check runs only then and raises with counts; finite input whose squared
     # error overflows passes it and proceeds (an infinite score simply never wins).
@@ -234,9 +280,35 @@ def uniform_qparams(x: Tensor, bits: int, channel_axis: Optional[int] = None,
     return _unrows(delta, x, channel_axis), _unrows(zp, x, channel_axis)
 
 
+def _fused_layout(x: Tensor, delta: Tensor) -> Optional[int]:
+    """Where the fused kernel applies (float32 CPU, no autograd, Δ per tensor or along one axis of
+    ``x``): the number of elements per channel run (``inner``); else ``None``."""
+    if x.device.type != 'cpu' or x.dtype != torch.float32 or delta.dtype != torch.float32 or x.dim() == 0:
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or delta.requires_grad):
+        return None
+    if delta.numel() == 1:
+        return x.numel()
+    if delta.dim() > x.dim():
+        return None
+    shape = (1,) * (x.dim() - delta.dim()) + tuple(delta.shape)
+    axes = [a for a, s in enumerate(shape) if s != 1]
+    if len(axes) != 1 or shape[axes[0]] != x.shape[axes[0]]:
+        return None
+    return math.prod(x.shape[axes[0] + 1:])
+
+
 def fake_quant_uniform(x: Tensor, delta: Tensor, zero_point: Tensor, bits: int) -> Tensor:
-    """``(clamp(round(x/Δ) + zp, 0, 2^b-1) - zp) * Δ`` (round half to even), in four passes."""
+    """``(clamp(round(x/Δ) + zp, 0, 2^b-1) - zp) * Δ`` (round half to even).
+
+    One fused pass on CPU (per tensor or per channel, no autograd), else four passes in PyTorch;
+    both compute the same floats.
+    """
     levels = (1 << check_bits(bits)) - 1
+    inner = _fused_layout(x, delta) if zero_point.shape == delta.shape else None
+    fused = kernels() if inner else None
+    if fused is not None:
+        return fused.fake_quant_uniform(x, delta, zero_point, levels, inner)
     return _fq_uniform_(x / delta, delta, zero_point, levels)
 
 
@@ -270,16 +342,33 @@ def fake_quant_log_sqrt2(x: Tensor, delta: Tensor, bits: int) -> Tensor:
     """RepQ-ViT's log-√2 quantizer: ``x̂ = 2^(-ceil(q/2)) · (1 + (q mod 2)(√2-1)) · Δ``, 0 if q ≥ 2^b.
 
     Codes are looked up in a per-code table (same floats as RepQ-ViT's formula); the passes run
-    over cache-sized chunks of large attention maps.
+    over cache-sized chunks of large attention maps. On CPU the steps after PyTorch's ``log2``
+    (scale, round, clamp, lookup) are one fused pass.
     """
     levels = 1 << check_bits(bits)
     table = log_sqrt2_table(delta, bits).to(x.dtype)
+    fused = kernels() if _fused_layout(x, delta) and delta.numel() == 1 else None
     flat = x.reshape(-1)
     out = torch.empty_like(flat)
     for src, dst in zip(flat.split(_LOG_CHUNK), out.split(_LOG_CHUNK)):
-        codes = _log_sqrt2_codes_(torch.div(src, delta), levels)
-        torch.index_select(table, 0, codes.to(torch.int32), out=dst)
+        if fused is not None:
+            fused.log_sqrt2_lookup(torch.div(src, delta, out=dst).log2_(), table, dst)
+        else:
+            codes = _log_sqrt2_codes_(torch.div(src, delta), levels)
+            torch.index_select(table, 0, codes.to(torch.int32), out=dst)
     return out.view(x.shape)
+
+
+def _log_sqrt2_sq_err(flat: Tensor, delta: Tensor, bits: int) -> Tensor:
+    """Sum of squared log-√2 fake-quant error over a contiguous 1-D float tensor, as ``[1]`` float64."""
+    fused = kernels() if flat.device.type == 'cpu' else None
+    if fused is None:
+        return _sum_sq_err(flat.view(1, -1), lambda t: fake_quant_log_sqrt2(t, delta, bits).sub_(t))
+    table = log_sqrt2_table(delta, bits)
+    buf = torch.empty(min(flat.numel(), _LOG_CHUNK))
+    total = sum(fused.log_sqrt2_sq_err(torch.div(src, delta, out=buf[:src.numel()]).log2_(), src, table)
+                for src in flat.split(_LOG_CHUNK))
+    return torch.tensor([total], dtype=torch.float64)
 
 
 def log_sqrt2_qparams(x: Tensor, bits: int, percentiles: Sequence[float] = PERCENTILES) -> Tensor:
@@ -298,7 +387,7 @@ def log_sqrt2_qparams(x: Tensor, bits: int, percentiles: Sequence[float] = PERCE
     cands = quantiles(rows, percentiles)[:, 0]                          # [P]
     regular = cands > 0
     scores = torch.stack([
-        _sum_sq_err(rows, lambda t, d=d: fake_quant_log_sqrt2(t, d, bits).sub_(t)) if ok else
+        _log_sqrt2_sq_err(rows[0], d, bits) if ok else
         torch.full((1,), math.inf, dtype=torch.float64)
         for d, ok in zip(cands, regular.tolist())])[:, 0]
     if not regular.any():

@@ -1,0 +1,244 @@
+// Fused CPU kernels for the quantizers of mmdet_lrpq.quant.functional.
+//
+// Same float operations, in the same order, as the PyTorch path they replace, one pass instead of
+// four to seven:
+//   uniform:   y = clamp(rint(x / delta), -zp, levels - zp)   (IEEE division, round half to even)
+//              fake_quant = y * delta,  error = x - y * delta   (no FMA contraction: built with
+//                                                               -ffp-contract=off)
+//   log-sqrt2: from l = log2(x / delta) computed by PyTorch (its log2 defines the codes):
+//              code = clamp(rint(-2 * l), 0, 2^b), fake_quant = table[code], error = table[code] - x
+// Built at first use by mmdet_lrpq/quant/_ext.py (torch.utils.cpp_extension); the PyTorch path
+// stays the reference and the fallback (CUDA tensors, no compiler, MMDET_LRPQ_NO_EXT=1).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kLanes = 16;      // independent float accumulators (vectorizable without reassociation)
+constexpr int64_t kBlock = 8192;    // columns per task: partial sums in float over a block, then double
+
+inline float quant_index(float x, float d, float lo, float hi) {
+  float y = std::nearbyint(x / d);
+  y = y < lo ? lo : y;   // clamp_min then clamp_max, NaN propagates like torch.clamp
+  y = y > hi ? hi : y;
+  return y;
+}
+
+// Sum of squared errors of a block for one candidate.
+double block_sq_err(const float* x, int64_t n, float d, float z, float levels) {
+  const float lo = -z, hi = levels - z;
+  float acc[kLanes] = {0};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const float v = x[i + j];
+      const float e = v - quant_index(v, d, lo, hi) * d;
+      acc[j] += e * e;
+    }
+  }
+  double total = 0.0;
+  for (; i < n; ++i) {
+    const float e = x[i] - quant_index(x[i], d, lo, hi) * d;
+    total += static_cast<double>(e * e);
+  }
+  for (int64_t j = 0; j < kLanes; ++j) total += acc[j];
+  return total;
+}
+
+}  // namespace
+
+// rows [C, M] float32; delta, zero_point [P, C] float32 -> [P, C] float64 sums of squared error.
+torch::Tensor uniform_sq_err(torch::Tensor rows, torch::Tensor delta, torch::Tensor zero_point, int64_t levels) {
+  TORCH_CHECK(rows.device().is_cpu() && rows.scalar_type() == torch::kFloat && rows.dim() == 2, "rows: [C, M] float32 CPU");
+  rows = rows.contiguous();
+  delta = delta.to(torch::kFloat).contiguous();
+  zero_point = zero_point.to(torch::kFloat).contiguous();
+  const int64_t C = rows.size(0), M = rows.size(1), P = delta.size(0);
+  TORCH_CHECK(delta.dim() == 2 && delta.size(1) == C && zero_point.sizes() == delta.sizes(), "delta/zero_point: [P, C]");
+  const int64_t nb = std::max<int64_t>(1, (M + kBlock - 1) / kBlock);
+  std::vector<double> partial(static_cast<size_t>(P * C * nb), 0.0);
+  const float* x = rows.data_ptr<float>();
+  const float* d = delta.data_ptr<float>();
+  const float* z = zero_point.data_ptr<float>();
+  const float lv = static_cast<float>(levels);
+  at::parallel_for(0, C * nb, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t c = t / nb, b = t % nb;
+      const int64_t start = b * kBlock, n = std::min(M, start + kBlock) - start;
+      for (int64_t p = 0; p < P; ++p)
+        partial[(p * C + c) * nb + b] = block_sq_err(x + c * M + start, n, d[p * C + c], z[p * C + c], lv);
+    }
+  });
+  auto out = torch::zeros({P, C}, torch::kDouble);
+  double* o = out.data_ptr<double>();
+  for (int64_t pc = 0; pc < P * C; ++pc) {
+    double s = 0.0;
+    for (int64_t b = 0; b < nb; ++b) s += partial[pc * nb + b];
+    o[pc] = s;
+  }
+  return out;
+}
+
+// x float32 viewed as [outer, C, inner] (C = delta.numel(); C = 1 per tensor, inner = 1 for the last
+// axis, outer = 1 for the first): clamp(rint(x/Δ_c), -zp_c, L-zp_c)·Δ_c.
+torch::Tensor fake_quant_uniform(torch::Tensor x, torch::Tensor delta, torch::Tensor zero_point, int64_t levels,
+                                 int64_t inner) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat, "x: float32 CPU");
+  x = x.contiguous();
+  delta = delta.to(torch::kFloat).contiguous().reshape(-1);
+  zero_point = zero_point.to(torch::kFloat).contiguous().reshape(-1);
+  const int64_t C = delta.numel(), N = x.numel();
+  TORCH_CHECK(zero_point.numel() == C && inner >= 1 && N % (C * inner) == 0, "delta/zero_point: one per channel");
+  auto out = torch::empty_like(x);
+  const float* src = x.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  const float* d = delta.data_ptr<float>();
+  const float* z = zero_point.data_ptr<float>();
+  const float lv = static_cast<float>(levels);
+  std::vector<float> lo(C), hi(C);
+  for (int64_t c = 0; c < C; ++c) { lo[c] = -z[c]; hi[c] = lv - z[c]; }
+  if (C == 1 || inner > 1) {  // runs of `inner` values share one channel
+    const int64_t runs = N / inner;
+    at::parallel_for(0, runs, std::max<int64_t>(1, (1 << 15) / inner), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t c = r % C;
+        const float dd = d[c], l = lo[c], h = hi[c];
+        const float* s = src + r * inner;
+        float* o = dst + r * inner;
+        for (int64_t i = 0; i < inner; ++i) o[i] = quant_index(s[i], dd, l, h) * dd;
+      }
+    });
+  } else {  // channels along the last axis
+    const int64_t R = N / C;
+    at::parallel_for(0, R, std::max<int64_t>(1, (1 << 15) / C), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const float* s = src + r * C;
+        float* o = dst + r * C;
+        for (int64_t c = 0; c < C; ++c) o[c] = quant_index(s[c], d[c], lo[c], hi[c]) * d[c];
+      }
+    });
+  }
+  return out;
+}
+
+namespace {
+
+inline float log_sqrt2_value(float l, const float* table, float top) {
+  float c = std::nearbyint(l * -2.0f);
+  if (c != c) return c;  // NaN input stays NaN
+  c = c < 0.0f ? 0.0f : c;
+  c = c > top ? top : c;
+  return table[static_cast<int64_t>(c)];
+}
+
+void check_log_args(const torch::Tensor& l, const torch::Tensor& table) {
+  TORCH_CHECK(l.device().is_cpu() && l.scalar_type() == torch::kFloat && l.is_contiguous(), "l: contiguous float32 CPU");
+  TORCH_CHECK(table.scalar_type() == torch::kFloat && table.is_contiguous() && table.dim() == 1 && table.numel() >= 2,
+              "table: [2^b + 1] float32");
+}
+
+}  // namespace
+
+// out[i] = table[clamp(rint(-2 l[i]), 0, 2^b)] for l = log2(x / delta); out may alias l.
+void log_sqrt2_lookup(torch::Tensor l, torch::Tensor table, torch::Tensor out) {
+  check_log_args(l, table);
+  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == torch::kFloat && out.numel() == l.numel(), "out: like l");
+  const float* src = l.data_ptr<float>();
+  const float* tab = table.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  const float top = static_cast<float>(table.numel() - 1);
+  at::parallel_for(0, l.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) dst[i] = log_sqrt2_value(src[i], tab, top);
+  });
+}
+
+// sum((table[code(l)] - x)^2) in float64 over blocks (deterministic for any thread count).
+double log_sqrt2_sq_err(torch::Tensor l, torch::Tensor x, torch::Tensor table) {
+  check_log_args(l, table);
+  TORCH_CHECK(x.is_contiguous() && x.scalar_type() == torch::kFloat && x.numel() == l.numel(), "x: like l");
+  const float* lp = l.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  const float* tab = table.data_ptr<float>();
+  const float top = static_cast<float>(table.numel() - 1);
+  const int64_t n = l.numel(), nb = std::max<int64_t>(1, (n + kBlock - 1) / kBlock);
+  std::vector<double> partial(static_cast<size_t>(nb), 0.0);
+  at::parallel_for(0, nb, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t start = b * kBlock, stop = std::min(n, start + kBlock);
+      float acc[kLanes] = {0};
+      int64_t i = start;
+      for (; i + kLanes <= stop; i += kLanes)
+        for (int64_t j = 0; j < kLanes; ++j) {
+          const float e = log_sqrt2_value(lp[i + j], tab, top) - xp[i + j];
+          acc[j] += e * e;
+        }
+      double total = 0.0;
+      for (; i < stop; ++i) {
+        const float e = log_sqrt2_value(lp[i], tab, top) - xp[i];
+        total += static_cast<double>(e * e);
+      }
+      for (int64_t j = 0; j < kLanes; ++j) total += acc[j];
+      partial[b] = total;
+    }
+  });
+  double s = 0.0;
+  for (double v : partial) s += v;
+  return s;
+}
+
+// One pass over a contiguous float32 vector: the values strictly above hi and strictly below lo
+// (in input order) and how many equal hi / lo. Both tails of a quantile search at once.
+std::tuple<torch::Tensor, int64_t, torch::Tensor, int64_t> tails_beyond(torch::Tensor flat, double hi, double lo) {
+  TORCH_CHECK(flat.device().is_cpu() && flat.scalar_type() == torch::kFloat && flat.is_contiguous() && flat.dim() == 1,
+              "flat: contiguous 1-D float32 CPU");
+  const float h = static_cast<float>(hi), l = static_cast<float>(lo);
+  const float* x = flat.data_ptr<float>();
+  const int64_t n = flat.numel(), block = 1 << 16, nb = std::max<int64_t>(1, (n + block - 1) / block);
+  std::vector<std::vector<float>> above(nb), below(nb);
+  std::vector<int64_t> eq_hi(nb, 0), eq_lo(nb, 0);
+  at::parallel_for(0, nb, 1, [&](int64_t begin, int64_t end) {
+    // Branch-free compaction (every value is stored, the cursor only advances for a hit): post-ReLU
+    // input puts half the values on the threshold, where a branch would mispredict.
+    std::vector<float> up(block + 1), down(block + 1);
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t start = b * block, stop = std::min(n, start + block);
+      int64_t na = 0, nd = 0, nh = 0, nl = 0;
+      for (int64_t i = start; i < stop; ++i) {
+        const float v = x[i];
+        up[na] = v;
+        na += v > h;
+        nh += v == h;
+        down[nd] = v;
+        nd += v < l;
+        nl += v == l;
+      }
+      above[b].assign(up.begin(), up.begin() + na);
+      below[b].assign(down.begin(), down.begin() + nd);
+      eq_hi[b] = nh;
+      eq_lo[b] = nl;
+    }
+  });
+  auto gather = [&](const std::vector<std::vector<float>>& parts) {
+    int64_t total = 0;
+    for (const auto& p : parts) total += static_cast<int64_t>(p.size());
+    auto out = torch::empty({total}, torch::kFloat);
+    float* o = out.data_ptr<float>();
+    for (const auto& p : parts) o = std::copy(p.begin(), p.end(), o);
+    return out;
+  };
+  int64_t nh = 0, nl = 0;
+  for (int64_t b = 0; b < nb; ++b) { nh += eq_hi[b]; nl += eq_lo[b]; }
+  return std::make_tuple(gather(above), nh, gather(below), nl);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("uniform_sq_err", &uniform_sq_err, "per-row sum of squared uniform fake-quant error for P candidates");
+  m.def("fake_quant_uniform", &fake_quant_uniform, "uniform fake-quant, per tensor or per channel");
+  m.def("tails_beyond", &tails_beyond, "values beyond two thresholds and the counts equal to them, one pass");
+  m.def("log_sqrt2_lookup", &log_sqrt2_lookup, "log-sqrt2 fake-quant values from l = log2(x / delta)");
+  m.def("log_sqrt2_sq_err", &log_sqrt2_sq_err, "sum of squared log-sqrt2 fake-quant error from l = log2(x / delta)");
+}
