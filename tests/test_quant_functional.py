@@ -218,7 +218,7 @@ def test_fused_kernels_compute_the_pytorch_floats(layout, monkeypatch):
     monkeypatch.setattr(F, 'kernels', lambda: None)
     plain = F.fake_quant_uniform(x, delta, zp, 4)
     assert torch.equal(fused.isnan(), plain.isnan()) and int(plain.isnan().sum()) == 1
-    assert torch.equal(fused.nan_to_num(), plain.nan_to_num())
+    assert torch.equal(fused.nan_to_num(), plain.nan_to_num()) and fused.stride() == plain.stride()
     if layout == 'non-contiguous':
         plain = plain.transpose(0, 1)
     assert plain[special][:6].tolist() == (torch.tensor([0, -2, 8, -7, 8, -7]) * d0).tolist()  # half to even, clamps

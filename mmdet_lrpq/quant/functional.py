@@ -289,7 +289,7 @@ def _fused_layout(x: Tensor, delta: Tensor) -> Optional[int]:
         return None
     if delta.numel() == 1:
         return x.numel()
-    if delta.dim() > x.dim():
+    if delta.dim() > x.dim() or not x.is_contiguous():  # (keeps the output layout PyTorch's path gives)
         return None
     shape = (1,) * (x.dim() - delta.dim()) + tuple(delta.shape)
     axes = [a for a, s in enumerate(shape) if s != 1]

@@ -88,11 +88,13 @@ torch::Tensor uniform_sq_err(torch::Tensor rows, torch::Tensor delta, torch::Ten
 torch::Tensor fake_quant_uniform(torch::Tensor x, torch::Tensor delta, torch::Tensor zero_point, int64_t levels,
                                  int64_t inner) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat, "x: float32 CPU");
-  x = x.contiguous();
   delta = delta.to(torch::kFloat).contiguous().reshape(-1);
   zero_point = zero_point.to(torch::kFloat).contiguous().reshape(-1);
   const int64_t C = delta.numel(), N = x.numel();
   TORCH_CHECK(zero_point.numel() == C && inner >= 1 && N % (C * inner) == 0, "delta/zero_point: one per channel");
+  // Per tensor, any dense layout is processed in memory order and the output keeps x's strides (as
+  // PyTorch's element-wise ops do); per channel, x is made contiguous.
+  if (!(C == 1 && x.is_non_overlapping_and_dense())) x = x.contiguous();
   auto out = torch::empty_like(x);
   const float* src = x.data_ptr<float>();
   float* dst = out.data_ptr<float>();
