@@ -342,20 +342,19 @@ def fake_quant_log_sqrt2(x: Tensor, delta: Tensor, bits: int) -> Tensor:
     """RepQ-ViT's log-√2 quantizer: ``x̂ = 2^(-ceil(q/2)) · (1 + (q mod 2)(√2-1)) · Δ``, 0 if q ≥ 2^b.
 
     Codes are looked up in a per-code table (same floats as RepQ-ViT's formula); the passes run
-    over cache-sized chunks of large attention maps. On CPU the steps after PyTorch's ``log2``
-    (scale, round, clamp, lookup) are one fused pass.
+    over cache-sized chunks of large attention maps. On CPU one fused kernel does divide, PyTorch's
+    own ``log2``, scale, round, clamp and lookup block by block in cache.
     """
     levels = 1 << check_bits(bits)
     table = log_sqrt2_table(delta, bits).to(x.dtype)
     fused = kernels() if _fused_layout(x, delta) and delta.numel() == 1 else None
+    if fused is not None:
+        return fused.log_sqrt2_fake_quant(x.contiguous(), delta, table)
     flat = x.reshape(-1)
     out = torch.empty_like(flat)
     for src, dst in zip(flat.split(_LOG_CHUNK), out.split(_LOG_CHUNK)):
-        if fused is not None:
-            fused.log_sqrt2_lookup(torch.div(src, delta, out=dst).log2_(), table, dst)
-        else:
-            codes = _log_sqrt2_codes_(torch.div(src, delta), levels)
-            torch.index_select(table, 0, codes.to(torch.int32), out=dst)
+        codes = _log_sqrt2_codes_(torch.div(src, delta), levels)
+        torch.index_select(table, 0, codes.to(torch.int32), out=dst)
     return out.view(x.shape)
 
 
@@ -364,11 +363,7 @@ def _log_sqrt2_sq_err(flat: Tensor, delta: Tensor, bits: int) -> Tensor:
     fused = kernels() if flat.device.type == 'cpu' else None
     if fused is None:
         return _sum_sq_err(flat.view(1, -1), lambda t: fake_quant_log_sqrt2(t, delta, bits).sub_(t))
-    table = log_sqrt2_table(delta, bits)
-    buf = torch.empty(min(flat.numel(), _LOG_CHUNK))
-    total = sum(fused.log_sqrt2_sq_err(torch.div(src, delta, out=buf[:src.numel()]).log2_(), src, table)
-                for src in flat.split(_LOG_CHUNK))
-    return torch.tensor([total], dtype=torch.float64)
+    return torch.tensor([fused.log_sqrt2_sq_err(flat, delta, log_sqrt2_table(delta, bits))], dtype=torch.float64)
 
 
 def log_sqrt2_qparams(x: Tensor, bits: int, percentiles: Sequence[float] = PERCENTILES) -> Tensor:

@@ -5,8 +5,9 @@
 //   uniform:   y = clamp(rint(x / delta), -zp, levels - zp)   (IEEE division, round half to even)
 //              fake_quant = y * delta,  error = x - y * delta   (no FMA contraction: built with
 //                                                               -ffp-contract=off)
-//   log-sqrt2: from l = log2(x / delta) computed by PyTorch (its log2 defines the codes):
-//              code = clamp(rint(-2 * l), 0, 2^b), fake_quant = table[code], error = table[code] - x
+//   log-sqrt2: l = log2(x / delta) by PyTorch's own log2 (at::log2_, which defines the codes) on
+//              cache-sized blocks, code = clamp(rint(-2 * l), 0, 2^b), fake_quant = table[code],
+//              error = table[code] - x
 // Built at first use by mmdet_lrpq/quant/_ext.py (torch.utils.cpp_extension); the PyTorch path
 // stays the reference and the fallback (CUDA tensors, no compiler, MMDET_LRPQ_NO_EXT=1).
 #include <torch/extension.h>
@@ -129,6 +130,8 @@ torch::Tensor fake_quant_uniform(torch::Tensor x, torch::Tensor delta, torch::Te
 
 namespace {
 
+constexpr int64_t kLogBlock = 1 << 15;  // values per step: x/Δ, log2 and lookup stay in L2
+
 inline float log_sqrt2_value(float l, const float* table, float top) {
   float c = std::nearbyint(l * -2.0f);
   if (c != c) return c;  // NaN input stays NaN
@@ -137,58 +140,76 @@ inline float log_sqrt2_value(float l, const float* table, float top) {
   return table[static_cast<int64_t>(c)];
 }
 
-void check_log_args(const torch::Tensor& l, const torch::Tensor& table) {
-  TORCH_CHECK(l.device().is_cpu() && l.scalar_type() == torch::kFloat && l.is_contiguous(), "l: contiguous float32 CPU");
+// For every block of x (in parallel): buf = x / delta; buf = log2(buf) with PyTorch's own log2
+// (at::log2_ runs inline inside the parallel region), then fn(block start, length, buf).
+template <typename Fn>
+void for_log2_blocks(const torch::Tensor& x, float delta, Fn fn) {
+  const float* src = x.data_ptr<float>();
+  const int64_t n = x.numel(), nb = (n + kLogBlock - 1) / kLogBlock;
+  at::parallel_for(0, nb, 1, [&](int64_t begin, int64_t end) {
+    auto buf = torch::empty({kLogBlock}, torch::kFloat);
+    float* l = buf.data_ptr<float>();
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t start = b * kLogBlock, len = std::min(n, start + kLogBlock) - start;
+      for (int64_t i = 0; i < len; ++i) l[i] = src[start + i] / delta;
+      auto view = buf.narrow(0, 0, len);
+      at::log2_(view);
+      fn(b, start, len, l);
+    }
+  });
+}
+
+void check_log_args(const torch::Tensor& x, const torch::Tensor& delta, const torch::Tensor& table) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat && x.is_contiguous(), "x: contiguous float32 CPU");
+  TORCH_CHECK(delta.numel() == 1, "delta: one value (per tensor)");
   TORCH_CHECK(table.scalar_type() == torch::kFloat && table.is_contiguous() && table.dim() == 1 && table.numel() >= 2,
               "table: [2^b + 1] float32");
 }
 
 }  // namespace
 
-// out[i] = table[clamp(rint(-2 l[i]), 0, 2^b)] for l = log2(x / delta); out may alias l.
-void log_sqrt2_lookup(torch::Tensor l, torch::Tensor table, torch::Tensor out) {
-  check_log_args(l, table);
-  TORCH_CHECK(out.is_contiguous() && out.scalar_type() == torch::kFloat && out.numel() == l.numel(), "out: like l");
-  const float* src = l.data_ptr<float>();
-  const float* tab = table.data_ptr<float>();
+// table[clamp(rint(-2 log2(x / delta)), 0, 2^b)] for contiguous x.
+torch::Tensor log_sqrt2_fake_quant(torch::Tensor x, torch::Tensor delta, torch::Tensor table) {
+  check_log_args(x, delta, table);
+  auto out = torch::empty_like(x);
   float* dst = out.data_ptr<float>();
+  const float* tab = table.data_ptr<float>();
   const float top = static_cast<float>(table.numel() - 1);
-  at::parallel_for(0, l.numel(), 1 << 15, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) dst[i] = log_sqrt2_value(src[i], tab, top);
+  for_log2_blocks(x, delta.item<float>(), [&](int64_t, int64_t start, int64_t len, const float* l) {
+    for (int64_t i = 0; i < len; ++i) dst[start + i] = log_sqrt2_value(l[i], tab, top);
   });
+  return out;
 }
 
-// sum((table[code(l)] - x)^2) in float64 over blocks (deterministic for any thread count).
-double log_sqrt2_sq_err(torch::Tensor l, torch::Tensor x, torch::Tensor table) {
-  check_log_args(l, table);
-  TORCH_CHECK(x.is_contiguous() && x.scalar_type() == torch::kFloat && x.numel() == l.numel(), "x: like l");
-  const float* lp = l.data_ptr<float>();
+// sum((table[code] - x)^2) in float64 over fixed blocks (deterministic for any thread count).
+double log_sqrt2_sq_err(torch::Tensor x, torch::Tensor delta, torch::Tensor table) {
+  check_log_args(x, delta, table);
   const float* xp = x.data_ptr<float>();
   const float* tab = table.data_ptr<float>();
   const float top = static_cast<float>(table.numel() - 1);
-  const int64_t n = l.numel(), nb = std::max<int64_t>(1, (n + kBlock - 1) / kBlock);
-  std::vector<double> partial(static_cast<size_t>(nb), 0.0);
-  at::parallel_for(0, nb, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t start = b * kBlock, stop = std::min(n, start + kBlock);
+  std::vector<double> partial(static_cast<size_t>((x.numel() + kLogBlock - 1) / kLogBlock), 0.0);
+  for_log2_blocks(x, delta.item<float>(), [&](int64_t b, int64_t start, int64_t len, const float* l) {
+    const float* v = xp + start;
+    double total = 0.0;
+    for (int64_t s = 0; s < len; s += kBlock) {  // float lanes over kBlock values, then float64
+      const int64_t stop = std::min(len, s + kBlock);
       float acc[kLanes] = {0};
-      int64_t i = start;
+      int64_t i = s;
       for (; i + kLanes <= stop; i += kLanes)
         for (int64_t j = 0; j < kLanes; ++j) {
-          const float e = log_sqrt2_value(lp[i + j], tab, top) - xp[i + j];
+          const float e = log_sqrt2_value(l[i + j], tab, top) - v[i + j];
           acc[j] += e * e;
         }
-      double total = 0.0;
       for (; i < stop; ++i) {
-        const float e = log_sqrt2_value(lp[i], tab, top) - xp[i];
+        const float e = log_sqrt2_value(l[i], tab, top) - v[i];
         total += static_cast<double>(e * e);
       }
       for (int64_t j = 0; j < kLanes; ++j) total += acc[j];
-      partial[b] = total;
     }
+    partial[b] = total;
   });
   double s = 0.0;
-  for (double v : partial) s += v;
+  for (double p : partial) s += p;
   return s;
 }
 
@@ -241,6 +262,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("uniform_sq_err", &uniform_sq_err, "per-row sum of squared uniform fake-quant error for P candidates");
   m.def("fake_quant_uniform", &fake_quant_uniform, "uniform fake-quant, per tensor or per channel");
   m.def("tails_beyond", &tails_beyond, "values beyond two thresholds and the counts equal to them, one pass");
-  m.def("log_sqrt2_lookup", &log_sqrt2_lookup, "log-sqrt2 fake-quant values from l = log2(x / delta)");
-  m.def("log_sqrt2_sq_err", &log_sqrt2_sq_err, "sum of squared log-sqrt2 fake-quant error from l = log2(x / delta)");
+  m.def("log_sqrt2_fake_quant", &log_sqrt2_fake_quant, "log-sqrt2 fake-quant (codes from PyTorch's log2)");
+  m.def("log_sqrt2_sq_err", &log_sqrt2_sq_err, "sum of squared log-sqrt2 fake-quant error");
 }
