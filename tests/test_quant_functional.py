@@ -247,3 +247,26 @@ def test_fused_log_sqrt2_computes_the_pytorch_floats(monkeypatch):
     plain = F.fake_quant_log_sqrt2(attn[3:], delta, 4)
     assert torch.equal(fused[3:], plain) and fused[0] == 0 and fused[1] == delta and fused[2].isnan()
     torch.testing.assert_close(err, F._log_sqrt2_sq_err(attn[3:].contiguous(), delta, 4), rtol=1e-6, atol=0)
+
+
+def test_fused_row_tails_are_exact_including_ties_and_tight_samples():
+    """Per-channel tails: every row's k largest/smallest equal topk's, for heavy-tailed rows, rows of
+    post-ReLU ties, constant rows, and sorted rows that defeat the strided sample (topk fallback)."""
+    fused = F.kernels()
+    assert fused is not None, 'the fused CPU kernels did not build (see the warning above)'
+    g = torch.Generator().manual_seed(9)
+    m = 40_000
+    rows = torch.randn(6, m, generator=g) ** 3
+    rows[1] = torch.relu(rows[1])
+    rows[2] = 1.5
+    i = torch.arange(m, dtype=torch.float32)
+    rows[3] = torch.where(i % 32 == 0, -1 - i / m, 1 + i / m)  # the strided sample sees only the lowest
+    rows[4] = -torch.relu(rows[4])
+    k_top, k_bot = 41, 1300
+    top, bot, ok = fused.row_tails(rows, k_top, k_bot)
+    assert ok.tolist() == [True, True, True, False, True, True]
+    good = ok.nonzero()[:, 0]
+    assert torch.equal(top[good], rows[good].topk(k_top, dim=1).values)
+    assert torch.equal(bot[good], rows[good].topk(k_bot, dim=1, largest=False).values)
+    qs = [0.999, 0.001, 0.9999, 0.0001, 0.99999, 0.00001]
+    assert torch.equal(F.quantiles(rows, qs), torch.stack([torch.quantile(rows, q, dim=1) for q in qs]))

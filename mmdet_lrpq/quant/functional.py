@@ -48,6 +48,8 @@ _CHUNK_ELEMENTS = 1 << 20
 _LOG_CHUNK = 1 << 20
 # Flat tensors above this size take the threshold-and-select path for their tails.
 _SELECT_MIN_ELEMENTS = 1 << 20
+# Rows of per-channel inputs at least this long take the fused per-row selection (when built).
+_ROW_SELECT_MIN = 1 << 13
 
 
 # ----------------------------------------------------------------------------- validation
@@ -173,6 +175,13 @@ def quantiles(rows: Tensor, qs: Sequence[float]) -> Tensor:
         tails = None
         if fused is not None and rows.shape[0] == 1 and n >= _SELECT_MIN_ELEMENTS and max(k_top, k_bot) < n // 64:
             tails = _select_tails(rows[0].contiguous(), k_top, k_bot, fused)
+        elif fused is not None and rows.shape[0] > 1 and n >= _ROW_SELECT_MIN and max(k_top, k_bot) < n // 64:
+            top, bot, ok = fused.row_tails(rows.contiguous(), k_top, k_bot)
+            if not bool(ok.all()):  # a sampled threshold was too tight for some rows: topk those
+                bad = (~ok).nonzero()[:, 0]
+                top[bad] = _top_tail(rows[bad], k_top, largest=True) if k_top else top[bad]
+                bot[bad] = _top_tail(rows[bad], k_bot, largest=False) if k_bot else bot[bad]
+            tails = (top, bot)
         if tails is None:
             tails = (_top_tail(rows, k_top, largest=True) if k_top else None,
                      _top_tail(rows, k_bot, largest=False) if k_bot else None)

@@ -14,6 +14,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <functional>
+#include <limits>
 #include <cmath>
 #include <vector>
 
@@ -213,6 +215,68 @@ double log_sqrt2_sq_err(torch::Tensor x, torch::Tensor delta, torch::Tensor tabl
   return s;
 }
 
+// Both tails of every row of a contiguous [C, M] float32 matrix, exactly: top [C, k_top] (descending)
+// and bottom [C, k_bot] (ascending), and ok [C] (false where the sampled threshold was too tight:
+// the caller takes those rows' tails with topk). Per row: thresholds from every 32nd value with
+// slack, one branch-free compaction pass, then a partial sort of the few values beyond them; values
+// equal to a threshold are only counted (post-ReLU rows tie many at it).
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> row_tails(torch::Tensor rows, int64_t k_top, int64_t k_bot) {
+  TORCH_CHECK(rows.device().is_cpu() && rows.scalar_type() == torch::kFloat && rows.is_contiguous() && rows.dim() == 2,
+              "rows: contiguous [C, M] float32 CPU");
+  const int64_t C = rows.size(0), M = rows.size(1), stride = 32, ns = (M + stride - 1) / stride;
+  TORCH_CHECK(k_top >= 0 && k_bot >= 0 && k_top <= M && k_bot <= M, "k out of range");
+  auto top = torch::empty({C, k_top}, torch::kFloat), bot = torch::empty({C, k_bot}, torch::kFloat);
+  auto ok = torch::ones({C}, torch::kBool);
+  const float* x = rows.data_ptr<float>();
+  float* tp = top.data_ptr<float>();
+  float* bp = bot.data_ptr<float>();
+  bool* okp = ok.data_ptr<bool>();
+  at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> sample(ns), up(M + 1), down(M + 1);
+    for (int64_t r = begin; r < end; ++r) {
+      const float* v = x + r * M;
+      for (int64_t i = 0; i < ns; ++i) sample[i] = v[i * stride];
+      float hi = std::numeric_limits<float>::infinity(), lo = -hi;
+      if (k_top) {
+        const int64_t ks = std::min<int64_t>(ns, 2 * (k_top / stride) + 64);
+        std::nth_element(sample.begin(), sample.begin() + (ks - 1), sample.end(), std::greater<float>());
+        hi = sample[ks - 1];
+      }
+      if (k_bot) {
+        const int64_t ks = std::min<int64_t>(ns, 2 * (k_bot / stride) + 64);
+        std::nth_element(sample.begin(), sample.begin() + (ks - 1), sample.end());
+        lo = sample[ks - 1];
+      }
+      int64_t na = 0, nd = 0, nh = 0, nl = 0;
+      for (int64_t i = 0; i < M; ++i) {
+        const float e = v[i];
+        up[na] = e;
+        na += e > hi;
+        nh += e == hi;
+        down[nd] = e;
+        nd += e < lo;
+        nl += e == lo;
+      }
+      if ((k_top && na + nh < k_top) || (k_bot && nd + nl < k_bot)) {
+        okp[r] = false;
+        continue;
+      }
+      auto finish = [](std::vector<float>& vals, int64_t n, int64_t k, float thr, float* out, bool largest) {
+        const int64_t m = std::min(n, k);
+        if (largest)
+          std::partial_sort(vals.begin(), vals.begin() + m, vals.begin() + n, std::greater<float>());
+        else
+          std::partial_sort(vals.begin(), vals.begin() + m, vals.begin() + n);
+        std::copy(vals.begin(), vals.begin() + m, out);
+        std::fill(out + m, out + k, thr);
+      };
+      if (k_top) finish(up, na, k_top, hi, tp + r * k_top, true);
+      if (k_bot) finish(down, nd, k_bot, lo, bp + r * k_bot, false);
+    }
+  });
+  return std::make_tuple(top, bot, ok);
+}
+
 // One pass over a contiguous float32 vector: the values strictly above hi and strictly below lo
 // (in input order) and how many equal hi / lo. Both tails of a quantile search at once.
 std::tuple<torch::Tensor, int64_t, torch::Tensor, int64_t> tails_beyond(torch::Tensor flat, double hi, double lo) {
@@ -261,6 +325,7 @@ std::tuple<torch::Tensor, int64_t, torch::Tensor, int64_t> tails_beyond(torch::T
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("uniform_sq_err", &uniform_sq_err, "per-row sum of squared uniform fake-quant error for P candidates");
   m.def("fake_quant_uniform", &fake_quant_uniform, "uniform fake-quant, per tensor or per channel");
+  m.def("row_tails", &row_tails, "exact top/bottom tails of every row, one compaction pass per row");
   m.def("tails_beyond", &tails_beyond, "values beyond two thresholds and the counts equal to them, one pass");
   m.def("log_sqrt2_fake_quant", &log_sqrt2_fake_quant, "log-sqrt2 fake-quant (codes from PyTorch's log2)");
   m.def("log_sqrt2_sq_err", &log_sqrt2_sq_err, "sum of squared log-sqrt2 fake-quant error");
