@@ -256,3 +256,30 @@ def test_calibrated_state_round_trip():
     assert torch.equal(fresh(img), out)
     assert fresh.fc1.input_quantizer.granularity == 'tensor'      # reparameterized: per tensor now
     assert fresh.fc1.input_quantizer.delta.shape == ()
+
+
+def test_scratch_buffers_give_the_same_output_and_never_leak_into_results():
+    """No-grad forwards write quantized activations into reused scratch buffers: outputs equal the
+    autograd path's bit for bit, earlier outputs are not overwritten by later forwards, and a
+    quantizer with a forward hook gets fresh memory."""
+    from mmdet_lrpq.quant import modules as qm
+    model = _wrapped()
+    img1, img2 = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        calibrate(model, lambda m: m(img1))
+    qm.release_scratch()
+    with torch.enable_grad():
+        expected1, expected2 = model(img1.requires_grad_()).detach(), model(img2.requires_grad_()).detach()
+    assert not qm._SCRATCH.buffers  # autograd forwards never use scratch
+    with torch.no_grad():
+        out1 = model(img1.detach())
+        assert set(qm._SCRATCH.buffers) == {0, 1}  # the matmul's two operands use two slots
+        out2 = model(img2.detach())
+    assert torch.equal(out1, expected1) and torch.equal(out2, expected2)
+    kept = []
+    model.fc2.input_quantizer.register_forward_hook(lambda m, i, o: kept.append(o))
+    with torch.no_grad():
+        model(img1.detach())
+        first = kept[0].clone()
+        model(img2.detach())
+    assert torch.equal(kept[0], first) and kept[0].data_ptr() != kept[1].data_ptr()

@@ -307,17 +307,19 @@ def _fused_layout(x: Tensor, delta: Tensor) -> Optional[int]:
     return math.prod(x.shape[axes[0] + 1:])
 
 
-def fake_quant_uniform(x: Tensor, delta: Tensor, zero_point: Tensor, bits: int) -> Tensor:
+def fake_quant_uniform(x: Tensor, delta: Tensor, zero_point: Tensor, bits: int,
+                       scratch: Optional[Tensor] = None) -> Tensor:
     """``(clamp(round(x/Δ) + zp, 0, 2^b-1) - zp) * Δ`` (round half to even).
 
     One fused pass on CPU (per tensor or per channel, no autograd), else four passes in PyTorch;
-    both compute the same floats.
+    both compute the same floats. ``scratch``: a reused float32 buffer the fused pass may write the
+    result into (for contiguous ``x``; the caller must be done with the result before reusing it).
     """
     levels = (1 << check_bits(bits)) - 1
     inner = _fused_layout(x, delta) if zero_point.shape == delta.shape else None
     fused = kernels() if inner else None
     if fused is not None:
-        return fused.fake_quant_uniform(x, delta, zero_point, levels, inner)
+        return fused.fake_quant_uniform(x, delta, zero_point, levels, inner, scratch)
     return _fq_uniform_(x / delta, delta, zero_point, levels)
 
 
@@ -347,18 +349,19 @@ def log_sqrt2_table(delta: Tensor, bits: int) -> Tensor:
     return torch.cat([values, values.new_zeros(1)])
 
 
-def fake_quant_log_sqrt2(x: Tensor, delta: Tensor, bits: int) -> Tensor:
+def fake_quant_log_sqrt2(x: Tensor, delta: Tensor, bits: int, scratch: Optional[Tensor] = None) -> Tensor:
     """RepQ-ViT's log-√2 quantizer: ``x̂ = 2^(-ceil(q/2)) · (1 + (q mod 2)(√2-1)) · Δ``, 0 if q ≥ 2^b.
 
     Codes are looked up in a per-code table (same floats as RepQ-ViT's formula); the passes run
     over cache-sized chunks of large attention maps. On CPU one fused kernel does divide, PyTorch's
-    own ``log2``, scale, round, clamp and lookup block by block in cache.
+    own ``log2``, scale, round, clamp and lookup block by block in cache (``scratch``: as in
+    :func:`fake_quant_uniform`).
     """
     levels = 1 << check_bits(bits)
     table = log_sqrt2_table(delta, bits).to(x.dtype)
     fused = kernels() if _fused_layout(x, delta) and delta.numel() == 1 else None
     if fused is not None:
-        return fused.log_sqrt2_fake_quant(x.contiguous(), delta, table)
+        return fused.log_sqrt2_fake_quant(x.contiguous(), delta, table, scratch)
     flat = x.reshape(-1)
     out = torch.empty_like(flat)
     for src, dst in zip(flat.split(_LOG_CHUNK), out.split(_LOG_CHUNK)):

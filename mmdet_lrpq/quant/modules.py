@@ -12,10 +12,17 @@ Weights are quantized once and cached. Weight quantization is a pure function of
 so the cache is keyed on the weight tensor's identity and version: any change (for instance by
 scale reparameterization) recalibrates and requantizes on the next forward.
 Bit-widths come from the caller (a bit plan), never from globals.
+
+Without autograd, a quantized activation is written into a reused per-thread scratch buffer
+(one per operand slot) instead of fresh memory: it only lives until the layer's own Linear/conv/
+matmul has consumed it, and large fresh allocations cost page faults on every forward (measured on
+2 cores: 50 vs 18 ms for a 23 M-value activation). A quantizer with forward hooks (which might keep
+its output) always gets fresh memory.
 """
 from __future__ import annotations
 
 import enum
+import threading
 from typing import Any, Optional
 
 import torch
@@ -24,6 +31,27 @@ from torch import Tensor, nn
 
 from .functional import (check_bits, fake_quant_log_sqrt2, fake_quant_uniform, log_sqrt2_qparams,
                          uniform_qparams)
+
+
+class _Scratch(threading.local):
+    """Per-thread reusable float32 buffers for quantized activations, one per operand slot."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[int, Tensor] = {}
+
+    def get(self, slot: int, numel: int) -> Tensor:
+        buf = self.buffers.get(slot)
+        if buf is None or buf.numel() < numel:
+            buf = self.buffers[slot] = torch.empty(numel)
+        return buf
+
+
+_SCRATCH = _Scratch()
+
+
+def release_scratch() -> None:
+    """Free this thread's activation scratch buffers (they are re-created on the next forward)."""
+    _SCRATCH.buffers.clear()
 
 
 class QuantState(enum.Enum):
@@ -94,8 +122,8 @@ class UniformQuantizer(_Quantizer):
     def set_qparams(self, delta: Tensor, zero_point: Tensor, channel_axis: Optional[int] = None) -> None:
         self.delta, self.zero_point, self.channel_axis = delta, zero_point, channel_axis
 
-    def forward(self, x: Tensor) -> Tensor:
-        return fake_quant_uniform(x, self.delta, self.zero_point, self.bits)
+    def forward(self, x: Tensor, scratch: Optional[Tensor] = None) -> Tensor:
+        return fake_quant_uniform(x, self.delta, self.zero_point, self.bits, scratch)
 
     @property
     def granularity(self) -> str:
@@ -114,8 +142,8 @@ class LogSqrt2Quantizer(_Quantizer):
     def calibrate(self, x: Tensor) -> None:
         self.delta = log_sqrt2_qparams(x, self.bits)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return fake_quant_log_sqrt2(x, self.delta, self.bits)
+    def forward(self, x: Tensor, scratch: Optional[Tensor] = None) -> Tensor:
+        return fake_quant_log_sqrt2(x, self.delta, self.bits, scratch)
 
     def extra_repr(self) -> str:
         return f'bits={self.bits}, log-sqrt2, calibrated={self.calibrated}'
@@ -129,7 +157,8 @@ class QuantModule(nn.Module):
     def input_quantizers(self) -> list[_Quantizer]:
         raise NotImplementedError
 
-    def _quantize_input(self, quantizer: _Quantizer, x: Tensor) -> Tensor:
+    def _quantize_input(self, quantizer: _Quantizer, x: Tensor, slot: int = 0) -> Tensor:
+        """The fake-quantized input; consumed by this module's own op before the slot is reused."""
         if self.state is QuantState.CALIBRATING and not quantizer.calibrated:
             if x.numel() == 0:          # nothing to learn from (e.g. no RoIs): stay uncalibrated
                 return x
@@ -137,6 +166,9 @@ class QuantModule(nn.Module):
         elif not quantizer.calibrated:
             raise RuntimeError(f'{type(self).__name__} is in state {self.state.value} but its input '
                                f'quantizer was never calibrated; run calibration first')
+        if (not torch.is_grad_enabled() and x.device.type == 'cpu' and x.dtype == torch.float32
+                and x.is_contiguous() and not quantizer._forward_hooks and not quantizer._forward_pre_hooks):
+            return quantizer(x, _SCRATCH.get(slot, x.numel()))
         return quantizer(x)
 
     @property
@@ -263,7 +295,7 @@ class QuantMatMul(QuantModule):
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         if self.state is QuantState.FLOAT:
             return a @ b
-        return self._quantize_input(self.quantizer_a, a) @ self._quantize_input(self.quantizer_b, b)
+        return self._quantize_input(self.quantizer_a, a, 0) @ self._quantize_input(self.quantizer_b, b, 1)
 
 
 def quant_modules(model: nn.Module) -> dict[str, QuantModule]:

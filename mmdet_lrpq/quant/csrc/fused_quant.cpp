@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <functional>
 #include <limits>
+#include <optional>
 #include <cmath>
 #include <vector>
 
@@ -50,6 +51,15 @@ double block_sq_err(const float* x, int64_t n, float d, float z, float levels) {
   }
   for (int64_t j = 0; j < kLanes; ++j) total += acc[j];
   return total;
+}
+
+// The output tensor: x's layout, in `scratch` (a reused contiguous buffer, for contiguous x) if given.
+torch::Tensor output_for(const torch::Tensor& x, const std::optional<torch::Tensor>& scratch) {
+  if (!scratch.has_value() || !x.is_contiguous()) return torch::empty_like(x);
+  const auto& buf = *scratch;
+  TORCH_CHECK(buf.scalar_type() == torch::kFloat && buf.is_contiguous() && buf.numel() >= x.numel(),
+              "scratch: contiguous float32 with at least x.numel() elements");
+  return buf.narrow(0, 0, x.numel()).view(x.sizes());
 }
 
 }  // namespace
@@ -89,7 +99,7 @@ torch::Tensor uniform_sq_err(torch::Tensor rows, torch::Tensor delta, torch::Ten
 // x float32 viewed as [outer, C, inner] (C = delta.numel(); C = 1 per tensor, inner = 1 for the last
 // axis, outer = 1 for the first): clamp(rint(x/Δ_c), -zp_c, L-zp_c)·Δ_c.
 torch::Tensor fake_quant_uniform(torch::Tensor x, torch::Tensor delta, torch::Tensor zero_point, int64_t levels,
-                                 int64_t inner) {
+                                 int64_t inner, std::optional<torch::Tensor> scratch) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat, "x: float32 CPU");
   delta = delta.to(torch::kFloat).contiguous().reshape(-1);
   zero_point = zero_point.to(torch::kFloat).contiguous().reshape(-1);
@@ -98,7 +108,7 @@ torch::Tensor fake_quant_uniform(torch::Tensor x, torch::Tensor delta, torch::Te
   // Per tensor, any dense layout is processed in memory order and the output keeps x's strides (as
   // PyTorch's element-wise ops do); per channel, x is made contiguous.
   if (!(C == 1 && x.is_non_overlapping_and_dense())) x = x.contiguous();
-  auto out = torch::empty_like(x);
+  auto out = output_for(x, scratch);
   const float* src = x.data_ptr<float>();
   float* dst = out.data_ptr<float>();
   const float* d = delta.data_ptr<float>();
@@ -171,9 +181,10 @@ void check_log_args(const torch::Tensor& x, const torch::Tensor& delta, const to
 }  // namespace
 
 // table[clamp(rint(-2 log2(x / delta)), 0, 2^b)] for contiguous x.
-torch::Tensor log_sqrt2_fake_quant(torch::Tensor x, torch::Tensor delta, torch::Tensor table) {
+torch::Tensor log_sqrt2_fake_quant(torch::Tensor x, torch::Tensor delta, torch::Tensor table,
+                                   std::optional<torch::Tensor> scratch) {
   check_log_args(x, delta, table);
-  auto out = torch::empty_like(x);
+  auto out = output_for(x, scratch);
   float* dst = out.data_ptr<float>();
   const float* tab = table.data_ptr<float>();
   const float top = static_cast<float>(table.numel() - 1);
