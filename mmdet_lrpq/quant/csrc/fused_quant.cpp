@@ -116,7 +116,12 @@ torch::Tensor fake_quant_uniform(torch::Tensor x, torch::Tensor delta, torch::Te
   const float lv = static_cast<float>(levels);
   std::vector<float> lo(C), hi(C);
   for (int64_t c = 0; c < C; ++c) { lo[c] = -z[c]; hi[c] = lv - z[c]; }
-  if (C == 1 || inner > 1) {  // runs of `inner` values share one channel
+  if (C == 1) {
+    const float dd = d[0], l = lo[0], h = hi[0];
+    at::parallel_for(0, N, 1 << 15, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) dst[i] = quant_index(src[i], dd, l, h) * dd;
+    });
+  } else if (inner > 1) {  // runs of `inner` values share one channel
     const int64_t runs = N / inner;
     at::parallel_for(0, runs, std::max<int64_t>(1, (1 << 15) / inner), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
