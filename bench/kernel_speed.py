@@ -1,0 +1,100 @@
+"""Fused CPU kernels vs the PyTorch path, primitive by primitive, side by side in one run.
+
+    .venv/bin/python bench/kernel_speed.py [--out results/kernel_speed.json]
+
+Shapes are those of Swin-T Mask R-CNN at 1216x800 (the calibration benchmark's image): the
+stage-0 MLP hidden activation (23.3 M values, post-GELU), a post-LayerNorm input calibrated per
+channel (60 800 tokens x 96 channels), a stage-0 attention map for the log-sqrt2 quantizer (8.9 M
+values) and a post-ReLU FPN-sized tensor (15.6 M values, half zeros). Every operation is timed as
+the median of ``--repeats`` interleaved runs (fused, PyTorch, fused, ...), and both paths' results
+are checked equal (bit for bit; MSE-based parameters by value) before anything is printed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import os.path as osp
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from mmdet_lrpq.quant import functional as F  # noqa: E402
+
+
+def inputs() -> dict:
+    g = torch.Generator().manual_seed(0)
+    gelu = torch.nn.functional.gelu(torch.randn(23_347_200, generator=g) * 1.5)
+    ln = torch.randn(1241, 49, 96, generator=g) * (torch.rand(96, generator=g) * 3 + 0.1)
+    attn = torch.softmax(torch.randn(3723, 49, 49, generator=g) * 4, dim=-1)
+    relu = torch.relu(torch.randn(256, 304, 200, generator=g))
+    return dict(gelu=gelu, ln=ln, attn=attn, relu=relu)
+
+
+def operations(x: dict) -> dict:
+    d_g, z_g = F.uniform_qparams(x['gelu'], 4)
+    d_a = F.log_sqrt2_qparams(x['attn'], 4)
+    scratch = torch.empty(x['gelu'].numel())
+    return {
+        'uniform_qparams per tensor, 23.3M post-GELU': lambda: F.uniform_qparams(x['gelu'], 4),
+        'uniform_qparams per channel, 60800x96 post-LN': lambda: F.uniform_qparams(x['ln'], 4, channel_axis=-1),
+        'uniform_qparams per tensor, 15.6M post-ReLU': lambda: F.uniform_qparams(x['relu'], 4),
+        'log_sqrt2_qparams, 8.9M attention': lambda: F.log_sqrt2_qparams(x['attn'], 4),
+        'fake_quant_uniform, 23.3M': lambda: F.fake_quant_uniform(x['gelu'], d_g, z_g, 4),
+        'fake_quant_uniform, 23.3M into scratch': lambda: F.fake_quant_uniform(x['gelu'], d_g, z_g, 4, scratch),
+        'fake_quant_log_sqrt2, 8.9M attention': lambda: F.fake_quant_log_sqrt2(x['attn'], d_a, 4),
+    }
+
+
+def same(a, b) -> bool:
+    if isinstance(a, tuple):
+        return all(same(u, v) for u, v in zip(a, b))
+    return torch.equal(a, b)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--out', default=osp.join(REPO, 'results', 'kernel_speed.json'))
+    args = parser.parse_args(argv)
+    fused_kernels = F.kernels()
+    if fused_kernels is None:
+        sys.exit('the fused kernels are not available (see the warning above); nothing to compare')
+    torch.set_grad_enabled(False)
+    x = inputs()
+    ops = operations(x)
+    pytorch_path = lambda: None  # noqa: E731
+    rows = []
+    for name, op in ops.items():
+        results, times = {}, {'fused': [], 'pytorch': []}
+        for _ in range(args.repeats):
+            for path in ('fused', 'pytorch'):
+                F.kernels = (lambda: fused_kernels) if path == 'fused' else pytorch_path
+                t0 = time.perf_counter()
+                out = op()
+                times[path].append(time.perf_counter() - t0)
+                results[path] = out.clone() if isinstance(out, torch.Tensor) else out
+        F.kernels = lambda: fused_kernels
+        if not same(results['fused'], results['pytorch']):
+            sys.exit(f'{name}: the fused and PyTorch paths disagree; not reporting timings')
+        fused, plain = statistics.median(times['fused']), statistics.median(times['pytorch'])
+        rows.append(dict(operation=name, fused_ms=1e3 * fused, pytorch_ms=1e3 * plain, speedup=plain / fused))
+        print(f'{name:50s} PyTorch {1e3 * plain:8.1f} ms   fused {1e3 * fused:7.1f} ms   {plain / fused:5.1f}x',
+              flush=True)
+    res = dict(command='python bench/kernel_speed.py ' + ' '.join(argv if argv is not None else sys.argv[1:]),
+               threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine(),
+               repeats=args.repeats, rows=rows)
+    os.makedirs(osp.dirname(args.out), exist_ok=True)
+    with open(args.out, 'w') as f:
+        json.dump(res, f, indent=1)
+    return res
+
+
+if __name__ == '__main__':
+    main()
