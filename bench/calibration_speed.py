@@ -6,8 +6,9 @@ Builds mmdet's Mask R-CNN Swin-T (random weights: no pretrained weights exist he
 not depend on them) and quantizes it at W4A4 with RepQ-ViT's protocol (every Conv2d/Linear, both
 attention matmuls, per-channel post-LayerNorm inputs, 8-bit patch-embedding input) through the same
 ``DetectorQuantizer`` the hook uses. On one COCO image at the test resolution (1333x800) it times
-the calibration forward alone, wrap + calibrate + reparameterize + weight re-quantization, and
-float vs quantized forwards interleaved (median of ``--repeats`` each). A randomly initialised
+wrap + calibrate + reparameterize + weight re-quantization once, float vs quantized forwards
+interleaved, then the calibration forward alone on fresh wrapped copies (median of ``--repeats``
+each). A randomly initialised
 classifier scores every class ~1/81, which either detects nothing (so the mask head never runs)
 or, with the score threshold off, sends 80,000 near-tied boxes to NMS — both unlike a trained
 model. So the classifier bias favours one class: as with a trained detector, ~1000 candidates
@@ -47,7 +48,8 @@ def main(argv=None) -> dict:
     parser.add_argument('--image', default=DEFAULT_IMAGE, help='a COCO image (default: RepQ-ViT\'s val2017 image)')
     parser.add_argument('--config', default=osp.join(REPO, 'configs', 'mask_rcnn_swin_t_w4a4.py'))
     parser.add_argument('--method', default='repq', choices=['repq', 'crl'])
-    parser.add_argument('--repeats', type=int, default=3, help='float/quantized forwards timed (median)')
+    parser.add_argument('--repeats', type=int, default=3,
+                        help='float, calibration and quantized forwards timed, interleaved (median of each)')
     parser.add_argument('--out', default=osp.join(REPO, 'results', 'calibration_speed.json'))
     args = parser.parse_args(argv)
     if not osp.isfile(args.image):
@@ -94,21 +96,26 @@ def main(argv=None) -> dict:
     quantizer.calibrate(lambda m: m.test_step(batch), image_ids=[osp.basename(args.image)], input_shape=shape)
     t_full = time.perf_counter() - t0
 
-    # Calibration forward alone (observers on, quantize-as-you-go), on a third copy.
-    model_c = build()
-    DetectorQuantizer(model_c, settings).wrap()
-    t0 = time.perf_counter()
-    with calibrating(model_c):
-        model_c.test_step(batch)
-    t_calib_forward = time.perf_counter() - t0
-    del model_c
+    def calibration_forward() -> float:
+        """The calibration forward alone (observers on, quantize-as-you-go), on a fresh wrapped copy."""
+        model_c = build()
+        DetectorQuantizer(model_c, settings).wrap()
+        t0 = time.perf_counter()
+        with calibrating(model_c):
+            model_c.test_step(batch)
+        return time.perf_counter() - t0
 
-    # Float and quantized forwards interleaved (ABAB...) so that load changes hit both alike.
+    # Float and quantized forwards interleaved (ABAB...) so that load changes hit both alike, then
+    # the calibration forwards (each allocates and frees far more memory, which would otherwise
+    # penalise whichever forward follows it); every figure is the median of --repeats runs.
     t_float, t_quant = [], []
     for _ in range(args.repeats):
         t_float.append(timed(lambda: model_fp.test_step(batch), 1)[0])
         t_quant.append(timed(lambda: model_q.test_step(batch), 1)[0])
+    runs = dict(float_forward_runs_s=t_float, quantized_forward_runs_s=t_quant,
+                calibration_forward_runs_s=[calibration_forward() for _ in range(args.repeats)])
     t_float, t_quant = statistics.median(t_float), statistics.median(t_quant)
+    t_calib_forward = statistics.median(runs['calibration_forward_runs_s'])
     t_full += t_wrap
     totals = quantizer.result.totals()
     detections = [len(m.test_step(batch)[0].pred_instances) for m in (model_fp, model_q)]
@@ -120,7 +127,7 @@ def main(argv=None) -> dict:
         'wrap_s': t_wrap, 'calibration_forward_s': t_calib_forward,
         'wrap_calibrate_reparam_s': t_full, 'quantized_forward_s': t_quant,
         'calib_over_fp': t_calib_forward / t_float, 'wrap_calib_reparam_over_fp': t_full / t_float,
-        'quant_over_fp': t_quant / t_float, 'detections_float_quant': detections, 'quantized_sites': {k: totals[k] for k in ('conv_linear', 'matmul')},
+        'quant_over_fp': t_quant / t_float, **runs, 'detections_float_quant': detections, 'quantized_sites': {k: totals[k] for k in ('conv_linear', 'matmul')},
         'command': 'python bench/calibration_speed.py ' + ' '.join(argv if argv is not None else sys.argv[1:]),
     }
     print(f"Mask R-CNN Swin-T, {res['image']} at {shape[1]}x{shape[0]}, {res['threads']} threads, "

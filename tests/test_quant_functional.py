@@ -270,3 +270,24 @@ def test_fused_row_tails_are_exact_including_ties_and_tight_samples():
     assert torch.equal(bot[good], rows[good].topk(k_bot, dim=1, largest=False).values)
     qs = [0.999, 0.001, 0.9999, 0.0001, 0.99999, 0.00001]
     assert torch.equal(F.quantiles(rows, qs), torch.stack([torch.quantile(rows, q, dim=1) for q in qs]))
+
+
+@pytest.mark.parametrize('operand', ['q', 'k_transposed', 'v', 'scaled_q', 'expanded'])
+def test_fused_fake_quant_of_attention_operands_matches_values_and_layout(operand, monkeypatch):
+    """q/k/v sliced out of a fused qkv output are not dense: the fused path reads them as strided
+    rows and lays the result out as PyTorch's element-wise ops do (dims by decreasing stride)."""
+    assert F.kernels() is not None, 'the fused CPU kernels did not build (see the warning above)'
+    g = torch.Generator().manual_seed(3)
+    qkv = (torch.randn(6, 49, 3, 3, 32, generator=g) * 2).permute(2, 0, 3, 1, 4)  # [3, B, heads, N, d]
+    x = {'q': qkv[0], 'k_transposed': qkv[1].transpose(-2, -1), 'v': qkv[2], 'scaled_q': qkv[0] * 0.17,
+         'expanded': qkv[0][:, :1].expand(-1, 3, -1, -1)}[operand]
+    delta, zp = torch.tensor(0.21), torch.tensor(8.0)
+    scratch = torch.full((x.numel() + 5,), float('nan'))
+    fused = F.fake_quant_uniform(x, delta, zp, 4, scratch)
+    fresh = F.fake_quant_uniform(x, delta, zp, 4)
+    monkeypatch.setattr(F, 'kernels', lambda: None)
+    plain = F.fake_quant_uniform(x, delta, zp, 4)
+    big = [d for d in range(x.dim()) if x.shape[d] > 1]
+    for out in (fused, fresh):
+        assert torch.equal(out, plain)
+        assert [out.stride(d) for d in big] == [plain.stride(d) for d in big]

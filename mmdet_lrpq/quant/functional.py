@@ -307,6 +307,38 @@ def _fused_layout(x: Tensor, delta: Tensor) -> Optional[int]:
     return math.prod(x.shape[axes[0] + 1:])
 
 
+def _dense(x: Tensor) -> bool:
+    """Non-overlapping and dense: some permutation of ``x`` is contiguous (PyTorch's C++ test)."""
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(x.shape, x.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _strided_rows(x: Tensor) -> Optional[tuple[Tensor, list[int]]]:
+    """``x`` (not dense, e.g. q/k/v sliced out of a fused qkv output) as a 2-D view ``[R, L]`` with
+    unit inner stride and one row stride, with its dims ordered as PyTorch's element-wise ops order
+    their output (by decreasing input stride); ``None`` if it does not collapse that way."""
+    order = sorted(range(x.dim()), key=lambda d: x.stride(d), reverse=True)
+    dims = [(x.shape[d], x.stride(d)) for d in order if x.shape[d] != 1]
+    if not dims or dims[-1][1] != 1:
+        return None
+    inner = 1
+    while dims and dims[-1][1] == inner:        # the contiguous inner run
+        inner *= dims.pop()[0]
+    rows, row_stride = 1, None
+    for size, stride in reversed(dims):         # the rest must be rows of one stride
+        if row_stride is None:
+            row_stride = stride
+        elif stride != row_stride * rows:
+            return None
+        rows *= size
+    view = x.as_strided((rows, inner), (row_stride or inner, 1), x.storage_offset())
+    return view, order
+
+
 def fake_quant_uniform(x: Tensor, delta: Tensor, zero_point: Tensor, bits: int,
                        scratch: Optional[Tensor] = None) -> Tensor:
     """``(clamp(round(x/Δ) + zp, 0, 2^b-1) - zp) * Δ`` (round half to even).
@@ -319,7 +351,13 @@ def fake_quant_uniform(x: Tensor, delta: Tensor, zero_point: Tensor, bits: int,
     inner = _fused_layout(x, delta) if zero_point.shape == delta.shape else None
     fused = kernels() if inner else None
     if fused is not None:
-        return fused.fake_quant_uniform(x, delta, zero_point, levels, inner, scratch)
+        if delta.numel() > 1 or _dense(x):
+            return fused.fake_quant_uniform(x, delta, zero_point, levels, inner, scratch)
+        rows = _strided_rows(x)  # else the PyTorch path below, which lays the output out as it does
+        if rows is not None:
+            view, order = rows
+            out = fused.fake_quant_uniform_rows(view, delta, zero_point, levels, scratch)
+            return out.view([x.shape[d] for d in order]).permute(*np.argsort(order).tolist())
     return _fq_uniform_(x / delta, delta, zero_point, levels)
 
 

@@ -167,7 +167,7 @@ class QuantModule(nn.Module):
             raise RuntimeError(f'{type(self).__name__} is in state {self.state.value} but its input '
                                f'quantizer was never calibrated; run calibration first')
         if (not torch.is_grad_enabled() and x.device.type == 'cpu' and x.dtype == torch.float32
-                and x.is_contiguous() and not quantizer._forward_hooks and not quantizer._forward_pre_hooks):
+                and not quantizer._forward_hooks and not quantizer._forward_pre_hooks):
             return quantizer(x, _SCRATCH.get(slot, x.numel()))
         return quantizer(x)
 

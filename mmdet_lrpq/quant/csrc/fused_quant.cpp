@@ -53,13 +53,13 @@ double block_sq_err(const float* x, int64_t n, float d, float z, float levels) {
   return total;
 }
 
-// The output tensor: x's layout, in `scratch` (a reused contiguous buffer, for contiguous x) if given.
+// The output tensor: x's layout (x dense), in `scratch` (a reused contiguous buffer) if given.
 torch::Tensor output_for(const torch::Tensor& x, const std::optional<torch::Tensor>& scratch) {
-  if (!scratch.has_value() || !x.is_contiguous()) return torch::empty_like(x);
+  if (!scratch.has_value() || !x.is_non_overlapping_and_dense()) return torch::empty_like(x);
   const auto& buf = *scratch;
   TORCH_CHECK(buf.scalar_type() == torch::kFloat && buf.is_contiguous() && buf.numel() >= x.numel(),
               "scratch: contiguous float32 with at least x.numel() elements");
-  return buf.narrow(0, 0, x.numel()).view(x.sizes());
+  return buf.as_strided(x.sizes(), x.strides(), 0);  // a dense layout spans exactly numel values
 }
 
 }  // namespace
@@ -142,6 +142,36 @@ torch::Tensor fake_quant_uniform(torch::Tensor x, torch::Tensor delta, torch::Te
       }
     });
   }
+  return out;
+}
+
+// Per tensor on rows [R, L] with unit inner stride and any row stride (e.g. q/k/v sliced out of a
+// fused qkv projection): the result is a contiguous [R, L] (in `scratch` if given).
+torch::Tensor fake_quant_uniform_rows(torch::Tensor x, torch::Tensor delta, torch::Tensor zero_point, int64_t levels,
+                                      std::optional<torch::Tensor> scratch) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat && x.dim() == 2 && x.stride(1) == 1,
+              "x: [R, L] float32 CPU with unit inner stride");
+  TORCH_CHECK(delta.numel() == 1 && zero_point.numel() == 1, "per tensor only");
+  const int64_t R = x.size(0), L = x.size(1), rs = x.stride(0);
+  torch::Tensor out;
+  if (scratch.has_value()) {
+    TORCH_CHECK(scratch->scalar_type() == torch::kFloat && scratch->is_contiguous() && scratch->numel() >= R * L,
+                "scratch: contiguous float32 with at least R*L elements");
+    out = scratch->narrow(0, 0, R * L).view({R, L});
+  } else {
+    out = torch::empty({R, L}, torch::kFloat);
+  }
+  const float d = delta.to(torch::kFloat).item<float>(), z = zero_point.to(torch::kFloat).item<float>();
+  const float lo = -z, hi = static_cast<float>(levels) - z;
+  const float* src = x.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, R, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(L, 1)), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* s = src + r * rs;
+      float* o = dst + r * L;
+      for (int64_t i = 0; i < L; ++i) o[i] = quant_index(s[i], d, lo, hi) * d;
+    }
+  });
   return out;
 }
 
@@ -343,6 +373,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fake_quant_uniform", &fake_quant_uniform, "uniform fake-quant, per tensor or per channel");
   m.def("row_tails", &row_tails, "exact top/bottom tails of every row, one compaction pass per row");
   m.def("tails_beyond", &tails_beyond, "values beyond two thresholds and the counts equal to them, one pass");
+  m.def("fake_quant_uniform_rows", &fake_quant_uniform_rows, "per-tensor uniform fake-quant of strided rows");
   m.def("log_sqrt2_fake_quant", &log_sqrt2_fake_quant, "log-sqrt2 fake-quant (codes from PyTorch's log2)");
   m.def("log_sqrt2_sq_err", &log_sqrt2_sq_err, "sum of squared log-sqrt2 fake-quant error");
 }
