@@ -95,6 +95,7 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     quantizer.calibrate(lambda m: m.test_step(batch), image_ids=[osp.basename(args.image)], input_shape=shape)
     t_full = time.perf_counter() - t0
+    model_q.test_step(batch)                                 # warm-up, as the float model had
 
     def calibration_forward() -> float:
         """The calibration forward alone (observers on, quantize-as-you-go), on a fresh wrapped copy."""
