@@ -100,6 +100,26 @@ def _rank(n: int, q: float) -> tuple[int, int, float]:
     return math.floor(r), math.ceil(r), r - math.floor(r)
 
 
+_SAMPLE_STRIDE = 32  # (csrc/fused_quant.cpp row_tails uses the same sample rule)
+
+
+def _sample_threshold(flat: Tensor, k: int, largest: bool) -> Tensor:
+    """A value that at least ``k`` elements of ``flat`` likely reach: the (2k/32 + 64)-th most
+    extreme of every 32nd value. Callers verify the count, so a bad guess costs time, never exactness."""
+    sample = flat[::_SAMPLE_STRIDE]
+    ks = min(sample.numel(), 2 * (k // _SAMPLE_STRIDE) + 64)
+    return sample.topk(ks, largest=largest).values[-1]
+
+
+def _tail_from_beyond(beyond: Tensor, thr: Tensor, k: int, largest: bool) -> Tensor:
+    """The ``k`` most extreme values given every value strictly beyond ``thr`` and at least
+    ``k - beyond.numel()`` values equal to it: those beyond, in order, then copies of ``thr``."""
+    if beyond.numel() >= k:
+        return beyond.topk(k, largest=largest).values
+    head = beyond.sort(descending=largest).values
+    return torch.cat([head, thr.expand(k - head.numel())])
+
+
 def _top_tail(rows: Tensor, k: int, largest: bool) -> Tensor:
     """The ``k`` largest (descending) or smallest (ascending) values of every row, exactly."""
     n = rows.shape[1]
@@ -109,22 +129,15 @@ def _top_tail(rows: Tensor, k: int, largest: bool) -> Tensor:
         # least k elements are on the tail side of it, the k most extreme are among them (exact,
         # no assumption about the data). NaN/Inf input cannot make this wrong, only fall through
         # to the plain topk (callers reject it afterwards).
-        stride = 32
-        sample = flat[::stride]
-        ks = min(sample.numel(), 2 * (k // stride) + 64)
-        thr = sample.topk(ks, largest=largest).values[-1]
+        thr = _sample_threshold(flat, k, largest)
         mask = flat >= thr if largest else flat <= thr
         n_sel = int(torch.count_nonzero(mask))  # (bool .sum() is 25x slower: int64 promotion)
         if n_sel >= k:
             if n_sel <= 8 * k + 4096:
                 return flat[mask].topk(k, largest=largest).values.unsqueeze(0)
-            # Many values tie at the threshold (e.g. the zeros after a ReLU): the k most extreme
-            # are every value strictly beyond it, in order, then copies of the threshold.
+            # Many values tie at the threshold (e.g. the zeros after a ReLU).
             beyond = flat[flat > thr] if largest else flat[flat < thr]
-            if beyond.numel() < k:
-                head = beyond.sort(descending=largest).values
-                return torch.cat([head, thr.expand(k - head.numel())]).unsqueeze(0)
-            return beyond.topk(k, largest=largest).values.unsqueeze(0)
+            return _tail_from_beyond(beyond, thr, k, largest).unsqueeze(0)
     return rows.topk(k, dim=1, largest=largest, sorted=True).values
 
 
@@ -135,21 +148,12 @@ def _select_tails(flat: Tensor, k_top: int, k_bot: int, fused) -> Optional[tuple
     Same thresholds as :func:`_top_tail`'s select path; values strictly beyond a threshold are
     collected and values equal to it counted, so ties at the threshold (post-ReLU zeros) cost nothing.
     """
-    stride = 32
-    sample = flat[::stride]
-    thr = lambda k, largest: sample.topk(min(sample.numel(), 2 * (k // stride) + 64),  # noqa: E731
-                                         largest=largest).values[-1]
-    hi = thr(k_top, True) if k_top else torch.tensor(math.inf)
-    lo = thr(k_bot, False) if k_bot else torch.tensor(-math.inf)
+    hi = _sample_threshold(flat, k_top, True) if k_top else torch.tensor(math.inf)
+    lo = _sample_threshold(flat, k_bot, False) if k_bot else torch.tensor(-math.inf)
     above, n_hi, below, n_lo = fused.tails_beyond(flat, float(hi), float(lo))
 
     def finish(beyond: Tensor, n_eq: int, t: Tensor, k: int, largest: bool) -> Optional[Tensor]:
-        if beyond.numel() >= k:
-            return beyond.topk(k, largest=largest).values
-        if beyond.numel() + n_eq < k:
-            return None
-        head = beyond.sort(descending=largest).values
-        return torch.cat([head, t.expand(k - head.numel())])
+        return None if beyond.numel() + n_eq < k else _tail_from_beyond(beyond, t, k, largest)
 
     top = finish(above, n_hi, hi, k_top, True) if k_top else above[:0]
     bot = finish(below, n_lo, lo, k_bot, False) if k_bot else below[:0]
@@ -172,10 +176,11 @@ def quantiles(rows: Tensor, qs: Sequence[float]) -> Tensor:
         pick = lambda i: ordered[:, i]  # noqa: E731
     else:
         fused = kernels() if rows.device.type == 'cpu' and rows.dtype == torch.float32 else None
+        thin = fused is not None and max(k_top, k_bot) < n // 64  # tails small enough to select
         tails = None
-        if fused is not None and rows.shape[0] == 1 and n >= _SELECT_MIN_ELEMENTS and max(k_top, k_bot) < n // 64:
+        if thin and rows.shape[0] == 1 and n >= _SELECT_MIN_ELEMENTS:
             tails = _select_tails(rows[0].contiguous(), k_top, k_bot, fused)
-        elif fused is not None and rows.shape[0] > 1 and n >= _ROW_SELECT_MIN and max(k_top, k_bot) < n // 64:
+        elif thin and rows.shape[0] > 1 and n >= _ROW_SELECT_MIN:
             top, bot, ok = fused.row_tails(rows.contiguous(), k_top, k_bot)
             if not bool(ok.all()):  # a sampled threshold was too tight for some rows: topk those
                 bad = (~ok).nonzero()[:, 0]

@@ -32,34 +32,42 @@ inline float quant_index(float x, float d, float lo, float hi) {
   return y;
 }
 
-// Sum of squared errors of a block for one candidate.
-double block_sq_err(const float* x, int64_t n, float d, float z, float levels) {
-  const float lo = -z, hi = levels - z;
+// total + sum over i < n of err(i)^2 (n <= kBlock): kLanes float accumulators, then the remainder
+// and the lanes added to `total` in float64. The one summation order of every squared-error score.
+template <typename Err>
+inline double lane_sum_sq(int64_t n, Err err, double total = 0.0) {
   float acc[kLanes] = {0};
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
+  for (; i + kLanes <= n; i += kLanes)
     for (int64_t j = 0; j < kLanes; ++j) {
-      const float v = x[i + j];
-      const float e = v - quant_index(v, d, lo, hi) * d;
+      const float e = err(i + j);
       acc[j] += e * e;
     }
-  }
-  double total = 0.0;
   for (; i < n; ++i) {
-    const float e = x[i] - quant_index(x[i], d, lo, hi) * d;
+    const float e = err(i);
     total += static_cast<double>(e * e);
   }
   for (int64_t j = 0; j < kLanes; ++j) total += acc[j];
   return total;
 }
 
+// Sum of squared errors of a block for one candidate.
+double block_sq_err(const float* x, int64_t n, float d, float z, float levels) {
+  const float lo = -z, hi = levels - z;
+  return lane_sum_sq(n, [&](int64_t i) { return x[i] - quant_index(x[i], d, lo, hi) * d; });
+}
+
+// A dense (sizes, strides) layout laid over the start of `scratch`: it spans exactly numel values.
+torch::Tensor scratch_view(const torch::Tensor& buf, at::IntArrayRef sizes, at::IntArrayRef strides, int64_t numel) {
+  TORCH_CHECK(buf.scalar_type() == torch::kFloat && buf.is_contiguous() && buf.numel() >= numel,
+              "scratch: contiguous float32 with at least as many elements as the output");
+  return buf.as_strided(sizes, strides, 0);
+}
+
 // The output tensor: x's layout (x dense), in `scratch` (a reused contiguous buffer) if given.
 torch::Tensor output_for(const torch::Tensor& x, const std::optional<torch::Tensor>& scratch) {
   if (!scratch.has_value() || !x.is_non_overlapping_and_dense()) return torch::empty_like(x);
-  const auto& buf = *scratch;
-  TORCH_CHECK(buf.scalar_type() == torch::kFloat && buf.is_contiguous() && buf.numel() >= x.numel(),
-              "scratch: contiguous float32 with at least x.numel() elements");
-  return buf.as_strided(x.sizes(), x.strides(), 0);  // a dense layout spans exactly numel values
+  return scratch_view(*scratch, x.sizes(), x.strides(), x.numel());
 }
 
 }  // namespace
@@ -153,14 +161,8 @@ torch::Tensor fake_quant_uniform_rows(torch::Tensor x, torch::Tensor delta, torc
               "x: [R, L] float32 CPU with unit inner stride");
   TORCH_CHECK(delta.numel() == 1 && zero_point.numel() == 1, "per tensor only");
   const int64_t R = x.size(0), L = x.size(1), rs = x.stride(0);
-  torch::Tensor out;
-  if (scratch.has_value()) {
-    TORCH_CHECK(scratch->scalar_type() == torch::kFloat && scratch->is_contiguous() && scratch->numel() >= R * L,
-                "scratch: contiguous float32 with at least R*L elements");
-    out = scratch->narrow(0, 0, R * L).view({R, L});
-  } else {
-    out = torch::empty({R, L}, torch::kFloat);
-  }
+  const torch::Tensor out = scratch.has_value() ? scratch_view(*scratch, {R, L}, {L, 1}, R * L)
+                                                 : torch::empty({R, L}, torch::kFloat);
   const float d = delta.to(torch::kFloat).item<float>(), z = zero_point.to(torch::kFloat).item<float>();
   const float lo = -z, hi = static_cast<float>(levels) - z;
   const float* src = x.data_ptr<float>();
@@ -237,22 +239,12 @@ double log_sqrt2_sq_err(torch::Tensor x, torch::Tensor delta, torch::Tensor tabl
   const float top = static_cast<float>(table.numel() - 1);
   std::vector<double> partial(static_cast<size_t>((x.numel() + kLogBlock - 1) / kLogBlock), 0.0);
   for_log2_blocks(x, delta.item<float>(), [&](int64_t b, int64_t start, int64_t len, const float* l) {
-    const float* v = xp + start;
     double total = 0.0;
-    for (int64_t s = 0; s < len; s += kBlock) {  // float lanes over kBlock values, then float64
-      const int64_t stop = std::min(len, s + kBlock);
-      float acc[kLanes] = {0};
-      int64_t i = s;
-      for (; i + kLanes <= stop; i += kLanes)
-        for (int64_t j = 0; j < kLanes; ++j) {
-          const float e = log_sqrt2_value(l[i + j], tab, top) - v[i + j];
-          acc[j] += e * e;
-        }
-      for (; i < stop; ++i) {
-        const float e = log_sqrt2_value(l[i], tab, top) - v[i];
-        total += static_cast<double>(e * e);
-      }
-      for (int64_t j = 0; j < kLanes; ++j) total += acc[j];
+    for (int64_t s = 0; s < len; s += kBlock) {
+      const float* v = xp + start + s;
+      const float* c = l + s;
+      total = lane_sum_sq(std::min(kBlock, len - s), [&](int64_t i) { return log_sqrt2_value(c[i], tab, top) - v[i]; },
+                          total);
     }
     partial[b] = total;
   });
@@ -260,6 +252,30 @@ double log_sqrt2_sq_err(torch::Tensor x, torch::Tensor delta, torch::Tensor tabl
   for (double p : partial) s += p;
   return s;
 }
+
+namespace {
+
+struct Compacted { int64_t above, below, eq_hi, eq_lo; };
+
+// One pass over v[0..n): the values > hi into up[] and < lo into down[] (in input order; each
+// buffer needs n + 1 slots), and the counts equal to hi / lo. Branch-free (every value is stored,
+// the cursor only advances for a hit): post-ReLU input puts half the values on a threshold, where
+// a branch would mispredict.
+inline Compacted compact_tails(const float* v, int64_t n, float hi, float lo, float* up, float* down) {
+  Compacted c{0, 0, 0, 0};
+  for (int64_t i = 0; i < n; ++i) {
+    const float e = v[i];
+    up[c.above] = e;
+    c.above += e > hi;
+    c.eq_hi += e == hi;
+    down[c.below] = e;
+    c.below += e < lo;
+    c.eq_lo += e == lo;
+  }
+  return c;
+}
+
+}  // namespace
 
 // Both tails of every row of a contiguous [C, M] float32 matrix, exactly: top [C, k_top] (descending)
 // and bottom [C, k_bot] (ascending), and ok [C] (false where the sampled threshold was too tight:
@@ -269,6 +285,7 @@ double log_sqrt2_sq_err(torch::Tensor x, torch::Tensor delta, torch::Tensor tabl
 std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> row_tails(torch::Tensor rows, int64_t k_top, int64_t k_bot) {
   TORCH_CHECK(rows.device().is_cpu() && rows.scalar_type() == torch::kFloat && rows.is_contiguous() && rows.dim() == 2,
               "rows: contiguous [C, M] float32 CPU");
+  // (same sample rule as _sample_threshold in functional.py: every 32nd value, 2k/32 + 64 deep)
   const int64_t C = rows.size(0), M = rows.size(1), stride = 32, ns = (M + stride - 1) / stride;
   TORCH_CHECK(k_top >= 0 && k_bot >= 0 && k_top <= M && k_bot <= M, "k out of range");
   auto top = torch::empty({C, k_top}, torch::kFloat), bot = torch::empty({C, k_bot}, torch::kFloat);
@@ -293,17 +310,9 @@ std::tuple<torch::Tensor, torch::Tensor, torch::Tensor> row_tails(torch::Tensor 
         std::nth_element(sample.begin(), sample.begin() + (ks - 1), sample.end());
         lo = sample[ks - 1];
       }
-      int64_t na = 0, nd = 0, nh = 0, nl = 0;
-      for (int64_t i = 0; i < M; ++i) {
-        const float e = v[i];
-        up[na] = e;
-        na += e > hi;
-        nh += e == hi;
-        down[nd] = e;
-        nd += e < lo;
-        nl += e == lo;
-      }
-      if ((k_top && na + nh < k_top) || (k_bot && nd + nl < k_bot)) {
+      const Compacted t = compact_tails(v, M, hi, lo, up.data(), down.data());
+      const int64_t na = t.above, nd = t.below;
+      if ((k_top && na + t.eq_hi < k_top) || (k_bot && nd + t.eq_lo < k_bot)) {
         okp[r] = false;
         continue;
       }
@@ -334,25 +343,14 @@ std::tuple<torch::Tensor, int64_t, torch::Tensor, int64_t> tails_beyond(torch::T
   std::vector<std::vector<float>> above(nb), below(nb);
   std::vector<int64_t> eq_hi(nb, 0), eq_lo(nb, 0);
   at::parallel_for(0, nb, 1, [&](int64_t begin, int64_t end) {
-    // Branch-free compaction (every value is stored, the cursor only advances for a hit): post-ReLU
-    // input puts half the values on the threshold, where a branch would mispredict.
     std::vector<float> up(block + 1), down(block + 1);
     for (int64_t b = begin; b < end; ++b) {
-      const int64_t start = b * block, stop = std::min(n, start + block);
-      int64_t na = 0, nd = 0, nh = 0, nl = 0;
-      for (int64_t i = start; i < stop; ++i) {
-        const float v = x[i];
-        up[na] = v;
-        na += v > h;
-        nh += v == h;
-        down[nd] = v;
-        nd += v < l;
-        nl += v == l;
-      }
-      above[b].assign(up.begin(), up.begin() + na);
-      below[b].assign(down.begin(), down.begin() + nd);
-      eq_hi[b] = nh;
-      eq_lo[b] = nl;
+      const int64_t start = b * block;
+      const Compacted t = compact_tails(x + start, std::min(n, start + block) - start, h, l, up.data(), down.data());
+      above[b].assign(up.begin(), up.begin() + t.above);
+      below[b].assign(down.begin(), down.begin() + t.below);
+      eq_hi[b] = t.eq_hi;
+      eq_lo[b] = t.eq_lo;
     }
   });
   auto gather = [&](const std::vector<std::vector<float>>& parts) {
