@@ -99,11 +99,14 @@ def test_reparameterized_backbone_equals_float_at_padded_sizes():
 def test_reparam_exact_in_quantized_block_with_integer_zero_point(monkeypatch):
     """With the layer-wise zero point rounded, RepQ's per-tensor inputs reproduce the per-channel ones.
 
-    Checked on the first block, whose inputs carry no upstream noise: every quantized operation in
-    it (qkv, both matmuls, proj, fc1) gives the same output before and after reparameterization, to
-    float precision. Deeper layers are not compared: ``W·r`` changes float rounding at the 1e-7
-    level, which flips a handful of values sitting exactly on a quantization boundary (0.03% of
-    block 0's fc2 outputs here) and those flips then propagate.
+    Checked on the first block, whose input carries no upstream noise: qkv, whose input quantizer
+    went from per channel to per tensor, gives the same output before and after reparameterization
+    to float precision. ``W·r`` changes float rounding at the 1e-7 level, so a q/k/v value sitting
+    exactly on a quantization boundary can flip by one step and carry into the ops after it (both
+    matmuls, proj, and fc1 through the residual; fc1's input was reparameterized too): there all but
+    a handful of values must agree to float precision (measured: 2 of 3136 tokens touched on one
+    machine, none on another, depending on its GEMM kernels). A wrong reparameterization changes
+    most of them.
     """
     from mmdet_lrpq.quant import calibrating
     from mmdet_lrpq.quant.modules import _WeightedQuantModule
@@ -127,7 +130,11 @@ def test_reparam_exact_in_quantized_block_with_integer_zero_point(monkeypatch):
     with torch.no_grad():
         model.backbone(x)
     for n, (before, after) in outs.items():
-        assert (after - before).abs().max() <= 1e-6 * before.abs().max(), n
+        differ = (after - before).abs() > 1e-6 * before.abs().max()
+        if n == 'qkv':
+            assert not differ.any(), n
+        else:
+            assert differ.float().mean() <= 0.005, (n, int(differ.sum()), differ.numel())
 
 
 # ----------------------------------------------------------------------------- the hook on real images
