@@ -160,6 +160,59 @@ def test_classifier_conversion_initializes_the_detector_backbone(tmp_path):
         torch.testing.assert_close(own[key[len('backbone.'):]], value, rtol=0, atol=0)
 
 
+def test_feature_hints_regress_the_rms_normalized_teacher_block():
+    """The hint loss is the MSE between the regressed Swin stage and the teacher block divided by its
+    per-channel RMS: zero for a student that reproduces it, and it trains the student, not the teacher."""
+    train_classifier = _load_tool('train_classifier')
+    torch.manual_seed(0)
+    teacher_block = torch.rand(2, 4, 6, 6) * torch.tensor([1.0, 10.0, 0.1, 3.0]).view(1, 4, 1, 1)
+    hints = train_classifier.FeatureHints(((1, 2),), [8, 4, 16, 32], (3, 3, 4, 5, 6))
+    with torch.no_grad():
+        hints.regressors[0].weight.copy_(torch.eye(4))
+        hints.regressors[0].bias.zero_()
+    rms = teacher_block.pow(2).mean((0, 2, 3), keepdim=True).add(1e-6).sqrt()
+    perfect = (teacher_block / rms).permute(0, 2, 3, 1).requires_grad_()
+    stages = [None, perfect, None, None]
+    teacher = [None, None, teacher_block, None, None]
+    assert hints(stages, teacher).item() == pytest.approx(0.0, abs=1e-12)
+    off = (perfect.detach() + 0.5).requires_grad_()
+    loss = hints([None, off, None, None], teacher)
+    assert loss.item() == pytest.approx(0.25, rel=1e-6)
+    loss.backward()
+    assert off.grad is not None and off.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match='pair stages of equal stride'):
+        hints([None, torch.zeros(2, 3, 3, 4), None, None], teacher)
+
+
+@pytest.mark.parametrize('text', ['', '1', '4:2', '1:5', 'a:b', '1:2:3'])
+def test_hint_pairs_are_validated(text):
+    import argparse
+    with pytest.raises(argparse.ArgumentTypeError, match='SWIN_STAGE:CNN_BLOCK'):
+        _load_tool('train_classifier').parse_pairs(text)
+
+
+def test_teacher_then_guided_classifier_train_end_to_end(tmp_path, tiny_world):
+    """The two training stages of train_all.py on a tiny world: the ConvNet teacher, then the Swin
+    guided by its features; each checkpoint records its architecture and how it was trained, and the
+    Swin checkpoint is a plain timm classifier (the hint regressors are not part of it)."""
+    train_classifier = _load_tool('train_classifier')
+    common = ['--data-root', str(tiny_world), '--batch-size', '4', '--max-iters', '2']
+    teacher_path, swin_path = tmp_path / 'cnn.pth', tmp_path / 'swin.pth'
+    with pytest.raises(FileNotFoundError, match='--arch cnn'):
+        train_classifier.main([*common, '--teacher', str(teacher_path), '--out', str(swin_path)])
+    train_classifier.main([*common, '--arch', 'cnn', '--out', str(teacher_path)])
+    teacher = torch.load(teacher_path, map_location='cpu', weights_only=True)
+    assert teacher['meta']['arch'] == 'ConvNet' and teacher['meta']['iters'] == 2
+    torch.save(dict(state_dict={}, meta=dict(arch='timm.models.swin_transformer.SwinTransformer')), tmp_path / 'x.pth')
+    with pytest.raises(ValueError, match='not a ConvNet checkpoint'):
+        train_classifier.main([*common, '--teacher', str(tmp_path / 'x.pth'), '--out', str(swin_path)])
+    train_classifier.main([*common, '--teacher', str(teacher_path), '--hint-pairs', '0:1,1:2', '--out', str(swin_path)])
+    meta = torch.load(swin_path, map_location='cpu', weights_only=True)['meta']
+    assert meta['teacher'] == str(teacher_path) and meta['hint_pairs'] == [[0, 1], [1, 2]]
+    model = train_classifier.build_classifier(len(CLASSES))
+    model.load_state_dict(torch.load(swin_path, map_location='cpu', weights_only=True)['state_dict'])  # strict
+
+
 # ---------------------------------------------------------------- committed checkpoints
 
 def _committed(name: str) -> Path:

@@ -2,16 +2,21 @@
 
 Besides the image-level cross-entropy, every final-stage token whose 32x32 cell lies mostly on the
 labelled shape is trained to predict the label through the same head (token labeling, as in
-LV-ViT). A small Swin trained from scratch with the image loss alone memorizes backgrounds and stays
-at chance for thousands of images on this data; the dense loss makes it learn shapes within a CPU
-budget. The network, and how it classifies (pooled tokens -> head), are unchanged.
+LV-ViT). The network, and how it classifies (pooled tokens -> head), are unchanged. On this data a
+tiny Swin from scratch stays near chance for a few hundred iterations with or without the token
+loss (README, *The miniature world's models*); ``--teacher`` adds FitNets feature hints from a
+ConvNet trained by this same tool (``--arch cnn``), which also serves as the baseline showing what
+the data asks of a network.
 
     python tools/miniworld/train_classifier.py [--data-root data/miniworld] [--epochs 4]
         [--out checkpoints/miniworld/swin_mini_cls.pth]
+    python tools/miniworld/train_classifier.py --arch cnn --out work_dirs/miniworld/cnn_baseline.pth
+    python tools/miniworld/train_classifier.py --teacher work_dirs/miniworld/cnn_baseline.pth ...
 
-The checkpoint holds the timm ``state_dict`` and a ``meta`` dict (model kwargs, class names,
-normalization, final validation accuracy, the command), so that LRP and the timm -> mmdet
-conversion can rebuild the exact model. Plain PyTorch loop, CPU by default.
+The checkpoint holds the ``state_dict`` and a ``meta`` dict (architecture and model kwargs, class
+names, normalization, validation accuracy per epoch, the command; for a guided Swin also the
+teacher and hint pairs), so that LRP and the timm -> mmdet conversion can rebuild the exact model.
+Plain PyTorch loop, CPU by default.
 """
 from __future__ import annotations
 
@@ -39,12 +44,53 @@ MODEL_KWARGS: dict = dict(img_size=224, patch_size=4, embed_dim=32, depths=(2, 2
 MEAN_RGB = (123.675, 116.28, 103.53)
 TOKEN_CELL = 32  # pixels per final-stage token (patch 4, three 2x patch mergings)
 IGNORE = -100
+# Training defaults per --arch (explicit flags override them).
+ARCH_DEFAULTS = dict(swin=dict(epochs=4, batch_size=64, weight_decay=0.05, warmup_iters=100),
+                     cnn=dict(epochs=3, batch_size=32, weight_decay=0.0, warmup_iters=0))
 STD_RGB = (58.395, 57.12, 57.375)
 
 
 def build_classifier(num_classes: int, drop_path_rate: float = 0.0) -> torch.nn.Module:
     from timm.models.swin_transformer import SwinTransformer
     return SwinTransformer(num_classes=num_classes, drop_path_rate=drop_path_rate, **MODEL_KWARGS)
+
+
+class ConvNet(torch.nn.Module):
+    """A plain 5-block BatchNorm CNN (conv3x3 - BN - ReLU - max-pool 2, widths 16-32-64-64-128), the
+    baseline that shows what the classification split asks of a network, and the feature teacher
+    of the Swin (``--teacher``). ``stages(x)`` returns the five block outputs (strides 2 ... 32)."""
+
+    WIDTHS = (16, 32, 64, 64, 128)
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        nn, blocks, c_in = torch.nn, [], 3
+        for c in self.WIDTHS:
+            blocks.append(nn.Sequential(nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c),
+                                        nn.ReLU(inplace=True), nn.MaxPool2d(2)))
+            c_in = c
+        self.blocks = nn.ModuleList(blocks)
+        self.fc = nn.Linear(c_in, num_classes)
+
+    def stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        out = []
+        for block in self.blocks:
+            x = block(x)
+            out.append(x)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.stages(x)[-1].mean((2, 3)))
+
+
+def swin_stages(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """timm Swin's four stage outputs (N, h, w, C) for normalized images, the last one before the final norm."""
+    x = model.patch_embed(x)
+    out = []
+    for layer in model.layers:
+        x = layer(x)
+        out.append(x)
+    return out
 
 
 def load_split(root: Path, split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,25 +149,93 @@ def augment(images: torch.Tensor, tokens: torch.Tensor, generator: torch.Generat
     return images, tokens
 
 
-def classification_losses(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                          tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Image-level and token-level cross-entropy; tokens go through the same head as the pooled feature."""
-    features = model.forward_features(normalize(images))  # (N, h, w, C), timm Swin is NHWC
+class FeatureHints(torch.nn.Module):
+    """FitNets hints (Romero et al., 2015): each chosen Swin stage regresses, through a learned linear
+    map, the teacher CNN's block output of the same resolution, RMS-normalized per channel.
+
+    Only the Swin's training is guided; the regressors are dropped afterwards and the classifier's
+    network is unchanged. ``pairs`` are ``(swin stage, teacher block)`` indices, e.g. ``(1, 2)``:
+    Swin stage 2 (stride 8, 28x28 at 224 px) learns from CNN block 3 (stride 8).
+    """
+
+    def __init__(self, pairs: tuple[tuple[int, int], ...], swin_widths: list[int], teacher_widths: tuple[int, ...]):
+        super().__init__()
+        self.pairs = tuple(pairs)
+        self.regressors = torch.nn.ModuleList(torch.nn.Linear(swin_widths[s], teacher_widths[t]) for s, t in self.pairs)
+
+    def forward(self, swin: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
+        losses = []
+        for (s, t), regressor in zip(self.pairs, self.regressors):
+            target = teacher[t].permute(0, 2, 3, 1)  # NCHW -> NHWC like timm's stages
+            if target.shape[1:3] != swin[s].shape[1:3]:
+                raise ValueError(f'hint pair {s}:{t}: Swin stage {s} is {tuple(swin[s].shape[1:3])} but teacher '
+                                 f'block {t} is {tuple(target.shape[1:3])}; pair stages of equal stride')
+            target = target / target.pow(2).mean((0, 1, 2), keepdim=True).add(1e-6).sqrt()
+            losses.append(F.mse_loss(regressor(swin[s]), target))
+        return torch.stack(losses).sum()
+
+
+def classification_losses(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, tokens: torch.Tensor,
+                          teacher: torch.nn.Module | None = None, hints: FeatureHints | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Image-level and token-level cross-entropy (tokens go through the same head as the pooled
+    feature) and, with a teacher, the feature-hint loss."""
+    x = normalize(images)
+    stages = swin_stages(model, x)
+    features = model.norm(stages[-1])  # (N, h, w, C), timm Swin is NHWC
     image_loss = F.cross_entropy(model.forward_head(features), labels)
     token_logits = model.head.fc(features)  # (N, h, w, classes)
     token_loss = F.cross_entropy(token_logits.permute(0, 3, 1, 2), tokens, ignore_index=IGNORE)
-    return image_loss, token_loss
+    hint_loss = image_loss.new_zeros(())
+    if hints is not None:
+        with torch.no_grad():
+            teacher_stages = teacher.stages(x)
+        hint_loss = hints(stages, teacher_stages)
+    return image_loss, token_loss, hint_loss
+
+
+def load_teacher(path: str, num_classes: int) -> torch.nn.Module:
+    if not osp.isfile(path):
+        raise FileNotFoundError(f'--teacher {path} does not exist; train it with '
+                                f'`python tools/miniworld/train_classifier.py --arch cnn --out {path}`')
+    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    if ckpt.get('meta', {}).get('arch') != 'ConvNet':
+        raise ValueError(f"--teacher {path} is not a ConvNet checkpoint of this tool (meta['arch'] is "
+                         f"{ckpt.get('meta', {}).get('arch')!r})")
+    teacher = ConvNet(num_classes)
+    teacher.load_state_dict(ckpt['state_dict'])
+    return teacher.eval().requires_grad_(False)
+
+
+def parse_pairs(text: str) -> tuple[tuple[int, int], ...]:
+    try:
+        pairs = tuple(tuple(int(v) for v in item.split(':')) for item in text.split(',') if item)
+    except ValueError:
+        pairs = ((),)
+    if not pairs or any(len(p) != 2 or not 0 <= p[0] < 4 or not 0 <= p[1] < 5 for p in pairs):
+        raise argparse.ArgumentTypeError(f'--hint-pairs wants SWIN_STAGE:CNN_BLOCK[,...] with stages 0..3 and '
+                                         f'blocks 0..4, e.g. 1:2; got {text!r}')
+    return pairs
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--data-root', default='data/miniworld')
+    parser.add_argument('--arch', choices=('swin', 'cnn'), default='swin',
+                        help='swin: the tiny timm Swin (the classifier the detectors start from); cnn: the '
+                             'ConvNet baseline / feature teacher (image loss only)')
+    parser.add_argument('--teacher', help='ConvNet checkpoint (--arch cnn) whose features guide the Swin (FitNets hints)')
+    parser.add_argument('--hint-weight', type=float, default=1.0)
+    parser.add_argument('--hint-pairs', type=parse_pairs, default=((0, 1), (1, 2), (2, 3)),
+                        help='SWIN_STAGE:CNN_BLOCK pairs of equal stride (default 0:1,1:2,2:3: Swin stages '
+                             '1-3 learn from ConvNet blocks 2-4, strides 4, 8, 16)')
     parser.add_argument('--out', default='checkpoints/miniworld/swin_mini_cls.pth')
-    parser.add_argument('--epochs', type=int, default=4)
-    parser.add_argument('--batch-size', type=int, default=64)
+    parser.add_argument('--epochs', type=int, help=f'default: {ARCH_DEFAULTS["swin"]["epochs"]} (swin), '
+                                                   f'{ARCH_DEFAULTS["cnn"]["epochs"]} (cnn)')
+    parser.add_argument('--batch-size', type=int, help='default: 64 (swin), 32 (cnn)')
     parser.add_argument('--lr', type=float, default=1e-3)
-    parser.add_argument('--weight-decay', type=float, default=0.05)
-    parser.add_argument('--warmup-iters', type=int, default=100)
+    parser.add_argument('--weight-decay', type=float, help='default: 0.05 (swin), 0 (cnn)')
+    parser.add_argument('--warmup-iters', type=int, help='default: 100 (swin), 0 (cnn)')
     parser.add_argument('--drop-path-rate', type=float, default=0.1)
     parser.add_argument('--token-loss-weight', type=float, default=1.0)
     parser.add_argument('--seed', type=int, default=0)
@@ -129,6 +243,9 @@ def main(argv: list[str] | None = None) -> None:
                         help='torch threads; 1 is several times faster than 2 when the cores are shared')
     parser.add_argument('--max-iters', type=int, default=None, help='stop early (smoke tests)')
     args = parser.parse_args(argv)
+    for key, value in ARCH_DEFAULTS[args.arch].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     root = Path(args.data_root)
@@ -139,15 +256,26 @@ def main(argv: list[str] | None = None) -> None:
     val_x, val_y = load_split(root, 'cls_val')
     print(f'loaded {len(train_x)} train / {len(val_x)} val images in {time.time() - start:.1f}s', flush=True)
 
-    model = build_classifier(len(classes), args.drop_path_rate)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and 'relative_position_bias_table' not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and 'relative_position_bias_table' not in n)]
+    teacher = hints = None
+    if args.arch == 'cnn':
+        if args.teacher:
+            parser.error('--teacher guides the Swin; it does not apply to --arch cnn')
+        model = ConvNet(len(classes))
+    else:
+        model = build_classifier(len(classes), args.drop_path_rate)
+        if args.teacher:
+            teacher = load_teacher(args.teacher, len(classes))
+            hints = FeatureHints(args.hint_pairs, [model.embed_dim * 2 ** i for i in range(4)], ConvNet.WIDTHS)
+    trained = [(n, p) for n, p in model.named_parameters()] + [
+        (f'hints.{n}', p) for n, p in (hints.named_parameters() if hints is not None else [])]
+    decay = [p for n, p in trained if p.ndim > 1 and 'relative_position_bias_table' not in n]
+    no_decay = [p for n, p in trained if not (p.ndim > 1 and 'relative_position_bias_table' not in n)]
     optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=args.weight_decay),
                                    dict(params=no_decay, weight_decay=0.0)], lr=args.lr)
     iters_per_epoch = len(train_x) // args.batch_size
     total = iters_per_epoch * args.epochs if args.max_iters is None else min(args.max_iters,
                                                                              iters_per_epoch * args.epochs)
-    schedule = lambda it: min(1.0, (it + 1) / args.warmup_iters) * 0.5 * (1 + math.cos(math.pi * it / total))
+    schedule = lambda it: min(1.0, (it + 1) / max(args.warmup_iters, 1)) * 0.5 * (1 + math.cos(math.pi * it / total))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     generator = torch.Generator().manual_seed(args.seed)
     it, train_start = 0, time.time()
@@ -160,8 +288,13 @@ def main(argv: list[str] | None = None) -> None:
                 break
             idx = order[b * args.batch_size:(b + 1) * args.batch_size]
             images, tokens = augment(train_x[idx], train_tokens[idx], generator)
-            image_loss, token_loss = classification_losses(model, images, train_y[idx], tokens)
-            loss = image_loss + args.token_loss_weight * token_loss
+            if args.arch == 'cnn':
+                image_loss = F.cross_entropy(model(normalize(images)), train_y[idx])
+                token_loss = hint_loss = image_loss.new_zeros(())
+            else:
+                image_loss, token_loss, hint_loss = classification_losses(model, images, train_y[idx], tokens,
+                                                                          teacher, hints)
+            loss = image_loss + args.token_loss_weight * token_loss + args.hint_weight * hint_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -170,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
             if it % 20 == 0 or it == total:
                 elapsed = time.time() - train_start
                 print(f'epoch {epoch + 1}/{args.epochs} iter {it}/{total} loss {image_loss.item():.4f} '
-                      f'token loss {token_loss.item():.4f} '
+                      f'token loss {token_loss.item():.4f} hint loss {hint_loss.item():.4f} '
                       f'lr {scheduler.get_last_lr()[0]:.2e} {elapsed / it:.2f}s/iter '
                       f'eta {elapsed / it * (total - it) / 60:.1f}min', flush=True)
         val_acc = accuracy(model, val_x, val_y)
@@ -179,8 +312,12 @@ def main(argv: list[str] | None = None) -> None:
         if it >= total:
             break
     train_seconds = time.time() - train_start
-    meta = dict(arch='timm.models.swin_transformer.SwinTransformer',
-                model_kwargs=dict(MODEL_KWARGS, num_classes=len(classes)), classes=classes,
+    arch = dict(swin=dict(arch='timm.models.swin_transformer.SwinTransformer',
+                          model_kwargs=dict(MODEL_KWARGS, num_classes=len(classes))),
+                cnn=dict(arch='ConvNet', model_kwargs=dict(num_classes=len(classes))))[args.arch]
+    guidance = dict(teacher=args.teacher, hint_weight=args.hint_weight,
+                    hint_pairs=[list(p) for p in args.hint_pairs]) if args.teacher else {}
+    meta = dict(**arch, classes=classes, **guidance,
                 mean_rgb=MEAN_RGB, std_rgb=STD_RGB, val_accuracy=history[-1]['val_acc'], history=history,
                 iters=it, batch_size=args.batch_size, lr=args.lr, token_loss_weight=args.token_loss_weight, seed=args.seed, train_seconds=round(train_seconds, 1),
                 command=' '.join(shlex.quote(a) for a in ['python', *sys.argv]))
