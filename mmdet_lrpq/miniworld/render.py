@@ -13,8 +13,9 @@ CLASSES: tuple[str, ...] = ('circle', 'square', 'triangle', 'pentagon', 'hexagon
 # Each class has a characteristic surface pattern (as real categories have typical textures), in a
 # random colour, scale, phase and orientation. Outline-only classes proved too slow to learn for a
 # small Swin trained from scratch within a CPU budget (it memorizes backgrounds and stays at chance
-# for tens of thousands of images); with the patterns it learns in minutes, and outlines still decide
-# boxes and masks.
+# for tens of thousands of images). With the patterns a small ConvNet learns the classification split
+# in minutes (README, `train_classifier.py --arch cnn`); the tiny Swin is still slow on it. Outlines
+# still decide boxes and masks.
 PATTERNS: dict[str, str] = dict(circle='rings', square='checker', triangle='stripes', pentagon='dots',
                                 hexagon='grid', star='speckle', cross='zigzag', ring='plain')
 
