@@ -199,9 +199,9 @@ def load_teacher(path: str, num_classes: int) -> torch.nn.Module:
         raise FileNotFoundError(f'--teacher {path} does not exist; train it with '
                                 f'`python tools/miniworld/train_classifier.py --arch cnn --out {path}`')
     ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    if ckpt.get('meta', {}).get('arch') != 'ConvNet':
-        raise ValueError(f"--teacher {path} is not a ConvNet checkpoint of this tool (meta['arch'] is "
-                         f"{ckpt.get('meta', {}).get('arch')!r})")
+    arch = ckpt.get('meta', {}).get('arch')
+    if arch != 'ConvNet':
+        raise ValueError(f"--teacher {path} is not a ConvNet checkpoint of this tool (meta['arch'] is {arch!r})")
     teacher = ConvNet(num_classes)
     teacher.load_state_dict(ckpt['state_dict'])
     return teacher.eval().requires_grad_(False)
@@ -230,12 +230,12 @@ def main(argv: list[str] | None = None) -> None:
                         help='SWIN_STAGE:CNN_BLOCK pairs of equal stride (default 0:1,1:2,2:3: Swin stages '
                              '1-3 learn from ConvNet blocks 2-4, strides 4, 8, 16)')
     parser.add_argument('--out', default='checkpoints/miniworld/swin_mini_cls.pth')
-    parser.add_argument('--epochs', type=int, help=f'default: {ARCH_DEFAULTS["swin"]["epochs"]} (swin), '
-                                                   f'{ARCH_DEFAULTS["cnn"]["epochs"]} (cnn)')
-    parser.add_argument('--batch-size', type=int, help='default: 64 (swin), 32 (cnn)')
+    per_arch = lambda key: 'default: ' + ', '.join(f'{d[key]} ({arch})' for arch, d in ARCH_DEFAULTS.items())
+    parser.add_argument('--epochs', type=int, help=per_arch('epochs'))
+    parser.add_argument('--batch-size', type=int, help=per_arch('batch_size'))
     parser.add_argument('--lr', type=float, default=1e-3)
-    parser.add_argument('--weight-decay', type=float, help='default: 0.05 (swin), 0 (cnn)')
-    parser.add_argument('--warmup-iters', type=int, help='default: 100 (swin), 0 (cnn)')
+    parser.add_argument('--weight-decay', type=float, help=per_arch('weight_decay'))
+    parser.add_argument('--warmup-iters', type=int, help=per_arch('warmup_iters'))
     parser.add_argument('--drop-path-rate', type=float, default=0.1)
     parser.add_argument('--token-loss-weight', type=float, default=1.0)
     parser.add_argument('--seed', type=int, default=0)
@@ -266,8 +266,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.teacher:
             teacher = load_teacher(args.teacher, len(classes))
             hints = FeatureHints(args.hint_pairs, [model.embed_dim * 2 ** i for i in range(4)], ConvNet.WIDTHS)
-    trained = [(n, p) for n, p in model.named_parameters()] + [
-        (f'hints.{n}', p) for n, p in (hints.named_parameters() if hints is not None else [])]
+    trained = list(model.named_parameters()) + (list(hints.named_parameters()) if hints is not None else [])
     decay = [p for n, p in trained if p.ndim > 1 and 'relative_position_bias_table' not in n]
     no_decay = [p for n, p in trained if not (p.ndim > 1 and 'relative_position_bias_table' not in n)]
     optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=args.weight_decay),
