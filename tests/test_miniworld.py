@@ -213,6 +213,25 @@ def test_teacher_then_guided_classifier_train_end_to_end(tmp_path, tiny_world):
     model.load_state_dict(torch.load(swin_path, map_location='cpu', weights_only=True)['state_dict'])  # strict
 
 
+def test_train_all_runs_the_teacher_before_the_guided_classifier(tmp_path, tiny_world):
+    """train_all.py's own classifier-stage commands (shortened to 2 iterations, outputs redirected):
+    the teacher stage trains the ConvNet, the classifier stage reads it and trains the Swin with the
+    recipe of the README (hints 0:1,1:2,2:3, batch 32, 6 epochs, warm-up 50, no drop path)."""
+    import argparse
+    train_all, train_classifier = _load_tool('train_all'), _load_tool('train_classifier')
+    assert train_all.STAGES.index('teacher') < train_all.STAGES.index('classifier') < train_all.STAGES.index('convert')
+    args = argparse.Namespace(data_root=str(tiny_world), seed=0, seq_threads=1)
+    teacher_cmd, swin_cmd = train_all.stage_command('teacher', args), train_all.stage_command('classifier', args)
+    assert swin_cmd[swin_cmd.index('--teacher') + 1] == train_all.TEACHER == teacher_cmd[teacher_cmd.index('--out') + 1]
+    short = ['--max-iters', '2', '--batch-size', '4']  # argparse: the later value wins
+    teacher_path, swin_path = tmp_path / 'cnn.pth', tmp_path / 'swin.pth'
+    train_classifier.main([*teacher_cmd[1:], *short, '--out', str(teacher_path)])
+    train_classifier.main([*swin_cmd[1:], *short, '--teacher', str(teacher_path), '--out', str(swin_path)])
+    meta = torch.load(swin_path, map_location='cpu', weights_only=True)['meta']
+    assert meta['arch'].endswith('SwinTransformer') and meta['teacher'] == str(teacher_path)
+    assert meta['hint_pairs'] == [[0, 1], [1, 2], [2, 3]] and meta['iters'] == 2
+
+
 # ---------------------------------------------------------------- committed checkpoints
 
 def _committed(name: str) -> Path:
