@@ -230,6 +230,63 @@ def test_train_all_runs_the_teacher_before_the_guided_classifier(tmp_path, tiny_
     meta = torch.load(swin_path, map_location='cpu', weights_only=True)['meta']
     assert meta['arch'].endswith('SwinTransformer') and meta['teacher'] == str(teacher_path)
     assert meta['hint_pairs'] == [[0, 1], [1, 2], [2, 3]] and meta['iters'] == 2
+    assert meta['command'].startswith('python tools/miniworld/train_classifier.py --teacher ')  # main(argv), not pytest's
+
+
+def test_train_all_detector_command_trains_follows_its_threads_file_and_records_provenance(tmp_path, tiny_world):
+    """train_all.py's own Mask R-CNN command, shortened to 3 iterations on the tiny world with outputs
+    redirected (later options win; --cfg-options merge), through mmdet's train loop: the thread count follows the threads file train_all writes
+    (it hands a finished detector's core to the other), and the slim checkpoint records the change,
+    the command, the val metrics and the sha256 of the converted classifier the backbone started from."""
+    import argparse
+    import hashlib
+    train_all, train_detector = _load_tool('train_all'), _load_tool('train_detector')
+    args = argparse.Namespace(data_root=str(tiny_world), seed=0, threads=1)
+    command = train_all.stage_command('mask_rcnn_swin_mini', args)
+    assert command[command.index('--threads-file') + 1] == train_all.threads_file('mask_rcnn_swin_mini')
+    assert train_all.share_cores(['cascade_mask_rcnn_swin_mini'], floor=1, cores=2) == {'cascade_mask_rcnn_swin_mini': 2}
+    assert train_all.share_cores(['a', 'b'], floor=1, cores=2) == {'a': 1, 'b': 1}
+    classifier = tmp_path / 'cls.pth'
+    train_classifier = _load_tool('train_classifier')
+    meta = dict(model_kwargs=dict(train_classifier.MODEL_KWARGS, num_classes=len(CLASSES)), val_accuracy=0.0)
+    torch.save(dict(state_dict=train_classifier.build_classifier(len(CLASSES)).state_dict(), meta=meta), classifier)
+    backbone = tmp_path / 'backbone.pth'
+    _load_tool('convert_classifier').convert_classifier(str(classifier), str(backbone))
+    threads_file, out = tmp_path / 'det.threads', tmp_path / 'det.pth'
+    threads_file.write_text('2\n')
+    before = torch.get_num_threads()
+    try:
+        train_detector.main([*command[1:], '--out', str(out), '--work-dir', str(tmp_path / 'work'),
+                             '--threads-file', str(threads_file),
+                             '--cfg-options', 'train_cfg.max_iters=3', 'train_cfg.val_interval=100',
+                             'default_hooks.checkpoint.interval=3', f'model.backbone.init_cfg.checkpoint={backbone}'])
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    meta = torch.load(out, map_location='cpu', weights_only=True)['meta']
+    assert meta['iter'] == 3 and meta['threads'] == 1 and list(map(tuple, meta['thread_changes'])) == [(0, 2)]
+    assert meta['backbone_init_sha256'] == hashlib.sha256(backbone.read_bytes()).hexdigest()
+    assert meta['command'].startswith('python tools/miniworld/train_detector.py configs/miniworld/mask_rcnn_swin_mini.py')
+    assert 0.0 <= meta['final_val_metrics']['coco/bbox_mAP'] <= 1.0
+
+
+def test_train_all_replaces_a_summary_entry_whose_checkpoint_changed():
+    """A stage not run in this invocation is re-described from its checkpoint: a matching entry keeps
+    its command, wall time and notes (tuples in the description compare as the JSON lists they are
+    stored as); any differing field (here only the accuracy, the command unchanged) replaces it."""
+    train_all = _load_tool('train_all')
+    described = dict(recorded_command='train_classifier.py --seed 0', val_accuracy=0.69, hint_pairs=((0, 1), (1, 2)))
+    stored = json.loads(json.dumps(dict(described, command='python x', wall_seconds=2364.0, note='kept')))
+    entries = {'classifier': dict(stored)}
+    train_all.refresh_entry(entries, 'classifier', described)
+    assert entries['classifier'] == stored
+    train_all.refresh_entry(entries, 'classifier', dict(described, val_accuracy=0.71))
+    assert entries['classifier'] == dict(recorded_command='train_classifier.py --seed 0', val_accuracy=0.71,
+                                         hint_pairs=[[0, 1], [1, 2]])
+    train_all.refresh_entry(entries, 'teacher', dict(val_accuracy=0.9))  # no entry yet
+    assert entries['teacher'] == dict(val_accuracy=0.9)
+    assert train_all.checkpoint_path('classifier') == train_all.CLASSIFIER
+    assert train_all.checkpoint_path('mask_rcnn_swin_mini') == f'{train_all.CKPT_DIR}/mask_rcnn_swin_mini.pth'
 
 
 # ---------------------------------------------------------------- committed checkpoints

@@ -5,6 +5,8 @@
     python tools/miniworld/train_all.py --only generate
 
 Each stage is a subprocess running one of the tools next to this file, with its progress printed.
+The two detectors train side by side (``--jobs``), ``--threads`` each; when one finishes, the other
+gets the freed cores through its threads file (``train_detector.py --threads-file``).
 Afterwards ``checkpoints/miniworld/training_summary.json`` records, per stage, the exact command,
 the wall-clock time and the final validation numbers (read back from the checkpoints, which store
 what the training scripts measured: the classifier's accuracy, mmdet CocoMetric's bbox/segm AP).
@@ -34,12 +36,17 @@ STAGES = ('generate', 'teacher', 'classifier', 'convert', *DETECTORS)
 CLASSIFIERS = {'teacher': TEACHER, 'classifier': CLASSIFIER}
 
 
+def checkpoint_path(stage: str) -> str:
+    """Where a training stage writes its checkpoint (the classifiers' and detectors' ``--out``)."""
+    return CLASSIFIERS.get(stage, f'{CKPT_DIR}/{stage}.pth')
+
+
 def stage_command(stage: str, args: argparse.Namespace) -> list[str]:
     tool = lambda name: f'tools/miniworld/{name}.py'
     if stage == 'generate':
         return [tool('generate'), '--out', args.data_root, '--seed', str(args.seed)]
     if stage in CLASSIFIERS:  # one at a time, so they get --seq-threads
-        common = ['--data-root', args.data_root, '--out', CLASSIFIERS[stage], '--seed', str(args.seed),
+        common = ['--data-root', args.data_root, '--out', checkpoint_path(stage), '--seed', str(args.seed),
                   '--threads', str(args.seq_threads)]
         if stage == 'teacher':
             return [tool('train_classifier'), '--arch', 'cnn', *common]
@@ -49,18 +56,36 @@ def stage_command(stage: str, args: argparse.Namespace) -> list[str]:
     if stage == 'convert':
         return [tool('convert_classifier'), CLASSIFIER, '--out', BACKBONE_INIT]
     data_root = args.data_root.rstrip('/') + '/'
-    return [tool('train_detector'), f'configs/miniworld/{stage}.py', '--out', f'{CKPT_DIR}/{stage}.pth',
-            '--threads', str(args.threads), '--cfg-options', f'randomness.seed={args.seed}',
+    return [tool('train_detector'), f'configs/miniworld/{stage}.py', '--out', checkpoint_path(stage),
+            '--threads', str(args.threads), '--threads-file', threads_file(stage), '--cfg-options', f'randomness.seed={args.seed}',
             f'train_dataloader.dataset.data_root={data_root}', f'val_dataloader.dataset.data_root={data_root}',
             f'test_dataloader.dataset.data_root={data_root}',
             f'val_evaluator.ann_file={data_root}annotations/instances_val.json',
             f'test_evaluator.ann_file={data_root}annotations/instances_val.json']
 
 
+def threads_file(stage: str) -> str:
+    """The file a detector's training follows for its thread count (``train_detector.py --threads-file``)."""
+    return f'work_dirs/miniworld/{stage}.threads'
+
+
+def share_cores(stages: list[str], floor: int, cores: int | None = None) -> dict[str, int]:
+    """Threads per still-training detector: the machine's cores split evenly, never below ``floor``."""
+    cores = cores or os.cpu_count() or 1
+    return {stage: max(floor, cores // len(stages)) for stage in stages}
+
+
+def write_threads(stage: str, threads: int) -> None:
+    tmp = threads_file(stage) + '.tmp'
+    with open(tmp, 'w') as f:
+        f.write(f'{threads}\n')
+    os.replace(tmp, threads_file(stage))  # the detector never reads a half-written file
+
+
 def stage_results(stage: str) -> dict:
     """What the stage's artifact says about itself (metrics, its own training time)."""
+    path = checkpoint_path(stage)
     if stage in CLASSIFIERS:
-        path = CLASSIFIERS[stage]
         meta = torch.load(path, map_location='cpu', weights_only=True)['meta']
         return dict(recorded_command=meta['command'], checkpoint=path, size_bytes=os.path.getsize(path),
                     arch=meta['arch'], val_accuracy=meta['val_accuracy'], history=meta['history'],
@@ -69,13 +94,26 @@ def stage_results(stage: str) -> dict:
     if stage in DETECTORS:
         import mmengine  # noqa: F401  (mmdet_lrpq then allow-lists MMEngine's checkpoint metadata)
         import mmdet_lrpq  # noqa: F401
-        path = f'{CKPT_DIR}/{stage}.pth'
         meta = torch.load(path, map_location='cpu', weights_only=True)['meta']
         coco = meta['final_val_metrics']
         return dict(recorded_command=meta['command'], checkpoint=path, size_bytes=os.path.getsize(path),
                     iters=meta.get('iter'), train_seconds=meta['train_seconds'], final_val_metrics=coco,
+                    **{k: meta[k] for k in ('thread_changes', 'backbone_init_sha256') if k in meta},
                     box_ap=round(100 * coco['coco/bbox_mAP'], 1), mask_ap=round(100 * coco['coco/segm_mAP'], 1))
     return {}
+
+
+def refresh_entry(entries: dict, stage: str, described: dict) -> None:
+    """Replace ``entries[stage]`` when the checkpoint now says something else than the entry recorded.
+
+    Any field of the fresh description (as JSON would store it) that differs marks the entry as
+    describing an older checkpoint: its command and wall time are then stale too, so the whole entry
+    goes. An entry that still matches keeps its extra fields (``command``, ``wall_seconds``, notes).
+    """
+    described = json.loads(json.dumps(described))
+    old = entries.get(stage, {})
+    if any(old.get(key) != value for key, value in described.items()):
+        entries[stage] = described
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -126,25 +164,31 @@ def main(argv: list[str] | None = None) -> None:
         command = ['python', *stage_command(stage, args)]
         log_path = f'work_dirs/miniworld/{stage}.train.log'
         os.makedirs(osp.dirname(log_path), exist_ok=True)
+        write_threads(stage, args.threads)
         print(f'\n===== [{stage}] {shlex.join(command)}  (log: {log_path})', flush=True)
         with open(log_path, 'w') as log:  # the child keeps its own copy of the descriptor
             running[stage] = (command, time.time(), subprocess.Popen([sys.executable, *command[1:]], stdout=log,
                                                                      stderr=subprocess.STDOUT))
     failed = []
-    for stage, (command, start, proc) in running.items():
-        if proc.wait() != 0:
-            failed.append(stage)
-        else:
-            record(stage, command, time.time() - start)
+    while running:  # a detector that finishes hands its cores to those still training
+        finished = [stage for stage, (_, _, proc) in running.items() if proc.poll() is not None]
+        if not finished:
+            time.sleep(5)
+            continue
+        for stage in finished:
+            command, start, proc = running.pop(stage)
+            if proc.returncode != 0:
+                failed.append(stage)
+            else:
+                record(stage, command, time.time() - start)
+        for stage, threads in share_cores(list(running), args.threads).items():
+            print(f'===== [{stage}] now {threads} threads', flush=True)
+            write_threads(stage, threads)
     if failed:
         sys.exit(f'training failed: {failed}; see work_dirs/miniworld/<stage>.train.log')
     for stage in (*CLASSIFIERS, *DETECTORS):  # not run now: describe them from their checkpoints
-        path = CLASSIFIERS.get(stage, f'{CKPT_DIR}/{stage}.pth')
-        if stage in stages or not osp.isfile(path):
-            continue
-        described = stage_results(stage)  # an entry from an older checkpoint (other command) is replaced
-        if summary['stages'].get(stage, {}).get('recorded_command') != described['recorded_command']:
-            summary['stages'][stage] = described
+        if stage not in stages and osp.isfile(checkpoint_path(stage)):
+            refresh_entry(summary['stages'], stage, stage_results(stage))
     summary['total_wall_seconds_this_run'] = round(time.time() - total, 1)
     save()
     print(f'\nall stages done in {(time.time() - total) / 60:.1f} min; summary: {args.summary}')

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import os.path as osp
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))  # run from a checkout
+
+from mmdet_lrpq.miniworld import command_line  # noqa: E402
 
 # Same layout as the mmdet backbone in configs/miniworld/ (embed_dims, depths, num_heads, window_size);
 # always_partition makes timm's windows identical to mmdet's, 224 px makes every stage 7-divisible.
@@ -267,10 +270,11 @@ def main(argv: list[str] | None = None) -> None:
             teacher = load_teacher(args.teacher, len(classes))
             hints = FeatureHints(args.hint_pairs, [model.embed_dim * 2 ** i for i in range(4)], ConvNet.WIDTHS)
     trained = list(model.named_parameters()) + (list(hints.named_parameters()) if hints is not None else [])
-    decay = [p for n, p in trained if p.ndim > 1 and 'relative_position_bias_table' not in n]
-    no_decay = [p for n, p in trained if not (p.ndim > 1 and 'relative_position_bias_table' not in n)]
-    optimizer = torch.optim.AdamW([dict(params=decay, weight_decay=args.weight_decay),
-                                   dict(params=no_decay, weight_decay=0.0)], lr=args.lr)
+    decayed = {True: [], False: []}  # weight decay on matrices only, not on norms, biases, position tables
+    for name, param in trained:
+        decayed[param.ndim > 1 and 'relative_position_bias_table' not in name].append(param)
+    optimizer = torch.optim.AdamW([dict(params=decayed[True], weight_decay=args.weight_decay),
+                                   dict(params=decayed[False], weight_decay=0.0)], lr=args.lr)
     iters_per_epoch = len(train_x) // args.batch_size
     total = iters_per_epoch * args.epochs if args.max_iters is None else min(args.max_iters,
                                                                              iters_per_epoch * args.epochs)
@@ -319,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = dict(**arch, classes=classes, **guidance,
                 mean_rgb=MEAN_RGB, std_rgb=STD_RGB, val_accuracy=history[-1]['val_acc'], history=history,
                 iters=it, batch_size=args.batch_size, lr=args.lr, token_loss_weight=args.token_loss_weight, seed=args.seed, train_seconds=round(train_seconds, 1),
-                command=' '.join(shlex.quote(a) for a in ['python', *sys.argv]))
+                command=command_line(__file__, argv))
     os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
     torch.save(dict(state_dict=model.state_dict(), meta=meta), args.out)
     print(json.dumps(dict(out=args.out, val_accuracy=meta['val_accuracy'], train_seconds=meta['train_seconds'])))

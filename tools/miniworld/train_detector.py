@@ -8,18 +8,49 @@ the val split with CocoMetric. The final checkpoint keeps only ``state_dict`` an
 (MMEngine's meta with ``dataset_meta`` and the config, plus the final val metrics and the
 training time); optimizer state and message hub are dropped so the file stays small enough to
 commit.
+
+``--threads-file F``: the torch thread count follows the integer in ``F`` (read every few
+iterations); ``train_all.py`` writes it to hand a finished detector's core to the one still
+training. The changes are logged and recorded in the checkpoint's meta (``thread_changes``).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import os.path as osp
 import sys
 import time
 
 import torch
+from mmengine.hooks import Hook
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))  # run from a checkout
+
+from mmdet_lrpq.miniworld import command_line  # noqa: E402  (pure NumPy/PIL: no mmdet import)
+
+
+class ThreadsFileHook(Hook):
+    """MMEngine hook: every ``interval`` training iterations, set torch's thread count to the integer
+    in ``path`` when the file exists and says something new; ``changes`` lists ``(iter, threads)``."""
+
+    priority = 'LOWEST'
+
+    def __init__(self, path: str, interval: int = 10):
+        self.path, self.interval, self.changes = path, interval, []
+
+    def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
+        if runner.iter % self.interval or not osp.isfile(self.path):
+            return
+        try:
+            with open(self.path) as f:
+                threads = int(f.read().strip())
+        except ValueError:  # being written, or garbage: keep the current count
+            return
+        if threads >= 1 and threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+            self.changes.append((runner.iter, threads))
+            runner.logger.info(f'[threads] torch threads now {threads} (from {self.path}, iter {runner.iter})')
 
 
 def measure(cfg, checkpoint: str) -> dict[str, float]:
@@ -52,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--work-dir', help='default: work_dirs/miniworld/<config name>')
     parser.add_argument('--threads', type=int, default=1,
                         help='torch threads; 1 is several times faster than 2 when the cores are shared')
+    parser.add_argument('--threads-file', help='follow the thread count written in this file while training')
     parser.add_argument('--measure-only', action='store_true',
                         help='do not train: evaluate --out on the val split and record the metrics in it')
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config settings, key=value')
@@ -73,11 +105,19 @@ def main(argv: list[str] | None = None) -> None:
 
     if not args.measure_only:
         runner = Runner.from_cfg(cfg)
+        threads_hook = None
+        if args.threads_file:
+            threads_hook = ThreadsFileHook(args.threads_file)
+            runner.register_hook(threads_hook)
         start = time.time()
         runner.train()
         train_seconds = time.time() - start
-        size = slim_checkpoint(osp.join(cfg.work_dir, f'iter_{runner.iter}.pth'), args.out,
-                               dict(train_seconds=round(train_seconds, 1), command=' '.join(['python', *sys.argv])))
+        extra = dict(train_seconds=round(train_seconds, 1), command=command_line(__file__, argv),
+                     threads=args.threads, thread_changes=threads_hook.changes if threads_hook else [])
+        if init.get('type') == 'Pretrained':  # which converted classifier the backbone started from
+            with open(init['checkpoint'], 'rb') as f:
+                extra['backbone_init_sha256'] = hashlib.sha256(f.read()).hexdigest()
+        size = slim_checkpoint(osp.join(cfg.work_dir, f'iter_{runner.iter}.pth'), args.out, extra)
         print(f'trained {runner.iter} iterations in {train_seconds / 60:.1f} min; wrote {args.out} '
               f'({size / 2**20:.1f} MiB)')
     # measured on the saved file itself (also what --measure-only re-records in an existing one)
