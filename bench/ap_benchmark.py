@@ -1,6 +1,6 @@
 """AP of the miniature world's tiny detectors, float and quantized, through the real tools.
 
-    .venv/bin/python bench/ap_benchmark.py                 # everything (about 25 min on 2 cores)
+    .venv/bin/python bench/ap_benchmark.py                 # everything (68 runs, 39 min on 2 AMD EPYC cores)
     .venv/bin/python bench/ap_benchmark.py --detectors mask_rcnn --jobs 1
 
 For each tiny detector (Swin Mask R-CNN, Swin Cascade Mask R-CNN; checkpoints/miniworld/):
@@ -8,7 +8,9 @@ For each tiny detector (Swin Mask R-CNN, Swin Cascade Mask R-CNN; checkpoints/mi
 * FP, and W8A8, W6A6, MP6, W4A4, MP4 with RepQ and with CRL reparameterization (MPk: the LRP
   plan of the tiny Swin classifier, ``lrp_qvit`` allocator, weight memory <= uniform k bits);
 * at MP4 with CRL, the allocators ``uniform``, ``lrp_qvit``, ``greedy`` and ``ilp`` at that same budget;
-* at W4A4, CRL's clipping k in {1, 2, 3, 4} (k = inf is RepQ).
+* at W4A4, CRL's clipping k in {1, 2, 3, 4} (k = inf is RepQ);
+* at W4A4, RepQ and CRL calibrated on each image of the calib split in turn (``calib.image_ids``),
+  to show how much the choice of the one calibration image alone moves AP and the RepQ/CRL gap.
 
 Every row is one ``tools/test.py`` process (QuantizationHook, one calibration image from the
 disjoint calib split, CocoMetric on the 200-image val split) and every plan one
@@ -36,6 +38,8 @@ import experiments as ex  # noqa: E402
 LADDER = (('W8A8', 8, None), ('W6A6', 6, None), ('MP6', None, 6), ('W4A4', 4, None), ('MP4', None, 4))
 ALLOCATORS = ('uniform', 'lrp_qvit', 'greedy', 'ilp')
 CRL_KS = (1.0, 2.0, 3.0, 4.0)
+CALIB_IDS = 'calib.image_ids'  # W4A4 RepQ vs CRL calibrated on each image of the calib split in turn
+VARIANTS = ('crl_k', CALIB_IDS)  # hook options that make a row a sweep point, not a ladder row
 MARKERS = ('<!-- ap_benchmark:begin -->', '<!-- ap_benchmark:end -->')
 
 
@@ -45,7 +49,30 @@ def settings() -> list[ex.Setting]:
         rows += [ex.Setting(name, bits=bits, plan_k=k, method=method) for name, bits, k in LADDER]
     rows += [ex.Setting('MP4', plan_k=4, method='crl', allocator=a) for a in ALLOCATORS if a != 'lrp_qvit']
     rows += [ex.Setting('W4A4', bits=4, method='crl', extra={'crl_k': k}) for k in CRL_KS]
+    rows += [ex.Setting('W4A4', bits=4, method=m, extra={CALIB_IDS: [image_id]}) for image_id in ex.calib_image_ids()
+             for m in ('repq', 'crl')]
     return rows
+
+
+def calibration_table(rows: list[dict]) -> list[dict]:
+    """W4A4 RepQ and CRL (its default k) side by side per calibration image, with the mean over them."""
+    sweep = [r for r in rows if CALIB_IDS in r]
+    out = []
+    for image_ids in dict.fromkeys(tuple(r[CALIB_IDS]) for r in sweep):
+        pair = {r['method']: r for r in sweep if tuple(r[CALIB_IDS]) == image_ids}
+        if set(pair) != {'repq', 'crl'}:
+            continue
+        out.append({'calibration image': ','.join(map(str, image_ids)),
+                    **{f'{name} {kind} AP': pair[m][f'{kind}_ap'] for kind in ('box', 'mask')
+                       for m, name in (('repq', 'RepQ'), ('crl', 'CRL'))}})
+    aps = [k for k in out[0] if k.endswith(' AP')] if out else []
+    if out:
+        out.append({'calibration image': f'mean of {len(out)}', **{k: sum(r[k] for r in out) / len(out) for k in aps}})
+    for r in out:
+        for kind in ('box', 'mask'):
+            r[f'CRL - RepQ {kind}'] = f"{r[f'CRL {kind} AP'] - r[f'RepQ {kind} AP']:+.1f}"
+        r.update({k: f'{r[k]:.1f}' for k in aps})
+    return out
 
 
 def tables(rows: list[dict]) -> str:
@@ -53,18 +80,22 @@ def tables(rows: list[dict]) -> str:
     for det in dict.fromkeys(r['detector'] for r in rows):
         mine = [r for r in rows if r['detector'] == det]
         ladder = [r for r in mine if r['setting'] == 'FP' or
-                  ('crl_k' not in r and r['allocator'] in (None, 'lrp_qvit'))]
+                  (not any(v in r for v in VARIANTS) and r['allocator'] in (None, 'lrp_qvit'))]
         out += [f'**{det}: float and quantized (1 calibration image)**', '',
                 ex.markdown_table(ladder, columns=('setting', 'method', 'box_ap', 'mask_ap', 'avg_w_bits',
                                                    'avg_a_bits', 'weight_mb', 'gbops')), '']
-        alloc = [r for r in mine if r['setting'] == 'MP4' and r['method'] == 'crl' and 'crl_k' not in r]
+        alloc = [r for r in mine if r['setting'] == 'MP4' and r['method'] == 'crl' and not any(v in r for v in VARIANTS)]
         out += [f'**{det}: MP4 allocators at the same budget (weight memory <= uniform 4 bit), CRL**', '',
                 ex.markdown_table(alloc, columns=('allocator', 'box_ap', 'mask_ap', 'avg_w_bits', 'avg_a_bits',
                                                   'weight_mb')), '']
         sweep = [dict(r, k='inf (RepQ)' if r['method'] == 'repq' else f"{r['crl_k']:g}") for r in mine
-                 if r['setting'] == 'W4A4' and (r['method'] == 'repq' or 'crl_k' in r)]
+                 if r['setting'] == 'W4A4' and CALIB_IDS not in r and (r['method'] == 'repq' or 'crl_k' in r)]
         out += [f'**{det}: W4A4, CRL clipping k (standard deviations)**', '',
                 ex.markdown_table(sweep, columns=('k', 'box_ap', 'mask_ap')), '']
+        seeds = calibration_table(mine)
+        if seeds:
+            out += [f'**{det}: W4A4, RepQ vs CRL (default k) calibrated on different single images**', '',
+                    ex.markdown_table(seeds, columns=tuple(seeds[0])), '']
     return '\n'.join(out)
 
 

@@ -104,7 +104,8 @@ class QuantizationHook(Hook):
     def _calibrate(self, runner, quantizer: DetectorQuantizer) -> None:
         batch, ids = build_calibration_batch(runner.cfg.test_dataloader.dataset, self.calib)
         where = self.calib.source + (f' ({self.calib.ann_file})' if self.calib.ann_file else '')
-        runner.logger.info(f'calibrating on {len(ids)} image(s) of {where}, ids {ids} (seed {self.calib.seed})')
+        how = 'as given by calib.image_ids' if self.calib.image_ids is not None else f'seed {self.calib.seed}'
+        runner.logger.info(f'calibrating on {len(ids)} image(s) of {where}, ids {ids} ({how})')
         model = quantizer.model
         model.eval()
         quantizer.calibrate(lambda m: m.test_step(batch), image_ids=ids, n_images=len(ids),

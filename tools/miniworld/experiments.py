@@ -48,7 +48,14 @@ class Setting:
         if self.is_float:
             return self.name
         parts = [self.name, self.method] + ([self.allocator] if self.plan_k is not None else [])
-        return '_'.join(parts + [f'{k}{v}' for k, v in sorted(self.extra.items())]).replace('.', 'p')
+        extra = [''.join(c for c in f'{k}{v}' if c.isalnum() or c in '._-') for k, v in sorted(self.extra.items())]
+        return '_'.join(parts + extra).replace('.', 'p')
+
+
+def calib_image_ids() -> list[int]:
+    """COCO ids of the generated calib split's images (the hook's ``calib.image_ids`` choices)."""
+    with open(osp.join(DATA, 'annotations', 'instances_calib.json')) as f:
+        return [image['id'] for image in json.load(f)['images']]
 
 
 def require_checkpoints(detectors=tuple(DETECTORS)) -> None:
