@@ -270,6 +270,35 @@ def test_train_all_detector_command_trains_follows_its_threads_file_and_records_
     assert 0.0 <= meta['final_val_metrics']['coco/bbox_mAP'] <= 1.0
 
 
+def test_train_all_gives_a_finished_detectors_cores_to_the_one_still_training(tmp_path, monkeypatch, capsys):
+    """train_all's own side-by-side loop, with each detector's command replaced by a stand-in process:
+    the first finishes at once, the second waits until its threads file (train_detector's
+    --threads-file) says the machine's cores are now its own, writes down what it read, and exits."""
+    train_all = _load_tool('train_all')
+    stand_in = tmp_path / 'stand_in.py'
+    stand_in.write_text(
+        'import sys, time\n'
+        'threads_file, expected, seen = sys.argv[1:4]\n'
+        'deadline = time.time() + (60 if expected else 0)\n'
+        'while time.time() < deadline and open(threads_file).read().strip() != expected:\n'
+        '    time.sleep(0.1)\n'
+        'open(seen, "w").write(open(threads_file).read())\n')
+    cores = train_all.share_cores(['cascade_mask_rcnn_swin_mini'], floor=1)['cascade_mask_rcnn_swin_mini']
+    waits = {'mask_rcnn_swin_mini': '', 'cascade_mask_rcnn_swin_mini': str(cores)}
+    monkeypatch.setattr(train_all, 'WORK_DIR', str(tmp_path / 'work'))
+    monkeypatch.setattr(train_all, 'stage_command', lambda stage, args: [
+        str(stand_in), train_all.threads_file(stage), waits[stage], str(tmp_path / f'{stage}.seen')])
+    monkeypatch.setattr(train_all, 'stage_results', lambda stage: {'described': stage})
+    monkeypatch.chdir(tmp_path)  # main() changes into the repository; restored afterwards
+    train_all.main(['--from', 'mask_rcnn_swin_mini', '--jobs', '2', '--threads', '1',
+                    '--summary', str(tmp_path / 'summary.json')])
+    assert (tmp_path / 'mask_rcnn_swin_mini.seen').read_text() == '1\n'  # started at --threads
+    assert (tmp_path / 'cascade_mask_rcnn_swin_mini.seen').read_text() == f'{cores}\n'
+    assert f'===== [cascade_mask_rcnn_swin_mini] now {cores} threads' in capsys.readouterr().out
+    summary = json.loads((tmp_path / 'summary.json').read_text())
+    assert {s: summary['stages'][s]['described'] for s in waits} == {s: s for s in waits}
+
+
 def test_train_all_replaces_a_summary_entry_whose_checkpoint_changed():
     """A stage not run in this invocation is re-described from its checkpoint: a matching entry keeps
     its command, wall time and notes (tuples in the description compare as the JSON lists they are

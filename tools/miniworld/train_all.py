@@ -30,7 +30,8 @@ REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 CKPT_DIR = 'checkpoints/miniworld'
 TEACHER = f'{CKPT_DIR}/cnn_teacher.pth'  # ConvNet whose feature maps guide the Swin (FitNets hints)
 CLASSIFIER = f'{CKPT_DIR}/swin_mini_cls.pth'
-BACKBONE_INIT = 'work_dirs/miniworld/swin_mini_backbone_mmdet.pth'  # what the configs' init_cfg points at
+WORK_DIR = 'work_dirs/miniworld'  # the detectors' training logs and threads files
+BACKBONE_INIT = f'{WORK_DIR}/swin_mini_backbone_mmdet.pth'  # what the configs' init_cfg points at
 DETECTORS = ('mask_rcnn_swin_mini', 'cascade_mask_rcnn_swin_mini')
 STAGES = ('generate', 'teacher', 'classifier', 'convert', *DETECTORS)
 CLASSIFIERS = {'teacher': TEACHER, 'classifier': CLASSIFIER}
@@ -66,7 +67,7 @@ def stage_command(stage: str, args: argparse.Namespace) -> list[str]:
 
 def threads_file(stage: str) -> str:
     """The file a detector's training follows for its thread count (``train_detector.py --threads-file``)."""
-    return f'work_dirs/miniworld/{stage}.threads'
+    return f'{WORK_DIR}/{stage}.threads'
 
 
 def share_cores(stages: list[str], floor: int, cores: int | None = None) -> dict[str, int]:
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     running = {}  # the detectors side by side, one process (and --threads threads) each, logs to files
     for stage in (s for s in stages if s not in sequential):
         command = ['python', *stage_command(stage, args)]
-        log_path = f'work_dirs/miniworld/{stage}.train.log'
+        log_path = f'{WORK_DIR}/{stage}.train.log'
         os.makedirs(osp.dirname(log_path), exist_ok=True)
         write_threads(stage, args.threads)
         print(f'\n===== [{stage}] {shlex.join(command)}  (log: {log_path})', flush=True)
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f'===== [{stage}] now {threads} threads', flush=True)
             write_threads(stage, threads)
     if failed:
-        sys.exit(f'training failed: {failed}; see work_dirs/miniworld/<stage>.train.log')
+        sys.exit(f'training failed: {failed}; see {WORK_DIR}/<stage>.train.log')
     for stage in (*CLASSIFIERS, *DETECTORS):  # not run now: describe them from their checkpoints
         if stage not in stages and osp.isfile(checkpoint_path(stage)):
             refresh_entry(summary['stages'], stage, stage_results(stage))
