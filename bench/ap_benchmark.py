@@ -40,6 +40,10 @@ ALLOCATORS = ('uniform', 'lrp_qvit', 'greedy', 'ilp')
 CRL_KS = (1.0, 2.0, 3.0, 4.0)
 CALIB_IDS = 'calib.image_ids'  # W4A4 RepQ vs CRL calibrated on each image of the calib split in turn
 VARIANTS = ('crl_k', CALIB_IDS)  # hook options that make a row a sweep point, not a ladder row
+
+
+def is_sweep_point(row: dict) -> bool:
+    return any(v in row for v in VARIANTS)
 MARKERS = ('<!-- ap_benchmark:begin -->', '<!-- ap_benchmark:end -->')
 
 
@@ -80,11 +84,11 @@ def tables(rows: list[dict]) -> str:
     for det in dict.fromkeys(r['detector'] for r in rows):
         mine = [r for r in rows if r['detector'] == det]
         ladder = [r for r in mine if r['setting'] == 'FP' or
-                  (not any(v in r for v in VARIANTS) and r['allocator'] in (None, 'lrp_qvit'))]
+                  (not is_sweep_point(r) and r['allocator'] in (None, 'lrp_qvit'))]
         out += [f'**{det}: float and quantized (1 calibration image)**', '',
                 ex.markdown_table(ladder, columns=('setting', 'method', 'box_ap', 'mask_ap', 'avg_w_bits',
                                                    'avg_a_bits', 'weight_mb', 'gbops')), '']
-        alloc = [r for r in mine if r['setting'] == 'MP4' and r['method'] == 'crl' and not any(v in r for v in VARIANTS)]
+        alloc = [r for r in mine if r['setting'] == 'MP4' and r['method'] == 'crl' and not is_sweep_point(r)]
         out += [f'**{det}: MP4 allocators at the same budget (weight memory <= uniform 4 bit), CRL**', '',
                 ex.markdown_table(alloc, columns=('allocator', 'box_ap', 'mask_ap', 'avg_w_bits', 'avg_a_bits',
                                                   'weight_mb')), '']
@@ -92,10 +96,10 @@ def tables(rows: list[dict]) -> str:
                  if r['setting'] == 'W4A4' and CALIB_IDS not in r and (r['method'] == 'repq' or 'crl_k' in r)]
         out += [f'**{det}: W4A4, CRL clipping k (standard deviations)**', '',
                 ex.markdown_table(sweep, columns=('k', 'box_ap', 'mask_ap')), '']
-        seeds = calibration_table(mine)
-        if seeds:
+        per_image = calibration_table(mine)
+        if per_image:
             out += [f'**{det}: W4A4, RepQ vs CRL (default k) calibrated on different single images**', '',
-                    ex.markdown_table(seeds, columns=tuple(seeds[0])), '']
+                    ex.markdown_table(per_image, columns=tuple(per_image[0])), '']
     return '\n'.join(out)
 
 

@@ -235,17 +235,16 @@ def test_train_all_runs_the_teacher_before_the_guided_classifier(tmp_path, tiny_
 
 def test_train_all_detector_command_trains_follows_its_threads_file_and_records_provenance(tmp_path, tiny_world):
     """train_all.py's own Mask R-CNN command, shortened to 3 iterations on the tiny world with outputs
-    redirected (later options win; --cfg-options merge), through mmdet's train loop: the thread count follows the threads file train_all writes
-    (it hands a finished detector's core to the other), and the slim checkpoint records the change,
-    the command, the val metrics and the sha256 of the converted classifier the backbone started from."""
+    redirected (later options win; --cfg-options merge), through mmdet's train loop: the thread count
+    follows the threads file train_all writes (it hands a finished detector's core to the other), and
+    the slim checkpoint records the change, the command, the val metrics and the sha256 of the
+    converted classifier the backbone started from."""
     import argparse
     import hashlib
     train_all, train_detector = _load_tool('train_all'), _load_tool('train_detector')
     args = argparse.Namespace(data_root=str(tiny_world), seed=0, threads=1)
     command = train_all.stage_command('mask_rcnn_swin_mini', args)
     assert command[command.index('--threads-file') + 1] == train_all.threads_file('mask_rcnn_swin_mini')
-    assert train_all.share_cores(['cascade_mask_rcnn_swin_mini'], floor=1, cores=2) == {'cascade_mask_rcnn_swin_mini': 2}
-    assert train_all.share_cores(['a', 'b'], floor=1, cores=2) == {'a': 1, 'b': 1}
     classifier = tmp_path / 'cls.pth'
     train_classifier = _load_tool('train_classifier')
     meta = dict(model_kwargs=dict(train_classifier.MODEL_KWARGS, num_classes=len(CLASSES)), val_accuracy=0.0)
@@ -283,6 +282,8 @@ def test_train_all_gives_a_finished_detectors_cores_to_the_one_still_training(tm
         'while time.time() < deadline and open(threads_file).read().strip() != expected:\n'
         '    time.sleep(0.1)\n'
         'open(seen, "w").write(open(threads_file).read())\n')
+    assert train_all.share_cores(['cascade_mask_rcnn_swin_mini'], floor=1, cores=2) == {'cascade_mask_rcnn_swin_mini': 2}
+    assert train_all.share_cores(['a', 'b'], floor=1, cores=2) == {'a': 1, 'b': 1}
     cores = train_all.share_cores(['cascade_mask_rcnn_swin_mini'], floor=1)['cascade_mask_rcnn_swin_mini']
     waits = {'mask_rcnn_swin_mini': '', 'cascade_mask_rcnn_swin_mini': str(cores)}
     monkeypatch.setattr(train_all, 'WORK_DIR', str(tmp_path / 'work'))

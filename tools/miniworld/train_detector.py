@@ -27,7 +27,7 @@ from mmengine.hooks import Hook
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))  # run from a checkout
 
-from mmdet_lrpq.miniworld import command_line  # noqa: E402  (pure NumPy/PIL: no mmdet import)
+from mmdet_lrpq.miniworld import command_line  # noqa: E402  (mmengine is loaded: also registers mmdet_lrpq)
 
 
 class ThreadsFileHook(Hook):
