@@ -1,6 +1,6 @@
 """AP of the miniature world's tiny detectors, float and quantized, through the real tools.
 
-    .venv/bin/python bench/ap_benchmark.py                 # everything (68 runs, 39 min on 2 AMD EPYC cores)
+    .venv/bin/python bench/ap_benchmark.py                 # everything (68 runs, 44 min on 2 AMD EPYC cores)
     .venv/bin/python bench/ap_benchmark.py --detectors mask_rcnn --jobs 1
     .venv/bin/python bench/ap_benchmark.py --tables-only  # rewrite the tables from results/ap_benchmark.json
 
