@@ -50,6 +50,11 @@ def is_sweep_point(row: dict) -> bool:
     return any(v in row for v in VARIANTS)
 
 
+def is_ladder_row(row: dict) -> bool:
+    """FP, or a ladder setting at its defaults (MPk: the ``lrp_qvit`` plan; no sweep option)."""
+    return row['setting'] == 'FP' or (not is_sweep_point(row) and row['allocator'] in (None, 'lrp_qvit'))
+
+
 def settings() -> list[ex.Setting]:
     rows = [ex.Setting('FP')]
     for method in ('repq', 'crl'):
@@ -84,8 +89,7 @@ def calibration_table(rows: list[dict]) -> list[dict]:
 
 def _row(rows: list[dict], setting: str, method: Optional[str] = None) -> Optional[dict]:
     """The ladder row of ``setting`` (MPk: its ``lrp_qvit`` plan) with ``method``, or None."""
-    found = [r for r in rows if r['setting'] == setting and not is_sweep_point(r) and
-             (setting == 'FP' or (r['method'] == method and r['allocator'] in (None, 'lrp_qvit')))]
+    found = [r for r in rows if is_ladder_row(r) and r['setting'] == setting and (setting == 'FP' or r['method'] == method)]
     return found[0] if found else None
 
 
@@ -142,8 +146,7 @@ def tables(rows: list[dict]) -> str:
     out = []
     for det in dict.fromkeys(r['detector'] for r in rows):
         mine = [r for r in rows if r['detector'] == det]
-        ladder = [r for r in mine if r['setting'] == 'FP' or
-                  (not is_sweep_point(r) and r['allocator'] in (None, 'lrp_qvit'))]
+        ladder = [r for r in mine if is_ladder_row(r)]
         out += [f'**{det}: float and quantized (1 calibration image)**', '',
                 ex.markdown_table(ladder, columns=('setting', 'method', 'box_ap', 'mask_ap', 'avg_w_bits',
                                                    'avg_a_bits', 'weight_mb', 'gbops')), '']
