@@ -291,3 +291,25 @@ def test_fused_fake_quant_of_attention_operands_matches_values_and_layout(operan
     for out in (fused, fresh):
         assert torch.equal(out, plain)
         assert [out.stride(d) for d in big] == [plain.stride(d) for d in big]
+
+
+def test_fused_kernels_build_dir_is_keyed_by_everything_the_build_depends_on(tmp_path, monkeypatch):
+    """Two checkouts / virtual environments on one machine, or an edited source, never share (and
+    so never recompile over, or load) one another's build: the directory hashes the source's
+    path and content, the torch installation, the Python headers and the flags."""
+    from mmdet_lrpq.quant import _ext
+    monkeypatch.setenv('MMDET_LRPQ_EXT_DIR', str(tmp_path))
+    base = _ext.build_dir()
+    assert base == _ext.build_dir() and base.startswith(str(tmp_path))
+    src = tmp_path / 'fused_quant.cpp'
+    src.write_bytes(open(_ext._SOURCE, 'rb').read())
+    monkeypatch.setattr(_ext, '_SOURCE', str(src))
+    other_checkout = _ext.build_dir()                     # same content, another path (in the ninja command)
+    src.write_bytes(src.read_bytes() + b'\n// edited\n')
+    edited = _ext.build_dir()
+    assert len({base, other_checkout, edited}) == 3
+    monkeypatch.setattr(_ext.torch, '__file__', '/other/venv/site-packages/torch/__init__.py')
+    other_venv = _ext.build_dir()
+    assert other_venv not in (base, other_checkout, edited)
+    monkeypatch.setattr(_ext, '_CFLAGS', _ext._CFLAGS + ['-g'])
+    assert _ext.build_dir() not in (base, other_checkout, edited, other_venv)

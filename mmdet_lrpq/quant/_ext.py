@@ -4,7 +4,12 @@ The kernels compute exactly the float operations of the PyTorch path in
 :mod:`mmdet_lrpq.quant.functional`, in one pass instead of four or five; tests compare both paths
 bit for bit. They are compiled at first use with ``torch.utils.cpp_extension`` (the C++ toolchain
 that builds mmcv; ``make install`` builds them ahead) into
-``~/.cache/mmdet-lrpq/ext/<torch>-<cpu>/`` and loaded from there afterwards.
+``~/.cache/mmdet-lrpq/ext/torch-<version>-<key>/`` and loaded from there afterwards. The key hashes
+everything the build depends on — the CPU's flags (``-march=native``), the source's path and
+content, the compiler flags, the torch installation and the Python headers — so that two checkouts or virtual
+environments on one machine (a CI checkout next to a working copy) each keep their own build
+instead of recompiling over each other's (ninja rebuilds when the command line changes: a minute
+of compilation inside the next calibration), and an edited source never loads a stale build.
 
 If they cannot be built (no compiler, ...), a warning says why once and the PyTorch path is used:
 same numbers, slower calibration. ``MMDET_LRPQ_NO_EXT=1`` forces the PyTorch path.
@@ -16,6 +21,7 @@ import logging
 import os
 import os.path as osp
 import platform
+import sysconfig
 import warnings
 from typing import Optional
 
@@ -25,19 +31,28 @@ _SOURCE = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc', 'fused_quant.cpp'
 _state: dict = {}
 
 
-def _cpu_tag() -> str:
-    """Build directory key: -march=native code must not be reused on another CPU model."""
+_CFLAGS = ['-O3', '-fopenmp', '-ffp-contract=off', '-fno-math-errno',
+           *(['-march=native'] if platform.machine() in ('x86_64', 'AMD64') else [])]
+_LDFLAGS = ['-fopenmp']
+
+
+def _build_key() -> str:
+    """Hash of what the build depends on (see the module docstring)."""
     try:
         with open('/proc/cpuinfo') as f:
-            flags = next((line for line in f if line.startswith('flags')), '')
+            cpu_flags = next((line for line in f if line.startswith('flags')), '')
     except OSError:
-        flags = ''
-    return hashlib.sha1(f'{platform.machine()} {flags}'.encode()).hexdigest()[:10]
+        cpu_flags = ''
+    with open(_SOURCE, 'rb') as f:
+        source = hashlib.sha1(f.read()).hexdigest()
+    parts = [platform.machine(), cpu_flags, _SOURCE, source, ' '.join(_CFLAGS + _LDFLAGS), osp.dirname(torch.__file__),
+             torch.__version__, sysconfig.get_paths().get('include', '')]
+    return hashlib.sha1('\n'.join(parts).encode()).hexdigest()[:12]
 
 
 def build_dir() -> str:
     root = os.environ.get('MMDET_LRPQ_EXT_DIR', osp.expanduser('~/.cache/mmdet-lrpq/ext'))
-    return osp.join(root, f'torch-{torch.__version__.split("+")[0]}-{_cpu_tag()}')
+    return osp.join(root, f'torch-{torch.__version__.split("+")[0]}-{_build_key()}')
 
 
 def kernels(verbose: bool = False) -> Optional[object]:
@@ -50,11 +65,9 @@ def kernels(verbose: bool = False) -> Optional[object]:
             logging.getLogger('torch.utils.cpp_extension').setLevel(logging.ERROR)
             from torch.utils.cpp_extension import load
             os.makedirs(build_dir(), exist_ok=True)
-            native = ['-march=native'] if platform.machine() in ('x86_64', 'AMD64') else []
             _state['module'] = load(
                 name='mmdet_lrpq_fused_quant', sources=[_SOURCE], build_directory=build_dir(),
-                extra_cflags=['-O3', '-fopenmp', '-ffp-contract=off', '-fno-math-errno', *native],
-                extra_ldflags=['-fopenmp'], verbose=verbose)
+                extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS, verbose=verbose)
         except Exception as exc:  # noqa: BLE001 -- any build failure means: use the PyTorch path
             warnings.warn(f'mmdet_lrpq: fused CPU quantization kernels unavailable ({type(exc).__name__}: '
                           f'{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}); using the '
