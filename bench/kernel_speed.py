@@ -5,7 +5,9 @@
 Shapes are those of Swin-T Mask R-CNN at 1216x800 (the calibration benchmark's image): the
 stage-0 MLP hidden activation (23.3 M values, post-GELU), a post-LayerNorm input calibrated per
 channel (60 800 tokens x 96 channels), a stage-0 attention map for the log-sqrt2 quantizer (8.9 M
-values) and a post-ReLU FPN-sized tensor (15.6 M values, half zeros). Every operation is timed as
+values), a stage-2 shifted-window attention map with Swin's -100 mask in half of the windows
+(2.5 M values, many of them zero or subnormal) and a post-ReLU FPN-sized tensor (15.6 M values,
+half zeros). Every operation is timed as
 the median of ``--repeats`` interleaved runs (fused, PyTorch, fused, ...), and both paths' results
 are checked equal (bit for bit; MSE-based parameters by value) before anything is printed.
 """
@@ -34,12 +36,20 @@ def inputs() -> dict:
     ln = torch.randn(1241, 49, 96, generator=g) * (torch.rand(96, generator=g) * 3 + 0.1)
     attn = torch.softmax(torch.randn(3723, 49, 49, generator=g) * 4, dim=-1)
     relu = torch.relu(torch.randn(256, 304, 200, generator=g))
-    return dict(gelu=gelu, ln=ln, attn=attn, relu=relu)
+    # Stage-2 shifted-window attention (88 windows x 12 heads): in the border windows (here half of
+    # them) token pairs from different regions carry Swin's -100 mask, so softmax gives them
+    # subnormal or zero probabilities.
+    logits = torch.randn(88, 12, 49, 49, generator=g) * 4
+    region = torch.randint(0, 2, (44, 1, 49), generator=g)
+    logits[:44] += (region.unsqueeze(-1) != region.unsqueeze(-2)) * -100.0
+    masked = torch.softmax(logits, dim=-1).reshape(-1, 49, 49)
+    return dict(gelu=gelu, ln=ln, attn=attn, relu=relu, masked=masked)
 
 
 def operations(x: dict) -> dict:
     d_g, z_g = F.uniform_qparams(x['gelu'], 4)
     d_a = F.log_sqrt2_qparams(x['attn'], 4)
+    d_m = F.log_sqrt2_qparams(x['masked'], 4)
     scratch = torch.empty(x['gelu'].numel())
     return {
         'uniform_qparams per tensor, 23.3M post-GELU': lambda: F.uniform_qparams(x['gelu'], 4),
@@ -49,6 +59,10 @@ def operations(x: dict) -> dict:
         'fake_quant_uniform, 23.3M': lambda: F.fake_quant_uniform(x['gelu'], d_g, z_g, 4),
         'fake_quant_uniform, 23.3M into scratch': lambda: F.fake_quant_uniform(x['gelu'], d_g, z_g, 4, scratch),
         'fake_quant_log_sqrt2, 8.9M attention': lambda: F.fake_quant_log_sqrt2(x['attn'], d_a, 4),
+        'fake_quant_log_sqrt2, 8.9M attention into scratch':
+            lambda: F.fake_quant_log_sqrt2(x['attn'], d_a, 4, scratch),
+        'fake_quant_log_sqrt2, 2.5M masked attention into scratch':
+            lambda: F.fake_quant_log_sqrt2(x['masked'], d_m, 4, scratch),
     }
 
 
@@ -85,7 +99,7 @@ def main(argv=None) -> dict:
             sys.exit(f'{name}: the fused and PyTorch paths disagree; not reporting timings')
         fused, plain = statistics.median(times['fused']), statistics.median(times['pytorch'])
         rows.append(dict(operation=name, fused_ms=1e3 * fused, pytorch_ms=1e3 * plain, speedup=plain / fused))
-        print(f'{name:50s} PyTorch {1e3 * plain:8.1f} ms   fused {1e3 * fused:7.1f} ms   {plain / fused:5.1f}x',
+        print(f'{name:57s} PyTorch {1e3 * plain:8.1f} ms   fused {1e3 * fused:7.1f} ms   {plain / fused:5.1f}x',
               flush=True)
     res = dict(command='python bench/kernel_speed.py ' + ' '.join(argv if argv is not None else sys.argv[1:]),
                threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine(),

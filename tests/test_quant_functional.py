@@ -249,6 +249,36 @@ def test_fused_log_sqrt2_computes_the_pytorch_floats(monkeypatch):
     torch.testing.assert_close(err, F._log_sqrt2_sq_err(attn[3:].contiguous(), delta, 4), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize('bits,delta', [(4, 1.0), (4, 0.37), (8, 1.0), (3, 2.5e-3)])
+def test_fused_log_sqrt2_codes_from_float_bits_are_exact_at_every_code_boundary(bits, delta, monkeypatch):
+    """The fused kernel reads codes off the exponent and mantissa of x/Δ and asks PyTorch's log2 only
+    near a boundary 2^(-(k+1/2)/2): around every boundary (0 to ±2^15 ulps: inside, at the edge of and
+    beyond the guard band), at subnormals, ±0, negatives, ±Inf and NaN, in vector lanes and in the
+    ragged tail, its values equal the PyTorch path and RepQ-ViT's formula bit for bit."""
+    assert F.kernels() is not None, 'the fused CPU kernels did not build (see the warning above)'
+    offsets = np.array([0, 1, 2, 3, 5, 8, 40, 100, 200, 255, 256, 257, 258, 300, 1000, 1 << 15])
+    offsets = np.concatenate([offsets, -offsets[1:]]).astype(np.int32)
+    ks = np.arange((1 << bits) + 6)
+    bounds = (2.0 ** (-(ks + 0.5) / 2)).astype(np.float32)                     # float32 nearest boundary
+    t = (bounds.view(np.int32)[:, None] + offsets[None, :]).view(np.float32).reshape(-1)
+    special = np.array([0.0, -0.0, 1e-40, 1e-45, 2.0 ** -126, 1.0, 2.0, 1e30, -0.5, -1e-40,
+                        np.inf, -np.inf, np.nan], dtype=np.float32)
+    values = np.concatenate([t, special, 2.0 ** -np.arange(0, 150, 0.5, dtype=np.float32)])
+    perm = np.random.default_rng(bits).permutation(values.size)
+    x = torch.from_numpy(values[perm] * np.float32(delta))                      # ragged length: tails too
+    d = torch.tensor(delta)
+    fused = F.fake_quant_log_sqrt2(x, d, bits)
+    finite = x[x.isfinite() & (x >= 0)].contiguous()
+    err = F._log_sqrt2_sq_err(finite, d, bits)
+    monkeypatch.setattr(F, 'kernels', lambda: None)
+    plain = F.fake_quant_log_sqrt2(x, d, bits)
+    assert torch.equal(fused.isnan(), plain.isnan()) and plain[x.isnan() | (x < 0)].isnan().all()
+    ok = ~plain.isnan()
+    assert torch.equal(fused[ok], plain[ok])
+    assert torch.equal(plain[ok], ref.log_sqrt2_quantize(x, d, bits)[ok])
+    torch.testing.assert_close(err, F._log_sqrt2_sq_err(finite, d, bits), rtol=1e-6, atol=0)
+
+
 def test_fused_row_tails_are_exact_including_ties_and_tight_samples():
     """Per-channel tails: every row's k largest/smallest equal topk's, for heavy-tailed rows, rows of
     post-ReLU ties, constant rows, and sorted rows that defeat the strided sample (topk fallback)."""

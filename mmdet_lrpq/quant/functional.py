@@ -66,8 +66,14 @@ def _check_nonempty(x: Tensor, what: str) -> None:
 
 
 def _row_extremes(rows: Tensor, what: str) -> tuple[Tensor, Tensor]:
-    """Per-row (min, max) in one pass; NaN/Inf anywhere is an error (aminmax propagates NaN)."""
-    lo, hi = torch.aminmax(rows, dim=1)
+    """Per-row (min, max) in one pass; NaN/Inf anywhere is an error (aminmax propagates NaN).
+
+    One row (per tensor) is reduced whole: ``aminmax(dim=1)`` runs a single row on one thread
+    (35 vs 2 ms for 9.2 M values on 2 cores)."""
+    if rows.shape[0] == 1:
+        lo, hi = (v.reshape(1) for v in torch.aminmax(rows))
+    else:
+        lo, hi = torch.aminmax(rows, dim=1)
     if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
         n_nan, n_inf = int(torch.isnan(rows).sum()), int(torch.isinf(rows).sum())
         raise ValueError(f'cannot calibrate {what}: input has {n_nan} NaN and {n_inf} Inf values '
@@ -407,8 +413,9 @@ def fake_quant_log_sqrt2(x: Tensor, delta: Tensor, bits: int, scratch: Optional[
         return fused.log_sqrt2_fake_quant(x.contiguous(), delta, table, scratch)
     flat = x.reshape(-1)
     out = torch.empty_like(flat)
+    table = torch.cat([table, table.new_full((1,), math.nan)])  # NaN code (x < 0 or NaN) -> NaN
     for src, dst in zip(flat.split(_LOG_CHUNK), out.split(_LOG_CHUNK)):
-        codes = _log_sqrt2_codes_(torch.div(src, delta), levels)
+        codes = _log_sqrt2_codes_(torch.div(src, delta), levels).nan_to_num_(nan=levels + 1)
         torch.index_select(table, 0, codes.to(torch.int32), out=dst)
     return out.view(x.shape)
 

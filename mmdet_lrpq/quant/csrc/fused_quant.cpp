@@ -5,19 +5,23 @@
 //   uniform:   y = clamp(rint(x / delta), -zp, levels - zp)   (IEEE division, round half to even)
 //              fake_quant = y * delta,  error = x - y * delta   (no FMA contraction: built with
 //                                                               -ffp-contract=off)
-//   log-sqrt2: l = log2(x / delta) by PyTorch's own log2 (at::log2_, which defines the codes) on
-//              cache-sized blocks, code = clamp(rint(-2 * l), 0, 2^b), fake_quant = table[code],
-//              error = table[code] - x
+//   log-sqrt2: code = clamp(rint(-2 * log2(x / delta)), 0, 2^b), fake_quant = table[code],
+//              error = table[code] - x; the code read off the float's exponent and mantissa
+//              wherever that provably equals PyTorch's log2 (which defines the codes), from
+//              PyTorch's own log2 (at::log2_) everywhere else (see log_sqrt2_from_bits)
 // Built at first use by mmdet_lrpq/quant/_ext.py (torch.utils.cpp_extension); the PyTorch path
 // stays the reference and the fallback (CUDA tensors, no compiler, MMDET_LRPQ_NO_EXT=1).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <bit>
 #include <functional>
 #include <limits>
 #include <optional>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -179,7 +183,9 @@ torch::Tensor fake_quant_uniform_rows(torch::Tensor x, torch::Tensor delta, torc
 
 namespace {
 
-constexpr int64_t kLogBlock = 1 << 15;  // values per step: x/Δ, log2 and lookup stay in L2
+constexpr int64_t kLogBlock = 1 << 15;  // values per step: fallback log2 inputs stay in L2
+constexpr int64_t kLogChunk = 64;       // values per vectorized step (a chunk with a flagged value
+                                        // sends that value to the fallback)
 
 inline float log_sqrt2_value(float l, const float* table, float top) {
   float c = std::nearbyint(l * -2.0f);
@@ -189,21 +195,99 @@ inline float log_sqrt2_value(float l, const float* table, float top) {
   return table[static_cast<int64_t>(c)];
 }
 
-// For every block of x (in parallel): buf = x / delta; buf = log2(buf) with PyTorch's own log2
-// (at::log2_ runs inline inside the parallel region), then fn(block start, length, buf).
+// Codes from the bits of t = x / delta. For a positive normal t = f * 2^E (f in [1, 2)),
+// -2 log2(t) = -2E - 2 log2(f), so the exact code is -2E - [f > 2^(1/4)] - [f > 2^(3/4)]: it only
+// changes where f crosses 2^(1/4) or 2^(3/4), irrational numbers no float equals. PyTorch's float
+// log2 rounds (and ties of -2 log2 at k + 1/2 round to even), so near a crossing its code may differ
+// from the exact one — measured over every normal binade: up to 37 mantissa steps away. Outside a
+// guard of kLogGuard = 256 steps around both crossings the two codes are provably the same (PyTorch's
+// log2 would have to be off by several ulps); inside it (about 1e-4 of post-softmax values), and for
+// negative, -0, Inf or NaN t (and +0 / subnormal t at 8 bits), the code comes from PyTorch's own log2
+// (at::log2_, element-wise, on the gathered values), which defines the codes as in RepQ-ViT's formula.
+constexpr int64_t kLogGuard = 256;
+
+struct LogSqrt2Codes {
+  uint32_t m1, m2;          // f > 2^(1/4) <=> mantissa > m1, f > 2^(3/4) <=> mantissa > m2 (outside the guard)
+  uint32_t m1_lo, m2_lo;    // guard bands [m_lo, m_lo + span)
+  uint32_t span = 2 * kLogGuard + 1;
+  LogSqrt2Codes() {
+    const double one = static_cast<double>(1 << 23);
+    m1 = static_cast<uint32_t>((std::pow(2.0, 0.25) - 1.0) * one);
+    m2 = static_cast<uint32_t>((std::pow(2.0, 0.75) - 1.0) * one);
+    m1_lo = m1 - kLogGuard;
+    m2_lo = m2 - kLogGuard;
+  }
+};
+
+// Fake-quantized values of src[0..n) into out[0..n); the flagged values' positions and x / delta go
+// to (pos, val) for the fallback. Returns how many.
+inline int64_t log_sqrt2_from_bits(const float* __restrict src, int64_t n, float delta,
+                                   const float* __restrict table, int32_t top, const LogSqrt2Codes& k,
+                                   float* __restrict out, int64_t* pos, float* val) {
+  const uint32_t m1 = k.m1, m2 = k.m2, m1_lo = k.m1_lo, m2_lo = k.m2_lo, span = k.span;
+  // +0 and subnormal t (e = 0: masked attention) have -2 log2(t) >= 252 whatever the log2 rounds to,
+  // so their code is the top one wherever that is below 252 (b <= 7); for b = 8 they are flagged.
+  const uint32_t e_lo = top < 252 ? 0u : 1u;
+  const auto flagged = [=](uint32_t u) {  // exponent >= 255 (also: sign set), e = 0 for b = 8, guard
+    const uint32_t e = u >> 23, m = u & 0x7fffffu;
+    return static_cast<uint32_t>(e - e_lo >= 255u - e_lo) | static_cast<uint32_t>(m - m1_lo < span) |
+           static_cast<uint32_t>(m - m2_lo < span);
+  };
+  int64_t count = 0;
+  for (int64_t s = 0; s < n; s += kLogChunk) {
+    const int64_t len = std::min(kLogChunk, n - s);
+    const float* __restrict x = src + s;
+    float* __restrict o = out + s;
+    uint32_t any = 0;
+    for (int64_t i = 0; i < len; ++i) {
+      const uint32_t u = std::bit_cast<uint32_t>(x[i] / delta);
+      const int32_t e = static_cast<int32_t>(u >> 23);  // biased exponent; >= 256 if negative
+      const uint32_t m = u & 0x7fffffu;
+      int32_t code = 2 * (127 - e) - static_cast<int32_t>(m > m1) - static_cast<int32_t>(m > m2);
+      code = code < 0 ? 0 : code;
+      code = code > top ? top : code;
+      o[i] = table[code];
+      any |= flagged(u);
+    }
+    if (any) {
+      for (int64_t i = 0; i < len; ++i) {
+        const float t = x[i] / delta;
+        if (flagged(std::bit_cast<uint32_t>(t))) {
+          pos[count] = s + i;
+          val[count++] = t;
+        }
+      }
+    }
+  }
+  return count;
+}
+
+// For every block of x (in parallel): its fake-quantized values into dst (or, if dst is null, into a
+// per-thread block buffer), the flagged ones fixed with PyTorch's log2; then
+// fn(block index, start, length, values).
 template <typename Fn>
-void for_log2_blocks(const torch::Tensor& x, float delta, Fn fn) {
+void for_log_sqrt2_blocks(const torch::Tensor& x, float delta, const torch::Tensor& table, float* dst, Fn fn) {
+  static const LogSqrt2Codes k;
   const float* src = x.data_ptr<float>();
+  const float* tab = table.data_ptr<float>();
+  const int32_t top = static_cast<int32_t>(table.numel() - 1);
+  const float ftop = static_cast<float>(top);
   const int64_t n = x.numel(), nb = (n + kLogBlock - 1) / kLogBlock;
   at::parallel_for(0, nb, 1, [&](int64_t begin, int64_t end) {
-    auto buf = torch::empty({kLogBlock}, torch::kFloat);
-    float* l = buf.data_ptr<float>();
+    auto fallback = torch::empty({kLogBlock}, torch::kFloat);
+    float* val = fallback.data_ptr<float>();
+    std::vector<int64_t> pos(kLogBlock);
+    std::vector<float> local(dst == nullptr ? kLogBlock : 0);
     for (int64_t b = begin; b < end; ++b) {
       const int64_t start = b * kLogBlock, len = std::min(n, start + kLogBlock) - start;
-      for (int64_t i = 0; i < len; ++i) l[i] = src[start + i] / delta;
-      auto view = buf.narrow(0, 0, len);
-      at::log2_(view);
-      fn(b, start, len, l);
+      float* o = dst == nullptr ? local.data() : dst + start;
+      const int64_t count = log_sqrt2_from_bits(src + start, len, delta, tab, top, k, o, pos.data(), val);
+      if (count > 0) {
+        auto view = fallback.narrow(0, 0, count);
+        at::log2_(view);
+        for (int64_t j = 0; j < count; ++j) o[pos[j]] = log_sqrt2_value(val[j], tab, ftop);
+      }
+      fn(b, start, len, o);
     }
   });
 }
@@ -223,11 +307,7 @@ torch::Tensor log_sqrt2_fake_quant(torch::Tensor x, torch::Tensor delta, torch::
   check_log_args(x, delta, table);
   auto out = output_for(x, scratch);
   float* dst = out.data_ptr<float>();
-  const float* tab = table.data_ptr<float>();
-  const float top = static_cast<float>(table.numel() - 1);
-  for_log2_blocks(x, delta.item<float>(), [&](int64_t, int64_t start, int64_t len, const float* l) {
-    for (int64_t i = 0; i < len; ++i) dst[start + i] = log_sqrt2_value(l[i], tab, top);
-  });
+  for_log_sqrt2_blocks(x, delta.item<float>(), table, dst, [](int64_t, int64_t, int64_t, const float*) {});
   return out;
 }
 
@@ -235,19 +315,19 @@ torch::Tensor log_sqrt2_fake_quant(torch::Tensor x, torch::Tensor delta, torch::
 double log_sqrt2_sq_err(torch::Tensor x, torch::Tensor delta, torch::Tensor table) {
   check_log_args(x, delta, table);
   const float* xp = x.data_ptr<float>();
-  const float* tab = table.data_ptr<float>();
-  const float top = static_cast<float>(table.numel() - 1);
-  std::vector<double> partial(static_cast<size_t>((x.numel() + kLogBlock - 1) / kLogBlock), 0.0);
-  for_log2_blocks(x, delta.item<float>(), [&](int64_t b, int64_t start, int64_t len, const float* l) {
-    double total = 0.0;
-    for (int64_t s = 0; s < len; s += kBlock) {
-      const float* v = xp + start + s;
-      const float* c = l + s;
-      total = lane_sum_sq(std::min(kBlock, len - s), [&](int64_t i) { return log_sqrt2_value(c[i], tab, top) - v[i]; },
-                          total);
-    }
-    partial[b] = total;
-  });
+  const int64_t nb = (x.numel() + kLogBlock - 1) / kLogBlock;
+  std::vector<double> partial(static_cast<size_t>(nb), 0.0);
+  for_log_sqrt2_blocks(
+      x, delta.item<float>(), table, nullptr,
+      [&](int64_t b, int64_t start, int64_t len, const float* q) {
+        double total = 0.0;
+        for (int64_t s = 0; s < len; s += kBlock) {
+          const float* v = xp + start + s;
+          const float* c = q + s;
+          total = lane_sum_sq(std::min(kBlock, len - s), [&](int64_t i) { return c[i] - v[i]; }, total);
+        }
+        partial[b] = total;
+      });
   double s = 0.0;
   for (double p : partial) s += p;
   return s;
