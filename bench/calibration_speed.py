@@ -7,8 +7,8 @@ not depend on them) and quantizes it at W4A4 with RepQ-ViT's protocol (every Con
 attention matmuls, per-channel post-LayerNorm inputs, 8-bit patch-embedding input) through the same
 ``DetectorQuantizer`` the hook uses. On one COCO image at the test resolution (1333x800) it times
 wrap + calibrate + reparameterize + weight re-quantization once, float vs quantized forwards
-interleaved, then the calibration forward alone on fresh wrapped copies (median of ``--repeats``
-each). A randomly initialised
+interleaved in ABBA order, then the calibration forward alone on fresh wrapped copies (median of
+``--repeats`` each). A randomly initialised
 classifier scores every class ~1/81, which either detects nothing (so the mask head never runs)
 or, with the score threshold off, sends 80,000 near-tied boxes to NMS — both unlike a trained
 model. So the classifier bias favours one class: as with a trained detector, ~1000 candidates
@@ -23,6 +23,7 @@ import json
 import os
 import os.path as osp
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -34,13 +35,39 @@ sys.path.insert(0, REPO)
 DEFAULT_IMAGE = osp.join(REPO, '..', 'shared', 'data', 'coco_mini', 'val2017', '000000397133.jpg')
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
-    times, out = [], None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+def timed(fn, faults: list | None = None) -> float:
+    """Seconds one call of ``fn`` takes; its minor page faults appended to ``faults``."""
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    t0 = time.perf_counter()
+    fn()
+    dt = time.perf_counter() - t0
+    if faults is not None:
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    return dt
+
+
+def quantizer_seconds(forward) -> dict:
+    """Seconds spent inside the activation quantizers during one (untimed) call of ``forward``."""
+    from mmdet_lrpq.quant.modules import LogSqrt2Quantizer, UniformQuantizer
+    spent = {'uniform': 0.0, 'log_sqrt2': 0.0}
+    originals = {cls: cls.forward for cls in (UniformQuantizer, LogSqrt2Quantizer)}
+
+    def timing(cls, key):
+        def forward(self, *args, **kwargs):
+            t0 = time.perf_counter()
+            out = originals[cls](self, *args, **kwargs)
+            spent[key] += time.perf_counter() - t0
+            return out
+        return forward
+
+    UniformQuantizer.forward = timing(UniformQuantizer, 'uniform')
+    LogSqrt2Quantizer.forward = timing(LogSqrt2Quantizer, 'log_sqrt2')
+    try:
+        forward()
+    finally:
+        for cls, fn in originals.items():
+            cls.forward = fn
+    return spent
 
 
 def main(argv=None) -> dict:
@@ -48,7 +75,7 @@ def main(argv=None) -> dict:
     parser.add_argument('--image', default=DEFAULT_IMAGE, help='a COCO image (default: RepQ-ViT\'s val2017 image)')
     parser.add_argument('--config', default=osp.join(REPO, 'configs', 'mask_rcnn_swin_t_w4a4.py'))
     parser.add_argument('--method', default='repq', choices=['repq', 'crl'])
-    parser.add_argument('--repeats', type=int, default=3,
+    parser.add_argument('--repeats', type=int, default=5,
                         help='float, calibration and quantized forwards timed, interleaved (median of each)')
     parser.add_argument('--out', default=osp.join(REPO, 'results', 'calibration_speed.json'))
     args = parser.parse_args(argv)
@@ -113,15 +140,22 @@ def main(argv=None) -> dict:
             model_c.test_step(batch)
         return time.perf_counter() - t0
 
-    # Float and quantized forwards interleaved (ABAB...) so that load changes hit both alike, then
+    # Float and quantized forwards interleaved in ABBA order (float first, then quantized first, ...)
+    # so that load changes and whatever one forward leaves behind for the next hit both alike, then
     # the calibration forwards (each allocates and frees far more memory, which would otherwise
-    # penalise whichever forward follows it); every figure is the median of --repeats runs.
-    t_float, t_quant = [], []
-    for _ in range(args.repeats):
-        t_float.append(timed(lambda: model_fp.test_step(batch), 1)[0])
-        t_quant.append(timed(lambda: model_q.test_step(batch), 1)[0])
+    # penalise whichever forward follows it); every figure is the median of --repeats runs. Page
+    # faults are recorded per timed forward: a forward allocates and frees ~3 GB of activations,
+    # and how much of it the C allocator keeps mapped depends on what ran before (0.3-0.7 M faults
+    # per forward measured here) — on this 2-core VM the main source of the forwards' scatter.
+    t_float, t_quant, f_float, f_quant = [], [], [], []
+    for i in range(args.repeats):
+        pair = [(t_float, f_float, model_fp), (t_quant, f_quant, model_q)]
+        for times, faults, model in (pair if i % 2 == 0 else pair[::-1]):
+            times.append(timed(lambda: model.test_step(batch), faults))
     runs = dict(float_forward_runs_s=t_float, quantized_forward_runs_s=t_quant,
+                float_forward_page_faults=f_float, quantized_forward_page_faults=f_quant,
                 calibration_forward_runs_s=[calibration_forward() for _ in range(args.repeats)])
+    quantizer_s = quantizer_seconds(lambda: model_q.test_step(batch))
     t_float, t_quant = statistics.median(t_float), statistics.median(t_quant)
     t_calib_forward = statistics.median(runs['calibration_forward_runs_s'])
     t_full += t_wrap
@@ -135,17 +169,23 @@ def main(argv=None) -> dict:
         'wrap_s': t_wrap, 'calibration_forward_s': t_calib_forward,
         'wrap_calibrate_reparam_s': t_full, 'quantized_forward_s': t_quant,
         'calib_over_fp': t_calib_forward / t_float, 'wrap_calib_reparam_over_fp': t_full / t_float,
-        'quant_over_fp': t_quant / t_float, **runs, 'detections_float_quant': detections, 'quantized_sites': {k: totals[k] for k in ('conv_linear', 'matmul')},
+        'quant_over_fp': t_quant / t_float, 'activation_quantizers_s': quantizer_s,
+        'activation_quantizers_over_fp': sum(quantizer_s.values()) / t_float, **runs, 'detections_float_quant': detections, 'quantized_sites': {k: totals[k] for k in ('conv_linear', 'matmul')},
         'command': 'python bench/calibration_speed.py ' + ' '.join(argv if argv is not None else sys.argv[1:]),
     }
     print(f"Mask R-CNN Swin-T, {res['image']} at {shape[1]}x{shape[0]}, {res['threads']} threads, "
           f"W4A4 {args.method}: {totals['conv_linear']} Conv2d/Linear + {totals['matmul']} matmuls")
     print(f"  fused kernels {'loaded' if fused else 'UNAVAILABLE (PyTorch path)'} in {t_load_kernels:.1f} s "
           f"(not counted below)")
-    print(f"  float forward                      {t_float:7.2f} s")
+    print(f"  float forward                      {t_float:7.2f} s   "
+          f"({statistics.median(f_float) / 1e3:.0f} k page faults per forward)")
     print(f"  calibration forward                {t_calib_forward:7.2f} s   ({res['calib_over_fp']:.2f}x)")
     print(f"  wrap + calibrate + reparameterize  {t_full:7.2f} s   ({res['wrap_calib_reparam_over_fp']:.2f}x)")
-    print(f"  quantized forward                  {t_quant:7.2f} s   ({res['quant_over_fp']:.2f}x)")
+    print(f"  quantized forward                  {t_quant:7.2f} s   ({res['quant_over_fp']:.2f}x, "
+          f"{statistics.median(f_quant) / 1e3:.0f} k page faults per forward)")
+    print(f"  of which in the activation quantizers {sum(quantizer_s.values()):5.2f} s   "
+          f"({res['activation_quantizers_over_fp']:.3f}x float; uniform {quantizer_s['uniform']:.3f} s, "
+          f"log-sqrt2 {quantizer_s['log_sqrt2']:.3f} s, one more forward)")
     os.makedirs(osp.dirname(args.out), exist_ok=True)
     with open(args.out, 'w') as f:
         json.dump(res, f, indent=1)

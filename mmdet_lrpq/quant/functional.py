@@ -402,9 +402,11 @@ def fake_quant_log_sqrt2(x: Tensor, delta: Tensor, bits: int, scratch: Optional[
     """RepQ-ViT's log-√2 quantizer: ``x̂ = 2^(-ceil(q/2)) · (1 + (q mod 2)(√2-1)) · Δ``, 0 if q ≥ 2^b.
 
     Codes are looked up in a per-code table (same floats as RepQ-ViT's formula); the passes run
-    over cache-sized chunks of large attention maps. On CPU one fused kernel does divide, PyTorch's
-    own ``log2``, scale, round, clamp and lookup block by block in cache (``scratch``: as in
-    :func:`fake_quant_uniform`).
+    over cache-sized chunks of large attention maps. On CPU one vectorized fused pass reads each
+    code off the exponent and mantissa of ``x/Δ`` — the same code as PyTorch's ``log2`` everywhere
+    but within 256 mantissa steps of a code boundary, where (and for special values) PyTorch's own
+    ``log2`` decides, as here (``scratch``: as in :func:`fake_quant_uniform`). A NaN or negative
+    input gives NaN.
     """
     levels = 1 << check_bits(bits)
     table = log_sqrt2_table(delta, bits).to(x.dtype)
