@@ -15,7 +15,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <bit>
 #include <functional>
 #include <limits>
 #include <optional>
@@ -206,6 +205,12 @@ inline float log_sqrt2_value(float l, const float* table, float top) {
 // (at::log2_, element-wise, on the gathered values), which defines the codes as in RepQ-ViT's formula.
 constexpr int64_t kLogGuard = 256;
 
+inline uint32_t float_bits(float f) {  // std::bit_cast without C++20
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return u;
+}
+
 struct LogSqrt2Codes {
   uint32_t m1, m2;          // f > 2^(1/4) <=> mantissa > m1, f > 2^(3/4) <=> mantissa > m2 (outside the guard)
   uint32_t m1_lo, m2_lo;    // guard bands [m_lo, m_lo + span)
@@ -240,7 +245,7 @@ inline int64_t log_sqrt2_from_bits(const float* __restrict src, int64_t n, float
     float* __restrict o = out + s;
     uint32_t any = 0;
     for (int64_t i = 0; i < len; ++i) {
-      const uint32_t u = std::bit_cast<uint32_t>(x[i] / delta);
+      const uint32_t u = float_bits(x[i] / delta);
       const int32_t e = static_cast<int32_t>(u >> 23);  // biased exponent; >= 256 if negative
       const uint32_t m = u & 0x7fffffu;
       int32_t code = 2 * (127 - e) - static_cast<int32_t>(m > m1) - static_cast<int32_t>(m > m2);
@@ -252,7 +257,7 @@ inline int64_t log_sqrt2_from_bits(const float* __restrict src, int64_t n, float
     if (any) {
       for (int64_t i = 0; i < len; ++i) {
         const float t = x[i] / delta;
-        if (flagged(std::bit_cast<uint32_t>(t))) {
+        if (flagged(float_bits(t))) {
           pos[count] = s + i;
           val[count++] = t;
         }
