@@ -145,7 +145,7 @@ def main(argv=None) -> dict:
     # the calibration forwards (each allocates and frees far more memory, which would otherwise
     # penalise whichever forward follows it); every figure is the median of --repeats runs. Page
     # faults are recorded per timed forward: a forward allocates and frees ~3 GB of activations,
-    # and how much of it the C allocator keeps mapped depends on what ran before (0.3-0.7 M faults
+    # and how much of it the C allocator keeps mapped depends on what ran before (0.3-0.8 M faults
     # per forward measured here) — on this 2-core VM the main source of the forwards' scatter.
     t_float, t_quant, f_float, f_quant = [], [], [], []
     for i in range(args.repeats):

@@ -211,17 +211,10 @@ inline uint32_t float_bits(float f) {  // std::bit_cast without C++20
   return u;
 }
 
+// Mantissa thresholds: f > 2^(1/4) <=> mantissa > m1, f > 2^(3/4) <=> mantissa > m2 (outside the guard).
 struct LogSqrt2Codes {
-  uint32_t m1, m2;          // f > 2^(1/4) <=> mantissa > m1, f > 2^(3/4) <=> mantissa > m2 (outside the guard)
-  uint32_t m1_lo, m2_lo;    // guard bands [m_lo, m_lo + span)
-  uint32_t span = 2 * kLogGuard + 1;
-  LogSqrt2Codes() {
-    const double one = static_cast<double>(1 << 23);
-    m1 = static_cast<uint32_t>((std::pow(2.0, 0.25) - 1.0) * one);
-    m2 = static_cast<uint32_t>((std::pow(2.0, 0.75) - 1.0) * one);
-    m1_lo = m1 - kLogGuard;
-    m2_lo = m2 - kLogGuard;
-  }
+  uint32_t m1 = static_cast<uint32_t>((std::pow(2.0, 0.25) - 1.0) * (1 << 23));
+  uint32_t m2 = static_cast<uint32_t>((std::pow(2.0, 0.75) - 1.0) * (1 << 23));
 };
 
 // Fake-quantized values of src[0..n) into out[0..n); the flagged values' positions and x / delta go
@@ -229,7 +222,8 @@ struct LogSqrt2Codes {
 inline int64_t log_sqrt2_from_bits(const float* __restrict src, int64_t n, float delta,
                                    const float* __restrict table, int32_t top, const LogSqrt2Codes& k,
                                    float* __restrict out, int64_t* pos, float* val) {
-  const uint32_t m1 = k.m1, m2 = k.m2, m1_lo = k.m1_lo, m2_lo = k.m2_lo, span = k.span;
+  const uint32_t m1 = k.m1, m2 = k.m2;
+  const uint32_t m1_lo = m1 - kLogGuard, m2_lo = m2 - kLogGuard, span = 2 * kLogGuard + 1;  // guard bands
   // +0 and subnormal t (e = 0: masked attention) have -2 log2(t) >= 252 whatever the log2 rounds to,
   // so their code is the top one wherever that is below 252 (b <= 7); for b = 8 they are flagged.
   const uint32_t e_lo = top < 252 ? 0u : 1u;
