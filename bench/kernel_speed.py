@@ -6,8 +6,9 @@ Shapes are those of Swin-T Mask R-CNN at 1216x800 (the calibration benchmark's i
 stage-0 MLP hidden activation (23.3 M values, post-GELU), a post-LayerNorm input calibrated per
 channel (60 800 tokens x 96 channels), a stage-0 attention map for the log-sqrt2 quantizer (8.9 M
 values), a stage-2 shifted-window attention map with Swin's -100 mask in half of the windows
-(2.5 M values, many of them zero or subnormal) and a post-ReLU FPN-sized tensor (15.6 M values,
-half zeros). Every operation is timed as
+(2.5 M values, many of them zero or subnormal), a post-ReLU FPN-sized tensor (15.6 M values,
+half zeros) and the keys of stage-0 attention read out of the fused qkv projection's output
+(6.0 M values: rows of 96 floats every 288). Every operation is timed as
 the median of ``--repeats`` interleaved runs (fused, PyTorch, fused, ...), and both paths' results
 are checked equal (bit for bit; MSE-based parameters by value) before anything is printed.
 """
@@ -43,13 +44,17 @@ def inputs() -> dict:
     region = torch.randint(0, 2, (44, 1, 49), generator=g)
     logits[:44] += (region.unsqueeze(-1) != region.unsqueeze(-2)) * -100.0
     masked = torch.softmax(logits, dim=-1).reshape(-1, 49, 49)
-    return dict(gelu=gelu, ln=ln, attn=attn, relu=relu, masked=masked)
+    # Stage-0 qkv output [windows, tokens, q/k/v, heads, head dim] and its keys [windows, heads,
+    # tokens, head dim] as WindowMSA slices them (a strided view).
+    keys = torch.randn(1276, 49, 3, 3, 32, generator=g).permute(2, 0, 3, 1, 4)[1]
+    return dict(gelu=gelu, ln=ln, attn=attn, relu=relu, masked=masked, keys=keys)
 
 
 def operations(x: dict) -> dict:
     d_g, z_g = F.uniform_qparams(x['gelu'], 4)
     d_a = F.log_sqrt2_qparams(x['attn'], 4)
     d_m = F.log_sqrt2_qparams(x['masked'], 4)
+    d_k, z_k = F.uniform_qparams(x['keys'], 4)
     scratch = torch.empty(x['gelu'].numel())
     return {
         'uniform_qparams per tensor, 23.3M post-GELU': lambda: F.uniform_qparams(x['gelu'], 4),
@@ -58,6 +63,8 @@ def operations(x: dict) -> dict:
         'log_sqrt2_qparams, 8.9M attention': lambda: F.log_sqrt2_qparams(x['attn'], 4),
         'fake_quant_uniform, 23.3M': lambda: F.fake_quant_uniform(x['gelu'], d_g, z_g, 4),
         'fake_quant_uniform, 23.3M into scratch': lambda: F.fake_quant_uniform(x['gelu'], d_g, z_g, 4, scratch),
+        'fake_quant_uniform, 6.0M keys sliced from qkv into scratch':
+            lambda: F.fake_quant_uniform(x['keys'], d_k, z_k, 4, scratch),
         'fake_quant_log_sqrt2, 8.9M attention': lambda: F.fake_quant_log_sqrt2(x['attn'], d_a, 4),
         'fake_quant_log_sqrt2, 8.9M attention into scratch':
             lambda: F.fake_quant_log_sqrt2(x['attn'], d_a, 4, scratch),
