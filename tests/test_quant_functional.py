@@ -343,3 +343,13 @@ def test_fused_kernels_build_dir_is_keyed_by_everything_the_build_depends_on(tmp
     assert other_venv not in (base, other_checkout, edited)
     monkeypatch.setattr(_ext, '_CFLAGS', _ext._CFLAGS + ['-g'])
     assert _ext.build_dir() not in (base, other_checkout, edited, other_venv)
+
+
+def test_fused_kernels_build_dir_is_the_same_after_loading(monkeypatch):
+    """torch's ``load`` appends its link flags to the lists it is given: the build key's own flags
+    must not change with it (the directory named after loading was another one)."""
+    from mmdet_lrpq.quant import _ext
+    before = _ext.build_dir()
+    monkeypatch.setattr(_ext, '_state', {})               # load again (from the existing build)
+    assert _ext.kernels() is not None, 'the fused CPU kernels did not build (see the warning above)'
+    assert _ext.build_dir() == before

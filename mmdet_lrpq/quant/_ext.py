@@ -64,10 +64,11 @@ def kernels(verbose: bool = False) -> Optional[object]:
             # (importing it logs a CUDA_HOME warning on CPU-only machines; irrelevant here)
             logging.getLogger('torch.utils.cpp_extension').setLevel(logging.ERROR)
             from torch.utils.cpp_extension import load
-            os.makedirs(build_dir(), exist_ok=True)
+            directory = build_dir()
+            os.makedirs(directory, exist_ok=True)
             _state['module'] = load(
-                name='mmdet_lrpq_fused_quant', sources=[_SOURCE], build_directory=build_dir(),
-                extra_cflags=_CFLAGS, extra_ldflags=_LDFLAGS, verbose=verbose)
+                name='mmdet_lrpq_fused_quant', sources=[_SOURCE], build_directory=directory,
+                extra_cflags=list(_CFLAGS), extra_ldflags=list(_LDFLAGS), verbose=verbose)  # load() appends to them
         except Exception as exc:  # noqa: BLE001 -- any build failure means: use the PyTorch path
             warnings.warn(f'mmdet_lrpq: fused CPU quantization kernels unavailable ({type(exc).__name__}: '
                           f'{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}); using the '
