@@ -1,6 +1,7 @@
 """Fused CPU kernels vs the PyTorch path, primitive by primitive, side by side in one run.
 
     .venv/bin/python bench/kernel_speed.py [--out results/kernel_speed.json]
+    .venv/bin/python bench/kernel_speed.py --device cuda   # the PyTorch path on a GPU, timed alone
 
 Shapes are those of Swin-T Mask R-CNN at 1216x800 (the calibration benchmark's image): the
 stage-0 MLP hidden activation (23.3 M values, post-GELU), a post-LayerNorm input calibrated per
@@ -11,6 +12,8 @@ half zeros) and the keys of stage-0 attention read out of the fused qkv projecti
 (6.0 M values: rows of 96 floats every 288). Every operation is timed as
 the median of ``--repeats`` interleaved runs (fused, PyTorch, fused, ...), and both paths' results
 are checked equal (bit for bit; MSE-based parameters by value) before anything is printed.
+The fused kernels are a CPU fast path: on another ``--device`` only the PyTorch path runs (timed
+with the device synchronized) and its results go to ``results/kernel_speed_<device>.json``.
 """
 from __future__ import annotations
 
@@ -31,7 +34,8 @@ sys.path.insert(0, REPO)
 from mmdet_lrpq.quant import functional as F  # noqa: E402
 
 
-def inputs() -> dict:
+def inputs(device: torch.device) -> dict:
+    """Made on the CPU from one seeded generator (the same values on any device), then moved."""
     g = torch.Generator().manual_seed(0)
     gelu = torch.nn.functional.gelu(torch.randn(23_347_200, generator=g) * 1.5)
     ln = torch.randn(1241, 49, 96, generator=g) * (torch.rand(96, generator=g) * 3 + 0.1)
@@ -46,8 +50,10 @@ def inputs() -> dict:
     masked = torch.softmax(logits, dim=-1).reshape(-1, 49, 49)
     # Stage-0 qkv output [windows, tokens, q/k/v, heads, head dim] and its keys [windows, heads,
     # tokens, head dim] as WindowMSA slices them (a strided view).
-    keys = torch.randn(1276, 49, 3, 3, 32, generator=g).permute(2, 0, 3, 1, 4)[1]
-    return dict(gelu=gelu, ln=ln, attn=attn, relu=relu, masked=masked, keys=keys)
+    qkv = torch.randn(1276, 49, 3, 3, 32, generator=g)
+    x = {name: t.to(device) for name, t in dict(gelu=gelu, ln=ln, attn=attn, relu=relu, masked=masked).items()}
+    x['keys'] = qkv.to(device).permute(2, 0, 3, 1, 4)[1]
+    return x
 
 
 def operations(x: dict) -> dict:
@@ -55,7 +61,7 @@ def operations(x: dict) -> dict:
     d_a = F.log_sqrt2_qparams(x['attn'], 4)
     d_m = F.log_sqrt2_qparams(x['masked'], 4)
     d_k, z_k = F.uniform_qparams(x['keys'], 4)
-    scratch = torch.empty(x['gelu'].numel())
+    scratch = torch.empty(x['gelu'].numel(), device=x['gelu'].device)
     return {
         'uniform_qparams per tensor, 23.3M post-GELU': lambda: F.uniform_qparams(x['gelu'], 4),
         'uniform_qparams per channel, 60800x96 post-LN': lambda: F.uniform_qparams(x['ln'], 4, channel_axis=-1),
@@ -82,13 +88,21 @@ def same(a, b) -> bool:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--repeats', type=int, default=5)
-    parser.add_argument('--out', default=osp.join(REPO, 'results', 'kernel_speed.json'))
+    parser.add_argument('--device', default='cpu', help='cpu (fused vs PyTorch) or e.g. cuda (PyTorch path alone)')
+    parser.add_argument('--out', default=None, help='default: results/kernel_speed.json (cpu), '
+                                                    'results/kernel_speed_<device>.json (other devices)')
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    out_path = args.out or osp.join(REPO, 'results', 'kernel_speed.json' if device.type == 'cpu'
+                                    else f'kernel_speed_{device.type}.json')
+    torch.set_grad_enabled(False)
+    command = 'python bench/kernel_speed.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
+    if device.type != 'cpu':
+        return device_only(args.repeats, device, command, out_path)
     fused_kernels = F.kernels()
     if fused_kernels is None:
         sys.exit('the fused kernels are not available (see the warning above); nothing to compare')
-    torch.set_grad_enabled(False)
-    x = inputs()
+    x = inputs(device)
     ops = operations(x)
     pytorch_path = lambda: None  # noqa: E731
     rows = []
@@ -108,13 +122,39 @@ def main(argv=None) -> dict:
         rows.append(dict(operation=name, fused_ms=1e3 * fused, pytorch_ms=1e3 * plain, speedup=plain / fused))
         print(f'{name:57s} PyTorch {1e3 * plain:8.1f} ms   fused {1e3 * fused:7.1f} ms   {plain / fused:5.1f}x',
               flush=True)
-    res = dict(command='python bench/kernel_speed.py ' + ' '.join(argv if argv is not None else sys.argv[1:]),
-               threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine(),
+    res = dict(command=command, threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine(),
                repeats=args.repeats, rows=rows)
-    os.makedirs(osp.dirname(args.out), exist_ok=True)
-    with open(args.out, 'w') as f:
-        json.dump(res, f, indent=1)
+    write(out_path, res)
     return res
+
+
+def device_only(repeats: int, device: torch.device, command: str, out_path: str) -> dict:
+    """The PyTorch path on a non-CPU ``device``: median of ``--repeats`` synchronized runs per operation."""
+    sync = getattr(torch, device.type).synchronize
+    ops = operations(inputs(device))
+    rows = []
+    for name, op in ops.items():
+        op()  # warm-up: kernel loading, allocator
+        times = []
+        for _ in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            op()
+            sync()
+            times.append(time.perf_counter() - t0)
+        rows.append(dict(operation=name, pytorch_ms=1e3 * statistics.median(times)))
+        print(f'{name:57s} PyTorch on {device.type} {rows[-1]["pytorch_ms"]:8.2f} ms', flush=True)
+    res = dict(command=command, device=str(device),
+               device_name=torch.cuda.get_device_name(device) if device.type == 'cuda' else device.type,
+               repeats=repeats, rows=rows)
+    write(out_path, res)
+    return res
+
+
+def write(path: str, res: dict) -> None:
+    os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)
+    with open(path, 'w') as f:
+        json.dump(res, f, indent=1)
 
 
 if __name__ == '__main__':

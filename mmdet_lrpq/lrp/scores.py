@@ -55,8 +55,9 @@ def _batches(images: Iterable[Tensor], targets: Optional[Iterable[Optional[int]]
     pairs = zip(images, itertools.repeat(None) if targets is None else targets,
                 strict=targets is not None)
     while chunk := list(itertools.islice(pairs, batch_size)):
-        yield (torch.stack([image for image, _ in chunk]),
-               torch.tensor([-1 if t is None else int(t) for _, t in chunk], dtype=torch.long))
+        batch = torch.stack([image for image, _ in chunk])
+        yield batch, torch.tensor([-1 if t is None else int(t) for _, t in chunk], dtype=torch.long,
+                                  device=batch.device)
 
 
 def site_layer_type(name: str) -> str:

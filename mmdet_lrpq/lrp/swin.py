@@ -277,7 +277,7 @@ def swin_relevance(model: SwinTransformer, images: Tensor, targets: Optional[Ten
         logits = _linear(pooled, fc)
 
     if targets is None:
-        targets = torch.full((B,), -1, dtype=torch.long)
+        targets = torch.full((B,), -1, dtype=torch.long, device=logits.device)
     targets = targets.to(device=logits.device, dtype=torch.long)
     if targets.shape != (B,) or (targets >= logits.shape[1]).any():
         raise ValueError(f'targets must be {B} class indices < {logits.shape[1]} (negative = predicted), '

@@ -154,8 +154,8 @@ def _select_tails(flat: Tensor, k_top: int, k_bot: int, fused) -> Optional[tuple
     Same thresholds as :func:`_top_tail`'s select path; values strictly beyond a threshold are
     collected and values equal to it counted, so ties at the threshold (post-ReLU zeros) cost nothing.
     """
-    hi = _sample_threshold(flat, k_top, True) if k_top else torch.tensor(math.inf)
-    lo = _sample_threshold(flat, k_bot, False) if k_bot else torch.tensor(-math.inf)
+    hi = _sample_threshold(flat, k_top, True) if k_top else flat.new_tensor(math.inf)
+    lo = _sample_threshold(flat, k_bot, False) if k_bot else flat.new_tensor(-math.inf)
     above, n_hi, below, n_lo = fused.tails_beyond(flat, float(hi), float(lo))
 
     def finish(beyond: Tensor, n_eq: int, t: Tensor, k: int, largest: bool) -> Optional[Tensor]:
@@ -198,10 +198,8 @@ def quantiles(rows: Tensor, qs: Sequence[float]) -> Tensor:
                      _top_tail(rows, k_bot, largest=False) if k_bot else None)
         top, bot = tails  # top[:, j] = x_(n-1-j), bot[:, j] = x_(j)
         pick = lambda i: top[:, n - 1 - i] if i >= n // 2 else bot[:, i]  # noqa: E731
-    out = []
-    for lo, hi, w in ranks:
-        out.append(torch.lerp(pick(lo), pick(hi), torch.tensor(w, dtype=torch.float32)))
-    return torch.stack(out)
+    # The weight in the rows' dtype, as torch.quantile rounds it (float32 for float32 rows).
+    return torch.stack([torch.lerp(pick(lo), pick(hi), rows.new_tensor(w)) for lo, hi, w in ranks])
 
 
 # ----------------------------------------------------------------------------- uniform quantizer
@@ -231,7 +229,9 @@ def _uniform_error(x: Tensor, delta: Tensor, zero_point: Tensor, levels: int) ->
 def _fq_uniform_(y: Tensor, delta: Tensor, zero_point: Tensor, levels: int) -> Tensor:
     """In-place tail of the uniform fake-quant on ``y = x / delta``."""
     y.round_()
-    if zero_point.dim() == 0:
+    # Python-number bounds are the cheaper clamp on CPU; elsewhere reading them would wait for the
+    # device, and clamping by tensors gives the same floats (integer zero point).
+    if zero_point.dim() == 0 and zero_point.device.type == 'cpu':
         y.clamp_(-float(zero_point), levels - float(zero_point))
     else:
         y.clamp_(-zero_point, levels - zero_point)
@@ -283,7 +283,7 @@ def uniform_qparams(x: Tensor, bits: int, channel_axis: Optional[int] = None,
         _row_extremes(rows, 'a uniform quantizer')
     scores[~regular] = math.inf
     best = _select_best(scores)
-    cols = torch.arange(rows.shape[0])
+    cols = torch.arange(rows.shape[0], device=rows.device)
     delta, zp = deltas[best, cols], zps[best, cols]
 
     const = ~regular.any(dim=0)
@@ -352,11 +352,13 @@ def _strided_rows(x: Tensor) -> Optional[tuple[Tensor, list[int]]]:
 
 def fake_quant_uniform(x: Tensor, delta: Tensor, zero_point: Tensor, bits: int,
                        scratch: Optional[Tensor] = None) -> Tensor:
-    """``(clamp(round(x/Δ) + zp, 0, 2^b-1) - zp) * Δ`` (round half to even).
+    """``(clamp(round(x/Δ) + zp, 0, 2^b-1) - zp) * Δ`` (round half to even), in ``x``'s dtype.
 
     One fused pass on CPU (per tensor or per channel, no autograd), else four passes in PyTorch;
     both compute the same floats. ``scratch``: a reused float32 buffer the fused pass may write the
     result into (for contiguous ``x``; the caller must be done with the result before reusing it).
+    Lower-precision input (float16/bfloat16) is quantized in the qparams' precision (float32, as
+    calibrated) and rounded back to ``x``'s dtype, so that it can meet the layer's own parameters.
     """
     levels = (1 << check_bits(bits)) - 1
     inner = _fused_layout(x, delta) if zero_point.shape == delta.shape else None
@@ -369,7 +371,8 @@ def fake_quant_uniform(x: Tensor, delta: Tensor, zero_point: Tensor, bits: int,
             view, order = rows
             out = fused.fake_quant_uniform_rows(view, delta, zero_point, levels, scratch)
             return out.view([x.shape[d] for d in order]).permute(*np.argsort(order).tolist())
-    return _fq_uniform_(x / delta, delta, zero_point, levels)
+    work = torch.promote_types(x.dtype, delta.dtype)
+    return _fq_uniform_(x.to(work) / delta, delta, zero_point, levels).to(x.dtype)
 
 
 def uniform_codes(x: Tensor, delta: Tensor, zero_point: Tensor, bits: int) -> Tensor:
@@ -392,7 +395,7 @@ def log_sqrt2_codes(x: Tensor, delta: Tensor, bits: int) -> Tensor:
 def log_sqrt2_table(delta: Tensor, bits: int) -> Tensor:
     """Dequantized value of every code, computed exactly as RepQ-ViT does (last entry: zero)."""
     levels = 1 << check_bits(bits)
-    q = torch.arange(levels, dtype=torch.float32)
+    q = torch.arange(levels, dtype=torch.float32, device=delta.device)
     odd = (q % 2) * (SQRT2 - 1) + 1
     values = 2 ** (-1 * torch.ceil(q / 2)) * odd * delta.float().reshape(())
     return torch.cat([values, values.new_zeros(1)])
@@ -406,7 +409,8 @@ def fake_quant_log_sqrt2(x: Tensor, delta: Tensor, bits: int, scratch: Optional[
     code off the exponent and mantissa of ``x/Δ`` — the same code as PyTorch's ``log2`` everywhere
     but within 256 mantissa steps of a code boundary, where (and for special values) PyTorch's own
     ``log2`` decides, as here (``scratch``: as in :func:`fake_quant_uniform`). A NaN or negative
-    input gives NaN.
+    input gives NaN. The result has ``x``'s dtype; lower-precision input is coded in ``Δ``'s precision
+    (as :func:`fake_quant_uniform`).
     """
     levels = 1 << check_bits(bits)
     table = log_sqrt2_table(delta, bits).to(x.dtype)
@@ -416,8 +420,9 @@ def fake_quant_log_sqrt2(x: Tensor, delta: Tensor, bits: int, scratch: Optional[
     flat = x.reshape(-1)
     out = torch.empty_like(flat)
     table = torch.cat([table, table.new_full((1,), math.nan)])  # NaN code (x < 0 or NaN) -> NaN
+    work = torch.promote_types(x.dtype, delta.dtype)
     for src, dst in zip(flat.split(_LOG_CHUNK), out.split(_LOG_CHUNK)):
-        codes = _log_sqrt2_codes_(torch.div(src, delta), levels).nan_to_num_(nan=levels + 1)
+        codes = _log_sqrt2_codes_(torch.div(src.to(work), delta), levels).nan_to_num_(nan=levels + 1)
         torch.index_select(table, 0, codes.to(torch.int32), out=dst)
     return out.view(x.shape)
 
@@ -427,7 +432,8 @@ def _log_sqrt2_sq_err(flat: Tensor, delta: Tensor, bits: int) -> Tensor:
     fused = kernels() if flat.device.type == 'cpu' else None
     if fused is None:
         return _sum_sq_err(flat.view(1, -1), lambda t: fake_quant_log_sqrt2(t, delta, bits).sub_(t))
-    return torch.tensor([fused.log_sqrt2_sq_err(flat, delta, log_sqrt2_table(delta, bits))], dtype=torch.float64)
+    return torch.tensor([fused.log_sqrt2_sq_err(flat, delta, log_sqrt2_table(delta, bits))], dtype=torch.float64,
+                        device=flat.device)
 
 
 def log_sqrt2_qparams(x: Tensor, bits: int, percentiles: Sequence[float] = PERCENTILES) -> Tensor:
@@ -447,10 +453,10 @@ def log_sqrt2_qparams(x: Tensor, bits: int, percentiles: Sequence[float] = PERCE
     regular = cands > 0
     scores = torch.stack([
         _log_sqrt2_sq_err(rows[0], d, bits) if ok else
-        torch.full((1,), math.inf, dtype=torch.float64)
+        torch.full((1,), math.inf, dtype=torch.float64, device=rows.device)
         for d, ok in zip(cands, regular.tolist())])[:, 0]
     if not regular.any():
-        return hi[0] if hi[0] > 0 else torch.ones(())
+        return hi[0] if hi[0] > 0 else rows.new_ones(())
     return cands[_select_best(scores[:, None])[0]].reshape(())
 
 
@@ -469,7 +475,7 @@ def log2_shift_form(codes: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
 
 def log2_shift_scales(delta: Tensor) -> Tensor:
     """``[Δ, fl(√2)·Δ]``: the two scales of the shift form, rounded exactly as RepQ-ViT rounds."""
-    odd = torch.tensor([0.0, 1.0]) * (SQRT2 - 1) + 1
+    odd = torch.tensor([0.0, 1.0], device=delta.device) * (SQRT2 - 1) + 1
     return odd * delta.float().reshape(())
 
 
@@ -485,15 +491,23 @@ def log2_shift_matmul_int(codes: Tensor, v_int: Tensor, bits: int) -> tuple[Tens
 
     Returns ``(even_acc, odd_acc, S)`` in int64 such that, exactly in real arithmetic,
     ``dequant(A) @ V = 2^-S · (Δ_0 · even_acc + Δ_1 · odd_acc)`` (scales of
-    :func:`log2_shift_scales`). Raises ``ValueError`` where int64 could overflow.
+    :func:`log2_shift_scales`). Raises ``ValueError`` where the accumulation could be inexact:
+    beyond int64 on the CPU; elsewhere (no integer matmul, e.g. on CUDA) the products run in
+    float64, exact while every partial sum stays below 2^53.
     """
     shift, odd, nonzero = log2_shift_form(codes, bits)
     s_max = int(shift[nonzero].max()) if nonzero.any() else 0
     v_int = v_int.to(torch.int64)
     headroom = s_max + math.ceil(math.log2(max(1, int(v_int.abs().max())) * codes.shape[-1] + 1))
-    if headroom > 62:
-        raise ValueError(f'integer accumulation needs {headroom} bits (> 62): use fewer bits or '
-                         f'log2_shift_dequant')
+    on_cpu = codes.device.type == 'cpu'
+    limit = 62 if on_cpu else 53
+    if headroom > limit:
+        raise ValueError(f'integer accumulation needs {headroom} bits (> {limit} on {codes.device.type}): '
+                         f'use fewer bits or log2_shift_dequant')
     weights = torch.where(nonzero, torch.ones_like(shift) << (s_max - shift).clamp(min=0),
                           torch.zeros_like(shift))
-    return (weights * (1 - odd)) @ v_int, (weights * odd) @ v_int, s_max
+    even_w, odd_w = weights * (1 - odd), weights * odd
+    if on_cpu:
+        return even_w @ v_int, odd_w @ v_int, s_max
+    v = v_int.double()
+    return (even_w.double() @ v).to(torch.int64), (odd_w.double() @ v).to(torch.int64), s_max

@@ -46,18 +46,37 @@ from .modules import QuantConv2d, QuantLinear
 
 @dataclass
 class ReparamResult:
-    """What one reparameterization did (for logs and for modules that must follow it)."""
+    """What one reparameterization did (for logs and for modules that must follow it).
+
+    The scalars stay 0-d tensors on the layer's device until read, so that reparameterizing a model
+    on an accelerator does not wait for the device after every layer.
+    """
     r: Tensor                 # per-channel scale migrated into the next layer
     b: Tensor                 # per-channel shift: the new LayerNorm outputs x/r - b
-    target_delta: float
-    target_zero_point: float
-    n_clipped: int            # channels whose parameters CRL clipped
+    target: tuple[Tensor, Tensor]  # (Δ̃, z̃) of the per-tensor input quantizer
+    clipped: Tensor           # number of channels whose parameters CRL clipped (int64)
+
+    @property
+    def target_delta(self) -> float:
+        return float(self.target[0])
+
+    @property
+    def target_zero_point(self) -> float:
+        return float(self.target[1])
+
+    @property
+    def n_clipped(self) -> int:
+        return int(self.clipped)
 
 
-def crl_clip(delta: Tensor, zero_point: Tensor, k: float) -> tuple[Tensor, Tensor, int]:
-    """Clip per-channel ``(Δ_c, zp_c)`` at ``k`` standard deviations (see module docstring)."""
+def crl_clip(delta: Tensor, zero_point: Tensor, k: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Clip per-channel ``(Δ_c, zp_c)`` at ``k`` standard deviations (see module docstring).
+
+    Returns the clipped parameters and the number of channels that changed, as a 0-d int64 tensor
+    on their device (counting on the host would wait for the device).
+    """
     if math.isinf(k):
-        return delta, zero_point, 0
+        return delta, zero_point, delta.new_zeros((), dtype=torch.int64)
     if not k > 0:
         raise ValueError(f'CRL clipping needs k > 0 standard deviations (or inf for RepQ), got {k}')
     low = -zero_point * delta
@@ -67,7 +86,7 @@ def crl_clip(delta: Tensor, zero_point: Tensor, k: float) -> tuple[Tensor, Tenso
     low_c = low.clamp(mu_m - k * sd_m, mu_m + k * sd_m)
     zp_c = (-low_c / delta_c).round()
     clipped = (delta_c != delta) | (zp_c != zero_point)
-    return delta_c, zp_c, int(clipped.sum())
+    return delta_c, zp_c, clipped.sum()
 
 
 @torch.no_grad()
@@ -77,6 +96,7 @@ def reparameterize_(norm: nn.LayerNorm, layer: Union[QuantLinear, QuantConv2d], 
 
     ``layer.input_quantizer`` must hold per-channel parameters (calibrated); afterwards it is
     per tensor, and the layer's weight quantization follows the new weights automatically.
+    The arithmetic runs in the qparams' float32; parameters keep their own dtype.
     """
     quantizer = layer.input_quantizer
     if not quantizer.calibrated or quantizer.channel_axis is None:
@@ -89,23 +109,23 @@ def reparameterize_(norm: nn.LayerNorm, layer: Union[QuantLinear, QuantConv2d], 
     zp = quantizer.zero_point.reshape(-1).float()
     if delta.numel() != norm.weight.numel():
         raise ValueError(f'LayerNorm has {norm.weight.numel()} channels, the layer input {delta.numel()}')
-    delta, zp, n_clipped = crl_clip(delta, zp, k)
+    delta, zp, clipped = crl_clip(delta, zp, k)
 
     target_delta = delta.mean()
     target_zp = zp.mean().round() if round_zero_point else zp.mean()
     r = delta / target_delta
     b = (-zp * delta) / r - (-target_zp * target_delta)
 
-    norm.weight.data = norm.weight.data / r
-    norm.bias.data = norm.bias.data / r - b
+    norm.weight.data = (norm.weight.data / r).to(norm.weight.dtype)
+    norm.bias.data = (norm.bias.data / r - b).to(norm.bias.dtype)
     w = layer.weight.data
     r_cols = r.view(1, -1, *([1] * (w.dim() - 2)))
-    layer.weight.data = w * r_cols
-    shift = (layer.weight.data.flatten(2).sum(-1) if w.dim() > 2 else layer.weight.data) @ b
+    layer.weight.data = (w * r_cols).to(w.dtype)
+    w_new = layer.weight.data.float()   # the weights the layer now has, whatever their dtype
+    shift = (w_new.flatten(2).sum(-1) if w.dim() > 2 else w_new) @ b
     if layer.bias is None:
-        layer.bias = nn.Parameter(shift)
+        layer.bias = nn.Parameter(shift.to(w.dtype))
     else:
-        layer.bias.data = layer.bias.data + shift
+        layer.bias.data = (layer.bias.data + shift).to(layer.bias.dtype)
     quantizer.set_qparams(target_delta.reshape(()), target_zp.reshape(()), channel_axis=None)
-    return ReparamResult(r=r, b=b, target_delta=float(target_delta), target_zero_point=float(target_zp),
-                         n_clipped=n_clipped)
+    return ReparamResult(r=r, b=b, target=(target_delta, target_zp), clipped=clipped)
