@@ -1,6 +1,6 @@
 """Reproduce the miniature world end to end: data -> ConvNet teacher -> Swin classifier -> conversion -> detectors.
 
-    python tools/miniworld/train_all.py                 # everything (timings: README, training_summary.json)
+    python tools/miniworld/train_all.py                 # everything (timings: docs/miniworld.md, training_summary.json)
     python tools/miniworld/train_all.py --from mask_rcnn_swin_mini  # resume at a stage
     python tools/miniworld/train_all.py --only generate
 
@@ -51,7 +51,7 @@ def stage_command(stage: str, args: argparse.Namespace) -> list[str]:
                   '--threads', str(args.seq_threads)]
         if stage == 'teacher':
             return [tool('train_classifier'), '--arch', 'cnn', *common]
-        # a tiny Swin from scratch sits at chance on this data; the ConvNet's hints get it learning (README)
+        # a tiny Swin from scratch sits at chance on this data; the ConvNet's hints get it learning (docs/miniworld.md)
         return [tool('train_classifier'), '--teacher', TEACHER, '--hint-pairs', '0:1,1:2,2:3', '--batch-size', '32',
                 '--epochs', '6', '--warmup-iters', '50', '--drop-path-rate', '0', *common]
     if stage == 'convert':

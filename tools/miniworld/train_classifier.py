@@ -4,7 +4,7 @@ Besides the image-level cross-entropy, every final-stage token whose 32x32 cell 
 labelled shape is trained to predict the label through the same head (token labeling, as in
 LV-ViT). The network, and how it classifies (pooled tokens -> head), are unchanged. On this data a
 tiny Swin from scratch stays near chance for a few hundred iterations with or without the token
-loss (README, *The miniature world's models*); ``--teacher`` adds FitNets feature hints from a
+loss (docs/miniworld.md, *Why the classifier needs a teacher*); ``--teacher`` adds FitNets feature hints from a
 ConvNet trained by this same tool (``--arch cnn``), which also serves as the baseline showing what
 the data asks of a network.
 
