@@ -5,7 +5,9 @@ PY     := $(VENV)/bin/python
 
 .PHONY: install test demo clean-venv
 
-## install: create .venv with the verified stack (mmcv built once from source, then cached)
+## install: create .venv with the verified stack (mmcv built once from source, then cached).
+##   mmcv's ops get CUDA when an nvcc of torch's CUDA version and a GPU are found; force with
+##   `make install MMDET_LRPQ_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0`, refuse with MMDET_LRPQ_CUDA=0 (docs/install.md)
 install:
 	@PYTHON=$(PYTHON) VENV=$(CURDIR)/$(VENV) bash tools/install.sh
 

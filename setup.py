@@ -15,13 +15,20 @@ setup(
     long_description_content_type='text/markdown',
     packages=find_packages(include=['mmdet_lrpq', 'mmdet_lrpq.*']),
     package_data={'mmdet_lrpq.quant': ['csrc/*.cpp']},  # compiled at first use (mmdet_lrpq/quant/_ext.py)
-    python_requires='>=3.9',
-    # Loose bounds only: the exact, verified pins live in requirements/runtime.txt and
-    # tools/install.sh, so that `pip install -e .` never replaces the CPU/CUDA torch a user has.
-    install_requires=['torch>=2.1', 'numpy', 'scipy', 'timm>=0.9', 'ninja'],
+    # The real minimums of the code (mmdet_lrpq/env.py checks the same at run time):
+    #   Python 3.10: zip(strict=) (lrp/scores.py);  torch 2.6: weights-only torch.load with
+    #   (obj, 'module.name') allow-list entries (engine/checkpoint.py);  timm 1.0.8: Swin's
+    #   always_partition / strict_img_size / dynamic_mask (lrp/, tools/lrp_plan.py);  scipy 1.9:
+    #   optimize.milp (plan/allocators.py);  numpy 1.26: numpy._core (engine/checkpoint.py).
+    # Lower bounds only: the exact, verified pins live in requirements/runtime.txt and
+    # tools/install.sh, so that `pip install -e .` keeps the CPU/CUDA torch a user already has.
+    python_requires='>=3.10',
+    install_requires=['torch>=2.6', 'numpy>=1.26', 'scipy>=1.9', 'timm>=1.0.8', 'ninja', 'tqdm'],
     extras_require={
-        'mmdet': ['mmengine>=0.10', 'mmdet>=3.1,<3.4', 'mmcv>=2.0,<2.2', 'pycocotools'],
-        'plot': ['matplotlib'],
+        # mmcv must come with its compiled ops (not mmcv-lite); mmdet 3.x refuses mmcv >= 2.2.
+        # Install mmcv first (docs/install.md): pip cannot build its ops for a recent torch alone.
+        'mmdet': ['mmengine>=0.10,<1', 'mmdet>=3.1,<3.4', 'mmcv>=2.0.0rc4,<2.2', 'pycocotools'],
+        'plot': ['matplotlib>=3.5'],
         'tests': ['pytest>=7', 'pytest-timeout'],
     },
 )
