@@ -5,7 +5,7 @@
 Builds mmdet's Mask R-CNN Swin-T (random weights: no pretrained weights exist here; the timings do
 not depend on them) and quantizes it at W4A4 with RepQ-ViT's protocol (every Conv2d/Linear, both
 attention matmuls, per-channel post-LayerNorm inputs, 8-bit patch-embedding input) through the same
-``DetectorQuantizer`` the hook uses. On one COCO image at the test resolution (1333x800) it times
+``ModelQuantizer`` the hook uses. On one COCO image at the test resolution (1333x800) it times
 wrap + calibrate + reparameterize + weight re-quantization once, float vs quantized forwards
 in back-to-back pairs in ABBA order (``--repeats`` pairs), then the calibration forward alone on
 fresh wrapped copies (``--calib-repeats``). quant/fp is the median over the pairs of each pair's
@@ -141,7 +141,8 @@ def main(argv=None) -> dict:
 
     import mmdet_lrpq
     from mmdet_lrpq.engine.calib_data import batch_input_hw
-    from mmdet_lrpq.models import DetectorQuantizer, QuantSettings
+    from mmdet_lrpq.config import QuantConfig
+    from mmdet_lrpq.models import ModelQuantizer
     from mmdet_lrpq.quant import calibrating
     allocator = 'default' if args.default_allocator else keep_heap()
     if allocator is None:
@@ -175,20 +176,20 @@ def main(argv=None) -> dict:
 
     # The path the hook runs, step by step, on a second copy of the same detector.
     model_q = build()
-    settings = QuantSettings(w_bits=4, a_bits=4, method=args.method)
+    settings = QuantConfig(w_bits=4, a_bits=4, method=args.method)
     t0 = time.perf_counter()
-    quantizer = DetectorQuantizer(model_q, settings)
+    quantizer = ModelQuantizer(model_q, settings)
     quantizer.wrap()
     t_wrap = time.perf_counter() - t0
     t0 = time.perf_counter()
-    quantizer.calibrate(lambda m: m.test_step(batch), image_ids=[osp.basename(args.image)], input_shape=shape)
+    quantizer.calibrate([batch], lambda m, b: m.test_step(b), image_ids=[osp.basename(args.image)], input_shape=shape)
     t_full = time.perf_counter() - t0
     model_q.test_step(batch)                                 # warm-up, as the float model had
 
     def calibration_forward() -> float:
         """The calibration forward alone (observers on, quantize-as-you-go), on a fresh wrapped copy."""
         model_c = build()
-        DetectorQuantizer(model_c, settings).wrap()
+        ModelQuantizer(model_c, settings).wrap()
         t0 = time.perf_counter()
         with calibrating(model_c):
             model_c.test_step(batch)
@@ -219,7 +220,7 @@ def main(argv=None) -> dict:
     t_float, t_quant = statistics.median(t_float), statistics.median(t_quant)
     t_calib_forward = statistics.median(runs['calibration_forward_runs_s'])
     t_full += t_wrap
-    totals = quantizer.result.totals()
+    totals = quantizer.report.totals
     detections = [len(m.test_step(batch)[0].pred_instances) for m in (model_fp, model_q)]
 
     res = {

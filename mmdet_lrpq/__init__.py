@@ -1,25 +1,25 @@
 """mmdet-lrpq: LRP-guided mixed-precision post-training quantization of Swin detectors.
 
-``quant``, ``lrp`` and ``plan`` are pure PyTorch/NumPy and never import MMDetection.
-``models`` and ``engine`` register the quantized backbone and the quantization hook in
-MMDetection's registries. They are imported here when the process already uses MMEngine (which is
-the case when a config's ``custom_imports=['mmdet_lrpq']`` is processed), so that pure-PyTorch
-users of ``mmdet_lrpq.quant`` do not pay for importing MMDetection; tools call
-:func:`register_all_modules` explicitly.
+Python: :func:`quantize_` (any model) and :func:`mmdet_lrpq.apis.init_quantized_detector` (an mmdet
+config and checkpoint). Configs: ``custom_imports=['mmdet_lrpq']`` plus ``QuantizationHook`` in
+``custom_hooks``. ``quant``, ``lrp`` and ``plan`` are pure PyTorch/NumPy and never import
+MMDetection or MMEngine; importing this package does not either (see :mod:`.registration`).
 """
-import sys
-
+from .registration import install as _install
+from .registration import register_all_modules
 from .version import __version__
 
-
-def register_all_modules() -> None:
-    """Register the hook, the quantized backbone and the checkpoint allow-list with MMEngine."""
-    from . import engine, models  # noqa: F401  (imported for their registry side effects)
-    from .engine.checkpoint import allow_mmengine_checkpoints
-    allow_mmengine_checkpoints()
+_LAZY = {'quantize_': 'api', 'QuantConfig': 'config', 'QuantReport': 'models.quantizer', 'BitPlan': 'plan'}
 
 
-if 'mmengine' in sys.modules:
-    register_all_modules()
+def __getattr__(name: str):
+    """The user-facing names, imported on first use (torch-free ``import mmdet_lrpq``)."""
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f'.{_LAZY[name]}', __name__), name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
-__all__ = ['__version__', 'register_all_modules']
+
+_install()
+
+__all__ = ['__version__', 'quantize_', 'QuantConfig', 'QuantReport', 'BitPlan', 'register_all_modules']

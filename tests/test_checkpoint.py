@@ -56,7 +56,7 @@ def test_mmengine_checkpoint_round_trip_with_allow_list(tmp_path):
 
 def test_allow_list_refuses_other_getattr(tmp_path):
     """The allow-listed getattr resolves HistoryBuffer statistics only, nothing else."""
-    import mmdet_lrpq.engine.checkpoint as ckpt
+    import mmdet_lrpq.safe_load as ckpt
     from mmengine.logging.history_buffer import HistoryBuffer
     ckpt.allow_mmengine_checkpoints()
 
@@ -71,6 +71,6 @@ def test_allow_list_refuses_other_getattr(tmp_path):
 
 
 def test_missing_checkpoint_message(tmp_path):
-    from mmdet_lrpq.engine.checkpoint import require_checkpoint
+    from mmdet_lrpq.safe_load import require_checkpoint
     with pytest.raises(FileNotFoundError, match='checkpoint not found.*convert_checkpoint'):
         require_checkpoint(tmp_path / 'nope.pth')

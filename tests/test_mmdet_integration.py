@@ -15,7 +15,9 @@ from mmengine.hub import get_config
 import mmdet_lrpq
 from mmdet.registry import HOOKS, MODELS
 from mmdet.utils import register_all_modules
-from mmdet_lrpq.models import DetectorQuantizer, QuantSettings, QuantWindowMSA
+from mmdet_lrpq.config import QuantConfig
+from mmdet_lrpq.models import ModelQuantizer
+from mmdet_lrpq.models.mmdet_swin import QuantWindowMSA
 from mmdet_lrpq.quant import QuantState, quant_modules, set_quant_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,7 +55,7 @@ def test_quant_window_msa_is_bit_identical_in_float_state():
     x = torch.randn(1, 3, 200, 264)   # stage sizes 50x66, 25x33, ... -> window padding everywhere
     with torch.no_grad():
         expected = model.backbone(x)
-    quantizer = DetectorQuantizer(model, QuantSettings(w_bits=4, a_bits=4, scope='backbone'))
+    quantizer = ModelQuantizer(model, QuantConfig(w_bits=4, a_bits=4, scope='backbone'))
     quantizer.wrap()
     assert all(isinstance(b.attn.w_msa, QuantWindowMSA) for s in model.backbone.stages for b in s.blocks)
     with torch.no_grad():
@@ -63,10 +65,10 @@ def test_quant_window_msa_is_bit_identical_in_float_state():
 
 def test_swin_t_site_counts_detector_and_backbone_scope():
     model = _swin_t_detector()
-    q = DetectorQuantizer(model, QuantSettings(w_bits=4, a_bits=4, scope='detector'))
+    q = ModelQuantizer(model, QuantConfig(w_bits=4, a_bits=4, scope='detector'))
     sites = q.sites()
     assert sum(s.kind != 'matmul' for s in sites) == 72 and sum(s.kind == 'matmul' for s in sites) == 24
-    backbone = DetectorQuantizer(_swin_t_detector(), QuantSettings(scope='backbone')).sites()
+    backbone = ModelQuantizer(_swin_t_detector(), QuantConfig(scope='backbone')).sites()
     assert sum(s.kind != 'matmul' for s in backbone) == 52 and len(backbone) == 76
     q.wrap()
     kinds = [type(m).__name__ for m in quant_modules(model).values()]
@@ -84,9 +86,9 @@ def test_reparameterized_backbone_equals_float_at_padded_sizes():
     x = torch.randn(1, 3, 200, 264)
     with torch.no_grad():
         expected = model.extract_feat(x)
-    quantizer = DetectorQuantizer(model, QuantSettings(w_bits=8, a_bits=8, method='crl', crl_k=math.inf))
-    quantizer.calibrate(lambda m: _predict(m, x))
-    assert len(quantizer.result.reparameterized) == 8 * 2 + 3 + 4     # blocks, reductions, FPN laterals
+    quantizer = ModelQuantizer(model, QuantConfig(w_bits=8, a_bits=8, method='crl', crl_k=math.inf))
+    quantizer.calibrate([x], _predict)
+    assert len(quantizer.report.reparameterized) == 8 * 2 + 3 + 4     # blocks, reductions, FPN laterals
     set_quant_state(model, QuantState.FLOAT)      # look at the float function of the rewritten weights
     with torch.no_grad():
         got = model.extract_feat(x)
@@ -113,7 +115,7 @@ def test_reparam_exact_in_quantized_block_with_integer_zero_point(monkeypatch):
     monkeypatch.setattr(_WeightedQuantModule, 'quantized_weight', lambda self: self.weight)  # isolate acts
     _, model = _build(TINY_CFG)
     x = torch.randn(1, 3, 224, 224)
-    q = DetectorQuantizer(model, QuantSettings(w_bits=8, a_bits=6, method='repq', round_zero_point=True,
+    q = ModelQuantizer(model, QuantConfig(w_bits=8, a_bits=6, method='repq', round_zero_point=True,
                                                scope='backbone'))
     q.wrap()
     blk = model.backbone.stages[0].blocks[0]
@@ -271,7 +273,7 @@ def test_config_loads_builds_and_finds_its_plan(path):
         assert os.path.isfile(hook_cfg['plan']), hook_cfg['plan']
     hook = HOOKS.build(hook_cfg)
     model = MODELS.build(cfg.model)
-    q = DetectorQuantizer(model, hook.settings)
+    q = ModelQuantizer(model, hook.config)
     sites = q.sites()
     n_blocks = sum(cfg.model.backbone.depths)
     assert sum(s.kind == 'matmul' for s in sites) == 2 * n_blocks
@@ -287,7 +289,7 @@ def test_cascade_config_matches_the_official_model():
                                                          [0.033, 0.033, 0.067, 0.067]]
     assert all(h.loss_bbox == dict(type='GIoULoss', loss_weight=10.0) for h in heads)
     model = MODELS.build(cfg.model)
-    n = DetectorQuantizer(model, QuantSettings()).sites()
+    n = ModelQuantizer(model, QuantConfig()).sites()
     # backbone 52 + FPN 8 + RPN 3 + 3 x (4 convs + 1 fc + cls + reg) + 3 x (4 convs + logits)
     assert sum(s.kind != 'matmul' for s in n) == 52 + 8 + 3 + 3 * 7 + 3 * 5
 
@@ -301,18 +303,18 @@ def test_retinanet_swin_never_tested_still_quantizes():
     cfg.model.neck.in_channels = [64, 128, 256]
     model = MODELS.build(cfg.model)
     model.eval()
-    q = DetectorQuantizer(model, QuantSettings(w_bits=6, a_bits=6, method='crl'))
+    q = ModelQuantizer(model, QuantConfig(w_bits=6, a_bits=6, method='crl'))
     x = torch.randn(1, 3, 160, 224)
     with torch.no_grad():
         ref = model.extract_feat(x)
-    q.calibrate(lambda m: _predict(m, x))
+    q.calibrate([x], _predict)
     # FPN with add_extra_convs='on_input': the last backbone output also feeds an extra conv -> not reparam'd
-    assert 'neck.lateral_convs.2.conv' not in q.result.reparameterized
-    assert 'neck.lateral_convs.0.conv' in q.result.reparameterized
+    assert 'neck.lateral_convs.2.conv' not in q.report.reparameterized
+    assert 'neck.lateral_convs.0.conv' in q.report.reparameterized
     with torch.no_grad():
         got = model.extract_feat(x)
     assert all(torch.isfinite(g).all() and g.shape == r.shape for g, r in zip(got, ref))
-    assert sum(s.kind == 'matmul' for s in q.result.sites) == 16
+    assert sum(s.kind == 'matmul' for s in q.report.sites) == 16
 
 
 def test_unknown_backbone_generic_with_warning_or_error(caplog):
@@ -320,10 +322,10 @@ def test_unknown_backbone_generic_with_warning_or_error(caplog):
     cfg.model.backbone.init_cfg = None
     model = MODELS.build(cfg.model)
     with pytest.raises(TypeError, match="scope='backbone' needs a backbone with an adapter"):
-        DetectorQuantizer(model, QuantSettings(scope='backbone'))
+        ModelQuantizer(model, QuantConfig(scope='backbone'))
     import logging
     with caplog.at_level(logging.WARNING, logger='mmdet_lrpq'):
-        q = DetectorQuantizer(model, QuantSettings())
+        q = ModelQuantizer(model, QuantConfig())
     assert 'ResNet has no quantization adapter' in caplog.text
     assert len(q.sites()) > 20 and all(s.layer_type == 'other' for s in q.sites())
 
@@ -366,39 +368,48 @@ def test_plan_with_unknown_sites_lists_them(tmp_path):
     plan.save(path)
     _, model = _build(TINY_CFG)
     with pytest.raises(ValueError, match=r'stages\.9\.blocks\.0.*nonexistent'):
-        DetectorQuantizer(model, QuantSettings(plan=str(path))).wrap()
+        ModelQuantizer(model, QuantConfig(plan=str(path))).wrap()
+
+
+def test_swin_t_plan_is_refused_on_a_swin_s_detector():
+    """73 of Swin-S's 148 backbone sites would otherwise fall to the plan's re:.* catch-all silently."""
+    _, model = _build(REPO / 'configs' / 'mask_rcnn_swin_s_mp4.py')
+    with pytest.raises(ValueError, match=r'another architecture.*depths: plan \[2, 2, 6, 2\] vs model \[2, 2, 18, 2\]'):
+        ModelQuantizer(model, QuantConfig(plan=str(REPO / 'configs' / 'plans' / 'swin_t_mp4.json'))).wrap()
+    assert not quant_modules(model)
+    ModelQuantizer(model, QuantConfig(plan=str(REPO / 'configs' / 'plans' / 'swin_s_mp4.json'))).wrap()
 
 
 def test_calibration_inputs_missing_or_empty(coco_mini, tmp_path):
-    from mmdet_lrpq.engine.calib_data import CalibSettings, build_calibration_batch
+    from mmdet_lrpq.engine.calib_data import CalibrationImages, CalibSettings
     cfg = Config.fromfile(str(TINY_CFG))
     ds = cfg.test_dataloader.dataset
     ds.data_root = str(coco_mini) + '/'
     with pytest.raises(FileNotFoundError, match='calibration annotation file not found'):
-        build_calibration_batch(ds, CalibSettings(ann_file='annotations/missing.json'))
+        CalibrationImages(ds, CalibSettings(ann_file='annotations/missing.json'))
     with pytest.raises(FileNotFoundError, match='calibration image directory not found'):
-        build_calibration_batch(ds, CalibSettings(img_prefix='nowhere/'))
+        CalibrationImages(ds, CalibSettings(img_prefix='nowhere/'))
     empty = tmp_path / 'empty.json'
     coco = json.loads((coco_mini / 'annotations' / 'instances_train2017.json').read_text())
     empty.write_text(json.dumps(dict(coco, images=[], annotations=[])))
     with pytest.raises(ValueError, match='zero images'):
-        build_calibration_batch(ds, CalibSettings(ann_file=str(empty)))
+        CalibrationImages(ds, CalibSettings(ann_file=str(empty)))
     with pytest.raises(ValueError, match='only'):
-        build_calibration_batch(ds, CalibSettings(num_images=10_000))
-    batch, ids = build_calibration_batch(ds, CalibSettings(num_images=2, seed=3))
-    batch2, ids2 = build_calibration_batch(ds, CalibSettings(num_images=2, seed=3))
-    assert ids == ids2 and len(batch['inputs']) == 2                      # seeded, logged by id
-    _, first = build_calibration_batch(ds, CalibSettings(source='test'))
+        CalibrationImages(ds, CalibSettings(num_images=10_000))
+    images = CalibrationImages(ds, CalibSettings(num_images=3, seed=3, batch_size=2))
+    assert images.ids == CalibrationImages(ds, CalibSettings(num_images=3, seed=3)).ids  # seeded, logged by id
+    assert [len(b['inputs']) for b in images.batches()] == [2, 1]         # streamed, batch_size at a time
+    first = CalibrationImages(ds, CalibSettings(source='test')).ids
     listed = json.loads((coco_mini / 'annotations' / 'instances_val2017.json').read_text())['images']
     assert first == [listed[0]['id']]                                     # the first test image
-    _, pinned = build_calibration_batch(ds, CalibSettings(source='test', image_ids=[397133]))
+    pinned = CalibrationImages(ds, CalibSettings(source='test', image_ids=[397133])).ids
     assert pinned == [397133]     # RepQ-ViT's image (the first of the official val2017 file)
     with pytest.raises(ValueError, match='not in the test annotations'):
-        build_calibration_batch(ds, CalibSettings(source='test', image_ids=[1]))
+        CalibrationImages(ds, CalibSettings(source='test', image_ids=[1]))
 
 
 def test_corrupt_calibration_image_is_named(coco_mini, tmp_path):
-    from mmdet_lrpq.engine.calib_data import CalibSettings, build_calibration_batch
+    from mmdet_lrpq.engine.calib_data import CalibrationImages, CalibSettings
     img_dir = tmp_path / 'imgs'
     img_dir.mkdir()
     coco = json.loads((coco_mini / 'annotations' / 'instances_train2017.json').read_text())
@@ -409,7 +420,8 @@ def test_corrupt_calibration_image_is_named(coco_mini, tmp_path):
                                                                   if a['image_id'] == im['id']])))
     cfg = Config.fromfile(str(TINY_CFG))
     with pytest.raises(RuntimeError, match=f"{im['file_name']} could not be loaded"):
-        build_calibration_batch(cfg.test_dataloader.dataset, CalibSettings(ann_file=str(ann), img_prefix=str(img_dir)))
+        images = CalibrationImages(cfg.test_dataloader.dataset, CalibSettings(ann_file=str(ann), img_prefix=str(img_dir)))
+        next(images.batches())
 
 
 def test_test_tool_rejects_missing_and_mismatched_checkpoints(tmp_path, coco_mini):
@@ -472,6 +484,8 @@ def test_convert_official_mmdet2_checkpoint(tmp_path):
 
 
 def test_settings_describe_is_json_and_k_semantics():
-    s = QuantSettings(method='repq', crl_k=2.0)
-    assert s.k == math.inf and QuantSettings(method='crl', crl_k=2.0).k == 2.0
-    json.dumps(QuantSettings(crl_k=float('inf')).describe())
+    s = QuantConfig(method='repq', crl_k=2.0)
+    assert s.k == math.inf and QuantConfig(method='crl', crl_k=2.0).k == 2.0
+    json.dumps(QuantConfig(crl_k=float('inf')).describe())
+    with pytest.raises(TypeError, match=r"calib: unknown option\(s\) \['num_image'\]"):
+        HOOKS.build(dict(type='QuantizationHook', calib=dict(num_image=2)))

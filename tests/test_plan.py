@@ -75,9 +75,40 @@ def test_json_round_trip_preserves_order_and_metadata(tmp_path):
     assert loaded.scores == {'z.last': 0.25, 'a.first': 1.0 / 3}
     assert loaded.budget['accounting']['bops'] == 10 ** 15
     assert (loaded.allocator, loaded.command, loaded.source['images']) == ('lrp_qvit', 'python tools/x.py', [3, 1, 2])
-    reordered = BitPlan(dict(reversed(list(plan.bits.items()))), scores=plan.scores, allocator='lrp_qvit',
+    items = list(plan.bits.items())
+    reordered = BitPlan(dict([items[1], items[0], *items[2:]]), scores=plan.scores, allocator='lrp_qvit',
                         budget=plan.budget, source=plan.source, command=plan.command)
     assert reordered != plan                                    # order is part of a plan's meaning
+
+
+def test_plans_that_cannot_mean_what_they_say_are_errors(tmp_path):
+    """Entries after the catch-all, patterns an earlier one shadows, duplicate JSON keys."""
+    with pytest.raises(ValueError, match=r"after the catch-all 're:\.\*' are never used.*'re:.*fc1'"):
+        BitPlan({'re:.*': (4, 4), 're:.*fc1': (6, 6), 'exact.name': (5, 5)})
+    plan = BitPlan({'re:blocks\\..*': (5, 5), 're:blocks\\.0\\..*': (8, 8), 're:.*': (4, 4)})
+    with pytest.raises(ValueError, match=r"1 pattern\(s\) decide no site because an earlier pattern decides every "
+                                         r"site they match: re:blocks\\.0\\..\* \(by 're:blocks"):
+        plan.validate(['blocks.0.qkv', 'blocks.1.qkv', 'head'])
+    # a fallback every site of this model has an exact key for is not an error (backbone-only scope)
+    BitPlan({'blocks.0.qkv': (5, 5), 're:.*': (4, 4)}).validate(['blocks.0.qkv'])
+    path = tmp_path / 'dupes.json'
+    path.write_text('{"format": "mmdet-lrpq/bitplan@1", "bits": {"a": [4, 4], "b": [5, 5], "a": [8, 8]}}')
+    with pytest.raises(ValueError, match=rf"{path}: duplicate JSON key\(s\) 'a'"):
+        BitPlan.load(path)
+    binary = tmp_path / 'plan.pth'
+    binary.write_bytes(b'PK\x03\x04\xff\xfe')
+    with pytest.raises(ValueError, match='not a text'):
+        BitPlan.load(binary)
+
+
+def test_a_plan_made_for_one_architecture_is_refused_on_another():
+    plan = BitPlan({'re:.*': (4, 4)}, architecture={'family': 'swin', 'embed_dims': 96, 'depths': [2, 2, 6, 2]})
+    plan.check_architecture({'family': 'swin', 'embed_dims': 96, 'depths': (2, 2, 6, 2), 'window_size': 7})
+    with pytest.raises(ValueError, match=r'another architecture than the backbone \(depths: plan \[2, 2, 6, 2\] vs '
+                                         r'model \[2, 2, 18, 2\]\)'):
+        plan.check_architecture({'family': 'swin', 'embed_dims': 96, 'depths': [2, 2, 18, 2]}, where='the backbone')
+    BitPlan({'re:.*': (4, 4)}).check_architecture({'depths': [1]})        # hand-written: nothing recorded
+    assert BitPlan.from_dict(plan.to_dict()).architecture == plan.architecture
 
 
 def test_non_finite_metadata_is_written_as_null(tmp_path):

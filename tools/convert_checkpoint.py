@@ -20,7 +20,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 
 def convert(src: str, dst: str, trust: bool = False) -> int:
-    from mmdet_lrpq.engine.checkpoint import allow_mmengine_checkpoints, require_checkpoint
+    from mmdet_lrpq.safe_load import allow_mmengine_checkpoints, require_checkpoint
     from mmdet_lrpq.models.swin_names import convert_mmdet2_detector_state_dict
     allow_mmengine_checkpoints()
     require_checkpoint(src)

@@ -59,6 +59,7 @@ def parse_args(argv=None):
     p.add_argument('--out', required=True, help='plan JSON to write')
     p.add_argument('--plot', help='PNG heatmap of importance and bits per block')
     p.add_argument('--scores-cache', help='LRP score cache (default: <out>.scores.json)')
+    p.add_argument('--device', default='cpu', help="where LRP runs: 'cpu', 'cuda', 'cuda:1', ... (default: cpu)")
     p.add_argument('--no-progress', action='store_true')
     args = p.parse_args(argv)
     m = TARGET.match(args.target.lower())
@@ -108,7 +109,7 @@ def build_classifier(args):
     elif args.pretrained:
         weights = {'kind': 'timm-pretrained', 'name': args.model}
     else:
-        from mmdet_lrpq.engine.checkpoint import require_checkpoint
+        from mmdet_lrpq.safe_load import require_checkpoint
         require_checkpoint(args.checkpoint)
         ckpt = torch.load(args.checkpoint, map_location='cpu', weights_only=True)
         state = next((ckpt[k] for k in ('state_dict', 'model') if isinstance(ckpt, dict) and isinstance(ckpt.get(k), dict)), ckpt)
@@ -125,6 +126,17 @@ def build_classifier(args):
             digest = hashlib.sha256(f.read()).hexdigest()[:16]
         weights = {'kind': 'checkpoint', 'path': args.checkpoint, 'sha256_16': digest}
     return model.eval(), weights
+
+
+def resolve_device(name: str) -> torch.device:
+    """``--device`` as a torch device, refusing a CUDA device this machine does not have."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f'--device {name!r} is not a device ({err}); use cpu, cuda or cuda:N') from None
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise ValueError(f'--device {name}: no CUDA device is available here; use --device cpu')
+    return device
 
 
 def lrp_scores(args, model, weights: dict) -> tuple[dict, dict]:
@@ -164,6 +176,7 @@ def lrp_scores(args, model, weights: dict) -> tuple[dict, dict]:
 def make_plan(args, model, weights, raw, images) -> 'BitPlan':  # noqa: F821
     from mmdet_lrpq.lrp import relative_importance, swin_sites
     from mmdet_lrpq.models.swin_names import swin_name_to_mmdet
+    from mmdet_lrpq.models.timm_swin import TimmSwinAdapter
     from mmdet_lrpq.plan import Budget, allocate, plot_plan
     sites = swin_sites(model)
     importance = relative_importance(raw)
@@ -172,6 +185,8 @@ def make_plan(args, model, weights, raw, images) -> 'BitPlan':  # noqa: F821
     if args.plot:
         plot_plan(plan, sites, args.plot)
     detector_plan = plan.rename(lambda n: 'backbone.' + swin_name_to_mmdet(n, 'timm')).with_default(args.k, args.k)
+    # the backbone the plan fits: refused on a Swin of another size (whose extra blocks would fall to re:.*)
+    detector_plan.architecture = TimmSwinAdapter(model, '').architecture()
     detector_plan.source = {'model': args.model, 'weights': weights, 'images': images,
                             'note': 'sites are mmdet backbone names (timm -> mmdet mapping of '
                                     'mmdet_lrpq.models.swin_names); the rest of the detector: re:.* at k bits'}
@@ -195,7 +210,9 @@ def main(argv: Optional[list] = None) -> None:
     args = parse_args(argv)
     args.argv = argv
     try:
+        device = resolve_device(args.device)
         model, weights = build_classifier(args)
+        model.to(device)
         raw, images = lrp_scores(args, model, weights)
         plan, timm_plan, sites = make_plan(args, model, weights, raw, images)
     except (FileNotFoundError, ValueError) as err:

@@ -37,6 +37,8 @@ def parse_args(argv=None):
                         help='override config settings, key=value (e.g. test_dataloader.dataset.data_root=...)')
     parser.add_argument('--data-root', help='COCO root (annotations/, val2017/, train2017/): moves the test/val '
                         'datasets and the evaluators\' annotation files there together')
+    parser.add_argument('--tta', action='store_true', help='test-time augmentation (the config\'s tta_model and '
+                        'tta_pipeline, else horizontal flip); the hook quantizes the detector inside the TTA wrapper')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
     args = parser.parse_args(argv)
@@ -60,6 +62,41 @@ def set_data_root(cfg, root: str) -> None:
                 ev.ann_file = root + ann[len(old):]
 
 
+def _has_mask_head(node) -> bool:
+    if isinstance(node, dict):
+        return node.get('mask_head') is not None or any(_has_mask_head(v) for v in node.values())
+    if isinstance(node, (list, tuple)):
+        return any(_has_mask_head(v) for v in node)
+    return False
+
+
+def enable_tta(cfg) -> None:
+    """mmdet's --tta: wrap the model in its TTA model and give the test set the TTA pipeline."""
+    import copy
+
+    from mmengine.config import ConfigDict
+    if _has_mask_head(cfg.model):
+        raise ValueError("--tta: mmdet's DetTTAModel merges boxes only (instance masks are not supported by "
+                         "MMDetection's test-time augmentation); run this mask detector without --tta, or a "
+                         "box-only detector with it")
+    if 'tta_model' not in cfg:
+        cfg.tta_model = dict(type='DetTTAModel', tta_cfg=dict(nms=dict(type='nms', iou_threshold=0.5), max_per_img=100))
+    if 'tta_pipeline' not in cfg:
+        dataset = cfg.test_dataloader.dataset
+        while 'dataset' in dataset:
+            dataset = dataset['dataset']
+        pipeline = copy.deepcopy(dataset.pipeline)
+        pack = dict(pipeline[-1])
+        if 'meta_keys' in pack:     # the flip must reach the TTA merge
+            pack['meta_keys'] = tuple(pack['meta_keys']) + ('flip', 'flip_direction')
+        # unflipped first: calibration takes the first variant of each TestTimeAug stage
+        pipeline[-1] = dict(type='TestTimeAug', transforms=[
+            [dict(type='RandomFlip', prob=0.), dict(type='RandomFlip', prob=1.)], [pack]])
+        cfg.tta_pipeline = pipeline
+    cfg.model = ConfigDict(**cfg.tta_model, module=cfg.model)
+    cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
+
+
 def build_cfg(args):
     from mmengine.config import Config
     if not osp.isfile(args.config):
@@ -75,6 +112,8 @@ def build_cfg(args):
     elif cfg.get('work_dir', None) is None:
         cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
     cfg.load_from = args.checkpoint
+    if args.tta:
+        enable_tta(cfg)
     if args.show or args.show_dir:
         from mmdet.engine.hooks.utils import trigger_visualization_hook
         cfg = trigger_visualization_hook(cfg, args)
@@ -93,7 +132,7 @@ def main(argv=None) -> dict:
     from mmdet.utils import register_all_modules
 
     import mmdet_lrpq
-    from mmdet_lrpq.engine.checkpoint import require_checkpoint
+    from mmdet_lrpq.safe_load import require_checkpoint
     from mmdet_lrpq.engine.checkpoint_check import check_checkpoint_fits
     register_all_modules(init_default_scope=True)
     mmdet_lrpq.register_all_modules()
@@ -132,7 +171,7 @@ def save_metrics(runner, metrics: dict) -> None:
 if __name__ == '__main__':
     try:
         main()
-    except (FileNotFoundError, ValueError, TypeError) as err:  # bad input: a message, not a trace
+    except (FileNotFoundError, ValueError, TypeError, ImportError) as err:  # bad input: a message, not a trace
         if os.environ.get('MMDET_LRPQ_TRACEBACK'):
             raise
         sys.exit(f'error ({type(err).__name__}): {err}\n(set MMDET_LRPQ_TRACEBACK=1 for the traceback)')

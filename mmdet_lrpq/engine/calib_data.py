@@ -1,34 +1,40 @@
-"""Calibration images for the hook: which ones (seeded, logged by id) and as one batch.
+"""Calibration images for detectors: which ones (seeded, logged by id), streamed in small batches.
 
 Default source: ``train`` — images drawn with a seeded RNG from the training annotations
 (``annotations/instances_train2017.json`` / ``train2017/`` under the test set's ``data_root``),
 disjoint from the evaluation images. ``source='test'`` takes the first test images in order,
 which with one image reproduces RepQ-ViT's protocol (val2017 image 000000397133, the first of the
-official annotation file; ``image_ids=[397133]`` pins it on any copy). The test
-pipeline of the config is used (same resize as evaluation). N images form one batch.
+official annotation file; ``image_ids=[397133]`` pins it on any copy). The test pipeline of the
+config is used (same resize as evaluation; under test-time augmentation, its first variant).
+
+Images are loaded lazily and go through the model ``batch_size`` at a time (default 1), so memory
+does not grow with ``num_images`` (see :mod:`mmdet_lrpq.quant.calibrate` for how batches combine).
 """
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import os.path as osp
-from dataclasses import dataclass
-from typing import Any, Optional
+from dataclasses import asdict, dataclass
+from typing import Any, Iterator, Optional
 
 import numpy as np
 
 SOURCES = ('train', 'test')
 
 
-@dataclass
+@dataclass(frozen=True)
 class CalibSettings:
+    """Which images calibrate, from where, and how many per forward (the hook's ``calib=dict(...)``)."""
     source: str = 'train'
     num_images: int = 1
     seed: int = 0
     ann_file: Optional[str] = None     # relative to data_root, or absolute
     img_prefix: Optional[str] = None   # relative to data_root, or absolute
     data_root: Optional[str] = None    # default: the test dataset's data_root
-    image_ids: Optional[list] = None   # exact COCO image ids to use (overrides num_images/seed)
+    image_ids: Optional[tuple] = None  # exact COCO image ids to use (overrides num_images/seed)
+    batch_size: int = 1                # images per calibration forward (peak memory grows with it)
 
     def __post_init__(self):
         if self.source not in SOURCES:
@@ -36,10 +42,38 @@ class CalibSettings:
         if self.image_ids is not None:
             if not self.image_ids:
                 raise ValueError('calib.image_ids is empty: calibration needs at least one image')
-            self.num_images = len(self.image_ids)
-        if not isinstance(self.num_images, int) or self.num_images < 1:
+            object.__setattr__(self, 'image_ids', tuple(self.image_ids))
+            object.__setattr__(self, 'num_images', len(self.image_ids))
+        if isinstance(self.num_images, bool) or not isinstance(self.num_images, int) or self.num_images < 1:
             raise ValueError(f'calib.num_images must be a positive integer, got {self.num_images!r} '
                              f'(calibration needs at least one image)')
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f'calib.batch_size must be a positive integer, got {self.batch_size!r}')
+
+    @classmethod
+    def from_options(cls, options: Optional[dict]) -> 'CalibSettings':
+        options = dict(options or {})
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f'calib: unknown option(s) {unknown}; the options are {sorted(known)}')
+        return cls(**options)
+
+    def describe(self) -> dict:
+        out = asdict(self)
+        out['image_ids'] = None if self.image_ids is None else list(self.image_ids)
+        return out
+
+
+def plain_pipeline(pipeline: list) -> list:
+    """A test pipeline without test-time augmentation: each ``TestTimeAug`` stage's first variant."""
+    out = []
+    for step in pipeline:
+        if step.get('type') == 'TestTimeAug':
+            out += [copy.deepcopy(choices[0]) for choices in step['transforms']]
+        else:
+            out.append(copy.deepcopy(step))
+    return out
 
 
 def _dataset_cfg(test_dataset_cfg: Any, calib: CalibSettings) -> dict:
@@ -54,6 +88,8 @@ def _dataset_cfg(test_dataset_cfg: Any, calib: CalibSettings) -> dict:
             cfg['ann_file'] = calib.ann_file
         if calib.img_prefix is not None:
             cfg['data_prefix'] = dict(img=calib.img_prefix)
+    if 'pipeline' in cfg:
+        cfg['pipeline'] = plain_pipeline(cfg['pipeline'])
     cfg['test_mode'] = True
     cfg.pop('indices', None)   # an evaluation subset does not restrict where calibration images come from
     return cfg
@@ -90,34 +126,54 @@ def pick_indices(dataset, calib: CalibSettings) -> list[int]:
     return sorted(rng.choice(n_available, size=calib.num_images, replace=False).tolist())
 
 
-def build_calibration_batch(test_dataset_cfg: Any, calib: CalibSettings) -> tuple[dict, list]:
-    """The calibration images as one collated data batch, and their image ids."""
-    from mmdet.registry import DATASETS
-    from mmengine.dataset import pseudo_collate
+class CalibrationImages:
+    """The chosen calibration images: their ids now, their batches lazily (one load per use)."""
 
-    cfg = _dataset_cfg(test_dataset_cfg, calib)
-    _check_paths(cfg, calib)
-    try:
-        dataset = DATASETS.build(cfg)
-    except ValueError as err:  # mmengine serializes the data list with np.concatenate
-        if 'need at least one array' in str(err):
-            raise ValueError(f"the calibration dataset has zero images ({cfg['ann_file']}); check its "
-                             f"annotation file") from err
-        raise
-    items, ids = [], []
-    for i in pick_indices(dataset, calib):
-        info = dataset.get_data_info(i)
-        path = info.get('img_path', f'index {i}')
-        if not osp.isfile(path):
-            raise FileNotFoundError(f'calibration image listed in the annotations is missing: {path}')
+    def __init__(self, test_dataset_cfg: Any, calib: CalibSettings, logger: Optional[logging.Logger] = None):
+        from mmdet.registry import DATASETS
+
+        self.calib = calib
+        self.logger = logger or logging.getLogger('mmdet_lrpq')
+        cfg = _dataset_cfg(test_dataset_cfg, calib)
+        _check_paths(cfg, calib)
         try:
-            item = dataset[i]
+            self.dataset = DATASETS.build(cfg)
+        except ValueError as err:  # mmengine serializes the data list with np.concatenate
+            if 'need at least one array' in str(err):
+                raise ValueError(f"the calibration dataset has zero images ({cfg['ann_file']}); check its "
+                                 f"annotation file") from err
+            raise
+        self.indices = pick_indices(self.dataset, calib)
+        infos = [self.dataset.get_data_info(i) for i in self.indices]
+        self.paths = [info.get('img_path', f'index {i}') for i, info in zip(self.indices, infos)]
+        self.ids = [info.get('img_id', os.path.basename(p)) for info, p in zip(infos, self.paths)]
+        for path in self.paths:
+            if not osp.isfile(path):
+                raise FileNotFoundError(f'calibration image listed in the annotations is missing: {path}')
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _item(self, index: int, path: str, image_id: Any) -> dict:
+        try:
+            item = self.dataset[index]
         except Exception as err:  # decoding errors surface from deep inside mmcv: name the file instead
             raise RuntimeError(f'calibration image {path} could not be loaded ({type(err).__name__}: {err}); '
                                f'is it a valid image file?') from err
-        items.append(item)
-        ids.append(info.get('img_id', os.path.basename(path)))
-    return pseudo_collate(items), ids
+        image = item['inputs']
+        if image.dim() == 3 and image.shape[0] == 3 and bool((image[0] == image[1]).all() and (image[1] == image[2]).all()):
+            self.logger.warning(f'calibration image {image_id} ({path}) is greyscale: its three channels are equal, '
+                                f'unlike the colour images the detector sees; a greyscale calibration image can cost '
+                                f'many AP points at low bits. Prefer colour images (calib.image_ids or calib.seed).')
+        return item
+
+    def batches(self) -> Iterator[dict]:
+        """Collated batches of ``batch_size`` images, loaded as they are consumed."""
+        from mmengine.dataset import pseudo_collate
+        step = self.calib.batch_size
+        for start in range(0, len(self.indices), step):
+            chunk = zip(self.indices[start:start + step], self.paths[start:start + step], self.ids[start:start + step])
+            yield pseudo_collate([self._item(i, p, image_id) for i, p, image_id in chunk])
 
 
 def batch_input_hw(model, batch: dict) -> tuple[int, int]:

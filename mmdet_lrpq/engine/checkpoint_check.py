@@ -22,11 +22,23 @@ def _state_dict_of(checkpoint) -> Mapping:
     return checkpoint
 
 
+def load_checkpoint_file(path: str):
+    """``torch.load`` (weights only), with an unreadable file reported by name instead of a torch traceback."""
+    from ..safe_load import allow_mmengine_checkpoints
+    allow_mmengine_checkpoints()
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except torch.serialization.pickle.UnpicklingError as err:
+        raise ValueError(f'checkpoint {path} holds objects that weights-only loading refuses ({str(err).splitlines()[0]}); '
+                         f'it is not an mmdet/mmengine checkpoint, or it must be re-saved as a plain state dict') from None
+    except Exception as err:  # noqa: BLE001 -- truncated zip, bad magic number, ...: the file is unusable
+        raise ValueError(f'checkpoint {path} is unreadable ({type(err).__name__}: {str(err).strip()[:200]}); it is '
+                         f'truncated or corrupt: download or save it again') from None
+
+
 def check_checkpoint_fits(model: nn.Module, path: str) -> None:
     """Raise ``ValueError`` unless every model tensor is in the checkpoint with the same shape."""
-    from .checkpoint import allow_mmengine_checkpoints
-    allow_mmengine_checkpoints()
-    saved = _state_dict_of(torch.load(path, map_location='cpu', weights_only=True))
+    saved = _state_dict_of(load_checkpoint_file(path))
     if not isinstance(saved, Mapping) or not saved:
         raise ValueError(f'{path} holds no state dict (expected a dict of tensors, or one under "state_dict")')
     own = model.state_dict()

@@ -6,50 +6,64 @@ Add to any mmdet 3.x config::
     custom_hooks = [dict(type='QuantizationHook', w_bits=4, a_bits=4, method='crl')]
     # or a mixed-precision plan: dict(type='QuantizationHook', plan='configs/plans/swin_t_mp4.json')
 
-In ``before_test`` (and ``before_val`` outside training) it wraps the detector, calibrates on
-the calibration images (one batch), reparameterizes, logs the per-layer table and totals and
-writes them to ``<work_dir>/<report_file>``; then the normal test loop evaluates the quantized
-model. With ``state_file`` the calibrated state is saved, and a later run loads it instead of
-calibrating. Under distributed testing rank 0 calibrates and every rank receives the same
-calibrated state, so every rank evaluates the quantized model.
+In ``before_test`` (and ``before_val`` outside training) it quantizes the detector under test
+(inside DDP or test-time-augmentation wrappers) with :func:`.quantize.quantize_detector` — the
+same code as :func:`mmdet_lrpq.apis.init_quantized_detector` — logs the per-layer table and
+totals and writes them to ``<work_dir>/<report_file>``; then the normal test loop evaluates the
+quantized model on whatever device the runner put it.
 """
 from __future__ import annotations
 
 import json
 import os
 import os.path as osp
-from typing import Optional
-
-import torch
-from mmengine.dist import broadcast_object_list, get_dist_info
-from mmengine.hooks import Hook
-from mmengine.model import is_model_wrapper
-from mmengine.runner import BaseLoop
+from typing import Optional, Union
 
 from mmdet.registry import HOOKS
+from mmengine.dist import get_dist_info
+from mmengine.hooks import Hook
+from mmengine.runner import BaseLoop
 
-from ..models.detector import DetectorQuantizer, QuantSettings
-from .calib_data import CalibSettings, batch_input_hw, build_calibration_batch
+from ..config import DEFAULT_CRL_K, QuantConfig
+from ..models.quantizer import QuantReport
+from ..plan import BitPlan
+from .calib_data import CalibSettings
+from .quantize import detector_of, quantize_detector
 
 
 @HOOKS.register_module()
 class QuantizationHook(Hook):
-    """Quantize the model under test (see module docstring). Options: ``QuantSettings`` fields
-    (``w_bits``, ``a_bits``, ``plan``, ``method``, ``crl_k``, ``scope``, ``round_zero_point``,
-    ``patch_embed_a_bits``, ``reparam_output_norms``), ``calib`` (``CalibSettings`` fields:
-    ``source``, ``num_images``, ``seed``, ``ann_file``, ``img_prefix``, ``data_root``),
-    ``state_file`` and ``report_file``."""
+    """Quantize the model under test (see module docstring).
+
+    The quantization options are :class:`mmdet_lrpq.QuantConfig`'s (see its docstring).
+    ``calib``: :class:`~mmdet_lrpq.engine.CalibSettings` fields (``source``, ``num_images``,
+    ``seed``, ``image_ids``, ``batch_size``, ``ann_file``, ``img_prefix``, ``data_root``).
+    ``state_file``: save the calibrated state there; a later run loads it instead of calibrating
+    when it was made from the same weights, options and calibration settings, and otherwise stops
+    with the difference (``state_mismatch='recalibrate'``: recalibrates and replaces it).
+    ``report_file``: the per-site report, in the work dir.
+    """
 
     priority = 'VERY_HIGH'   # before any other before_test work looks at the model
 
-    def __init__(self, calib: Optional[dict] = None, state_file: Optional[str] = None,
-                 report_file: str = 'quantization_report.json', **settings):
-        self.explicit_settings = settings
-        self.settings = QuantSettings(**settings)          # validates early, at config build time
-        self.calib = CalibSettings(**(calib or {}))
+    def __init__(self, w_bits: int = 4, a_bits: int = 4, plan: Union[None, str, BitPlan] = None,
+                 method: str = 'crl', crl_k: float = DEFAULT_CRL_K, scope: str = 'detector',
+                 round_zero_point: bool = False, patch_embed_a_bits: Optional[int] = 8,
+                 reparam_output_norms: Optional[bool] = None, calib: Optional[dict] = None,
+                 state_file: Optional[str] = None, state_mismatch: str = 'error',
+                 report_file: str = 'quantization_report.json'):
+        options = dict(w_bits=w_bits, a_bits=a_bits, plan=plan, method=method, crl_k=crl_k, scope=scope,
+                       round_zero_point=round_zero_point, patch_embed_a_bits=patch_embed_a_bits,
+                       reparam_output_norms=reparam_output_norms)
+        self.config = QuantConfig(**options)               # validates early, at config build time
+        self.explicit = sorted(k for k, v in options.items() if v != QuantConfig.__dataclass_fields__[k].default)
+        self.calib = CalibSettings.from_options(calib)
+        if state_mismatch not in ('error', 'recalibrate'):
+            raise ValueError(f"state_mismatch must be 'error' or 'recalibrate', got {state_mismatch!r}")
         self.state_file = state_file
+        self.state_mismatch = state_mismatch
         self.report_file = report_file
-        self.quantizer: Optional[DetectorQuantizer] = None
+        self.report: Optional[QuantReport] = None
 
     def before_test(self, runner) -> None:
         self._quantize(runner)
@@ -61,56 +75,30 @@ class QuantizationHook(Hook):
         self._quantize(runner)
 
     # ------------------------------------------------------------------
-    def _settings_for(self, model) -> QuantSettings:
-        declared = getattr(getattr(model, 'backbone', None), 'quant_settings', None)
+    def config_for(self, model) -> QuantConfig:
+        """The hook's options, or those of a ``QuantSwinTransformer`` backbone (never both)."""
+        declared = getattr(getattr(model, 'backbone', None), 'quant_config', None)
         if declared is None:
-            return self.settings
-        if self.explicit_settings:
-            raise ValueError('quantization settings are given both in the QuantSwinTransformer backbone '
-                             f'and in QuantizationHook ({sorted(self.explicit_settings)}); keep one of them')
+            return self.config
+        if self.explicit:
+            raise ValueError('quantization options are given both in the QuantSwinTransformer backbone '
+                             f'and in QuantizationHook ({self.explicit}); keep one of them')
         return declared
 
+    def quantize_model(self, model, cfg, logger) -> QuantReport:
+        """Quantize a built detector with this hook's settings (also what init_quantized_detector runs)."""
+        return quantize_detector(model, cfg, self.config_for(model), self.calib, state_file=self.state_file,
+                                 state_mismatch=self.state_mismatch, logger=logger)
+
     def _quantize(self, runner) -> None:
-        if self.quantizer is not None:
+        if self.report is not None:
             return
-        model = runner.model.module if is_model_wrapper(runner.model) else runner.model
-        quantizer = DetectorQuantizer(model, self._settings_for(model), logger=runner.logger)
-        if hasattr(model.backbone, 'claim_quantization'):
-            model.backbone.claim_quantization()
-        rank, world_size = get_dist_info()
-        if self.state_file and osp.isfile(self.state_file):
-            runner.logger.info(f'loading calibrated state from {self.state_file} (no calibration)')
-            quantizer.load_state(torch.load(self.state_file, map_location='cpu', weights_only=True))
-        elif world_size > 1:
-            state = [None]
-            if rank == 0:
-                self._calibrate(runner, quantizer)
-                state = [quantizer.state()]
-            broadcast_object_list(state, src=0)
-            if rank != 0:
-                quantizer.load_state(state[0])
-        else:
-            self._calibrate(runner, quantizer)
-        self.quantizer = quantizer
-        runner.logger.info('quantization:\n' + quantizer.table())
-        runner.message_hub.update_info('quantization_report', quantizer.report())
-        if rank == 0:
+        self.report = self.quantize_model(detector_of(runner.model), runner.cfg, runner.logger)
+        runner.logger.info('quantization:\n' + self.report.table())
+        runner.message_hub.update_info('quantization_report', self.report.to_dict())
+        if get_dist_info()[0] == 0:
             os.makedirs(runner.work_dir, exist_ok=True)
             path = osp.join(runner.work_dir, self.report_file)
             with open(path, 'w') as f:
-                json.dump(quantizer.report(), f, indent=1)
+                json.dump(self.report.to_dict(), f, indent=1)
             runner.logger.info(f'quantization report written to {path}')
-
-    def _calibrate(self, runner, quantizer: DetectorQuantizer) -> None:
-        batch, ids = build_calibration_batch(runner.cfg.test_dataloader.dataset, self.calib)
-        where = self.calib.source + (f' ({self.calib.ann_file})' if self.calib.ann_file else '')
-        how = 'as given by calib.image_ids' if self.calib.image_ids is not None else f'seed {self.calib.seed}'
-        runner.logger.info(f'calibrating on {len(ids)} image(s) of {where}, ids {ids} ({how})')
-        model = quantizer.model
-        model.eval()
-        quantizer.calibrate(lambda m: m.test_step(batch), image_ids=ids, n_images=len(ids),
-                            input_shape=batch_input_hw(model, batch))
-        if self.state_file:
-            os.makedirs(osp.dirname(osp.abspath(self.state_file)), exist_ok=True)
-            torch.save(quantizer.state(), self.state_file)
-            runner.logger.info(f'calibrated state saved to {self.state_file}')

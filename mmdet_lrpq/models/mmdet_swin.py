@@ -20,7 +20,6 @@ equals the original one at any image size.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -28,7 +27,9 @@ from mmdet.models.backbones.swin import SwinTransformer, WindowMSA
 from torch import Tensor, nn
 
 from ..plan.sites import Site
-from ..quant import QuantMatMul, QuantModule, ReparamResult
+from ..quant import QuantMatMul
+from .base import Adapter, Bits, ReparamPair
+from .swin_names import swin_architecture
 
 
 class QuantWindowMSA(WindowMSA):
@@ -49,7 +50,8 @@ class QuantWindowMSA(WindowMSA):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if self.input_shift is None and prefix + 'input_shift' in state_dict:
-            self.input_shift = torch.empty_like(state_dict[prefix + 'input_shift'])
+            self.input_shift = torch.empty_like(state_dict[prefix + 'input_shift'], device=self.qkv.weight.device,
+                                                dtype=self.qkv.weight.dtype)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
@@ -72,36 +74,30 @@ class QuantWindowMSA(WindowMSA):
         return self.proj_drop(self.proj(x))
 
 
-@dataclass(frozen=True)
-class ReparamPair:
-    """A LayerNorm feeding a quantized layer whose input is calibrated per channel."""
-    norm: str        # module path of the LayerNorm
-    layer: str       # module path of the Linear / 1x1 conv it feeds
-    shift_owner: Optional[str] = None  # QuantWindowMSA that applies -b after padding (norm1 -> qkv)
+class SwinAdapter(Adapter):
+    """Where the quantization sites of an mmdet ``SwinTransformer`` are."""
 
+    family = 'mmdet SwinTransformer'
+    is_backbone = True
 
-class SwinAdapter:
-    """Where the quantization sites of an mmdet ``SwinTransformer`` are (names relative to it)."""
-
-    backbone_type = SwinTransformer
-
-    def __init__(self, swin: SwinTransformer):
-        self.swin = swin
+    @classmethod
+    def module_types(cls) -> tuple[type, ...]:
+        return (SwinTransformer,)
 
     def blocks(self):
         """(stage index, global block index, block path, block) in forward order."""
         g = 0
-        for s, stage in enumerate(self.swin.stages):
+        for s, stage in enumerate(self.module.stages):
             for j, block in enumerate(stage.blocks):
-                yield s, g, f'stages.{s}.blocks.{j}', block
+                yield s, g, f'{self.prefix}stages.{s}.blocks.{j}', block
                 g += 1
 
     def sites(self) -> list[Site]:
-        """Every quantization site of the backbone, in forward order (macs filled in later)."""
         def linear(name: str, module: nn.Module, layer_type: str, block=None, stage=None, kind='linear') -> Site:
             return Site(name, kind, layer_type, block, stage, params=module.weight.numel())
 
-        out = [linear('patch_embed.projection', self.swin.patch_embed.projection, 'patch_embed', kind='conv')]
+        pre = self.prefix
+        out = [linear(f'{pre}patch_embed.projection', self.module.patch_embed.projection, 'patch_embed', kind='conv')]
         for s, g, p, block in self.blocks():
             msa = block.attn.w_msa
             out += [
@@ -112,9 +108,9 @@ class SwinAdapter:
                 linear(f'{p}.ffn.layers.0.0', block.ffn.layers[0][0], 'fc1', g, s),
                 linear(f'{p}.ffn.layers.1', block.ffn.layers[1], 'fc2', g, s),
             ]
-            stage = self.swin.stages[s]
+            stage = self.module.stages[s]
             if block is stage.blocks[-1] and stage.downsample is not None:
-                out.append(linear(f'stages.{s}.downsample.reduction', stage.downsample.reduction,
+                out.append(linear(f'{pre}stages.{s}.downsample.reduction', stage.downsample.reduction,
                                   'reduction', None, s))
         return out
 
@@ -123,27 +119,26 @@ class SwinAdapter:
         for s, _, p, block in self.blocks():
             pairs.append(ReparamPair(f'{p}.norm1', f'{p}.attn.w_msa.qkv', shift_owner=f'{p}.attn.w_msa'))
             pairs.append(ReparamPair(f'{p}.norm2', f'{p}.ffn.layers.0.0'))
-            stage = self.swin.stages[s]
+            stage = self.module.stages[s]
             if block is stage.blocks[-1] and stage.downsample is not None:
-                pairs.append(ReparamPair(f'stages.{s}.downsample.norm', f'stages.{s}.downsample.reduction'))
+                pairs.append(ReparamPair(f'{self.prefix}stages.{s}.downsample.norm',
+                                         f'{self.prefix}stages.{s}.downsample.reduction'))
         return pairs
 
     def output_norms(self) -> dict[int, str]:
-        """Backbone output index -> the LayerNorm that produces it (for reparam into a neck)."""
-        return {i: f'norm{i}' for i in self.swin.out_indices}
+        return {i: f'{self.prefix}norm{i}' for i in self.module.out_indices}
 
-    def convert_attention_(self, bits_for: dict[str, int]) -> dict[str, QuantModule]:
-        """Swap every WindowMSA for QuantWindowMSA with the matmul bits of ``bits_for`` (site -> a_bits)."""
-        made: dict[str, QuantModule] = {}
+    def architecture(self) -> dict:
+        swin = self.module
+        first = [stage.blocks[0] for stage in swin.stages]
+        embed = swin.patch_embed.projection
+        return swin_architecture(embed.out_channels, [len(stage.blocks) for stage in swin.stages],
+                                 [b.attn.w_msa.num_heads for b in first], first[0].attn.w_msa.window_size[0],
+                                 embed.kernel_size[0],
+                                 first[0].ffn.layers[0][0].out_features / first[0].ffn.layers[0][0].in_features)
+
+    def convert_(self, bits: dict[str, Bits]) -> None:
+        """Swap every WindowMSA for QuantWindowMSA with the matmul bits of the plan."""
         for _, _, p, block in self.blocks():
             name = f'{p}.attn.w_msa'
-            msa = QuantWindowMSA.convert_(block.attn.w_msa, bits_for[f'{name}.matmul1'], bits_for[f'{name}.matmul2'])
-            made[f'{name}.matmul1'], made[f'{name}.matmul2'] = msa.matmul1, msa.matmul2
-        return made
-
-
-def apply_reparam_shift(owner: QuantWindowMSA, norm: nn.LayerNorm, result: ReparamResult) -> None:
-    """Move the ``-b`` of a norm1 -> qkv reparameterization after the window padding (see module doc)."""
-    with torch.no_grad():
-        norm.bias.data = norm.bias.data + result.b
-    owner.input_shift = -result.b.clone()
+            QuantWindowMSA.convert_(block.attn.w_msa, bits[f'{name}.matmul1'][1], bits[f'{name}.matmul2'][1])

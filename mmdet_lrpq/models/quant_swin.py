@@ -4,10 +4,10 @@
                                embed_dims=96, depths=[2, 2, 6, 2], ...))   # SwinTransformer's kwargs
 
 It *is* mmdet's ``SwinTransformer`` (same parameters and checkpoint keys), plus quantization
-settings (``QuantSettings`` fields; scope is always ``backbone``). If a ``QuantizationHook`` is
-configured, the hook quantizes it with these settings and its calibration source. Without a
+options (``QuantConfig`` fields; scope is always ``backbone``). If a ``QuantizationHook`` is
+configured, the hook quantizes it with these options and its calibration source. Without a
 hook it quantizes itself on its first forward in eval mode, calibrating on that batch — the first
-test image, i.e. RepQ-ViT's protocol. Both paths run the same ``DetectorQuantizer``.
+test image, i.e. RepQ-ViT's protocol. Both paths run the same ``ModelQuantizer``.
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from mmdet.registry import MODELS
 from mmengine.logging import MMLogger
 from torch import nn
 
-from .detector import DetectorQuantizer, QuantSettings
+from ..config import QuantConfig
+from .quantizer import ModelQuantizer
 
 
 class _BackboneOnly(nn.Module):
@@ -39,7 +40,7 @@ class QuantSwinTransformer(SwinTransformer):
             raise ValueError("QuantSwinTransformer quantizes the backbone only (scope='backbone'); "
                              "use QuantizationHook for scope='detector'")
         quant['scope'] = 'backbone'
-        self.quant_settings = QuantSettings(**quant)
+        self.quant_config = QuantConfig.from_options(quant, where='QuantSwinTransformer quant')
         self._self_calibrate = True
 
     def claim_quantization(self) -> None:
@@ -49,10 +50,9 @@ class QuantSwinTransformer(SwinTransformer):
     def forward(self, x):
         if self._self_calibrate and not self.training:
             self._self_calibrate = False
-            quantizer = DetectorQuantizer(_BackboneOnly(self), self.quant_settings,
-                                          logger=MMLogger.get_current_instance())
-            quantizer.calibrate(lambda m: super(QuantSwinTransformer, self).forward(x),
-                                image_ids=['first forward batch'], n_images=x.shape[0],
-                                input_shape=tuple(x.shape[-2:]))
-            quantizer.logger.info('QuantSwinTransformer calibrated on its first batch:\n' + quantizer.table())
+            quantizer = ModelQuantizer(_BackboneOnly(self), self.quant_config, logger=MMLogger.get_current_instance())
+            report = quantizer.calibrate([x], lambda m, batch: super(QuantSwinTransformer, self).forward(batch),
+                                         images_in=lambda batch: batch.shape[0], image_ids=['first forward batch'],
+                                         input_shape=tuple(x.shape[-2:]), batch_size=x.shape[0])
+            quantizer.logger.info('QuantSwinTransformer calibrated on its first batch:\n' + report.table())
         return super().forward(x)

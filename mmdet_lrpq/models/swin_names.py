@@ -36,6 +36,14 @@ _DOWNSAMPLE = re.compile(r'^layers\.(\d+)\.downsample\.(norm|reduction)(\.|$)(.*
 _NO_COUNTERPART = re.compile(r'^(head\.|norm\.|norm$|head$)|relative_position_index$|attn_mask$')
 
 
+def swin_architecture(embed_dims: int, depths, num_heads, window_size: int, patch_size: int,
+                      mlp_ratio: float) -> dict:
+    """The fields a Swin bit plan records and is checked against (same keys for timm and mmdet)."""
+    return {'family': 'swin', 'embed_dims': int(embed_dims), 'depths': [int(d) for d in depths],
+            'num_heads': [int(h) for h in num_heads], 'window_size': int(window_size),
+            'patch_size': int(patch_size), 'mlp_ratio': float(mlp_ratio)}
+
+
 def swin_name_to_mmdet(name: str, layout: str = 'timm') -> Optional[str]:
     """Map a timm/original Swin parameter key or module/site name to mmdet's; ``None`` if it has none.
 

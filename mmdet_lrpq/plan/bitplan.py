@@ -3,11 +3,19 @@
 The shape is torchao's ordered name/regex -> config map: exact names win, otherwise the first
 ``re:`` pattern (full match, in file order) decides, so a plan can say "these layers at 5 bits,
 everything else at 4" in two lines. The file also carries what produced it (scores, allocator,
-budget with its accounting, source, command) so a number in a table can always be traced back.
+budget with its accounting, source, command) so a number in a table can always be traced back,
+and, for plans computed on a model, that model's ``architecture`` (e.g. a Swin's embedding width,
+depths and heads), so a plan made for one backbone is refused on another instead of silently
+sending the sites it does not name to its catch-all.
+
+A plan that cannot mean what it says is an error: duplicate keys in the JSON file (the last one
+would silently win), patterns after the catch-all ``re:.*`` (never consulted), and, on a model,
+patterns whose every site an earlier pattern already decides.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import numbers
@@ -23,7 +31,7 @@ PATTERN_PREFIX = 're:'
 CATCH_ALL = 're:.*'
 MIN_BITS, MAX_BITS = 2, 8
 Bits = tuple[int, int]
-_FIELDS = ('format', 'allocator', 'command', 'source', 'budget', 'bits', 'scores')
+_FIELDS = ('format', 'allocator', 'command', 'source', 'architecture', 'budget', 'bits', 'scores')
 
 
 def format_names(names: Iterable[str], limit: int = 10) -> str:
@@ -67,13 +75,14 @@ class BitPlan:
 
     def __init__(self, bits: Optional[Mapping[str, Any]] = None, *, scores: Optional[Mapping[str, float]] = None,
                  allocator: str = '', budget: Optional[dict] = None, source: Optional[dict] = None,
-                 command: str = ''):
+                 command: str = '', architecture: Optional[Mapping[str, Any]] = None):
         self.bits = bits or {}
         self.scores = scores or {}
         self.allocator = allocator
         self.budget = dict(budget or {})
         self.source = dict(source or {})
         self.command = command
+        self.architecture = None if architecture is None else dict(architecture)
 
     @property
     def scores(self) -> Mapping[str, float]:
@@ -102,6 +111,11 @@ class BitPlan:
                     patterns.append((key, re.compile(key[len(PATTERN_PREFIX):])))
                 except re.error as e:
                     raise ValueError(f'bit plan entry {key!r}: invalid regular expression ({e})') from None
+        pattern_keys = [k for k, _ in patterns]
+        after_catch_all = pattern_keys[pattern_keys.index(CATCH_ALL) + 1:] if CATCH_ALL in pattern_keys else []
+        if after_catch_all:
+            raise ValueError(f'bit plan entries after the catch-all {CATCH_ALL!r} are never used (patterns are '
+                             f'tried in order): {format_names(after_catch_all)}. Move them before {CATCH_ALL!r}.')
         self._bits = checked
         self._bits_view = MappingProxyType(checked)
         self._patterns = patterns
@@ -131,8 +145,9 @@ class BitPlan:
     def validate(self, sites: Iterable[Union[Site, str]]) -> None:
         """Check the plan against a model's sites; raise one ValueError listing every mismatch.
 
-        A pattern counts as used when it fully matches some site name, even where exact keys take
-        precedence, so a catch-all fallback is never reported just because exact keys cover all.
+        A pattern is *used* when it decides a site. A pattern whose matching sites all have exact
+        keys is a fallback this model does not need (a catch-all with every site named), which is
+        fine; one whose sites an earlier pattern decides can never take effect here: an error.
         """
         names = _site_names(sites)
         known = set(names)
@@ -142,16 +157,41 @@ class BitPlan:
             problems.append(f'{len(unknown)} exact key(s) name no site of this model: {format_names(unknown)}. '
                             f'Is the plan for another model or naming scheme? Map its names with '
                             f'BitPlan.rename (e.g. timm -> mmdet) or remove these entries.')
-        unused = [k for k, pat in self._patterns if not any(pat.fullmatch(n) for n in names)]
+        deciding = {n: self._match(n) for n in names}
+        matched = {k: [n for n in names if pat.fullmatch(n)] for k, pat in self._patterns}
+        unused = [k for k, hits in matched.items() if not hits]
         if unused:
             problems.append(f'{len(unused)} pattern(s) match no site: {format_names(unused)}. '
                             f'Patterns must match a whole site name; fix or remove them.')
-        uncovered = [n for n in names if self._match(n) is None]
+        shadowed = [f'{k} (by {format_names(sorted({deciding[n] for n in hits if deciding[n] != n}), 3)})'
+                    for k, hits in matched.items()
+                    if hits and k not in deciding.values() and any(deciding[n] != n for n in hits)]
+        if shadowed:
+            problems.append(f'{len(shadowed)} pattern(s) decide no site because an earlier pattern decides every '
+                            f'site they match: {", ".join(shadowed)}. Move them before that pattern or remove them.')
+        uncovered = [n for n in names if deciding[n] is None]
         if uncovered:
             problems.append(f'{len(uncovered)} site(s) are matched by no entry: {format_names(uncovered)}. '
                             f'Add entries for them, or a fallback with BitPlan.with_default(w_bits, a_bits).')
         if problems:
             raise ValueError('bit plan does not fit this model:\n- ' + '\n- '.join(problems))
+
+    def check_architecture(self, architecture: Mapping[str, Any], where: str = 'this model') -> None:
+        """Refuse the plan on a backbone other than the one it was computed for.
+
+        Compares the fields both sides record (a hand-written plan records none and always passes):
+        a Swin-T plan on a Swin-S names the first six stage-3 blocks exactly and would send the
+        other twelve to its catch-all without a word.
+        """
+        if not self.architecture:
+            return
+        differ = {k: (self.architecture[k], architecture[k]) for k in self.architecture
+                  if k in architecture and _canonical(self.architecture[k]) != _canonical(architecture[k])}
+        if differ:
+            detail = ', '.join(f'{k}: plan {a!r} vs model {b!r}' for k, (a, b) in differ.items())
+            raise ValueError(f'the bit plan was made for another architecture than {where} ({detail}). '
+                             f'Make a plan for this backbone with tools/lrp_plan.py (its --model must be the '
+                             f'classifier of the same size).')
 
     # ------------------------------------------------------------------ derived plans
     def rename(self, fn: Callable[[str], Optional[str]]) -> 'BitPlan':
@@ -185,13 +225,15 @@ class BitPlan:
 
     def _replace(self, **changes: Any) -> 'BitPlan':
         fields = dict(bits=self._bits, scores=self.scores, allocator=self.allocator,
-                      budget=copy.deepcopy(self.budget), source=copy.deepcopy(self.source), command=self.command)
+                      budget=copy.deepcopy(self.budget), source=copy.deepcopy(self.source), command=self.command,
+                      architecture=copy.deepcopy(self.architecture))
         return BitPlan(**{**fields, **changes})
 
     # ------------------------------------------------------------------ I/O
     def to_dict(self) -> dict:
         return {'format': PLAN_FORMAT, 'allocator': self.allocator, 'command': self.command,
-                'source': copy.deepcopy(self.source), 'budget': copy.deepcopy(self.budget),
+                'source': copy.deepcopy(self.source), 'architecture': copy.deepcopy(self.architecture),
+                'budget': copy.deepcopy(self.budget),
                 'bits': {k: list(v) for k, v in self._bits.items()}, 'scores': dict(self.scores)}
 
     @classmethod
@@ -205,7 +247,8 @@ class BitPlan:
             raise ValueError(f'{where}: unknown field(s) {format_names(extra)}; a {PLAN_FORMAT} plan has '
                              f'{format_names(_FIELDS)}')
         return cls(data.get('bits', {}), scores=data.get('scores'), allocator=data.get('allocator', ''),
-                   budget=data.get('budget'), source=data.get('source'), command=data.get('command', ''))
+                   budget=data.get('budget'), source=data.get('source'), command=data.get('command', ''),
+                   architecture=data.get('architecture'))
 
     def save(self, path: Union[str, Path]) -> None:
         """Write human-readable JSON (indent 2, one ``"site": [w, a]`` per line)."""
@@ -216,10 +259,25 @@ class BitPlan:
     @classmethod
     def load(cls, path: Union[str, Path]) -> 'BitPlan':
         try:
-            data = json.loads(Path(path).read_text())
+            text = Path(path).read_text(encoding='utf-8')
+        except FileNotFoundError:
+            raise FileNotFoundError(f'bit plan not found: {path}') from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f'{path}: not a text (JSON) file ({e}); is it a bit plan?') from None
+        try:
+            data = json.loads(text, object_pairs_hook=_no_duplicate_keys)
         except json.JSONDecodeError as e:
-            raise ValueError(f'{path}: not valid JSON ({e})') from None
+            raise ValueError(f'{path}: not valid JSON ({e}); a truncated or hand-edited plan? Regenerate it with '
+                             f'the command recorded in it, or tools/lrp_plan.py') from None
+        except _DuplicateKeys as e:
+            raise ValueError(f'{path}: duplicate JSON key(s) {format_names(e.keys)} (only the last of each would '
+                             f'count); keep one entry per key') from None
         return cls.from_dict(data, where=str(path))
+
+    def content_hash(self) -> str:
+        """sha256 of what the plan says (bits, scores, provenance), independent of file formatting."""
+        text = json.dumps(_json_safe(self.to_dict()), sort_keys=True, separators=(',', ':'), allow_nan=False)
+        return hashlib.sha256(text.encode()).hexdigest()
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, BitPlan):
@@ -229,6 +287,31 @@ class BitPlan:
 
     def __repr__(self) -> str:
         return f'BitPlan({len(self._bits)} entries, allocator={self.allocator!r})'
+
+
+class _DuplicateKeys(ValueError):
+    def __init__(self, keys: list[str]):
+        super().__init__(keys)
+        self.keys = keys
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
+    counts: dict[str, int] = {}
+    for key, _ in pairs:
+        counts[key] = counts.get(key, 0) + 1
+    repeated = [k for k, c in counts.items() if c > 1]
+    if repeated:
+        raise _DuplicateKeys(repeated)
+    return dict(pairs)
+
+
+def _canonical(value: Any) -> Any:
+    """Architecture fields compare by value: tuples and lists alike, 4 and 4.0 alike."""
+    if isinstance(value, (list, tuple)):
+        return [_canonical(v) for v in value]
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 def _json_safe(value: Any) -> Any:

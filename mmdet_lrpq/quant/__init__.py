@@ -1,9 +1,11 @@
 """Pure-PyTorch quantization core: RepQ-exact quantizers, fake-quant modules, CRL, calibration.
 
-The one in-place verb is :func:`wrap_modules` (swap layers by type, configured per layer),
-followed by :func:`calibrate` and :func:`reparameterize_`. No MMDetection imports here.
+:func:`wrap_modules` swaps layers by type (configured per layer), :func:`calibrate_stream`
+calibrates them on any number of batches (:func:`calibrate` on one), :func:`reparameterize_`
+applies RepQ/CRL. No MMDetection imports here; :func:`mmdet_lrpq.quantize_` drives it all.
 """
-from .calibrate import calibrate, calibrating
+from .calibrate import RULE as CALIBRATION_RULE
+from .calibrate import activation_quantizers, calibrate, calibrate_stream, calibrating
 from .functional import (PERCENTILES, check_bits, fake_quant_log_sqrt2, fake_quant_uniform,
                          log2_shift_dequant, log2_shift_form, log2_shift_matmul_int, log_sqrt2_qparams,
                          uniform_qparams)
@@ -16,7 +18,8 @@ __all__ = [
     'PERCENTILES', 'check_bits', 'uniform_qparams', 'fake_quant_uniform', 'log_sqrt2_qparams',
     'fake_quant_log_sqrt2', 'log2_shift_form', 'log2_shift_dequant', 'log2_shift_matmul_int',
     'QuantState', 'UniformQuantizer', 'LogSqrt2Quantizer', 'QuantModule', 'QuantLinear', 'QuantConv2d',
-    'QuantMatMul', 'quant_modules', 'set_quant_state', 'calibrate', 'calibrating', 'ReparamResult',
+    'QuantMatMul', 'quant_modules', 'set_quant_state', 'calibrate', 'calibrate_stream', 'calibrating',
+    'activation_quantizers', 'CALIBRATION_RULE', 'ReparamResult',
     'crl_clip', 'reparameterize_', 'LayerQuantConfig', 'quantizable_layers', 'set_submodule',
     'wrap_modules',
 ]

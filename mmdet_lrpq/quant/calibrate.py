@@ -1,28 +1,134 @@
-"""Calibration driver: one forward with every quantizer observing, then every quantizer fixed.
+"""Calibration driver: RepQ-ViT's protocol per calibration forward, streamed over any number of them.
 
-RepQ-ViT's protocol: each activation quantizer fixes its parameters from the first input it
-sees and quantizes that very input, so later layers are calibrated on the quantized outputs of
-earlier ones; weights are quantized from the start. Several calibration images therefore go
-through as **one batch** (as RepQ-ViT's calibration batch does), not as several forwards: a
-second forward would see fixed quantizers and add nothing. Deterministic: no sampling anywhere.
+Within one forward (one batch of images), RepQ-ViT's protocol holds: each activation quantizer
+fixes its parameters from the first non-empty input it sees and quantizes that very input, so
+later layers are calibrated on the quantized outputs of earlier ones; weights are quantized from
+the start. Several images in one batch are calibrated on together, but memory then grows with
+the batch.
+
+So calibration *streams*: the images go through one batch at a time (any batch size), each
+batch calibrates every quantizer afresh by that rule, and the parameters are combined across
+batches by the **mean of the batch ranges**: a uniform quantizer's clipping range
+``[-zp·Δ, (2^b-1-zp)·Δ]`` (per channel where it is per channel) is averaged, weighted by images,
+and ``Δ, zp`` re-derived from the mean range (``Δ = (hi-lo)/(2^b-1)``, ``zp = round(-lo/Δ)``); a
+log-√2 quantizer's ``Δ`` is averaged. Peak memory is one batch's forward plus a few numbers per
+quantizer, whatever the number of images. With one batch (one image, RepQ-ViT's COCO protocol, or
+all images as one batch) the parameters are that batch's, bit for bit. A quantizer that receives
+no input in some batch (no RoIs on that image) is averaged over the batches that fed it; one that
+no batch fed is an error. Deterministic: no sampling anywhere.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from .modules import QuantState, quant_modules, set_quant_state
+from .modules import LogSqrt2Quantizer, QuantState, UniformQuantizer, _Quantizer, quant_modules, set_quant_state
+
+T = TypeVar('T')
+RULE = 'mean of per-batch RepQ ranges'
+
+
+class _RangeMean:
+    """Image-weighted running mean of one activation quantizer's per-batch parameters."""
+
+    def __init__(self) -> None:
+        self.weight = 0.0
+        self.first: Optional[tuple[Tensor, ...]] = None
+        self.sums: Optional[list[Tensor]] = None
+        self.batches = 0
+
+    @staticmethod
+    def _ranges(q: _Quantizer) -> list[Tensor]:
+        if isinstance(q, UniformQuantizer):
+            delta, zp = q.delta.double(), q.zero_point.double()
+            lo = -zp * delta
+            return [lo, lo + ((1 << q.bits) - 1) * delta]
+        return [q.delta.double()]
+
+    def add(self, q: _Quantizer, weight: float) -> None:
+        ranges = [r * weight for r in self._ranges(q)]
+        if self.batches == 0:
+            self.first = tuple(getattr(q, n).clone() for n in q._qparam_names)
+            self.sums = ranges
+        else:
+            self.sums = [s + r for s, r in zip(self.sums, ranges)]
+        self.weight += weight
+        self.batches += 1
+
+    def apply(self, q: _Quantizer) -> None:
+        """Give ``q`` the combined parameters (nothing if no batch fed it)."""
+        if self.batches == 0:
+            return
+        if self.batches == 1:           # exactly that batch's parameters (RepQ-ViT's protocol)
+            for name, value in zip(q._qparam_names, self.first):
+                setattr(q, name, value)
+            return
+        dtype = self.first[0].dtype
+        means = [s / self.weight for s in self.sums]
+        if isinstance(q, UniformQuantizer):
+            lo, hi = means
+            delta = ((hi - lo) / ((1 << q.bits) - 1)).to(dtype)
+            q.set_qparams(delta, (-lo / delta.double()).round().to(dtype), q.channel_axis)
+        elif isinstance(q, LogSqrt2Quantizer):
+            q.delta = means[0].to(dtype)
+        else:
+            raise TypeError(f'no combination rule for {type(q).__name__}')
+
+
+def activation_quantizers(model: nn.Module) -> list[_Quantizer]:
+    return [q for m in quant_modules(model).values() for q in m.input_quantizers()]
+
+
+def calibrate_stream(model: nn.Module, batches: Iterable[T], run: Callable[[nn.Module, T], Any], *,
+                     images_in: Callable[[T], float] = lambda batch: 1,
+                     progress: Optional[Callable[[float], None]] = None) -> float:
+    """Calibrate every quantized module of ``model`` on ``batches`` (see module docstring).
+
+    ``run(model, batch)`` performs one calibration forward; ``images_in(batch)`` is the batch's
+    weight in the mean (its number of images); ``progress`` is called with the images done.
+    Returns the number of images. On success every module is QUANTIZED; on any failure FLOAT.
+    """
+    quantizers = activation_quantizers(model)
+    if not quantizers:
+        raise ValueError('the model has no quantized modules to calibrate; wrap it first')
+    means = [_RangeMean() for _ in quantizers]
+    done = 0.0
+    set_quant_state(model, QuantState.CALIBRATING)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                for q in quantizers:
+                    q.reset()
+                run(model, batch)
+                weight = images_in(batch)
+                for q, mean in zip(quantizers, means):
+                    if q.calibrated:
+                        mean.add(q, weight)
+                done += weight
+                if progress is not None:
+                    progress(done)
+        if not done:
+            raise ValueError('calibration received no batches: give at least one calibration input')
+        for q, mean in zip(quantizers, means):
+            q.reset()
+            mean.apply(q)
+        set_quant_state(model, QuantState.QUANTIZED)   # raises, naming them, if a layer was never fed
+    except BaseException:
+        set_quant_state(model, QuantState.FLOAT)       # never leave a half-calibrated model behind
+        raise
+    return done
 
 
 @contextmanager
 def calibrating(model: nn.Module) -> Iterator[nn.Module]:
     """Inside: every quantized module calibrates on its first non-empty input. On exit: QUANTIZED.
 
-    Raises (listing them) if some quantized layers never received input, instead of leaving them
-    silently in float; on any failure every module is back in FLOAT.
+    One calibration forward by hand (what :func:`calibrate_stream` does per batch). Raises
+    (listing them) if some quantized layers never received input; on any failure every module is
+    back in FLOAT.
     """
     if not quant_modules(model):
         raise ValueError('the model has no quantized modules to calibrate; wrap it first')
@@ -31,11 +137,12 @@ def calibrating(model: nn.Module) -> Iterator[nn.Module]:
         yield model
         set_quant_state(model, QuantState.QUANTIZED)
     except BaseException:
-        set_quant_state(model, QuantState.FLOAT)   # never leave a half-calibrated model behind
+        set_quant_state(model, QuantState.FLOAT)
         raise
 
 
 def calibrate(model: nn.Module, forward: Callable[[nn.Module], Any]) -> Any:
-    """Run ``forward(model)`` once under :func:`calibrating` and ``torch.no_grad``; return its output."""
-    with calibrating(model), torch.no_grad():
-        return forward(model)
+    """Run ``forward(model)`` once as the only calibration batch; return its output."""
+    out: list = []
+    calibrate_stream(model, [None], lambda m, _: out.append(forward(m)))
+    return out[0]

@@ -15,6 +15,9 @@ from .modules import QuantConv2d, QuantLinear, QuantMatMul, quant_modules
 
 
 def _macs(module: nn.Module, inputs: tuple, output: Tensor) -> int:
+    own = getattr(module, 'macs', None)     # modules outside this package (e.g. a packed projection)
+    if callable(own):
+        return own(inputs, output)
     if isinstance(module, QuantLinear):
         return output.numel() * module.in_features
     if isinstance(module, QuantConv2d):

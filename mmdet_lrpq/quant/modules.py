@@ -42,7 +42,7 @@ class _Scratch(threading.local):
     def get(self, slot: int, numel: int) -> Tensor:
         buf = self.buffers.get(slot)
         if buf is None or buf.numel() < numel:
-            buf = self.buffers[slot] = torch.empty(numel)
+            buf = self.buffers[slot] = torch.empty(numel, device='cpu')  # the fused kernels' CPU float32 path
         return buf
 
 
@@ -85,6 +85,13 @@ class _Quantizer(nn.Module):
     def get_extra_state(self) -> dict:
         return {'bits': self.bits}
 
+    def _follow(self, x: Tensor) -> None:
+        """Keep the qparams on the input's device (a state loaded on the CPU into a CUDA model)."""
+        first = getattr(self, self._qparam_names[0])
+        if first.device != x.device:
+            for name in self._qparam_names:
+                setattr(self, name, getattr(self, name).to(x.device))
+
     def set_extra_state(self, state: dict) -> None:
         self.bits = check_bits(state['bits'])
 
@@ -123,6 +130,7 @@ class UniformQuantizer(_Quantizer):
         self.delta, self.zero_point, self.channel_axis = delta, zero_point, channel_axis
 
     def forward(self, x: Tensor, scratch: Optional[Tensor] = None) -> Tensor:
+        self._follow(x)
         return fake_quant_uniform(x, self.delta, self.zero_point, self.bits, scratch)
 
     @property
@@ -143,6 +151,7 @@ class LogSqrt2Quantizer(_Quantizer):
         self.delta = log_sqrt2_qparams(x, self.bits)
 
     def forward(self, x: Tensor, scratch: Optional[Tensor] = None) -> Tensor:
+        self._follow(x)
         return fake_quant_log_sqrt2(x, self.delta, self.bits, scratch)
 
     def extra_repr(self) -> str:
@@ -222,7 +231,8 @@ class _WeightedQuantModule(QuantModule):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Scale reparameterization may have created a bias this (freshly wrapped) layer lacks.
         if self.bias is None and prefix + 'bias' in state_dict:
-            self.bias = nn.Parameter(torch.empty_like(state_dict[prefix + 'bias']))
+            self.bias = nn.Parameter(torch.empty_like(state_dict[prefix + 'bias'], device=self.weight.device,
+                                                      dtype=self.weight.dtype))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:

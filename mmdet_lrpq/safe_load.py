@@ -1,4 +1,4 @@
-"""Safe loading of MMEngine checkpoints under ``torch.load(weights_only=True)``.
+"""Checkpoint files: existence checks, and MMEngine checkpoints under ``torch.load(weights_only=True)``.
 
 torch >= 2.6 refuses any pickled global that is not allow-listed. Checkpoints written by
 MMEngine's ``Runner`` carry, besides tensors, a ``message_hub`` with ``HistoryBuffer`` objects
@@ -6,6 +6,8 @@ MMEngine's ``Runner`` carry, besides tensors, a ``message_hub`` with ``HistoryBu
 'min')``) and numpy scalars in ``meta``. Rather than switching the check off, we allow-list
 exactly those types; ``getattr`` itself is replaced by a version that resolves nothing but
 HistoryBuffer's statistics methods, so a malicious file still cannot reach arbitrary attributes.
+MMEngine is imported only by :func:`allow_mmengine_checkpoints`, so pure paths (timm-only planning)
+can use :func:`require_checkpoint` without it.
 """
 from __future__ import annotations
 
@@ -14,13 +16,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from mmengine.logging.history_buffer import HistoryBuffer
 
 _HISTORY_BUFFER_STATISTICS = frozenset({'min', 'max', 'mean', 'current'})
 
 
 def _history_buffer_getattr(obj: Any, name: str) -> Any:
     """Stand-in for ``builtins.getattr`` during weights-only unpickling."""
+    from mmengine.logging.history_buffer import HistoryBuffer
     if obj is HistoryBuffer and name in _HISTORY_BUFFER_STATISTICS:
         return getattr(HistoryBuffer, name)
     raise torch.serialization.pickle.UnpicklingError(
@@ -43,6 +45,7 @@ def _numpy_globals() -> list:
 
 def allow_mmengine_checkpoints() -> None:
     """Allow-list what MMEngine stores in checkpoints (idempotent, process-wide)."""
+    from mmengine.logging.history_buffer import HistoryBuffer
     torch.serialization.add_safe_globals([
         HistoryBuffer,
         (_history_buffer_getattr, 'builtins.getattr'),

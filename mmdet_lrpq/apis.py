@@ -1,0 +1,80 @@
+"""MMDetection-style Python entry points: a quantized detector from a config and a checkpoint.
+
+    from mmdet.apis import inference_detector
+    from mmdet_lrpq.apis import init_quantized_detector
+
+    model = init_quantized_detector('configs/mask_rcnn_swin_t_mp4.py', 'mask_rcnn_swin_t.pth', device='cuda:0')
+    result = inference_detector(model, 'demo.jpg')        # runs the quantized model
+    print(model.quantization_report)                      # the hook's table and totals
+
+The config's ``QuantizationHook`` options (or its ``QuantSwinTransformer`` backbone) say how to
+quantize and which images calibrate; the same code as the hook does it. ``mmdet.apis.init_detector``
+on such a config returns the float model (hooks only run in the Runner) and warns so.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from typing import Any, Optional, Union
+
+import torch
+
+
+def _hook_options(cfg) -> Optional[dict]:
+    from .registration import has_quantization_hook
+    if not has_quantization_hook(cfg):
+        return None
+    hook = next(h for h in cfg.custom_hooks
+                if h.get('type') == 'QuantizationHook' or getattr(h.get('type'), '__name__', '') == 'QuantizationHook')
+    return {k: v for k, v in hook.items() if k != 'type'}
+
+
+def init_quantized_detector(config: Union[str, Any], checkpoint: str, device: Optional[str] = None,
+                            cfg_options: Optional[dict] = None, logger: Optional[logging.Logger] = None):
+    """Build the detector of ``config``, load ``checkpoint``, quantize it as the config says; return it.
+
+    ``device``: where the model runs and calibrates (default ``cuda:0`` when available, else ``cpu``).
+    The report is attached as ``model.quantization_report``. A checkpoint whose tensors do not fit
+    the model, or that cannot be read, is refused (mmengine would only warn and evaluate random
+    layers). Class names come from the checkpoint's meta (else the dataset's, as init_detector).
+    """
+    from mmengine.config import Config
+    from mmengine.logging import MMLogger
+    from mmengine.runner import load_checkpoint
+
+    from . import register_all_modules
+    from .engine import check_checkpoint_fits, require_checkpoint
+    from .engine.hook import QuantizationHook
+
+    register_all_modules()
+    from mmdet.apis import inference
+    init_detector = getattr(inference.init_detector, '__wrapped_by_mmdet_lrpq__', inference.init_detector)
+    cfg = Config.fromfile(config) if isinstance(config, str) else copy.deepcopy(config)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    options = _hook_options(cfg)
+    declared = cfg.model.get('backbone', {}).get('type') == 'QuantSwinTransformer'
+    if options is None and not declared:
+        raise ValueError(f'{config if isinstance(config, str) else "the config"} adds no QuantizationHook to '
+                         f'custom_hooks (and its backbone is not QuantSwinTransformer): nothing says how to quantize. '
+                         f'Use one of configs/*_{{w4a4,w6a6,mp4,mp6}}.py, or mmdet.apis.init_detector for the float model.')
+    require_checkpoint(checkpoint)
+    device = device or ('cuda:0' if torch.cuda.is_available() else 'cpu')
+    with warnings.catch_warnings():   # "checkpoint is None, use COCO classes": the checkpoint's come next
+        warnings.simplefilter('ignore', UserWarning)
+        model = init_detector(cfg, None, device='cpu')
+    check_checkpoint_fits(model, checkpoint)         # refused before anything is evaluated
+    meta = load_checkpoint(model, checkpoint, map_location='cpu', logger='silent').get('meta', {})
+    if 'dataset_meta' in meta:
+        model.dataset_meta = {k.lower(): v for k, v in meta['dataset_meta'].items()}
+    elif 'CLASSES' in meta:
+        model.dataset_meta = {'classes': meta['CLASSES']}
+    model.to(device)
+    hook = QuantizationHook(**(options or {}))
+    logger = logger or MMLogger.get_current_instance()
+    model.quantization_report = hook.quantize_model(model, model.cfg, logger)
+    return model
+
+
+__all__ = ['init_quantized_detector']

@@ -1,0 +1,131 @@
+"""``QuantConfig``: every quantization option, as one frozen object (torchao style).
+
+The same fields are the keyword arguments of ``QuantizationHook`` (config files), of the
+``QuantSwinTransformer`` backbone type (its ``quant=dict(...)``) and of
+:func:`mmdet_lrpq.quantize_` (Python), so ``help(QuantConfig)`` documents all three.
+Pure: no torch model code, no mmdet.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field, fields
+from typing import Optional, Union
+
+from .plan import BitPlan
+from .quant.functional import check_bits
+
+METHODS = ('repq', 'crl', 'none')
+SCOPES = ('detector', 'backbone')
+DEFAULT_CRL_K = 3.0
+
+
+def plan_command(path: str) -> str:
+    """The tools/lrp_plan.py command that makes the plan ``path`` (from its name, when standard)."""
+    m = re.search(r'swin_([ts])_mp(\d)', os.path.basename(path))
+    model = {'t': 'swin_tiny_patch4_window7_224', 's': 'swin_small_patch4_window7_224'}[m.group(1)] if m else 'MODEL'
+    target = f'mp{m.group(2)}' if m else 'mpK'
+    return (f'python tools/lrp_plan.py --model {model} --checkpoint CLASSIFIER.pth --images IMAGENET_DIR '
+            f'--target {target} --out {path}   (see configs/plans/README.md)')
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How a model is quantized.
+
+    w_bits, a_bits:       uniform bits (2..8) of weights and input activations, when no ``plan`` is given.
+    plan:                 a bit plan (``BitPlan`` or the path of its JSON file): site name or ``re:``
+                          pattern -> (w_bits, a_bits); takes precedence over ``w_bits``/``a_bits``.
+    method:               ``'repq'`` (RepQ-ViT's scale reparameterization of post-LayerNorm inputs),
+                          ``'crl'`` (clipped channel-wise + reparameterization, LRP-QViT) or ``'none'``.
+    crl_k:                CRL's clipping in standard deviations (``inf`` = RepQ).
+    scope:                ``'detector'``: every Conv2d/Linear of the model plus the attention matmuls
+                          (RepQ-ViT's protocol); ``'backbone'``: only what an architecture adapter covers
+                          (the Swin backbone).
+    round_zero_point:     round RepQ's layer-wise zero point (makes reparameterization exact).
+    patch_embed_a_bits:   bits of the patch-embedding input (RepQ-ViT keeps the image at 8); ``None``:
+                          what the plan says.
+    reparam_output_norms: also reparameterize the backbone's output norms into the FPN's 1x1 laterals
+                          (default: for ``'crl'``).
+    """
+    w_bits: int = 4
+    a_bits: int = 4
+    plan: Union[None, str, os.PathLike, BitPlan] = None
+    method: str = 'crl'
+    crl_k: float = DEFAULT_CRL_K
+    scope: str = 'detector'
+    round_zero_point: bool = False
+    patch_embed_a_bits: Optional[int] = 8
+    reparam_output_norms: Optional[bool] = None
+    _plan_cache: Optional[BitPlan] = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        for name in ('w_bits', 'a_bits'):
+            try:
+                check_bits(getattr(self, name))
+            except ValueError as err:
+                raise ValueError(f'{name}: {err}') from None
+        if self.patch_embed_a_bits is not None:
+            try:
+                check_bits(self.patch_embed_a_bits)
+            except ValueError as err:
+                raise ValueError(f'patch_embed_a_bits: {err}') from None
+        try:
+            k = float(self.crl_k)
+        except (TypeError, ValueError):
+            raise ValueError(f'crl_k must be a number of standard deviations (or inf), got {self.crl_k!r}') from None
+        if not k > 0:
+            raise ValueError(f'crl_k must be > 0 standard deviations (inf for RepQ), got {self.crl_k}')
+        object.__setattr__(self, 'crl_k', k)
+        if self.reparam_output_norms is None:
+            object.__setattr__(self, 'reparam_output_norms', self.method == 'crl')
+        if isinstance(self.plan, os.PathLike):
+            object.__setattr__(self, 'plan', os.fspath(self.plan))
+        if isinstance(self.plan, str):
+            if not os.path.isfile(self.plan):
+                raise FileNotFoundError(f'bit plan not found: {self.plan}. It is not made silently uniform; '
+                                        f'make it with: {plan_command(self.plan)}')
+        elif self.plan is not None and not isinstance(self.plan, BitPlan):
+            raise TypeError(f'plan must be a BitPlan, the path of a plan JSON file, or None; got '
+                            f'{type(self.plan).__name__}')
+
+    @classmethod
+    def from_options(cls, options: dict, where: str = 'quantization options') -> 'QuantConfig':
+        """From keyword options (a config's dict), naming unknown ones instead of a bare TypeError."""
+        known = {f.name for f in fields(cls) if f.init}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TypeError(f'{where}: unknown option(s) {unknown}; the options are {sorted(known)}')
+        return cls(**options)
+
+    @property
+    def k(self) -> float:
+        """The clipping actually applied: CRL's k, or infinity (RepQ)."""
+        return self.crl_k if self.method == 'crl' else math.inf
+
+    def load_plan(self) -> BitPlan:
+        """The plan in effect (uniform bits when none is given); a file is read once."""
+        if self.plan is None:
+            return BitPlan.uniform(self.w_bits, self.a_bits)
+        if isinstance(self.plan, BitPlan):
+            return self.plan
+        if self._plan_cache is None:
+            object.__setattr__(self, '_plan_cache', BitPlan.load(self.plan))
+        return self._plan_cache
+
+    def describe(self) -> dict:
+        """JSON-ready options; a plan is named by its path (or ``<BitPlan>``) and its content hash."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+        out['crl_k'] = self.crl_k if math.isfinite(self.crl_k) else 'inf'
+        plan = out.pop('plan')
+        out['plan'] = None if plan is None else (plan if isinstance(plan, str) else '<BitPlan>')
+        out['plan_sha256'] = self.load_plan().content_hash()
+        return out
+
+
+__all__ = ['QuantConfig', 'METHODS', 'SCOPES', 'DEFAULT_CRL_K', 'plan_command']

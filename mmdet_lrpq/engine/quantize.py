@@ -1,0 +1,95 @@
+"""Quantize an mmdet detector from its config: the one path behind the hook and ``init_quantized_detector``.
+
+Calibration images come from the config's test dataset settings (:mod:`.calib_data`), stream
+through ``test_step`` ``calib.batch_size`` at a time, and the calibrated state can be saved and
+reused (:func:`mmdet_lrpq.api.calibrate_or_load`: refused, or recalibrated, when it was made from
+other weights, options or calibration settings). Under distributed testing rank 0 calibrates (or
+loads) and every rank receives the same state, so every rank evaluates the quantized model.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+from torch import nn
+
+from ..api import calibrate_or_load, images_in
+from ..config import QuantConfig
+from ..models.quantizer import ModelQuantizer, QuantReport
+from .calib_data import CalibrationImages, CalibSettings
+
+
+def detector_of(model: nn.Module) -> nn.Module:
+    """The detector inside the runner's model: unwraps DDP and test-time augmentation wrappers."""
+    from mmengine.model import BaseTTAModel, is_model_wrapper
+    if is_model_wrapper(model):
+        model = model.module
+    if isinstance(model, BaseTTAModel):
+        model = model.module   # calibrated on the plain (first) variant of the TTA pipeline
+    return model
+
+
+def quantize_detector(model: nn.Module, cfg: Any, config: QuantConfig, calib: CalibSettings, *,
+                      state_file: Optional[str] = None, state_mismatch: str = 'error',
+                      logger: Optional[logging.Logger] = None, progress: bool = True) -> QuantReport:
+    """Quantize ``model`` (a built detector with its weights) in place; returns the report."""
+    from mmengine.dist import broadcast_object_list, get_dist_info
+
+    logger = logger or logging.getLogger('mmdet_lrpq')
+    quantizer = ModelQuantizer(model, config, logger=logger)
+    backbone = getattr(model, 'backbone', None)
+    if hasattr(backbone, 'claim_quantization'):
+        backbone.claim_quantization()
+    identity = calib.describe()
+
+    def calibrate() -> QuantReport:
+        images = CalibrationImages(cfg.test_dataloader.dataset, calib, logger)
+        where = calib.source + (f' ({calib.ann_file})' if calib.ann_file else '')
+        how = 'as given by calib.image_ids' if calib.image_ids is not None else f'seed {calib.seed}'
+        logger.info(f'calibrating on {len(images)} image(s) of {where}, ids {images.ids} ({how}), '
+                    f'{calib.batch_size} per forward')
+        model.eval()
+        shape: list = []
+        # the padded network input of the first batch, as the data preprocessor makes it (for BOPs)
+        handle = model.data_preprocessor.register_forward_hook(
+            lambda module, args, out: shape.append(tuple(out['inputs'].shape[-2:])))
+
+        bar = _progress_bar(len(images)) if progress else None
+        try:
+            report = quantizer.calibrate(images.batches(), lambda m, batch: m.test_step(batch), images_in=images_in,
+                                         image_ids=images.ids, calibration=identity, batch_size=calib.batch_size,
+                                         progress=None if bar is None else bar.update_to)
+        finally:
+            handle.remove()
+            if bar is not None:
+                bar.close()
+        report.input_shape = shape[0]
+        return report
+
+    rank, world_size = get_dist_info()
+    if world_size == 1:
+        return calibrate_or_load(quantizer, calibrate, state_file=state_file, state_mismatch=state_mismatch,
+                                 calibration=identity)
+    state = [None]
+    if rank == 0:
+        calibrate_or_load(quantizer, calibrate, state_file=state_file, state_mismatch=state_mismatch,
+                          calibration=identity)
+        state = [quantizer.state()]
+    broadcast_object_list(state, src=0)
+    if rank != 0:
+        quantizer.load_state(state[0], identity, where='the calibrated state broadcast by rank 0')
+    return quantizer.report
+
+
+class _progress_bar:
+    """tqdm on stderr, fed with the number of images done."""
+
+    def __init__(self, total: int):
+        from tqdm import tqdm
+        self._bar = tqdm(total=total, desc='calibration', unit='img', leave=False)
+
+    def update_to(self, done: float) -> None:
+        self._bar.update(done - self._bar.n)
+
+    def close(self) -> None:
+        self._bar.close()

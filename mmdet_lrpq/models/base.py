@@ -1,0 +1,147 @@
+"""The adapter protocol: what the quantization driver needs to know about one family of modules.
+
+An *adapter* knows one module family — mmdet's Swin, timm's Swin, ``nn.MultiheadAttention`` —
+found at some path of a model, and answers: which quantization sites it has (in forward order),
+which of them are plain Conv2d/Linear layers the generic wrapper swaps, which LayerNorm -> Linear
+pairs can be reparameterized, how to turn its inline matmuls into quantized modules, what its
+sites are called in bit plans, and which architecture it is (so a plan made for another size is
+refused). Everything the adapters do not cover is quantized generically (Conv2d/Linear).
+
+Families are looked up lazily: an adapter module is imported only when the library that defines
+its module type is already loaded (a model containing an mmdet Swin has imported mmdet), so
+quantizing a timm or plain PyTorch model never imports MMDetection.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
+
+import torch
+from torch import nn
+
+from ..plan.sites import Site
+from ..quant import ReparamResult
+
+Bits = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class ReparamPair:
+    """A LayerNorm feeding a quantized layer whose input is calibrated per channel (model paths)."""
+    norm: str
+    layer: str
+    shift_owner: Optional[str] = None  # module that applies -b after window padding (norm1 -> qkv)
+
+
+class Adapter:
+    """Base of the family adapters; ``module`` sits at ``prefix`` (``''`` or ``'backbone.'``) of the model."""
+
+    family: ClassVar[str] = ''
+    is_backbone: ClassVar[bool] = False      # covered by scope='backbone'
+    claims_subtree: ClassVar[bool] = False   # no Conv2d/Linear below it is quantized generically
+
+    def __init__(self, module: nn.Module, prefix: str):
+        self.module = module
+        self.prefix = prefix
+
+    @classmethod
+    def module_types(cls) -> tuple[type, ...]:
+        raise NotImplementedError
+
+    @classmethod
+    def supports(cls, module: nn.Module) -> Optional[str]:
+        """``None`` if the adapter can quantize ``module``, else why not (it then stays float)."""
+        return None
+
+    def sites(self) -> list[Site]:
+        """Every site, named by model path, in forward order (MACs are measured later)."""
+        raise NotImplementedError
+
+    def wrapped_layers(self) -> set[str]:
+        """Model paths of the sites that are plain Conv2d/Linear modules (swapped generically)."""
+        return {s.name for s in self.sites() if s.kind != 'matmul'}
+
+    def reparam_pairs(self) -> list[ReparamPair]:
+        return []
+
+    def convert_(self, bits: dict[str, Bits]) -> None:
+        """Turn what the generic wrapper cannot reach (inline matmuls, fused projections) quantized."""
+
+    def plan_names(self) -> dict[str, str]:
+        """Site path -> its name in bit plans (identity unless the family is named otherwise there)."""
+        return {s.name: s.name for s in self.sites()}
+
+    def architecture(self) -> Optional[dict[str, Any]]:
+        return None
+
+    def output_norms(self) -> dict[int, str]:
+        """Backbone output index -> model path of the LayerNorm producing it (for neck pairings)."""
+        return {}
+
+
+
+def site_granularity(site: Site, per_channel: set[str]) -> str:
+    """How a site is quantized, for the report (before reparameterization)."""
+    if site.kind == 'matmul':
+        return 'log√2 · uniform' if site.layer_type == 'matmul2' else 'uniform · uniform'
+    return 'w:channel a:' + ('channel' if site.name in per_channel else 'tensor')
+
+
+# (library module whose presence means the family can occur, adapter module, adapter class)
+FAMILIES: tuple[tuple[str, str, str], ...] = (
+    ('mmdet.models.backbones.swin', 'mmdet_lrpq.models.mmdet_swin', 'SwinAdapter'),
+    ('timm.models.swin_transformer', 'mmdet_lrpq.models.timm_swin', 'TimmSwinAdapter'),
+    ('torch.nn', 'mmdet_lrpq.models.attention', 'MultiheadAttentionAdapter'),
+)
+
+
+def active_adapter_classes() -> list[type[Adapter]]:
+    """Adapter classes whose library is loaded (importing none that is not)."""
+    return [getattr(importlib.import_module(module), cls) for lib, module, cls in FAMILIES if lib in sys.modules]
+
+
+@dataclass
+class Unsupported:
+    """A module of a known family that stays float, and why (reported, excluded from the totals)."""
+    name: str
+    family: str
+    reason: str
+    params: int
+
+
+def find_adapters(model: nn.Module) -> tuple[list[Adapter], list[Unsupported]]:
+    """Adapters for the outermost family modules of ``model`` in module order, and the unsupported ones."""
+    classes = active_adapter_classes()
+    found: list[Adapter] = []
+    unsupported: list[Unsupported] = []
+    claimed: list[str] = []
+    for name, module in model.named_modules():
+        if any(c == '' or name == c or name.startswith(c + '.') for c in claimed):
+            continue
+        for cls in classes:
+            if isinstance(module, cls.module_types()):
+                reason = cls.supports(module)
+                prefix = name + '.' if name else ''
+                if reason is None:
+                    found.append(cls(module, prefix))
+                else:
+                    unsupported.append(Unsupported(name, cls.family, reason,
+                                                   sum(p.numel() for p in module.parameters())))
+                claimed.append(name)
+                break
+    return found, unsupported
+
+
+def apply_reparam_shift(owner: nn.Module, norm: nn.LayerNorm, result: ReparamResult) -> None:
+    """Move the ``-b`` of a norm -> qkv reparameterization from the norm's bias into ``owner``.
+
+    Swin pads the *output* of ``norm1`` to whole windows and the padded tokens take part in
+    attention; with ``-b`` in the bias they would no longer stand for zeros. ``owner`` (the
+    quantized window attention) adds ``input_shift`` after the padding, before ``qkv``.
+    """
+    b = result.b.to(norm.bias.dtype)      # a half-precision model stays in half precision
+    with torch.no_grad():
+        norm.bias.data = norm.bias.data + b
+    owner.input_shift = -b

@@ -1,0 +1,359 @@
+"""The one quantization driver: sites, bit plan, wrapping, calibration, reparameterization, state.
+
+Behind :func:`mmdet_lrpq.quantize_`, the ``QuantizationHook``, ``init_quantized_detector`` and the
+``QuantSwinTransformer`` backbone type alike. It works on any ``nn.Module``: architecture
+adapters (:mod:`.base`) supply the sites they know (a Swin backbone: attention matmuls,
+per-channel post-LayerNorm inputs and their reparameterization; ``nn.MultiheadAttention``: its
+packed projection and matmuls), every other Conv2d/Linear is quantized generically, and modules
+of a known family that cannot be quantized are reported as float and left out of the totals.
+
+Protocol (RepQ-ViT, DESIGN §3.1/§3.6): weights per output channel, inputs per tensor, the
+patch-embedding input at 8 bits, post-LayerNorm inputs calibrated per channel and
+reparameterized (RepQ, or CRL with clipping ``k``). Order: wrap -> calibrate (streamed, see
+:mod:`mmdet_lrpq.quant.calibrate`) -> reparameterize -> re-quantize weights -> evaluate.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+from ..config import QuantConfig
+from ..plan import Site, account
+from ..quant import (CALIBRATION_RULE, LayerQuantConfig, QuantConv2d, QuantLinear, QuantState, calibrate_stream,
+                     quant_modules, quantizable_layers, reparameterize_, set_quant_state, wrap_modules)
+from ..quant.macs import count_macs
+from .base import Adapter, Bits, ReparamPair, apply_reparam_shift, find_adapters, site_granularity
+from .state import (STATE_FORMAT, StateMismatchError, differences, mismatch_message, new_identity)
+
+
+@dataclass
+class QuantReport:
+    """What quantization did: per-site bits and granularity, totals, calibration, float leftovers.
+
+    ``str(report)`` is the table the hook logs; :meth:`to_dict` is ``quantization_report.json``.
+    """
+    config: dict
+    sites: list[Site]
+    bits: dict[str, Bits]
+    granularity: dict[str, str]
+    reparameterized: dict[str, str] = field(default_factory=dict)
+    float_modules: list[dict] = field(default_factory=list)
+    calibration: dict = field(default_factory=dict)
+    input_shape: Optional[tuple[int, int]] = None
+
+    @property
+    def totals(self) -> dict:
+        acc = account(self.sites, self.bits)
+        n_layers = sum(s.kind != 'matmul' for s in self.sites)
+        return {'conv_linear': n_layers, 'matmul': len(self.sites) - n_layers, **acc.to_dict(),
+                'float_modules': len(self.float_modules),
+                'float_params': sum(m['params'] for m in self.float_modules)}
+
+    @property
+    def calibration_ids(self) -> list:
+        return list(self.calibration.get('image_ids') or [])
+
+    def table(self) -> str:
+        rows = [('site', 'kind', 'W', 'A', 'granularity', 'reparam')]
+        for s in self.sites:
+            w, a = self.bits[s.name]
+            rows.append((s.name, s.kind, '-' if s.kind == 'matmul' else str(w), str(a),
+                         self.granularity[s.name], self.reparameterized.get(s.name, '-')))
+        for m in self.float_modules:
+            rows.append((m['name'], m['family'], 'float', 'float', f"not quantized: {m['reason']}", '-'))
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines = ['  '.join(c.ljust(wd) for c, wd in zip(row, widths)) for row in rows]
+        lines.insert(1, '  '.join('-' * wd for wd in widths))
+        t = self.totals
+        c = self.config
+        shape = f' at {self.input_shape[1]}x{self.input_shape[0]}' if self.input_shape else ''
+        method = c['method'] + (f"(k={c['crl_k']})" if c['method'] == 'crl' else '')
+        leftover = (f"; {t['float_modules']} module(s) left in float ({t['float_params']} weights, not in "
+                    f"these totals)" if self.float_modules else '')
+        cal = self.calibration
+        calib = (f"calibration: {cal.get('num_images')} image(s) {self.calibration_ids}, "
+                 f"batch size {cal.get('batch_size')}, rule: {cal.get('rule')}" if cal else 'not calibrated')
+        lines.append(
+            f"scope={c['scope']} method={method}: {t['conv_linear']} Conv2d/Linear + {t['matmul']} attention "
+            f"matmuls quantized; avg W bits {t['avg_weight_bits']:.3f}, avg A bits {t['avg_act_bits']:.3f} "
+            f"(MAC-weighted {t['avg_act_bits_mac_weighted']:.3f}), weights {t['weight_mb']:.2f} MB, "
+            f"{t['bops'] / 1e9:.2f} GBOPs/image{shape}{leftover}; {calib}")
+        return '\n'.join(lines)
+
+    __str__ = table
+
+    def to_dict(self) -> dict:
+        return {'settings': self.config, 'totals': self.totals, 'calibration_ids': self.calibration_ids,
+                'calibration': self.calibration, 'input_shape': self.input_shape,
+                'float_modules': self.float_modules,
+                'sites': [{**s.to_dict(), 'w_bits': self.bits[s.name][0], 'a_bits': self.bits[s.name][1],
+                           'granularity': self.granularity[s.name], 'reparam': self.reparameterized.get(s.name)}
+                          for s in self.sites]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> 'QuantReport':
+        sites = [Site(**{k: s[k] for k in ('name', 'kind', 'layer_type', 'block', 'stage', 'params', 'macs')})
+                 for s in data['sites']]
+        return cls(config=data['settings'], sites=sites,
+                   bits={s['name']: (s['w_bits'], s['a_bits']) for s in data['sites']},
+                   granularity={s['name']: s['granularity'] for s in data['sites']},
+                   reparameterized={s['name']: s['reparam'] for s in data['sites'] if s['reparam']},
+                   float_modules=list(data.get('float_modules', [])), calibration=dict(data.get('calibration', {})),
+                   input_shape=tuple(data['input_shape']) if data.get('input_shape') else None)
+
+
+def _peak_memory_reset(device: torch.device) -> None:
+    """Start a fresh peak-memory measurement (Linux: the process's resident high-water mark)."""
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+    except OSError:
+        pass
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_memory(device: torch.device) -> dict:
+    out: dict = {}
+    try:
+        with open('/proc/self/status') as f:
+            hwm = next(line for line in f if line.startswith('VmHWM'))
+        out['peak_rss_mb'] = round(int(hwm.split()[1]) / 1024, 1)
+    except (OSError, StopIteration):
+        pass
+    if device.type == 'cuda':
+        out['peak_cuda_mb'] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
+    return out
+
+
+def model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device('cpu')
+
+
+class ModelQuantizer:
+    """Quantizes one model instance (see module docstring)."""
+
+    def __init__(self, model: nn.Module, config: QuantConfig, logger: Optional[logging.Logger] = None):
+        self.model = model
+        self.config = config
+        self.logger = logger or logging.getLogger('mmdet_lrpq')
+        self.adapters, self.unsupported = find_adapters(model)
+        backbones = [a for a in self.adapters if a.is_backbone]
+        if config.scope == 'backbone' and not backbones:
+            from .base import FAMILIES
+            raise TypeError(f"scope='backbone' needs a backbone with an adapter ({', '.join(c for _, _, c in FAMILIES)}); "
+                            f"this model has none ({self._backbone_kind()}). Use scope='detector' for the generic "
+                            f'Conv2d/Linear treatment.')
+        if not backbones and hasattr(model, 'backbone'):
+            self.logger.warning(f'{self._backbone_kind()} has no quantization adapter: its Conv2d/Linear layers are '
+                                f'quantized generically (no attention matmuls, no LayerNorm reparameterization)')
+        for u in self.unsupported:
+            self.logger.warning(f'{u.name} ({u.family}) stays float: {u.reason}; it is listed as float in the '
+                                f'report and not counted in its totals')
+        self.pairs = self._reparam_pairs()
+        self.report: Optional[QuantReport] = None
+        self.identity: Optional[dict] = None        # of the calibrated state (set by calibrate/load_state)
+        self._float: Optional[dict] = None
+
+    def _backbone_kind(self) -> str:
+        backbone = getattr(self.model, 'backbone', None)
+        return type(backbone).__name__ if backbone is not None else type(self.model).__name__
+
+    def _active(self) -> list[Adapter]:
+        return [a for a in self.adapters if self.config.scope == 'detector' or a.is_backbone]
+
+    # ------------------------------------------------------------------ sites
+    def sites(self) -> list[Site]:
+        """Every site in scope, in module order (an adapter's sites where its module sits)."""
+        order = {name: i for i, (name, _) in enumerate(self.model.named_modules())}
+        groups: list[tuple[int, list[Site]]] = []
+        claimed: set[str] = set()
+        for a in self.adapters:
+            sites = a.sites()
+            claimed |= {s.name for s in sites}
+            if a in self._active():
+                groups.append((order[a.prefix.rstrip('.')], sites))
+        roots = [a.prefix.rstrip('.') for a in self.adapters if a.claims_subtree] + [u.name for u in self.unsupported]
+        if self.config.scope == 'detector':
+            for name, layer in quantizable_layers(self.model).items():
+                if name in claimed or any(r == '' or name == r or name.startswith(r + '.') for r in roots):
+                    continue
+                kind = 'conv' if isinstance(layer, nn.Conv2d) else 'linear'
+                groups.append((order[name], [Site(name, kind, 'other', params=layer.weight.numel())]))
+        groups.sort(key=lambda g: g[0])
+        return [s for _, sites in groups for s in sites]
+
+    def _reparam_pairs(self) -> list[ReparamPair]:
+        if self.config.method == 'none':
+            return []
+        pairs = [p for a in self._active() for p in a.reparam_pairs()]
+        if self.config.reparam_output_norms and self.config.scope == 'detector':
+            pairs += self._neck_pairs()
+        return pairs
+
+    def _neck_pairs(self) -> list[ReparamPair]:
+        """Backbone output norms -> FPN lateral 1x1 convs, where the output feeds nothing else."""
+        neck = getattr(self.model, 'neck', None)
+        laterals = getattr(neck, 'lateral_convs', None)
+        backbone = next((a for a in self.adapters if a.is_backbone and a.prefix == 'backbone.'), None)
+        if laterals is None or not hasattr(neck, 'start_level') or backbone is None:
+            return []
+        pairs = []
+        # FPN input p is the backbone's p-th output, i.e. out_indices[p], whatever stage that is.
+        for p, (_, norm) in enumerate(sorted(backbone.output_norms().items())):
+            j = p - neck.start_level
+            if not 0 <= j < len(laterals):
+                continue
+            shared = neck.add_extra_convs == 'on_input' and p == neck.backbone_end_level - 1
+            conv = getattr(laterals[j], 'conv', None)
+            if shared or not isinstance(conv, nn.Conv2d) or conv.kernel_size != (1, 1) or conv.groups != 1:
+                continue
+            pairs.append(ReparamPair(norm, f'neck.lateral_convs.{j}.conv'))
+        return pairs
+
+    # ------------------------------------------------------------------ bits + wrap
+    def resolve_bits(self, sites: list[Site]) -> dict[str, Bits]:
+        plan = self.config.load_plan()
+        for a in self._active():
+            arch = a.architecture()
+            if arch is not None:
+                plan.check_architecture(arch, where=f'the {a.family} at {a.prefix.rstrip(".") or "the model root"}')
+        plan_name = {s.name: s.name for s in sites}
+        for a in self._active():
+            plan_name.update(a.plan_names())
+        names = [plan_name[s.name] for s in sites]
+        plan.validate(names)
+        resolved = plan.resolve(names)
+        bits = {s.name: resolved[plan_name[s.name]] for s in sites}
+        if self.config.patch_embed_a_bits is not None:
+            for s in sites:
+                if s.layer_type == 'patch_embed':
+                    bits[s.name] = (bits[s.name][0], self.config.patch_embed_a_bits)
+        return bits
+
+    def _float_identity(self, calibration: Optional[dict]) -> dict:
+        """The identity a state made now would have (fingerprints taken of the float model, once)."""
+        if self._float is None:
+            if quant_modules(self.model):
+                raise RuntimeError('this model is already quantized; build a fresh one to quantize again')
+            self._float = new_identity(self.model, self.config.describe(), None)
+        return {**self._float, 'calibration': calibration}
+
+    def wrap(self) -> QuantReport:
+        """Swap every site for its fake-quant module (FLOAT state: outputs unchanged)."""
+        self._float_identity(None)          # raises if the model is already quantized
+        sites = self.sites()
+        bits = self.resolve_bits(sites)
+        per_channel = {p.layer for p in self.pairs}
+        self_converted = {s.name for a in self._active() for s in a.sites()} - \
+            {n for a in self._active() for n in a.wrapped_layers()}
+        layer_names = {s.name for s in sites if s.kind != 'matmul' and s.name not in self_converted}
+        wrap_modules(self.model, lambda name, m: LayerQuantConfig(*bits[name], per_channel_input=name in per_channel)
+                     if name in layer_names else None)
+        for a in self._active():
+            a.convert_(bits)
+        granularity = {s.name: site_granularity(s, per_channel) for s in sites}
+        floats = [{'name': u.name, 'family': u.family, 'reason': u.reason, 'params': u.params} for u in self.unsupported]
+        self.report = QuantReport(self.config.describe(), sites, bits, granularity, float_modules=floats)
+        return self.report
+
+    # ------------------------------------------------------------------ calibrate + reparam
+    def calibrate(self, batches: Iterable, run: Callable[[nn.Module, Any], Any], *,
+                  images_in: Callable[[Any], float] = lambda batch: 1, image_ids: Optional[list] = None,
+                  input_shape: Optional[tuple[int, int]] = None, calibration: Optional[dict] = None,
+                  batch_size: int = 1, progress: Optional[Callable[[float], None]] = None) -> QuantReport:
+        """Stream the calibration batches, then reparameterize (RepQ/CRL) and re-quantize weights.
+
+        ``calibration``: the settings that chose the images (recorded in the state's identity).
+        """
+        self.identity = self._float_identity(calibration)
+        if self.report is None:
+            self.wrap()
+        device = model_device(self.model)
+        _peak_memory_reset(device)
+        start = time.perf_counter()
+        with count_macs(self.model) as macs:
+            n_images = calibrate_stream(self.model, batches, run, images_in=images_in, progress=progress)
+        seconds = time.perf_counter() - start
+        r = self.report
+        r.sites = [Site(s.name, s.kind, s.layer_type, s.block, s.stage, s.params,
+                        round(macs.get(s.name, 0) / max(1.0, n_images))) for s in r.sites]
+        r.input_shape = input_shape
+        r.calibration = {'num_images': int(n_images) if float(n_images).is_integer() else n_images,
+                         'image_ids': list(image_ids or []), 'batch_size': batch_size, 'rule': CALIBRATION_RULE,
+                         'seconds': round(seconds, 2), **_peak_memory(device),
+                         'settings': calibration}
+        self.reparameterize()
+        self.requantize_weights()
+        return r
+
+    def requantize_weights(self) -> None:
+        """Re-calibrate and cache every weight quantizer now (reparameterization changed weights)."""
+        for m in quant_modules(self.model).values():
+            if isinstance(m, (QuantConv2d, QuantLinear)):
+                m.quantized_weight()
+
+    def reparameterize(self) -> None:
+        modules = dict(self.model.named_modules())
+        tag = f'crl(k={self.config.crl_k:g})' if self.config.method == 'crl' else 'repq'
+        for pair in self.pairs:
+            norm, layer = modules[pair.norm], modules[pair.layer]
+            res = reparameterize_(norm, layer, k=self.config.k, round_zero_point=self.config.round_zero_point)
+            if pair.shift_owner is not None:
+                apply_reparam_shift(modules[pair.shift_owner], norm, res)
+            self.report.reparameterized[pair.layer] = tag
+            self.report.granularity[pair.layer] = 'w:channel a:channel→tensor'
+
+    # ------------------------------------------------------------------ state
+    def state(self) -> dict:
+        """Everything needed to restore the calibrated model without recalibrating, and its identity."""
+        if self.identity is None or self.report is None or not self.report.calibration:
+            raise RuntimeError('nothing to save: the model is not calibrated yet')
+        return {'format': STATE_FORMAT, 'identity': self.identity, 'report': self.report.to_dict(),
+                'state_dict': {k: v.detach().cpu() if torch.is_tensor(v) else v
+                               for k, v in self.model.state_dict().items()}}
+
+    def check_state(self, state: dict, calibration: Optional[dict], where: str = 'the calibrated state') -> None:
+        """Raise :class:`StateMismatchError` unless ``state`` was made from this model and these inputs."""
+        now = self._float_identity(calibration)
+        saved = state.get('identity', {})
+        diffs = differences(saved, now)
+        if saved.get('calibration') is None or now.get('calibration') is None:
+            diffs.pop('calibration', None)
+            for key in [k for k in diffs if k.startswith('calibration.')]:
+                diffs.pop(key)
+            self.logger.warning(f'{where}: the calibration inputs cannot be compared (no calibration settings '
+                                f'recorded on one side); its weights, structure and options match')
+        if diffs:
+            raise StateMismatchError(mismatch_message(where, diffs), diffs)
+        if saved.get('package_version') != now['package_version']:
+            self.logger.warning(f"{where} was made by mmdet-lrpq {saved.get('package_version')}, this is "
+                                f"{now['package_version']}; recalibrate if results look off")
+
+    def load_state(self, state: dict, calibration: Optional[dict] = None, where: str = 'the calibrated state') -> QuantReport:
+        """Check ``state`` (see :meth:`check_state`), then restore it without recalibrating."""
+        self.check_state(state, calibration, where)
+        self.wrap()
+        self.identity = state['identity']
+        device = model_device(self.model)
+        tensors = {k: v.to(device) if torch.is_tensor(v) else v for k, v in state['state_dict'].items()}
+        missing, unexpected = self.model.load_state_dict(tensors, strict=False)
+        if missing or unexpected:
+            raise StateMismatchError(f'{where} does not fit this model: {len(missing)} missing, {len(unexpected)} '
+                                     f'unexpected tensors (e.g. {(missing + unexpected)[:3]})', {})
+        set_quant_state(self.model, QuantState.QUANTIZED)
+        saved = QuantReport.from_dict(state['report'])
+        self.report.sites, self.report.calibration = saved.sites, saved.calibration
+        self.report.input_shape, self.report.reparameterized = saved.input_shape, saved.reparameterized
+        for name in saved.reparameterized:
+            self.report.granularity[name] = 'w:channel a:channel→tensor'
+        return self.report
+
+
+__all__ = ['ModelQuantizer', 'QuantReport', 'model_device']

@@ -1,0 +1,164 @@
+"""Top-1 of a timm Swin classifier in float and quantized: check a bit plan on the model it was made on.
+
+    python tools/test_cls.py --model swin_tiny_patch4_window7_224 --checkpoint swin_tiny.pth \\
+        --images /data/imagenet/val --plan configs/plans/swin_t_mp4.json --num-calib 32
+
+The classifier is built as tools/lrp_plan.py builds it (a timm name, a kwargs file, or a
+checkpoint recording its kwargs). It is evaluated in float, quantized with
+``mmdet_lrpq.quantize_`` — the plan (``--plan``, whose mmdet backbone names map onto timm's), or
+uniform ``--w-bits/--a-bits``; every Conv2d/Linear and both attention matmuls, post-LayerNorm
+inputs reparameterized (``--method``) — calibrated on the first ``--num-calib`` images of
+``--calib-images`` (default: ``--images``, whose calibration images are then not evaluated),
+streamed ``--calib-batch-size`` at a time (``--calib-batch-size`` equal to ``--num-calib`` is
+RepQ-ViT's ImageNet protocol: one batch of 32), and evaluated again.
+
+Labels: class folders with a ``wnids.txt`` (ImageNet layout), or ``--labels FILE`` with
+``<path relative to --images> <class index>`` per line (the miniature world's layout).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import os.path as osp
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split('\n', 2)[2])
+    p.add_argument('--model', required=True,
+                   help='timm model name, a .json/.py file of SwinTransformer kwargs, or a checkpoint with meta.model_kwargs')
+    w = p.add_mutually_exclusive_group()
+    w.add_argument('--checkpoint', help='local weights for the classifier')
+    w.add_argument('--pretrained', action='store_true', help="timm's pretrained weights (downloads; needs network)")
+    w.add_argument('--random-init', type=int, metavar='SEED', help='seeded random weights (top-1 is then chance)')
+    p.add_argument('--images', required=True, help='evaluation images: class folders (+ wnids.txt) or a flat folder')
+    p.add_argument('--labels', help="'<relative path> <label>' per line, for a flat folder")
+    p.add_argument('--num-images', type=int, default=None, help='evaluate only the first N images (stable order)')
+    p.add_argument('--calib-images', help='calibration images (default: --images; those used are not evaluated)')
+    p.add_argument('--num-calib', type=int, default=32, help='calibration images (default 32)')
+    p.add_argument('--calib-batch-size', type=int, default=1, help='calibration images per forward (default 1)')
+    q = p.add_mutually_exclusive_group()
+    q.add_argument('--plan', help='bit plan JSON (e.g. from tools/lrp_plan.py)')
+    q.add_argument('--bits', type=int, help='uniform W=A bits instead of a plan (default 4)')
+    p.add_argument('--method', default='crl', choices=['repq', 'crl', 'none'])
+    p.add_argument('--crl-k', type=float, default=3.0)
+    p.add_argument('--batch-size', type=int, default=32, help='evaluation batch size')
+    p.add_argument('--device', default='cpu')
+    p.add_argument('--out', help='write the results as JSON here')
+    p.add_argument('--no-progress', action='store_true')
+    args = p.parse_args(argv)
+    for name in ('num_calib', 'calib_batch_size', 'batch_size'):
+        if getattr(args, name) < 1:
+            p.error(f'--{name.replace("_", "-")} must be >= 1')
+    return args
+
+
+def labelled_items(root: str, labels: Optional[str], num: Optional[int] = None) -> list:
+    """Images with their class index, in the stable order of mmdet_lrpq.lrp.list_images."""
+    from mmdet_lrpq.lrp import ImageItem, list_images
+    items = list_images(root)
+    if labels is not None:
+        # paths relative to the image folder, or to its parent (the folder's own name first)
+        base = osp.basename(osp.normpath(root)) + os.sep
+        table = {}
+        for line in Path(labels).read_text().splitlines():
+            if line.strip():
+                rel, label = line.rsplit(maxsplit=1)
+                rel = osp.normpath(rel)
+                table[rel[len(base):] if rel.startswith(base) else rel] = int(label)
+        keys = [osp.relpath(i.path, root) for i in items]
+        missing = [k for k in keys if k not in table]
+        if missing:
+            raise ValueError(f'--labels {labels} has no label for {len(missing)} image(s) of {root}, e.g. {missing[0]}')
+        items = [ImageItem(i.path, table[k]) for i, k in zip(items, keys)]
+    unlabelled = [i.path for i in items if i.label is None]
+    if unlabelled:
+        raise ValueError(f'no class label for {len(unlabelled)} image(s) of {root} (e.g. {unlabelled[0]}): give class '
+                         f'folders with a wnids.txt, or --labels FILE')
+    return items[:num] if num is not None else items
+
+
+@torch.no_grad()
+def top1(model, items: list, transform, batch_size: int, device, desc: str, progress: bool) -> float:
+    from mmdet_lrpq.lrp import iter_batches
+    correct = 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(items), desc=desc, unit='img', leave=False)
+    for images, batch in iter_batches(items, transform, batch_size):
+        pred = model(images.to(device)).argmax(1).cpu()
+        correct += int((pred == torch.tensor([i.label for i in batch])).sum())
+        if bar is not None:
+            bar.update(len(batch))
+    if bar is not None:
+        bar.close()
+    return 100.0 * correct / len(items)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    import lrp_plan
+    from mmdet_lrpq import QuantConfig, quantize_
+    from mmdet_lrpq.lrp import eval_transform, iter_batches, list_images
+
+    device = lrp_plan.resolve_device(args.device)
+    if args.checkpoint is None and not args.pretrained and args.random_init is None:
+        raise ValueError('give the classifier weights: --checkpoint PATH, --pretrained, or --random-init SEED')
+    model, weights = lrp_plan.build_classifier(args)
+    model.to(device).eval()
+    transform = eval_transform(model)
+    calib_root = args.calib_images or args.images
+    calib_items = list_images(calib_root, args.num_calib)
+    items = labelled_items(args.images, args.labels)
+    if calib_root == args.images:   # never evaluate on the calibration images
+        used = {str(i.path) for i in calib_items}
+        items = [i for i in items if str(i.path) not in used]
+    if args.num_images is not None:
+        items = items[:args.num_images]
+    if not items:
+        raise ValueError(f'no evaluation images left in {args.images} after the {len(calib_items)} calibration images')
+
+    t0 = time.time()
+    fp = top1(model, items, transform, args.batch_size, device, 'float', not args.no_progress)
+    config = QuantConfig(plan=args.plan, w_bits=args.bits or 4, a_bits=args.bits or 4, method=args.method,
+                         crl_k=args.crl_k)
+    calib = (images.to(device) for images, _ in iter_batches(calib_items, transform, args.calib_batch_size))
+    t1 = time.time()
+    report = quantize_(model, config, calib=calib)
+    t2 = time.time()
+    quant = top1(model, items, transform, args.batch_size, device, 'quantized', not args.no_progress)
+    totals = report.totals
+    result = {'model': args.model, 'weights': weights, 'plan': args.plan, 'bits': None if args.plan else (args.bits or 4),
+              'method': args.method, 'num_eval_images': len(items), 'num_calib_images': len(calib_items),
+              'calib_batch_size': args.calib_batch_size, 'top1_float': fp, 'top1_quantized': quant,
+              'avg_weight_bits': totals['avg_weight_bits'], 'avg_act_bits': totals['avg_act_bits'],
+              'weight_mb': totals['weight_mb'], 'calibration_seconds': round(t2 - t1, 2),
+              'seconds': round(time.time() - t0, 1), 'command': 'python tools/test_cls.py ' + ' '.join(argv or sys.argv[1:])}
+    print(report.table().splitlines()[-1])
+    print(f"top-1 on {len(items)} images: float {fp:.2f}%, quantized {quant:.2f}% ({quant - fp:+.2f}); "
+          f"calibration {result['calibration_seconds']:.1f}s on {len(calib_items)} image(s)")
+    if args.out:
+        os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
+        with open(args.out, 'w') as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == '__main__':
+    try:
+        main()
+    except (FileNotFoundError, ValueError, TypeError) as err:
+        if os.environ.get('MMDET_LRPQ_TRACEBACK'):
+            raise
+        sys.exit(f'error ({type(err).__name__}): {err}\n(set MMDET_LRPQ_TRACEBACK=1 for the traceback)')
