@@ -168,7 +168,9 @@ def _detector(config: str, **model):
     cfg.model.backbone.init_cfg = None               # never download ImageNet weights in a test
     cfg.model.update(model)
     torch.manual_seed(0)
-    return MODELS.build(cfg.model).eval()
+    model = MODELS.build(cfg.model)
+    model.init_weights()       # DETR-style detectors leave e.g. level_embed uninitialised until here
+    return model.eval()
 
 
 def _batch(h=128, w=160):
@@ -225,3 +227,60 @@ def test_classifier_top1_float_and_quantized_with_its_own_plan(world, tmp_path):
     assert abs(result['top1_quantized'] - result['top1_float']) <= 15
     assert 5.9 < result['avg_weight_bits'] < 6.3
     assert 'top-1 on 20 images: float' in proc.stdout
+
+
+# ------------------------------------------------------------------------------ calibration images
+def _calib_set(world: Path, tmp_path: Path, images: dict) -> Path:
+    """An annotation file listing the given ``{id: (file name, HxWx3 uint8 array)}`` images."""
+    from PIL import Image
+    folder = tmp_path / 'calib_imgs'
+    folder.mkdir(exist_ok=True)
+    coco = json.loads((world / 'annotations' / 'instances_calib.json').read_text())
+    entries = []
+    for image_id, (name, array) in images.items():
+        Image.fromarray(array).save(folder / name)
+        entries.append(dict(id=image_id, file_name=name, height=array.shape[0], width=array.shape[1]))
+    ann = tmp_path / 'calib.json'
+    ann.write_text(json.dumps(dict(coco, images=entries, annotations=[])))
+    return ann
+
+
+def _calib_options(world: Path, ann: Path, ids: list) -> dict:
+    return _options(world, calib=dict(ann_file=str(ann), img_prefix=str(ann.parent / 'calib_imgs'), image_ids=ids))
+
+
+def test_an_image_without_detections_does_not_fail_a_set_that_has_some(world, tmp_path):
+    """The mask head gets no RoIs on a blank image; another image of the set calibrates it."""
+    from PIL import Image
+
+    from mmdet_lrpq.apis import init_quantized_detector
+    shapes = np.asarray(Image.open(world / 'calib' / '000001.jpg').convert('RGB'))
+    blank = np.full_like(shapes, 127)
+    ann = _calib_set(world, tmp_path, {1: ('blank.jpg', blank), 2: ('shapes.jpg', shapes)})
+    ckpt = str(CKPT / 'mask_rcnn_swin_mini.pth')
+    model = init_quantized_detector(str(QUANT_CFG), ckpt, device='cpu', cfg_options=_calib_options(world, ann, [1, 2]))
+    assert model.quantization_report.calibration['image_ids'] == [1, 2]
+    assert model.roi_head.mask_head.conv_logits.input_quantizer.calibrated
+    with pytest.raises(RuntimeError, match=r'received no input during calibration.*mask_head'):
+        init_quantized_detector(str(QUANT_CFG), ckpt, device='cpu', cfg_options=_calib_options(world, ann, [1]))
+
+
+def test_a_greyscale_calibration_image_is_warned_about(world, tmp_path, caplog):
+    import logging
+
+    from PIL import Image
+
+    from mmdet_lrpq.engine import CalibrationImages, CalibSettings
+    from mmengine.config import Config
+    colour = np.asarray(Image.open(world / 'calib' / '000002.jpg').convert('RGB'))
+    grey = np.repeat(np.asarray(Image.fromarray(colour).convert('L'))[..., None], 3, axis=2)
+    ann = _calib_set(world, tmp_path, {5: ('colour.jpg', colour), 6: ('grey.jpg', grey)})
+    cfg = Config.fromfile(str(QUANT_CFG))
+    cfg.test_dataloader.dataset.data_root = f'{world}/'
+    images = CalibrationImages(cfg.test_dataloader.dataset, CalibSettings(
+        ann_file=str(ann), img_prefix=str(ann.parent / 'calib_imgs'), image_ids=[5, 6]))
+    with caplog.at_level(logging.WARNING, logger='mmdet_lrpq'):
+        batches = list(images.batches())
+    assert len(batches) == 2
+    assert 'calibration image 6' in caplog.text and 'greyscale' in caplog.text
+    assert 'calibration image 5' not in caplog.text
