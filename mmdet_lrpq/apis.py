@@ -61,9 +61,13 @@ def init_quantized_detector(config: Union[str, Any], checkpoint: str, device: Op
                          f'Use one of configs/*_{{w4a4,w6a6,mp4,mp6}}.py, or mmdet.apis.init_detector for the float model.')
     require_checkpoint(checkpoint)
     device = device or ('cuda:0' if torch.cuda.is_available() else 'cpu')
-    with warnings.catch_warnings():   # "checkpoint is None, use COCO classes": the checkpoint's come next
-        warnings.simplefilter('ignore', UserWarning)
+    # init_detector without a checkpoint warns that it uses COCO's classes (it resets the warning
+    # filters itself, so record instead of ignoring); the checkpoint's classes come next
+    with warnings.catch_warnings(record=True) as caught:
         model = init_detector(cfg, None, device='cpu')
+    for w in caught:
+        if 'checkpoint is None' not in str(w.message):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     check_checkpoint_fits(model, checkpoint)         # refused before anything is evaluated
     meta = load_checkpoint(model, checkpoint, map_location='cpu', logger='silent').get('meta', {})
     if 'dataset_meta' in meta:

@@ -8,26 +8,37 @@ Users run on CUDA; CI has only CPUs. Three nets catch what a CPU run alone canno
   CUDA). Steps that read values (calibration's MSE search, ``bool(t)``, ``.item()``) cannot run.
 * **The audit** (``device_audit``, tests/conftest.py) watches a real CPU run of calibration,
   reparameterization, the quantized forward and LRP, through the fused kernels and through the
-  PyTorch path that other devices take, and fails on any tensor the library makes without
-  following its inputs' device.
+  PyTorch path that other devices take — on small modules, and on whole models through
+  ``quantize_`` and the hook's path: an mmdet Mask R-CNN (state files saved and loaded, calibration
+  images from a dataset), a timm Swin, ``nn.MultiheadAttention`` — and fails on any tensor the
+  library makes without following its inputs' device.
 * **Parity** on every device the machine has (``device`` fixture) against the CPU PyTorch path.
 """
+import copy
 import math
 from typing import Callable, Optional
 
 import pytest
 import torch
 import torch.nn.functional as nnf
-from timm.models.swin_transformer import SwinTransformer
+from timm.models.swin_transformer import SwinTransformer, WindowAttention
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
+# the tiny detector and its prediction on a tensor batch, as the MMDetection integration tests run them
+from test_mmdet_integration import TINY_CFG, _build as build_detector, _predict as predict
 
+from mmdet_lrpq import quantize_
+from mmdet_lrpq.config import QuantConfig
 from mmdet_lrpq.lrp import (linear_relevance, lrp_site_scores, matmul_relevance, mean_pool_relevance,
                             residual_relevance, safe_divide, swin_relevance)
 from mmdet_lrpq.lrp import swin as lrp_swin
+from mmdet_lrpq.models import ModelQuantizer
+from mmdet_lrpq.models.attention import QuantMultiheadAttention
+from mmdet_lrpq.models.mmdet_swin import QuantWindowMSA
+from mmdet_lrpq.models.timm_swin import QuantWindowAttention
 from mmdet_lrpq.quant import (LayerQuantConfig, LogSqrt2Quantizer, QuantConv2d, QuantLinear, QuantMatMul,
-                              QuantState, calibrate, crl_clip, quant_modules, reparameterize_,
-                              set_quant_state, wrap_modules)
+                              QuantState, UniformQuantizer, calibrate, crl_clip, quant_modules,
+                              reparameterize_, set_quant_state, wrap_modules)
 from mmdet_lrpq.quant import functional as F
 
 # FakeTensor.data_ptr() (read by the weight cache's key) warns; its value is never used as data.
@@ -162,13 +173,22 @@ def test_quantizer_functions_follow_fake_cuda(fake_cuda, case, dtype):
         assert_on_cuda({case: out}, want)
 
 
+def fix_weight_calibration(wq: UniformQuantizer) -> None:
+    """Replace a weight quantizer's calibration (an MSE search over values, which fake tensors lack;
+    run inside the forward, from the weights) by fixed per-output-channel qparams of the shape it
+    returns, on the weight's device: the rest of the weight path (the cache, the fake-quant) runs."""
+    def fixed(w: torch.Tensor) -> None:
+        per_channel = (w.shape[0],) + (1,) * (w.dim() - 1)
+        wq.set_qparams(w.new_full(per_channel, 0.01, dtype=torch.float32),
+                       w.new_full(per_channel, 8.0, dtype=torch.float32), channel_axis=0)
+    wq.calibrate = fixed
+
+
 def fake_quant_module(kind: str, dtype: torch.dtype) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """A quantized module on fake CUDA with qparams set there, and its inputs.
 
-    Calibration reads values, which fake tensors lack: activation qparams are set directly, and a
-    weight quantizer's calibration (run inside the forward, from the weights) is replaced by fixed
-    per-output-channel qparams of the shape it returns, so the rest of the weight path (the cache,
-    the fake-quant) runs for real."""
+    Calibration reads values, which fake tensors lack: activation qparams are set directly, and the
+    weight quantizer's calibration is fixed (:func:`fix_weight_calibration`)."""
     if kind == 'QuantMatMul log-sqrt2':
         module = QuantMatMul(a_bits=BITS, log_sqrt2_a=True)
         module.quantizer_a.delta = torch.full((), 0.5, device='cuda')
@@ -184,13 +204,7 @@ def fake_quant_module(kind: str, dtype: torch.dtype) -> tuple[nn.Module, tuple[t
             shape, inputs = (), (torch.randn(2, 3, 8, 8, device='cuda', dtype=dtype),)
         q = module.input_quantizer
         q.set_qparams(torch.full(shape, 0.1, device='cuda'), torch.full(shape, 7.0, device='cuda'), q.channel_axis)
-        wq = module.weight_quantizer
-
-        def fixed(w: torch.Tensor) -> None:
-            per_channel = (w.shape[0],) + (1,) * (w.dim() - 1)
-            wq.set_qparams(w.new_full(per_channel, 0.01, dtype=torch.float32),
-                           w.new_full(per_channel, 8.0, dtype=torch.float32), channel_axis=0)
-        wq.calibrate = fixed
+        fix_weight_calibration(module.weight_quantizer)
     set_quant_state(module, QuantState.QUANTIZED)
     return module, inputs
 
@@ -204,6 +218,63 @@ def test_quantized_modules_run_on_fake_cuda(fake_cuda, kind, dtype):
         if not isinstance(module, QuantMatMul):
             outputs['quantized weight'] = module.quantized_weight()
         assert_on_cuda(outputs, dtype)
+
+
+def quant_attention(kind: str) -> tuple[nn.Module, Callable[[torch.dtype], tuple[tuple, dict]]]:
+    """A float attention module converted as its adapter converts it (matmuls and projections
+    quantized), on the CPU; and a function making its inputs on fake CUDA: masks included, and for
+    the window attentions the ``input_shift`` that the norm1 -> qkv reparameterization leaves."""
+    torch.manual_seed(0)
+    if kind == 'nn.MultiheadAttention':
+        module = QuantMultiheadAttention.convert_(nn.MultiheadAttention(16, 4, batch_first=True).eval(),
+                                                  (BITS, BITS), BITS, BITS, (BITS, BITS))
+
+        def inputs(dtype):
+            q, kv = torch.randn(2, 5, 16, device='cuda', dtype=dtype), torch.randn(2, 7, 16, device='cuda', dtype=dtype)
+            masks = dict(key_padding_mask=torch.zeros(2, 7, dtype=torch.bool, device='cuda'),   # bool: -inf where set
+                         attn_mask=torch.randn(5, 7, device='cuda', dtype=dtype))              # float: added
+            return (q, kv, kv), masks
+        return module, inputs
+    if kind == 'mmdet WindowMSA':
+        from mmdet.models.backbones.swin import WindowMSA
+        module = QuantWindowMSA.convert_(WindowMSA(16, 2, (4, 4)).eval(), BITS, BITS)
+    else:
+        module = QuantWindowAttention.convert_(WindowAttention(16, 2, window_size=4).eval(), BITS, BITS)
+    wrap_modules(module, lambda name, m: LayerQuantConfig(BITS, BITS))      # qkv, proj
+
+    def window_inputs(dtype):
+        module.input_shift = torch.randn(16, device='cuda', dtype=dtype)
+        windows = 3                                                          # 2 images x 3 windows of 4x4 tokens
+        return (torch.randn(2 * windows, 16, 16, device='cuda', dtype=dtype),
+                torch.randn(windows, 16, 16, device='cuda', dtype=dtype)), {}
+    return module, window_inputs
+
+
+def set_fake_qparams(module: nn.Module) -> None:
+    """Per-tensor qparams on fake CUDA for every input quantizer, fixed weight calibrations; QUANTIZED."""
+    for m in quant_modules(module).values():
+        if hasattr(m, 'weight_quantizer'):
+            fix_weight_calibration(m.weight_quantizer)
+        for q in m.input_quantizers():
+            if isinstance(q, LogSqrt2Quantizer):
+                q.delta = torch.full((), 0.5, device='cuda')
+            else:
+                q.set_qparams(torch.full((), 0.1, device='cuda'), torch.full((), 7.0, device='cuda'))
+    set_quant_state(module, QuantState.QUANTIZED)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('kind', ['nn.MultiheadAttention', 'mmdet WindowMSA', 'timm WindowAttention'])
+def test_quantized_attention_runs_on_fake_cuda(fake_cuda, kind, dtype):
+    module, make_inputs = quant_attention(kind)
+    to_fake(module.to(dtype), fake_cuda)
+    with fake_cuda, torch.no_grad():
+        set_fake_qparams(module)
+        args, kwargs = make_inputs(dtype)
+        out = module(*args, **kwargs)
+    outputs = dict(zip(('output', 'attention weights'), out)) if isinstance(out, tuple) else {'output': out}
+    assert outputs['output'].shape == args[0].shape
+    assert_on_cuda(outputs, dtype)
 
 
 @pytest.mark.parametrize('k', [math.inf, 2.0])
@@ -342,6 +413,100 @@ def test_lrp_follows_the_input_device(device_audit):
     with device_audit():
         swin_relevance(model, batch)
         lrp_site_scores(model, iter(batch), targets=[None, 3, 7], batch_size=2)
+
+
+# Deliberate host copies of the state machinery (on top of DEVICE_AUDIT_ALLOWED).
+IDENTITY_HASH = {('models/state.py', '_update_tensor'):
+                 'hashes the float weights for a state\'s identity: sha256 reads host bytes'}
+STATE_HOST_COPIES = {
+    **IDENTITY_HASH,
+    # (a comprehension has its own frame before Python 3.12, none from 3.12 on)
+    **{('models/quantizer.py', where): 'state() copies the calibrated tensors to the CPU for torch.save'
+       for where in ('ModelQuantizer.state', 'ModelQuantizer.state.<locals>.<dictcomp>')},
+}
+
+
+# Whole detectors take the PyTorch path only, the one GPUs take (the fused kernels are audited above).
+ON_THE_GPU_PATH = pytest.mark.parametrize('quant_path', ['torch'], indirect=True)
+
+
+@pytest.fixture(scope='module')
+def tiny_detector() -> Callable[[], nn.Module]:
+    """Fresh copies of the tiny random-weight Swin Mask R-CNN whose test config keeps every box
+    (``score_thr=0``), so the mask head runs and calibrates too."""
+    cfg, model = build_detector(TINY_CFG)
+    assert cfg.model.test_cfg.rcnn.score_thr == 0
+    return lambda: copy.deepcopy(model)
+
+
+@ON_THE_GPU_PATH
+def test_detector_calibration_and_quantized_forward_follow_the_input_device(quant_path, device_audit, tiny_detector):
+    """The driver behind the hook on a whole detector: wrap, calibrate (streamed), CRL reparameterization
+    of the Swin blocks and FPN laterals, weight re-quantization, quantized forward with the RoI heads."""
+    model = tiny_detector()
+    x = images(1, 64)
+    with device_audit(allow=IDENTITY_HASH):
+        quantizer = ModelQuantizer(model, QuantConfig(w_bits=BITS, a_bits=BITS, method='crl'))
+        quantizer.wrap()
+        quantizer.calibrate([x], predict)
+        with torch.no_grad():
+            out = predict(model, x)[0].pred_instances
+    assert quantizer.report.reparameterized and all(
+        m.state is QuantState.QUANTIZED for m in quant_modules(model).values())
+    assert len(out.masks) > 0 and out.masks.shape[-2:] == x.shape[-2:]
+
+
+@ON_THE_GPU_PATH
+def test_detector_state_file_save_and_load_follow_the_input_device(quant_path, device_audit, tiny_detector, tmp_path):
+    """``quantize_`` with a state file: calibrate and save, then load into a fresh detector."""
+    model, twin = tiny_detector(), tiny_detector()
+    x = images(1, 64)
+    path = str(tmp_path / 'state.pth')
+    config = QuantConfig(w_bits=BITS, a_bits=BITS, method='crl')
+    with device_audit(allow=STATE_HOST_COPIES):
+        quantize_(model, config, calib=lambda m: predict(m, x), state_file=path, calib_id='random batch')
+        quantize_(twin, config, calib=lambda m: pytest.fail('the saved state must be loaded'), state_file=path,
+                  calib_id='random batch')
+        with torch.no_grad():
+            want, got = predict(model, x)[0].pred_instances, predict(twin, x)[0].pred_instances
+    assert len(got) > 0 and torch.equal(got.scores, want.scores) and torch.equal(got.masks, want.masks)
+
+
+@ON_THE_GPU_PATH
+def test_hook_calibration_images_follow_the_input_device(quant_path, device_audit, tiny_detector, tmp_path):
+    """The hook's own entry (``QuantizationHook.quantize_model``): calibration images loaded and
+    batched from a dataset through the config's test pipeline, then the driver."""
+    from mmdet_lrpq.engine import QuantizationHook
+    from mmdet_lrpq.miniworld import generate
+    generate(tmp_path, sizes=dict(train=0, val=0, calib=1, cls_train=0, cls_val=0))
+    cfg, _ = build_detector(TINY_CFG)
+    resize = next(step for step in cfg.test_dataloader.dataset.pipeline if step.type == 'Resize')
+    resize.scale = (64, 64)                                          # the 224x224 image at 64x64: fast
+    model = tiny_detector()
+    hook = QuantizationHook(w_bits=BITS, a_bits=BITS, calib=dict(
+        source='test', data_root=f'{tmp_path}/', ann_file='annotations/instances_calib.json', img_prefix='calib/'))
+    with device_audit(allow=IDENTITY_HASH):
+        report = hook.quantize_model(model, cfg, logger=None)
+    assert report.calibration_ids == [1] and report.input_shape == (64, 64)
+
+
+def test_quantize_timm_swin_and_multihead_attention_follow_the_input_device(quant_path, device_audit):
+    swin, x = tiny_swin(), images(2, 36)
+    model = nn.Module()
+    model.attn = nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    g = torch.Generator().manual_seed(4)
+    q, kv = torch.randn(2, 5, 16, generator=g), torch.randn(2, 7, 16, generator=g)
+    padding = torch.zeros(2, 7, dtype=torch.bool)
+    padding[1, 5:] = True
+    with device_audit(allow=IDENTITY_HASH):
+        quantize_(swin, QuantConfig(w_bits=BITS, a_bits=BITS, method='crl'), calib=[x[:1], x[1:]])
+        quantize_(model, QuantConfig(w_bits=BITS, a_bits=BITS),
+                  calib=lambda m: m.attn(q, kv, kv, key_padding_mask=padding))
+        with torch.no_grad():
+            swin(x)
+            model.attn(q, kv, kv, key_padding_mask=padding)
+    assert isinstance(model.attn, QuantMultiheadAttention)
+    assert isinstance(swin.layers[0].blocks[0].attn, QuantWindowAttention)
 
 
 # ============================================================================= device parity
