@@ -42,11 +42,19 @@ sys.path.insert(0, REPO)
 DEFAULT_IMAGE = osp.join(REPO, '..', 'shared', 'data', 'coco_mini', 'val2017', '000000397133.jpg')
 
 
+def _sync() -> None:
+    """Wait for queued GPU work, so a timing covers the computation and not only its launch."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fn, faults: list | None = None) -> float:
     """Seconds one call of ``fn`` takes; its minor page faults appended to ``faults``."""
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    _sync()
     t0 = time.perf_counter()
     fn()
+    _sync()
     dt = time.perf_counter() - t0
     if faults is not None:
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
@@ -126,8 +134,16 @@ def main(argv=None) -> dict:
     parser.add_argument('--bypass-quantizers', action='store_true',
                         help='also time the quantized model with its activation quantizers returning their '
                              'input (a third model in the interleave): what the wrapping costs without them')
-    parser.add_argument('--out', default=osp.join(REPO, 'results', 'calibration_speed.json'))
+    parser.add_argument('--device', default='cpu', help="'cpu' (fused kernels) or 'cuda' (the PyTorch path)")
+    parser.add_argument('--out', default=None, help='JSON output (default: results/calibration_speed.json, '
+                        'or calibration_speed_<device>.json off the CPU)')
     args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        parser.error('--device cuda: no CUDA device is available here')
+    if args.out is None:
+        suffix = '' if device.type == 'cpu' else f'_{device.type}'
+        args.out = osp.join(REPO, 'results', f'calibration_speed{suffix}.json')
     if args.repeats < 1 or args.calib_repeats < 1:
         parser.error('--repeats and --calib-repeats must be at least 1')
     if not osp.isfile(args.image):
@@ -144,7 +160,7 @@ def main(argv=None) -> dict:
     from mmdet_lrpq.config import QuantConfig
     from mmdet_lrpq.models import ModelQuantizer
     from mmdet_lrpq.quant import calibrating
-    allocator = 'default' if args.default_allocator else keep_heap()
+    allocator = 'default' if args.default_allocator or device.type != 'cpu' else keep_heap()
     if allocator is None:
         allocator = 'default (not glibc: could not keep the heap mapped)'
     register_all_modules()
@@ -156,7 +172,7 @@ def main(argv=None) -> dict:
 
     def build():
         torch.manual_seed(0)
-        model = MODELS.build(cfg.model)
+        model = MODELS.build(cfg.model).to(device)
         model.eval()
         with torch.no_grad():
             model.roi_head.bbox_head.fc_cls.bias[0] += 6.0   # see the module docstring
@@ -181,19 +197,16 @@ def main(argv=None) -> dict:
     quantizer = ModelQuantizer(model_q, settings)
     quantizer.wrap()
     t_wrap = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    quantizer.calibrate([batch], lambda m, b: m.test_step(b), image_ids=[osp.basename(args.image)], input_shape=shape)
-    t_full = time.perf_counter() - t0
+    t_full = timed(lambda: quantizer.calibrate([batch], lambda m, b: m.test_step(b), image_ids=[osp.basename(args.image)],
+                                               input_shape=shape))
     model_q.test_step(batch)                                 # warm-up, as the float model had
 
     def calibration_forward() -> float:
         """The calibration forward alone (observers on, quantize-as-you-go), on a fresh wrapped copy."""
         model_c = build()
         ModelQuantizer(model_c, settings).wrap()
-        t0 = time.perf_counter()
         with calibrating(model_c):
-            model_c.test_step(batch)
-        return time.perf_counter() - t0
+            return timed(lambda: model_c.test_step(batch))
 
     # Float and quantized forwards in back-to-back pairs, ABBA order (float first, then quantized
     # first, ...) so that load changes and whatever one forward leaves behind for the next hit both
@@ -225,7 +238,7 @@ def main(argv=None) -> dict:
 
     res = {
         'image': osp.basename(args.image), 'input_hw': shape, 'config': osp.relpath(args.config, REPO),
-        'method': args.method, 'allocator': allocator, 'threads': torch.get_num_threads(), 'cpu': platform.processor() or platform.machine(),
+        'method': args.method, 'device': str(device), 'allocator': allocator, 'threads': torch.get_num_threads(), 'cpu': platform.processor() or platform.machine(),
         'fused_kernels': fused, 'fused_kernels_load_s': t_load_kernels, 'float_forward_s': t_float, 'repeats': args.repeats, 'calib_repeats': args.calib_repeats,
         'wrap_s': t_wrap, 'calibration_forward_s': t_calib_forward,
         'wrap_calibrate_reparam_s': t_full, 'quantized_forward_s': t_quant,
