@@ -130,3 +130,17 @@ def audit_devices(allow: Optional[Mapping[tuple[str, str], str]] = None) -> Iter
 def device_audit():
     """``with device_audit(): ...`` (see :func:`audit_devices`), e.g. around calibration + forward."""
     return audit_devices
+
+
+def randomize_(model, seed: int, norm_std: float = 0.2):
+    """Random biases, relative-position tables and LayerNorm affines (timm initialises them to 0 /
+    identity), so that every rule and quantizer sees non-trivial values; returns the model in eval mode."""
+    import torch
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith('bias') or 'relative_position_bias_table' in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+            elif 'norm' in name:
+                p.copy_(1 + norm_std * torch.randn(p.shape, generator=gen))
+    return model.eval()

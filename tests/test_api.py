@@ -12,6 +12,7 @@ from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
 import mmdet_lrpq
+from conftest import randomize_
 from mmdet_lrpq import BitPlan, QuantConfig, quantize_
 from mmdet_lrpq.models.attention import QuantMultiheadAttention
 from mmdet_lrpq.models.state import StateFileError, StateMismatchError
@@ -20,22 +21,10 @@ from mmdet_lrpq.quant import (LayerQuantConfig, QuantMatMul, QuantState, activat
                               calibrate_stream, calibrating, quant_modules, set_quant_state, wrap_modules)
 
 
-def _randomize(model: nn.Module, seed: int) -> nn.Module:
-    """Non-trivial biases and LayerNorm affines (timm initialises them to 0 / identity)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith('bias') or 'relative_position_bias_table' in name:
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-            elif 'norm' in name:
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen))
-    return model.eval()
-
-
 def tiny_timm_swin(depths=(2, 2, 2, 2), seed=0) -> SwinTransformer:
     torch.manual_seed(seed)
-    return _randomize(SwinTransformer(img_size=112, embed_dim=32, depths=depths, num_heads=(1, 2, 4, 8),
-                                      num_classes=10, always_partition=True, strict_img_size=False), seed)
+    return randomize_(SwinTransformer(img_size=112, embed_dim=32, depths=depths, num_heads=(1, 2, 4, 8),
+                                      num_classes=10, always_partition=True, strict_img_size=False), seed, norm_std=0.3)
 
 
 def images(n: int, seed: int = 0, size: int = 112) -> torch.Tensor:

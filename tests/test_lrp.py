@@ -11,21 +11,10 @@ from timm.models.swin_transformer import SwinTransformer
 from mmdet_lrpq.lrp import (UnreadableImageError, eval_transform, iter_batches, iter_images, linear_relevance,
                             list_images, load_image, lrp_site_scores, matmul_relevance, mean_pool_relevance,
                             relative_importance, residual_relevance, swin_relevance, swin_sites)
+from conftest import randomize_
 from mmdet_lrpq.plan.sites import SWIN_LAYER_TYPES
 
 TOL = 1e-4  # conservation tolerance in float32 (total relevance is 1; the measured error is < 1e-6)
-
-
-def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """timm initialises biases to 0 and LayerNorms to identity; random ones exercise every rule."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith('bias') or 'relative_position_bias_table' in name:
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-            elif 'norm' in name:
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=gen))
-    return model.eval()
 
 
 def tiny_swin(img_size=112, seed=0, **kwargs) -> SwinTransformer:

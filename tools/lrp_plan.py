@@ -35,18 +35,22 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 TARGET = re.compile(r'^(?:mp)?([2-8])$')
 
 
-def parse_args(argv=None):
-    from mmdet_lrpq.plan import ALLOCATORS
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split('\n', 2)[2])
+def add_classifier_args(p: argparse.ArgumentParser, random_init_help: str) -> None:
+    """--model and its weights (--checkpoint | --pretrained | --random-init), as build_classifier reads them."""
     p.add_argument('--model', required=True,
                    help='timm model name, a .json/.py file of SwinTransformer kwargs, or a checkpoint with meta.model_kwargs')
     w = p.add_mutually_exclusive_group()
     w.add_argument('--checkpoint', help='local weights for the classifier')
     w.add_argument('--pretrained', action='store_true', help="timm's pretrained weights (downloads; needs network)")
-    w.add_argument('--random-init', type=int, metavar='SEED',
-                   help='use seeded random weights (recorded in the plan); the default, with a warning, '
-                        'when no weights are given')
+    w.add_argument('--random-init', type=int, metavar='SEED', help=random_init_help)
+
+
+def parse_args(argv=None):
+    from mmdet_lrpq.plan import ALLOCATORS
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split('\n', 2)[2])
+    add_classifier_args(p, 'use seeded random weights (recorded in the plan); the default, with a warning, '
+                           'when no weights are given')
     p.add_argument('--images', required=True, help='ImageNet-style class folders or a flat folder of images')
     p.add_argument('--num-images', type=int, default=None, help='first N images in a stable, class-spread order')
     p.add_argument('--explain', choices=['predicted', 'label'], default='predicted',

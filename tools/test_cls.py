@@ -33,14 +33,10 @@ sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 
 
 def parse_args(argv=None):
+    import lrp_plan
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split('\n', 2)[2])
-    p.add_argument('--model', required=True,
-                   help='timm model name, a .json/.py file of SwinTransformer kwargs, or a checkpoint with meta.model_kwargs')
-    w = p.add_mutually_exclusive_group()
-    w.add_argument('--checkpoint', help='local weights for the classifier')
-    w.add_argument('--pretrained', action='store_true', help="timm's pretrained weights (downloads; needs network)")
-    w.add_argument('--random-init', type=int, metavar='SEED', help='seeded random weights (top-1 is then chance)')
+    lrp_plan.add_classifier_args(p, 'seeded random weights (top-1 is then chance)')
     p.add_argument('--images', required=True, help='evaluation images: class folders (+ wnids.txt) or a flat folder')
     p.add_argument('--labels', help="'<relative path> <label>' per line, for a flat folder")
     p.add_argument('--num-images', type=int, default=None, help='evaluate only the first N images (stable order)')
