@@ -9,7 +9,8 @@ from .registration import install as _install
 from .registration import register_all_modules
 from .version import __version__
 
-_LAZY = {'quantize_': 'api', 'QuantConfig': 'config', 'QuantReport': 'models.quantizer', 'BitPlan': 'plan'}
+_LAZY = {'quantize_': 'api', 'QuantConfig': 'config', 'ReconstructConfig': 'config', 'QuantReport': 'models.quantizer',
+         'BitPlan': 'plan'}
 
 
 def __getattr__(name: str):
@@ -22,4 +23,5 @@ def __getattr__(name: str):
 
 _install()
 
-__all__ = ['__version__', 'quantize_', 'QuantConfig', 'QuantReport', 'BitPlan', 'register_all_modules']
+__all__ = ['__version__', 'quantize_', 'QuantConfig', 'ReconstructConfig', 'QuantReport', 'BitPlan',
+           'register_all_modules']

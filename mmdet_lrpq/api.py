@@ -9,7 +9,9 @@ timm Swin, or any module (inputs are passed to ``model(...)``). ``config``: a
 :class:`~mmdet_lrpq.QuantConfig`, a bit plan (``BitPlan`` or its JSON path), or ``None`` with
 the options as keyword arguments. ``calib``: an iterable of inputs (one calibration forward each,
 streamed: memory does not grow with their number) or a callable ``calib(model)`` that runs the
-calibration forward(s) itself (one calibration batch). The hook, ``init_quantized_detector`` and
+calibration forward(s) itself (one calibration batch). With ``config.reconstruct`` the inputs are
+read again after calibration, so ``calib`` must be re-iterable (a list, a tensor, a DataLoader) or a
+callable (called again); a one-shot iterator is refused. The hook, ``init_quantized_detector`` and
 ``QuantSwinTransformer`` call the same driver.
 """
 from __future__ import annotations
@@ -109,22 +111,26 @@ def quantize_(model: nn.Module, config: ConfigLike = None, calib: Union[Iterable
         raise ValueError('quantize_ needs calibration inputs: calib=[input, ...] (one forward each) or '
                          'calib=callable(model)')
     cfg = as_config(config, **options)
+    one_call = callable(calib) and not isinstance(calib, (Iterable, Tensor))
+    batches = [None] if one_call else [calib] if isinstance(calib, Tensor) else calib
+    if cfg.reconstruct is not None and iter(batches) is batches:
+        raise ValueError('reconstruction reads the calibration inputs again after calibration, but calib is a '
+                         'one-shot iterator: pass a list of inputs (or a re-iterable such as a DataLoader), or a '
+                         'callable calib(model)')
     model.eval()
     quantizer = ModelQuantizer(model, cfg, logger=logger)
-    run = default_runner(model)
+    run = (lambda m, _: calib(m)) if one_call else default_runner(model)
     calibration = None if calib_id is None else {'calib_id': calib_id}
 
     def calibrate() -> QuantReport:
-        if callable(calib) and not isinstance(calib, (Iterable, Tensor)):
-            return quantizer.calibrate([None], lambda m, _: calib(m), calibration=calibration)
-        batches = [calib] if isinstance(calib, Tensor) else calib
         bar = None
-        if progress:
+        if progress and not one_call:
             from tqdm import tqdm
             bar = tqdm(total=len(batches) if isinstance(batches, Sized) else None, desc='calibration', unit='batch')
         try:
             return quantizer.calibrate(batches, run, images_in=images_in, calibration=calibration,
-                                       progress=None if bar is None else (lambda done: bar.update(1)))
+                                       progress=None if bar is None else (lambda done: bar.update(1)),
+                                       reconstruct_batches=lambda: batches, reconstruct_progress=progress)
         finally:
             if bar is not None:
                 bar.close()

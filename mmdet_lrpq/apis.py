@@ -31,10 +31,12 @@ def _hook_options(cfg) -> Optional[dict]:
 
 
 def init_quantized_detector(config: Union[str, Any], checkpoint: str, device: Optional[str] = None,
-                            cfg_options: Optional[dict] = None, logger: Optional[logging.Logger] = None):
+                            cfg_options: Optional[dict] = None, logger: Optional[logging.Logger] = None,
+                            progress: bool = True):
     """Build the detector of ``config``, load ``checkpoint``, quantize it as the config says; return it.
 
     ``device``: where the model runs and calibrates (default ``cuda:0`` when available, else ``cpu``).
+    ``progress``: progress bars for calibration (and reconstruction, where configured).
     The report is attached as ``model.quantization_report``. A checkpoint whose tensors do not fit
     the model, or that cannot be read, is refused (mmengine would only warn and evaluate random
     layers). Class names come from the checkpoint's meta (else the dataset's, as init_detector).
@@ -77,7 +79,7 @@ def init_quantized_detector(config: Union[str, Any], checkpoint: str, device: Op
     model.to(device)
     hook = QuantizationHook(**(options or {}))
     logger = logger or MMLogger.get_current_instance()
-    model.quantization_report = hook.quantize_model(model, model.cfg, logger)
+    model.quantization_report = hook.quantize_model(model, model.cfg, logger, progress=progress)
     return model
 
 

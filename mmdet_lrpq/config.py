@@ -15,6 +15,7 @@ from typing import Optional, Union
 
 from .plan import BitPlan
 from .quant.functional import check_bits
+from .quant.reconstruct import ReconstructConfig
 
 METHODS = ('repq', 'crl', 'none')
 SCOPES = ('detector', 'backbone')
@@ -48,6 +49,10 @@ class QuantConfig:
                           what the plan says.
     reparam_output_norms: also reparameterize the backbone's output norms into the FPN's 1x1 laterals
                           (default: for ``'crl'``).
+    reconstruct:          ``None`` (default, the papers' protocol): stop after calibration; a
+                          ``ReconstructConfig`` or its options as a dict: then learn the weights'
+                          rounding and the activation step sizes block by block on the calibration
+                          images (see :mod:`mmdet_lrpq.quant.reconstruct`).
     """
     w_bits: int = 4
     a_bits: int = 4
@@ -58,6 +63,7 @@ class QuantConfig:
     round_zero_point: bool = False
     patch_embed_a_bits: Optional[int] = 8
     reparam_output_norms: Optional[bool] = None
+    reconstruct: Union[None, dict, ReconstructConfig] = None
     _plan_cache: Optional[BitPlan] = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -84,6 +90,11 @@ class QuantConfig:
         object.__setattr__(self, 'crl_k', k)
         if self.reparam_output_norms is None:
             object.__setattr__(self, 'reparam_output_norms', self.method == 'crl')
+        if isinstance(self.reconstruct, dict):
+            object.__setattr__(self, 'reconstruct', ReconstructConfig.from_options(self.reconstruct))
+        elif self.reconstruct is not None and not isinstance(self.reconstruct, ReconstructConfig):
+            raise TypeError(f'reconstruct must be None, a ReconstructConfig or a dict of its options; got '
+                            f'{type(self.reconstruct).__name__}')
         if isinstance(self.plan, os.PathLike):
             object.__setattr__(self, 'plan', os.fspath(self.plan))
         if isinstance(self.plan, str):
@@ -125,6 +136,7 @@ class QuantConfig:
         plan = out.pop('plan')
         out['plan'] = None if plan is None else (plan if isinstance(plan, str) else '<BitPlan>')
         out['plan_sha256'] = self.load_plan().content_hash()
+        out['reconstruct'] = None if self.reconstruct is None else self.reconstruct.describe()
         return out
 
 

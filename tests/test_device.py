@@ -420,9 +420,7 @@ IDENTITY_HASH = {('models/state.py', '_update_tensor'):
                  'hashes the float weights for a state\'s identity: sha256 reads host bytes'}
 STATE_HOST_COPIES = {
     **IDENTITY_HASH,
-    # (a comprehension has its own frame before Python 3.12, none from 3.12 on)
-    **{('models/quantizer.py', where): 'state() copies the calibrated tensors to the CPU for torch.save'
-       for where in ('ModelQuantizer.state', 'ModelQuantizer.state.<locals>.<dictcomp>')},
+    ('models/state.py', 'host_state_dict'): 'a saved state holds CPU tensors, so that it loads on any device',
 }
 
 

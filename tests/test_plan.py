@@ -289,6 +289,16 @@ def check_plan(plan, sites, k, fixed=None):
     return bits
 
 
+def allocator_inputs(name, sites, scores, k):
+    """``allocate``'s ranking input: the scores, or for ``sensitivity`` a measured-cost table made
+    from them (cost falls with bits, and faster for a higher score), for the sites with weights."""
+    if name != 'sensitivity':
+        return dict(scores=scores)
+    levels = {min(max(b, 2), 8) for b in (k - 1, k, k + 1)}
+    weighted = {s.name for s in sites if s.has_weights}
+    return dict(sensitivity={n: {b: v * 4.0 ** -b for b in levels} for n, v in scores.items() if n in weighted})
+
+
 @pytest.mark.parametrize('name', sorted(ALLOCATORS))
 def test_allocators_meet_the_budget_on_random_swin_like_models(name):
     rng = random.Random(sorted(ALLOCATORS).index(name))
@@ -297,14 +307,16 @@ def test_allocators_meet_the_budget_on_random_swin_like_models(name):
         sites, scores = random_case(rng)
         for k in range(3, 8):
             fixed = {'patch_embed.projection': (k, 8)} if rng.random() < 0.5 else None
-            plan = allocate(name, sites, scores, target_bits=k, fixed=fixed)
+            inputs = allocator_inputs(name, sites, scores, k)
+            plan = allocate(name, sites, target_bits=k, fixed=fixed, **inputs)
             assert plan.allocator == name
             bits = check_plan(plan, sites, k, fixed)
-            assert plan.scores == {s.name: scores[s.name] for s in sites if s.name in scores}
+            ranked = inputs.get('scores') or {n: costs[k] for n, costs in inputs['sensitivity'].items()}
+            assert plan.scores == {s.name: ranked[s.name] for s in sites if s.name in ranked}
             if name != 'uniform':   # the mixed-precision allocators use the budget they are given
                 assert plan.budget['margin_bits'] < max(s.params for s in sites)
             for s in sites:     # unscored sites are held at k (lrp_qvit's blocks 0-1 need no score)
-                if s.has_weights and s.name not in scores and s.name not in (fixed or {}):
+                if s.has_weights and s.name not in ranked and s.name not in (fixed or {}):
                     early = name == 'lrp_qvit' and s.block in (0, 1)
                     assert bits[s.name] == ((k + 1, k + 1) if early else (k, k))
 
@@ -429,11 +441,12 @@ def test_impossible_budgets_raise(name):
     sites = swin_sites((2, 2, 2, 2), embed_dim=32)
     scores = {s.name: 1.0 for s in sites}
     with pytest.raises(ValueError, match=r'impossible budget .*needs \d+ bits'):
-        allocate(name, sites, scores, target_bits=4, budget=Budget(weight_bits=2.9))
+        allocate(name, sites, target_bits=4, budget=Budget(weight_bits=2.9), **allocator_inputs(name, sites, scores, 4))
     biggest = max(sites, key=lambda s: s.params)
     tiny = [biggest, Site('small', 'linear', 'fc1', block=3, params=1)]
     with pytest.raises(ValueError, match='Pinned sites use .* bits, more than the whole budget'):
-        allocate(name, tiny, {'small': 1.0}, target_bits=3, fixed={biggest.name: (8, 8)})
+        allocate(name, tiny, target_bits=3, fixed={biggest.name: (8, 8)},
+                 **allocator_inputs(name, tiny, {'small': 1.0}, 3))
 
 
 def test_lrp_qvit_at_two_bits_cannot_pay_for_its_early_blocks():
@@ -444,7 +457,7 @@ def test_lrp_qvit_at_two_bits_cannot_pay_for_its_early_blocks():
 
 def test_bad_allocator_inputs_are_rejected():
     sites = swin_sites((1, 1), embed_dim=8)
-    with pytest.raises(ValueError, match="unknown allocator 'hawq'; available: 'uniform', 'lrp_qvit', 'greedy', 'ilp'"):
+    with pytest.raises(ValueError, match="unknown allocator 'hawq'; available: 'uniform', 'lrp_qvit', 'greedy', 'ilp', 'sensitivity'"):
         allocate('hawq', sites, {}, target_bits=4)
     with pytest.raises(ValueError, match=r"scores name 1 site\(s\) not in the site list: 'layers.0.blocks.0.attn.qkv'"):
         allocate('greedy', sites, {'layers.0.blocks.0.attn.qkv': 1.0}, target_bits=4)

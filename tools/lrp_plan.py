@@ -35,6 +35,14 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 TARGET = re.compile(r'^(?:mp)?([2-8])$')
 
 
+def target_bits(p: argparse.ArgumentParser, target: str) -> int:
+    """k of ``--target`` (``mp4``, ``MP6``, ``4``, ...), or the parser's usage error."""
+    m = TARGET.match(target.lower())
+    if not m:
+        p.error(f"--target must be mpK or K with K in 2..8 (e.g. mp4), got {target!r}")
+    return int(m.group(1))
+
+
 def add_classifier_args(p: argparse.ArgumentParser, random_init_help: str) -> None:
     """--model and its weights (--checkpoint | --pretrained | --random-init), as build_classifier reads them."""
     p.add_argument('--model', required=True,
@@ -66,10 +74,7 @@ def parse_args(argv=None):
     p.add_argument('--device', default='cpu', help="where LRP runs: 'cpu', 'cuda', 'cuda:1', ... (default: cpu)")
     p.add_argument('--no-progress', action='store_true')
     args = p.parse_args(argv)
-    m = TARGET.match(args.target.lower())
-    if not m:
-        p.error(f"--target must be mpK or K with K in 2..8 (e.g. mp4), got {args.target!r}")
-    args.k = int(m.group(1))
+    args.k = target_bits(p, args.target)
     if args.checkpoint is None and not args.pretrained and args.random_init is None:
         # offline and no weights named: say loudly that the plan comes from random weights (recorded)
         print('WARNING: no --checkpoint/--pretrained given: using seeded random weights (--random-init 0). '

@@ -35,7 +35,9 @@ from .quantize import detector_of, quantize_detector
 class QuantizationHook(Hook):
     """Quantize the model under test (see module docstring).
 
-    The quantization options are :class:`mmdet_lrpq.QuantConfig`'s (see its docstring).
+    The quantization options are :class:`mmdet_lrpq.QuantConfig`'s (see its docstring);
+    ``reconstruct=dict(...)`` (:class:`mmdet_lrpq.ReconstructConfig` fields) learns rounding and step
+    sizes after calibration, on the same calibration images.
     ``calib``: :class:`~mmdet_lrpq.engine.CalibSettings` fields (``source``, ``num_images``,
     ``seed``, ``image_ids``, ``batch_size``, ``ann_file``, ``img_prefix``, ``data_root``).
     ``state_file``: save the calibrated state there; a later run loads it instead of calibrating
@@ -49,12 +51,13 @@ class QuantizationHook(Hook):
     def __init__(self, w_bits: int = 4, a_bits: int = 4, plan: Union[None, str, BitPlan] = None,
                  method: str = 'crl', crl_k: float = DEFAULT_CRL_K, scope: str = 'detector',
                  round_zero_point: bool = False, patch_embed_a_bits: Optional[int] = 8,
-                 reparam_output_norms: Optional[bool] = None, calib: Optional[dict] = None,
+                 reparam_output_norms: Optional[bool] = None, reconstruct: Optional[dict] = None,
+                 calib: Optional[dict] = None,
                  state_file: Optional[str] = None, state_mismatch: str = 'error',
                  report_file: str = 'quantization_report.json'):
         options = dict(w_bits=w_bits, a_bits=a_bits, plan=plan, method=method, crl_k=crl_k, scope=scope,
                        round_zero_point=round_zero_point, patch_embed_a_bits=patch_embed_a_bits,
-                       reparam_output_norms=reparam_output_norms)
+                       reparam_output_norms=reparam_output_norms, reconstruct=reconstruct)
         self.config = QuantConfig(**options)               # validates early, at config build time
         self.explicit = sorted(k for k, v in options.items() if v != QuantConfig.__dataclass_fields__[k].default)
         self.calib = CalibSettings.from_options(calib)
@@ -85,10 +88,10 @@ class QuantizationHook(Hook):
                              f'and in QuantizationHook ({self.explicit}); keep one of them')
         return declared
 
-    def quantize_model(self, model, cfg, logger) -> QuantReport:
+    def quantize_model(self, model, cfg, logger, progress: bool = True) -> QuantReport:
         """Quantize a built detector with this hook's settings (also what init_quantized_detector runs)."""
         return quantize_detector(model, cfg, self.config_for(model), self.calib, state_file=self.state_file,
-                                 state_mismatch=self.state_mismatch, logger=logger)
+                                 state_mismatch=self.state_mismatch, logger=logger, progress=progress)
 
     def _quantize(self, runner) -> None:
         if self.report is not None:

@@ -58,7 +58,8 @@ def quantize_detector(model: nn.Module, cfg: Any, config: QuantConfig, calib: Ca
         try:
             report = quantizer.calibrate(images.batches(), lambda m, batch: m.test_step(batch), images_in=images_in,
                                          image_ids=images.ids, calibration=identity, batch_size=calib.batch_size,
-                                         progress=None if bar is None else bar.update_to)
+                                         progress=None if bar is None else bar.update_to,
+                                         reconstruct_batches=images.batches, reconstruct_progress=progress)
         finally:
             handle.remove()
             if bar is not None:

@@ -13,7 +13,7 @@ q/k/v projection weights, ``bias_k``/``bias_v``, ``add_zero_attn``) stay float a
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..plan.sites import Site
 from ..quant import QuantLinear, QuantMatMul, QuantModule, QuantState, UniformQuantizer
-from ..quant.modules import _Quantizer
+from ..quant.modules import WeightCache, _Quantizer
 from .base import Adapter, Bits
 
 
@@ -35,8 +35,7 @@ class QuantInProjection(QuantModule):
         self.key_quantizer = UniformQuantizer(a_bits)
         self.value_quantizer = UniformQuantizer(a_bits)
         self.state = QuantState.FLOAT
-        self._wq_key: Any = None
-        self._wq: Optional[Tensor] = None
+        self._weight_cache = WeightCache()
 
     def input_quantizers(self) -> list[_Quantizer]:
         return [self.query_quantizer, self.key_quantizer, self.value_quantizer]
@@ -45,22 +44,14 @@ class QuantInProjection(QuantModule):
         self.weight_quantizer.reset(w_bits)
         for q in self.input_quantizers():
             q.reset(a_bits)
-        self._wq_key = None
+        self._weight_cache.clear()
 
     def macs(self, inputs: tuple, output: tuple) -> int:
         """Multiply-accumulates of the three projections (for BOPs): outputs x input features."""
         return sum(o.numel() * x.shape[-1] for o, x in zip(output, inputs[:3]))
 
     def _weight(self, weight: Tensor) -> Tensor:
-        if self.state is QuantState.FLOAT:
-            return weight
-        key = (weight.data_ptr(), weight._version, weight.shape, self.weight_quantizer.bits)
-        if key != self._wq_key:
-            with torch.no_grad():
-                self.weight_quantizer.calibrate(weight)
-                self._wq = self.weight_quantizer(weight.detach())
-            self._wq_key = key
-        return self._wq
+        return weight if self.state is QuantState.FLOAT else self._weight_cache(self.weight_quantizer, weight)
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, weight: Tensor,
                 bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:

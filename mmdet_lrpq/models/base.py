@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from ..plan.sites import Site
-from ..quant import ReparamResult
+from ..quant import QuantMatMul, ReparamResult
+from ..quant.reconstruct import Unit
 
 Bits = tuple[int, int]
 
@@ -80,6 +81,36 @@ class Adapter:
         """Backbone output index -> model path of the LayerNorm producing it (for neck pairings)."""
         return {}
 
+    def units(self) -> list[Unit]:
+        """The chain of blocks reconstruction learns whole, in forward order (none: its layers are
+        reconstructed one by one)."""
+        return []
+
+
+class QuantWindowAttentionMixin:
+    """Shared by the Swin families' window attentions: ``q@kᵀ`` and ``attn@v`` as ``QuantMatMul``
+    modules and the ``input_shift`` buffer that reparameterizing ``norm1`` into ``qkv`` creates.
+    A subclass lists this mixin first, then the family's attention class."""
+
+    matmul1: QuantMatMul
+    matmul2: QuantMatMul
+    input_shift: Optional[torch.Tensor]
+
+    @classmethod
+    def convert_(cls, attn: nn.Module, bits1: int, bits2: int) -> nn.Module:
+        """Turn ``attn`` into ``cls`` in place (parameters and state-dict keys kept)."""
+        attn.__class__ = cls
+        attn.matmul1 = QuantMatMul(a_bits=bits1)
+        attn.matmul2 = QuantMatMul(a_bits=bits2, log_sqrt2_a=True)
+        attn.register_buffer('input_shift', None)
+        return attn
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a state saved after reparameterization has the shift a freshly converted attention lacks
+        if self.input_shift is None and prefix + 'input_shift' in state_dict:
+            self.input_shift = torch.empty_like(state_dict[prefix + 'input_shift'], device=self.qkv.weight.device,
+                                                dtype=self.qkv.weight.dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def site_granularity(site: Site, per_channel: set[str]) -> str:

@@ -22,37 +22,17 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from mmdet.models.backbones.swin import SwinTransformer, WindowMSA
 from torch import Tensor, nn
 
 from ..plan.sites import Site
-from ..quant import QuantMatMul
-from .base import Adapter, Bits, ReparamPair
+from ..quant.reconstruct import Unit
+from .base import Adapter, Bits, QuantWindowAttentionMixin, ReparamPair
 from .swin_names import swin_architecture
 
 
-class QuantWindowMSA(WindowMSA):
+class QuantWindowMSA(QuantWindowAttentionMixin, WindowMSA):
     """mmdet ``WindowMSA`` with ``q@kᵀ`` and ``attn@v`` routed through ``QuantMatMul`` modules."""
-
-    matmul1: QuantMatMul
-    matmul2: QuantMatMul
-    input_shift: Optional[Tensor]
-
-    @classmethod
-    def convert_(cls, msa: WindowMSA, bits1: int, bits2: int) -> 'QuantWindowMSA':
-        """Turn ``msa`` into a ``QuantWindowMSA`` in place (parameters and state-dict keys kept)."""
-        msa.__class__ = cls
-        msa.matmul1 = QuantMatMul(a_bits=bits1)
-        msa.matmul2 = QuantMatMul(a_bits=bits2, log_sqrt2_a=True)
-        msa.register_buffer('input_shift', None)
-        return msa
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        if self.input_shift is None and prefix + 'input_shift' in state_dict:
-            self.input_shift = torch.empty_like(state_dict[prefix + 'input_shift'], device=self.qkv.weight.device,
-                                                dtype=self.qkv.weight.dtype)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         if self.input_shift is not None:        # -b of the norm1 -> qkv reparameterization
@@ -127,6 +107,25 @@ class SwinAdapter(Adapter):
 
     def output_norms(self) -> dict[int, str]:
         return {i: f'{self.prefix}norm{i}' for i in self.module.out_indices}
+
+    def units(self) -> list[Unit]:
+        """Patch embedding, every block, every patch merging; the state is ``(tokens, hw_shape)``."""
+        swin = self.module
+
+        def embed(x):
+            x, hw_shape = swin.patch_embed(x)
+            if swin.use_abs_pos_embed:
+                x = x + swin.absolute_pos_embed
+            return swin.drop_after_pos(x), hw_shape
+
+        out = [Unit(f'{self.prefix}patch_embed', swin.patch_embed, embed)]
+        for s, stage in enumerate(swin.stages):
+            for j, block in enumerate(stage.blocks):
+                out.append(Unit(f'{self.prefix}stages.{s}.blocks.{j}', block,
+                                lambda x, hw_shape, block=block: (block(x, hw_shape), hw_shape)))
+            if stage.downsample is not None:
+                out.append(Unit(f'{self.prefix}stages.{s}.downsample', stage.downsample, stage.downsample))
+        return out
 
     def architecture(self) -> dict:
         swin = self.module

@@ -53,6 +53,7 @@ class QuantSwinTransformer(SwinTransformer):
             quantizer = ModelQuantizer(_BackboneOnly(self), self.quant_config, logger=MMLogger.get_current_instance())
             report = quantizer.calibrate([x], lambda m, batch: super(QuantSwinTransformer, self).forward(batch),
                                          images_in=lambda batch: batch.shape[0], image_ids=['first forward batch'],
-                                         input_shape=tuple(x.shape[-2:]), batch_size=x.shape[0])
+                                         input_shape=tuple(x.shape[-2:]), batch_size=x.shape[0],
+                                         reconstruct_batches=lambda: [x])
             quantizer.logger.info('QuantSwinTransformer calibrated on its first batch:\n' + report.table())
         return super().forward(x)

@@ -25,10 +25,12 @@ from torch import nn
 from ..config import QuantConfig
 from ..plan import Site, account
 from ..quant import (CALIBRATION_RULE, LayerQuantConfig, QuantConv2d, QuantLinear, QuantState, calibrate_stream,
-                     quant_modules, quantizable_layers, reparameterize_, set_quant_state, wrap_modules)
+                     quant_modules, quantizable_layers, reconstruct_, reparameterize_, set_quant_state, wrap_modules)
 from ..quant.macs import count_macs
+from ..quant.reconstruct import Unit
 from .base import Adapter, Bits, ReparamPair, apply_reparam_shift, find_adapters, site_granularity
-from .state import (STATE_FORMAT, StateMismatchError, differences, mismatch_message, new_identity)
+from .state import (STATE_FORMAT, StateMismatchError, differences, host_state_dict, mismatch_message,
+                    new_identity)
 
 
 @dataclass
@@ -73,6 +75,9 @@ class QuantReport:
         c = self.config
         shape = f' at {self.input_shape[1]}x{self.input_shape[0]}' if self.input_shape else ''
         method = c['method'] + (f"(k={c['crl_k']})" if c['method'] == 'crl' else '')
+        rec = self.calibration.get('reconstruction')
+        reconstructed = (f"; reconstructed {rec['blocks']} blocks + {rec['heads']} heads + {rec['layers']} layers on "
+                         f"{rec['images']:g} image(s) in {rec['seconds']:.0f} s" if rec else '')
         leftover = (f"; {t['float_modules']} module(s) left in float ({t['float_params']} weights, not in "
                     f"these totals)" if self.float_modules else '')
         cal = self.calibration
@@ -82,7 +87,7 @@ class QuantReport:
             f"scope={c['scope']} method={method}: {t['conv_linear']} Conv2d/Linear + {t['matmul']} attention "
             f"matmuls quantized; avg W bits {t['avg_weight_bits']:.3f}, avg A bits {t['avg_act_bits']:.3f} "
             f"(MAC-weighted {t['avg_act_bits_mac_weighted']:.3f}), weights {t['weight_mb']:.2f} MB, "
-            f"{t['bops'] / 1e9:.2f} GBOPs/image{shape}{leftover}; {calib}")
+            f"{t['bops'] / 1e9:.2f} GBOPs/image{shape}{leftover}; {calib}{reconstructed}")
         return '\n'.join(lines)
 
     __str__ = table
@@ -267,11 +272,19 @@ class ModelQuantizer:
     def calibrate(self, batches: Iterable, run: Callable[[nn.Module, Any], Any], *,
                   images_in: Callable[[Any], float] = lambda batch: 1, image_ids: Optional[list] = None,
                   input_shape: Optional[tuple[int, int]] = None, calibration: Optional[dict] = None,
-                  batch_size: int = 1, progress: Optional[Callable[[float], None]] = None) -> QuantReport:
-        """Stream the calibration batches, then reparameterize (RepQ/CRL) and re-quantize weights.
+                  batch_size: int = 1, progress: Optional[Callable[[float], None]] = None,
+                  reconstruct_batches: Optional[Callable[[], Iterable]] = None,
+                  reconstruct_progress: bool = False) -> QuantReport:
+        """Stream the calibration batches, reparameterize (RepQ/CRL), reconstruct if configured, and
+        re-quantize the weights.
 
         ``calibration``: the settings that chose the images (recorded in the state's identity).
+        ``reconstruct_batches()``: the calibration batches again, freshly, on every call (needed when
+        the config asks for reconstruction; ``batches`` is a one-shot stream).
         """
+        if self.config.reconstruct is not None and reconstruct_batches is None:
+            raise ValueError('reconstruction reads the calibration images again: pass reconstruct_batches '
+                             '(a callable returning a fresh iterable of the calibration batches)')
         self.identity = self._float_identity(calibration)
         if self.report is None:
             self.wrap()
@@ -290,8 +303,39 @@ class ModelQuantizer:
                          'seconds': round(seconds, 2), **_peak_memory(device),
                          'settings': calibration}
         self.reparameterize()
+        if self.config.reconstruct is not None:
+            start = time.perf_counter()
+            done = self.reconstruct(reconstruct_batches, run, images_in=images_in, progress=reconstruct_progress)
+            r.calibration['reconstruction'] = {**done, 'seconds': round(time.perf_counter() - start, 2)}
         self.requantize_weights()
         return r
+
+    def reconstruct(self, batches: Callable[[], Iterable], run: Callable[[nn.Module, Any], Any], *,
+                    images_in: Callable[[Any], float] = lambda batch: 1, progress: bool = False) -> dict:
+        """Learn rounding and step sizes (:mod:`mmdet_lrpq.quant.reconstruct`): the adapters' block
+        chains whole, then the detector's heads, then every other quantized layer in scope alone."""
+        chains = [units for a in self._active() if (units := a.units())]
+        inside = {id(m) for chain in chains for u in chain for m in u.module.modules()}
+        layers = {name: m for name, m in quant_modules(self.model).items()
+                  if isinstance(m, (QuantConv2d, QuantLinear)) and id(m) not in inside}
+        return reconstruct_(self.model, chains, self._head_units(), layers, batches, run, self.config.reconstruct,
+                            images_in=images_in, progress=progress)
+
+    def _head_units(self) -> list[Unit]:
+        """An mmdet detector's heads as reconstruction units, in forward order: the neck and the RPN head
+        (their inputs correspond image by image in the float and the quantized model), then every RoI
+        box and mask head (their RoIs do not: learned on the quantized model's RoIs, sampled)."""
+        if self.config.scope != 'detector':
+            return []
+        out = [Unit(name, module, lambda *args, module=module: module(*args))
+               for name in ('neck', 'rpn_head') if isinstance(module := getattr(self.model, name, None), nn.Module)]
+        roi = getattr(self.model, 'roi_head', None)
+        for attr in ('bbox_head', 'mask_head'):
+            heads = getattr(roi, attr, None)
+            named = ([(f'roi_head.{attr}.{i}', h) for i, h in enumerate(heads)] if isinstance(heads, nn.ModuleList)
+                     else [(f'roi_head.{attr}', heads)] if isinstance(heads, nn.Module) else [])
+            out += [Unit(name, h, lambda *args, h=h: h(*args), aligned=False, rows=True) for name, h in named]
+        return [u for u in out if quant_modules(u.module)]
 
     def requantize_weights(self) -> None:
         """Re-calibrate and cache every weight quantizer now (reparameterization changed weights)."""
@@ -316,8 +360,7 @@ class ModelQuantizer:
         if self.identity is None or self.report is None or not self.report.calibration:
             raise RuntimeError('nothing to save: the model is not calibrated yet')
         return {'format': STATE_FORMAT, 'identity': self.identity, 'report': self.report.to_dict(),
-                'state_dict': {k: v.detach().cpu() if torch.is_tensor(v) else v
-                               for k, v in self.model.state_dict().items()}}
+                'state_dict': host_state_dict(self.model)}
 
     def check_state(self, state: dict, calibration: Optional[dict], where: str = 'the calibrated state') -> None:
         """Raise :class:`StateMismatchError` unless ``state`` was made from this model and these inputs."""

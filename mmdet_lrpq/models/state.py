@@ -103,6 +103,15 @@ def mismatch_message(path: str, diffs: dict) -> str:
             f'to recalibrate and overwrite it.')
 
 
+def host_state_dict(model: nn.Module) -> dict:
+    """``model.state_dict()`` with every tensor copied to the CPU: a saved state loads on any device
+    (the quantizers follow their inputs' device after loading)."""
+    out = {}
+    for key, value in model.state_dict().items():
+        out[key] = value.detach().cpu() if torch.is_tensor(value) else value
+    return out
+
+
 def save_state(path: str, state: dict) -> None:
     """Write ``state`` to ``path`` atomically: a partial file never takes the place of a good one."""
     path = os.fspath(path)

@@ -15,38 +15,19 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from timm.models.swin_transformer import PatchMerging, SwinTransformer, WindowAttention
 from torch import Tensor, nn
 
 from ..lrp.scores import swin_sites
 from ..lrp.swin import check_swin
 from ..plan.sites import Site
-from ..quant import QuantMatMul
-from .base import Adapter, Bits, ReparamPair
+from ..quant.reconstruct import Unit
+from .base import Adapter, Bits, QuantWindowAttentionMixin, ReparamPair
 from .swin_names import swin_architecture, swin_name_to_mmdet
 
 
-class QuantWindowAttention(WindowAttention):
+class QuantWindowAttention(QuantWindowAttentionMixin, WindowAttention):
     """timm ``WindowAttention`` with ``q@kᵀ`` and ``attn@v`` routed through ``QuantMatMul`` modules."""
-
-    matmul1: QuantMatMul
-    matmul2: QuantMatMul
-    input_shift: Optional[Tensor]
-
-    @classmethod
-    def convert_(cls, attn: WindowAttention, bits1: int, bits2: int) -> 'QuantWindowAttention':
-        attn.__class__ = cls
-        attn.matmul1 = QuantMatMul(a_bits=bits1)
-        attn.matmul2 = QuantMatMul(a_bits=bits2, log_sqrt2_a=True)
-        attn.register_buffer('input_shift', None)
-        return attn
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        if self.input_shift is None and prefix + 'input_shift' in state_dict:
-            self.input_shift = torch.empty_like(state_dict[prefix + 'input_shift'], device=self.qkv.weight.device,
-                                                dtype=self.qkv.weight.dtype)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         if self.input_shift is not None:        # -b of the norm1 -> qkv reparameterization
@@ -105,6 +86,17 @@ class TimmSwinAdapter(Adapter):
                 pairs.append(ReparamPair(f'{p}.norm1', f'{p}.attn.qkv', shift_owner=f'{p}.attn'))
                 pairs.append(ReparamPair(f'{p}.norm2', f'{p}.mlp.fc1'))
         return pairs
+
+    def units(self) -> list[Unit]:
+        """Patch embedding, then per stage its patch merging and blocks; the state is ``(NHWC tokens,)``."""
+        out = [Unit(f'{self.prefix}patch_embed', self.module.patch_embed, lambda x: (self.module.patch_embed(x),))]
+        for i, stage in enumerate(self.module.layers):
+            if isinstance(stage.downsample, PatchMerging):
+                out.append(Unit(f'{self.prefix}layers.{i}.downsample', stage.downsample,
+                                lambda x, d=stage.downsample: (d(x),)))
+            for j, block in enumerate(stage.blocks):
+                out.append(Unit(f'{self.prefix}layers.{i}.blocks.{j}', block, lambda x, b=block: (b(x),)))
+        return out
 
     def plan_names(self) -> dict[str, str]:
         """Backbone sites by their mmdet names, as ``tools/lrp_plan.py`` writes detector plans."""

@@ -15,6 +15,11 @@ for every given site, in site order. Rules shared by every allocator:
   Scores naming no given site are an error (usually a plan in another naming scheme).
 * The default budget is ``Budget(weight_bits=k)`` over the given sites. The result is checked
   with :meth:`Budget.check`; an impossible budget raises ``ValueError`` before any search.
+
+``ilp`` and ``sensitivity`` share one integer program (one binary per site and allowed bits, the
+budget as one integer row): ``ilp`` maximizes ``Σ score·bits``; ``sensitivity`` minimizes the
+measured ``Σ sensitivity(site, bits)`` (e.g. :func:`mmdet_lrpq.models.sensitivity.fisher_sensitivity`),
+given as ``sensitivity=`` instead of scores.
 """
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ class _Problem:
     budget: Budget
     fixed: dict[str, Bits]
     allocator: str
+    sensitivity: dict[str, dict[int, float]]
 
     @property
     def low(self) -> int:
@@ -142,8 +148,9 @@ def _greedy(p: _Problem) -> dict[str, Bits]:
     return bits
 
 
-def _ilp(p: _Problem, time_limit: Optional[float] = None, mip_rel_gap: float = 0.0) -> dict[str, Bits]:
-    """Maximize Σ score_i·bits_i under the weight budget, one binary per (site, allowed bits).
+def _choose_bits(p: _Problem, cost: Callable[[Site, int], float], time_limit: Optional[float] = None,
+                 mip_rel_gap: float = 0.0) -> dict[str, Bits]:
+    """Minimize ``Σ cost(site, bits)`` under the weight budget, one binary per (site, allowed bits).
 
     The budget row is divided by the gcd of the weight counts so its coefficients stay small
     integers, and the rounded solution is re-checked exactly (solver tolerances are not trusted).
@@ -162,28 +169,39 @@ def _ilp(p: _Problem, time_limit: Optional[float] = None, mip_rel_gap: float = 0
     g = math.gcd(*(s.params for s in adjustable)) or 1
     n, m = len(adjustable), len(levels)
     lv = np.asarray(levels, dtype=float)
-    cost = np.outer([s.params // g for s in adjustable], lv).ravel()
-    gain = np.outer([p.scores[s.name] for s in adjustable], lv).ravel()
+    memory_row = np.outer([s.params // g for s in adjustable], lv).ravel()
+    objective = np.asarray([cost(s, b) for s in adjustable for b in levels], dtype=float)
     one_choice = LinearConstraint(np.kron(np.eye(n), np.ones(m)), 1, 1)
-    memory = LinearConstraint(cost[None, :], -np.inf, free // g)
+    memory = LinearConstraint(memory_row[None, :], -np.inf, free // g)
     options = {'mip_rel_gap': mip_rel_gap, **({'time_limit': time_limit} if time_limit is not None else {})}
-    res = milp(-gain, integrality=np.ones(n * m), bounds=Bounds(0, 1), constraints=[one_choice, memory],
+    res = milp(objective, integrality=np.ones(n * m), bounds=Bounds(0, 1), constraints=[one_choice, memory],
                options=options)
     if res.status != 0 or res.x is None:
-        raise RuntimeError(f'ilp allocator: scipy.optimize.milp did not return an optimal solution '
+        raise RuntimeError(f'{p.allocator} allocator: scipy.optimize.milp did not return an optimal solution '
                            f'(status {res.status}: {res.message}). For a time limit, pass a larger '
                            f'time_limit= or a looser mip_rel_gap=.')
     choice = np.rint(res.x).reshape(n, m)
     if not np.all(choice.sum(axis=1) == 1):
-        raise RuntimeError('ilp allocator: the solver returned a non-integral choice of bits')
+        raise RuntimeError(f'{p.allocator} allocator: the solver returned a non-integral choice of bits')
     for s, row in zip(adjustable, choice):
         b = levels[int(np.argmax(row))]
         bits[s.name] = (b, b)
     check = p.budget.check(p.sites, bits)
     if not check.holds:
-        raise RuntimeError(f'ilp allocator: after rounding, the solver\'s solution exceeds the budget by '
+        raise RuntimeError(f'{p.allocator} allocator: after rounding, the solver\'s solution exceeds the budget by '
                            f'{-check.margin_bits} bits (solver tolerance); nothing was returned')
     return bits
+
+
+def _ilp(p: _Problem, time_limit: Optional[float] = None, mip_rel_gap: float = 0.0) -> dict[str, Bits]:
+    """Maximize Σ score_i·bits_i under the weight budget (see :func:`_choose_bits`)."""
+    return _choose_bits(p, lambda s, b: -p.scores[s.name] * b, time_limit, mip_rel_gap)
+
+
+def _sensitivity(p: _Problem, time_limit: Optional[float] = None, mip_rel_gap: float = 0.0) -> dict[str, Bits]:
+    """Minimize Σ sensitivity(site, bits) under the weight budget (LampQ / HAWQ-V3 style): the
+    measured cost of every allowed bit-width, not a score times bits (see :func:`_choose_bits`)."""
+    return _choose_bits(p, lambda s, b: p.sensitivity[s.name][b], time_limit, mip_rel_gap)
 
 
 ALLOCATORS: dict[str, Callable[..., dict[str, Bits]]] = {
@@ -191,21 +209,28 @@ ALLOCATORS: dict[str, Callable[..., dict[str, Bits]]] = {
     'lrp_qvit': _lrp_qvit,
     'greedy': _greedy,
     'ilp': _ilp,
+    'sensitivity': _sensitivity,
 }
 
 
 def allocate(name: str, sites: Sequence[Site], scores: Optional[Mapping[str, float]] = None, *,
              target_bits: int, budget: Optional[Budget] = None, fixed: Optional[Mapping[str, Bits]] = None,
-             **options) -> BitPlan:
+             sensitivity: Optional[Mapping[str, Mapping[int, float]]] = None, **options) -> BitPlan:
     """Assign ``(w_bits, a_bits)`` to every site with allocator ``name`` (see module doc).
 
-    ``scores``: site -> relative importance (higher = more important); ``options`` go to the
-    allocator (``ilp``: ``time_limit``, ``mip_rel_gap``). The plan records the scores, the
-    budget with its check and accounting, the pinned sites and the allocator name.
+    ``scores``: site -> relative importance (higher = more important); ``sensitivity`` (the
+    ``sensitivity`` allocator, instead of scores): site -> {bits: measured cost of the site at those
+    bits}, for every allowed bit-width; its plan records the cost at ``target_bits`` as the score.
+    ``options`` go to the allocator (``ilp``, ``sensitivity``: ``time_limit``, ``mip_rel_gap``).
+    The plan records the scores, the budget with its check and accounting, the pinned sites and the
+    allocator name.
     """
     if name not in ALLOCATORS:
         raise ValueError(f'unknown allocator {name!r}; available: {format_names(ALLOCATORS)}')
-    p = _problem(name, sites, scores or {}, target_bits, budget, fixed or {})
+    if (name == 'sensitivity') != (sensitivity is not None) or (name == 'sensitivity' and scores):
+        raise ValueError("the 'sensitivity' allocator takes sensitivity= (site -> {bits: cost}) and no scores; "
+                         'the other allocators take scores and no sensitivity')
+    p = _problem(name, sites, scores or {}, target_bits, budget, fixed or {}, sensitivity)
     bits = ALLOCATORS[name](p, **options)
     check = p.budget.check(p.sites, bits)
     if not check.holds:     # every allocator is built to fit; never hand out a plan that does not
@@ -216,8 +241,29 @@ def allocate(name: str, sites: Sequence[Site], scores: Optional[Mapping[str, flo
                    allocator=name, budget=record)
 
 
+def _check_sensitivity(table: Mapping[str, Mapping[int, float]], levels: list[int],
+                       sites: Sequence[Site]) -> dict[str, dict[int, float]]:
+    """``{site: {bits: cost}}`` with a finite cost for every allowed bit-width of every listed site."""
+    out: dict[str, dict[int, float]] = {}
+    for name, costs in table.items():
+        if not isinstance(costs, Mapping):
+            raise ValueError(f'sensitivity[{name!r}] must map bits to costs, got {costs!r}')
+        costs = {int(b): v for b, v in costs.items()}
+        missing = [b for b in levels if b not in costs]
+        if missing:
+            raise ValueError(f'sensitivity[{name!r}] has no cost for {missing} bits (the allowed bits are {levels})')
+        checked = check_scores({f'{name}@{b}': costs[b] for b in levels})
+        out[name] = {b: checked[f'{name}@{b}'] for b in levels}
+    weightless = [s.name for s in sites if not s.has_weights and s.name in out]
+    if weightless:
+        raise ValueError(f'sensitivity names sites without weights, which a weight budget cannot trade: '
+                         f'{format_names(weightless)}')
+    return out
+
+
 def _problem(name: str, sites: Sequence[Site], scores: Mapping[str, float], k: int,
-             budget: Optional[Budget], fixed: Mapping[str, Bits]) -> _Problem:
+             budget: Optional[Budget], fixed: Mapping[str, Bits],
+             sensitivity: Optional[Mapping[str, Mapping[int, float]]] = None) -> _Problem:
     sites = list(sites)
     names = [s.name for s in sites]
     known = set(names)
@@ -226,6 +272,10 @@ def _problem(name: str, sites: Sequence[Site], scores: Mapping[str, float], k: i
         raise ValueError(f'site names must be unique; repeated: {format_names(dupes)}')
     if isinstance(k, bool) or not isinstance(k, int) or not MIN_BITS <= k <= MAX_BITS:
         raise ValueError(f'target_bits must be an integer in {MIN_BITS}..{MAX_BITS}, got {k!r}')
+    table = {}
+    if sensitivity is not None:
+        table = _check_sensitivity(sensitivity, sorted({_clip(k - 1), k, _clip(k + 1)}), sites)
+        scores = {n: costs[k] for n, costs in table.items()}      # the record, and which sites can move
     for what, mapping in (('scores', scores), ('fixed', fixed)):
         unknown = [n for n in mapping if n not in known]
         if unknown:
@@ -237,4 +287,4 @@ def _problem(name: str, sites: Sequence[Site], scores: Mapping[str, float], k: i
                                      for s in sites):
         raise ValueError(f'allocator {name!r} ranks sites by score, but no unpinned site with weights has one '
                          f'({len(checked_scores)} scores given)')
-    return _Problem(sites, checked_scores, k, budget or Budget(weight_bits=k), pinned, name)
+    return _Problem(sites, checked_scores, k, budget or Budget(weight_bits=k), pinned, name, table)

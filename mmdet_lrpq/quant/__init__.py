@@ -2,7 +2,7 @@
 
 :func:`wrap_modules` swaps layers by type (configured per layer), :func:`calibrate_stream`
 calibrates them on any number of batches (:func:`calibrate` on one), :func:`reparameterize_`
-applies RepQ/CRL. No MMDetection imports here; :func:`mmdet_lrpq.quantize_` drives it all.
+applies RepQ/CRL, :func:`reconstruct_` optionally learns rounding and step sizes afterwards. No MMDetection imports here; :func:`mmdet_lrpq.quantize_` drives it all.
 """
 from .calibrate import RULE as CALIBRATION_RULE
 from .calibrate import activation_quantizers, calibrate, calibrate_stream, calibrating
@@ -11,6 +11,7 @@ from .functional import (PERCENTILES, check_bits, fake_quant_log_sqrt2, fake_qua
                          uniform_qparams)
 from .modules import (LogSqrt2Quantizer, QuantConv2d, QuantLinear, QuantMatMul, QuantModule, QuantState,
                       UniformQuantizer, quant_modules, set_quant_state)
+from .reconstruct import ReconstructConfig, Unit, reconstruct_
 from .reparam import ReparamResult, crl_clip, reparameterize_
 from .wrap import LayerQuantConfig, quantizable_layers, set_submodule, wrap_modules
 
@@ -21,5 +22,5 @@ __all__ = [
     'QuantMatMul', 'quant_modules', 'set_quant_state', 'calibrate', 'calibrate_stream', 'calibrating',
     'activation_quantizers', 'CALIBRATION_RULE', 'ReparamResult',
     'crl_clip', 'reparameterize_', 'LayerQuantConfig', 'quantizable_layers', 'set_submodule',
-    'wrap_modules',
+    'wrap_modules', 'ReconstructConfig', 'Unit', 'reconstruct_',
 ]

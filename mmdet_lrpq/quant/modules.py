@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import (check_bits, fake_quant_log_sqrt2, fake_quant_uniform, log_sqrt2_qparams,
-                         uniform_qparams)
+from .functional import (check_bits, fake_quant_log_sqrt2, fake_quant_uniform, fake_quant_uniform_rounded,
+                         log_sqrt2_qparams, uniform_qparams)
 
 
 class _Scratch(threading.local):
@@ -61,14 +61,19 @@ class QuantState(enum.Enum):
 
 
 class _Quantizer(nn.Module):
-    """Base: qparams are buffers that start as ``None`` and can be loaded at any shape."""
+    """Base: qparams are buffers that start as ``None`` and can be loaded at any shape.
+
+    ``_learned_names``: optional buffers that only reconstruction sets (``None`` otherwise); saved,
+    loaded and reset like the qparams.
+    """
 
     _qparam_names: tuple[str, ...] = ()
+    _learned_names: tuple[str, ...] = ()
 
     def __init__(self, bits: int):
         super().__init__()
         self.bits = check_bits(bits)
-        for name in self._qparam_names:
+        for name in self._qparam_names + self._learned_names:
             self.register_buffer(name, None)
 
     @property
@@ -79,7 +84,7 @@ class _Quantizer(nn.Module):
         """Forget the qparams (and optionally change the bit-width)."""
         if bits is not None:
             self.bits = check_bits(bits)
-        for name in self._qparam_names:
+        for name in self._qparam_names + self._learned_names:
             setattr(self, name, None)
 
     def get_extra_state(self) -> dict:
@@ -89,8 +94,9 @@ class _Quantizer(nn.Module):
         """Keep the qparams on the input's device (a state loaded on the CPU into a CUDA model)."""
         first = getattr(self, self._qparam_names[0])
         if first.device != x.device:
-            for name in self._qparam_names:
-                setattr(self, name, getattr(self, name).to(x.device))
+            for name in self._qparam_names + self._learned_names:
+                if getattr(self, name) is not None:
+                    setattr(self, name, getattr(self, name).to(x.device))
 
     def set_extra_state(self, state: dict) -> None:
         self.bits = check_bits(state['bits'])
@@ -99,7 +105,7 @@ class _Quantizer(nn.Module):
                               unexpected_keys, error_msgs):
         # Buffers that are still None are invisible to nn.Module's loader: give them the saved
         # tensor's shape first, then let the normal loader copy (and check) the values.
-        for name in self._qparam_names:
+        for name in self._qparam_names + self._learned_names:
             key = prefix + name
             if key in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[key]))
@@ -108,9 +114,15 @@ class _Quantizer(nn.Module):
 
 
 class UniformQuantizer(_Quantizer):
-    """Asymmetric uniform fake quantizer, per tensor or per channel (``channel_axis``)."""
+    """Asymmetric uniform fake quantizer, per tensor or per channel (``channel_axis``).
+
+    ``rounding`` (weights, set by reconstruction only): per element 0 or 1, the learned choice of
+    rounding down or up (AdaRound) instead of rounding to nearest; see
+    :func:`~.functional.fake_quant_uniform_rounded`.
+    """
 
     _qparam_names = ('delta', 'zero_point')
+    _learned_names = ('rounding',)
 
     def __init__(self, bits: int = 8, channel_axis: Optional[int] = None):
         super().__init__(bits)
@@ -131,6 +143,8 @@ class UniformQuantizer(_Quantizer):
 
     def forward(self, x: Tensor, scratch: Optional[Tensor] = None) -> Tensor:
         self._follow(x)
+        if self.rounding is not None:
+            return fake_quant_uniform_rounded(x, self.delta, self.zero_point, self.bits, self.rounding)
         return fake_quant_uniform(x, self.delta, self.zero_point, self.bits, scratch)
 
     @property
@@ -185,6 +199,32 @@ class QuantModule(nn.Module):
         return all(q.calibrated for q in self.input_quantizers())
 
 
+class WeightCache:
+    """A weight's fake-quantized copy, recomputed only when the weight, its bit-width or its learned
+    rounding changed (the weight quantizer is calibrated on the weight then); while reconstruction
+    learns the rounding, computed afresh and differentiably. One per quantized weight."""
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self) -> None:
+        self.key: Any = None
+        self.value: Optional[Tensor] = None
+
+    def __call__(self, quantizer: 'UniformQuantizer', w: Tensor) -> Tensor:
+        rounding = quantizer.rounding
+        if rounding is not None and rounding.requires_grad:
+            return quantizer(w.detach())
+        key = (w.data_ptr(), w._version, w.shape, quantizer.bits,
+               None if rounding is None else (rounding.data_ptr(), rounding._version))
+        if key != self.key:
+            with torch.no_grad():
+                quantizer.calibrate(w)
+                self.value = quantizer(w.detach())
+            self.key = key
+        return self.value
+
+
 class _WeightedQuantModule(QuantModule):
     """Shared by QuantLinear / QuantConv2d: per-output-channel weights with a cached fake-quant."""
 
@@ -194,8 +234,7 @@ class _WeightedQuantModule(QuantModule):
         self.weight_quantizer = UniformQuantizer(w_bits, channel_axis=0)
         self.input_quantizer = UniformQuantizer(a_bits, channel_axis=act_channel_axis)
         self.state = QuantState.FLOAT
-        self._wq_key: Any = None
-        self._wq: Optional[Tensor] = None
+        self._weight_cache = WeightCache()
 
     @property
     def w_bits(self) -> int:
@@ -212,18 +251,11 @@ class _WeightedQuantModule(QuantModule):
         """Change bit-widths; the activation quantizer must then be calibrated again."""
         self.weight_quantizer.reset(w_bits)
         self.input_quantizer.reset(a_bits)
-        self._wq_key = None
+        self._weight_cache.clear()
 
     def quantized_weight(self) -> Tensor:
-        """The fake-quantized weight, recomputed only when the weight or its bit-width changed."""
-        w = self.weight
-        key = (w.data_ptr(), w._version, w.shape, self.weight_quantizer.bits)
-        if key != self._wq_key:
-            with torch.no_grad():
-                self.weight_quantizer.calibrate(w)
-                self._wq = self.weight_quantizer(w.detach())
-            self._wq_key = key
-        return self._wq
+        """The fake-quantized weight (cached: :class:`WeightCache`)."""
+        return self._weight_cache(self.weight_quantizer, self.weight)
 
     def _forward_impl(self, x: Tensor, weight: Tensor) -> Tensor:
         raise NotImplementedError

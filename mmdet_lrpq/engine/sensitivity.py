@@ -1,0 +1,70 @@
+"""The detector side of the measured-sensitivity allocator: its own task loss on the calibration images.
+
+:func:`mmdet_lrpq.models.sensitivity.fisher_sensitivity` needs a loss; for an mmdet detector it is
+the detector's training loss (``model.loss``: RPN and RoI-head classification, box and mask terms)
+on the calibration images and their annotations — the same images, chosen the same way, as the
+``QuantizationHook`` calibrates on. The sites, the per-channel inputs and the pinned patch-embedding
+bits come from the same driver that quantizes, so the table names exactly the sites a plan must cover.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..config import QuantConfig
+from ..models.quantizer import ModelQuantizer
+from ..models.sensitivity import fisher_sensitivity
+from ..plan import Site
+from .calib_data import CalibrationImages, CalibSettings
+
+
+def detector_loss(seed: int):
+    """``loss(model, batch)``: the detector's summed training loss on one batch, its random RoI
+    sampling seeded per batch (so the measurement is reproducible)."""
+    calls = [0]
+
+    def loss(model: nn.Module, batch: Any) -> Tensor:
+        torch.manual_seed(seed + calls[0])
+        calls[0] += 1
+        data = model.data_preprocessor(batch, True)
+        total, _ = model.parse_losses(model(**data, mode='loss'))
+        return total
+    return loss
+
+
+def detector_sensitivity(model: nn.Module, cfg: Any, config: QuantConfig, calib: CalibSettings,
+                         levels: list[int], *, seed: int = 0, logger: Optional[logging.Logger] = None,
+                         progress: bool = True) -> tuple[dict[str, dict[int, float]], list[Site], list]:
+    """``(sensitivity table, sites in scope, calibration image ids)`` of a float detector.
+
+    ``config`` says what would be quantized (scope, method: which inputs are per channel, the pinned
+    patch-embedding bits); its bit-widths are not used.
+    """
+    logger = logger or logging.getLogger('mmdet_lrpq')
+    model.eval()
+    quantizer = ModelQuantizer(model, config, logger=logger)
+    sites = quantizer.sites()
+    fixed = ({s.name: config.patch_embed_a_bits for s in sites if s.layer_type == 'patch_embed'}
+             if config.patch_embed_a_bits is not None else {})
+    if calib.batch_size != 1:
+        raise ValueError('the sensitivity is a per-image Fisher expectation: use calib batch_size=1')
+    images = CalibrationImages(cfg.test_dataloader.dataset, calib, logger)
+    logger.info(f'sensitivity: {len(images)} calibration image(s), ids {images.ids}, bits {levels}')
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(images), desc='sensitivity', unit='img', leave=False)
+    try:
+        table = fisher_sensitivity(model, sites, levels, images.batches(), detector_loss(seed),
+                                   per_channel_inputs=frozenset(p.layer for p in quantizer.pairs), fixed_a_bits=fixed,
+                                   progress=None if bar is None else (lambda n: bar.update(n - bar.n)))
+    finally:
+        if bar is not None:
+            bar.close()
+    return table, sites, images.ids
+
+
+__all__ = ['detector_loss', 'detector_sensitivity']
