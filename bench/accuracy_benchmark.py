@@ -1,0 +1,400 @@
+"""Accuracy beyond the papers' protocol: reconstruction and measured-sensitivity bit plans, over calibration sets.
+
+    .venv/bin/python bench/accuracy_benchmark.py                 # everything (resumable: per-run JSON)
+    .venv/bin/python bench/accuracy_benchmark.py --detectors mask_rcnn --sets 4
+    .venv/bin/python bench/accuracy_benchmark.py --tables-only   # rewrite the tables from results/accuracy_benchmark.json
+
+For each tiny detector of the miniature world (Swin Mask R-CNN, Swin Cascade Mask R-CNN), CRL, detector
+scope, on each of ``--sets`` disjoint calibration sets of ``--set-size`` images drawn in order from a
+64-image calibration pool (``data/miniworld_accuracy_pool``, generated if missing; disjoint from train
+and val):
+
+* W4A4 (uniform 4 bits), MP4 with the LRP plan of the tiny Swin classifier (``lrp_qvit``, computed once
+  by ``tools/lrp_plan.py``) and MP4 with the detector's measured-sensitivity plan (``tools/sensitivity_plan.py``
+  on that calibration set); every MP4 plan at weight memory <= uniform 4 bits over the detector's sites
+  (the MP4 ``uniform`` allocator gives exactly the W4A4 bits, so W4A4 is its row);
+* each without and with reconstruction (``QuantizationHook(reconstruct=...)``, settings in the JSON).
+
+Evaluations run in-process with the hook's own code (``quantize_detector``: calibration images,
+calibration, reparameterization, reconstruction), each detector built once and deep-copied per run;
+CocoMetric on the 200-image val split. Each run is saved as it finishes (``<work-dir>/runs/``), so an
+interrupted benchmark resumes. ``--ablations`` adds, on the first set, Mask R-CNN W4A4 reconstructed
+with its heads layer by layer, with the heads left as calibrated, and without QDrop.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import os.path as osp
+import platform
+import statistics
+import sys
+import time
+from typing import Optional
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, osp.join(REPO, 'bench'))
+sys.path.insert(0, osp.join(REPO, 'tools'))
+sys.path.insert(0, osp.join(REPO, 'tools', 'miniworld'))
+import ap_benchmark as ap  # noqa: E402
+from doc_blocks import replace_block  # noqa: E402
+import experiments as ex  # noqa: E402
+
+POOL = osp.join(REPO, 'data', 'miniworld_accuracy_pool')
+POOL_SIZE = 64
+MARKERS = ('<!-- accuracy_benchmark:begin -->', '<!-- accuracy_benchmark:end -->')
+COMMAND = 'python bench/accuracy_benchmark.py'
+SETTINGS = (('W4A4', 'uniform'), ('MP4', 'lrp_qvit'), ('MP4', 'sensitivity'))
+# the miniature world's numbers before this benchmark (docs/benchmarks.md, ap_benchmark: CRL, 1 image)
+TODAY = {'mask_rcnn': {'FP': 63.1, 'W4A4': 57.8, 'MP4': 57.6}, 'cascade_mask_rcnn': {'FP': 76.3, 'W4A4': 75.1, 'MP4': 75.0}}
+
+
+def reconstruct_settings(iters: int) -> dict:
+    return dict(iters=iters)
+
+
+def ensure_pool(log) -> list[int]:
+    """The calibration pool's image ids, generating the pool (seeded) if it is missing."""
+    ann = osp.join(POOL, 'annotations', 'instances_calib.json')
+    if not osp.isfile(ann):
+        from mmdet_lrpq.miniworld import generate
+        log(f'generating the calibration pool {POOL} ({POOL_SIZE} images)')
+        generate(POOL, sizes=dict(train=0, val=0, calib=POOL_SIZE, cls_train=0, cls_val=0))
+    return [image['id'] for image in json.load(open(ann))['images']]
+
+
+def calib_options(ids: list[int]) -> dict:
+    return dict(data_root=osp.relpath(POOL, REPO) + '/', ann_file='annotations/instances_calib.json',
+                img_prefix='calib/', image_ids=list(ids))
+
+
+class Detector:
+    """One tiny detector built once: its config, float model, val loader and evaluator."""
+
+    def __init__(self, name: str):
+        from mmengine.config import Config
+        from mmengine.evaluator import Evaluator
+        from mmengine.runner import Runner, load_checkpoint
+        from mmdet.registry import MODELS
+        from mmdet.utils import register_all_modules
+
+        import mmdet_lrpq
+        register_all_modules(init_default_scope=True)
+        mmdet_lrpq.register_all_modules()
+        self.name = name
+        float_cfg, self.quant_cfg, self.checkpoint = ex.DETECTORS[name]
+        cfg = Config.fromfile(osp.join(REPO, float_cfg))
+        root = osp.join(REPO, 'data', 'miniworld') + '/'
+        cfg.test_dataloader.dataset.data_root = root
+        cfg.test_evaluator.ann_file = root + 'annotations/instances_val.json'
+        cfg.test_dataloader.num_workers = 0            # in-process: the val images load in the main process
+        cfg.test_dataloader.persistent_workers = False
+        self.cfg = cfg
+        self.model = MODELS.build(cfg.model)
+        load_checkpoint(self.model, self.checkpoint, map_location='cpu', logger='silent')
+        self.model.cfg = cfg
+        self.model.eval()
+        self.loader = Runner.build_dataloader(cfg.test_dataloader)
+        self.evaluator = Evaluator(cfg.test_evaluator)
+        self.evaluator.dataset_meta = self.loader.dataset.metainfo
+
+    def evaluate(self, model) -> tuple[float, float]:
+        import torch
+        with torch.no_grad():
+            for data in self.loader:
+                self.evaluator.process(data_samples=model.test_step(data), data_batch=data)
+        metrics = self.evaluator.evaluate(len(self.loader.dataset))
+        return 100 * metrics['coco/bbox_mAP'], 100 * metrics['coco/segm_mAP']
+
+
+def hook_options(setting: str, plan: Optional[str], reconstruct: Optional[dict], ids: list[int]) -> dict:
+    options = dict(method='crl', calib=calib_options(ids))
+    if plan is None:
+        options.update(w_bits=4, a_bits=4)
+    else:
+        options['plan'] = osp.relpath(plan, REPO)
+    if reconstruct is not None:
+        options['reconstruct'] = reconstruct
+    return options
+
+
+def cli(det: Detector, options: dict) -> str:
+    """The tools/test.py command that runs the same evaluation as one process."""
+    flat = []
+    for key, value in options.items():
+        if isinstance(value, dict):
+            flat += [f'custom_hooks.0.{key}.{k}={json.dumps(v).replace(" ", "")}' for k, v in value.items()]
+        else:
+            flat.append(f'custom_hooks.0.{key}={value}')
+    return (f'python tools/test.py {det.quant_cfg} {osp.relpath(det.checkpoint, REPO)} --data-root data/miniworld '
+            f'--cfg-options ' + ' '.join(flat))
+
+
+def run_one(det: Detector, tag: str, options: dict, path: str, extra: dict, log) -> dict:
+    """Quantize a copy of the detector with the hook's options and evaluate it (or read the saved run)."""
+    from mmdet_lrpq.config import QuantConfig
+    from mmdet_lrpq.engine.calib_data import CalibSettings
+    from mmdet_lrpq.engine.quantize import quantize_detector
+    key = {'options': options, 'detector': det.name}
+    if osp.isfile(path):
+        saved = json.load(open(path))
+        if saved.get('key') == key:
+            return saved['row']
+    model = copy.deepcopy(det.model)
+    t0 = time.time()
+    quant = {k: v for k, v in options.items() if k != 'calib'}
+    if 'plan' in quant:
+        quant['plan'] = osp.join(REPO, quant['plan'])
+    calib = dict(options['calib'], data_root=osp.join(REPO, options['calib']['data_root']))
+    report = quantize_detector(model, det.cfg, QuantConfig(**quant), CalibSettings.from_options(calib),
+                               progress=False, logger=logging.getLogger('accuracy_benchmark'))
+    quant_seconds = time.time() - t0
+    box, mask = det.evaluate(model)
+    t = report.totals
+    rec = report.calibration.get('reconstruction')
+    row = {'detector': det.name, **extra, 'box_ap': box, 'mask_ap': mask, 'avg_w_bits': t['avg_weight_bits'],
+           'avg_a_bits': t['avg_act_bits'], 'weight_mb': t['weight_mb'], 'weight_bits': t['total_weight_bits'],
+           'gbops': t['bops'] / 1e9, 'calibration_ids': report.calibration_ids, 'quant_seconds': round(quant_seconds, 1),
+           'eval_seconds': round(time.time() - t0 - quant_seconds, 1), 'command': cli(det, options)}
+    if rec:
+        errors = rec['relative_error'].values()
+        row.update(recon_seconds=rec['seconds'], recon_block_seconds=rec['block_seconds'],
+                   recon_head_seconds=rec['head_seconds'], recon_units=rec['blocks'] + rec['heads'] + rec['layers'],
+                   recon_error_before=statistics.mean(e[0] for e in errors),
+                   recon_error_after=statistics.mean(e[1] for e in errors))
+    os.makedirs(osp.dirname(path), exist_ok=True)
+    with open(path + '.tmp', 'w') as f:
+        json.dump({'key': key, 'row': row}, f, indent=1)
+    os.replace(path + '.tmp', path)
+    log(f"{det.name:18s} {tag:44s} box {box:5.1f} mask {mask:5.1f} {t['weight_mb']:.3f} MB "
+        f"(quant {quant_seconds:.0f}s{', reconstruction %.0fs' % rec['seconds'] if rec else ''})")
+    return row
+
+
+def sensitivity_plan(det: Detector, ids: list[int], set_index: int, plan_dir: str, log) -> str:
+    """The detector's measured-sensitivity MP4 plan on one calibration set (tools/sensitivity_plan.py)."""
+    import sensitivity_plan as tool
+    out = osp.join(plan_dir, f'{det.name}_set{set_index}_mp4_sensitivity.json')
+    if not osp.isfile(out):
+        c = calib_options(ids)
+        argv = [det.quant_cfg, osp.relpath(det.checkpoint, REPO), '--target', 'mp4', '--out', osp.relpath(out, REPO),
+                '--calib', f"data_root={c['data_root']}", f"ann_file={c['ann_file']}", f"img_prefix={c['img_prefix']}",
+                f"image_ids=[{','.join(map(str, ids))}]", '--no-progress']
+        t0 = time.time()
+        cwd = os.getcwd()
+        os.chdir(REPO)
+        try:
+            tool.main(argv)
+        finally:
+            os.chdir(cwd)
+        log(f'sensitivity plan {osp.relpath(out, REPO)} [{time.time() - t0:.0f}s]')
+    return out
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """One line per (detector, setting, allocator, reconstruction, variant): mean/std/range over the sets."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r['detector'], r['setting'], r['allocator'], r['reconstruct'], r.get('variant', '')), []).append(r)
+    out = []
+    for (det, setting, allocator, rec, variant), rs in groups.items():
+        box, mask = [r['box_ap'] for r in rs], [r['mask_ap'] for r in rs]
+        line = {'detector': det, 'setting': setting, 'allocator': allocator, 'reconstruct': rec, 'variant': variant,
+                'sets': len(rs), 'box_mean': statistics.mean(box), 'box_std': statistics.pstdev(box),
+                'box_min': min(box), 'box_max': max(box), 'mask_mean': statistics.mean(mask),
+                'mask_std': statistics.pstdev(mask), 'mask_min': min(mask), 'mask_max': max(mask),
+                'weight_mb': max(r['weight_mb'] for r in rs), 'weight_bits': max(r['weight_bits'] for r in rs),
+                'avg_a_bits': statistics.mean(r['avg_a_bits'] for r in rs)}
+        if rec:
+            line['recon_seconds'] = statistics.mean(r['recon_seconds'] for r in rs)
+        out.append(line)
+    return out
+
+
+def _fmt(v: float, std: Optional[float] = None) -> str:
+    return f'{v:.1f}' if std is None else f'{v:.1f} ± {std:.1f}'
+
+
+def target_checks(lines: list[dict], rows: list[dict]) -> list[tuple[str, str, str]]:
+    """(target, figures, verdict) on the mean box AP over the calibration sets (0.1 as printed)."""
+    def line(det, setting, allocator, rec):
+        found = [g for g in lines if (g['detector'], g['setting'], g['allocator'], g['reconstruct'], g['variant'])
+                 == (det, setting, allocator, rec, '')]
+        return found[0] if found else None
+
+    out = []
+    fp = next((r['box_ap'] for r in rows if r['detector'] == 'mask_rcnn' and r['setting'] == 'FP'), None)
+    w4r = line('mask_rcnn', 'W4A4', 'uniform', True)
+    if fp is not None and w4r:
+        gap = round(w4r['box_mean'] - fp, 1) + 0.0
+        out.append(('Mask R-CNN: W4A4 with reconstruction within 1.5 AP of float',
+                    f"{w4r['box_mean']:.1f} vs {fp:.1f} ({gap:+.1f})", ap._verdict(-gap - 1.5)))
+    for rec in (False, True):
+        w4 = line('mask_rcnn', 'W4A4', 'uniform', rec)
+        mps = [g for a in ('lrp_qvit', 'sensitivity') if (g := line('mask_rcnn', 'MP4', a, rec))]
+        if w4 and mps:
+            best = max(mps, key=lambda g: g['box_mean'])
+            verdict = ap._verdict(w4['box_mean'] + 0.5 - best['box_mean'])
+            if best['weight_bits'] > w4['weight_bits']:
+                verdict = '**missed**: more weight memory'
+            out.append((f"Mask R-CNN: best MP4 >= W4A4 + 0.5, no more weight memory ({'with' if rec else 'without'} "
+                        f"reconstruction)", f"{best['allocator']} {best['box_mean']:.1f} vs {w4['box_mean']:.1f}; "
+                        f"{best['weight_mb']:.3f} vs {w4['weight_mb']:.3f} MB", verdict))
+    today = TODAY['cascade_mask_rcnn']
+    worst = [(g['box_mean'] - today[g['setting']], g) for g in lines
+             if g['detector'] == 'cascade_mask_rcnn' and g['setting'] in today and not g['variant']]
+    if worst:
+        short, g = min(worst, key=lambda w: w[0])
+        out.append(("Cascade: no setting worse than today's (W4A4 75.1, MP4 75.0 box)",
+                    f"worst: {g['setting']} {g['allocator']}{' + reconstruction' if g['reconstruct'] else ''} "
+                    f"{g['box_mean']:.1f} ({short:+.1f})", ap._verdict(-short)))
+    return out
+
+
+def tables(rows: list[dict]) -> str:
+    lines = aggregate([r for r in rows if r['setting'] != 'FP'])
+    out = []
+    for det in dict.fromkeys(r['detector'] for r in rows):
+        fp = next((r for r in rows if r['detector'] == det and r['setting'] == 'FP'), None)
+        mine = [g for g in lines if g['detector'] == det and not g['variant']]
+        sets = max((g['sets'] for g in mine), default=0)
+        out += [f'**{det}: mean ± std over {sets} calibration sets (box / mask AP; range min–max)**'
+                + (f" — float {fp['box_ap']:.1f} / {fp['mask_ap']:.1f}" if fp else ''), '',
+                '| setting | allocator | reconstruction | box AP | box range | mask AP | mask range | weight MB | '
+                'avg A bits | reconstruction s |', '|---|---|---|---|---|---|---|---|---|---|']
+        for g in mine:
+            out.append(f"| {g['setting']} | {g['allocator']} | {'yes' if g['reconstruct'] else 'no'} | "
+                       f"{_fmt(g['box_mean'], g['box_std'])} | {g['box_min']:.1f}–{g['box_max']:.1f} | "
+                       f"{_fmt(g['mask_mean'], g['mask_std'])} | {g['mask_min']:.1f}–{g['mask_max']:.1f} | "
+                       f"{g['weight_mb']:.3f} | {g['avg_a_bits']:.2f} | "
+                       f"{'%.0f' % g['recon_seconds'] if g.get('recon_seconds') else '—'} |")
+        out.append('')
+    ablations = [g for g in lines if g['variant']]
+    if ablations:
+        out += ['**Ablations (first calibration set only; the full rows above are the mean of all sets)**', '',
+                '| detector | setting | variant | box AP | mask AP | reconstruction s |', '|---|---|---|---|---|---|']
+        for g in ablations:
+            out.append(f"| {g['detector']} | {g['setting']} | {g['variant']} | {g['box_mean']:.1f} | "
+                       f"{g['mask_mean']:.1f} | {g.get('recon_seconds', 0):.0f} |")
+        first = [r for r in rows if r.get('set') == 0 and r['reconstruct'] and not r.get('variant')
+                 and (r['detector'], r['setting'], r['allocator']) in {(g['detector'], g['setting'], g['allocator'])
+                                                                      for g in ablations}]
+        for r in first:
+            out.append(f"| {r['detector']} | {r['setting']} | default (heads whole, QDrop) | {r['box_ap']:.1f} | "
+                       f"{r['mask_ap']:.1f} | {r['recon_seconds']:.0f} |")
+        out.append('')
+    out += ['**Against the targets** (mean box AP over the calibration sets)', '',
+            '| target | figures | verdict |', '|---|---|---|']
+    out += [f'| {t} | {fig} | {v} |' for t, fig, v in target_checks(lines, rows)]
+    return '\n'.join(out) + '\n'
+
+
+def write_tables(rows: list[dict], args) -> None:
+    markdown = tables(rows)
+    with open(osp.splitext(args.out)[0] + '.md', 'w') as f:
+        f.write(f'<!-- generated by `{COMMAND}` -->\n\n{markdown}')
+    print(markdown)
+    if not args.no_doc:
+        if replace_block(osp.join(REPO, ap.DOC), MARKERS, COMMAND, markdown):
+            print(f'{ap.DOC} updated')
+        else:
+            print(f'{ap.DOC} has no accuracy_benchmark markers')
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument('--detectors', nargs='+', default=list(ex.DETECTORS), choices=list(ex.DETECTORS))
+    parser.add_argument('--sets', type=int, default=4, help='disjoint calibration sets')
+    parser.add_argument('--set-size', type=int, default=16, help='images per calibration set')
+    parser.add_argument('--only-sets', type=int, nargs='+', default=None,
+                        help='run only these set indices, in this order (several processes can share the sets; '
+                             'a final run without it gathers every saved run into the JSON and tables)')
+    parser.add_argument('--iters', type=int, default=300, help='reconstruction steps per unit')
+    parser.add_argument('--ablations', action='store_true', help='the ablation runs (first set, Mask R-CNN)')
+    parser.add_argument('--threads', type=int, default=1, help='torch threads')
+    parser.add_argument('--work-dir', default=osp.join(REPO, 'work_dirs', 'accuracy_benchmark'))
+    parser.add_argument('--out', default=osp.join(REPO, 'results', 'accuracy_benchmark.json'))
+    parser.add_argument('--no-doc', action='store_true', help=f'do not update the tables block of {ap.DOC}')
+    parser.add_argument('--tables-only', action='store_true', help='run nothing: rewrite the tables from --out')
+    args = parser.parse_args(argv)
+    if args.tables_only:
+        if not osp.isfile(args.out):
+            sys.exit(f'--tables-only: no results at {args.out}; run {COMMAND} first')
+        return write_tables(json.load(open(args.out))['rows'], args)
+    import torch
+    torch.set_num_threads(args.threads)
+    start = time.time()
+    log = lambda msg: print(f'[{time.time() - start:6.0f}s] {msg}', flush=True)  # noqa: E731
+    ex.require_checkpoints(args.detectors)
+    ex.ensure_data(log)
+    ids = ensure_pool(log)
+    if args.sets * args.set_size > len(ids):
+        sys.exit(f'{args.sets} sets of {args.set_size} images need {args.sets * args.set_size}; the pool has {len(ids)}')
+    sets = [ids[i * args.set_size:(i + 1) * args.set_size] for i in range(args.sets)]
+    if args.only_sets is not None and not all(0 <= i < args.sets for i in args.only_sets):
+        sys.exit(f'--only-sets {args.only_sets}: set indices must be in 0..{args.sets - 1} (--sets {args.sets})')
+    plan_dir = osp.join(args.work_dir, 'plans')
+    os.makedirs(plan_dir, exist_ok=True)
+    lrp_plan = ex.make_plan(4, plan_dir, 'lrp_qvit', log=log)
+    recon = reconstruct_settings(args.iters)
+    rows = []
+    for name in args.detectors:
+        det = Detector(name)
+        runs = osp.join(args.work_dir, 'runs', name)
+        fp_path = osp.join(runs, 'FP.json')
+        if osp.isfile(fp_path):
+            fp = json.load(open(fp_path))
+        else:
+            t0 = time.time()
+            box, mask = det.evaluate(det.model)
+            fp = {'detector': name, 'setting': 'FP', 'allocator': None, 'reconstruct': False, 'box_ap': box,
+                  'mask_ap': mask, 'eval_seconds': round(time.time() - t0, 1),
+                  'command': f'python tools/test.py {ex.DETECTORS[name][0]} {osp.relpath(det.checkpoint, REPO)} '
+                             f'--data-root data/miniworld'}
+            os.makedirs(runs, exist_ok=True)
+            json.dump(fp, open(fp_path, 'w'), indent=1)
+            log(f'{name:18s} FP box {box:5.1f} mask {mask:5.1f}')
+        rows.append(fp)
+        order = args.only_sets if args.only_sets is not None else range(len(sets))
+        for s in order:
+            image_ids = sets[s]
+            plans = {'uniform': None, 'lrp_qvit': lrp_plan,
+                     'sensitivity': sensitivity_plan(det, image_ids, s, plan_dir, log)}
+            for setting, allocator in SETTINGS:
+                for rec in (False, True):
+                    tag = f"set{s}_{setting}_{allocator}{'_rec' if rec else ''}"
+                    options = hook_options(setting, plans[allocator], recon if rec else None, image_ids)
+                    rows.append(run_one(det, tag, options, osp.join(runs, tag + '.json'),
+                                        dict(setting=setting, allocator=allocator, reconstruct=rec, set=s), log))
+        if args.ablations and name == 'mask_rcnn':
+            for variant, change in (('heads layer by layer', dict(heads='layer')),
+                                    ('heads as calibrated', dict(heads='none')), ('no QDrop', dict(drop_prob=0.0))):
+                tag = 'set0_W4A4_uniform_rec_' + '_'.join(variant.split())
+                options = hook_options('W4A4', None, dict(recon, **change), sets[0])
+                rows.append(run_one(det, tag, options, osp.join(runs, tag + '.json'),
+                                    dict(setting='W4A4', allocator='uniform', reconstruct=True, set=0, variant=variant),
+                                    log))
+    if args.only_sets is not None:
+        log(f'sets {args.only_sets} done; run without --only-sets to write {args.out} and the tables')
+        return
+    if osp.isfile(args.out):  # keep the other detectors' rows of an earlier run
+        rows = [r for r in json.load(open(args.out))['rows'] if r['detector'] not in args.detectors] + rows
+    report = dict(command=COMMAND, last_invocation=' '.join([COMMAND, *(argv or sys.argv[1:])]),
+                  seconds=round(time.time() - start, 1), threads=args.threads,
+                  environment=dict(python=platform.python_version(), cpus=os.cpu_count(), machine=platform.machine()),
+                  pool=osp.relpath(POOL, REPO), sets=sets, reconstruct=recon, lrp_plan=osp.relpath(lrp_plan, REPO),
+                  aggregate=aggregate([r for r in rows if r['setting'] != 'FP']), rows=rows)
+    os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
+    with open(args.out, 'w') as f:
+        json.dump(report, f, indent=1)
+    write_tables(rows, args)
+    log(f'done; {args.out}')
+
+
+if __name__ == '__main__':
+    main()
