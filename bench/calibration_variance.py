@@ -66,7 +66,7 @@ OLD_N = 4                         # where the one-batch calibration is compared 
 ALLOCATOR_N = 16
 SETTINGS = ('W4A4 CRL', 'W4A4 RepQ', 'MP4 CRL')
 ALLOCATORS = ('lrp_qvit', 'uniform', 'greedy', 'ilp')
-PHASES = ('float', 'main', 'old', 'allocators')
+PHASES = ('float', 'main', 'old', 'allocators', 'ranges')   # ranges: parameters only, no evaluation
 MARKERS = ('<!-- calibration_variance:begin -->', '<!-- calibration_variance:end -->')
 COMMAND = 'python bench/calibration_variance.py'
 DOC = osp.join('docs', 'benchmarks.md')
@@ -274,7 +274,12 @@ def _cell(s: dict) -> tuple[str, str]:
     return f"{s['mean']:.1f} ± {s['std']:.1f}", f"{s['min']:.1f}–{s['max']:.1f} ({s['range']:.1f})"
 
 
-def tables(rows: list[dict], not_run: Iterable[str] = ()) -> str:
+def report_tables(report: dict) -> str:
+    """The tables of a saved report (what the docs block holds)."""
+    return tables(report['rows'], report.get('not_run', ()), report.get('old_vs_streamed_ranges'))
+
+
+def tables(rows: list[dict], not_run: Iterable[str] = (), ranges: Optional[dict] = None) -> str:
     """The markdown tables: spread per detector, setting and N; the range target; old vs streamed;
     allocators; and, for a partial grid, which groups of runs have no results."""
     summary = summarize(rows)
@@ -338,6 +343,13 @@ def tables(rows: list[dict], not_run: Iterable[str] = ()) -> str:
                 '| detector | allocator | box AP mean ± std | box AP min–max (range) | mask AP mean ± std | '
                 'mask AP min–max (range) | avg W bits | avg A bits | weight MB |',
                 '|---|---|---|---|---|---|---|---|---|', *lines, '']
+    if ranges:
+        q1, med, q3 = ranges['ratio_quartiles']
+        out += [f"**One batch of {ranges['n']} vs streamed, calibrated parameters** ({ranges['detector']}, "
+                f"{ranges['setting']}, set {ranges['set_index']}): the one-batch clipping range over the streamed one, "
+                f"per activation quantizer: wider in {ranges['wider_in_one_batch']} of {ranges['quantizers']}, "
+                f"narrower in {ranges['narrower_in_one_batch']}; ratio quartiles {q1:.3f} / {med:.3f} / {q3:.3f}, "
+                f"min {ranges['ratio_min']:.3f}, max {ranges['ratio_max']:.3f}", '']
     missing: dict[str, int] = {}
     for tag in not_run:                # 'mask_rcnn/w4a4_crl_n4_s0_b1' -> 'mask_rcnn/w4a4_crl_n4_b1'
         group = re.sub(r'_s\d+_', '_', tag)
@@ -364,8 +376,8 @@ def update_doc(markdown: str, command: str, path: str = osp.join(REPO, DOC)) -> 
     return replace_block(path, MARKERS, command, markdown)
 
 
-def write_tables(rows: list[dict], args: argparse.Namespace, not_run: Iterable[str] = ()) -> None:
-    markdown = tables(rows, not_run)
+def write_tables(report: dict, args: argparse.Namespace) -> None:
+    markdown = report_tables(report)
     print(markdown)
     if not args.no_doc:
         print(f'{DOC} updated' if update_doc(markdown, COMMAND) else f'{DOC} has no calibration_variance markers')
@@ -404,6 +416,15 @@ def range_ratios(threads: int) -> dict:
                 ratio_quartiles=quartiles, ratio_min=float(ratios.min()), ratio_max=float(ratios.max()))
 
 
+def cached_range_ratios(args: argparse.Namespace) -> dict:
+    """:func:`range_ratios`, computed once per work dir."""
+    path = osp.join(args.work_dir, 'range_ratios.json')
+    if not osp.isfile(path):
+        with open(path, 'w') as f:
+            json.dump(range_ratios(args.threads), f, indent=1)
+    return json.load(open(path))
+
+
 # ---------------------------------------------------------------------------------- driver
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
@@ -427,8 +448,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.tables_only:
         if not osp.isfile(args.out):
             sys.exit(f'--tables-only: no results at {args.out}; run {COMMAND} first')
-        report = json.load(open(args.out))
-        return write_tables(report['rows'], args, report.get('not_run', ()))
+        return write_tables(json.load(open(args.out)), args)
     if args.worker is not None:
         return worker(args)
 
@@ -477,12 +497,12 @@ def main(argv: Optional[list[str]] = None) -> None:
                             note='the calib split rendered with 256 images: ids 1-8 are data/miniworld/calib'),
                   plans={a: osp.relpath(p, REPO) for a, p in plans.items()},
                   plan_budgets={a: json.load(open(p))['budget'] for a, p in plans.items()},
-                  old_vs_streamed_ranges=range_ratios(args.threads) if 'old' in args.phases else None,
+                  old_vs_streamed_ranges=cached_range_ratios(args) if {'old', 'ranges'} & set(args.phases) else None,
                   not_run=not_run, summary=summarize(rows), rows=rows)
     os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
     with open(args.out, 'w') as f:
         json.dump(report, f, indent=1)
-    write_tables(rows, args, not_run)
+    write_tables(report, args)
     log(f'done; {args.out}')
 
 

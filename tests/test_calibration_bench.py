@@ -132,6 +132,10 @@ def test_variance_subsets_and_partial_grids_are_named(variance):
     markdown = variance.tables(rows, [r.tag for r in subset if r.n == 16])
     assert '**Not run**' in markdown and '`mask_rcnn/w4a4_crl_n16_b1` (8)' in markdown
     assert '**Not run**' not in variance.tables(rows)
+    ranges = dict(detector='mask_rcnn', setting='W4A4 CRL', n=4, set_index=0, quantizers=86, wider_in_one_batch=77,
+                  narrower_in_one_batch=9, ratio_quartiles=[1.0087, 1.0354, 1.0849], ratio_min=0.9148, ratio_max=1.4428)
+    assert ('wider in 77 of 86, narrower in 9; ratio quartiles 1.009 / 1.035 / 1.085, min 0.915, max 1.443'
+            in variance.tables(rows, ranges=ranges))
 
 
 @pytest.mark.parametrize('name', ['calibration_memory', 'calibration_variance', 'accuracy_benchmark'])
@@ -144,7 +148,7 @@ def test_committed_docs_blocks_are_generated_from_their_json(name):
         pytest.skip(f'{results} not present (python bench/{name}.py)')
     report = json.load(open(results))
     markdown = (module.tables(report) if name == 'calibration_memory' else
-                module.tables(report['rows'], report.get('not_run', ())) if name == 'calibration_variance' else
+                module.report_tables(report) if name == 'calibration_variance' else
                 module.tables(report['rows']))
     begin, end = module.MARKERS
     text = DOC.read_text()
