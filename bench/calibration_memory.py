@@ -51,7 +51,7 @@ from typing import Any, Callable, Iterator, Optional
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, osp.join(REPO, 'bench'))
-from doc_blocks import replace_block  # noqa: E402
+from doc_blocks import publish  # noqa: E402
 DEFAULT_DATA = osp.join(REPO, '..', 'shared', 'data', 'coco_mini')
 STREAMED_NS = (1, 2, 4, 8, 16, 32)
 ONE_BATCH_NS = (1, 2, 4, 8)
@@ -449,16 +449,9 @@ def tables(report: dict) -> str:
     return '\n'.join(out)
 
 
-def update_doc(markdown: str, command: str, path: str = osp.join(REPO, DOC)) -> bool:
-    """Replace the marked block of ``path`` with the tables; False if the page has no markers."""
-    return replace_block(path, MARKERS, command, markdown)
-
-
 def write_tables(report: dict, args: argparse.Namespace) -> None:
     markdown = tables(report)
-    print(markdown)
-    if not args.no_doc:
-        print(f'{DOC} updated' if update_doc(markdown, COMMAND) else f'{DOC} has no calibration_memory markers')
+    publish(markdown, osp.join(REPO, DOC), MARKERS, COMMAND, update=not args.no_doc)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

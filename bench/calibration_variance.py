@@ -54,7 +54,7 @@ REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, osp.join(REPO, 'tools', 'miniworld'))
 sys.path.insert(0, osp.join(REPO, 'bench'))
-from doc_blocks import replace_block  # noqa: E402
+from doc_blocks import publish  # noqa: E402
 import experiments as ex  # noqa: E402
 
 POOL = osp.join(REPO, 'data', 'miniworld_calib_pool')
@@ -371,16 +371,9 @@ def _diff(values: list[float]) -> str:
     return f'{statistics.fmean(values):+.1f} ({min(values):+.1f} … {max(values):+.1f})' if values else '—'
 
 
-def update_doc(markdown: str, command: str, path: str = osp.join(REPO, DOC)) -> bool:
-    """Replace the marked block of ``path`` with the tables; False if the page has no markers."""
-    return replace_block(path, MARKERS, command, markdown)
-
-
 def write_tables(report: dict, args: argparse.Namespace) -> None:
     markdown = report_tables(report)
-    print(markdown)
-    if not args.no_doc:
-        print(f'{DOC} updated' if update_doc(markdown, COMMAND) else f'{DOC} has no calibration_variance markers')
+    publish(markdown, osp.join(REPO, DOC), MARKERS, COMMAND, update=not args.no_doc)
 
 
 # ---------------------------------------------------------------------------------- range check

@@ -16,3 +16,11 @@ def replace_block(path: str, markers: tuple[str, str], command: str, markdown: s
     with open(path, 'w') as f:
         f.write(re.sub(re.escape(begin) + '.*?' + re.escape(end), lambda _: block, text, flags=re.S))
     return True
+
+
+def publish(markdown: str, path: str, markers: tuple[str, str], command: str, update: bool = True) -> None:
+    """Print a benchmark's tables and, with ``update``, put them in ``path``'s block, saying whether it did."""
+    print(markdown)
+    if update:
+        done = replace_block(path, markers, command, markdown)
+        print(f'{path} updated' if done else f'{path} has no {markers[0]} block')
