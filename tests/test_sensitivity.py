@@ -67,6 +67,63 @@ def test_low_bits_go_where_sensitivity_is_low():
     assert allocate('ilp', sites, {n: c[4] for n, c in table.items()}, target_bits=4).bits['flat'] == (5, 5)
 
 
+def bops_problem(n: int, seed: int) -> tuple[list[Site], dict]:
+    """A random problem whose sites also have MACs, unrelated to their weight counts (conv vs linear)."""
+    sites, table = random_problem(n, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    return [Site(s.name, s.kind, s.layer_type, s.block, s.stage, s.params,
+                 int(torch.randint(1000, 90000, (1,), generator=g))) for s in sites], table
+
+
+def test_a_bops_budget_is_met_exactly_and_solved_optimally():
+    from mmdet_lrpq.plan import account, uniform_bops
+    sites, table = bops_problem(6, seed=7)
+    pins = {'s0': 8}                                    # e.g. the patch embedding's 8-bit image input
+    limit = uniform_bops(sites, 4, pins)
+    assert limit == account(sites, {s.name: (4, 8 if s.name == 's0' else 4) for s in sites}).bops
+    weight_only = allocate('sensitivity', sites, sensitivity=table, target_bits=4, act_bits=pins)
+    plan = allocate('sensitivity', sites, sensitivity=table, target_bits=4, act_bits=pins,
+                    budget=Budget(weight_bits=4, max_bops=limit))
+    bits = plan.resolve(sites)
+    assert bits['s0'][1] == 8 and weight_only.bits['s0'][1] == 8          # the pinned input, in the plan
+    used = account(sites, bits).bops
+    assert used <= limit and plan.budget['used_bops'] == used and plan.budget['limit_bops'] == limit
+    assert plan.budget['max_bops'] == limit and plan.budget['holds']
+    # this random case is one where the weight-only optimum breaks the BOPs budget, so the row binds
+    assert account(sites, weight_only.resolve(sites)).bops > limit
+    # brute force over every choice: same optimum as the integer program
+    weighted = [s for s in sites if s.has_weights]
+    fixed = {s.name: bits[s.name] for s in sites if not s.has_weights}
+    best = math.inf
+    for combo in itertools.product((3, 4, 5), repeat=len(weighted)):
+        trial = {**fixed, **{s.name: (b, pins.get(s.name, b)) for s, b in zip(weighted, combo)}}
+        if Budget(weight_bits=4, max_bops=limit).check(sites, trial).holds:
+            best = min(best, sum(table[s.name][b] for s, b in zip(weighted, combo)))
+    assert sum(table[s.name][bits[s.name][0]] for s in weighted) == pytest.approx(best)
+
+
+def test_bops_budgets_that_cannot_be_honoured_are_errors():
+    from mmdet_lrpq.plan import uniform_bops
+    sites, table = bops_problem(6, seed=2)
+    scores = {n: c[4] for n, c in table.items()}
+    limit = uniform_bops(sites, 4)
+    for name in ('uniform', 'lrp_qvit', 'greedy'):
+        with pytest.raises(ValueError, match=f"allocator '{name}' budgets weight memory only"):
+            allocate(name, sites, scores, target_bits=4, budget=Budget(weight_bits=4, max_bops=limit))
+    assert allocate('ilp', sites, scores, target_bits=4, budget=Budget(weight_bits=4, max_bops=limit)).budget['holds']
+    with pytest.raises(ValueError, match=r'impossible budget .* max_bops=\d+ BOPs per image'):
+        allocate('sensitivity', sites, sensitivity=table, target_bits=4,
+                 budget=Budget(weight_bits=4, max_bops=uniform_bops(sites, 3) - 1))
+    unmeasured, _ = random_problem(6, seed=2)
+    with pytest.raises(ValueError, match=r'needs the sites\' MACs'):
+        allocate('sensitivity', unmeasured, sensitivity=table, target_bits=4, budget=Budget(weight_bits=4, max_bops=10))
+    for bad in (0, -5, 2.5, True):
+        with pytest.raises(ValueError, match='max_bops must be a positive integer'):
+            Budget(weight_bits=4, max_bops=bad)
+    with pytest.raises(ValueError, match="act_bits\\['s0'\\]"):
+        allocate('sensitivity', sites, sensitivity=table, target_bits=4, act_bits={'s0': 9})
+
+
 def test_impossible_budget_and_bad_tables_are_errors():
     sites, table = random_problem(6, seed=1)
     with pytest.raises(ValueError, match='impossible budget'):
@@ -150,3 +207,31 @@ def test_sensitivity_plan_tool_on_the_miniature_detector(tmp_path, capsys):
     sensitivity_plan.main([str(REPO / a) if a.startswith(('configs', 'checkpoints')) else a for a in argv]
                           + ['--budget-bits', '3.8'])
     assert 'sensitivity from cache' in capsys.readouterr().out
+    # the patch embedding's input stays at 8 bits in the plan, as the quantizer will run it
+    assert [n for n in plan.bits if 'patch_embed' in n] == ['backbone.patch_embed.projection']
+    assert plan.bits['backbone.patch_embed.projection'][1] == 8
+
+    # a BOPs budget: no more BOPs than uniform 4 bits on the MACs counted on the calibration images
+    from mmdet_lrpq.engine.calib_data import CalibSettings
+    from mmdet_lrpq.engine.quantize import quantize_detector
+    from mmdet_lrpq.engine.sensitivity import measure_macs
+    from mmdet_lrpq.plan import account, uniform_bops
+    bops_out = tmp_path / 'bops.json'
+    bops_plan = sensitivity_plan.main([str(REPO / a) if a.startswith(('configs', 'checkpoints')) else a for a in argv]
+                                      + ['--bops-bits', '4', '--out', str(bops_out), '--scores-cache', f'{out}.scores.json'])
+    printed = capsys.readouterr().out
+    assert 'sensitivity from cache' in printed and 'BOPs' in printed
+    calib = CalibSettings.from_options(dict(data_root=f'{data}/', ann_file='annotations/instances_calib.json',
+                                            img_prefix='calib/', image_ids=[1, 2]))
+    measured = measure_macs(model, cfg, quantizer.config, calib)
+    limit = uniform_bops(measured, 4, {'backbone.patch_embed.projection': 8})
+    b = bops_plan.budget
+    assert b['limit_bops'] == limit and b['used_bops'] == account(measured, bops_plan.resolve(measured)).bops <= limit
+    assert b['used_bits'] <= b['limit_bits'] and b['holds']
+    # MACs are counted as the quantization report counts them: equal wherever they do not depend on how
+    # many detections the (quantized) model produces, i.e. everywhere but the mask head
+    report = quantize_detector(model, cfg, QuantConfig(method='crl', w_bits=4, a_bits=4), calib, progress=False)
+    reported = {s.name: s.macs for s in report.sites}
+    assert all(s.macs > 0 for s in measured)
+    assert {s.name: s.macs for s in measured if 'mask_head' not in s.name} == \
+        {n: m for n, m in reported.items() if 'mask_head' not in n}

@@ -15,7 +15,10 @@ Calibration images are chosen as ``QuantizationHook`` chooses them: ``--calib`` 
 ``data_root``), defaulting to the config's own hook settings; ``--scope``/``--method`` default to
 the hook's too. Scores are cached (``<out>.scores.json``, keyed by config, checkpoint, images and
 options): another ``--target`` within the cached bit-widths or another ``--budget-bits``
-re-allocates without measuring again.
+re-allocates without measuring again. ``--bops-bits K`` adds a second budget: BOPs (MACs × weight
+bits × activation bits, per image, counted on the calibration images in test mode as the
+quantization report counts them) no more than uniform K bits' — the sensitivity plan then cannot
+buy accuracy with activation bits that uniform K-bit quantization does not spend.
 """
 from __future__ import annotations
 
@@ -42,6 +45,9 @@ def parse_args(argv=None):
     p.add_argument('--target', required=True, help='mp4, mp6, ... or an integer k: the average bit-width')
     p.add_argument('--budget-bits', type=float, default=None,
                    help='weight-memory budget in average bits over the sites in scope (default: k)')
+    p.add_argument('--bops-bits', type=int, default=None, metavar='K',
+                   help='also limit the BOPs to those of uniform K bits (weights and activations) over the same '
+                        'sites, their MACs counted on the calibration images; default: weight memory only')
     p.add_argument('--out', required=True, help='plan JSON to write')
     p.add_argument('--calib', nargs='+', action=DictAction, default=None,
                    help="calibration images as the hook's calib options, e.g. num_images=16 seed=0")
@@ -127,11 +133,21 @@ def sensitivity_table(args, cfg, model, config, calib, levels: list[int]) -> tup
     return table, sites, {**key, 'image_ids': ids}
 
 
-def make_plan(args, model, config, table, sites, source: dict):
+def make_plan(args, cfg, model, config, calib, table, sites, source: dict):
     from mmdet_lrpq.models.quantizer import ModelQuantizer
-    from mmdet_lrpq.plan import Budget, allocate
-    budget = Budget(weight_bits=args.budget_bits if args.budget_bits is not None else args.k)
-    plan = allocate('sensitivity', sites, sensitivity=table, target_bits=args.k, budget=budget)
+    from mmdet_lrpq.plan import Budget, allocate, uniform_bops
+    # the quantizer keeps the patch embedding's image input at patch_embed_a_bits whatever the plan says
+    pins = ({s.name: config.patch_embed_a_bits for s in sites if s.layer_type == 'patch_embed'}
+            if config.patch_embed_a_bits is not None else {})
+    max_bops = None
+    if args.bops_bits is not None:
+        from mmdet_lrpq.engine.sensitivity import measure_macs
+        sites = measure_macs(model, cfg, config, calib)
+        max_bops = uniform_bops(sites, args.bops_bits, pins)
+    budget = Budget(weight_bits=args.budget_bits if args.budget_bits is not None else args.k, max_bops=max_bops)
+    plan = allocate('sensitivity', sites, sensitivity=table, target_bits=args.k, budget=budget, act_bits=pins)
+    if max_bops is not None:
+        plan.budget['bops_reference'] = f'uniform {args.bops_bits} bits over the same sites (MACs per image, test mode)'
     plan = plan.with_default(args.k, args.k)
     backbones = [a.architecture() for a in ModelQuantizer(model, config).adapters if a.is_backbone]
     plan.architecture = next((arch for arch in backbones if arch is not None), None)
@@ -147,9 +163,11 @@ def summary(plan, k: int) -> str:
     weighted = {n: w for n, (w, _) in plan.bits.items() if n in plan.scores}
     counts = {bits: sum(1 for w in weighted.values() if w == bits) for bits in sorted(set(weighted.values()))}
     acc = b['accounting']
+    bops = (f"; BOPs {b['used_bops'] / 1e9:.3f} <= {b['limit_bops'] / 1e9:.3f} G per image ({b['bops_reference']})"
+            if 'limit_bops' in b else '')
     return (f"sensitivity: {', '.join(f'{n} site(s) at {bits}' for bits, n in counts.items())} bits; weight memory "
             f"{b['used_bits']} <= {b['limit_bits']} bits (uniform {k}-bit over the same sites); avg W "
-            f"{acc['avg_weight_bits']:.3f}, avg A {acc['avg_act_bits']:.3f} bits")
+            f"{acc['avg_weight_bits']:.3f}, avg A {acc['avg_act_bits']:.3f} bits{bops}")
 
 
 def main(argv: Optional[list] = None):
@@ -161,7 +179,8 @@ def main(argv: Optional[list] = None):
         config, calib = settings(args, hook)
         levels = sorted({max(2, args.k - 1), args.k, min(8, args.k + 1)})
         table, sites, source = sensitivity_table(args, cfg, model, config, calib, levels)
-        plan = make_plan(args, model, config, {s: {b: c[b] for b in levels} for s, c in table.items()}, sites, source)
+        plan = make_plan(args, cfg, model, config, calib, {s: {b: c[b] for b in levels} for s, c in table.items()},
+                         sites, source)
     except (FileNotFoundError, ValueError, TypeError) as err:
         sys.exit(f'error: {err}')
     os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)

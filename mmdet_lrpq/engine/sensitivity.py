@@ -8,6 +8,7 @@ bits come from the same driver that quantizes, so the table names exactly the si
 """
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any, Optional
 
@@ -67,4 +68,29 @@ def detector_sensitivity(model: nn.Module, cfg: Any, config: QuantConfig, calib:
     return table, sites, images.ids
 
 
-__all__ = ['detector_loss', 'detector_sensitivity']
+def measure_macs(model: nn.Module, cfg: Any, config: QuantConfig, calib: CalibSettings,
+                 logger: Optional[logging.Logger] = None) -> list[Site]:
+    """The sites in scope with their MACs per image, counted on the calibration images in test mode.
+
+    Counted as the quantization report counts them (:func:`mmdet_lrpq.quant.macs.count_macs` on the
+    wrapped modules, FLOAT state, ``test_step``), on a copy of ``model``, so the BOPs a plan is
+    budgeted with are the BOPs the report of the quantized detector will print.
+    """
+    from ..quant.macs import count_macs
+    logger = logger or logging.getLogger('mmdet_lrpq')
+    work = copy.deepcopy(model).eval()
+    quantizer = ModelQuantizer(work, config, logger=logger)
+    sites = quantizer.wrap().sites
+    images = CalibrationImages(cfg.test_dataloader.dataset, calib, logger)
+    n = 0
+    with torch.no_grad(), count_macs(work) as macs:
+        for batch in images.batches():
+            work.test_step(batch)
+            n += len(batch['inputs'])
+    if not n:
+        raise ValueError('measure_macs: no calibration images')
+    return [Site(s.name, s.kind, s.layer_type, s.block, s.stage, s.params, round(macs.get(s.name, 0) / n))
+            for s in sites]
+
+
+__all__ = ['detector_loss', 'detector_sensitivity', 'measure_macs']

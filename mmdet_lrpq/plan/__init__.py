@@ -5,9 +5,9 @@ Sites (:class:`Site`) describe what can be quantized; a :class:`BitPlan` says at
 """
 from .allocators import ALLOCATORS, allocate
 from .bitplan import CATCH_ALL, PLAN_FORMAT, BitPlan, check_bits
-from .budget import Accounting, Budget, BudgetCheck, account
+from .budget import Accounting, Budget, BudgetCheck, account, uniform_bops
 from .plot import plot_plan
 from .sites import SITE_KINDS, SWIN_LAYER_TYPES, Site
 
 __all__ = ['Site', 'SITE_KINDS', 'SWIN_LAYER_TYPES', 'BitPlan', 'PLAN_FORMAT', 'CATCH_ALL', 'check_bits',
-           'Budget', 'BudgetCheck', 'Accounting', 'account', 'allocate', 'ALLOCATORS', 'plot_plan']
+           'Budget', 'BudgetCheck', 'Accounting', 'account', 'uniform_bops', 'allocate', 'ALLOCATORS', 'plot_plan']

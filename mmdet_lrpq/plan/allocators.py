@@ -6,7 +6,9 @@ for every given site, in site order. Rules shared by every allocator:
 * Allowed bits per site: ``{k-1, k, k+1}`` clipped to 2..8; a site's ``a_bits`` equals its
   ``w_bits`` (for a matmul, both are its operand bits).
 * ``fixed`` pins sites (e.g. the patch embedding at ``(k, 8)``): they count toward the budget and
-  are never changed.
+  are never changed. ``act_bits`` pins only a site's input bits (the quantizer keeps the image
+  input of the patch embedding at 8 whatever the plan says): its weight bits still move, and the
+  plan and its BOPs carry the pinned ``a_bits``.
 * Matmul sites carry no weights, so a weight budget cannot trade them against anything: except in
   ``uniform``, they get ``k+1`` in blocks 0 and 1 (as the LRP-QViT rule gives those blocks) and
   ``k`` elsewhere.
@@ -19,13 +21,14 @@ for every given site, in site order. Rules shared by every allocator:
 ``ilp`` and ``sensitivity`` share one integer program (one binary per site and allowed bits, the
 budget as one integer row): ``ilp`` maximizes ``Σ score·bits``; ``sensitivity`` minimizes the
 measured ``Σ sensitivity(site, bits)`` (e.g. :func:`mmdet_lrpq.models.sensitivity.fisher_sensitivity`),
-given as ``sensitivity=`` instead of scores.
+given as ``sensitivity=`` instead of scores. A budget with ``max_bops`` adds the BOPs as a second
+row; only these two allocators take one (the rule-based ones budget weight memory only).
 """
 from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -51,6 +54,14 @@ class _Problem:
     fixed: dict[str, Bits]
     allocator: str
     sensitivity: dict[str, dict[int, float]]
+    act_pins: dict[str, int] = field(default_factory=dict)
+
+    def pin(self, bits: Mapping[str, Bits]) -> dict[str, Bits]:
+        """``bits`` with the pinned input bits of ``act_pins`` (what the quantizer will run)."""
+        return {n: (w, self.act_pins.get(n, a)) for n, (w, a) in bits.items()}
+
+    def act(self, site: Site, bits: int) -> int:
+        return self.act_pins.get(site.name, bits)
 
     @property
     def low(self) -> int:
@@ -80,9 +91,14 @@ class _Problem:
 
     def require_feasible(self, lowest: Mapping[str, Bits], rule: str) -> None:
         """Raise a ValueError explaining why, if even ``lowest`` (the cheapest plan the rule allows) fails."""
-        check = self.budget.check(self.sites, lowest)
+        check = self.budget.check(self.sites, self.pin(lowest))
         if check.holds:
             return
+        if check.margin_bits >= 0:      # the memory fits: the BOPs do not
+            raise ValueError(
+                f'impossible budget for allocator {self.allocator!r}: max_bops={check.limit_bops} BOPs per image, '
+                f'but even the cheapest plan the rule allows ({rule}) needs {check.used_bops} '
+                f'({check.used_bops / check.limit_bops:.3f}x). Raise Budget.max_bops or pin fewer sites high.')
         pinned = sum(s.params * self.fixed[s.name][0] for s in self.sites if s.has_weights and s.name in self.fixed)
         unscored = [s.name for s in self.sites if s.has_weights and s.name not in self.fixed
                     and s.name not in self.scores]
@@ -173,8 +189,17 @@ def _choose_bits(p: _Problem, cost: Callable[[Site, int], float], time_limit: Op
     objective = np.asarray([cost(s, b) for s in adjustable for b in levels], dtype=float)
     one_choice = LinearConstraint(np.kron(np.eye(n), np.ones(m)), 1, 1)
     memory = LinearConstraint(memory_row[None, :], -np.inf, free // g)
+    constraints = [one_choice, memory]
+    if p.budget.max_bops is not None:
+        # the same integer scaling for BOPs: macs·w·a per choice, the fixed sites' BOPs off the limit
+        held = p.pin(bits)
+        fixed_bops = sum(s.macs * (held[s.name][0] if s.has_weights else held[s.name][1]) * held[s.name][1]
+                         for s in p.sites if s.name not in moving)
+        gb = math.gcd(*(s.macs for s in adjustable)) or 1
+        bops_row = np.asarray([s.macs // gb * b * p.act(s, b) for s in adjustable for b in levels], dtype=float)
+        constraints.append(LinearConstraint(bops_row[None, :], -np.inf, (p.budget.max_bops - fixed_bops) // gb))
     options = {'mip_rel_gap': mip_rel_gap, **({'time_limit': time_limit} if time_limit is not None else {})}
-    res = milp(objective, integrality=np.ones(n * m), bounds=Bounds(0, 1), constraints=[one_choice, memory],
+    res = milp(objective, integrality=np.ones(n * m), bounds=Bounds(0, 1), constraints=constraints,
                options=options)
     if res.status != 0 or res.x is None:
         raise RuntimeError(f'{p.allocator} allocator: scipy.optimize.milp did not return an optimal solution '
@@ -186,10 +211,10 @@ def _choose_bits(p: _Problem, cost: Callable[[Site, int], float], time_limit: Op
     for s, row in zip(adjustable, choice):
         b = levels[int(np.argmax(row))]
         bits[s.name] = (b, b)
-    check = p.budget.check(p.sites, bits)
+    check = p.budget.check(p.sites, p.pin(bits))
     if not check.holds:
-        raise RuntimeError(f'{p.allocator} allocator: after rounding, the solver\'s solution exceeds the budget by '
-                           f'{-check.margin_bits} bits (solver tolerance); nothing was returned')
+        raise RuntimeError(f'{p.allocator} allocator: after rounding, the solver\'s solution exceeds the budget '
+                           f'({check.to_dict()}: solver tolerance); nothing was returned')
     return bits
 
 
@@ -215,12 +240,14 @@ ALLOCATORS: dict[str, Callable[..., dict[str, Bits]]] = {
 
 def allocate(name: str, sites: Sequence[Site], scores: Optional[Mapping[str, float]] = None, *,
              target_bits: int, budget: Optional[Budget] = None, fixed: Optional[Mapping[str, Bits]] = None,
-             sensitivity: Optional[Mapping[str, Mapping[int, float]]] = None, **options) -> BitPlan:
+             sensitivity: Optional[Mapping[str, Mapping[int, float]]] = None,
+             act_bits: Optional[Mapping[str, int]] = None, **options) -> BitPlan:
     """Assign ``(w_bits, a_bits)`` to every site with allocator ``name`` (see module doc).
 
     ``scores``: site -> relative importance (higher = more important); ``sensitivity`` (the
     ``sensitivity`` allocator, instead of scores): site -> {bits: measured cost of the site at those
     bits}, for every allowed bit-width; its plan records the cost at ``target_bits`` as the score.
+    ``act_bits``: site -> input bits the quantizer fixes regardless of the plan (module doc).
     ``options`` go to the allocator (``ilp``, ``sensitivity``: ``time_limit``, ``mip_rel_gap``).
     The plan records the scores, the budget with its check and accounting, the pinned sites and the
     allocator name.
@@ -230,11 +257,11 @@ def allocate(name: str, sites: Sequence[Site], scores: Optional[Mapping[str, flo
     if (name == 'sensitivity') != (sensitivity is not None) or (name == 'sensitivity' and scores):
         raise ValueError("the 'sensitivity' allocator takes sensitivity= (site -> {bits: cost}) and no scores; "
                          'the other allocators take scores and no sensitivity')
-    p = _problem(name, sites, scores or {}, target_bits, budget, fixed or {}, sensitivity)
-    bits = ALLOCATORS[name](p, **options)
+    p = _problem(name, sites, scores or {}, target_bits, budget, fixed or {}, sensitivity, act_bits or {})
+    bits = p.pin(ALLOCATORS[name](p, **options))
     check = p.budget.check(p.sites, bits)
     if not check.holds:     # every allocator is built to fit; never hand out a plan that does not
-        raise RuntimeError(f'allocator {name!r} produced a plan {-check.margin_bits} bits over budget')
+        raise RuntimeError(f'allocator {name!r} produced a plan over budget: {check.to_dict()}')
     record = {**p.budget.to_dict(), 'target_bits': p.k, **check.to_dict(),
               'pinned': {n: list(b) for n, b in p.fixed.items()}, 'accounting': account(p.sites, bits).to_dict()}
     return BitPlan(bits, scores={s.name: p.scores[s.name] for s in p.sites if s.name in p.scores},
@@ -263,7 +290,8 @@ def _check_sensitivity(table: Mapping[str, Mapping[int, float]], levels: list[in
 
 def _problem(name: str, sites: Sequence[Site], scores: Mapping[str, float], k: int,
              budget: Optional[Budget], fixed: Mapping[str, Bits],
-             sensitivity: Optional[Mapping[str, Mapping[int, float]]] = None) -> _Problem:
+             sensitivity: Optional[Mapping[str, Mapping[int, float]]] = None,
+             act_bits: Optional[Mapping[str, int]] = None) -> _Problem:
     sites = list(sites)
     names = [s.name for s in sites]
     known = set(names)
@@ -276,15 +304,24 @@ def _problem(name: str, sites: Sequence[Site], scores: Mapping[str, float], k: i
     if sensitivity is not None:
         table = _check_sensitivity(sensitivity, sorted({_clip(k - 1), k, _clip(k + 1)}), sites)
         scores = {n: costs[k] for n, costs in table.items()}      # the record, and which sites can move
-    for what, mapping in (('scores', scores), ('fixed', fixed)):
+    for what, mapping in (('scores', scores), ('fixed', fixed), ('act_bits', act_bits or {})):
         unknown = [n for n in mapping if n not in known]
         if unknown:
             raise ValueError(f'{what} name {len(unknown)} site(s) not in the site list: {format_names(unknown)}. '
                              f'Map names to the model being planned first (e.g. BitPlan.rename for timm -> mmdet).')
     checked_scores = check_scores(scores)
     pinned = {n: check_bits(f'fixed[{n!r}]', b) for n, b in fixed.items()}
+    act_pins = {n: check_bits(f'act_bits[{n!r}]', (MIN_BITS, a))[1] for n, a in (act_bits or {}).items()}
+    budget = budget or Budget(weight_bits=k)
+    if budget.max_bops is not None:
+        if name not in ('ilp', 'sensitivity'):
+            raise ValueError(f'allocator {name!r} budgets weight memory only; a budget with max_bops is solved by '
+                             f"the integer-program allocators 'ilp' and 'sensitivity'")
+        if not any(s.macs for s in sites):
+            raise ValueError('a budget with max_bops needs the sites\' MACs (Site.macs), and every site has 0: '
+                             'measure them on a forward first (e.g. mmdet_lrpq.engine.sensitivity.measure_macs)')
     if name != 'uniform' and not any(s.has_weights and s.name not in pinned and s.name in checked_scores
                                      for s in sites):
         raise ValueError(f'allocator {name!r} ranks sites by score, but no unpinned site with weights has one '
                          f'({len(checked_scores)} scores given)')
-    return _Problem(sites, checked_scores, k, budget or Budget(weight_bits=k), pinned, name, table)
+    return _Problem(sites, checked_scores, k, budget, pinned, name, table, act_pins)

@@ -10,7 +10,7 @@ import math
 import numbers
 from dataclasses import asdict, dataclass
 from fractions import Fraction
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 from .bitplan import format_names
 from .sites import Site
@@ -72,22 +72,27 @@ def account(sites: Sequence[Site], assignment: Assignment) -> Accounting:
 
 @dataclass(frozen=True)
 class BudgetCheck:
-    """Outcome of :meth:`Budget.check`, in bits of weight memory."""
+    """Outcome of :meth:`Budget.check`: weight memory in bits, and BOPs where the budget limits them."""
     holds: bool
     used_bits: int
     limit_bits: int
+    used_bops: Optional[int] = None
+    limit_bops: Optional[int] = None
 
     @property
     def margin_bits(self) -> int:
-        """How many bits are still free (negative: by how much the budget is exceeded)."""
+        """How many bits of weight memory are still free (negative: by how much it is exceeded)."""
         return self.limit_bits - self.used_bits
 
     def __bool__(self) -> bool:
         return self.holds
 
     def to_dict(self) -> dict:
-        return {'holds': self.holds, 'used_bits': self.used_bits, 'limit_bits': self.limit_bits,
-                'margin_bits': self.margin_bits}
+        out = {'holds': self.holds, 'used_bits': self.used_bits, 'limit_bits': self.limit_bits,
+               'margin_bits': self.margin_bits}
+        if self.limit_bops is not None:
+            out.update(used_bops=self.used_bops, limit_bops=self.limit_bops)
+        return out
 
 
 @dataclass(frozen=True)
@@ -96,8 +101,13 @@ class Budget:
 
     That is: no more memory than every weighted site at ``weight_bits``. A float is read as the
     decimal it prints as (``4.1`` means 41/10, not its binary neighbour), so the limit is exact.
+
+    ``max_bops`` (optional) also limits the BOPs ``Σ macs·w·a`` (matmuls ``macs·a·a``, as
+    :func:`account` counts them) of the sites' measured MACs; :func:`uniform_bops` gives the BOPs of
+    a uniform plan, so "no more BOPs than uniform k bits" is ``max_bops=uniform_bops(sites, k)``.
     """
     weight_bits: float
+    max_bops: Optional[int] = None
 
     def __post_init__(self):
         wb = self.weight_bits
@@ -105,6 +115,11 @@ class Budget:
             raise ValueError(f'Budget.weight_bits must be a positive finite number, got {wb!r}')
         # plain int/float, so the budget is JSON-serializable as recorded in a plan
         object.__setattr__(self, 'weight_bits', int(wb) if isinstance(wb, numbers.Integral) else float(wb))
+        mb = self.max_bops
+        if mb is not None:
+            if isinstance(mb, bool) or not isinstance(mb, numbers.Integral) or mb <= 0:
+                raise ValueError(f'Budget.max_bops must be a positive integer (BOPs per image) or None, got {mb!r}')
+            object.__setattr__(self, 'max_bops', int(mb))
 
     @property
     def exact_weight_bits(self) -> Fraction:
@@ -116,10 +131,24 @@ class Budget:
         return math.floor(self.exact_weight_bits * sum(s.params for s in sites if s.has_weights))
 
     def check(self, sites: Sequence[Site], assignment: Assignment) -> BudgetCheck:
-        used = sum(s.params * w for s, w, _ in _lookup(sites, assignment) if s.has_weights)
+        rows = _lookup(sites, assignment)
+        used = sum(s.params * w for s, w, _ in rows if s.has_weights)
         limit = self.limit_bits(sites)
-        return BudgetCheck(used <= limit, used, limit)
+        if self.max_bops is None:
+            return BudgetCheck(used <= limit, used, limit)
+        bops = account(sites, assignment).bops
+        return BudgetCheck(used <= limit and bops <= self.max_bops, used, limit, bops, self.max_bops)
 
     def to_dict(self) -> dict:
-        return {'weight_bits': self.weight_bits,
-                'constraint': 'sum(params * w_bits) <= weight_bits * sum(params), over sites with weights'}
+        out = {'weight_bits': self.weight_bits,
+               'constraint': 'sum(params * w_bits) <= weight_bits * sum(params), over sites with weights'}
+        if self.max_bops is not None:
+            out.update(max_bops=self.max_bops, bops_constraint='sum(macs * w_bits * a_bits) <= max_bops '
+                                                               '(matmuls: macs * a_bits^2), per image')
+        return out
+
+
+def uniform_bops(sites: Sequence[Site], bits: int, act_bits: Optional[Mapping[str, int]] = None) -> int:
+    """BOPs of every site at ``(bits, bits)``, except the inputs ``act_bits`` pins (site -> a_bits)."""
+    act_bits = act_bits or {}
+    return account(sites, {s.name: (bits, act_bits.get(s.name, bits)) for s in sites}).bops
