@@ -117,6 +117,8 @@ def test_bops_budgets_that_cannot_be_honoured_are_errors():
     unmeasured, _ = random_problem(6, seed=2)
     with pytest.raises(ValueError, match=r'needs the sites\' MACs'):
         allocate('sensitivity', unmeasured, sensitivity=table, target_bits=4, budget=Budget(weight_bits=4, max_bops=10))
+    with pytest.raises(ValueError, match=r'needs the sites\' MACs'):
+        Budget(weight_bits=4, max_bops=10).check(unmeasured, {s.name: (4, 4) for s in unmeasured})
     for bad in (0, -5, 2.5, True):
         with pytest.raises(ValueError, match='max_bops must be a positive integer'):
             Budget(weight_bits=4, max_bops=bad)

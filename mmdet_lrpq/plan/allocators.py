@@ -317,9 +317,7 @@ def _problem(name: str, sites: Sequence[Site], scores: Mapping[str, float], k: i
         if name not in ('ilp', 'sensitivity'):
             raise ValueError(f'allocator {name!r} budgets weight memory only; a budget with max_bops is solved by '
                              f"the integer-program allocators 'ilp' and 'sensitivity'")
-        if not any(s.macs for s in sites):
-            raise ValueError('a budget with max_bops needs the sites\' MACs (Site.macs), and every site has 0: '
-                             'measure them on a forward first (e.g. mmdet_lrpq.engine.sensitivity.measure_macs)')
+        budget.check(sites, {s.name: (k, k) for s in sites})      # the sites' MACs are there
     if name != 'uniform' and not any(s.has_weights and s.name not in pinned and s.name in checked_scores
                                      for s in sites):
         raise ValueError(f'allocator {name!r} ranks sites by score, but no unpinned site with weights has one '

@@ -136,6 +136,9 @@ class Budget:
         limit = self.limit_bits(sites)
         if self.max_bops is None:
             return BudgetCheck(used <= limit, used, limit)
+        if not any(s.macs for s in sites):     # BOPs of 0 would pass any limit
+            raise ValueError('Budget.max_bops needs the sites\' MACs (Site.macs), and every site has 0: measure them '
+                             'on a forward first (e.g. mmdet_lrpq.engine.sensitivity.measure_macs)')
         bops = account(sites, assignment).bops
         return BudgetCheck(used <= limit and bops <= self.max_bops, used, limit, bops, self.max_bops)
 
