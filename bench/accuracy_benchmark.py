@@ -21,8 +21,9 @@ and val):
 Evaluations run in-process with the hook's own code (``quantize_detector``: calibration images,
 calibration, reparameterization, reconstruction), each detector built once and deep-copied per run;
 CocoMetric on the 200-image val split. Each run is saved as it finishes (``<work-dir>/runs/``), so an
-interrupted benchmark resumes. ``--ablations`` adds, on the first set, Mask R-CNN W4A4 reconstructed
-with its heads layer by layer, with the heads left as calibrated, and without QDrop. ``--breakdown``
+interrupted benchmark resumes. ``--ablations [NAME ...]`` adds, on the first set, Mask R-CNN W4A4
+reconstructed with one setting changed (``ABLATIONS``: heads layer by layer, heads left as calibrated,
+no QDrop, a 4x longer schedule; all of them without names). ``--breakdown``
 adds, on the first set, Mask R-CNN W4A4 without reconstruction with one part of the detector
 (backbone, neck, RPN head, RoI head) at W8A8: where the 4-bit loss comes from.
 """
@@ -209,6 +210,9 @@ def sensitivity_plan(det: Detector, ids: list[int], set_index: int, plan_dir: st
 
 
 BREAKDOWN_PARTS = ('backbone', 'neck', 'rpn_head', 'roi_head')
+# variant -> the reconstruction settings' change, from the benchmark's settings
+ABLATIONS = {'heads layer by layer': lambda r: dict(heads='layer'), 'heads as calibrated': lambda r: dict(heads='none'),
+             'no QDrop': lambda r: dict(drop_prob=0.0), '4x steps': lambda r: dict(iters=4 * r['iters'])}
 
 
 def part_at_8_bits(part: str, plan_dir: str) -> str:
@@ -368,7 +372,8 @@ def main(argv=None) -> None:
                         help='run only these set indices, in this order (several processes can share the sets; '
                              'a final run without it gathers every saved run into the JSON and tables)')
     parser.add_argument('--iters', type=int, default=300, help='reconstruction steps per unit')
-    parser.add_argument('--ablations', action='store_true', help='the ablation runs (first set, Mask R-CNN)')
+    parser.add_argument('--ablations', nargs='*', default=None, choices=[a.replace(' ', '_') for a in ABLATIONS],
+                        help='ablation runs (first set, Mask R-CNN, W4A4 with reconstruction): these, or all')
     parser.add_argument('--skip-reconstruction', nargs='+', default=[], metavar='ALLOCATOR',
                         choices=[a for _, a, recs in SETTINGS if True in recs],
                         help='do not run the reconstruction rows of these allocators for --detectors (recorded in '
@@ -432,9 +437,9 @@ def main(argv=None) -> None:
                     options = hook_options(setting, plans[allocator], recon if rec else None, image_ids)
                     rows.append(run_one(det, tag, options, osp.join(runs, tag + '.json'),
                                         dict(setting=setting, allocator=allocator, reconstruct=rec, set=s), log))
-        if args.ablations and name == 'mask_rcnn':
-            for variant, change in (('heads layer by layer', dict(heads='layer')),
-                                    ('heads as calibrated', dict(heads='none')), ('no QDrop', dict(drop_prob=0.0))):
+        if args.ablations is not None and name == 'mask_rcnn':
+            chosen = [a for a in ABLATIONS if not args.ablations or a.replace(' ', '_') in args.ablations]
+            for variant, change in ((a, ABLATIONS[a](recon)) for a in chosen):
                 tag = 'set0_W4A4_uniform_rec_' + '_'.join(variant.split())
                 options = hook_options('W4A4', None, dict(recon, **change), sets[0])
                 rows.append(run_one(det, tag, options, osp.join(runs, tag + '.json'),
