@@ -276,18 +276,20 @@ def target_checks(lines: list[dict], rows: list[dict]) -> list[tuple[str, str, s
             out.append((f"Mask R-CNN: best MP4 >= W4A4 + 0.5, no more weight memory ({'with' if rec else 'without'} "
                         f"reconstruction)", f"{best['allocator']} {best['box_mean']:.1f} vs {w4['box_mean']:.1f}; "
                         f"{best['weight_mb']:.3f} vs {w4['weight_mb']:.3f} MB", verdict))
-    # today's Cascade figures are single one-image calibrations; the same protocol's mean over 8 one-image
-    # sets (calibration_variance) says what they are worth
-    references = [("today's figures", TODAY['cascade_mask_rcnn'])]
+    # today's Cascade figures are single one-image calibrations, the top of that protocol's spread: the
+    # settings this benchmark adds (reconstruction, measured-sensitivity plans) are held to them; every
+    # setting, the papers' protocol at 16 images included, to that protocol's mean over 8 one-image sets
+    today = TODAY['cascade_mask_rcnn']
+    cascade = [g for g in lines if g['detector'] == 'cascade_mask_rcnn' and g['setting'] in today and not g['variant']]
+    new = [g for g in cascade if g['reconstruct'] or g['allocator'].startswith('sensitivity')]
     protocol = todays_protocol_means()
-    if protocol:
-        references.append(("today's protocol, mean over 8 one-image calibrations", protocol))
-    for what, today in references:
-        worst = [(g['box_mean'] - today[g['setting']], g) for g in lines
-                 if g['detector'] == 'cascade_mask_rcnn' and g['setting'] in today and not g['variant']]
-        if worst:
-            short, g = min(worst, key=lambda w: w[0])
-            out.append((f"Cascade: no setting worse than {what} (W4A4 {today['W4A4']:.1f}, MP4 {today['MP4']:.1f} box)",
+    for what, ref, judged in (("no new setting (reconstruction, sensitivity plans) worse than today's figures",
+                               today, new),
+                              ("no setting worse than today's protocol, mean over 8 one-image calibrations",
+                               protocol, cascade if protocol else [])):
+        if judged:
+            short, g = min(((g['box_mean'] - ref[g['setting']], g) for g in judged), key=lambda w: w[0])
+            out.append((f"Cascade: {what} (W4A4 {ref['W4A4']:.1f}, MP4 {ref['MP4']:.1f} box)",
                         f"worst: {g['setting']} {g['allocator']}{' + reconstruction' if g['reconstruct'] else ''} "
                         f"{g['box_mean']:.1f} ({short:+.1f})", ap._verdict(-short)))
     return out
