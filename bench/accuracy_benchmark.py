@@ -291,7 +291,7 @@ def target_checks(lines: list[dict], rows: list[dict]) -> list[tuple[str, str, s
             short, g = min(((g['box_mean'] - ref[g['setting']], g) for g in judged), key=lambda w: w[0])
             out.append((f"Cascade: {what} (W4A4 {ref['W4A4']:.1f}, MP4 {ref['MP4']:.1f} box)",
                         f"worst: {g['setting']} {g['allocator']}{' + reconstruction' if g['reconstruct'] else ''} "
-                        f"{g['box_mean']:.1f} ({short:+.1f})", ap._verdict(-short)))
+                        f"{g['box_mean']:.1f} ({round(short, 1) + 0.0:+.1f})", ap._verdict(-short)))
     return out
 
 
