@@ -341,15 +341,14 @@ def tables(rows: list[dict], skipped: Optional[dict] = None) -> str:
         kinds = {(g['detector'], g['setting'], g['allocator'], g['reconstruct']) for g in ablations}
         first = [r for r in rows if r.get('set') == 0 and not r.get('variant')
                  and (r['detector'], r['setting'], r['allocator'], r['reconstruct']) in kinds]
+        def variant_row(r: dict, variant: str, box: float, mask: float) -> str:
+            return (f"| {r['detector']} | {r['setting']} | {'yes' if r['reconstruct'] else 'no'} | {variant} | "
+                    f"{box:.1f} | {mask:.1f} | {r['weight_mb']:.3f} | "
+                    f"{'%.0f' % r['recon_seconds'] if r.get('recon_seconds') else '—'} |")
         for r in first:
             default = 'default (heads whole, QDrop)' if r['reconstruct'] else 'default (every site at 4 bits)'
-            out.append(f"| {r['detector']} | {r['setting']} | {'yes' if r['reconstruct'] else 'no'} | {default} | "
-                       f"{r['box_ap']:.1f} | {r['mask_ap']:.1f} | {r['weight_mb']:.3f} | "
-                       f"{'%.0f' % r['recon_seconds'] if r['reconstruct'] else '—'} |")
-        for g in ablations:
-            out.append(f"| {g['detector']} | {g['setting']} | {'yes' if g['reconstruct'] else 'no'} | {g['variant']} | "
-                       f"{g['box_mean']:.1f} | {g['mask_mean']:.1f} | {g['weight_mb']:.3f} | "
-                       f"{'%.0f' % g['recon_seconds'] if g.get('recon_seconds') else '—'} |")
+            out.append(variant_row(r, default, r['box_ap'], r['mask_ap']))
+        out += [variant_row(g, g['variant'], g['box_mean'], g['mask_mean']) for g in ablations]
         out.append('')
     out += ['**Against the targets** (mean box AP over the calibration sets)', '',
             '| target | figures | verdict |', '|---|---|---|']

@@ -119,6 +119,12 @@ class QuantConfig:
         """The clipping actually applied: CRL's k, or infinity (RepQ)."""
         return self.crl_k if self.method == 'crl' else math.inf
 
+    def pinned_act_bits(self, sites) -> dict[str, int]:
+        """Site -> input bits this config fixes whatever the plan says (the patch embedding's image input)."""
+        if self.patch_embed_a_bits is None:
+            return {}
+        return {s.name: self.patch_embed_a_bits for s in sites if s.layer_type == 'patch_embed'}
+
     def load_plan(self) -> BitPlan:
         """The plan in effect (uniform bits when none is given); a file is read once."""
         if self.plan is None:

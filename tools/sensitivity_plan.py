@@ -136,9 +136,7 @@ def sensitivity_table(args, cfg, model, config, calib, levels: list[int]) -> tup
 def make_plan(args, cfg, model, config, calib, table, sites, source: dict):
     from mmdet_lrpq.models.quantizer import ModelQuantizer
     from mmdet_lrpq.plan import Budget, allocate, uniform_bops
-    # the quantizer keeps the patch embedding's image input at patch_embed_a_bits whatever the plan says
-    pins = ({s.name: config.patch_embed_a_bits for s in sites if s.layer_type == 'patch_embed'}
-            if config.patch_embed_a_bits is not None else {})
+    pins = config.pinned_act_bits(sites)     # as the quantizer will run them, whatever the plan says
     max_bops = None
     if args.bops_bits is not None:
         from mmdet_lrpq.engine.sensitivity import measure_macs

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import QuantConfig
-from ..models.quantizer import ModelQuantizer
+from ..models.quantizer import ModelQuantizer, sites_with_macs
 from ..models.sensitivity import fisher_sensitivity
 from ..plan import Site
 from .calib_data import CalibrationImages, CalibSettings
@@ -48,8 +48,7 @@ def detector_sensitivity(model: nn.Module, cfg: Any, config: QuantConfig, calib:
     model.eval()
     quantizer = ModelQuantizer(model, config, logger=logger)
     sites = quantizer.sites()
-    fixed = ({s.name: config.patch_embed_a_bits for s in sites if s.layer_type == 'patch_embed'}
-             if config.patch_embed_a_bits is not None else {})
+    fixed = config.pinned_act_bits(sites)
     if calib.batch_size != 1:
         raise ValueError('the sensitivity is a per-image Fisher expectation: use calib batch_size=1')
     images = CalibrationImages(cfg.test_dataloader.dataset, calib, logger)
@@ -89,8 +88,7 @@ def measure_macs(model: nn.Module, cfg: Any, config: QuantConfig, calib: CalibSe
             n += len(batch['inputs'])
     if not n:
         raise ValueError('measure_macs: no calibration images')
-    return [Site(s.name, s.kind, s.layer_type, s.block, s.stage, s.params, round(macs.get(s.name, 0) / n))
-            for s in sites]
+    return sites_with_macs(sites, macs, n)
 
 
 __all__ = ['detector_loss', 'detector_sensitivity', 'measure_macs']

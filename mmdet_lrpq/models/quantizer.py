@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -110,6 +110,11 @@ class QuantReport:
                    reparameterized={s['name']: s['reparam'] for s in data['sites'] if s['reparam']},
                    float_modules=list(data.get('float_modules', [])), calibration=dict(data.get('calibration', {})),
                    input_shape=tuple(data['input_shape']) if data.get('input_shape') else None)
+
+
+def sites_with_macs(sites: list[Site], counts: dict[str, int], n_images: float) -> list[Site]:
+    """``sites`` with their MACs per image, from :func:`count_macs` totals over ``n_images`` images."""
+    return [replace(s, macs=round(counts.get(s.name, 0) / max(1.0, n_images))) for s in sites]
 
 
 def _peak_memory_reset(device: torch.device) -> None:
@@ -236,10 +241,8 @@ class ModelQuantizer:
         plan.validate(names)
         resolved = plan.resolve(names)
         bits = {s.name: resolved[plan_name[s.name]] for s in sites}
-        if self.config.patch_embed_a_bits is not None:
-            for s in sites:
-                if s.layer_type == 'patch_embed':
-                    bits[s.name] = (bits[s.name][0], self.config.patch_embed_a_bits)
+        for name, a_bits in self.config.pinned_act_bits(sites).items():
+            bits[name] = (bits[name][0], a_bits)
         return bits
 
     def _float_identity(self, calibration: Optional[dict]) -> dict:
@@ -295,8 +298,7 @@ class ModelQuantizer:
             n_images = calibrate_stream(self.model, batches, run, images_in=images_in, progress=progress)
         seconds = time.perf_counter() - start
         r = self.report
-        r.sites = [Site(s.name, s.kind, s.layer_type, s.block, s.stage, s.params,
-                        round(macs.get(s.name, 0) / max(1.0, n_images))) for s in r.sites]
+        r.sites = sites_with_macs(r.sites, macs, n_images)
         r.input_shape = input_shape
         r.calibration = {'num_images': int(n_images) if float(n_images).is_integer() else n_images,
                          'image_ids': list(image_ids or []), 'batch_size': batch_size, 'rule': CALIBRATION_RULE,

@@ -192,9 +192,7 @@ def _choose_bits(p: _Problem, cost: Callable[[Site, int], float], time_limit: Op
     constraints = [one_choice, memory]
     if p.budget.max_bops is not None:
         # the same integer scaling for BOPs: macs·w·a per choice, the fixed sites' BOPs off the limit
-        held = p.pin(bits)
-        fixed_bops = sum(s.macs * (held[s.name][0] if s.has_weights else held[s.name][1]) * held[s.name][1]
-                         for s in p.sites if s.name not in moving)
+        fixed_bops = account([s for s in p.sites if s.name not in moving], p.pin(bits)).bops
         gb = math.gcd(*(s.macs for s in adjustable)) or 1
         bops_row = np.asarray([s.macs // gb * b * p.act(s, b) for s in adjustable for b in levels], dtype=float)
         constraints.append(LinearConstraint(bops_row[None, :], -np.inf, (p.budget.max_bops - fixed_bops) // gb))
@@ -317,7 +315,7 @@ def _problem(name: str, sites: Sequence[Site], scores: Mapping[str, float], k: i
         if name not in ('ilp', 'sensitivity'):
             raise ValueError(f'allocator {name!r} budgets weight memory only; a budget with max_bops is solved by '
                              f"the integer-program allocators 'ilp' and 'sensitivity'")
-        budget.check(sites, {s.name: (k, k) for s in sites})      # the sites' MACs are there
+        budget.require_macs(sites)
     if name != 'uniform' and not any(s.has_weights and s.name not in pinned and s.name in checked_scores
                                      for s in sites):
         raise ValueError(f'allocator {name!r} ranks sites by score, but no unpinned site with weights has one '

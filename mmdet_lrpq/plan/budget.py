@@ -136,11 +136,15 @@ class Budget:
         limit = self.limit_bits(sites)
         if self.max_bops is None:
             return BudgetCheck(used <= limit, used, limit)
-        if not any(s.macs for s in sites):     # BOPs of 0 would pass any limit
-            raise ValueError('Budget.max_bops needs the sites\' MACs (Site.macs), and every site has 0: measure them '
-                             'on a forward first (e.g. mmdet_lrpq.engine.sensitivity.measure_macs)')
+        self.require_macs(sites)
         bops = account(sites, assignment).bops
         return BudgetCheck(used <= limit and bops <= self.max_bops, used, limit, bops, self.max_bops)
+
+    def require_macs(self, sites: Sequence[Site]) -> None:
+        """With ``max_bops``: a ValueError unless some site has measured MACs (BOPs of 0 would pass any limit)."""
+        if self.max_bops is not None and not any(s.macs for s in sites):
+            raise ValueError('Budget.max_bops needs the sites\' MACs (Site.macs), and every site has 0: measure them '
+                             'on a forward first (e.g. mmdet_lrpq.engine.sensitivity.measure_macs)')
 
     def to_dict(self) -> dict:
         out = {'weight_bits': self.weight_bits,
