@@ -1,0 +1,201 @@
+"""Run an exported graph in ONNX Runtime and hold it against the PyTorch model it came from.
+
+* :func:`session` — an ONNX Runtime CPU session set up so that its QDQ fusion can pick integer
+  kernels: ``MatMulAddFusion`` is disabled (it would turn ``DQ → MatMul → Add(bias)`` into a float
+  ``Gemm`` before the QDQ fusion sees the ``MatMul``; with it off, ``MatMul`` with dequantized inputs
+  becomes ``MatMulIntegerToFloat``: uint8 × int8 products, int32 sums).
+* :func:`census` — what ONNX Runtime actually runs: integer kernels vs. products on dequantized
+  (float) inputs, by site, read from the optimized graph it writes.
+* :func:`output_parity` / :func:`code_parity` — outputs, and every quantizer's integer codes, of ONNX
+  Runtime vs. PyTorch on the same input. Float sums in another order round differently by an ulp
+  or so, which can move a value across a rounding boundary of the next quantizer: those codes then
+  differ by one step. ``code_parity`` counts them per site and reports the largest difference in steps.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Optional
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+from .forms import LogSqrt2Form, UniformActForm, WeightForm, _codes_from_values
+from .onnx_export import ExportResult
+
+INTEGER_OPS = ('MatMulIntegerToFloat', 'QLinearMatMul', 'QLinearConv', 'QGemm', 'MatMulInteger', 'ConvInteger',
+               'DynamicQuantizeMatMul', 'MatMulNBits', 'QAttention')
+PRODUCT_OPS = ('MatMul', 'Gemm', 'Conv', 'FusedConv', 'FusedMatMul', 'FusedGemm', 'NhwcFusedConv')
+DISABLED_OPTIMIZERS = ('MatMulAddFusion',)
+
+
+def session(path_or_bytes, threads: Optional[int] = None, profile: bool = False,
+            optimized_path: Optional[str] = None, disabled_optimizers=DISABLED_OPTIMIZERS, graph_optimization=None):
+    """An ONNX Runtime CPU session (``threads``: intra-op threads; None = ONNX Runtime's default)."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    if profile:
+        so.enable_profiling = True
+    if optimized_path:
+        so.optimized_model_filepath = optimized_path
+    if graph_optimization is not None:
+        so.graph_optimization_level = graph_optimization
+    return ort.InferenceSession(path_or_bytes, so, providers=['CPUExecutionProvider'],
+                                disabled_optimizers=list(disabled_optimizers))
+
+
+def run(sess, x: np.ndarray) -> list[np.ndarray]:
+    return sess.run(None, {sess.get_inputs()[0].name: np.ascontiguousarray(x, dtype=np.float32)})
+
+
+def output_parity(reference: list[np.ndarray], outputs: list[np.ndarray], names: list[str]) -> list[dict]:
+    """Per output: largest absolute difference, the same relative to the output's largest magnitude, and
+    the fraction of elements that differ at all (bitwise) and beyond float noise (1e-4 of that magnitude)."""
+    rows = []
+    for name, ref, out in zip(names, reference, outputs):
+        diff = np.abs(ref.astype(np.float64) - out.astype(np.float64))
+        scale = float(np.abs(ref).max()) or 1.0
+        rows.append({'output': name, 'shape': list(ref.shape), 'max_abs_diff': float(diff.max()),
+                     'max_rel_diff': float(diff.max() / scale), 'max_abs_value': scale,
+                     'frac_differing': float((ref != out).mean()),
+                     'frac_beyond_1e-4': float((diff > 1e-4 * scale).mean())})
+    return rows
+
+
+def _code_dtype(form) -> int:
+    if isinstance(form, LogSqrt2Form):
+        return TensorProto.INT64
+    if isinstance(form, UniformActForm) and form.integer:
+        return onnx.helper.np_dtype_to_tensor_dtype(np.dtype(_np_carrier(form.carrier.name)))
+    return TensorProto.FLOAT
+
+
+def _np_carrier(name: str):
+    from .lower import _NP
+    return _NP[name]
+
+
+def _steps_torch(form, values: np.ndarray, axis_shape) -> np.ndarray:
+    """PyTorch's quantized values in code units, comparable with :func:`_steps_onnx`."""
+    if isinstance(form, LogSqrt2Form):
+        return _codes_from_values(torch.from_numpy(values), torch.from_numpy(form.table)).numpy().astype(np.float64)
+    steps = values.astype(np.float64) / form.scale.reshape(axis_shape).astype(np.float64)
+    return np.round(steps) if form.integer else steps       # k·Δ / Δ is k up to the product's rounding
+
+
+def _steps_onnx(form, codes: np.ndarray, axis_shape) -> np.ndarray:
+    if isinstance(form, LogSqrt2Form):
+        return codes.astype(np.float64)
+    if form.integer:
+        return (codes.astype(np.int64) - form.carrier_zp.reshape(axis_shape)).astype(np.float64)
+    return codes.astype(np.float64)           # fractional zero point: the clipped x/Δ itself
+
+
+def code_parity(result: ExportResult, model: torch.nn.Module, x: Optional[np.ndarray] = None) -> dict:
+    """Every activation quantizer's codes, ONNX Runtime vs. PyTorch, on ``x`` (default: the example input).
+
+    Returns per site the number of elements, the fraction whose codes differ and the largest
+    difference in quantization steps (log-√2: in codes), and the totals.
+    """
+    x = result.example_input if x is None else x
+    proto = onnx.load(result.path)
+    wanted: dict[str, tuple[int, int]] = {}
+    for idx, names in result.lowered.code_tensors.items():
+        form = result.sites[idx].form
+        for call, name in enumerate(names):
+            proto.graph.output.append(helper.make_tensor_value_info(name, _code_dtype(form), None))
+            wanted[name] = (idx, call)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, 'codes.onnx')
+        onnx.save(proto, path)
+        sess = session(path)
+        outs = run(sess, x)
+    onnx_codes = dict(zip([o.name for o in sess.get_outputs()], outs))
+
+    captured: dict[int, list[np.ndarray]] = {}
+    hooks = []
+    for idx, site in result.sites.items():
+        if isinstance(site.form, WeightForm):
+            continue
+        hooks.append(site.quantizer.register_forward_hook(
+            lambda mod, inp, out, idx=idx: captured.setdefault(idx, []).append(out.detach().float().numpy().copy())))
+    try:
+        with torch.no_grad():
+            model(torch.from_numpy(np.ascontiguousarray(x)))
+    finally:
+        for h in hooks:
+            h.remove()
+    rows, total, differing, worst = [], 0, 0, 0.0
+    for name, (idx, call) in wanted.items():
+        site = result.sites[idx]
+        if idx not in captured or call >= len(captured[idx]):
+            continue
+        ref = captured[idx][call]
+        form = site.form
+        axis_shape = ()
+        if isinstance(form, UniformActForm) and form.axis is not None:
+            axis_shape = [1] * ref.ndim
+            axis_shape[form.axis % ref.ndim] = -1
+        a = _steps_torch(form, ref, axis_shape)
+        b = _steps_onnx(form, onnx_codes[name], axis_shape)
+        d = np.abs(a - b)
+        if not (isinstance(form, LogSqrt2Form) or form.integer):
+            d = np.where(d < 1e-3, 0.0, d)         # float x/Δ: the same floats, up to the division's rounding
+        n_diff = int((d > 0).sum())
+        rows.append({'site': site.name, 'elements': int(d.size), 'differing': n_diff,
+                     'frac_differing': n_diff / max(d.size, 1), 'max_steps': float(d.max()) if d.size else 0.0})
+        total += d.size
+        differing += n_diff
+        worst = max(worst, rows[-1]['max_steps'])
+    return {'sites': rows, 'elements': total, 'differing': differing, 'frac_differing': differing / max(total, 1),
+            'max_steps': worst, 'sites_compared': len(rows)}
+
+
+def census(path: str, threads: Optional[int] = None) -> dict:
+    """What ONNX Runtime runs after its graph optimizations: integer kernels and float products by op type,
+    and which float products read dequantized (quantized-site) inputs, by node name."""
+    with tempfile.TemporaryDirectory() as tmp:
+        opt = os.path.join(tmp, 'optimized.onnx')
+        import onnxruntime as ort
+        session(path, threads, optimized_path=opt, graph_optimization=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
+        g = onnx.load(opt).graph
+    producers = {o: n for n in g.node for o in n.output}
+    counts: dict[str, int] = {}
+    integer, dequantized = [], []
+    for n in g.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+        if n.op_type in INTEGER_OPS:
+            integer.append(n.name)
+        elif n.op_type in PRODUCT_OPS:
+            if any(producers.get(i) is not None and producers[i].op_type == 'DequantizeLinear' for i in n.input):
+                dequantized.append(n.name)
+    return {'op_counts': dict(sorted(counts.items())), 'integer_kernels': len(integer),
+            'dequantized_products': len(dequantized), 'integer_nodes': integer, 'dequantized_nodes': dequantized}
+
+
+def profile_log_sqrt2(path: str, x: np.ndarray, threads: Optional[int] = None, runs: int = 3) -> dict:
+    """Share of ONNX Runtime's node time spent in the exact log-√2 quantizer ops (nodes named lrpq_log_sqrt2/)."""
+    import json
+    sess = session(path, threads, profile=True)
+    for _ in range(runs):
+        run(sess, x)
+    prof = sess.end_profiling()
+    with open(prof) as f:
+        events = json.load(f)
+    os.remove(prof)
+    total = log = 0
+    for e in events:
+        if e.get('cat') == 'Node' and e.get('name', '').endswith('_kernel_time'):
+            total += e['dur']
+            if 'lrpq_log_sqrt2' in e['name']:
+                log += e['dur']
+    return {'node_time_us': total / runs, 'log_sqrt2_us': log / runs, 'log_sqrt2_share': log / total if total else 0.0}
+
+
+__all__ = ['session', 'run', 'output_parity', 'code_parity', 'census', 'profile_log_sqrt2', 'INTEGER_OPS']
