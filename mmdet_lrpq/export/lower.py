@@ -10,8 +10,8 @@ The TorchScript exporter traces the model with every quantizer replaced by one `
   present when the carrier has more levels than the quantizer's ``2^b``); with a fractional zero point
   and ``policy='exact'``: ``Div → Round → Clip → Mul`` in float (ONNX ``Round`` is half to even, as
   ``torch.round``);
-* log-√2: approximate code ``round(-2·ln(x/Δ)/ln 2)``, corrected by one comparison each way against
-  the exact thresholds, then ``Gather`` from the per-code table (nodes named ``lrpq_log_sqrt2/...``
+* log-√2: a code estimate from ``Log`` that is the code or one above it, corrected by one comparison
+  with the exact threshold, then ``Gather`` from the per-code table (nodes named ``lrpq_log_sqrt2/...``
   so a profile can sum their cost).
 
 Each lowered quantizer records the tensor that holds its codes (``code_tensors``), which the parity
@@ -32,6 +32,8 @@ from .forms import Carrier, ExportError, LogSqrt2Form, UniformActForm, WeightFor
 
 MARKER_DOMAIN = 'lrpq'
 MARKER_OP = 'Marker'
+# δ of the log-sqrt2 code estimate: float32 log2 errors are ~1e-5 codes at most, far below it
+_LOG_MARGIN = 0.01
 _NP = {'uint8': np.uint8, 'int8': np.int8, 'uint16': np.uint16, 'int16': np.int16,
        'uint4': ml_dtypes.uint4, 'int4': ml_dtypes.int4}
 Form = Union[WeightForm, UniformActForm, LogSqrt2Form]
@@ -88,11 +90,11 @@ def _lower_weight(g: _Graph, marker: onnx.NodeProto, form: WeightForm, consumers
         stored, axis = stored.T, 1                  # fold W^T into the stored codes: DQ feeds MatMul
         removed.add(id(users[0]))
         target = users[0].output[0]
-    base = f'{form.site}.weight'
+    base = form.site                                   # '<layer>.weight'
     codes = g.const(f'{base}_quantized', _carrier_array(np.ascontiguousarray(stored), form.carrier))
     scale = g.const(f'{base}_scale', form.scale.astype(np.float32))
     zp = g.const(f'{base}_zero_point', _carrier_array(form.stored_zp, form.carrier))
-    dq = g.node('DequantizeLinear', [codes, scale, zp], [target], f'{form.site}/weight/DequantizeLinear', axis=axis)
+    dq = g.node('DequantizeLinear', [codes, scale, zp], [target], f'{form.site}/DequantizeLinear', axis=axis)
     return [dq], target
 
 
@@ -146,42 +148,54 @@ def _lower_uniform(g: _Graph, marker: onnx.NodeProto, form: UniformActForm, rank
 
 
 def _lower_log_sqrt2(g: _Graph, marker: onnx.NodeProto, form: LogSqrt2Form) -> tuple[list, str]:
+    """``c = clip(floor(-2·log2(x/Δ) + 0.5 + δ), 0, 2^b)`` is the code or one above it (log2 here and in
+    PyTorch agree to far better than δ); one comparison with the exact threshold ``X_{c-1}`` takes it back
+    down where needed. ``-2·log2(x/Δ) = k·ln x + 2·log2 Δ``, so no division."""
     x, out = marker.input[0], marker.output[0]
     site, levels = form.site, 1 << form.bits
     p = f'lrpq_log_sqrt2/{site}'
-    delta = g.const(f'{site}.delta', np.float32(form.delta))
     k = g.const(f'{site}.minus2_over_ln2', np.float32(-2.0 / math.log(2.0)))
+    offset = g.const(f'{site}.offset', np.float32(2.0 * math.log2(form.delta) + 0.5 + _LOG_MARGIN))
     zero = g.const(f'{site}.code_min', np.float32(0))
     top = g.const(f'{site}.code_max', np.float32(levels))
-    # A[c] = X_c (A[2^b] = -inf: nothing is below it); B[c] = X_{c-1} (B[0] = +inf)
-    below = g.const(f'{site}.thresholds_up', np.concatenate([form.thresholds, [-np.inf]]).astype(np.float32))
-    above = g.const(f'{site}.thresholds_down', np.concatenate([[np.inf], form.thresholds]).astype(np.float32))
+    down = g.const(f'{site}.thresholds', np.concatenate([[np.inf], form.thresholds]).astype(np.float32))  # [c] = X_{c-1}
     table = g.const(f'{site}.table', form.table.astype(np.float32))
-    t = [g.unique(f'{site}.{s}') for s in ('t', 'ln', 'scaled', 'rounded', 'clipped', 'approx', 'a', 'b', 'lt', 'ge',
-                                            'up', 'down', 'sum', 'code')]
+    t = [g.unique(f'{site}.{s}') for s in ('ln', 'scaled', 'shifted', 'floor', 'clipped', 'upper', 'bound', 'ge',
+                                            'step', 'code')]
     nodes = [
-        g.node('Div', [x, delta], [t[0]], f'{p}/Div'),
-        g.node('Log', [t[0]], [t[1]], f'{p}/Log'),
-        g.node('Mul', [t[1], k], [t[2]], f'{p}/Mul'),
-        g.node('Round', [t[2]], [t[3]], f'{p}/Round'),
+        g.node('Log', [x], [t[0]], f'{p}/Log'),
+        g.node('Mul', [t[0], k], [t[1]], f'{p}/Mul'),
+        g.node('Add', [t[1], offset], [t[2]], f'{p}/Add'),
+        g.node('Floor', [t[2]], [t[3]], f'{p}/Floor'),
         g.node('Clip', [t[3], zero, top], [t[4]], f'{p}/Clip'),
-        g.node('Cast', [t[4]], [t[5]], f'{p}/Cast', to=TensorProto.INT64),
-        g.node('Gather', [below, t[5]], [t[6]], f'{p}/GatherUp'),
-        g.node('Gather', [above, t[5]], [t[7]], f'{p}/GatherDown'),
-        g.node('Less', [x, t[6]], [t[8]], f'{p}/Less'),
-        g.node('GreaterOrEqual', [x, t[7]], [t[9]], f'{p}/GreaterOrEqual'),
-        g.node('Cast', [t[8]], [t[10]], f'{p}/CastUp', to=TensorProto.INT64),
-        g.node('Cast', [t[9]], [t[11]], f'{p}/CastDown', to=TensorProto.INT64),
-        g.node('Add', [t[5], t[10]], [t[12]], f'{p}/Add'),
-        g.node('Sub', [t[12], t[11]], [t[13]], f'{p}/Sub'),
-        g.node('Gather', [table, t[13]], [out], f'{p}/GatherValue'),
+        g.node('Cast', [t[4]], [t[5]], f'{p}/Cast', to=TensorProto.INT32),
+        g.node('Gather', [down, t[5]], [t[6]], f'{p}/GatherThreshold'),
+        g.node('GreaterOrEqual', [x, t[6]], [t[7]], f'{p}/GreaterOrEqual'),
+        g.node('Cast', [t[7]], [t[8]], f'{p}/CastStep', to=TensorProto.INT32),
+        g.node('Sub', [t[5], t[8]], [t[9]], f'{p}/Sub'),
+        g.node('Gather', [table, t[9]], [out], f'{p}/GatherValue'),
     ]
-    return nodes, t[13]
+    return nodes, t[9]
 
 
 def _ranks(model: onnx.ModelProto) -> dict[str, int]:
     infos = list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)
     return {v.name: len(v.type.tensor_type.shape.dim) for v in infos if v.type.tensor_type.HasField('shape')}
+
+
+def strip_prefix(model: onnx.ModelProto, prefix: str) -> None:
+    """Drop the tracing wrapper's attribute name from initializer and node names (``model.x`` -> ``x``)."""
+    renamed = {}
+    for t in model.graph.initializer:
+        if t.name.startswith(prefix + '.'):
+            renamed[t.name] = t.name[len(prefix) + 1:]
+            t.name = renamed[t.name]
+    for n in model.graph.node:
+        n.input[:] = [renamed.get(i, i) for i in n.input]
+        if n.name.startswith(f'/{prefix}/'):
+            n.name = n.name[len(prefix) + 1:]
+    for i in model.graph.input:
+        i.name = renamed.get(i.name, i.name)
 
 
 def lower(model: onnx.ModelProto, forms: dict[int, Form], opset: int) -> Lowered:

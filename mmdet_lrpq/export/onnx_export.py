@@ -31,7 +31,7 @@ from ..quant.modules import (LogSqrt2Quantizer, QuantMatMul, QuantModule, QuantS
                              _WeightedQuantModule, quant_modules)
 from .forms import (FRACTIONAL_POLICIES, INT4_OPSET, ExportError, LogSqrt2Form, UniformActForm, WeightForm,
                     _plural, log_sqrt2_form, uniform_act_form, weight_form)
-from .lower import MARKER_DOMAIN, MARKER_OP, Form, Lowered, lower
+from .lower import MARKER_DOMAIN, MARKER_OP, Form, Lowered, lower, strip_prefix
 
 MIN_OPSET, MAX_OPSET = 17, 21          # LayerNormalization is an op from 17; 4-bit types from 21
 TORCHSCRIPT_MAX_OPSET = 20
@@ -265,6 +265,7 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], example_input: 
     finally:
         model.train(was_training)
     proto = onnx.load_from_string(buf.getvalue())
+    strip_prefix(proto, 'model')
     lowered = lower(proto, {i: s.form for i, s in sites.items()}, opset)
     missing = [s.name for i, s in sites.items() if i not in lowered.code_tensors and not isinstance(s.form, WeightForm)]
     if missing:
