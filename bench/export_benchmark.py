@@ -1,0 +1,244 @@
+"""The exported integer model measured: file sizes, ONNX Runtime latency, and detector AP with ONNX Runtime.
+
+    .venv/bin/python bench/export_benchmark.py                 # both parts
+    .venv/bin/python bench/export_benchmark.py --part speed    # Swin-T sizes and latencies only
+    .venv/bin/python bench/export_benchmark.py --part ap       # miniature-world AP only
+
+**speed** — mmdet's Mask R-CNN Swin-T backbone + FPN at the test resolution (one COCO image resized to
+1333x800, padded), random weights (sizes and timings do not depend on them; no pretrained weights exist
+here), quantized through the hook's driver (CRL, ``round_zero_point=True`` so that every activation
+quantizer has an integer form) at W8A8, W4A4 and the shipped MP4 plan (a placeholder plan from random
+weights: right structure and budget). File size of the float export vs each quantized export; latency of
+ONNX Runtime float vs ONNX Runtime W8A8 vs our PyTorch fake-quant W8A8 vs PyTorch float, one process,
+same thread count, interleaved (each round runs every model once, in rotating order; the median over
+rounds). ONNX Runtime's graph after optimization is read back to say which products ran in integer
+kernels and which on dequantized inputs, and a profile gives the share of node time in the exact
+log-sqrt2 attention quantizer.
+
+**ap** — the miniature world's Mask R-CNN at W8A8, W4A4 and MP4 (its LRP plan), calibrated as the
+miniature-world config says (CRL, ``round_zero_point=True``): box/mask AP on the whole val split with
+PyTorch computing everything vs with ONNX Runtime computing backbone + FPN (heads in PyTorch), on the
+same batches in one loop.
+
+Writes ``results/export_benchmark.json`` and the tables in ``docs/export.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import os.path as osp
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, osp.join(REPO, 'bench'))
+sys.path.insert(0, osp.join(REPO, 'tools', 'miniworld'))
+from doc_blocks import publish  # noqa: E402
+
+DEFAULT_IMAGE = osp.join(REPO, '..', 'shared', 'data', 'coco_mini', 'val2017', '000000397133.jpg')
+RESULTS = osp.join(REPO, 'results', 'export_benchmark.json')
+DOC = osp.join('docs', 'export.md')
+MARKERS = ('<!-- export_benchmark:begin -->', '<!-- export_benchmark:end -->')
+COMMAND = 'python bench/export_benchmark.py'
+SETTINGS = {'W8A8': dict(w_bits=8, a_bits=8), 'W4A4': dict(w_bits=4, a_bits=4),
+            'MP4': dict(plan=osp.join(REPO, 'configs', 'plans', 'swin_t_mp4.json'))}
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def speed_part(args) -> dict:
+    from mmengine.config import Config
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+
+    import mmdet_lrpq
+    from mmdet_lrpq.export import census, export_onnx, profile_log_sqrt2, run, session
+    from mmdet_lrpq.export.detector import BackboneNeck, batch_from_image, preprocessed_input
+    register_all_modules()
+    mmdet_lrpq.register_all_modules()
+    torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    cfg = Config.fromfile(osp.join(REPO, 'configs', 'mask_rcnn_swin_t_w4a4.py'))
+    batch = batch_from_image(cfg, args.image)
+
+    def build():
+        torch.manual_seed(0)
+        model = MODELS.build(cfg.model).eval()
+        with torch.no_grad():
+            model.roi_head.bbox_head.fc_cls.bias[0] += 6.0   # detections, so the RoI heads calibrate (as bench/calibration_speed.py)
+        return model
+
+    tmp = tempfile.mkdtemp(prefix='export_bench_')
+    model_fp = build()
+    x = preprocessed_input(model_fp, batch)
+    float_part = BackboneNeck(model_fp).eval()
+    float_path = osp.join(tmp, 'float.onnx')
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        torch.onnx.export(float_part, (x,), float_path, dynamo=False, opset_version=20, input_names=['input'])
+    rows = {'float': {'file_mb': osp.getsize(float_path) / 2 ** 20}}
+    quantized = {}
+    for name, options in SETTINGS.items():
+        model = build()
+        t = timed(lambda: mmdet_lrpq.quantize_(model, mmdet_lrpq.QuantConfig(method='crl', round_zero_point=True,
+                                                                              **options), calib=[batch]))
+        part = BackboneNeck(model).eval()
+        path = osp.join(tmp, f'{name}.onnx')
+        t_export = timed(lambda: quantized.__setitem__(name, (export_onnx(part, path, x), part)))
+        s = quantized[name][0].summary()
+        rows[name] = {'file_mb': osp.getsize(path) / 2 ** 20, 'calibrate_s': t, 'export_s': t_export,
+                      'weight_carriers': s['weights']['carriers'], 'activation_carriers': s['activations']['carriers']}
+        print(f'{name}: calibrated in {t:.0f} s, exported in {t_export:.0f} s, {rows[name]["file_mb"]:.1f} MB', flush=True)
+    for name in rows:
+        rows[name]['size_vs_float'] = rows[name]['file_mb'] / rows['float']['file_mb']
+
+    # latency, interleaved: ONNX Runtime float / W8A8, PyTorch float / fake-quant W8A8
+    r8, part8 = quantized['W8A8']
+    xs = x.numpy()
+    runners = {'onnxruntime float': (lambda s=session(float_path, args.threads): run(s, xs)),
+               'onnxruntime W8A8': (lambda s=session(r8.path, args.threads): run(s, xs)),
+               'pytorch float': (lambda: float_part(x)),
+               'pytorch fake-quant W8A8': (lambda: part8(x))}
+    for fn in runners.values():
+        fn()                                                     # warm-up
+    times = {k: [] for k in runners}
+    names = list(runners)
+    for i in range(args.rounds):
+        for k in names[i % len(names):] + names[:i % len(names)]:
+            times[k].append(timed(runners[k]))
+        print(f'round {i + 1}/{args.rounds}: ' + ', '.join(f'{k} {times[k][-1]:.2f}s' for k in names), flush=True)
+    latency = {k: statistics.median(v) for k, v in times.items()}
+    ops = census(r8.path, args.threads)
+    prof = profile_log_sqrt2(r8.path, xs, args.threads, runs=1)
+    sizes_4 = {}
+    for name in ('W4A4', 'MP4'):
+        o = census(quantized[name][0].path, args.threads)
+        sizes_4[name] = {'integer_kernels': o['integer_kernels'], 'dequantized_products': o['dequantized_products']}
+    return {'input_shape': list(x.shape), 'threads': args.threads, 'rounds': args.rounds, 'image': osp.basename(args.image),
+            'files': rows, 'latency_s': latency, 'latency_all_s': times,
+            'speedup_ort_w8a8_vs_ort_float': latency['onnxruntime float'] / latency['onnxruntime W8A8'],
+            'w8a8_census': {'integer_kernels': ops['integer_kernels'], 'dequantized_products': ops['dequantized_products'],
+                            'integer_by_kind': _grouped(ops['integer_nodes']),
+                            'dequantized_by_kind': _grouped(ops['dequantized_nodes'])},
+            'census_4bit': sizes_4, 'log_sqrt2_profile_w8a8': prof}
+
+
+def _grouped(names):
+    from tools.export_onnx import grouped
+    return grouped(names)
+
+
+def ap_part(args) -> dict:
+    import experiments as ex
+
+    from mmdet_lrpq.apis import init_quantized_detector
+    from mmdet_lrpq.export import code_parity, export_onnx, session
+    from mmdet_lrpq.export.detector import BackboneNeck, batch_from_image, evaluate_ap, preprocessed_input
+    ex.require_checkpoints(('mask_rcnn',))
+    ex.ensure_data()
+    torch.set_num_threads(args.threads)
+    _, quant_cfg, ckpt = ex.DETECTORS['mask_rcnn']
+    tmp = tempfile.mkdtemp(prefix='export_ap_')
+    plan = ex.make_plan(4, tmp)
+    rows = []
+    for name, options in {'W8A8': dict(w_bits=8, a_bits=8), 'W4A4': dict(w_bits=4, a_bits=4), 'MP4': dict(plan=plan)}.items():
+        opts = {f'custom_hooks.0.{k}': v for k, v in dict(options, round_zero_point=True).items()}
+        model = init_quantized_detector(osp.join(REPO, quant_cfg), ckpt, device='cpu', progress=False,
+                                        cfg_options={'data_root': ex.DATA + '/', **opts})
+        part = BackboneNeck(model)
+        x = preprocessed_input(model, batch_from_image(model.cfg, osp.join(ex.DATA, 'val', '000001.jpg')))
+        r = export_onnx(part, osp.join(tmp, f'{name}.onnx'), x)
+        codes = code_parity(r, part)
+        t0 = time.perf_counter()
+        ap = evaluate_ap(model, model.cfg, session(r.path, args.threads), data_root=ex.DATA + '/')
+        rows.append({'setting': name, 'images': ap['images'], 'seconds': time.perf_counter() - t0,
+                     'box_ap_torch': ap['torch']['coco/bbox_mAP'], 'box_ap_onnx': ap['onnx']['coco/bbox_mAP'],
+                     'mask_ap_torch': ap['torch']['coco/segm_mAP'], 'mask_ap_onnx': ap['onnx']['coco/segm_mAP'],
+                     'codes_frac_differing': codes['frac_differing'], 'codes_max_steps': codes['max_steps'],
+                     'file_mb': r.file_bytes / 2 ** 20})
+        print(rows[-1], flush=True)
+    return {'detector': 'mask_rcnn (miniature world)', 'rows': rows}
+
+
+def tables(results: dict) -> str:
+    out = []
+    env = results['environment']
+    if 'speed' in results:
+        s = results['speed']
+        f = s['files']
+        out += [f"**Swin-T Mask R-CNN backbone + FPN, input {s['input_shape'][2]}x{s['input_shape'][3]}, random weights, "
+                f"{s['threads']} threads, {env['cpu']}** (median of {s['rounds']} interleaved rounds)", '',
+                '| model | file MB | vs float | weights stored |', '|---|---|---|---|']
+        for name, row in f.items():
+            carriers = ', '.join(f'{n} {c}' for c, n in row.get('weight_carriers', {}).items()) or 'float32'
+            out.append(f"| {name} | {row['file_mb']:.1f} | {row['size_vs_float']:.3f}x | {carriers} |")
+        lat = s['latency_s']
+        out += ['', '| runtime | latency s | vs ONNX Runtime float |', '|---|---|---|']
+        for k, v in lat.items():
+            out.append(f"| {k} | {v:.2f} | {lat['onnxruntime float'] / v:.2f}x |")
+        c = s['w8a8_census']
+        p = s['log_sqrt2_profile_w8a8']
+        out += ['', f"W8A8 in ONNX Runtime: {c['integer_kernels']} products in integer kernels "
+                    f"({', '.join(f'{k} {n}' for k, n in c['integer_by_kind'].items())}), "
+                    f"{c['dequantized_products']} on dequantized inputs "
+                    f"({', '.join(f'{k} {n}' for k, n in c['dequantized_by_kind'].items())}); "
+                    f"the exact log-sqrt2 attention quantizer takes {p['log_sqrt2_share']:.1%} of node time. "
+                    f"W4A4 / MP4: " + '; '.join(f"{k} {v['integer_kernels']} integer, {v['dequantized_products']} dequantized"
+                                                for k, v in s['census_4bit'].items()) + '.']
+    if 'ap' in results:
+        a = results['ap']
+        out += ['', f"**Miniature-world Mask R-CNN, box / mask AP on the {a['rows'][0]['images']} val images: PyTorch "
+                    f"quantized vs ONNX Runtime backbone + FPN (heads in PyTorch)**", '',
+                '| setting | box AP PyTorch | box AP ONNX Runtime | mask AP PyTorch | mask AP ONNX Runtime | codes differing | max steps |',
+                '|---|---|---|---|---|---|---|']
+        for r in a['rows']:
+            out.append(f"| {r['setting']} | {r['box_ap_torch']:.1f} | {r['box_ap_onnx']:.1f} | {r['mask_ap_torch']:.1f} | "
+                       f"{r['mask_ap_onnx']:.1f} | {r['codes_frac_differing']:.1e} | {r['codes_max_steps']:g} |")
+    return '\n'.join(out) + '\n'
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--part', choices=('speed', 'ap', 'all'), default='all')
+    p.add_argument('--image', default=DEFAULT_IMAGE)
+    p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--rounds', type=int, default=5)
+    p.add_argument('--no-doc', action='store_true')
+    args = p.parse_args(argv)
+    results = json.load(open(RESULTS)) if osp.isfile(RESULTS) else {}
+    import onnxruntime
+    cpu = 'unknown CPU'
+    try:
+        cpu = next(line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo') if line.startswith('model name'))
+    except (OSError, StopIteration):
+        pass
+    results['environment'] = {'python': platform.python_version(), 'torch': torch.__version__,
+                              'onnxruntime': onnxruntime.__version__, 'cpus': os.cpu_count(), 'cpu': cpu}
+    results['command'] = COMMAND + ('' if args.part == 'all' else f' --part {args.part}')
+    if args.part in ('speed', 'all'):
+        if not osp.isfile(args.image):
+            sys.exit(f'image not found: {args.image} (pass --image PATH to a COCO image)')
+        results['speed'] = speed_part(args)
+    if args.part in ('ap', 'all'):
+        results['ap'] = ap_part(args)
+    os.makedirs(osp.dirname(RESULTS), exist_ok=True)
+    with open(RESULTS, 'w') as f:
+        json.dump(results, f, indent=1)
+    publish(tables(results), osp.join(REPO, DOC), MARKERS, COMMAND, update=not args.no_doc)
+    return results
+
+
+if __name__ == '__main__':
+    main()
