@@ -5,11 +5,14 @@ PY     := $(VENV)/bin/python
 
 .PHONY: install test demo clean-venv
 
-## install: create .venv with the verified stack (mmcv built once from source, then cached).
-##   mmcv's ops get CUDA when an nvcc of torch's CUDA version and a GPU are found; force with
-##   `make install MMDET_LRPQ_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0`, refuse with MMDET_LRPQ_CUDA=0 (docs/install.md)
+MMCV   ?= lite
+
+## install: create .venv with the verified stack. MMCV=lite (default): mmcv-lite, no compiler; the ops
+##   detectors need come from torchvision (mmdet_lrpq.ops). MMCV=compiled: build mmcv's C++ ops once
+##   (15-20 min on 2 cores; CUDA ops when an nvcc of torch's CUDA version and a GPU are found, force with
+##   MMDET_LRPQ_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0). docs/install.md
 install:
-	@PYTHON=$(PYTHON) VENV=$(CURDIR)/$(VENV) bash tools/install.sh
+	@PYTHON=$(PYTHON) VENV=$(CURDIR)/$(VENV) MMDET_LRPQ_MMCV=$(MMCV) bash tools/install.sh
 
 ## test: install if needed, then run the test suite
 test: install

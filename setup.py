@@ -14,6 +14,9 @@ setup(
     long_description=(HERE / 'README.md').read_text(),
     long_description_content_type='text/markdown',
     packages=find_packages(include=['mmdet_lrpq', 'mmdet_lrpq.*']),
+    # The mmcv._ext import hook (a top-level module so that a .pth line can install it without
+    # importing mmdet_lrpq: see its docstring).
+    py_modules=['_mmdet_lrpq_mmcv'],
     package_data={'mmdet_lrpq.quant': ['csrc/*.cpp']},  # compiled at first use (mmdet_lrpq/quant/_ext.py)
     # The real minimums of the code (mmdet_lrpq/env.py checks the same at run time):
     #   Python 3.10: zip(strict=) (lrp/scores.py);  torch 2.6: weights-only torch.load with
@@ -25,9 +28,11 @@ setup(
     python_requires='>=3.10',
     install_requires=['torch>=2.6', 'numpy>=1.26', 'scipy>=1.9', 'timm>=1.0.8', 'ninja', 'tqdm'],
     extras_require={
-        # mmcv must come with its compiled ops (not mmcv-lite); mmdet 3.x refuses mmcv >= 2.2.
-        # Install mmcv first (docs/install.md): pip cannot build its ops for a recent torch alone.
-        'mmdet': ['mmengine>=0.10,<1', 'mmdet>=3.1,<3.4', 'mmcv>=2.0.0rc4,<2.2', 'pycocotools'],
+        # mmcv is not listed: `pip install mmcv-lite==2.1.0` is enough (mmdet_lrpq.ops provides the
+        # compiled ops detectors use, from torchvision), and a compiled mmcv a user already has is
+        # used as it is; mmcv-lite and mmcv install the same package folder, so pip must not add one
+        # next to the other. mmdet 3.x refuses mmcv >= 2.2.
+        'mmdet': ['mmengine>=0.10,<1', 'mmdet>=3.1,<3.4', 'pycocotools'],
         'plot': ['matplotlib>=3.5'],
         'tests': ['pytest>=7', 'pytest-timeout'],
     },

@@ -5,6 +5,8 @@ config and checkpoint). Configs: ``custom_imports=['mmdet_lrpq']`` plus ``Quanti
 ``custom_hooks``. ``quant``, ``lrp`` and ``plan`` are pure PyTorch/NumPy and never import
 MMDetection or MMEngine; importing this package does not either (see :mod:`.registration`).
 """
+import _mmdet_lrpq_mmcv
+
 from .registration import install as _install
 from .registration import register_all_modules
 from .version import __version__
@@ -18,9 +20,14 @@ def __getattr__(name: str):
     if name in _LAZY:
         import importlib
         return getattr(importlib.import_module(f'.{_LAZY[name]}', __name__), name)
+    import sys
+    loaded = sys.modules.get(f'{__name__}.{name}')
+    if loaded is not None:   # mmdet_lrpq.ops, loaded before this package by the mmcv._ext hook
+        return loaded
     raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
+_mmdet_lrpq_mmcv.install()  # mmcv._ext: compiled when it loads, else mmdet_lrpq.ops (its docstring says why)
 _install()
 
 __all__ = ['__version__', 'quantize_', 'QuantConfig', 'ReconstructConfig', 'QuantReport', 'BitPlan',

@@ -14,7 +14,6 @@ first, so the check itself never trips over mmdet's own import-time assertions.
 """
 from __future__ import annotations
 
-import glob
 import importlib
 import importlib.metadata
 import importlib.util
@@ -102,23 +101,22 @@ def _version_of(module: str, dists: tuple[str, ...]) -> tuple[str | None, str | 
 
 
 def _mmcv_ops_info() -> dict:
-    """Whether mmcv's compiled ops (mmcv._ext) load, and what they were compiled with."""
-    info = dict(mmcv_ops=False, mmcv_ops_cuda=None, mmcv_ops_compiler=None, mmcv_ops_error=None)
+    """Which ``mmcv._ext`` loads — compiled mmcv's, or mmdet-lrpq's torchvision backend
+    (:mod:`mmdet_lrpq.ops`) — and, for compiled ops, what they were compiled with."""
+    info = dict(mmcv_ops=False, mmcv_ops_backend=None, mmcv_ops_reason=None, mmcv_ops_cuda=None,
+                mmcv_ops_compiler=None, mmcv_ops_error=None)
+    import _mmdet_lrpq_mmcv
+    _mmdet_lrpq_mmcv.install()
     try:
-        spec = importlib.util.find_spec('mmcv')
-        folders = list(spec.submodule_search_locations or []) if spec else []
-    except (ImportError, ValueError):
-        folders = []
-    if not any(glob.glob(os.path.join(folder, '_ext*')) for folder in folders):
-        info['mmcv_ops_error'] = f'mmcv._ext is missing from {", ".join(folders) or "mmcv"}'
-        return info
-    try:
-        import torch  # noqa: F401  (mmcv._ext links against the loaded torch)
+        import torch  # noqa: F401  (a compiled mmcv._ext links against the loaded torch)
         ext = importlib.import_module('mmcv._ext')
-    except Exception as err:  # ImportError/OSError (built for another torch), a broken mmcv import, ...
+    except Exception as err:  # ImportError/OSError (built for another torch, or MMDET_LRPQ_MMCV_OPS=compiled), ...
         info['mmcv_ops_error'] = f'{err.__class__.__name__}: {err}'
         return info
-    info['mmcv_ops'] = True
+    chosen = _mmdet_lrpq_mmcv.backend()
+    info.update(mmcv_ops=True, mmcv_ops_backend=chosen['backend'], mmcv_ops_reason=chosen['reason'])
+    if chosen['backend'] == 'torchvision':
+        return info
     try:
         cuda = ext.get_compiling_cuda_version()
         info['mmcv_ops_cuda'] = None if cuda in ('', 'not available') else cuda
@@ -156,8 +154,10 @@ def stack_report() -> dict:
 
     Keys: python, platform, torch, torch_cuda (torch.version.cuda), cuda_available, cuda_devices,
     torchvision, timm, mmengine, mmcv, mmcv_dist ('mmcv', 'mmcv-lite' or 'mmcv-full'), mmcv_ops
-    (the compiled ops load), mmcv_ops_cuda (the CUDA version they were compiled with, None for
-    CPU-only ops), mmcv_ops_compiler, mmcv_ops_error (why they do not load), mmdet.
+    (mmcv._ext loads), mmcv_ops_backend ('compiled', or 'torchvision': mmdet-lrpq's stand-in for a
+    missing or unloadable mmcv._ext), mmcv_ops_reason (why that one), mmcv_ops_cuda (the CUDA
+    version compiled ops were built with, None for CPU-only ops), mmcv_ops_compiler,
+    mmcv_ops_error (why no mmcv._ext loads), mmdet.
     """
     report: dict = dict(python=platform.python_version(), platform=f'{sys.platform}-{platform.machine()}')
     report.update(_torch_info())
@@ -168,13 +168,16 @@ def stack_report() -> dict:
     if report['mmcv'] is not None:
         report.update(_mmcv_ops_info())
     else:
-        report.update(mmcv_ops=False, mmcv_ops_cuda=None, mmcv_ops_compiler=None, mmcv_ops_error=None)
+        report.update(mmcv_ops=False, mmcv_ops_backend=None, mmcv_ops_reason=None, mmcv_ops_cuda=None,
+                      mmcv_ops_compiler=None, mmcv_ops_error=None)
     report['mmdet'], _ = _version_of('mmdet', ('mmdet',))
     return report
 
 
 def format_report(report: dict) -> str:
     ops = ('not installed' if report.get('mmcv') is None else
+           f'ops from the mmdet-lrpq torchvision backend, CPU and CUDA ({report.get("mmcv_ops_reason")})'
+           if report.get('mmcv_ops_backend') == 'torchvision' else
            f'CUDA {report["mmcv_ops_cuda"]} ops' if report.get('mmcv_ops_cuda') else
            'CPU ops' if report.get('mmcv_ops') else f'NO compiled ops ({report.get("mmcv_ops_error")})')
     gpus = ', '.join(report.get('cuda_devices') or []) or 'none visible'
@@ -223,12 +226,9 @@ def _problems(r: dict, require_cuda_ops: bool) -> list[str]:
     lo, hi = MMCV_RANGE
     mmcv, dist = r.get('mmcv'), r.get('mmcv_dist')
     if mmcv is None:
-        problems.append(f'mmcv is not installed; mmdet-lrpq needs mmcv >={lo},<{hi} with its compiled ops '
-                        f'(RoIAlign, NMS): install mmcv 2.1.0 with ops: {BUILD_MMCV}')
-    elif dist == 'mmcv-lite':
-        problems.append(f'mmcv-lite {mmcv} is installed: it has no compiled ops (RoIAlign, NMS), which '
-                        f'MMDetection\'s detectors need. `pip uninstall mmcv-lite`, then reinstall mmcv with ops: '
-                        f'{BUILD_MMCV}')
+        problems.append(f'mmcv is not installed; mmdet-lrpq needs mmcv >={lo},<{hi}: `pip install mmcv-lite==2.1.0` '
+                        f'(no compiler needed: mmdet-lrpq provides its ops from torchvision), or mmcv 2.1.0 with '
+                        f'compiled ops: {BUILD_MMCV}')
     elif dist == 'mmcv-full' or not _in_range(mmcv, '2.0.0a0'):
         problems.append(f'{dist or "mmcv"} {mmcv} is installed: that is the MMCV 1.x line of MMDetection 2; '
                         f'mmdet-lrpq needs mmcv >={lo},<{hi} (MMDetection 3). `pip uninstall {dist or "mmcv"}`, '
@@ -239,9 +239,14 @@ def _problems(r: dict, require_cuda_ops: bool) -> list[str]:
     elif not r.get('mmcv_ops'):
         error = r.get('mmcv_ops_error') or 'mmcv._ext is missing'
         why = ('its ops were compiled against another torch than the installed '
-               f'torch {torch}' if 'undefined symbol' in error else 'it was installed without its compiled ops')
-        problems.append(f'mmcv {mmcv} is installed, but {why} ({error}). mmdet-lrpq needs mmcv with ops '
-                        f'(RoIAlign, NMS): reinstall mmcv with ops: {BUILD_MMCV}')
+               f'torch {torch}' if 'undefined symbol' in error else 'no mmcv._ext loads')
+        problems.append(f'{dist or "mmcv"} {mmcv} is installed, but {why} ({error}). mmdet-lrpq provides '
+                        f'RoIAlign/NMS/... from torchvision when mmcv has no compiled ops, unless '
+                        f'MMDET_LRPQ_MMCV_OPS=compiled is set or mmcv.ops was imported before the hook was in '
+                        f'place: unset MMDET_LRPQ_MMCV_OPS, run `python -m _mmdet_lrpq_mmcv --install` once '
+                        f'(or import mmdet_lrpq before mmdet), or install mmcv with ops: {BUILD_MMCV}')
+    elif r.get('mmcv_ops_backend') == 'torchvision':
+        pass  # the stand-in runs on every device torchvision runs on
     else:
         ops_cuda, torch_cuda = r.get('mmcv_ops_cuda'), r.get('torch_cuda')
         if ops_cuda and torch_cuda and ops_cuda.split('.')[0] != torch_cuda.split('.')[0]:
@@ -288,7 +293,8 @@ def check_openmmlab_stack(report: dict | None = None, require_cuda_ops: bool = F
         raise OpenMMLabStackError(
             'mmdet-lrpq cannot run on the installed OpenMMLab stack:\n' + '\n'.join(f'  - {p}' for p in problems)
             + f'\ninstalled:\n{format_report(r)}\n(docs/install.md explains the supported set-ups)')
-    if r.get('cuda_available') and r.get('mmcv_ops') and not r.get('mmcv_ops_cuda'):
+    if (r.get('cuda_available') and r.get('mmcv_ops') and r.get('mmcv_ops_backend') != 'torchvision'
+            and not r.get('mmcv_ops_cuda')):
         warnings.warn(f'mmcv {r["mmcv"]} has CPU-only ops but a GPU is visible: mmcv\'s ops (RoIAlign, NMS) will '
                       f'fail on CUDA tensors, so run detectors on the CPU or rebuild mmcv with CUDA ops '
                       f'(docs/install.md)', RuntimeWarning, stacklevel=2)
