@@ -235,7 +235,9 @@ def _problems(r: dict, require_cuda_ops: bool) -> list[str]:
                         f'then install mmcv 2.1.0 with ops: {BUILD_MMCV}')
     elif not _in_range(mmcv, lo, hi):
         problems.append(f'mmcv {mmcv} is installed, mmdet-lrpq needs mmcv >={lo},<{hi}: mmdet 3.x refuses '
-                        f'mmcv >= {hi} when it is imported. Reinstall mmcv 2.1.0 with ops: {BUILD_MMCV}')
+                        f'mmcv >= {hi} when it is imported. `pip uninstall {dist or "mmcv"}`, then '
+                        f'`pip install mmcv-lite==2.1.0` (no compiler: mmdet-lrpq provides its ops from torchvision) '
+                        f'or mmcv 2.1.0 with compiled ops: {BUILD_MMCV}')
     elif not r.get('mmcv_ops'):
         error = r.get('mmcv_ops_error') or 'mmcv._ext is missing'
         why = ('its ops were compiled against another torch than the installed '

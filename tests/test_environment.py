@@ -265,8 +265,10 @@ def test_install_script_parses():
 # ------------------------------------------------------------------------- mmdet_lrpq/env.py
 GOOD = dict(python='3.11.7', platform='linux-x86_64', torch='2.14.1+cu130', torch_cuda='13.0',
             cuda_available=False, cuda_devices=[], torchvision='0.29.1', timm='1.0.31', mmengine='0.10.7',
-            mmcv='2.1.0', mmcv_dist='mmcv', mmcv_ops=True, mmcv_ops_cuda=None, mmcv_ops_compiler='GCC 12.2',
-            mmcv_ops_error=None, mmdet='3.3.0')
+            mmcv='2.1.0', mmcv_dist='mmcv', mmcv_ops=True, mmcv_ops_backend='compiled', mmcv_ops_cuda=None,
+            mmcv_ops_compiler='GCC 12.2', mmcv_ops_error=None, mmdet='3.3.0')
+LITE = dict(GOOD, mmcv_dist='mmcv-lite', mmcv_ops_backend='torchvision', mmcv_ops_reason='mmcv has no compiled ops '
+            '(mmcv-lite)', mmcv_ops_compiler=None)
 
 
 def stack_error(**changes) -> str:
@@ -284,11 +286,15 @@ def test_env_module_imports_without_openmmlab_or_torch():
 
 def test_installed_stack_passes_the_check():
     report = stack_env.check_openmmlab_stack()
-    assert report['mmcv_ops'] and report['mmcv_dist'] == 'mmcv'
+    assert report['mmcv_ops'] and report['mmcv_dist'] in ('mmcv', 'mmcv-lite')
+    # mmcv-lite always runs on the torchvision backend; a compiled mmcv on its own ops unless forced
+    forced = os.environ.get('MMDET_LRPQ_MMCV_OPS') == 'torchvision'
+    assert report['mmcv_ops_backend'] == ('torchvision' if report['mmcv_dist'] == 'mmcv-lite' or forced
+                                          else 'compiled')
     assert report['mmcv_ops_cuda'] in (None, torch.version.cuda)
     assert report['torch'] == torch.__version__ and report['torch_cuda'] == torch.version.cuda
     assert report['mmdet'].startswith('3.') and report['mmcv'].startswith('2.')
-    assert report['mmcv_ops_compiler']
+    assert bool(report['mmcv_ops_compiler']) == (report['mmcv_ops_backend'] == 'compiled')
     assert stack_env.check_openmmlab_stack() is report  # computed once per process
     assert 'mmcv' in stack_env.format_report(report)
 
@@ -297,18 +303,23 @@ def test_good_report_passes():
     assert stack_env.check_openmmlab_stack(dict(GOOD)) == GOOD
 
 
+def test_mmcv_lite_on_the_torchvision_backend_passes_also_next_to_a_gpu():
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')   # no 'CPU-only ops' warning: the backend runs on CUDA too
+        assert stack_env.check_openmmlab_stack(dict(LITE, cuda_available=True)) is not None
+    assert 'torchvision backend' in stack_env.format_report(LITE)
+
+
 @pytest.mark.parametrize('changes, expected', [
-    (dict(mmcv_dist='mmcv-lite', mmcv_ops=False, mmcv_ops_error='mmcv._ext is missing'),
-     ['mmcv-lite 2.1.0 is installed: it has no compiled ops', 'pip uninstall mmcv-lite', 'reinstall mmcv with ops',
-      'MMCV_WITH_OPS=1']),
-    (dict(mmcv_ops=False, mmcv_ops_error='mmcv._ext is missing from /x/mmcv'),
-     ['mmcv 2.1.0 is installed, but it was installed without its compiled ops (mmcv._ext is missing from /x/mmcv)',
-      'reinstall mmcv with ops']),
+    (dict(mmcv_dist='mmcv-lite', mmcv_ops=False, mmcv_ops_backend=None,
+          mmcv_ops_error="ModuleNotFoundError: No module named 'mmcv._ext'"),
+     ['mmcv-lite 2.1.0 is installed, but no mmcv._ext loads', 'MMDET_LRPQ_MMCV_OPS=compiled',
+      'python -m _mmdet_lrpq_mmcv --install', 'MMCV_WITH_OPS=1']),
     (dict(mmcv_ops=False, mmcv_ops_error='ImportError: _ext.so: undefined symbol: _ZN3c10'),
      ['its ops were compiled against another torch than the installed torch 2.14.1+cu130']),
     (dict(mmcv='2.2.0'),
      ['mmcv 2.2.0 is installed, mmdet-lrpq needs mmcv >=2.0.0rc4,<2.2.0', 'mmdet 3.x refuses mmcv >= 2.2.0',
-      'mmcv 2.1.0 with ops']),
+      'pip install mmcv-lite==2.1.0', 'mmcv 2.1.0 with compiled ops']),
     (dict(mmcv='1.7.2', mmcv_dist='mmcv-full'), ['mmcv-full 1.7.2 is installed: that is the MMCV 1.x line']),
     (dict(mmdet='2.28.2'), ['mmdet 2.28.2 is installed: that is MMDetection 2', 'mmdet>=3.1.0,<3.4.0']),
     (dict(mmdet=None), ['mmdet is not installed', '--no-deps']),
@@ -350,27 +361,36 @@ def test_stack_report_reads_versions_from_metadata(monkeypatch):
                 'mmcv-lite': '2.2.0', 'mmdet': '3.3.0'}
     monkeypatch.setattr(stack_env, '_installed_version', versions.get)
     monkeypatch.setattr(stack_env, '_mmcv_ops_info', lambda: dict(
-        mmcv_ops=False, mmcv_ops_cuda=None, mmcv_ops_compiler=None, mmcv_ops_error='mmcv._ext is missing'))
+        mmcv_ops=True, mmcv_ops_backend='torchvision', mmcv_ops_cuda=None, mmcv_ops_compiler=None,
+        mmcv_ops_error=None))
     report = stack_env.stack_report()
-    assert (report['mmcv'], report['mmcv_dist'], report['mmcv_ops']) == ('2.2.0', 'mmcv-lite', False)
+    assert (report['mmcv'], report['mmcv_dist'], report['mmcv_ops']) == ('2.2.0', 'mmcv-lite', True)
     assert report['timm'] == '1.0.31' and report['mmdet'] == '3.3.0'
-    with pytest.raises(ImportError, match='mmcv-lite 2.2.0 is installed: it has no compiled ops'):
+    with pytest.raises(ImportError, match='mmcv 2.2.0 is installed, mmdet-lrpq needs mmcv >=2.0.0rc4,<2.2.0'):
         stack_env.check_openmmlab_stack(report)
 
 
 def test_mmcv_source_tree_without_compiled_ops(tmp_path):
-    """A fake mmcv package (no _ext) shadowing the installed one: 'installed without its compiled ops'."""
+    """A fake mmcv package (no _ext) shadowing the installed one: the torchvision backend serves it,
+    and says why; with MMDET_LRPQ_MMCV_OPS=compiled nothing does, and the check says what to do."""
     (tmp_path / 'mmcv').mkdir()
     (tmp_path / 'mmcv' / '__init__.py').write_text("__version__ = '2.1.0'\n")
     (tmp_path / 'mmcv' / 'version.py').write_text("__version__ = '2.1.0'\n")
     code = ('from mmdet_lrpq.env import stack_report, check_openmmlab_stack\n'
             'r = stack_report()\n'
-            'assert r["mmcv_ops"] is False, r\n'
+            'print(r["mmcv_ops"], r["mmcv_ops_backend"], r["mmcv_ops_reason"])\n'
             'try:\n    check_openmmlab_stack(r)\nexcept ImportError as e:\n    print(e)\n')
-    res = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, 'PYTHONPATH': f'{tmp_path}{os.pathsep}{REPO}'})
+    env = {k: v for k, v in os.environ.items() if k != 'MMDET_LRPQ_MMCV_OPS'}
+    env['PYTHONPATH'] = f'{tmp_path}{os.pathsep}{REPO}'
+    res = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr
-    assert f'it was installed without its compiled ops (mmcv._ext is missing from {tmp_path / "mmcv"})' in res.stdout
+    assert res.stdout.splitlines()[0] == 'True torchvision mmcv has no compiled ops (mmcv-lite)'
+    res = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**env, 'MMDET_LRPQ_MMCV_OPS': 'compiled'})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[0] == 'False None None'
+    assert "mmcv 2.1.0 is installed, but no mmcv._ext loads (ModuleNotFoundError: No module named 'mmcv._ext')" \
+        in res.stdout and 'unset MMDET_LRPQ_MMCV_OPS' in res.stdout
 
 
 def test_parse_version_orders_pre_releases():

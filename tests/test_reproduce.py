@@ -261,3 +261,81 @@ def test_coco_table_sets_ours_beside_the_paper(tmp_path):
     assert 'not a reproduction of the paper' in table and 'quantization scope: detector' in table
     tool.plot(rows, paper, str(tmp_path / 'p.png'))
     assert (tmp_path / 'p.png').read_bytes()[:4] == b'\x89PNG'
+
+
+# ----------------------------------------------------------------------------- many GPUs
+def test_cells_spread_over_gpus_one_gpu_per_process(monkeypatch):
+    """20 cells, 8 fake GPUs, 8 jobs: every process sees exactly one GPU, no GPU runs two cells at
+    once, and every GPU is used; more jobs than GPUs share them round-robin."""
+    import threading
+    import time as _time
+    tool = tool_module()
+    running: dict[str, int] = {}
+    seen: list[str] = []
+    overlap: list[str] = []
+    lock = threading.Lock()
+
+    def fake_execute(job, threads, gpu):
+        with lock:
+            seen.append(gpu)
+            running[gpu] = running.get(gpu, 0) + 1
+            if running[gpu] > 1:
+                overlap.append(gpu)
+        _time.sleep(0.02)
+        with lock:
+            running[gpu] -= 1
+        return {'box_ap': 1.0, 'mask_ap': 1.0, 'seconds': 0.0, 'gpu': gpu}
+
+    class Cell:
+        def __init__(self, i):
+            self.name = f'cell{i}'
+
+    class Job:
+        def __init__(self, i):
+            self.cell, self.command = Cell(i), ['true']
+
+    monkeypatch.setattr(tool, 'execute', fake_execute)
+    rows: dict = {}
+    gpus = [str(i) for i in range(8)]
+    tool.run_cells([(Job(i), 'not run yet') for i in range(20)], 8, rows, lambda msg: None, gpus)
+    assert len(rows) == 20 and not overlap
+    assert sorted(set(seen)) == gpus and all(g is not None and ',' not in g for g in seen)
+    assert tool.gpu_slots(['0', '1'], 5) == ['0', '1', '0', '1', '0']
+    assert tool.gpu_slots([], 3) == [None, None, None]
+    monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '3,5')
+    assert tool.visible_gpus() == ['3', '5']
+    monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '')
+    assert tool.visible_gpus() == []
+
+
+def test_execute_pins_the_cell_process_to_its_gpu(monkeypatch, tmp_path):
+    tool = tool_module()
+    seen = {}
+
+    def fake_run_tool(cmd, log_path=None, env=None):
+        seen['env'] = env
+        open(log_path, 'w').close()
+        return subprocess.CompletedProcess(cmd, 1)
+
+    monkeypatch.setattr(tool, 'run_tool', fake_run_tool)
+
+    class Job:
+        work_dir, command = str(tmp_path), ['true']
+
+    with pytest.raises(RuntimeError):
+        tool.execute(Job(), None, '6')
+    assert seen['env']['CUDA_VISIBLE_DEVICES'] == '6'
+
+
+def test_a_dry_run_writes_nothing(tmp_path, fake_coco):
+    """--dry-run prints what a run would do; it used to write <out-dir>/digests.json (and evaluation subsets)."""
+    import torch
+    ckpt = tmp_path / 'mine.pth'
+    torch.save({'state_dict': {'backbone.stages.0.x': torch.zeros(1)}}, ckpt)
+    out = tmp_path / 'o'
+    proc = reproduce('--coco-root', fake_coco, '--detectors', 'mask_rcnn', '--backbones', 'swin_t', '--settings', 'MP4',
+                     '--checkpoint', f'mask_rcnn_swin_t={ckpt}', '--plans-dir', REPO / 'configs' / 'plans',
+                     '--reuse-plans', '--val-images', '2', '--out-dir', out, '--dry-run')
+    assert proc.returncode == 0, proc.stderr
+    assert 'dry run: 1 cells would run' in proc.stdout
+    assert not out.exists(), sorted(str(p.relative_to(out)) for p in out.rglob('*'))

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import os.path as osp
+import queue
 import shlex
 import subprocess
 import sys
@@ -106,8 +107,9 @@ def sha256_text(text: str) -> str:
 class Digests:
     """sha256 of files, remembered by (size, mtime) in <out-dir>/digests.json: checkpoints are hundreds of MB."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, remember: bool = True):
         self.path = path
+        self.remember = remember      # False (a dry run): digests are computed, nothing is written
         try:
             self.known = json.load(open(path))
         except (OSError, ValueError):
@@ -125,7 +127,8 @@ class Digests:
             for block in iter(lambda: f.read(1 << 24), b''):
                 h.update(block)
         self.known[real] = [*stamp, h.hexdigest()]
-        write_atomic(self.path, json.dumps(self.known, indent=1))
+        if self.remember:
+            write_atomic(self.path, json.dumps(self.known, indent=1))
         return h.hexdigest()
 
 
@@ -309,7 +312,12 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                    help='evaluate on the first N val images only (a quick check; not comparable with the paper)')
     p.add_argument('--out-dir', help='results, per-cell records and work dirs '
                                      '(default: work_dirs/reproduce or work_dirs/reproduce_miniworld)')
-    p.add_argument('--jobs', type=int, default=1, help='tools/test.py processes side by side')
+    p.add_argument('--jobs', type=int, default=None,
+                   help='tools/test.py processes side by side (default: one per visible GPU, else 1)')
+    p.add_argument('--gpus', metavar='IDS',
+                   help='comma-separated GPUs to spread the cells over, one GPU per process (default: '
+                        'CUDA_VISIBLE_DEVICES, else every GPU torch sees; "none" keeps every process on the CPU '
+                        'or its own default)')
     p.add_argument('--force', action='store_true', help='rerun finished cells too')
     p.add_argument('--dry-run', action='store_true', help='print the commands a run would execute, run nothing')
     args = p.parse_args(argv)
@@ -319,6 +327,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         p.error(f'--detectors: unknown {bad}; choose from {", ".join(DETECTORS)} (or "cascade")')
     if args.val_images is not None and args.val_images < 1:
         p.error('--val-images must be a positive integer')
+    args.gpus = ([] if args.gpus.strip().lower() == 'none' else [g.strip() for g in args.gpus.split(',') if g.strip()]
+                 ) if args.gpus is not None else visible_gpus()
+    if args.jobs is None:
+        args.jobs = max(1, len(args.gpus))
     if args.lrp_images < 1 or args.jobs < 1:
         p.error('--lrp-images and --jobs must be positive integers')
     if args.pretrained and args.classifier:
@@ -513,7 +525,7 @@ def config_digest(path: str) -> str:
     return sha256_text(json.dumps(cfg.to_dict(), sort_keys=True, default=str).replace(REPO, '<repo>'))
 
 
-def evaluation_subset(world: World, n: int, out_dir: str) -> str:
+def evaluation_subset(world: World, n: int, out_dir: str, write: bool = True) -> str:
     """Annotations of the first ``n`` val images: dataset *and* CocoMetric see only those.
 
     ``test_dataloader.dataset.indices`` alone would leave CocoMetric scoring the unseen images as
@@ -521,7 +533,7 @@ def evaluation_subset(world: World, n: int, out_dir: str) -> str:
     """
     src = osp.join(world.data_root, world.val_ann)
     path = osp.join(out_dir, 'annotations', f'{osp.splitext(osp.basename(src))[0]}.first{n}.json')
-    if not osp.isfile(src):  # a dry run before the miniature world's data exists
+    if not osp.isfile(src) or not write:  # a dry run (perhaps before the miniature world's data exists)
         return path
     data = json.load(open(src))
     images = data['images'][:n]
@@ -579,9 +591,13 @@ def finished(job: Job) -> tuple[Optional[dict], str]:
     return (record, '') if not changed else (None, f'changed: {", ".join(changed)}')
 
 
-def execute(job: Job, threads: Optional[int]) -> dict:
-    """Run the cell's tools/test.py; its record (numbers, quantization report, command, inputs' digest)."""
+def execute(job: Job, threads: Optional[int], gpu: Optional[str] = None) -> dict:
+    """Run the cell's tools/test.py; its record (numbers, quantization report, command, inputs' digest).
+
+    ``gpu``: the one GPU the cell's process may see (CUDA_VISIBLE_DEVICES), None to leave it as is."""
     env = dict(os.environ, **({'OMP_NUM_THREADS': str(threads)} if threads else {}))
+    if gpu is not None:
+        env['CUDA_VISIBLE_DEVICES'] = gpu
     t0 = time.time()
     log = osp.join(job.work_dir, 'log.txt')
     metrics_file = osp.join(job.work_dir, 'metrics.json')
@@ -605,6 +621,7 @@ def execute(job: Job, threads: Optional[int]) -> dict:
         'weight_mb': totals.get('weight_mb'), 'gbops': totals['bops'] / 1e9 if 'bops' in totals else None,
         'scope': (q.get('settings') or {}).get('scope'), 'calibration_ids': q.get('calibration_ids'),
         'plan': job.plan, 'val_images': job.key['val_images'], 'seconds': round(time.time() - t0, 1),
+        'gpu': gpu,
         'command': show(job.command), 'metrics': m, 'key': job.key,
         'finished': time.strftime('%Y-%m-%d %H:%M:%S')}
     write_atomic(job.record, json.dumps(record, indent=1))
@@ -737,21 +754,49 @@ def warn_placeholders(plans: dict[tuple[str, int], str], digests: Digests, log) 
             f'real plans with --classifier/--pretrained and --imagenet.\n{bar}')
 
 
-def run_cells(todo: list[tuple[Job, str]], jobs: int, rows: dict, log) -> None:
-    """Each cell in its own tools/test.py process, ``jobs`` at a time; a failed cell is reported, not fatal."""
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES entries (ids or UUIDs)."""
+    listed = os.environ.get('CUDA_VISIBLE_DEVICES')
+    if listed is not None:
+        return [g.strip() for g in listed.split(',') if g.strip() and not g.strip().startswith('-')]
+    try:
+        import torch
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # no torch or no driver: no GPU to spread over
+        return []
+
+
+def gpu_slots(gpus: list[str], jobs: int) -> list[Optional[str]]:
+    """One GPU per job slot, round-robin (more jobs than GPUs share them evenly); [None]*jobs without GPUs."""
+    if not gpus:
+        return [None] * jobs
+    return [gpus[i % len(gpus)] for i in range(jobs)]
+
+
+def run_cells(todo: list[tuple[Job, str]], jobs: int, rows: dict, log, gpus: Optional[list[str]] = None) -> None:
+    """Each cell in its own tools/test.py process, ``jobs`` at a time; a failed cell is reported, not fatal.
+
+    With GPUs, each running process sees exactly one (CUDA_VISIBLE_DEVICES), taken from a pool of
+    ``jobs`` slots spread round-robin over ``gpus``, and gives it back when its cell ends."""
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    slots: queue.Queue = queue.Queue()
+    for slot in gpu_slots(gpus or [], jobs):
+        slots.put(slot)
 
     def run_one(item: tuple[Job, str]) -> None:
         job, why = item
-        log(f'run {job.cell.name} ({why}): {show(job.command)}')
+        gpu = slots.get()
+        log(f'run {job.cell.name} ({why}){"" if gpu is None else f" on GPU {gpu}"}: {show(job.command)}')
         try:
-            row = rows[job.cell] = dict(execute(job, threads), reused=False)
+            row = rows[job.cell] = dict(execute(job, threads, gpu), reused=False)
             log(f'done {job.cell.name}: box {row["box_ap"]:.1f} mask {row["mask_ap"]:.1f} ({row["seconds"]:.0f}s)')
         except RuntimeError as err:
             rows[job.cell] = {'cell': job.cell.name, 'model': job.cell.model, 'detector': job.cell.detector,
                               'backbone': job.cell.backbone, 'setting': job.cell.setting, 'failed': str(err),
                               'plan': job.plan, 'reused': False}
             log(f'FAILED {job.cell.name}: {err}')
+        finally:
+            slots.put(gpu)
 
     with ThreadPoolExecutor(jobs) as pool:
         list(pool.map(run_one, todo))
@@ -779,7 +824,7 @@ def reproduce(args: argparse.Namespace) -> int:
 
     world: World = MiniWorld() if args.miniworld else CocoWorld(args.coco_root)
     cells = grid(args, world)
-    digests = Digests(osp.join(args.out_dir, 'digests.json'))
+    digests = Digests(osp.join(args.out_dir, 'digests.json'), remember=not args.dry_run)   # a dry run writes nothing
     # every input is checked before anything slow happens (a download, the data generation, a plan)
     world.check_data(cells)
     makers = plan_commands(args, world, cells)
@@ -800,7 +845,7 @@ def reproduce(args: argparse.Namespace) -> int:
     warn_placeholders(plans, digests, log)
     val_ann = osp.join(world.data_root, world.val_ann)
     if args.val_images:
-        val_ann = evaluation_subset(world, args.val_images, args.out_dir)
+        val_ann = evaluation_subset(world, args.val_images, args.out_dir, write=not args.dry_run)
     configs: dict[str, str] = {}
     jobs = [prepare(c, args, world, checkpoints[c.model], plans, val_ann, digests, configs)
             for c in cells if c.model in checkpoints]
@@ -818,9 +863,10 @@ def reproduce(args: argparse.Namespace) -> int:
         pending = [c.name for c in cells if c.model not in checkpoints]
         if pending:
             print(f'# after the downloads: {", ".join(pending)}')
-        print(f'dry run: {len(todo) + len(pending)} cells would run, {len(rows)} are finished')
+        print(f'dry run: {len(todo) + len(pending)} cells would run, {len(rows)} are finished; {args.jobs} at a time'
+              + (f', one GPU each from {",".join(args.gpus)}' if args.gpus else ''))
         return 0
-    run_cells(todo, args.jobs, rows, log)
+    run_cells(todo, args.jobs, rows, log, args.gpus)
     ordered = [rows[j.cell] for j in jobs]
     table = write_results(args, world, ordered, time.time() - start)
     failed = [r['cell'] for r in ordered if r.get('failed')]

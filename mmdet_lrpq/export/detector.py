@@ -100,8 +100,12 @@ def evaluate_ap(detector: nn.Module, cfg, sess=None, data_root: Optional[str] = 
     evaluators = {'torch': Evaluator(copy.deepcopy(evaluator_cfg))}
     if sess is not None:
         evaluators['onnx'] = Evaluator(copy.deepcopy(evaluator_cfg))
+    ids = [loader.dataset.get_data_info(i)['img_id'] for i in range(len(loader.dataset))]
     for ev in evaluators.values():
         ev.dataset_meta = loader.dataset.metainfo
+        for metric in ev.metrics:
+            if hasattr(metric, 'img_ids'):      # CocoMetric scores every image of its file unless told which
+                metric.img_ids = ids
     detector.eval()
     with torch.no_grad():
         for batch in loader:

@@ -1,0 +1,92 @@
+"""Miniature-world AP with compiled mmcv ops vs mmdet-lrpq's torchvision backend, side by side.
+
+    .venv/bin/python bench/mmcv_ops_parity.py        # needs compiled mmcv (make install MMCV=compiled)
+
+For each tiny detector, FP, W4A4 and MP4 (CRL; the LRP plan of the tiny classifier) are evaluated
+twice through the real ``tools/test.py``: once with ``MMDET_LRPQ_MMCV_OPS=compiled`` (mmcv's C++
+ops) and once with ``MMDET_LRPQ_MMCV_OPS=torchvision`` (RoIAlign, NMS, ... from
+``mmdet_lrpq.ops``), the same calibration image, val split and thread count. Writes
+``results/mmcv_ops_parity.json`` and the table between the ``mmcv_ops_parity`` markers of
+docs/benchmarks.md. The target: every AP equal to 0.1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import os.path as osp
+import platform
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+sys.path.insert(0, osp.join(REPO, 'tools', 'miniworld'))
+sys.path.insert(0, osp.join(REPO, 'bench'))
+from doc_blocks import publish  # noqa: E402
+import experiments as ex  # noqa: E402
+
+DOC = osp.join(REPO, 'docs', 'benchmarks.md')
+MARKERS = ('<!-- mmcv_ops_parity:begin -->', '<!-- mmcv_ops_parity:end -->')
+BACKENDS = ('compiled', 'torchvision')
+SETTINGS = (ex.Setting('FP'), ex.Setting('W4A4', bits=4, method='crl'), ex.Setting('MP4', plan_k=4, method='crl'))
+
+
+def table(rows: list[dict]) -> str:
+    lines = ['| detector | setting | box AP compiled | box AP torchvision | mask AP compiled | mask AP torchvision '
+             '| largest difference |', '|---|---|---|---|---|---|---|']
+    for det in dict.fromkeys(r['detector'] for r in rows):
+        for setting in dict.fromkeys(r['setting'] for r in rows if r['detector'] == det):
+            pair = {r['backend']: r for r in rows if r['detector'] == det and r['setting'] == setting}
+            if set(pair) != set(BACKENDS):
+                continue
+            diff = max(abs(pair['compiled'][k] - pair['torchvision'][k]) for k in ('box_ap', 'mask_ap'))
+            lines.append(f"| {det} | {setting} | {pair['compiled']['box_ap']:.1f} | {pair['torchvision']['box_ap']:.1f} "
+                         f"| {pair['compiled']['mask_ap']:.1f} | {pair['torchvision']['mask_ap']:.1f} | {diff:.2f} |")
+    return '\n'.join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--detectors', nargs='+', default=list(ex.DETECTORS), choices=list(ex.DETECTORS))
+    parser.add_argument('--jobs', type=int, default=2)
+    parser.add_argument('--work-dir', default=osp.join(REPO, 'work_dirs', 'mmcv_ops_parity'))
+    parser.add_argument('--out', default=osp.join(REPO, 'results', 'mmcv_ops_parity.json'))
+    parser.add_argument('--no-doc', action='store_true')
+    args = parser.parse_args(argv)
+    ex.require_checkpoints(args.detectors)
+    ex.ensure_data()
+    os.makedirs(args.work_dir, exist_ok=True)
+    plans = {(4, 'lrp_qvit'): ex.make_plan(4, args.work_dir)}
+    runs = [(det, s, b) for det in args.detectors for s in SETTINGS for b in BACKENDS]
+
+    def one(item):
+        det, setting, backend = item
+        os.environ['MMDET_LRPQ_MMCV_OPS'] = backend   # read by each tools/test.py process at its start
+        row = ex.evaluate(det, setting, plans, osp.join(args.work_dir, backend), threads=1)
+        row['backend'] = backend
+        print(f"{det} {setting.name} {backend}: box {row['box_ap']:.1f} mask {row['mask_ap']:.1f}", flush=True)
+        return row
+
+    t0 = time.time()
+    # One environment variable for the whole process: run the two backends one after the other.
+    rows = []
+    for backend in BACKENDS:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            rows += list(pool.map(one, [r for r in runs if r[2] == backend]))
+    os.environ.pop('MMDET_LRPQ_MMCV_OPS', None)
+    result = {'rows': rows, 'seconds': round(time.time() - t0, 1), 'machine': platform.processor() or platform.machine(),
+              'command': 'python bench/mmcv_ops_parity.py'}
+    with open(args.out, 'w') as f:
+        json.dump(result, f, indent=1)
+    md = table(rows)
+    publish(md, DOC, MARKERS, result['command'], update=not args.no_doc)
+    worst = max((abs(a[k] - b[k]) for a in rows for b in rows if a['backend'] == 'compiled' and
+                 b['backend'] == 'torchvision' and a['detector'] == b['detector'] and a['setting'] == b['setting']
+                 for k in ('box_ap', 'mask_ap')), default=0.0)
+    print(f'largest AP difference compiled vs torchvision: {worst:.2f} (target <= 0.1)')
+    return 0 if worst <= 0.1 + 1e-9 else 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())
