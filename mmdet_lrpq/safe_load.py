@@ -1,4 +1,4 @@
-"""Checkpoint files: existence checks, and MMEngine checkpoints under ``torch.load(weights_only=True)``.
+"""Checkpoint files: existence checks, atomic writes, and MMEngine checkpoints under ``torch.load(weights_only=True)``.
 
 torch >= 2.6 refuses any pickled global that is not allow-listed. Checkpoints written by
 MMEngine's ``Runner`` carry, besides tensors, a ``message_hub`` with ``HistoryBuffer`` objects
@@ -12,6 +12,11 @@ can use :func:`require_checkpoint` without it.
 from __future__ import annotations
 
 import os
+import os.path as osp
+import re
+import socket
+import tempfile
+import time
 from typing import Any
 
 import numpy as np
@@ -62,3 +67,77 @@ def require_checkpoint(path: str | os.PathLike) -> str:
             f'checkpoint not found: {path!r}. Pass the path of a local .pth file (official mmdet-2.x '
             f'Swin checkpoints must first go through tools/convert_checkpoint.py).')
     return path
+
+
+# A temporary file names its writer (host and process): one left by a killed writer is recognised
+# and removed by the next save or load of the same file, while a live writer's is left alone.
+_LEGACY_TMP_AGE_S = 3600      # untagged temporaries of earlier versions: removed once this old
+
+
+def _tmp_prefix(path: str) -> str:
+    return f'{osp.basename(path)}.{socket.gethostname()}-{os.getpid()}.'
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:     # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:
+    """Remove the temporary files that killed writes of ``path`` left next to it; returns their paths.
+
+    Removed: those written on this host by a process that no longer runs, and untagged ones (from
+    earlier versions) older than an hour. Another host's, or a running writer's, are kept.
+    """
+    path = os.fspath(path)
+    directory, base = osp.dirname(osp.abspath(path)), osp.basename(path)
+    tagged = re.compile(rf'^{re.escape(base)}\.(?P<host>.+)-(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp$')
+    legacy = re.compile(rf'^{re.escape(base)}\.[a-z0-9_]{{8}}\.tmp$')
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    removed = []
+    host = socket.gethostname()
+    for name in names:
+        full = osp.join(directory, name)
+        m = tagged.match(name)
+        if m:
+            stale = m['host'] == host and not _pid_alive(int(m['pid']))
+        else:
+            try:
+                stale = bool(legacy.match(name)) and time.time() - os.stat(full).st_mtime > _LEGACY_TMP_AGE_S
+            except OSError:
+                stale = False
+        if stale:
+            try:
+                os.remove(full)
+                removed.append(full)
+            except OSError:
+                pass
+    return removed
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj)`` to ``path`` atomically (temporary file in the same folder, fsync, rename):
+    an interrupted write leaves the previous file, or none, never a partial one."""
+    path = os.fspath(path)
+    directory = osp.dirname(osp.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path), suffix='.tmp', dir=directory)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if osp.exists(tmp):
+            os.remove(tmp)
+        raise

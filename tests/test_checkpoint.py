@@ -74,3 +74,82 @@ def test_missing_checkpoint_message(tmp_path):
     from mmdet_lrpq.safe_load import require_checkpoint
     with pytest.raises(FileNotFoundError, match='checkpoint not found.*convert_checkpoint'):
         require_checkpoint(tmp_path / 'nope.pth')
+
+
+# ----------------------------------------------------------------------------- tools/convert_checkpoint.py
+def _convert(*args):
+    from pathlib import Path
+    tool = Path(__file__).resolve().parents[1] / 'tools' / 'convert_checkpoint.py'
+    return subprocess.run([sys.executable, str(tool), *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+class NotAllowListed:
+    """A pickled object weights-only loading refuses (only --trust loads it)."""
+
+
+def _official_like(path):
+    """A tiny checkpoint in the official mmdet-2.x layout (Microsoft's Swin keys under backbone.)."""
+    torch.save({'meta': {'CLASSES': ('a', 'b')},
+                'state_dict': {'backbone.layers.0.blocks.0.attn.qkv.weight': torch.randn(6, 2),
+                               'neck.lateral_convs.0.conv.weight': torch.randn(2, 2, 1, 1)}}, path)
+    return path.read_bytes()
+
+
+def test_convert_refuses_to_overwrite_its_input_by_name_link_or_inode(tmp_path):
+    import os
+    src = tmp_path / 'official.pth'
+    before = _official_like(src)
+    os.link(src, tmp_path / 'hardlink.pth')
+    os.symlink(src, tmp_path / 'symlink.pth')
+    for dst in (src, tmp_path / '.' / 'official.pth', tmp_path / 'hardlink.pth', tmp_path / 'symlink.pth'):
+        proc = _convert(src, dst)
+        assert proc.returncode != 0 and 'is the input file' in proc.stderr and 'Traceback' not in proc.stderr, proc.stderr
+        assert src.read_bytes() == before
+    proc = _convert(src, tmp_path / 'out.pth')
+    assert proc.returncode == 0, proc.stderr
+    converted = torch.load(tmp_path / 'out.pth', weights_only=True)
+    assert converted['meta']['dataset_meta']['classes'] == ('a', 'b') and src.read_bytes() == before
+
+
+def test_convert_writes_atomically(tmp_path, monkeypatch):
+    """A write killed half-way leaves the previous output (or none) and no partial file."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        'convert_checkpoint', Path(__file__).resolve().parents[1] / 'tools' / 'convert_checkpoint.py')
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    src, dst = tmp_path / 'official.pth', tmp_path / 'out.pth'
+    _official_like(src)
+    dst.write_bytes(b'previous output')
+
+    def killed(obj, f, *args, **kwargs):       # torch.save killed half-way, to a path or a file object
+        if isinstance(f, (str, Path)):
+            with open(f, 'wb') as out:
+                out.write(b'partial')
+        else:
+            f.write(b'partial')
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, 'save', killed)
+    with pytest.raises(KeyboardInterrupt):
+        tool.convert(str(src), str(dst))
+    assert dst.read_bytes() == b'previous output'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['official.pth', 'out.pth']
+
+
+def test_convert_says_what_a_file_is_not_instead_of_suggesting_trust(tmp_path):
+    text, noise, truncated = tmp_path / 'notes.txt', tmp_path / 'noise.pth', tmp_path / 'truncated.pth'
+    text.write_text('these are not weights\n')
+    noise.write_bytes(np.random.default_rng(0).bytes(4096))
+    truncated.write_bytes(_official_like(tmp_path / 'official.pth')[:300])
+    for path, needle in ((text, 'is not a PyTorch checkpoint'), (noise, 'is not a PyTorch checkpoint'),
+                         (truncated, 'truncated or corrupt')):
+        for trust in ((), ('--trust',)):
+            proc = _convert(path, tmp_path / 'out.pth', *trust)
+            assert proc.returncode != 0 and needle in proc.stderr, proc.stderr
+            assert 'rerun with --trust' not in proc.stderr and 'Traceback' not in proc.stderr, proc.stderr
+
+    pickled = tmp_path / 'pickled.pth'
+    torch.save({'state_dict': {}, 'meta': NotAllowListed()}, pickled)
+    proc = _convert(pickled, tmp_path / 'out.pth')
+    assert proc.returncode != 0 and 'rerun with --trust' in proc.stderr, proc.stderr

@@ -237,3 +237,19 @@ def test_sensitivity_plan_tool_on_the_miniature_detector(tmp_path, capsys):
     assert all(s.macs > 0 for s in measured)
     assert {s.name: s.macs for s in measured if 'mask_head' not in s.name} == \
         {n: m for n, m in reported.items() if 'mask_head' not in n}
+
+
+def test_calib_option_overrides_one_field_of_the_hooks_calibration_settings():
+    """--calib num_images=2 used to replace the config's calib (its ann_file and img_prefix lost)."""
+    import argparse
+    sys.path.insert(0, str(REPO / 'tools'))
+    import sensitivity_plan
+    hook = {'method': 'repq', 'calib': {'ann_file': 'annotations/instances_calib.json', 'img_prefix': 'calib/',
+                                        'num_images': 8, 'seed': 3}}
+    args = argparse.Namespace(calib={'num_images': 2}, scope=None, method=None)
+    config, calib = sensitivity_plan.settings(args, hook)
+    assert (calib.ann_file, calib.img_prefix, calib.num_images, calib.seed) == \
+        ('annotations/instances_calib.json', 'calib/', 2, 3)
+    assert config.method == 'repq'
+    _, calib = sensitivity_plan.settings(argparse.Namespace(calib=None, scope=None, method=None), hook)
+    assert calib.num_images == 8

@@ -50,7 +50,8 @@ def parse_args(argv=None):
                         'sites, their MACs counted on the calibration images; default: weight memory only')
     p.add_argument('--out', required=True, help='plan JSON to write')
     p.add_argument('--calib', nargs='+', action=DictAction, default=None,
-                   help="calibration images as the hook's calib options, e.g. num_images=16 seed=0")
+                   help="calibration images as the hook's calib options, e.g. num_images=16 seed=0; each given "
+                        "field overrides the config hook's, the others are kept")
     p.add_argument('--scope', choices=['detector', 'backbone'], default=None)
     p.add_argument('--method', choices=['repq', 'crl', 'none'], default=None,
                    help='decides which inputs are calibrated per channel (default: the hook\'s)')
@@ -101,7 +102,7 @@ def settings(args, hook: dict):
     keep = ('method', 'crl_k', 'scope', 'patch_embed_a_bits', 'reparam_output_norms')
     options = {k: v for k, v in hook.items() if k in keep}
     options.update({k: v for k, v in (('scope', args.scope), ('method', args.method)) if v is not None})
-    calib = dict(args.calib) if args.calib is not None else dict(hook.get('calib') or {})
+    calib = {**(hook.get('calib') or {}), **(args.calib or {})}   # --calib overrides the hook's fields one by one
     return QuantConfig(**options), CalibSettings.from_options(calib)
 
 
