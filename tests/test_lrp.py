@@ -321,3 +321,22 @@ def test_loader_on_real_imagenet_sample(imagenet_sample):
     torch.testing.assert_close(pixels[0], pixels[1], atol=1e-5, rtol=0)  # grey -> equal RGB channels
     scores = lrp_site_scores(model, iter_images([grey, odd], transform), batch_size=2)
     assert all(math.isfinite(v) and v >= 0 for v in scores.values())
+
+
+def test_lrp_plan_records_repo_relative_or_described_paths(tmp_path):
+    import importlib.util
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location('lrp_plan_tool', repo / 'tools' / 'lrp_plan.py')
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.recorded_path(str(repo / 'checkpoints' / 'miniworld' / 'swin_mini_cls.pth')) == \
+        'checkpoints/miniworld/swin_mini_cls.pth'
+    assert tool.recorded_path('/data/imagenet/val/') == '<outside-repo>/imagenet/val'
+    assert tool.recorded_path(str(repo.parent / 'shared' / 'data' / 'imagenet_sample' / 'val')) == \
+        '<outside-repo>/imagenet_sample/val'
+    command = tool.recorded_command(['--model', 'swin_tiny_patch4_window7_224', '--images', '/data/imagenet/val',
+                                     f'--checkpoint={tmp_path}/w.pth', '--out', str(repo / 'configs/plans/x.json')])
+    assert command == ("python tools/lrp_plan.py --model swin_tiny_patch4_window7_224 --images "
+                       f"'<outside-repo>/imagenet/val' '--checkpoint=<outside-repo>/{tmp_path.name}/w.pth' "
+                       "--out configs/plans/x.json")

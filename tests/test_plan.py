@@ -512,3 +512,25 @@ def test_plot_plan_writes_a_png(tmp_path):
     out = plot_plan(plan, sites, tmp_path / 'plan.png')
     data = out.read_bytes()
     assert data[:8] == b'\x89PNG\r\n\x1a\n' and len(data) > 10_000
+
+
+# ----------------------------------------------------------------------------- placeholder plans, recorded paths
+def test_placeholder_reason_names_random_init_plans():
+    assert BitPlan.uniform(4, 4).placeholder_reason() is None
+    plan = BitPlan({'re:.*': (4, 4)}, source={'weights': {'kind': 'random-init', 'seed': 0}})
+    assert "'random-init'" in plan.placeholder_reason()
+    assert BitPlan({'re:.*': (4, 4)}, source={'weights': {'kind': 'checkpoint'}}).placeholder_reason() is None
+
+
+def test_shipped_plans_record_no_path_outside_the_repository():
+    """source.images.folder and the command were '../shared/data/...': a path on the maker's machine."""
+    from pathlib import Path
+    plans = sorted((Path(__file__).resolve().parents[1] / 'configs' / 'plans').glob('swin_*_mp*.json'))
+    assert len(plans) == 4
+    for path in plans:
+        data = json.loads(path.read_text())
+        recorded = [data['source']['images']['folder'], *data['command'].split()]
+        outside = [p for p in recorded if p.startswith(('/', '..', "'/", "'..")) or '/../' in p]
+        assert not outside, (path.name, outside)
+        assert data['source']['images']['folder'] == '<outside-repo>/imagenet_sample/val'
+

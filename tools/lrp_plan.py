@@ -33,6 +33,35 @@ import torch
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 TARGET = re.compile(r'^(?:mp)?([2-8])$')
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
+PATH_OPTIONS = ('--images', '--checkpoint', '--model', '--out', '--plot', '--scores-cache')
+
+
+def recorded_path(path: str) -> str:
+    """How a plan records a path it was made from: relative to the repository when inside it, else
+    ``<outside-repo>/<last two parts>`` (a plan is shared; a path on the maker's machine is not)."""
+    full = osp.abspath(path)
+    if full == REPO or full.startswith(REPO + os.sep):
+        return osp.relpath(full, REPO)
+    return '<outside-repo>/' + '/'.join(full.rstrip(os.sep).split(os.sep)[-2:])
+
+
+def recorded_command(argv: list[str]) -> str:
+    """The command line as a plan records it: path options through :func:`recorded_path`."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg.partition('=')
+        if eq and name in PATH_OPTIONS:
+            arg = f'{name}={recorded_path(value)}' if name != '--model' or osp.exists(value) else arg
+        elif arg in PATH_OPTIONS and i + 1 < len(argv):
+            value = argv[i + 1]
+            out += [arg, recorded_path(value) if arg != '--model' or osp.exists(value) else value]
+            i += 2
+            continue
+        out.append(arg)
+        i += 1
+    return 'python tools/lrp_plan.py ' + ' '.join(shlex.quote(a) for a in out)
 
 
 def target_bits(p: argparse.ArgumentParser, target: str) -> int:
@@ -133,7 +162,7 @@ def build_classifier(args):
         model.load_state_dict(state, strict=False)
         with open(args.checkpoint, 'rb') as f:
             digest = hashlib.sha256(f.read()).hexdigest()[:16]
-        weights = {'kind': 'checkpoint', 'path': args.checkpoint, 'sha256_16': digest}
+        weights = {'kind': 'checkpoint', 'path': recorded_path(args.checkpoint), 'sha256_16': digest}
     return model.eval(), weights
 
 
@@ -153,7 +182,7 @@ def lrp_scores(args, model, weights: dict) -> tuple[dict, dict]:
     from mmdet_lrpq.lrp import eval_transform, iter_images, list_images, lrp_site_scores
     items = list_images(args.images, args.num_images)
     image_list = [osp.relpath(str(i.path), args.images) for i in items]
-    images = {'folder': args.images, 'num_images': len(items), 'explain': args.explain,
+    images = {'folder': recorded_path(args.images), 'num_images': len(items), 'explain': args.explain,
               'list_sha256_16': hashlib.sha256('\n'.join(image_list).encode()).hexdigest()[:16]}
     key = {'model': args.model, 'weights': weights, **{k: v for k, v in images.items() if k != 'folder'}}
     cache = args.scores_cache or args.out + '.scores.json'
@@ -199,7 +228,7 @@ def make_plan(args, model, weights, raw, images) -> 'BitPlan':  # noqa: F821
     detector_plan.source = {'model': args.model, 'weights': weights, 'images': images,
                             'note': 'sites are mmdet backbone names (timm -> mmdet mapping of '
                                     'mmdet_lrpq.models.swin_names); the rest of the detector: re:.* at k bits'}
-    detector_plan.command = 'python tools/lrp_plan.py ' + ' '.join(shlex.quote(a) for a in args.argv)
+    detector_plan.command = recorded_command(args.argv)
     return detector_plan, plan, sites
 
 

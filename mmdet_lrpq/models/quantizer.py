@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from ..config import QuantConfig
+from ..config import QuantConfig, plan_command
 from ..plan import Site, account
 from ..quant import (CALIBRATION_RULE, LayerQuantConfig, QuantConv2d, QuantLinear, QuantState, calibrate_stream,
                      quant_modules, quantizable_layers, reconstruct_, reparameterize_, set_quant_state, wrap_modules)
@@ -47,6 +47,7 @@ class QuantReport:
     float_modules: list[dict] = field(default_factory=list)
     calibration: dict = field(default_factory=dict)
     input_shape: Optional[tuple[int, int]] = None
+    warnings: list[str] = field(default_factory=list)   # e.g. a placeholder plan: shown in the table and JSON
 
     @property
     def totals(self) -> dict:
@@ -71,6 +72,7 @@ class QuantReport:
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         lines = ['  '.join(c.ljust(wd) for c, wd in zip(row, widths)) for row in rows]
         lines.insert(1, '  '.join('-' * wd for wd in widths))
+        lines[:0] = [f'WARNING: {w}' for w in self.warnings]
         t = self.totals
         c = self.config
         shape = f' at {self.input_shape[1]}x{self.input_shape[0]}' if self.input_shape else ''
@@ -95,7 +97,7 @@ class QuantReport:
     def to_dict(self) -> dict:
         return {'settings': self.config, 'totals': self.totals, 'calibration_ids': self.calibration_ids,
                 'calibration': self.calibration, 'input_shape': self.input_shape,
-                'float_modules': self.float_modules,
+                'float_modules': self.float_modules, 'warnings': list(self.warnings),
                 'sites': [{**s.to_dict(), 'w_bits': self.bits[s.name][0], 'a_bits': self.bits[s.name][1],
                            'granularity': self.granularity[s.name], 'reparam': self.reparameterized.get(s.name)}
                           for s in self.sites]}
@@ -109,6 +111,7 @@ class QuantReport:
                    granularity={s['name']: s['granularity'] for s in data['sites']},
                    reparameterized={s['name']: s['reparam'] for s in data['sites'] if s['reparam']},
                    float_modules=list(data.get('float_modules', [])), calibration=dict(data.get('calibration', {})),
+                   warnings=list(data.get('warnings', [])),
                    input_shape=tuple(data['input_shape']) if data.get('input_shape') else None)
 
 
@@ -268,8 +271,22 @@ class ModelQuantizer:
             a.convert_(bits)
         granularity = {s.name: site_granularity(s, per_channel) for s in sites}
         floats = [{'name': u.name, 'family': u.family, 'reason': u.reason, 'params': u.params} for u in self.unsupported]
-        self.report = QuantReport(self.config.describe(), sites, bits, granularity, float_modules=floats)
+        self.report = QuantReport(self.config.describe(), sites, bits, granularity, float_modules=floats,
+                                  warnings=self._plan_warnings())
         return self.report
+
+    def _plan_warnings(self) -> list[str]:
+        """A plan made from random weights runs, but loudly: logged now, and kept in the report."""
+        reason = self.config.load_plan().placeholder_reason()
+        if reason is None:
+            return []
+        name = self.config.plan if isinstance(self.config.plan, str) else 'the bit plan'
+        message = (f'PLACEHOLDER BIT PLAN: {name}: {reason}. Its budget holds, but which layers get more or fewer '
+                   f'bits is not meaningful: results with it are NOT LRP-QViT mixed-precision results and must not '
+                   f'be reported as such. Make a real plan from the classifier\'s trained weights: '
+                   f'{plan_command(name)}')
+        self.logger.warning(message)
+        return [message]
 
     # ------------------------------------------------------------------ calibrate + reparam
     def calibrate(self, batches: Iterable, run: Callable[[nn.Module, Any], Any], *,

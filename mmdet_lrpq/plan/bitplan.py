@@ -193,6 +193,14 @@ class BitPlan:
                              f'Make a plan for this backbone with tools/lrp_plan.py (its --model must be the '
                              f'classifier of the same size).')
 
+    def placeholder_reason(self) -> Optional[str]:
+        """Why the plan's ranking of layers means nothing (it was made from random weights), else ``None``."""
+        weights = self.source.get('weights')
+        if isinstance(weights, Mapping) and weights.get('kind') == 'random-init':
+            return (f"it was computed from randomly initialised classifier weights (source.weights.kind = "
+                    f"'random-init', seed {weights.get('seed')!r})")
+        return None
+
     # ------------------------------------------------------------------ derived plans
     def rename(self, fn: Callable[[str], Optional[str]]) -> 'BitPlan':
         """A copy with every exact key and score key mapped through ``fn`` (``None`` drops it).
