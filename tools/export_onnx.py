@@ -27,9 +27,9 @@ REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
-KINDS = (('patch_embed', r'patch_embed'), ('qkv', r'\.qkv'), ('q@k^T', r'matmul1'), ('attn@v', r'matmul2'),
-         ('proj', r'\.proj'), ('fc1', r'ffn\.layers\.0'), ('fc2', r'ffn\.layers\.1'), ('reduction', r'reduction'),
-         ('fpn lateral', r'lateral_convs'), ('fpn output', r'fpn_convs'))
+KINDS = (('patch_embed', r'patch_embed'), ('qkv', r'[/.]qkv[/.]'), ('q@k^T', r'matmul1'), ('attn@v', r'matmul2'),
+         ('proj', r'[/.]proj[/.]'), ('fc1', r'layers\.0\.0'), ('fc2', r'ffn[/.]layers[/.](layers\.)?1[/.]'),
+         ('reduction', r'reduction'), ('fpn lateral', r'lateral_convs'), ('fpn output', r'fpn_convs'))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
