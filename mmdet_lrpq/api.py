@@ -16,19 +16,22 @@ callable (called again); a one-shot iterator is refused. The hook, ``init_quanti
 """
 from __future__ import annotations
 
+import hashlib
+import itertools
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sized
+from collections.abc import Iterable, Iterator, Mapping, Sized
 from typing import Any, Callable, Optional, Union
 
 from torch import Tensor, nn
 
 from .config import QuantConfig
 from .models.quantizer import ModelQuantizer, QuantReport
-from .models.state import StateFileError, load_state_file, save_state
+from .models.state import StateFileError, _update_tensor, load_state_file, remove_stale_temporaries, save_state
 from .plan import BitPlan
 
 STATE_MISMATCH = ('error', 'recalibrate')
+_EMPTY = object()
 ConfigLike = Union[QuantConfig, BitPlan, str, os.PathLike, None]
 
 
@@ -68,6 +71,139 @@ def images_in(batch: Any) -> int:
     return 1
 
 
+def check_state_path(state_file: str) -> None:
+    """Refuse, before any calibration, a ``state_file`` that could never be written."""
+    path = os.fspath(state_file)
+    if os.path.isdir(path):
+        raise ValueError(f'state_file {path} is a directory; give the path of a file in it, e.g. '
+                         f'{os.path.join(path, "quant_state.pth")}')
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f'state_file {path} cannot be written: {parent} is a file, not a directory')
+
+
+def _what(x: Any) -> str:
+    """A short description of a calibration input, for error messages."""
+    if isinstance(x, Tensor):
+        return f'a tensor of shape {tuple(x.shape)} and dtype {x.dtype}'
+    if isinstance(x, (str, bytes, os.PathLike)):
+        return f'a {type(x).__name__} ({str(x)[:80]!r})'
+    if isinstance(x, Mapping):
+        return f'a dict with keys {sorted(map(str, x))[:6]}'
+    if isinstance(x, (list, tuple)):
+        return f'a {type(x).__name__} of {len(x)} item(s)' + (f', the first {_what(x[0])}' if x else '')
+    return f'a {type(x).__name__}'
+
+
+def _image_layer(model: nn.Module) -> Optional[tuple[str, nn.Conv2d]]:
+    """The model's first layer with weights, when it is a Conv2d (it then takes the images)."""
+    for name, module in model.named_modules():
+        if next(module.children(), None) is None and next(module.parameters(recurse=False), None) is not None:
+            return (name, module) if isinstance(module, nn.Conv2d) else None
+    return None
+
+
+def check_calibration_input(model: nn.Module, batch: Any) -> None:
+    """Refuse a first calibration input the model cannot take, saying what was given and what it expects
+    (instead of an error from deep inside torch or timm after the model was wrapped)."""
+    where = 'the first calibration input (calib[0])'
+    if hasattr(model, 'test_step') and hasattr(model, 'data_preprocessor'):
+        if not (isinstance(batch, Mapping) and 'inputs' in batch):
+            raise ValueError(f'{where} is {_what(batch)}; an mmdet detector calibrates on data batches as its '
+                             f'test_step takes them, dict(inputs=[CHW image tensor, ...], data_samples=[...]) '
+                             f'(e.g. from its test dataloader), or use init_quantized_detector / QuantizationHook, '
+                             f'which make them from the config')
+        if len(batch['inputs']) == 0:
+            raise ValueError(f'{where} holds no images (empty inputs); give at least one image per batch')
+        return
+    if batch is None or isinstance(batch, (str, bytes, os.PathLike, int, float, bool)):
+        raise ValueError(f'{where} is {_what(batch)}; calib takes what the model takes (e.g. image tensors '
+                         f'[N, C, H, W], tuples of positional or dicts of keyword arguments), not file names: '
+                         f'load and preprocess the images first')
+    tensors = [batch] if isinstance(batch, Tensor) else [v for v in (batch.values() if isinstance(batch, Mapping)
+                                                                     else batch if isinstance(batch, tuple) else [])
+                                                          if isinstance(v, Tensor)]
+    if any(t.numel() == 0 for t in tensors):
+        raise ValueError(f'{where} is empty ({_what(batch)}); give at least one image per calibration batch')
+    layer = _image_layer(model)
+    if not isinstance(batch, Tensor) or layer is None:
+        return
+    name, conv = layer
+    c = conv.in_channels
+    if batch.dim() != 4 or batch.shape[1] != c:
+        hint = ''
+        if batch.dim() == 3 and batch.shape[0] == c:
+            hint = ': add the batch dimension, x.unsqueeze(0)'
+        elif batch.dim() == 4 and batch.shape[-1] == c:
+            hint = ': channels last? x.permute(0, 3, 1, 2)'
+        elif batch.dim() == 4 and batch.shape[1] == 1:
+            hint = f': greyscale? give the {c}-channel images the model was trained on'
+        raise ValueError(f'{where} is {_what(batch)}; this model\'s first layer ({name}, Conv2d with {c} input '
+                         f'channels) takes images as [N, {c}, H, W]{hint}')
+    if not batch.is_floating_point():
+        raise ValueError(f'{where} is {_what(batch)}; the model takes floating-point images, normalised as in '
+                         f'training (e.g. x.float() / 255 and the mean/std of its transform)')
+
+
+def _constant_images(batch: Any) -> int:
+    """How many images of a batch of [N, C, H, W] tensors are one colour everywhere."""
+    x = batch if isinstance(batch, Tensor) else None
+    if x is None or x.dim() != 4 or not x.numel():
+        return 0
+    return int((x.amax((-2, -1)) == x.amin((-2, -1))).all(1).sum())
+
+
+def _refuse_constant(batches: Iterable, logger: logging.Logger) -> Iterator:
+    """``batches``, warning about constant images; the stream fails at its end if every image was constant."""
+    constant = total = 0
+    for i, batch in enumerate(batches):
+        n = _constant_images(batch)
+        if n:
+            logger.warning(f'calibration input {i}: {n} image(s) are constant (one colour everywhere); they carry '
+                           f'no information for the activation ranges')
+        constant += n
+        total += images_in(batch)
+        yield batch
+    if total and constant == total:
+        raise ValueError('every calibration image is constant (e.g. all zeros): the activation ranges collapse and '
+                         'the quantized model would be meaningless (a classifier drops to chance). Calibrate on '
+                         'real images, preprocessed as the model expects')
+
+
+def _update_input(h: 'hashlib._Hash', x: Any) -> bool:
+    """Feed one calibration input to ``h``; False if it holds something that cannot be digested."""
+    if isinstance(x, Tensor):
+        _update_tensor(h, x)
+    elif isinstance(x, Mapping):
+        for key in sorted(x, key=str):
+            h.update(repr(key).encode())
+            if not _update_input(h, x[key]):
+                return False
+    elif isinstance(x, (list, tuple)):
+        h.update(f'{type(x).__name__}{len(x)}'.encode())
+        return all(_update_input(h, v) for v in x)
+    elif x is None or isinstance(x, (bool, int, float, str)):
+        h.update(repr(x).encode())
+    else:
+        return False
+    return True
+
+
+def calibration_record(batches: Any, calib_id: Any) -> dict:
+    """What a state records about ``quantize_``'s calibration inputs: ``calib_id`` as given, and the sha256
+    of the inputs themselves when they are a list or a tensor (a stream or a callable cannot be read twice)."""
+    record: dict = {} if calib_id is None else {'calib_id': calib_id}
+    h = hashlib.sha256()
+    if isinstance(batches, (list, tuple)) and _update_input(h, list(batches)):
+        record['batches_sha256'] = h.hexdigest()
+    else:
+        record['unverifiable'] = {'fields': ['batches_sha256'],
+                                  'reason': 'calib is a callable or a stream, whose inputs cannot be digested'}
+    return record
+
+
 def calibrate_or_load(quantizer: ModelQuantizer, calibrate: Callable[[], QuantReport], *,
                       state_file: Optional[str] = None, state_mismatch: str = 'error',
                       calibration: Optional[dict] = None) -> QuantReport:
@@ -79,10 +215,14 @@ def calibrate_or_load(quantizer: ModelQuantizer, calibrate: Callable[[], QuantRe
     if state_mismatch not in STATE_MISMATCH:
         raise ValueError(f'state_mismatch must be one of {STATE_MISMATCH}, got {state_mismatch!r}')
     log = quantizer.logger
+    if state_file:
+        check_state_path(state_file)
+        for stale in remove_stale_temporaries(state_file):
+            log.warning(f'removed {stale}: a temporary file left by an interrupted save of {state_file}')
     if state_file and os.path.isfile(state_file):
         try:
             state = load_state_file(state_file)
-            report = quantizer.load_state(state, calibration, where=f'calibrated state {state_file}')
+            report = quantizer.load_state(state, calibration, where=f'calibrated state {state_file}', path=state_file)
             log.info(f'loaded calibrated state from {state_file} (no calibration)')
             return report
         except StateFileError as err:
@@ -102,14 +242,18 @@ def quantize_(model: nn.Module, config: ConfigLike = None, calib: Union[Iterable
     """Quantize ``model`` in place (see module docstring); returns the report.
 
     ``state_file``: save the calibrated state there, or load it instead of calibrating when it was
-    made from the same weights, structure and options (see ``state_mismatch``). ``calib_id``: a
-    description of the calibration data (e.g. dataset and image ids) recorded in the state and
-    compared on load; without it the calibration inputs cannot be verified (a warning says so).
+    made from the same weights, structure, options and calibration inputs (see ``state_mismatch``):
+    inputs given as a list or a tensor are compared by content digest; ``calib_id``, a description of
+    the calibration data (e.g. dataset and image ids), is recorded and compared too, and is the only
+    check for a callable or a stream (whose inputs cannot be digested: a warning says so).
     The model is put in eval mode (post-training quantization is for inference).
     """
     if calib is None:
         raise ValueError('quantize_ needs calibration inputs: calib=[input, ...] (one forward each) or '
                          'calib=callable(model)')
+    if isinstance(calib, (str, bytes, os.PathLike)):
+        raise ValueError(f'calib is {_what(calib)}: quantize_ takes the calibration inputs themselves (e.g. a '
+                         f'list of image tensors [N, C, H, W]), not a path; load and preprocess the images first')
     cfg = as_config(config, **options)
     one_call = callable(calib) and not isinstance(calib, (Iterable, Tensor))
     batches = [None] if one_call else [calib] if isinstance(calib, Tensor) else calib
@@ -117,10 +261,19 @@ def quantize_(model: nn.Module, config: ConfigLike = None, calib: Union[Iterable
         raise ValueError('reconstruction reads the calibration inputs again after calibration, but calib is a '
                          'one-shot iterator: pass a list of inputs (or a re-iterable such as a DataLoader), or a '
                          'callable calib(model)')
+    if not one_call:
+        if iter(batches) is batches:                       # a stream: look at its first input and put it back
+            first = next(batches, _EMPTY)
+            batches = itertools.chain([] if first is _EMPTY else [first], batches)
+        else:
+            first = next(iter(batches), _EMPTY)
+        if first is _EMPTY:
+            raise ValueError('calib is empty: give at least one calibration input')
+        check_calibration_input(model, first)
     model.eval()
     quantizer = ModelQuantizer(model, cfg, logger=logger)
     run = (lambda m, _: calib(m)) if one_call else default_runner(model)
-    calibration = None if calib_id is None else {'calib_id': calib_id}
+    calibration = calibration_record(None if one_call else batches, calib_id)
 
     def calibrate() -> QuantReport:
         bar = None
@@ -128,7 +281,8 @@ def quantize_(model: nn.Module, config: ConfigLike = None, calib: Union[Iterable
             from tqdm import tqdm
             bar = tqdm(total=len(batches) if isinstance(batches, Sized) else None, desc='calibration', unit='batch')
         try:
-            return quantizer.calibrate(batches, run, images_in=images_in, calibration=calibration,
+            stream = batches if one_call else _refuse_constant(batches, quantizer.logger)
+            return quantizer.calibrate(stream, run, images_in=images_in, calibration=calibration,
                                        progress=None if bar is None else (lambda done: bar.update(1)),
                                        reconstruct_batches=lambda: batches, reconstruct_progress=progress)
         finally:

@@ -70,6 +70,8 @@ def init_quantized_detector(config: Union[str, Any], checkpoint: str, device: Op
     for w in caught:
         if 'checkpoint is None' not in str(w.message):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    hook = QuantizationHook(**(options or {}))
+    hook.check_plan(model)                           # a plan that does not fit: refused before the checkpoint loads
     check_checkpoint_fits(model, checkpoint)         # refused before anything is evaluated
     meta = load_checkpoint(model, checkpoint, map_location='cpu', logger='silent').get('meta', {})
     if 'dataset_meta' in meta:
@@ -77,7 +79,6 @@ def init_quantized_detector(config: Union[str, Any], checkpoint: str, device: Op
     elif 'CLASSES' in meta:
         model.dataset_meta = {'classes': meta['CLASSES']}
     model.to(device)
-    hook = QuantizationHook(**(options or {}))
     logger = logger or MMLogger.get_current_instance()
     model.quantization_report = hook.quantize_model(model, model.cfg, logger, progress=progress)
     return model

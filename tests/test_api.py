@@ -346,3 +346,103 @@ def test_import_is_light_and_lazy():
             'assert not bad, bad; from mmdet_lrpq import quantize_, QuantConfig; assert callable(quantize_)')
     subprocess.run([sys.executable, '-c', code], check=True)
     assert mmdet_lrpq.QuantConfig is QuantConfig and math.isinf(QuantConfig(method='repq').k)
+
+
+# ------------------------------------------------------------------------------ issue 27: inputs, states, plans
+def test_a_state_is_refused_when_the_calibration_inputs_changed(tmp_path, caplog):
+    """Same calib_id, other images: the digest of the inputs tells them apart (it loaded silently before)."""
+    path = str(tmp_path / 'state.pth')
+    model, calib = _convnet_and_data()
+    fresh = copy.deepcopy(model)
+    quantize_(model, calib=calib, state_file=path, calib_id='my images')
+    other = [images(2, seed=6, size=16)]
+    with pytest.raises(StateMismatchError, match='calibration.batches_sha256: other calibration inputs') as err:
+        quantize_(copy.deepcopy(fresh), calib=other, state_file=path, calib_id='my images')
+    assert f'calibrated state {path} was made from other inputs' in str(err.value)
+    assert 'calibrated state calibrated state' not in str(err.value) and f'Delete {path}' in str(err.value)
+    quantize_(copy.deepcopy(fresh), calib=[t.clone() for t in calib], state_file=path,   # same content: loads
+              calib_id='my images')
+    with caplog.at_level(logging.WARNING, logger='mmdet_lrpq'):      # a callable cannot be digested: said so
+        quantize_(copy.deepcopy(fresh), calib=lambda m: pytest.fail('must load'), state_file=path,
+                  calib_id='my images')
+    assert 'cannot be compared' in caplog.text and 'callable or a stream' in caplog.text
+
+
+def test_constant_calibration_images_are_refused_or_warned_about(caplog):
+    """All-zero calibration input: ranges collapse (a classifier drops to chance); refused, model left float."""
+    model = tiny_timm_swin()
+    with pytest.raises(ValueError, match='every calibration image is constant'):
+        quantize_(model, QuantConfig(w_bits=8, a_bits=8), calib=[torch.zeros(2, 3, 112, 112)])
+    assert all(m.state is QuantState.FLOAT for m in quant_modules(model).values())
+    with pytest.raises(ValueError, match='every calibration image is constant'):
+        quantize_(tiny_timm_swin(), QuantConfig(w_bits=8, a_bits=8), calib=iter([torch.full((1, 3, 112, 112), 0.5)]))
+    x = torch.cat([torch.zeros(1, 3, 112, 112), images(1)])
+    with caplog.at_level(logging.WARNING, logger='mmdet_lrpq'):
+        report = quantize_(tiny_timm_swin(), QuantConfig(w_bits=8, a_bits=8), calib=[x])
+    assert report.calibration['num_images'] == 2 and '1 image(s) are constant' in caplog.text
+
+
+@pytest.mark.parametrize('calib, message', [
+    ([torch.randn(1, 1, 112, 112)], r'shape \(1, 1, 112, 112\).*patch_embed.proj, Conv2d with 3 input channels.*'
+                                    r'\[N, 3, H, W\]: greyscale'),
+    ([torch.randn(3, 112, 112)], r'shape \(3, 112, 112\).*add the batch dimension, x.unsqueeze\(0\)'),
+    ([torch.randn(1, 112, 112, 3)], r'channels last\? x.permute\(0, 3, 1, 2\)'),
+    ('calib_images/', r"calib is a str \('calib_images/'\).*not a path"),
+    (['a.jpg', 'b.jpg'], r"calib\[0\]\) is a str \('a.jpg'\).*not file names"),
+    ([], r'calib is empty'),
+    ([torch.zeros(0, 3, 112, 112)], r'calib\[0\]\) is empty.*shape \(0, 3, 112, 112\)'),
+    ([torch.zeros(1, 3, 112, 112, dtype=torch.uint8)], r'dtype torch.uint8.*floating-point images'),
+])
+def test_unusable_calibration_inputs_are_named_before_the_model_is_touched(calib, message):
+    model = tiny_timm_swin()
+    with pytest.raises(ValueError, match=message):
+        quantize_(model, QuantConfig(w_bits=8, a_bits=8), calib=calib)
+    assert not quant_modules(model)
+
+
+def test_a_model_with_nothing_to_quantize_says_so():
+    with pytest.raises(ValueError, match=r'nothing to quantize in Sequential: it has no Conv2d or Linear layer'):
+        quantize_(nn.Sequential(nn.ReLU(), nn.Tanh()), calib=[torch.randn(2, 4)])
+
+
+def test_a_state_file_that_is_a_directory_is_refused_before_calibrating(tmp_path):
+    calls = []
+    model, calib = _convnet_and_data()
+    with pytest.raises(ValueError, match=rf'state_file {tmp_path} is a directory.*quant_state.pth'):
+        quantize_(model, calib=lambda m: calls.append(m(calib[0])), state_file=str(tmp_path))
+    assert not calls
+
+
+def test_temporaries_left_by_killed_saves_are_removed_and_live_ones_kept(tmp_path, caplog):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+    dead.wait()
+    host = socket.gethostname()
+    names = {'dead': f'state.pth.{host}-{dead.pid}.k1ll3d_x.tmp', 'live': f'state.pth.{host}-{os.getpid()}.wr1t1ng_.tmp',
+             'remote': f'state.pth.otherhost-{dead.pid}.r3m0te_x.tmp', 'legacy': 'state.pth.abcd1234.tmp',
+             'other_file': f'other.pth.{host}-{dead.pid}.k1ll3d_x.tmp'}
+    for name in names.values():
+        (tmp_path / name).write_bytes(b'partial')
+    old = time.time() - 2 * 3600
+    os.utime(tmp_path / names['legacy'], (old, old))
+    model, calib = _convnet_and_data()
+    with caplog.at_level(logging.WARNING, logger='mmdet_lrpq'):
+        quantize_(model, calib=calib, state_file=str(tmp_path / 'state.pth'))
+    left = {p.name for p in tmp_path.iterdir()}
+    assert left == {'state.pth', names['live'], names['remote'], names['other_file']}
+    assert 'interrupted save' in caplog.text
+
+
+def test_a_placeholder_plan_is_warned_about_in_the_log_and_the_report(caplog):
+    plan = BitPlan({'re:.*': (4, 4)}, source={'weights': {'kind': 'random-init', 'seed': 0}})
+    torch.manual_seed(0)
+    with caplog.at_level(logging.WARNING, logger='mmdet_lrpq'):
+        report = quantize_(ConvNet(), plan, calib=[images(2, size=16)])
+    assert 'PLACEHOLDER BIT PLAN' in caplog.text and "'random-init'" in caplog.text
+    assert report.to_dict()['warnings'] and 'NOT LRP-QViT' in report.to_dict()['warnings'][0]
+    assert report.table().startswith('WARNING: PLACEHOLDER BIT PLAN')
+    assert not quantize_(ConvNet(), BitPlan.uniform(4, 4), calib=[images(2, size=16)]).to_dict()['warnings']

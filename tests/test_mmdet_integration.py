@@ -489,3 +489,27 @@ def test_settings_describe_is_json_and_k_semantics():
     json.dumps(QuantConfig(crl_k=float('inf')).describe())
     with pytest.raises(TypeError, match=r"calib: unknown option\(s\) \['num_image'\]"):
         HOOKS.build(dict(type='QuantizationHook', calib=dict(num_image=2)))
+
+
+# ----------------------------------------------------------------------------- issue 27: hook vs backbone options
+def test_hook_options_equal_to_the_defaults_still_count_as_given():
+    """Backbone w_bits=6, hook w_bits=4 (the default): ran at 6 bits without a word; now an error naming both."""
+    cfg = Config.fromfile(str(TINY_CFG))
+    cfg.model.backbone.type = 'QuantSwinTransformer'
+    cfg.model.backbone.quant = dict(w_bits=6, a_bits=6)
+    model = MODELS.build(cfg.model)
+    hook = HOOKS.build(dict(type='QuantizationHook', w_bits=4))
+    assert hook.explicit == ['w_bits']
+    with pytest.raises(ValueError, match=r'given both in the QuantSwinTransformer backbone.*w_bits: hook 4, '
+                                         r'backbone 6.*remove \[.w_bits.\] from the hook'):
+        hook.config_for(model)
+    assert HOOKS.build(dict(type='QuantizationHook', calib=dict(num_images=2))).config_for(model).w_bits == 6
+    plain = HOOKS.build(dict(type='QuantizationHook', w_bits=6, method='crl'))
+    assert plain.explicit == ['method', 'w_bits'] and plain.config_for(_build(TINY_CFG)[1]).w_bits == 6
+
+
+def test_a_malformed_plan_is_refused_when_the_hook_is_built(tmp_path):
+    plan = tmp_path / 'plan.json'
+    plan.write_text('{"format": "mmdet-lrpq/bitplan@1", "bits": {"re:.*": [4, 4]')
+    with pytest.raises(ValueError, match=r'plan.json: not valid JSON'):
+        HOOKS.build(dict(type='QuantizationHook', plan=str(plan)))

@@ -88,7 +88,7 @@ def test_a_failing_device_is_reported_with_its_reason(tmp_path):
     for image in (tmp_path / 'calib').glob('*.jpg'):
         image.write_bytes(image.read_bytes()[:200])                # truncated JPEG files
     rc, log = selfcheck('--quick', '--device', 'cpu', '--data', str(tmp_path))
-    assert_clean_failure(rc, log, r'cpu: FAILED: RuntimeError: calibration image \S+/calib/\d+\.jpg could not be '
+    assert_clean_failure(rc, log, r'cpu: FAILED: CalibrationDataError: calibration image \S+/calib/\d+\.jpg could not be '
                                   r'loaded .*\(at \S+calib_data\.py:\d+ in _item\)')
     assert 'selfcheck FAILED on cpu: see the reason' in log
 

@@ -4,6 +4,7 @@ with another checkpoint, changed calibration settings, a truncated file). Only t
 is used, so these tests run unchanged against any version of the tool."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +112,73 @@ def test_truncated_state_file_is_a_clear_error_then_recalibration_on_request(coc
     assert rc == 0 and 'recalibrating' in log and 'calibrated state saved' in log, log[-3000:]
     rc, log = _run(tiny_ckpt, tmp_path / 'd', f'custom_hooks.0.state_file={state}', coco_root=coco_mini)
     assert rc == 0 and 'no calibration' in log, log[-3000:]
+
+
+# ----------------------------------------------------------------------------- issue 27
+def _coco_copy(coco_root: Path, dest: Path, change=None) -> Path:
+    """``coco_root`` under another root: annotations and val2017 linked, train2017 (the calibration images)
+    linked image by image, or rewritten through ``change(path, target)``."""
+    dest.mkdir()
+    for part in ('annotations', 'val2017'):
+        (dest / part).symlink_to(coco_root / part)
+    (dest / 'train2017').mkdir()
+    for image in sorted((coco_root / 'train2017').iterdir()):
+        target = dest / 'train2017' / image.name
+        if change is None:
+            target.symlink_to(image)
+        else:
+            change(image, target)
+    return dest
+
+
+def _mirror(image: Path, target: Path) -> None:
+    from PIL import Image
+    Image.open(image).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(target, quality=95)
+
+
+def test_a_state_is_refused_when_the_calibration_images_changed(coco_mini, tiny_ckpt, saved_state, tmp_path):
+    """Same settings, another --data-root whose calibration images differ: the old model loaded silently."""
+    state = _copy(saved_state, tmp_path)
+    same = _coco_copy(coco_mini, tmp_path / 'same')
+    rc, log = _run(tiny_ckpt, tmp_path / 'a', f'custom_hooks.0.state_file={state}', coco_root=same)
+    assert rc == 0 and 'no calibration' in log, log[-3000:]          # a moved copy of the same images: reused
+    changed = _coco_copy(coco_mini, tmp_path / 'changed', _mirror)
+    rc, log = _run(tiny_ckpt, tmp_path / 'b', f'custom_hooks.0.state_file={state}', coco_root=changed)
+    _clean_failure(rc, log, 'calibration.image_sha256', 'content differs', os.path.realpath(changed / 'train2017'),
+                   os.path.realpath(coco_mini / 'train2017'), f'Delete {state}')
+    assert 'calibrated state calibrated state' not in log
+    rc, log = _run(tiny_ckpt, tmp_path / 'c', f'custom_hooks.0.state_file={state}',
+                   'custom_hooks.0.state_mismatch=recalibrate', coco_root=changed)
+    assert rc == 0 and 'recalibrating' in log and 'calibrated state saved' in log, log[-3000:]
+
+
+def test_a_corrupt_calibration_image_is_one_message_not_a_traceback(coco_mini, tiny_ckpt, tmp_path):
+    broken = _coco_copy(coco_mini, tmp_path / 'broken', lambda image, target: target.write_bytes(image.read_bytes()[:300]))
+    rc, log = _run(tiny_ckpt, tmp_path / 'a', coco_root=broken)
+    _clean_failure(rc, log, 'CalibrationDataError', f'{broken}/train2017/', 'could not be loaded')
+
+
+def test_a_placeholder_plan_is_flagged_in_the_log_the_report_and_the_metrics(coco_mini, tiny_ckpt, tmp_path):
+    import json
+    plan = tmp_path / 'swin_t_mp4.json'
+    plan.write_text(json.dumps({'format': 'mmdet-lrpq/bitplan@1', 'bits': {'re:.*': [4, 4]},
+                                'source': {'weights': {'kind': 'random-init', 'seed': 0}}}))
+    rc, log = _run(tiny_ckpt, tmp_path / 'w', f'custom_hooks.0.plan={plan}', coco_root=coco_mini)
+    assert rc == 0, log[-3000:]
+    assert log.count('PLACEHOLDER BIT PLAN') >= 2                      # when quantizing, and again after the AP
+    metrics = json.loads((tmp_path / 'w' / 'metrics.json').read_text())
+    assert metrics['warnings'] and 'random-init' in metrics['warnings'][0]
+    report = json.loads((tmp_path / 'w' / 'quantization_report.json').read_text())
+    assert report['warnings'] == metrics['warnings']
+
+
+def test_a_plan_that_does_not_fit_stops_the_run_before_the_checkpoint_and_the_data(tmp_path):
+    import json
+    plan = tmp_path / 'plan.json'
+    plan.write_text(json.dumps({'format': 'mmdet-lrpq/bitplan@1',
+                                'bits': {'backbone.stages.7.blocks.0.attn.w_msa.qkv': [5, 5], 're:.*': [4, 4]}}))
+    not_a_checkpoint = tmp_path / 'model.pth'
+    not_a_checkpoint.write_text('not a checkpoint')
+    (tmp_path / 'empty').mkdir()
+    rc, log = _run(not_a_checkpoint, tmp_path / 'w', f'custom_hooks.0.plan={plan}', coco_root=tmp_path / 'empty')
+    _clean_failure(rc, log, 'bit plan does not fit this model', 'stages.7.blocks.0')

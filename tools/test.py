@@ -144,6 +144,7 @@ def main(argv=None) -> dict:
         runner = RUNNERS.build(cfg)
     else:
         runner = Runner.from_cfg(cfg)
+    check_plans(runner)       # a plan that does not fit stops the run before the checkpoint and data load
     check_checkpoint_fits(runner.model.module if hasattr(runner.model, 'module') else runner.model,
                           args.checkpoint)
     if args.out is not None:
@@ -156,16 +157,29 @@ def main(argv=None) -> dict:
     return metrics
 
 
+def check_plans(runner) -> None:
+    """Each QuantizationHook's bit plan against the built model (no weights or data needed)."""
+    from mmdet_lrpq.engine.hook import QuantizationHook
+    from mmdet_lrpq.engine.quantize import detector_of
+    for hook in runner.hooks:
+        if isinstance(hook, QuantizationHook):
+            hook.check_plan(detector_of(runner.model))
+
+
 def save_metrics(runner, metrics: dict) -> None:
     """``<work_dir>/metrics.json``: the evaluator's numbers and, when quantized, the hook's report."""
     import json
     from mmengine.dist import is_main_process
     if not is_main_process():
         return
-    record = {'metrics': {k: float(v) for k, v in (metrics or {}).items()},
-              'quantization': runner.message_hub.get_info('quantization_report')}  # set by the hook
+    report = runner.message_hub.get_info('quantization_report')  # set by the hook
+    record = {'metrics': {k: float(v) for k, v in (metrics or {}).items()}, 'quantization': report,
+              # e.g. a placeholder bit plan: these numbers are not what the config's name promises
+              'warnings': list((report or {}).get('warnings') or [])}
     with open(osp.join(runner.work_dir, 'metrics.json'), 'w') as f:
         json.dump(record, f, indent=1)
+    for warning in record['warnings']:     # again after the numbers, where they are read
+        runner.logger.warning(warning)
 
 
 if __name__ == '__main__':

@@ -13,6 +13,8 @@ does not grow with ``num_images`` (see :mod:`mmdet_lrpq.quant.calibrate` for how
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import os
 import os.path as osp
@@ -22,6 +24,10 @@ from typing import Any, Iterator, Optional
 import numpy as np
 
 SOURCES = ('train', 'test')
+
+
+class CalibrationDataError(ValueError):
+    """Calibration images that cannot calibrate: unreadable, or carrying no information (constant)."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,12 @@ def _dataset_cfg(test_dataset_cfg: Any, calib: CalibSettings) -> dict:
     return cfg
 
 
+def pipeline_digest(test_dataset_cfg: Any, calib: CalibSettings) -> str:
+    """sha256 of the pipeline the calibration images go through (another resize is another calibration)."""
+    pipeline = _dataset_cfg(test_dataset_cfg, calib).get('pipeline')
+    return hashlib.sha256(json.dumps(pipeline, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def _check_paths(cfg: dict, calib: CalibSettings) -> None:
     root = cfg.get('data_root') or ''
     ann = osp.join(root, cfg['ann_file'])
@@ -134,6 +146,8 @@ class CalibrationImages:
 
         self.calib = calib
         self.logger = logger or logging.getLogger('mmdet_lrpq')
+        self.test_dataset_cfg = test_dataset_cfg
+        self.constant: list[str] = []
         cfg = _dataset_cfg(test_dataset_cfg, calib)
         _check_paths(cfg, calib)
         try:
@@ -154,14 +168,29 @@ class CalibrationImages:
     def __len__(self) -> int:
         return len(self.indices)
 
+    def identity(self) -> dict:
+        """What is actually fed, for a calibrated state's identity: the files (resolved paths, recorded to
+        be named; not compared, so a moved copy of the same images still matches), the sha256 of their
+        bytes in order, and the sha256 of the pipeline that preprocesses them."""
+        from ..models.state import file_digest
+        digests = [file_digest(p) for p in self.paths]
+        return {'image_paths': [osp.realpath(p) for p in self.paths],
+                'image_sha256': hashlib.sha256('\n'.join(digests).encode()).hexdigest(),
+                'pipeline_sha256': pipeline_digest(self.test_dataset_cfg, self.calib)}
+
     def _item(self, index: int, path: str, image_id: Any) -> dict:
         try:
             item = self.dataset[index]
         except Exception as err:  # decoding errors surface from deep inside mmcv: name the file instead
-            raise RuntimeError(f'calibration image {path} could not be loaded ({type(err).__name__}: {err}); '
-                               f'is it a valid image file?') from err
+            raise CalibrationDataError(f'calibration image {path} could not be loaded ({type(err).__name__}: '
+                                       f'{err}); is it a valid image file? Replace it, or choose other images '
+                                       f'(calib.image_ids or calib.seed)') from err
         image = item['inputs']
-        if image.dim() == 3 and image.shape[0] == 3 and bool((image[0] == image[1]).all() and (image[1] == image[2]).all()):
+        if image.dim() == 3 and image.numel() and bool((image.amax((-2, -1)) == image.amin((-2, -1))).all()):
+            self.constant.append(path)
+            self.logger.warning(f'calibration image {image_id} ({path}) is constant (one colour everywhere): it '
+                                f'carries no information for the activation ranges; prefer real images')
+        elif image.dim() == 3 and image.shape[0] == 3 and bool((image[0] == image[1]).all() and (image[1] == image[2]).all()):
             self.logger.warning(f'calibration image {image_id} ({path}) is greyscale: its three channels are equal, '
                                 f'unlike the colour images the detector sees; a greyscale calibration image can cost '
                                 f'many AP points at low bits. Prefer colour images (calib.image_ids or calib.seed).')
@@ -171,9 +200,16 @@ class CalibrationImages:
         """Collated batches of ``batch_size`` images, loaded as they are consumed."""
         from mmengine.dataset import pseudo_collate
         step = self.calib.batch_size
+        self.constant = []
         for start in range(0, len(self.indices), step):
             chunk = zip(self.indices[start:start + step], self.paths[start:start + step], self.ids[start:start + step])
             yield pseudo_collate([self._item(i, p, image_id) for i, p, image_id in chunk])
+        if self.constant and len(self.constant) == len(self.indices):
+            raise CalibrationDataError(
+                f'every calibration image is constant ({", ".join(self.constant[:3])}'
+                f'{", ..." if len(self.constant) > 3 else ""}): the activation ranges collapse and the quantized '
+                f'model would be meaningless (a classifier drops to chance). Calibrate on real images '
+                f'(calib.image_ids, calib.seed, or another calib.ann_file)')
 
 
 def batch_input_hw(model, batch: dict) -> tuple[int, int]:

@@ -24,11 +24,21 @@ from mmengine.dist import get_dist_info
 from mmengine.hooks import Hook
 from mmengine.runner import BaseLoop
 
-from ..config import DEFAULT_CRL_K, QuantConfig
+from ..config import QuantConfig
 from ..models.quantizer import QuantReport
 from ..plan import BitPlan
 from .calib_data import CalibSettings
 from .quantize import detector_of, quantize_detector
+
+
+class _NotGiven:
+    """Default of the hook's quantization options: the option was not written (QuantConfig's default applies)."""
+
+    def __repr__(self) -> str:
+        return '<QuantConfig default>'
+
+
+NOT_GIVEN = _NotGiven()
 
 
 @HOOKS.register_module()
@@ -48,18 +58,22 @@ class QuantizationHook(Hook):
 
     priority = 'VERY_HIGH'   # before any other before_test work looks at the model
 
-    def __init__(self, w_bits: int = 4, a_bits: int = 4, plan: Union[None, str, BitPlan] = None,
-                 method: str = 'crl', crl_k: float = DEFAULT_CRL_K, scope: str = 'detector',
-                 round_zero_point: bool = False, patch_embed_a_bits: Optional[int] = 8,
-                 reparam_output_norms: Optional[bool] = None, reconstruct: Optional[dict] = None,
+    def __init__(self, w_bits: int = NOT_GIVEN, a_bits: int = NOT_GIVEN, plan: Union[None, str, BitPlan] = NOT_GIVEN,
+                 method: str = NOT_GIVEN, crl_k: float = NOT_GIVEN, scope: str = NOT_GIVEN,
+                 round_zero_point: bool = NOT_GIVEN, patch_embed_a_bits: Optional[int] = NOT_GIVEN,
+                 reparam_output_norms: Optional[bool] = NOT_GIVEN, reconstruct: Optional[dict] = NOT_GIVEN,
                  calib: Optional[dict] = None,
                  state_file: Optional[str] = None, state_mismatch: str = 'error',
                  report_file: str = 'quantization_report.json'):
         options = dict(w_bits=w_bits, a_bits=a_bits, plan=plan, method=method, crl_k=crl_k, scope=scope,
                        round_zero_point=round_zero_point, patch_embed_a_bits=patch_embed_a_bits,
                        reparam_output_norms=reparam_output_norms, reconstruct=reconstruct)
-        self.config = QuantConfig(**options)               # validates early, at config build time
-        self.explicit = sorted(k for k, v in options.items() if v != QuantConfig.__dataclass_fields__[k].default)
+        # "given" means given: an option written in the config counts even when it equals the default
+        self.given = {k: v for k, v in options.items() if v is not NOT_GIVEN}
+        self.explicit = sorted(self.given)
+        self.config = QuantConfig(**self.given)            # validates early, at config build time
+        if isinstance(self.config.plan, str):
+            self.config.load_plan()                        # a malformed plan file is refused now, not after loading data
         self.calib = CalibSettings.from_options(calib)
         if state_mismatch not in ('error', 'recalibrate'):
             raise ValueError(f"state_mismatch must be 'error' or 'recalibrate', got {state_mismatch!r}")
@@ -79,14 +93,32 @@ class QuantizationHook(Hook):
 
     # ------------------------------------------------------------------
     def config_for(self, model) -> QuantConfig:
-        """The hook's options, or those of a ``QuantSwinTransformer`` backbone (never both)."""
+        """The hook's options, or those of a ``QuantSwinTransformer`` backbone (never both).
+
+        Precedence is never silent: a backbone that declares its options owns them, and any option
+        written in the hook as well (even one equal to its default) is an error naming both values.
+        """
         declared = getattr(getattr(model, 'backbone', None), 'quant_config', None)
         if declared is None:
             return self.config
         if self.explicit:
+            values = ', '.join(f'{k}: hook {self.given[k]!r}, backbone {getattr(declared, k)!r}' for k in self.explicit)
             raise ValueError('quantization options are given both in the QuantSwinTransformer backbone '
-                             f'and in QuantizationHook ({self.explicit}); keep one of them')
+                             f'(model.backbone.quant) and in QuantizationHook ({values}); the backbone\'s would '
+                             f'be used. Keep them in one place: remove {self.explicit} from the hook, or make '
+                             f'the backbone a plain SwinTransformer')
         return declared
+
+    def check_plan(self, model) -> None:
+        """Check the plan against ``model``'s sites now (cheap: nothing is wrapped or calibrated), so a plan
+        that does not fit stops a run before its dataset and checkpoint are loaded."""
+        import logging
+
+        from ..models.quantizer import ModelQuantizer
+        quiet = logging.getLogger('mmdet_lrpq.precheck')
+        quiet.propagate, quiet.disabled = False, True     # the real run logs the adapters' warnings
+        quantizer = ModelQuantizer(model, self.config_for(model), logger=quiet)
+        quantizer.resolve_bits(quantizer.sites())
 
     def quantize_model(self, model, cfg, logger, progress: bool = True) -> QuantReport:
         """Quantize a built detector with this hook's settings (also what init_quantized_detector runs)."""

@@ -3,12 +3,14 @@
 Calibration images come from the config's test dataset settings (:mod:`.calib_data`), stream
 through ``test_step`` ``calib.batch_size`` at a time, and the calibrated state can be saved and
 reused (:func:`mmdet_lrpq.api.calibrate_or_load`: refused, or recalibrated, when it was made from
-other weights, options or calibration settings). Under distributed testing rank 0 calibrates (or
-loads) and every rank receives the same state, so every rank evaluates the quantized model.
+other weights, options, calibration settings or calibration images — their content is digested).
+Under distributed testing rank 0 calibrates (or loads) and every rank receives the same state, so
+every rank evaluates the quantized model.
 """
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Optional
 
 from torch import nn
@@ -16,7 +18,7 @@ from torch import nn
 from ..api import calibrate_or_load, images_in
 from ..config import QuantConfig
 from ..models.quantizer import ModelQuantizer, QuantReport
-from .calib_data import CalibrationImages, CalibSettings
+from .calib_data import CalibrationImages, CalibSettings, pipeline_digest
 
 
 def detector_of(model: nn.Module) -> nn.Module:
@@ -40,10 +42,12 @@ def quantize_detector(model: nn.Module, cfg: Any, config: QuantConfig, calib: Ca
     backbone = getattr(model, 'backbone', None)
     if hasattr(backbone, 'claim_quantization'):
         backbone.claim_quantization()
-    identity = calib.describe()
+    found = calibration_images(cfg, calib, logger, state_file)
+    identity = calibration_identity(cfg, calib, found)
 
     def calibrate() -> QuantReport:
-        images = CalibrationImages(cfg.test_dataloader.dataset, calib, logger)
+        images = found if isinstance(found, CalibrationImages) else CalibrationImages(cfg.test_dataloader.dataset,
+                                                                                      calib, logger)
         where = calib.source + (f' ({calib.ann_file})' if calib.ann_file else '')
         how = 'as given by calib.image_ids' if calib.image_ids is not None else f'seed {calib.seed}'
         logger.info(f'calibrating on {len(images)} image(s) of {where}, ids {images.ids} ({how}), '
@@ -80,6 +84,28 @@ def quantize_detector(model: nn.Module, cfg: Any, config: QuantConfig, calib: Ca
     if rank != 0:
         quantizer.load_state(state[0], identity, where='the calibrated state broadcast by rank 0')
     return quantizer.report
+
+
+def calibration_images(cfg: Any, calib: CalibSettings, logger: logging.Logger,
+                       state_file: Optional[str] = None) -> 'CalibrationImages | FileNotFoundError':
+    """The chosen calibration images; or, when they are missing here but a state file exists (it may
+    have been calibrated elsewhere), the error saying why (the state is then used unverified, with a warning)."""
+    try:
+        return CalibrationImages(cfg.test_dataloader.dataset, calib, logger)
+    except FileNotFoundError as err:
+        if state_file and os.path.isfile(state_file):
+            return err
+        raise
+
+
+def calibration_identity(cfg: Any, calib: CalibSettings, images: 'CalibrationImages | FileNotFoundError') -> dict:
+    """A calibrated state's record of its calibration: the settings, and what was actually fed (the
+    images' resolved paths and content digest, the pipeline's digest), compared when a state is loaded."""
+    if isinstance(images, CalibrationImages):
+        return {**calib.describe(), **images.identity()}
+    return {**calib.describe(), 'pipeline_sha256': pipeline_digest(cfg.test_dataloader.dataset, calib),
+            'unverifiable': {'fields': ['image_paths', 'image_sha256'],
+                             'reason': f'calibration images not found here: {images}'}}
 
 
 class _progress_bar:

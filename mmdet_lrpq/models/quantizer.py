@@ -231,7 +231,17 @@ class ModelQuantizer:
         return pairs
 
     # ------------------------------------------------------------------ bits + wrap
+    def nothing_to_quantize(self) -> str:
+        """Why the model has no site in scope (the message of that error)."""
+        floats = (f'; {len(self.unsupported)} module(s) of a known family stay float: '
+                  + ', '.join(f'{u.name} ({u.reason})' for u in self.unsupported[:3]) if self.unsupported else '')
+        return (f'nothing to quantize in {type(self.model).__name__}: it has no Conv2d or Linear layer and no '
+                f'attention of a supported family (scope={self.config.scope!r}){floats}. Quantization covers '
+                f'Conv2d/Linear layers (their weights and inputs) and the Swin / nn.MultiheadAttention matmuls.')
+
     def resolve_bits(self, sites: list[Site]) -> dict[str, Bits]:
+        if not sites:
+            raise ValueError(self.nothing_to_quantize())
         plan = self.config.load_plan()
         for a in self._active():
             arch = a.architecture()
@@ -381,8 +391,13 @@ class ModelQuantizer:
         return {'format': STATE_FORMAT, 'identity': self.identity, 'report': self.report.to_dict(),
                 'state_dict': host_state_dict(self.model)}
 
-    def check_state(self, state: dict, calibration: Optional[dict], where: str = 'the calibrated state') -> None:
-        """Raise :class:`StateMismatchError` unless ``state`` was made from this model and these inputs."""
+    def check_state(self, state: dict, calibration: Optional[dict], where: str = 'the calibrated state',
+                    path: Optional[str] = None) -> None:
+        """Raise :class:`StateMismatchError` unless ``state`` was made from this model and these inputs.
+
+        ``path``: the state's file, named in the fix. Calibration inputs this run cannot see
+        (``calibration['unverifiable']`` names the fields and says why) are not compared: a warning says so.
+        """
         now = self._float_identity(calibration)
         saved = state.get('identity', {})
         diffs = differences(saved, now)
@@ -392,15 +407,26 @@ class ModelQuantizer:
                 diffs.pop(key)
             self.logger.warning(f'{where}: the calibration inputs cannot be compared (no calibration settings '
                                 f'recorded on one side); its weights, structure and options match')
+        else:
+            unverifiable = [side['calibration']['unverifiable'] for side in (saved, now)
+                            if isinstance(side['calibration'].get('unverifiable'), dict)]
+            fields = {f'calibration.{k}' for u in unverifiable for k in u['fields']}
+            for key in fields | {'calibration.unverifiable'}:
+                diffs.pop(key, None)
+            if unverifiable:
+                self.logger.warning(f"{where}: its calibration inputs cannot be compared with this run's "
+                                    f"({'; '.join(u['reason'] for u in unverifiable)}); the settings, weights, "
+                                    f"structure and options that can be compared match")
         if diffs:
-            raise StateMismatchError(mismatch_message(where, diffs), diffs)
+            raise StateMismatchError(mismatch_message(where, diffs, path, saved, now), diffs)
         if saved.get('package_version') != now['package_version']:
             self.logger.warning(f"{where} was made by mmdet-lrpq {saved.get('package_version')}, this is "
                                 f"{now['package_version']}; recalibrate if results look off")
 
-    def load_state(self, state: dict, calibration: Optional[dict] = None, where: str = 'the calibrated state') -> QuantReport:
+    def load_state(self, state: dict, calibration: Optional[dict] = None, where: str = 'the calibrated state',
+                   path: Optional[str] = None) -> QuantReport:
         """Check ``state`` (see :meth:`check_state`), then restore it without recalibrating."""
-        self.check_state(state, calibration, where)
+        self.check_state(state, calibration, where, path)
         self.wrap()
         self.identity = state['identity']
         device = model_device(self.model)

@@ -2,24 +2,24 @@
 
 A state (the quantized model's tensors plus the report) is only valid for the float weights, the
 model structure, the quantization options (with the bit plan's *content*, not its path) and the
-calibration settings it was calibrated with. All of them are recorded as the state's
+calibration it was made with: the settings, and what was actually fed (a digest of the image
+files and of their preprocessing, or of the calibration tensors). All of them are recorded as the state's
 ``identity`` and compared before a state is used: a plan regenerated at the same path, a state
 saved with another checkpoint, or changed calibration settings are each a clear error naming the
 difference (or, on request, a recalibration with a warning) — never a silent evaluation of
 another model. Files are written atomically (temporary file + rename), so an interrupted save
-leaves the previous file or none, and an unreadable file is an error naming it and the fix.
+leaves the previous file or none (the temporary file of a killed save is removed by the next save
+or load), and an unreadable file is an error naming it and the fix.
 """
 from __future__ import annotations
 
 import hashlib
-import os
-import os.path as osp
-import tempfile
 from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
 
+from ..safe_load import remove_stale_temporaries, save_atomic  # noqa: F401 -- the state files' temporaries
 from ..version import __version__
 
 STATE_FORMAT = 'mmdet-lrpq/quant-state@2'
@@ -67,6 +67,10 @@ def structure_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+# recorded for the message only: the same images under another root are the same calibration
+INFORMATIVE_FIELDS = ('calibration.image_paths',)
+
+
 def differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Identity fields that differ, as ``field -> (saved, now)``; option dicts down to their keys."""
     out: dict[str, tuple[Any, Any]] = {}
@@ -76,7 +80,7 @@ def differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> dict[str, t
             continue
         if isinstance(a, Mapping) and isinstance(b, Mapping):
             for k in sorted(set(a) | set(b)):
-                if a.get(k) != b.get(k):
+                if a.get(k) != b.get(k) and f'{key}.{k}' not in INFORMATIVE_FIELDS:
                     out[f'{key}.{k}'] = (a.get(k), b.get(k))
         else:
             out[key] = (a, b)
@@ -87,20 +91,48 @@ _EXPLAIN = {
     'weights': 'the float weights differ (another checkpoint?)',
     'model_structure': 'the model is built differently (another config?)',
     'config.plan_sha256': 'the bit plan\'s content changed (regenerated at the same path?)',
+    'calibration.image_sha256': 'the calibration images\' content differs (another data root, or edited files?)',
+    'calibration.pipeline_sha256': 'the calibration images are preprocessed differently (another test pipeline?)',
+    'calibration.batches_sha256': 'other calibration inputs were given',
 }
+_DIGESTS = ('weights', 'model_structure', 'calibration.image_sha256', 'calibration.pipeline_sha256',
+            'calibration.batches_sha256')
 
 
-def mismatch_message(path: str, diffs: dict) -> str:
+def _paths(paths: Any, limit: int = 3) -> str:
+    paths = list(paths or [])
+    return ', '.join(paths[:limit]) + (f', ... ({len(paths)} in all)' if len(paths) > limit else '') or 'none recorded'
+
+
+def mismatch_message(where: str, diffs: dict, path: Optional[str] = None, saved: Optional[Mapping] = None,
+                     now: Optional[Mapping] = None) -> str:
+    """``where`` (e.g. ``'calibrated state x.pth'``) was made from other inputs: each difference, and the fix.
+
+    ``path``: the state file, named in the fix; ``saved``/``now``: the identities (their calibration
+    image paths are shown when the images' content differs).
+    """
     lines = []
-    for key, (saved, now) in diffs.items():
+    for key, (a, b) in diffs.items():
         why = _EXPLAIN.get(key)
-        if key in ('weights', 'model_structure'):
-            lines.append(f'{key}: {why} (saved {str(saved)[:12]}..., now {str(now)[:12]}...)')
+        if key in _DIGESTS:
+            lines.append(f'{key}: {why} (saved {str(a)[:12]}..., now {str(b)[:12]}...)')
         else:
-            lines.append(f'{key}: saved {saved!r}, now {now!r}' + (f' — {why}' if why else ''))
-    return (f'calibrated state {path} was made from other inputs than this run:\n  - ' + '\n  - '.join(lines) +
-            f"\nDelete {path} to recalibrate, point state_file elsewhere, or set state_mismatch='recalibrate' "
-            f'to recalibrate and overwrite it.')
+            lines.append(f'{key}: saved {a!r}, now {b!r}' + (f' — {why}' if why else ''))
+    if 'calibration.image_sha256' in diffs and saved is not None and now is not None:
+        lines.append(f"calibration images: saved from {_paths((saved.get('calibration') or {}).get('image_paths'))}; "
+                     f"now {_paths((now.get('calibration') or {}).get('image_paths'))}")
+    fix = (f"Delete {path} to recalibrate, point state_file elsewhere, or set state_mismatch='recalibrate' "
+           f'to recalibrate and overwrite it.' if path else 'Recalibrate (the state does not fit this run).')
+    return f'{where} was made from other inputs than this run:\n  - ' + '\n  - '.join(lines) + '\n' + fix
+
+
+def file_digest(path: str) -> str:
+    """sha256 of a file's bytes (read in blocks)."""
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    return h.hexdigest()
 
 
 def host_state_dict(model: nn.Module) -> dict:
@@ -114,20 +146,7 @@ def host_state_dict(model: nn.Module) -> dict:
 
 def save_state(path: str, state: dict) -> None:
     """Write ``state`` to ``path`` atomically: a partial file never takes the place of a good one."""
-    path = os.fspath(path)
-    directory = osp.dirname(osp.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=osp.basename(path) + '.', suffix='.tmp', dir=directory)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if osp.exists(tmp):
-            os.remove(tmp)
-        raise
+    save_atomic(state, path)
 
 
 def load_state_file(path: str, map_location: Any = 'cpu') -> dict:
