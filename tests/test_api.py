@@ -446,3 +446,9 @@ def test_a_placeholder_plan_is_warned_about_in_the_log_and_the_report(caplog):
     assert report.to_dict()['warnings'] and 'NOT LRP-QViT' in report.to_dict()['warnings'][0]
     assert report.table().startswith('WARNING: PLACEHOLDER BIT PLAN')
     assert not quantize_(ConvNet(), BitPlan.uniform(4, 4), calib=[images(2, size=16)]).to_dict()['warnings']
+
+
+def test_a_state_of_an_earlier_version_says_its_images_are_not_recorded():
+    from mmdet_lrpq.models.state import mismatch_message
+    text = mismatch_message('calibrated state s.pth', {'calibration.image_sha256': (None, 'ab' * 32)}, 's.pth')
+    assert 'not recorded in the state (made by an earlier version)' in text and 'content differs' not in text

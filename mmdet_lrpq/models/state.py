@@ -114,7 +114,9 @@ def mismatch_message(where: str, diffs: dict, path: Optional[str] = None, saved:
     lines = []
     for key, (a, b) in diffs.items():
         why = _EXPLAIN.get(key)
-        if key in _DIGESTS:
+        if key in _DIGESTS and a is None:
+            lines.append(f'{key}: not recorded in the state (made by an earlier version): it cannot be verified')
+        elif key in _DIGESTS:
             lines.append(f'{key}: {why} (saved {str(a)[:12]}..., now {str(b)[:12]}...)')
         else:
             lines.append(f'{key}: saved {a!r}, now {b!r}' + (f' — {why}' if why else ''))
