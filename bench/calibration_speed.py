@@ -134,6 +134,9 @@ def main(argv=None) -> dict:
     parser.add_argument('--bypass-quantizers', action='store_true',
                         help='also time the quantized model with its activation quantizers returning their '
                              'input (a third model in the interleave): what the wrapping costs without them')
+    parser.add_argument('--scale', type=int, nargs=2, metavar=('W', 'H'),
+                        help="the test pipeline's Resize scale (default: the config's, 1333 800); a smaller one "
+                             'only for quick smoke runs (tools/device_check.py on a CPU)')
     parser.add_argument('--device', default='cpu', help="'cpu' (fused kernels) or 'cuda' (the PyTorch path)")
     parser.add_argument('--out', default=None, help='JSON output (default: results/calibration_speed.json, '
                         'or calibration_speed_<device>.json off the CPU)')
@@ -168,6 +171,8 @@ def main(argv=None) -> dict:
 
     cfg = Config.fromfile(args.config)
     pipeline = [t for t in cfg.test_dataloader.dataset.pipeline if t['type'] != 'LoadAnnotations']
+    if args.scale:
+        pipeline = [dict(t, scale=tuple(args.scale)) if t['type'] == 'Resize' else t for t in pipeline]
     batch = pseudo_collate([Compose(pipeline)(dict(img_path=args.image, img_id=0))])
 
     def build():

@@ -53,7 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--work-dir', default=osp.join(REPO, 'work_dirs', 'mmcv_ops_parity'))
     parser.add_argument('--out', default=osp.join(REPO, 'results', 'mmcv_ops_parity.json'))
     parser.add_argument('--no-doc', action='store_true')
+    parser.add_argument('--tables-only', action='store_true', help='rewrite the table from --out, run nothing')
     args = parser.parse_args(argv)
+    if args.tables_only:
+        result = json.load(open(args.out))
+        publish(table(result['rows']), DOC, MARKERS, result['command'], update=not args.no_doc)
+        return 0
     ex.require_checkpoints(args.detectors)
     ex.ensure_data()
     os.makedirs(args.work_dir, exist_ok=True)

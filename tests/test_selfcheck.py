@@ -32,8 +32,10 @@ def devices() -> list[str]:
 
 
 def cuda_ops() -> bool:
+    """mmcv's ops run on CUDA: the torchvision backend always does, compiled ops when built with CUDA."""
     from mmdet_lrpq.env import stack_report
-    return bool(stack_report()['mmcv_ops_cuda'])
+    report = stack_report()
+    return report['mmcv_ops_backend'] == 'torchvision' or bool(report['mmcv_ops_cuda'])
 
 
 def assert_clean_failure(rc: int, log: str, reason: str) -> None:

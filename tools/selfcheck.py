@@ -276,9 +276,12 @@ def check_device(device: str, float_cpu, checkpoint: str, options: dict, effort:
     from mmdet_lrpq.apis import init_quantized_detector
     from mmdet_lrpq.env import stack_report
     result = DeviceResult(device)
-    if device == 'cuda' and not stack_report().get('mmcv_ops_cuda'):
+    stack = stack_report()
+    if device == 'cuda' and stack.get('mmcv_ops_backend') == 'compiled' and not stack.get('mmcv_ops_cuda'):
         raise CheckError("mmcv's ops were built for the CPU only, so RoIAlign and NMS cannot run on CUDA tensors: "
-                         'rebuild mmcv with CUDA ops (docs/install.md, section 2), or check with --device cpu')
+                         'use the torchvision backend (MMDET_LRPQ_MMCV_OPS=torchvision, or mmcv-lite: '
+                         'docs/install.md, section 2), rebuild mmcv with CUDA ops (section 3), or check with '
+                         '--device cpu')
     cfg = Config.fromfile(QUANT_CONFIG)
     cfg.merge_from_dict(options)
     float_model = copy.deepcopy(float_cpu).to(device)
