@@ -253,3 +253,227 @@ def test_calib_option_overrides_one_field_of_the_hooks_calibration_settings():
     assert config.method == 'repq'
     _, calib = sensitivity_plan.settings(argparse.Namespace(calib=None, scope=None, method=None), hook)
     assert calib.num_images == 8
+
+
+# ---------------------------------------------------------------- LampQ's options (issue 30, item 2)
+
+def swin_like_problem(seed: int) -> tuple[list[Site], dict]:
+    """Sites of six component types whose raw cost scales differ by orders of magnitude."""
+    g = torch.Generator().manual_seed(seed)
+    magnitude = {'qkv': 1e3, 'proj': 10.0, 'fc1': 1e-2, 'fc2': 1.0, 'reduction': 1e2, 'other': 1e-1}
+    sites, table = [], {}
+    for block in range(4):
+        for lt, params in (('qkv', 300), ('proj', 100), ('fc1', 400), ('fc2', 400)):
+            sites.append(Site(f'backbone.blocks.{block}.{lt}', 'linear', lt, block=block, params=params,
+                              macs=params * 49))
+        if block == 1:
+            sites.append(Site('backbone.blocks.1.matmul1', 'matmul', 'matmul1', block=1, macs=5000))
+    sites.append(Site('backbone.downsample.reduction', 'linear', 'reduction', params=800, macs=800 * 49))
+    sites += [Site('neck.lateral_convs.0.conv', 'conv', params=200, macs=200 * 196),
+              Site('roi_head.bbox_head.shared_fcs.0', 'linear', params=900, macs=900 * 20),
+              Site('roi_head.bbox_head.fc_cls', 'linear', params=60, macs=60 * 20)]
+    for s in sites:
+        if s.has_weights:
+            m = magnitude.get(s.layer_type, magnitude['other']) * (0.5 + float(torch.rand(1, generator=g)))
+            steep = 2 + 3 * float(torch.rand(1, generator=g))
+            table[s.name] = {3: m * steep, 4: m, 5: m / steep}
+    return sites, table
+
+
+def test_component_types_of_backbone_neck_and_heads():
+    from mmdet_lrpq.plan import component_type
+    assert component_type(Site('backbone.stages.0.blocks.0.attn.w_msa.qkv', 'linear', 'qkv', 0)) == 'qkv'
+    assert component_type(Site('backbone.stages.0.downsample.reduction', 'linear', 'reduction')) == 'reduction'
+    assert component_type(Site('backbone.patch_embed.projection', 'conv', 'patch_embed')) == 'patch_embed'
+    assert component_type(Site('neck.fpn_convs.2.conv', 'conv')) == 'neck'
+    assert component_type(Site('rpn_head.rpn_cls', 'conv')) == 'rpn_head'
+    assert component_type(Site('roi_head.bbox_head.shared_fcs.0', 'linear')) == 'roi_head.bbox_head'
+    assert component_type(Site('roi_head.bbox_head.2.fc_reg', 'linear')) == 'roi_head.bbox_head'   # Cascade
+    assert component_type(Site('roi_head.mask_head.convs.0.conv', 'conv')) == 'roi_head.mask_head'
+    assert component_type(Site('head.fc', 'linear')) == 'head'
+
+
+def test_type_aware_normalisation_puts_every_type_on_one_scale():
+    from mmdet_lrpq.plan import component_type, type_normalize
+    sites, table = swin_like_problem(seed=0)
+    normalized, scale = type_normalize(table, sites, 4)
+    by_name = {s.name: s for s in sites}
+    types = {component_type(by_name[n]) for n in table}
+    assert set(scale) == types == {'qkv', 'proj', 'fc1', 'fc2', 'reduction', 'neck', 'roi_head.bbox_head'}
+    for t in types:
+        members = [n for n in table if component_type(by_name[n]) == t]
+        assert sum(normalized[n][4] for n in members) / len(members) == pytest.approx(1.0)   # mean at k is 1
+        for n in members:                      # one factor per type: curve shapes and ranking unchanged
+            assert all(normalized[n][b] == pytest.approx(scale[t] * table[n][b]) for b in (3, 4, 5))
+    # the raw scales differ by 1e5 (qkv vs fc1); normalised, the types' means are equal
+    raw_mean = {t: sum(table[n][4] for n in table if component_type(by_name[n]) == t) for t in ('qkv', 'fc1')}
+    assert raw_mean['qkv'] / raw_mean['fc1'] > 1e4
+    # the raw ILP spends every extra bit on the loud type; the normalised one across types
+    raw = allocate('sensitivity', sites, sensitivity=table, target_bits=4)
+    typed = allocate('sensitivity', sites, sensitivity=normalized, target_bits=4)
+    fc1 = [n for n in table if by_name[n].layer_type == 'fc1']
+    assert all(raw.bits[n][0] == 3 for n in fc1) and any(typed.bits[n][0] > 3 for n in fc1)
+    # a type whose costs are all zero (no gradient reaches it) is left as it is
+    zeroed = {**table, 'neck.lateral_convs.0.conv': {3: 0.0, 4: 0.0, 5: 0.0}}
+    out, scale = type_normalize(zeroed, sites, 4)
+    assert scale['neck'] == 1.0 and out['neck.lateral_convs.0.conv'] == {3: 0.0, 4: 0.0, 5: 0.0}
+    # a custom grouping: one type for everything is a single global factor
+    out, scale = type_normalize(table, sites, 4, type_of=lambda s: 'all')
+    assert list(scale) == ['all']
+    assert allocate('sensitivity', sites, sensitivity=out, target_bits=4).bits == raw.bits
+
+
+def context_measure(base: dict, sites: list[Site], gamma: float = 0.6, calls: list = None):
+    """A synthetic re-measurement: a site's costs grow with how many bits the sites of its block lost."""
+    block = {s.name: s.block for s in sites}
+
+    def measure(assignment):
+        if calls is not None:
+            calls.append(dict(assignment))
+        out = {}
+        for name, costs in base.items():
+            lost = sum(max(0, 4 - assignment[m][0]) for m in base if m != name and block[m] == block[name])
+            out[name] = {b: c * (1 + gamma * lost) * (1.5 if b == 3 and lost else 1.0) for b, c in costs.items()}
+        return out
+    return measure
+
+
+@pytest.mark.parametrize('seed', range(6))
+@pytest.mark.parametrize('bops', [False, True])
+def test_iterative_ilp_meets_its_budget_and_never_does_worse_than_one_pass(seed, bops):
+    from mmdet_lrpq.plan import account, allocate_lampq, plan_cost, type_normalize, uniform_bops
+    sites, table = swin_like_problem(seed)
+    pins = {'backbone.blocks.0.qkv': 8}
+    budget = Budget(weight_bits=4, max_bops=uniform_bops(sites, 4, pins) if bops else None)
+    calls = []
+    comparable = type_normalize(table, sites, 4)[0]     # raw scales this far apart leave the raw loop nothing to move
+    for type_aware in (False, True):
+        calls.clear()
+        measure = context_measure(table if type_aware else comparable, sites, calls=calls)
+        plan = allocate_lampq(sites, table if type_aware else comparable, target_bits=4, budget=budget,
+                              act_bits=pins, type_aware=type_aware, iterations=3, measure=measure)
+        bits = plan.resolve(sites)
+        check = budget.check(sites, bits)
+        assert check.holds and plan.budget['holds'] and bits['backbone.blocks.0.qkv'][1] == 8
+        if bops:
+            assert account(sites, bits).bops <= budget.max_bops
+        record = plan.source['lampq']
+        assert record['type_aware'] is type_aware and 1 <= len(calls) <= 3 == record['iterations']
+        assert len(record['history']) == len(calls) + 1
+        # on the last measured table (the metric the loop ends with), at least as good as one ILP pass
+        last = measure(calls[-1])
+        last = type_normalize(last, sites, 4)[0] if type_aware else last
+        one_pass = allocate('sensitivity', sites, sensitivity=comparable, target_bits=4, budget=budget, act_bits=pins)
+        assert plan_cost(last, bits) <= plan_cost(last, one_pass.resolve(sites)) + 1e-9
+        assert record['objective_on_last_table']['chosen'] == pytest.approx(plan_cost(last, bits))
+        assert record['objective_on_last_table']['one_pass'] == pytest.approx(plan_cost(last, one_pass.resolve(sites)))
+        # every re-solve is optimal on its own table: it never costs more there than the plan it was measured at
+        for step in record['history'][1:]:
+            assert step['objective'] <= step['objective_before'] + 1e-9
+        # each re-measurement was given the whole current assignment, pinned input bits included
+        assert all(set(c) == {s.name for s in sites} and c['backbone.blocks.0.qkv'][1] == 8 for c in calls)
+
+
+def test_the_synthetic_iterations_do_move_plans():
+    """The cases above are not all fixed points: in both modes the loop changes plans and finds cheaper ones."""
+    from mmdet_lrpq.plan import allocate_lampq, type_normalize
+    moved, gained = {False: 0, True: 0}, {False: 0.0, True: 0.0}
+    for seed in range(6):
+        sites, table = swin_like_problem(seed)
+        for type_aware in (False, True):
+            base = table if type_aware else type_normalize(table, sites, 4)[0]
+            record = allocate_lampq(sites, base, target_bits=4, type_aware=type_aware, iterations=3,
+                                    measure=context_measure(base, sites)).source['lampq']
+            moved[type_aware] += sum(step['changed_sites'] for step in record['history'][1:])
+            gained[type_aware] += record['objective_on_last_table']['one_pass'] - \
+                record['objective_on_last_table']['chosen']
+    assert moved[False] > 0 and moved[True] > 0 and gained[False] > 0 and gained[True] > 0
+
+
+def test_iterative_ilp_is_never_worse_even_when_the_solver_stops_early():
+    """With a loose gap a re-solve may be worse than an earlier plan: the best on the last table is kept."""
+    from mmdet_lrpq.plan import allocate_lampq, plan_cost
+    sites, table = swin_like_problem(seed=4)
+    calls = []
+    plan = allocate_lampq(sites, table, target_bits=4, iterations=2, measure=context_measure(table, sites, calls=calls),
+                          mip_rel_gap=0.5)
+    last = context_measure(table, sites)(calls[-1])
+    one_pass = allocate('sensitivity', sites, sensitivity=table, target_bits=4, mip_rel_gap=0.5)
+    assert plan_cost(last, plan.resolve(sites)) <= plan_cost(last, one_pass.resolve(sites)) + 1e-9
+    assert Budget(weight_bits=4).check(sites, plan.resolve(sites)).holds
+
+
+def test_lampq_options_off_are_the_one_pass_planner_and_a_fixed_point_stops_early():
+    from mmdet_lrpq.plan import allocate_lampq
+    sites, table = swin_like_problem(seed=1)
+    one_pass = allocate('sensitivity', sites, sensitivity=table, target_bits=4)
+    off = allocate_lampq(sites, table, target_bits=4)
+    assert off == one_pass and off.source == {} and off.scores == one_pass.scores
+    calls = []
+    same = allocate_lampq(sites, table, target_bits=4, iterations=5,
+                          measure=lambda a: calls.append(a) or table)     # nothing depends on the assignment
+    assert len(calls) == 1 and same.bits == one_pass.bits
+    assert same.source['lampq']['history'][1]['changed_sites'] == 0
+
+
+def test_lampq_options_are_validated_naming_the_option():
+    from mmdet_lrpq.plan import allocate_lampq, type_normalize
+    sites, table = swin_like_problem(seed=2)
+    for bad in (-1, 11, 1.5, True, '2'):
+        with pytest.raises(ValueError, match=r'iterations must be an integer in 0\.\.10'):
+            allocate_lampq(sites, table, target_bits=4, iterations=bad, measure=lambda a: table)
+    with pytest.raises(ValueError, match=r'iterations=2 needs measure='):
+        allocate_lampq(sites, table, target_bits=4, iterations=2)
+    for bad in (1, 'yes', None):
+        with pytest.raises(ValueError, match='type_aware must be True or False'):
+            allocate_lampq(sites, table, target_bits=4, type_aware=bad)
+    with pytest.raises(ValueError, match='type_of must be a callable'):
+        type_normalize(table, sites, 4, type_of='layer_type')
+    with pytest.raises(ValueError, match=r"type_of\('backbone.blocks.0.qkv'\) must return a non-empty string"):
+        type_normalize(table, sites, 4, type_of=lambda s: None)
+    with pytest.raises(ValueError, match='no cost at the target 6 bits'):
+        type_normalize(table, sites, 6)
+    with pytest.raises(ValueError, match='not in the site list'):
+        type_normalize({**table, 'nope': {3: 1, 4: 1, 5: 1}}, sites, 4)
+    broken = {n: c for n, c in table.items() if n != 'backbone.blocks.2.fc1'}
+    broken['backbone.blocks.2.fc1'] = {3: 1.0, 4: 0.5}
+    with pytest.raises(ValueError, match=r"iteration 1: the re-measured sensitivity .* no cost for \[5\] bits"):
+        allocate_lampq(sites, table, target_bits=4, iterations=1, measure=lambda a: broken)
+
+
+def test_tool_refuses_bad_iterations_naming_the_option(capsys):
+    sys.path.insert(0, str(REPO / 'tools'))
+    import sensitivity_plan
+    for bad in ('-1', '11', 'two'):
+        with pytest.raises(SystemExit):
+            sensitivity_plan.parse_args(['c.py', 'w.pth', '--target', 'mp4', '--out', 'x.json', '--iterations', bad])
+        assert '--iterations' in capsys.readouterr().err
+    args = sensitivity_plan.parse_args(['c.py', 'w.pth', '--target', 'mp4', '--out', 'x.json'])
+    assert args.iterations == 0 and args.type_aware is False                  # off by default
+    args = sensitivity_plan.parse_args(['c.py', 'w.pth', '--target', 'mp4', '--out', 'x.json', '--type-aware',
+                                        '--iterations', '2'])
+    assert args.iterations == 2 and args.type_aware is True
+
+
+def test_fisher_sensitivity_given_an_assignment_measures_at_the_quantized_model():
+    model = SmallNet().eval()
+    sites = ModelQuantizer(model, QuantConfig()).sites()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(1, 3, 8, 8, generator=g), torch.randn(1, 4, generator=g)) for _ in range(3)]
+
+    def loss(m, batch):
+        x, target = batch
+        return (m(x) - target).pow(2).mean()
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    float_table = fisher_sensitivity(model, sites, [3, 4, 5], batches, loss)
+    at_plan = fisher_sensitivity(model, sites, [3, 4, 5], batches, loss, assignment={'conv': (3, 3), 'fc': (3, 3)})
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())     # weights restored
+    assert all(p.grad is None for p in model.parameters())
+    assert at_plan != float_table and at_plan['unused'] == {3: 0.0, 4: 0.0, 5: 0.0}
+    for name in ('conv', 'fc'):
+        assert at_plan[name][3] > at_plan[name][5] > 0
+    # an assignment at 8 bits is close to the float model; an empty one is the float model exactly
+    near = fisher_sensitivity(model, sites, [3, 4, 5], batches, loss, assignment={'conv': (8, 8), 'fc': (8, 8)})
+    assert near['fc'][3] == pytest.approx(float_table['fc'][3], rel=0.1)
+    assert fisher_sensitivity(model, sites, [3, 4, 5], batches, loss, assignment={}) == float_table

@@ -19,6 +19,14 @@ re-allocates without measuring again. ``--bops-bits K`` adds a second budget: BO
 bits × activation bits, per image, counted on the calibration images in test mode as the
 quantization report counts them) no more than uniform K bits' — the sensitivity plan then cannot
 buy accuracy with activation bits that uniform K-bit quantization does not spend.
+
+LampQ's options (Kim et al., arXiv 2511.10004; both off by default, which is the one-pass planner
+above): ``--type-aware`` divides each site's costs by its component type's mean cost at k bits
+(qkv, proj, fc1, fc2, patch merging, patch embedding, neck, RPN head, RoI box head, mask head), so
+the types are compared on one scale; ``--iterations N`` re-measures the sensitivity N times with the
+detector quantized by the current plan and re-solves, keeping the plan with the lowest cost on the
+last measured table (each iteration is one more forward/backward per calibration image; re-measured
+tables are not cached). Both under the same weight (and ``--bops-bits``) budget.
 """
 from __future__ import annotations
 
@@ -38,6 +46,8 @@ sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
 def parse_args(argv=None):
     from lrp_plan import target_bits
     from mmengine.config import DictAction
+
+    from mmdet_lrpq.plan.lampq import MAX_ITERATIONS
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split('\n', 2)[2])
     p.add_argument('config', help='detector config (a QuantizationHook in it supplies calib/scope/method defaults)')
@@ -55,6 +65,13 @@ def parse_args(argv=None):
     p.add_argument('--scope', choices=['detector', 'backbone'], default=None)
     p.add_argument('--method', choices=['repq', 'crl', 'none'], default=None,
                    help='decides which inputs are calibrated per channel (default: the hook\'s)')
+    p.add_argument('--type-aware', action='store_true',
+                   help="LampQ's type-aware metric: each site's costs divided by its component type's mean cost "
+                        'at k bits (default: the raw Fisher costs)')
+    p.add_argument('--iterations', type=int, default=0, metavar='N',
+                   help="LampQ's iterative update: re-measure the sensitivity with the detector quantized by the "
+                        f'current plan and re-solve, N times (0..{MAX_ITERATIONS}; each costs one more pass over the '
+                        'calibration images; default 0: one ILP pass)')
     p.add_argument('--seed', type=int, default=0, help='seed of the RoI sampling inside the loss')
     p.add_argument('--scores-cache', help='sensitivity cache (default: <out>.scores.json)')
     p.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config settings, key=value')
@@ -62,6 +79,9 @@ def parse_args(argv=None):
     p.add_argument('--no-progress', action='store_true')
     args = p.parse_args(argv)
     args.k = target_bits(p, args.target)
+    if not 0 <= args.iterations <= MAX_ITERATIONS:
+        p.error(f'--iterations must be in 0..{MAX_ITERATIONS} (each iteration re-measures the sensitivity on the '
+                f'calibration images), got {args.iterations}')
     return args
 
 
@@ -134,9 +154,23 @@ def sensitivity_table(args, cfg, model, config, calib, levels: list[int]) -> tup
     return table, sites, {**key, 'image_ids': ids}
 
 
+def remeasure(args, cfg, model, config, calib, levels: list[int]):
+    """``measure(assignment)`` for LampQ's iterations: the Fisher table with the detector quantized by it."""
+    def measure(assignment):
+        import torch
+
+        from mmdet_lrpq.engine.sensitivity import detector_sensitivity
+        model.to(torch.device(args.device))
+        print('sensitivity: re-measuring with the detector quantized by the current plan')
+        table, _, _ = detector_sensitivity(model, cfg, config, calib, levels, seed=args.seed,
+                                           progress=not args.no_progress, assignment=assignment)
+        return table
+    return measure
+
+
 def make_plan(args, cfg, model, config, calib, table, sites, source: dict):
     from mmdet_lrpq.models.quantizer import ModelQuantizer
-    from mmdet_lrpq.plan import Budget, allocate, uniform_bops
+    from mmdet_lrpq.plan import Budget, allocate, allocate_lampq, uniform_bops
     pins = config.pinned_act_bits(sites)     # as the quantizer will run them, whatever the plan says
     max_bops = None
     if args.bops_bits is not None:
@@ -144,13 +178,18 @@ def make_plan(args, cfg, model, config, calib, table, sites, source: dict):
         sites = measure_macs(model, cfg, config, calib)
         max_bops = uniform_bops(sites, args.bops_bits, pins)
     budget = Budget(weight_bits=args.budget_bits if args.budget_bits is not None else args.k, max_bops=max_bops)
-    plan = allocate('sensitivity', sites, sensitivity=table, target_bits=args.k, budget=budget, act_bits=pins)
+    if not (args.type_aware or args.iterations):
+        plan = allocate('sensitivity', sites, sensitivity=table, target_bits=args.k, budget=budget, act_bits=pins)
+    else:
+        plan = allocate_lampq(sites, table, target_bits=args.k, budget=budget, act_bits=pins,
+                              type_aware=args.type_aware, iterations=args.iterations,
+                              measure=remeasure(args, cfg, model, config, calib, sorted(next(iter(table.values())))))
     if max_bops is not None:
         plan.budget['bops_reference'] = f'uniform {args.bops_bits} bits over the same sites (MACs per image, test mode)'
     plan = plan.with_default(args.k, args.k)
     backbones = [a.architecture() for a in ModelQuantizer(model, config).adapters if a.is_backbone]
     plan.architecture = next((arch for arch in backbones if arch is not None), None)
-    plan.source = {**source, 'levels': sorted(next(iter(table.values()))),
+    plan.source = {**plan.source, **source, 'levels': sorted(next(iter(table.values()))),
                    'sensitivity': {site: {str(b): v for b, v in costs.items()} for site, costs in table.items()},
                    'note': f'every site of scope={config.scope} by its model path; the budget covers them all'}
     plan.command = 'python tools/sensitivity_plan.py ' + ' '.join(shlex.quote(a) for a in args.argv)
@@ -164,9 +203,17 @@ def summary(plan, k: int) -> str:
     acc = b['accounting']
     bops = (f"; BOPs {b['used_bops'] / 1e9:.3f} <= {b['limit_bops'] / 1e9:.3f} G per image ({b['bops_reference']})"
             if 'limit_bops' in b else '')
+    lampq = plan.source.get('lampq')
+    options = ''
+    if lampq:
+        done = len(lampq['history']) - 1
+        options = (f"; LampQ: {'type-aware metric, ' if lampq['type_aware'] else ''}{done} re-measurement(s), plan of "
+                   f"iteration {lampq['chosen_iteration']} (cost on the last table "
+                   f"{lampq['objective_on_last_table']['chosen']:.4g} vs one pass "
+                   f"{lampq['objective_on_last_table']['one_pass']:.4g})")
     return (f"sensitivity: {', '.join(f'{n} site(s) at {bits}' for bits, n in counts.items())} bits; weight memory "
             f"{b['used_bits']} <= {b['limit_bits']} bits (uniform {k}-bit over the same sites); avg W "
-            f"{acc['avg_weight_bits']:.3f}, avg A {acc['avg_act_bits']:.3f} bits{bops}")
+            f"{acc['avg_weight_bits']:.3f}, avg A {acc['avg_act_bits']:.3f} bits{bops}{options}")
 
 
 def main(argv: Optional[list] = None):

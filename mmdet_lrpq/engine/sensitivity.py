@@ -38,11 +38,14 @@ def detector_loss(seed: int):
 
 def detector_sensitivity(model: nn.Module, cfg: Any, config: QuantConfig, calib: CalibSettings,
                          levels: list[int], *, seed: int = 0, logger: Optional[logging.Logger] = None,
-                         progress: bool = True) -> tuple[dict[str, dict[int, float]], list[Site], list]:
+                         progress: bool = True, assignment: Optional[dict[str, tuple[int, int]]] = None
+                         ) -> tuple[dict[str, dict[int, float]], list[Site], list]:
     """``(sensitivity table, sites in scope, calibration image ids)`` of a float detector.
 
     ``config`` says what would be quantized (scope, method: which inputs are per channel, the pinned
-    patch-embedding bits); its bit-widths are not used.
+    patch-embedding bits); its bit-widths are not used. ``assignment`` (site -> ``(w_bits, a_bits)``,
+    e.g. a plan resolved on the sites) measures with those sites quantized instead of float
+    (LampQ's iterative update; :func:`mmdet_lrpq.models.sensitivity.fisher_sensitivity`).
     """
     logger = logger or logging.getLogger('mmdet_lrpq')
     model.eval()
@@ -60,7 +63,8 @@ def detector_sensitivity(model: nn.Module, cfg: Any, config: QuantConfig, calib:
     try:
         table = fisher_sensitivity(model, sites, levels, images.batches(), detector_loss(seed),
                                    per_channel_inputs=frozenset(p.layer for p in quantizer.pairs), fixed_a_bits=fixed,
-                                   progress=None if bar is None else (lambda n: bar.update(n - bar.n)))
+                                   progress=None if bar is None else (lambda n: bar.update(n - bar.n)),
+                                   assignment=assignment)
     finally:
         if bar is not None:
             bar.close()

@@ -14,6 +14,14 @@ per tensor, or per channel where the driver calibrates it per channel before rep
 contributes at those bits for every ``b``. One forward and backward per image gives every site
 and every bit-width at once. The weight term uses the float weights: the column scaling that
 reparameterization applies later is not modelled.
+
+``assignment=`` (LampQ's iterative update, :func:`mmdet_lrpq.plan.allocate_lampq`) re-measures the
+table *given* a plan: every assigned Conv2d/Linear site runs quantized at its ``(w_bits, a_bits)``
+(weights per output channel, the input per image as above, straight-through gradients), so the
+gradients are taken at the quantized model instead of the float one; ``Q_b(w) - w`` and
+``Q_b(x) - x`` stay the errors of quantizing the site's float weights and its (now upstream-
+quantized) input at ``b``. A site's own assigned quantization is part of that operating point
+(measuring each site with only the others quantized would need one pass per site). Matmuls stay float.
 """
 from __future__ import annotations
 
@@ -34,12 +42,14 @@ def _quant_error(x: Tensor, bits: int, channel_axis: Optional[int]) -> Tensor:
 def fisher_sensitivity(model: nn.Module, sites: Sequence[Site], levels: Sequence[int], batches: Iterable,
                        loss: Callable[[nn.Module, Any], Tensor], *, per_channel_inputs: frozenset = frozenset(),
                        fixed_a_bits: Optional[Mapping[str, int]] = None,
-                       progress: Optional[Callable[[int], None]] = None) -> dict[str, dict[int, float]]:
+                       progress: Optional[Callable[[int], None]] = None,
+                       assignment: Optional[Mapping[str, tuple[int, int]]] = None) -> dict[str, dict[int, float]]:
     """``S(site, bits)`` (module docstring) for every Conv2d/Linear site of the float ``model``.
 
     ``loss(model, batch)``: the scalar task loss of one calibration batch (one image per batch
     keeps the Fisher a per-image expectation); ``per_channel_inputs``: sites whose input is
-    calibrated per channel; ``fixed_a_bits``: site -> input bits that do not follow ``bits``.
+    calibrated per channel; ``fixed_a_bits``: site -> input bits that do not follow ``bits``;
+    ``assignment``: site -> ``(w_bits, a_bits)`` to measure at instead of the float model (module doc).
     The model's parameters keep their values; their gradients are cleared afterwards.
     """
     modules = dict(model.named_modules())
@@ -48,6 +58,10 @@ def fisher_sensitivity(model: nn.Module, sites: Sequence[Site], levels: Sequence
     grad_sq = {s.name: torch.zeros_like(modules[s.name].weight) for s in weighted}
     act = {s.name: {b: 0.0 for b in levels} for s in weighted}
     inputs: dict[str, list[Tensor]] = {}
+    assignment = {s.name: assignment[s.name] for s in weighted if s.name in (assignment or {})}
+
+    def input_axis(name: str) -> Optional[int]:
+        return (1 if isinstance(modules[name], nn.Conv2d) else -1) if name in per_channel_inputs else None
 
     def capture(name: str):
         def hook(module, args):
@@ -57,12 +71,22 @@ def fisher_sensitivity(model: nn.Module, sites: Sequence[Site], levels: Sequence
             if x.grad_fn is not None:
                 x.retain_grad()
             inputs.setdefault(name, []).append(x)
+            if name in assignment and x.numel():     # run quantized at the assigned input bits (straight-through)
+                a_bits = fixed_a_bits.get(name, assignment[name][1])
+                delta, zero_point = uniform_qparams(x.detach(), a_bits, input_axis(name))
+                return (x + (fake_quant_uniform(x.detach(), delta, zero_point, a_bits) - x.detach()), *args[1:])
             return (x, *args[1:])
         return hook
 
+    float_weights: dict[str, Tensor] = {}
     handles = [modules[s.name].register_forward_pre_hook(capture(s.name)) for s in weighted]
     n = 0
     try:
+        with torch.no_grad():       # the assigned weights, restored below
+            for name, (w_bits, _) in assignment.items():
+                w = modules[name].weight
+                float_weights[name] = w.detach().clone()
+                w.add_(_quant_error(float_weights[name], w_bits, 0))
         for batch in batches:
             inputs.clear()
             model.zero_grad(set_to_none=True)
@@ -75,8 +99,7 @@ def fisher_sensitivity(model: nn.Module, sites: Sequence[Site], levels: Sequence
                     xs = [x for x in inputs.get(s.name, []) if x.grad is not None and x.numel()]
                     if not xs:
                         continue
-                    conv = isinstance(modules[s.name], nn.Conv2d)
-                    axis = (1 if conv else -1) if s.name in per_channel_inputs else None
+                    axis = input_axis(s.name)
                     for b in levels:
                         a_bits = fixed_a_bits.get(s.name, b)
                         # the first input fixes the quantizer (RepQ-ViT's protocol); later calls reuse it
@@ -90,6 +113,9 @@ def fisher_sensitivity(model: nn.Module, sites: Sequence[Site], levels: Sequence
     finally:
         for h in handles:
             h.remove()
+        with torch.no_grad():
+            for name, w in float_weights.items():
+                modules[name].weight.copy_(w)
         inputs.clear()
         model.zero_grad(set_to_none=True)
     if not n:
