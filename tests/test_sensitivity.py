@@ -477,3 +477,33 @@ def test_fisher_sensitivity_given_an_assignment_measures_at_the_quantized_model(
     near = fisher_sensitivity(model, sites, [3, 4, 5], batches, loss, assignment={'conv': (8, 8), 'fc': (8, 8)})
     assert near['fc'][3] == pytest.approx(float_table['fc'][3], rel=0.1)
     assert fisher_sensitivity(model, sites, [3, 4, 5], batches, loss, assignment={}) == float_table
+
+
+def test_sensitivity_plan_tool_with_lampq_options_on_the_miniature_detector(tmp_path, capsys):
+    """--type-aware --iterations 1 on the real detector: re-measured at the plan, within both budgets."""
+    data = REPO / 'data' / 'miniworld'
+    if not (data / 'annotations' / 'instances_calib.json').is_file():
+        pytest.skip('miniature world not generated (python tools/miniworld/generate.py)')
+    sys.path.insert(0, str(REPO / 'tools'))
+    import sensitivity_plan
+    out = tmp_path / 'plan.json'
+    argv = [str(REPO / 'configs/miniworld/mask_rcnn_swin_mini_quant.py'),
+            str(REPO / 'checkpoints/miniworld/mask_rcnn_swin_mini.pth'), '--target', 'mp4',
+            '--calib', f'data_root={data}/', 'ann_file=annotations/instances_calib.json', 'img_prefix=calib/',
+            'image_ids=[1]', '--out', str(out), '--no-progress', '--bops-bits', '4', '--type-aware', '--iterations', '1']
+    plan = sensitivity_plan.main(argv)
+    printed = capsys.readouterr().out
+    assert 're-measuring with the detector quantized by the current plan' in printed and 'LampQ: type-aware' in printed
+    record = json.loads(out.read_text())['source']['lampq']
+    assert record['type_aware'] and record['iterations'] == 1 and len(record['history']) == 2
+    assert {'qkv', 'proj', 'fc1', 'fc2', 'reduction', 'neck', 'rpn_head', 'roi_head.bbox_head'} <= set(record['type_scales'])
+    assert record['objective_on_last_table']['chosen'] <= record['objective_on_last_table']['one_pass'] + 1e-9
+    b = plan.budget
+    assert b['holds'] and b['used_bits'] <= b['limit_bits'] and b['used_bops'] <= b['limit_bops']
+    assert '--type-aware --iterations 1' in plan.command
+    cfg, model, _ = sensitivity_plan.build_detector(sensitivity_plan.parse_args(argv[:4] + ['--out', str(out)]))
+    quantizer = ModelQuantizer(model, QuantConfig(plan=str(out)))
+    assert Budget(weight_bits=4).check(quantizer.sites(), quantizer.resolve_bits(quantizer.sites())).holds
+    # the float table is cached as before: the options change the allocation, not what is measured first
+    cached = json.loads((tmp_path / 'plan.json.scores.json').read_text())
+    assert set(cached['sensitivity']) == set(plan.scores)
