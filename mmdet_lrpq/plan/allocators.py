@@ -23,6 +23,8 @@ budget as one integer row): ``ilp`` maximizes ``Σ score·bits``; ``sensitivity`
 measured ``Σ sensitivity(site, bits)`` (e.g. :func:`mmdet_lrpq.models.sensitivity.fisher_sensitivity`),
 given as ``sensitivity=`` instead of scores. A budget with ``max_bops`` adds the BOPs as a second
 row; only these two allocators take one (the rule-based ones budget weight memory only).
+LampQ's type-aware normalisation of the table and its iterative re-measure/re-solve loop are
+options around ``sensitivity``: :func:`mmdet_lrpq.plan.lampq.allocate_lampq`.
 """
 from __future__ import annotations
 

@@ -51,7 +51,8 @@ def component_type(site: Site) -> str:
 
 
 def type_normalize(sensitivity: Table, sites: Sequence[Site], target_bits: int,
-                   type_of: Optional[Callable[[Site], str]] = None) -> tuple[dict[str, dict[int, float]], dict[str, float]]:
+                   type_of: Optional[Callable[[Site], str]] = None
+                   ) -> tuple[dict[str, dict[int, float]], dict[str, float]]:
     """``(table, scale)``: every site's costs times its type's ``α_t = 1 / mean S(·, k)`` (module doc).
 
     ``sensitivity``: site -> {bits: cost}, each with a cost at ``target_bits``; ``type_of``: site ->
