@@ -25,6 +25,7 @@ Writes ``results/export_benchmark.json`` and the tables in ``docs/export.md``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import os.path as osp
@@ -140,6 +141,23 @@ def _grouped(names):
     return grouped(names)
 
 
+@contextlib.contextmanager
+def float64_layer_norm():
+    """PyTorch's LayerNorm computed in float64 and rounded back (outputs within an ulp of float32's):
+    how much the simulation's own AP moves under float-rounding-sized changes."""
+    import torch.nn.functional as F
+    original = F.layer_norm
+
+    def layer_norm(x, shape, weight=None, bias=None, eps=1e-5):
+        to64 = (lambda t: None if t is None else t.double())
+        return original(x.double(), shape, to64(weight), to64(bias), eps).to(x.dtype)
+    F.layer_norm = layer_norm
+    try:
+        yield
+    finally:
+        F.layer_norm = original
+
+
 def ap_part(args) -> dict:
     import experiments as ex
 
@@ -162,8 +180,11 @@ def ap_part(args) -> dict:
         r = export_onnx(part, osp.join(tmp, f'{name}.onnx'), x)
         codes = code_parity(r, part)
         t0 = time.perf_counter()
-        ap = evaluate_ap(model, model.cfg, session(r.path, args.threads), data_root=ex.DATA + '/')
+        ap = evaluate_ap(model, model.cfg, session(r.path, args.threads), data_root=ex.DATA + '/', limit=args.limit)
+        with float64_layer_norm():
+            floor = evaluate_ap(model, model.cfg, None, data_root=ex.DATA + '/', limit=args.limit)['torch']
         rows.append({'setting': name, 'images': ap['images'], 'seconds': time.perf_counter() - t0,
+                     'box_ap_torch_ln64': floor['coco/bbox_mAP'], 'mask_ap_torch_ln64': floor['coco/segm_mAP'],
                      'box_ap_torch': ap['torch']['coco/bbox_mAP'], 'box_ap_onnx': ap['onnx']['coco/bbox_mAP'],
                      'mask_ap_torch': ap['torch']['coco/segm_mAP'], 'mask_ap_onnx': ap['onnx']['coco/segm_mAP'],
                      'codes_frac_differing': codes['frac_differing'], 'codes_max_steps': codes['max_steps'],
@@ -179,7 +200,8 @@ def tables(results: dict) -> str:
         s = results['speed']
         f = s['files']
         out += [f"**Swin-T Mask R-CNN backbone + FPN, input {s['input_shape'][2]}x{s['input_shape'][3]}, random weights, "
-                f"{s['threads']} threads, {env['cpu']}** (median of {s['rounds']} interleaved rounds)", '',
+                f"{s['threads']} threads, {env['cpu']}** (`{results['commands']['speed']}`, median of {s['rounds']} "
+                f"interleaved rounds)", '',
                 '| model | file MB | vs float | weights stored |', '|---|---|---|---|']
         for name, row in f.items():
             carriers = ', '.join(f'{n} {c}' for c, n in row.get('weight_carriers', {}).items()) or 'float32'
@@ -199,13 +221,17 @@ def tables(results: dict) -> str:
                                                 for k, v in s['census_4bit'].items()) + '.']
     if 'ap' in results:
         a = results['ap']
-        out += ['', f"**Miniature-world Mask R-CNN, box / mask AP on the {a['rows'][0]['images']} val images: PyTorch "
-                    f"quantized vs ONNX Runtime backbone + FPN (heads in PyTorch)**", '',
-                '| setting | box AP PyTorch | box AP ONNX Runtime | mask AP PyTorch | mask AP ONNX Runtime | codes differing | max steps |',
-                '|---|---|---|---|---|---|---|']
+        out += ['', f"**Miniature-world Mask R-CNN, box / mask AP on the first {a['rows'][0]['images']} val images** "
+                    f"(`{results['commands']['ap']}`): PyTorch quantized; ONNX Runtime computing backbone + FPN (heads "
+                    f"in PyTorch); PyTorch with its LayerNorm in float64 (outputs within an ulp: the simulation's own "
+                    f"sensitivity to float rounding). Codes: every quantizer's codes on one val image, ONNX Runtime vs "
+                    f"PyTorch.", '',
+                '| setting | box PyTorch | box ONNX Runtime | box PyTorch f64-LN | mask PyTorch | mask ONNX Runtime | '
+                'mask PyTorch f64-LN | codes differing | max steps |', '|---|---|---|---|---|---|---|---|---|']
         for r in a['rows']:
-            out.append(f"| {r['setting']} | {r['box_ap_torch']:.1f} | {r['box_ap_onnx']:.1f} | {r['mask_ap_torch']:.1f} | "
-                       f"{r['mask_ap_onnx']:.1f} | {r['codes_frac_differing']:.1e} | {r['codes_max_steps']:g} |")
+            out.append(f"| {r['setting']} | {r['box_ap_torch']:.1f} | {r['box_ap_onnx']:.1f} | {r['box_ap_torch_ln64']:.1f} | "
+                       f"{r['mask_ap_torch']:.1f} | {r['mask_ap_onnx']:.1f} | {r['mask_ap_torch_ln64']:.1f} | "
+                       f"{r['codes_frac_differing']:.1e} | {r['codes_max_steps']:g} |")
     return '\n'.join(out) + '\n'
 
 
@@ -215,6 +241,7 @@ def main(argv=None) -> dict:
     p.add_argument('--image', default=DEFAULT_IMAGE)
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--rounds', type=int, default=5)
+    p.add_argument('--limit', type=int, default=None, help='ap: first N val images (default: all 200)')
     p.add_argument('--no-doc', action='store_true')
     args = p.parse_args(argv)
     results = json.load(open(RESULTS)) if osp.isfile(RESULTS) else {}
@@ -226,7 +253,12 @@ def main(argv=None) -> dict:
         pass
     results['environment'] = {'python': platform.python_version(), 'torch': torch.__version__,
                               'onnxruntime': onnxruntime.__version__, 'cpus': os.cpu_count(), 'cpu': cpu}
-    results['command'] = COMMAND + ('' if args.part == 'all' else f' --part {args.part}')
+    results.pop('command', None)
+    results.setdefault('commands', {})
+    if args.part in ('speed', 'all'):
+        results['commands']['speed'] = f'{COMMAND} --part speed --rounds {args.rounds}'
+    if args.part in ('ap', 'all'):
+        results['commands']['ap'] = f'{COMMAND} --part ap' + (f' --limit {args.limit}' if args.limit else '')
     if args.part in ('speed', 'all'):
         if not osp.isfile(args.image):
             sys.exit(f'image not found: {args.image} (pass --image PATH to a COCO image)')

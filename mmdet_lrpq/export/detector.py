@@ -30,6 +30,7 @@ class BackboneNeck(nn.Module):
             raise ExportError(f'{type(detector).__name__} has no backbone: export the module itself with export_onnx')
         self.backbone = detector.backbone
         self.neck = getattr(detector, 'neck', None) if getattr(detector, 'with_neck', True) else None
+        self.training = detector.training          # a new module starts in train mode: mirror the detector
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         feats = self.backbone(x)

@@ -240,7 +240,7 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], example_input: 
         raise ExportError('example_input must be a float32 CPU tensor (move the model and input to the CPU to export)')
     if any(p.device.type != 'cpu' for p in model.parameters()):
         raise ExportError('the model has parameters off the CPU: call model.cpu() before exporting')
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}     # restored module by module (train() would recurse)
     model.eval()
     forms = _forms(mods, opset, fractional_zero_point, int4_activations)
     with torch.no_grad():
@@ -263,7 +263,8 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], example_input: 
                           f'fix: export only the part of the model whose ops ONNX has (the backbone and neck of a '
                           f'detector), or replace that op') from err
     finally:
-        model.train(was_training)
+        for m, training in modes.items():
+            m.training = training
     proto = onnx.load_from_string(buf.getvalue())
     strip_prefix(proto, 'model')
     lowered = lower(proto, {i: s.form for i, s in sites.items()}, opset)

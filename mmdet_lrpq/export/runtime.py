@@ -130,12 +130,16 @@ def code_parity(result: ExportResult, model: torch.nn.Module, x: Optional[np.nda
             continue
         hooks.append(site.quantizer.register_forward_hook(
             lambda mod, inp, out, idx=idx: captured.setdefault(idx, []).append(out.detach().float().numpy().copy())))
+    modes = {m: m.training for m in model.modules()}
+    model.eval()                                  # (dropout / drop path off, as in the exported graph)
     try:
         with torch.no_grad():
             model(torch.from_numpy(np.ascontiguousarray(x)))
     finally:
         for h in hooks:
             h.remove()
+        for m, training in modes.items():
+            m.training = training
     rows, total, differing, worst = [], 0, 0, 0.0
     for name, (idx, call) in wanted.items():
         site = result.sites[idx]
