@@ -224,7 +224,7 @@ def test_miniworld_ap_with_onnx_runtime_backbone_equals_pytorch(tmp_path, settin
     options = {'round_zero_point': True}
     if setting == 'mp4':
         import experiments
-        options['plan'] = experiments.make_plan(4, str(tmp_path), num_images=16, log=lambda *a: None)
+        options['plan'] = experiments.make_plan(4, str(tmp_path), log=lambda *a: None)   # as bench/export_benchmark.py
     else:
         options.update(w_bits=int(setting[1]), a_bits=int(setting[3]))
     model = _quantized_detector('mask_rcnn_swin_mini', options)
