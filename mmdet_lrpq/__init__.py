@@ -12,7 +12,7 @@ from .registration import register_all_modules
 from .version import __version__
 
 _LAZY = {'quantize_': 'api', 'QuantConfig': 'config', 'ReconstructConfig': 'config', 'QuantReport': 'models.quantizer',
-         'BitPlan': 'plan'}
+         'BitPlan': 'plan', 'export_onnx': 'export'}
 
 
 def __getattr__(name: str):
@@ -30,5 +30,5 @@ def __getattr__(name: str):
 _mmdet_lrpq_mmcv.install()  # mmcv._ext: compiled when it loads, else mmdet_lrpq.ops (its docstring says why)
 _install()
 
-__all__ = ['__version__', 'quantize_', 'QuantConfig', 'ReconstructConfig', 'QuantReport', 'BitPlan',
+__all__ = ['__version__', 'quantize_', 'QuantConfig', 'ReconstructConfig', 'QuantReport', 'BitPlan', 'export_onnx',
            'register_all_modules']
