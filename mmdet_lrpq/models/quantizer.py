@@ -263,7 +263,10 @@ class ModelQuantizer:
         if self._float is None:
             if quant_modules(self.model):
                 raise RuntimeError('this model is already quantized; build a fresh one to quantize again')
-            self._float = new_identity(self.model, self.config.describe(), None)
+            # the rule that combines calibration batches is part of what a state was made by: a state of
+            # the earlier rule (a mean of batch ranges, issue 27) is refused rather than silently reused
+            self._float = new_identity(self.model, {**self.config.describe(), 'calibration_rule': CALIBRATION_RULE},
+                                       None)
         return {**self._float, 'calibration': calibration}
 
     def wrap(self) -> QuantReport:

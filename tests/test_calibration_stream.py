@@ -1,0 +1,73 @@
+"""Streamed calibration on a real model: the miniature-world Swin classifier at W8A8 (issue 27, item 1).
+
+The last Swin stage at 224 px holds 49 tokens per image, and its post-LayerNorm channels move far more
+between images than within one. Streamed one image per batch, the old rule (the mean of the batch
+ranges) gave every per-channel quantizer the range of a typical image and clipped every other: W8A8
+lost 23-27 points of top-1. The envelope of the batch ranges keeps W8A8 within a point of float, as
+one batch of all the images does (RepQ-ViT's ImageNet protocol). One image alone is RepQ-ViT's
+one-image protocol, bit for bit (tests/test_api.py), and cannot say how images differ: it is not
+pinned here (docs/method.md, calibration protocol).
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import io
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CKPT = REPO / 'checkpoints' / 'miniworld' / 'swin_mini_cls.pth'
+NUM_CALIB = 32                  # cls_val images 1..32 calibrate
+NUM_EVAL = 200                  # cls_val images 33..232 are evaluated (float: 69.0 %)
+
+
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(f'{name}_tool', REPO / 'tools' / f'{name}.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope='module')
+def classifier():
+    """The committed classifier as tools/test_cls.py builds it, its calibration and evaluation images."""
+    if not CKPT.is_file():
+        pytest.skip(f'{CKPT} not present (train with tools/miniworld/train_all.py)')
+    from PIL import Image
+
+    from mmdet_lrpq.lrp import eval_transform
+    from mmdet_lrpq.miniworld import render_classification_image
+    args = _tool('test_cls').parse_args(['--model', str(CKPT), '--checkpoint', str(CKPT), '--images', '-'])
+    model, _ = _tool('lrp_plan').build_classifier(args)
+    model.eval()
+    transform = eval_transform(model)
+    images, labels = [], []
+    for i in range(1, NUM_CALIB + NUM_EVAL + 1):
+        jpeg, label, _ = render_classification_image(0, 'cls_val', i)
+        images.append(transform(Image.open(io.BytesIO(jpeg)).convert('RGB')))
+        labels.append(label)
+    images, labels = torch.stack(images), torch.tensor(labels)
+    return model, images[:NUM_CALIB], images[NUM_CALIB:], labels[NUM_CALIB:]
+
+
+@torch.no_grad()
+def _top1(model, images, labels) -> float:
+    return 100.0 * float((model(images).argmax(1) == labels).float().mean())
+
+
+@pytest.mark.parametrize('method', ['crl', 'repq'])
+def test_streamed_w8a8_classifier_stays_within_a_point_of_float(classifier, method):
+    from mmdet_lrpq import QuantConfig, quantize_
+    model, calib, images, labels = classifier
+    fp = _top1(model, images, labels)
+    got = {}
+    for n, batch in ((4, 1), (4, 8), (32, 1), (32, 8)):       # (4, 8) is one batch of the 4 images
+        quantized = copy.deepcopy(model)
+        quantize_(quantized, QuantConfig(w_bits=8, a_bits=8, method=method),
+                  calib=[calib[i:i + batch] for i in range(0, n, batch)])
+        got[(n, batch)] = _top1(quantized, images, labels)
+    lost = {key: round(fp - acc, 1) for key, acc in got.items() if acc < fp - 1.0}
+    assert not lost, f'W8A8 {method} top-1 points lost against float {fp:.1f} % per (images, batch size): {lost}'
