@@ -9,7 +9,7 @@ W4A4 with CRL, W4A4 with RepQ, MP4 (the LRP plan of the tiny Swin classifier, ``
 allocator, CRL) — calibrate on 8 disjoint sets of N images for N = 1, 4, 16, 32 and evaluate
 each calibrated model with CocoMetric on the 200 val images (phase ``main``, 192 evaluations).
 Phase ``old``: at N = 4 the same sets as *one* batch (``calib.batch_size=4``, the calibration
-before streaming) against the streamed mean of per-image ranges. Phase ``allocators``: the MP4
+before streaming) against streaming the same images one at a time. Phase ``allocators``: the MP4
 plans of the ``uniform``, ``greedy`` and ``ilp`` allocators at N = 16 on the same 8 sets
 (``lrp_qvit`` is phase ``main``'s MP4). Phase ``float``: the float detectors, as a check that
 this in-process evaluation gives the AP of ``tools/test.py``.
@@ -325,7 +325,7 @@ def tables(rows: list[dict], not_run: Iterable[str] = (), ranges: Optional[dict]
                          f"{new['mask']['mean']:.1f} ± {new['mask']['std']:.1f} | {_diff(diffs['mask'])} |")
     if lines:
         out += [f'**One batch of {OLD_N} (`batch_size={OLD_N}`, the calibration before streaming) vs streamed '
-                f'(`batch_size=1`, mean of per-image ranges), same {NUM_SETS} sets**', '',
+                f'(`batch_size=1`, per-image ranges combined), same {NUM_SETS} sets**', '',
                 '| detector | setting | box AP one batch | box AP streamed | one batch − streamed, per set: mean '
                 '(min … max) | mask AP one batch | mask AP streamed | one batch − streamed, per set |',
                 '|---|---|---|---|---|---|---|---|', *lines, '']
@@ -378,7 +378,7 @@ def write_tables(report: dict, args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------------- range check
 def range_ratios(threads: int) -> dict:
-    """Why one batch and the streamed mean differ: their calibrated activation ranges, quantizer by quantizer.
+    """Why one batch and streaming differ: their calibrated activation ranges, quantizer by quantizer.
 
     Mask R-CNN, W4A4 CRL, set 0 of 4 images, calibrated both ways; per activation quantizer the
     ratio of the one-batch clipping range (``(2^b-1)·Δ``, averaged over channels; log-√2: Δ) to the
