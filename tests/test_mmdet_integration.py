@@ -409,7 +409,7 @@ def test_calibration_inputs_missing_or_empty(coco_mini, tmp_path):
 
 
 def test_corrupt_calibration_image_is_named(coco_mini, tmp_path):
-    from mmdet_lrpq.engine.calib_data import CalibrationImages, CalibSettings
+    from mmdet_lrpq.engine.calib_data import CalibrationDataError, CalibrationImages, CalibSettings
     img_dir = tmp_path / 'imgs'
     img_dir.mkdir()
     coco = json.loads((coco_mini / 'annotations' / 'instances_train2017.json').read_text())
@@ -419,7 +419,7 @@ def test_corrupt_calibration_image_is_named(coco_mini, tmp_path):
     ann.write_text(json.dumps(dict(coco, images=[im], annotations=[a for a in coco['annotations']
                                                                   if a['image_id'] == im['id']])))
     cfg = Config.fromfile(str(TINY_CFG))
-    with pytest.raises(RuntimeError, match=f"{im['file_name']} could not be loaded"):
+    with pytest.raises(CalibrationDataError, match=f"{im['file_name']} could not be loaded"):
         images = CalibrationImages(cfg.test_dataloader.dataset, CalibSettings(ann_file=str(ann), img_prefix=str(img_dir)))
         next(images.batches())
 
