@@ -264,7 +264,7 @@ class ModelQuantizer:
             if quant_modules(self.model):
                 raise RuntimeError('this model is already quantized; build a fresh one to quantize again')
             # the rule that combines calibration batches is part of what a state was made by: a state of
-            # the earlier rule (a mean of batch ranges, issue 27) is refused rather than silently reused
+            # the earlier rule (a mean of batch ranges) is refused rather than silently reused
             self._float = new_identity(self.model, {**self.config.describe(), 'calibration_rule': CALIBRATION_RULE},
                                        None)
         return {**self._float, 'calibration': calibration}

@@ -18,7 +18,7 @@ as one batch) the parameters are that batch's, bit for bit. A quantizer that rec
 some batch (no RoIs on that image) is combined over the batches that fed it; one that no batch fed
 is an error. Deterministic: no sampling anywhere.
 
-Why the envelope and not the mean of the batch ranges (the rule until issue 27): one batch of N
+Why the envelope and not the mean of the batch ranges (an earlier rule): one batch of N
 images calibrates on the union of their activations, and where an image holds few values per
 channel (the last Swin stage at 224 px: 49 tokens) RepQ's percentiles are the extremes, of the
 image alone or of all N together. There, post-LayerNorm channels move *between* images far more
