@@ -32,17 +32,22 @@ BACKENDS = ('compiled', 'torchvision')
 SETTINGS = (ex.Setting('FP'), ex.Setting('W4A4', bits=4, method='crl'), ex.Setting('MP4', plan_k=4, method='crl'))
 
 
-def table(rows: list[dict]) -> str:
-    lines = ['| detector | setting | box AP compiled | box AP torchvision | mask AP compiled | mask AP torchvision '
-             '| largest difference |', '|---|---|---|---|---|---|---|']
+def pairs(rows: list[dict]):
+    """(detector, setting, compiled row, torchvision row, largest AP difference) for every complete pair."""
     for det in dict.fromkeys(r['detector'] for r in rows):
         for setting in dict.fromkeys(r['setting'] for r in rows if r['detector'] == det):
             pair = {r['backend']: r for r in rows if r['detector'] == det and r['setting'] == setting}
-            if set(pair) != set(BACKENDS):
-                continue
-            diff = max(abs(pair['compiled'][k] - pair['torchvision'][k]) for k in ('box_ap', 'mask_ap'))
-            lines.append(f"| {det} | {setting} | {pair['compiled']['box_ap']:.1f} | {pair['torchvision']['box_ap']:.1f} "
-                         f"| {pair['compiled']['mask_ap']:.1f} | {pair['torchvision']['mask_ap']:.1f} | {diff:.2f} |")
+            if set(pair) == set(BACKENDS):
+                a, b = pair['compiled'], pair['torchvision']
+                yield det, setting, a, b, max(abs(a[k] - b[k]) for k in ('box_ap', 'mask_ap'))
+
+
+def table(rows: list[dict]) -> str:
+    lines = ['| detector | setting | box AP compiled | box AP torchvision | mask AP compiled | mask AP torchvision '
+             '| largest difference |', '|---|---|---|---|---|---|---|']
+    for det, setting, a, b, diff in pairs(rows):
+        lines.append(f"| {det} | {setting} | {a['box_ap']:.1f} | {b['box_ap']:.1f} "
+                     f"| {a['mask_ap']:.1f} | {b['mask_ap']:.1f} | {diff:.2f} |")
     return '\n'.join(lines)
 
 
@@ -86,9 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(result, f, indent=1)
     md = table(rows)
     publish(md, DOC, MARKERS, result['command'], update=not args.no_doc)
-    worst = max((abs(a[k] - b[k]) for a in rows for b in rows if a['backend'] == 'compiled' and
-                 b['backend'] == 'torchvision' and a['detector'] == b['detector'] and a['setting'] == b['setting']
-                 for k in ('box_ap', 'mask_ap')), default=0.0)
+    worst = max((diff for *_, diff in pairs(rows)), default=0.0)
     print(f'largest AP difference compiled vs torchvision: {worst:.2f} (target <= 0.1)')
     return 0 if worst <= 0.1 + 1e-9 else 1
 

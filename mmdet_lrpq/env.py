@@ -105,8 +105,7 @@ def _mmcv_ops_info() -> dict:
     (:mod:`mmdet_lrpq.ops`) — and, for compiled ops, what they were compiled with."""
     info = dict(mmcv_ops=False, mmcv_ops_backend=None, mmcv_ops_reason=None, mmcv_ops_cuda=None,
                 mmcv_ops_compiler=None, mmcv_ops_error=None)
-    import _mmdet_lrpq_mmcv
-    _mmdet_lrpq_mmcv.install()
+    import _mmdet_lrpq_mmcv  # its finder is in place: importing this package (mmdet_lrpq/__init__) installed it
     try:
         import torch  # noqa: F401  (a compiled mmcv._ext links against the loaded torch)
         ext = importlib.import_module('mmcv._ext')

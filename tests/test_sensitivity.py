@@ -158,7 +158,8 @@ class SmallNet(nn.Module):
         return self.fc(self.norm(h)) + 0 * self.unused(h)
 
 
-def test_fisher_sensitivity_falls_with_bits_and_is_deterministic():
+def small_regression():
+    """SmallNet, its quantization sites, three seeded (input, target) batches and a squared-error loss."""
     model = SmallNet().eval()
     sites = ModelQuantizer(model, QuantConfig()).sites()
     g = torch.Generator().manual_seed(1)
@@ -167,6 +168,11 @@ def test_fisher_sensitivity_falls_with_bits_and_is_deterministic():
     def loss(m, batch):
         x, target = batch
         return (m(x) - target).pow(2).mean()
+    return model, sites, batches, loss
+
+
+def test_fisher_sensitivity_falls_with_bits_and_is_deterministic():
+    model, sites, batches, loss = small_regression()
 
     table = fisher_sensitivity(model, sites, [3, 4, 5], batches, loss, per_channel_inputs=frozenset({'fc'}),
                                fixed_a_bits={'conv': 8})
@@ -456,14 +462,7 @@ def test_tool_refuses_bad_iterations_naming_the_option(capsys):
 
 
 def test_fisher_sensitivity_given_an_assignment_measures_at_the_quantized_model():
-    model = SmallNet().eval()
-    sites = ModelQuantizer(model, QuantConfig()).sites()
-    g = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(1, 3, 8, 8, generator=g), torch.randn(1, 4, generator=g)) for _ in range(3)]
-
-    def loss(m, batch):
-        x, target = batch
-        return (m(x) - target).pow(2).mean()
+    model, sites, batches, loss = small_regression()
 
     before = {k: v.clone() for k, v in model.state_dict().items()}
     float_table = fisher_sensitivity(model, sites, [3, 4, 5], batches, loss)
