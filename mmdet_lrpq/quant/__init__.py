@@ -5,7 +5,7 @@ calibrates them on any number of batches (:func:`calibrate` on one), :func:`repa
 applies RepQ/CRL, :func:`reconstruct_` optionally learns rounding and step sizes afterwards. No MMDetection imports here; :func:`mmdet_lrpq.quantize_` drives it all.
 """
 from .calibrate import RULE as CALIBRATION_RULE
-from .calibrate import activation_quantizers, calibrate, calibrate_stream, calibrating
+from .calibrate import activation_quantizers, calibrate, calibrate_stream, calibrating, thin_channel_ranges
 from .functional import (PERCENTILES, check_bits, fake_quant_log_sqrt2, fake_quant_uniform,
                          log2_shift_dequant, log2_shift_form, log2_shift_matmul_int, log_sqrt2_qparams,
                          uniform_qparams)
@@ -20,7 +20,7 @@ __all__ = [
     'fake_quant_log_sqrt2', 'log2_shift_form', 'log2_shift_dequant', 'log2_shift_matmul_int',
     'QuantState', 'UniformQuantizer', 'LogSqrt2Quantizer', 'QuantModule', 'QuantLinear', 'QuantConv2d',
     'QuantMatMul', 'quant_modules', 'set_quant_state', 'calibrate', 'calibrate_stream', 'calibrating',
-    'activation_quantizers', 'CALIBRATION_RULE', 'ReparamResult',
+    'activation_quantizers', 'thin_channel_ranges', 'CALIBRATION_RULE', 'ReparamResult',
     'crl_clip', 'reparameterize_', 'LayerQuantConfig', 'quantizable_layers', 'set_submodule',
     'wrap_modules', 'ReconstructConfig', 'Unit', 'reconstruct_',
 ]

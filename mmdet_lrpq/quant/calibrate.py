@@ -54,6 +54,7 @@ class _RangeEnvelope:
         self.first: Optional[tuple[Tensor, ...]] = None
         self.bounds: Optional[list[Tensor]] = None     # uniform: [lo, hi]; log-sqrt2: [delta]
         self.batches = 0
+        self.values = 0                                # per channel, over all batches
 
     @staticmethod
     def _ranges(q: _Quantizer) -> list[Tensor]:
@@ -73,11 +74,13 @@ class _RangeEnvelope:
         else:
             self.bounds = [torch.maximum(self.bounds[0], ranges[0])]
         self.batches += 1
+        self.values += getattr(q, 'calib_values', 0)
 
     def apply(self, q: _Quantizer) -> None:
         """Give ``q`` the combined parameters (nothing if no batch fed it)."""
         if self.batches == 0:
             return
+        q.calib_values = self.values
         if self.batches == 1:           # exactly that batch's parameters (RepQ-ViT's protocol)
             for name, value in zip(q._qparam_names, self.first):
                 setattr(q, name, value)
@@ -162,3 +165,15 @@ def calibrate(model: nn.Module, forward: Callable[[nn.Module], Any]) -> Any:
     out: list = []
     calibrate_stream(model, [None], lambda m, _: out.append(forward(m)))
     return out[0]
+
+
+def thin_channel_ranges(model: nn.Module, min_values: int) -> list[tuple[str, int]]:
+    """(module name, values per channel) of every per-channel activation quantizer whose calibrated
+    ranges rest on fewer than ``min_values`` values per channel, over all calibration batches."""
+    thin = []
+    for name, m in quant_modules(model).items():
+        for q in m.input_quantizers():
+            values = getattr(q, 'calib_values', None)
+            if getattr(q, 'channel_axis', None) is not None and values is not None and values < min_values:
+                thin.append((name, values))
+    return thin

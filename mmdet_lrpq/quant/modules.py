@@ -130,6 +130,8 @@ class UniformQuantizer(_Quantizer):
 
     def calibrate(self, x: Tensor) -> None:
         self.delta, self.zero_point = uniform_qparams(x, self.bits, self.channel_axis)
+        # How many values each channel's range rests on (not saved): calibration warns where few.
+        self.calib_values = x.numel() // (1 if self.channel_axis is None else x.shape[self.channel_axis])
 
     def get_extra_state(self) -> dict:
         return {**super().get_extra_state(), 'channel_axis': self.channel_axis}
