@@ -130,6 +130,7 @@ def measure(n: int, batch_size: int, config: str, data_root: str, image_ids: Opt
     from mmdet_lrpq.api import images_in
     from mmdet_lrpq.engine.calib_data import CalibrationImages, CalibSettings, batch_input_hw
     from mmdet_lrpq.engine.hook import QuantizationHook
+    from mmdet_lrpq.registry import is_quantization_hook
     from mmdet_lrpq.models import ModelQuantizer
     from mmdet_lrpq.quant._ext import kernels
 
@@ -138,7 +139,7 @@ def measure(n: int, batch_size: int, config: str, data_root: str, image_ids: Opt
     torch.set_grad_enabled(False)
     fused = kernels() is not None                     # compiled/loaded before anything is timed
     cfg = Config.fromfile(config)
-    hook = next(h for h in cfg.custom_hooks if h['type'] == 'QuantizationHook')
+    hook = next(h for h in cfg.custom_hooks if is_quantization_hook(h['type']))
     settings = QuantizationHook(**{k: v for k, v in hook.items() if k != 'type'}).config
     calib = CalibSettings(num_images=n, batch_size=batch_size, seed=0, data_root=data_root, image_ids=image_ids)
     images = CalibrationImages(cfg.test_dataloader.dataset, calib)
@@ -238,6 +239,7 @@ def profile(config: str, data_root: str, repeats: int = 3) -> dict:
     import mmdet_lrpq
     from mmdet_lrpq.engine.calib_data import CalibrationImages, CalibSettings
     from mmdet_lrpq.engine.hook import QuantizationHook
+    from mmdet_lrpq.registry import is_quantization_hook
     from mmdet_lrpq.models import ModelQuantizer
     from mmdet_lrpq.quant import calibrating, functional, modules
     from mmdet_lrpq.quant._ext import kernels
@@ -247,7 +249,7 @@ def profile(config: str, data_root: str, repeats: int = 3) -> dict:
     torch.set_grad_enabled(False)
     kernels()
     cfg = Config.fromfile(config)
-    hook = next(h for h in cfg.custom_hooks if h['type'] == 'QuantizationHook')
+    hook = next(h for h in cfg.custom_hooks if is_quantization_hook(h['type']))
     settings = QuantizationHook(**{k: v for k, v in hook.items() if k != 'type'}).config
     images = CalibrationImages(cfg.test_dataloader.dataset, CalibSettings(num_images=1, seed=0, data_root=data_root))
     batch = pseudo_collate([images.dataset[images.indices[0]]])

@@ -3,4 +3,4 @@
 # reparameterization of post-LayerNorm activations, one calibration image.
 #   python tools/test.py configs/cascade_mask_rcnn_swin_t_w4a4.py CKPT
 _base_ = './_base_/cascade_mask_rcnn_swin_t.py'
-custom_hooks = [dict(type='QuantizationHook', w_bits=4, a_bits=4, method='repq')]
+custom_hooks = [dict(type='mmdet_lrpq.QuantizationHook', w_bits=4, a_bits=4, method='repq')]

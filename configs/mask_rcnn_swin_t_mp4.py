@@ -3,5 +3,5 @@
 # The plan is made by `python tools/lrp_plan.py` (the command is recorded inside the plan file).
 #   python tools/test.py configs/mask_rcnn_swin_t_mp4.py CKPT
 _base_ = './_base_/mask_rcnn_swin_t.py'
-custom_hooks = [dict(type='QuantizationHook', plan='{{ fileDirname }}/plans/swin_t_mp4.json',
+custom_hooks = [dict(type='mmdet_lrpq.QuantizationHook', plan='{{ fileDirname }}/plans/swin_t_mp4.json',
                      method='crl')]

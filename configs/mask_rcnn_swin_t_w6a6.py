@@ -3,4 +3,4 @@
 # reparameterization of post-LayerNorm activations, one calibration image.
 #   python tools/test.py configs/mask_rcnn_swin_t_w6a6.py CKPT
 _base_ = './_base_/mask_rcnn_swin_t.py'
-custom_hooks = [dict(type='QuantizationHook', w_bits=6, a_bits=6, method='repq')]
+custom_hooks = [dict(type='mmdet_lrpq.QuantizationHook', w_bits=6, a_bits=6, method='repq')]

@@ -3,12 +3,11 @@
 Python: :func:`quantize_` (any model) and :func:`mmdet_lrpq.apis.init_quantized_detector` (an mmdet
 config and checkpoint). Configs: ``custom_imports=['mmdet_lrpq']`` plus ``QuantizationHook`` in
 ``custom_hooks``. ``quant``, ``lrp`` and ``plan`` are pure PyTorch/NumPy and never import
-MMDetection or MMEngine; importing this package does not either (see :mod:`.registration`).
+MMDetection or MMEngine; importing this package does not either, and changes nothing in the
+process beyond registering with MMEngine when MMEngine is already loaded (see :mod:`.registry`).
 """
-import _mmdet_lrpq_mmcv
+import sys as _sys
 
-from .registration import install as _install
-from .registration import register_all_modules
 from .version import __version__
 
 _LAZY = {'quantize_': 'api', 'QuantConfig': 'config', 'ReconstructConfig': 'config', 'QuantReport': 'models.quantizer',
@@ -27,8 +26,15 @@ def __getattr__(name: str):
     raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
-_mmdet_lrpq_mmcv.install()  # mmcv._ext: compiled when it loads, else mmdet_lrpq.ops (its docstring says why)
-_install()
+def register_all_modules() -> None:
+    """Register the hook, the quantized backbone and their plain names with MMEngine/MMDetection
+    (idempotent; :mod:`mmdet_lrpq.registry`)."""
+    from .registry import register_all_modules as register
+    register()
+
+
+if 'mmengine.registry' in _sys.modules:   # imported by a config's custom_imports: register now
+    register_all_modules()
 
 __all__ = ['__version__', 'quantize_', 'QuantConfig', 'ReconstructConfig', 'QuantReport', 'BitPlan', 'export_onnx',
            'register_all_modules']

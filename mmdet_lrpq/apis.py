@@ -22,11 +22,10 @@ import torch
 
 
 def _hook_options(cfg) -> Optional[dict]:
-    from .registration import has_quantization_hook
+    from .registry import has_quantization_hook, is_quantization_hook
     if not has_quantization_hook(cfg):
         return None
-    hook = next(h for h in cfg.custom_hooks
-                if h.get('type') == 'QuantizationHook' or getattr(h.get('type'), '__name__', '') == 'QuantizationHook')
+    hook = next(h for h in cfg.custom_hooks if is_quantization_hook(h.get('type')))
     return {k: v for k, v in hook.items() if k != 'type'}
 
 
@@ -56,7 +55,8 @@ def init_quantized_detector(config: Union[str, Any], checkpoint: str, device: Op
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
     options = _hook_options(cfg)
-    declared = cfg.model.get('backbone', {}).get('type') == 'QuantSwinTransformer'
+    from .registry import is_quant_backbone
+    declared = is_quant_backbone(cfg.model.get('backbone', {}).get('type'))
     if options is None and not declared:
         raise ValueError(f'{config if isinstance(config, str) else "the config"} adds no QuantizationHook to '
                          f'custom_hooks (and its backbone is not QuantSwinTransformer): nothing says how to quantize. '

@@ -94,9 +94,46 @@ register_all_modules(init_default_scope=True)
 cfg = Config.fromfile({str(QUANT_CFG)!r})
 hook = HOOKS.build(cfg.custom_hooks[0])
 assert type(hook).__name__ == 'QuantizationHook', type(hook)
-backbone = MODELS.build(dict(type='QuantSwinTransformer', embed_dims=32, depths=[2, 2], num_heads=[1, 2],
+backbone = MODELS.build(dict(type='mmdet_lrpq.QuantSwinTransformer', embed_dims=32, depths=[2, 2], num_heads=[1, 2],
                               out_indices=(0, 1)))
 assert type(backbone).__name__ == 'QuantSwinTransformer'
+mmdet_lrpq.register_all_modules()          # the plain names of configs written for earlier versions
+assert HOOKS.build(dict(type='QuantizationHook')).__class__ is type(hook)
+print('ok')
+'''
+    proc = _python(code)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith('ok'), proc.stderr[-3000:]
+
+
+def test_importing_the_package_changes_nothing_in_the_process():
+    """``import mmdet_lrpq`` alone: no import hook, no builtins, no torch allow-list, no OpenMMLab import."""
+    code = '''
+import builtins, sys
+import torch.serialization
+finders, names = list(sys.meta_path), dict(vars(builtins))
+allowed = list(torch.serialization.get_safe_globals())
+import mmdet_lrpq
+from mmdet_lrpq import QuantConfig, BitPlan, quantize_
+assert sys.meta_path == finders, sys.meta_path
+assert dict(vars(builtins)) == names
+assert list(torch.serialization.get_safe_globals()) == allowed
+assert not [m for m in ('mmengine', 'mmdet', 'mmcv') if m in sys.modules]
+print('ok')
+'''
+    proc = _python(code)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith('ok'), proc.stderr[-3000:]
+
+
+def test_scoped_names_resolve_without_custom_imports():
+    """MMEngine imports ``mmdet_lrpq.registry`` on its own when a config names the scope."""
+    code = '''
+from mmengine.registry import init_default_scope
+from mmdet.registry import HOOKS, MODELS
+init_default_scope('mmdet')
+hook = HOOKS.build(dict(type='mmdet_lrpq.QuantizationHook', w_bits=6, a_bits=6))
+assert type(hook).__name__ == 'QuantizationHook' and hook.config.w_bits == 6
+import sys
+assert 'mmdet_lrpq.registry' in sys.modules
 print('ok')
 '''
     proc = _python(code)

@@ -122,7 +122,7 @@ def build_cfg(args):
         # start the gloo group ourselves and use the CPU-aware wrapper.
         if not torch.distributed.is_initialized():
             torch.distributed.init_process_group('gloo')
-        cfg.model_wrapper_cfg = dict(type='CPUAwareDistributedDataParallel', broadcast_buffers=False)
+        cfg.model_wrapper_cfg = dict(type='mmdet_lrpq.CPUAwareDistributedDataParallel', broadcast_buffers=False)
     return cfg
 
 

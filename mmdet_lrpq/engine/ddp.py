@@ -5,7 +5,8 @@ machine without CUDA this wrapper drops them. Everything else is mmengine's wrap
 """
 import torch
 from mmengine.model import MMDistributedDataParallel
-from mmengine.registry import MODEL_WRAPPERS
+
+from ..registry import MODEL_WRAPPERS
 
 
 @MODEL_WRAPPERS.register_module()

@@ -3,8 +3,8 @@
 Add to any mmdet 3.x config::
 
     custom_imports = dict(imports=['mmdet_lrpq'], allow_failed_imports=False)
-    custom_hooks = [dict(type='QuantizationHook', w_bits=4, a_bits=4, method='crl')]
-    # or a mixed-precision plan: dict(type='QuantizationHook', plan='configs/plans/swin_t_mp4.json')
+    custom_hooks = [dict(type='mmdet_lrpq.QuantizationHook', w_bits=4, a_bits=4, method='crl')]
+    # or a mixed-precision plan: dict(type='mmdet_lrpq.QuantizationHook', plan='configs/plans/swin_t_mp4.json')
 
 In ``before_test`` (and ``before_val`` outside training) it quantizes the detector under test
 (inside DDP or test-time-augmentation wrappers) with :func:`.quantize.quantize_detector` — the
@@ -17,28 +17,17 @@ from __future__ import annotations
 import json
 import os
 import os.path as osp
-from typing import Optional, Union
+from typing import Optional
 
-from mmdet.registry import HOOKS
 from mmengine.dist import get_dist_info
 from mmengine.hooks import Hook
 from mmengine.runner import BaseLoop
 
 from ..config import QuantConfig
+from ..registry import HOOKS
 from ..models.quantizer import QuantReport
-from ..plan import BitPlan
 from .calib_data import CalibSettings
 from .quantize import detector_of, quantize_detector
-
-
-class _NotGiven:
-    """Default of the hook's quantization options: the option was not written (QuantConfig's default applies)."""
-
-    def __repr__(self) -> str:
-        return '<QuantConfig default>'
-
-
-NOT_GIVEN = _NotGiven()
 
 
 @HOOKS.register_module()
@@ -58,20 +47,13 @@ class QuantizationHook(Hook):
 
     priority = 'VERY_HIGH'   # before any other before_test work looks at the model
 
-    def __init__(self, w_bits: int = NOT_GIVEN, a_bits: int = NOT_GIVEN, plan: Union[None, str, BitPlan] = NOT_GIVEN,
-                 method: str = NOT_GIVEN, crl_k: float = NOT_GIVEN, scope: str = NOT_GIVEN,
-                 round_zero_point: bool = NOT_GIVEN, patch_embed_a_bits: Optional[int] = NOT_GIVEN,
-                 reparam_output_norms: Optional[bool] = NOT_GIVEN, reconstruct: Optional[dict] = NOT_GIVEN,
-                 calib: Optional[dict] = None,
-                 state_file: Optional[str] = None, state_mismatch: str = 'error',
-                 report_file: str = 'quantization_report.json'):
-        options = dict(w_bits=w_bits, a_bits=a_bits, plan=plan, method=method, crl_k=crl_k, scope=scope,
-                       round_zero_point=round_zero_point, patch_embed_a_bits=patch_embed_a_bits,
-                       reparam_output_norms=reparam_output_norms, reconstruct=reconstruct)
-        # "given" means given: an option written in the config counts even when it equals the default
-        self.given = {k: v for k, v in options.items() if v is not NOT_GIVEN}
+    def __init__(self, calib: Optional[dict] = None, state_file: Optional[str] = None, state_mismatch: str = 'error',
+                 report_file: str = 'quantization_report.json', **options):
+        # One option surface: every other keyword is a QuantConfig field, forwarded as written. "Given" means
+        # given: an option written in the config counts even when it equals the default.
+        self.given = dict(options)
         self.explicit = sorted(self.given)
-        self.config = QuantConfig(**self.given)            # validates early, at config build time
+        self.config = QuantConfig.from_options(self.given, 'QuantizationHook')   # validates at config build time
         if isinstance(self.config.plan, str):
             self.config.load_plan()                        # a malformed plan file is refused now, not after loading data
         self.calib = CalibSettings.from_options(calib)

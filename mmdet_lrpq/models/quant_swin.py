@@ -1,6 +1,6 @@
 """``QuantSwinTransformer``: a quantized Swin backbone as a declarative mmdet model type.
 
-    model = dict(backbone=dict(type='QuantSwinTransformer', quant=dict(plan='...json', method='crl'),
+    model = dict(backbone=dict(type='mmdet_lrpq.QuantSwinTransformer', quant=dict(plan='...json', method='crl'),
                                embed_dims=96, depths=[2, 2, 6, 2], ...))   # SwinTransformer's kwargs
 
 It *is* mmdet's ``SwinTransformer`` (same parameters and checkpoint keys), plus quantization
@@ -14,11 +14,11 @@ from __future__ import annotations
 from typing import Optional
 
 from mmdet.models.backbones.swin import SwinTransformer
-from mmdet.registry import MODELS
 from mmengine.logging import MMLogger
 from torch import nn
 
 from ..config import QuantConfig
+from ..registry import MODELS
 from .quantizer import ModelQuantizer
 
 

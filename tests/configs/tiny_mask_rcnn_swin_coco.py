@@ -21,5 +21,5 @@ test_dataloader = dict(batch_size=1, num_workers=0, persistent_workers=False,
                        dataset=dict(pipeline=test_pipeline, indices=3))
 val_dataloader = test_dataloader
 test_evaluator = dict(format_only=False)
-custom_hooks = [dict(type='QuantizationHook', w_bits=4, a_bits=4, method='crl')]
+custom_hooks = [dict(type='mmdet_lrpq.QuantizationHook', w_bits=4, a_bits=4, method='crl')]
 default_hooks = dict(logger=dict(interval=1))
