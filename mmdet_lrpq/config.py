@@ -15,6 +15,7 @@ from typing import Optional, Union
 
 from .plan import BitPlan
 from .quant.functional import check_bits
+from .quant.options import from_options
 from .quant.reconstruct import ReconstructConfig
 
 METHODS = ('repq', 'crl', 'none')
@@ -108,11 +109,7 @@ class QuantConfig:
     @classmethod
     def from_options(cls, options: dict, where: str = 'quantization options') -> 'QuantConfig':
         """From keyword options (a config's dict), naming unknown ones instead of a bare TypeError."""
-        known = {f.name for f in fields(cls) if f.init}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise TypeError(f'{where}: unknown option(s) {unknown}; the options are {sorted(known)}')
-        return cls(**options)
+        return from_options(cls, options, where)
 
     @property
     def k(self) -> float:

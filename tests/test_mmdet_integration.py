@@ -357,6 +357,8 @@ def test_bad_settings_are_rejected_with_clear_messages(tmp_path):
         HOOKS.build(dict(type='QuantizationHook', calib=dict(num_images=0)))
     with pytest.raises(FileNotFoundError, match=r'bit plan not found: .*python tools/lrp_plan.py'):
         HOOKS.build(dict(type='QuantizationHook', plan=str(tmp_path / 'nope.json')))
+    with pytest.raises(TypeError, match=r"QuantizationHook: unknown option\(s\) \['w_bit'\]; the options are .*'w_bits'"):
+        HOOKS.build(dict(type='QuantizationHook', w_bit=4))
 
 
 def test_plan_with_unknown_sites_lists_them(tmp_path):
@@ -491,7 +493,7 @@ def test_settings_describe_is_json_and_k_semantics():
         HOOKS.build(dict(type='QuantizationHook', calib=dict(num_image=2)))
 
 
-# ----------------------------------------------------------------------------- issue 27: hook vs backbone options
+# ----------------------------------------------------------------------------- hook vs backbone options
 def test_hook_options_equal_to_the_defaults_still_count_as_given():
     """Backbone w_bits=6, hook w_bits=4 (the default): ran at 6 bits without a word; now an error naming both."""
     cfg = Config.fromfile(str(TINY_CFG))

@@ -23,6 +23,8 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
+from ..quant.options import from_options
+
 SOURCES = ('train', 'test')
 
 
@@ -58,12 +60,7 @@ class CalibSettings:
 
     @classmethod
     def from_options(cls, options: Optional[dict]) -> 'CalibSettings':
-        options = dict(options or {})
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise TypeError(f'calib: unknown option(s) {unknown}; the options are {sorted(known)}')
-        return cls(**options)
+        return from_options(cls, dict(options or {}), 'calib')
 
     def describe(self) -> dict:
         out = asdict(self)

@@ -46,6 +46,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .options import from_options
 from .modules import QuantConv2d, QuantLinear, QuantModule, QuantState, _Quantizer, set_quant_state
 
 ZETA, GAMMA = 1.1, -0.1     # AdaRound's stretch of the sigmoid, so h reaches 0 and 1 exactly
@@ -118,11 +119,7 @@ class ReconstructConfig:
 
     @classmethod
     def from_options(cls, options: dict) -> 'ReconstructConfig':
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise TypeError(f'reconstruct: unknown option(s) {unknown}; the options are {sorted(known)}')
-        return cls(**options)
+        return from_options(cls, options, 'reconstruct')
 
     def describe(self) -> dict:
         out = asdict(self)
