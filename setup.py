@@ -20,9 +20,9 @@ setup(
     package_data={'mmdet_lrpq.quant': ['csrc/*.cpp']},  # compiled at first use (mmdet_lrpq/quant/_ext.py)
     # The real minimums of the code (mmdet_lrpq/env.py checks the same at run time):
     #   Python 3.10: zip(strict=) (lrp/scores.py);  torch 2.6: weights-only torch.load with
-    #   (obj, 'module.name') allow-list entries (engine/checkpoint.py);  timm 1.0.8: Swin's
+    #   (obj, 'module.name') allow-list entries (safe_load.py);  timm 1.0.8: Swin's
     #   always_partition / strict_img_size / dynamic_mask (lrp/, tools/lrp_plan.py);  scipy 1.9:
-    #   optimize.milp (plan/allocators.py);  numpy 1.26: numpy._core (engine/checkpoint.py).
+    #   optimize.milp (plan/allocators.py);  numpy 1.26: numpy._core (safe_load.py).
     # Lower bounds only: the exact, verified pins live in requirements/runtime.txt and
     # tools/install.sh, so that `pip install -e .` keeps the CPU/CUDA torch a user already has.
     python_requires='>=3.10',

@@ -177,7 +177,7 @@ def test_one_batch_reproduces_the_single_forward_protocol_bit_for_bit():
 
 def test_several_batches_take_the_envelope_of_their_ranges():
     """One batch of all the images would calibrate on their union: the streamed range holds every
-    batch's (issue 27: a mean of per-image ranges clipped the last Swin stage of every other image)."""
+    batch's (a mean of per-image ranges, an earlier rule, clipped the last Swin stage of every other image)."""
     gen = torch.Generator().manual_seed(2)
     batches = [torch.randn(n, 5, 6, generator=gen) + 0.5 for n in (1, 3)]
     singles = []
@@ -350,7 +350,7 @@ def test_import_is_light_and_lazy():
     assert mmdet_lrpq.QuantConfig is QuantConfig and math.isinf(QuantConfig(method='repq').k)
 
 
-# ------------------------------------------------------------------------------ issue 27: inputs, states, plans
+# ------------------------------------------------------------------------------ inputs, states, plans
 def test_a_state_is_refused_when_the_calibration_inputs_changed(tmp_path, caplog):
     """Same calib_id, other images: the digest of the inputs tells them apart (it loaded silently before)."""
     path = str(tmp_path / 'state.pth')

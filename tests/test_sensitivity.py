@@ -261,7 +261,7 @@ def test_calib_option_overrides_one_field_of_the_hooks_calibration_settings():
     assert calib.num_images == 8
 
 
-# ---------------------------------------------------------------- LampQ's options (issue 30, item 2)
+# ---------------------------------------------------------------- LampQ's options
 
 def swin_like_problem(seed: int) -> tuple[list[Site], dict]:
     """Sites of six component types whose raw cost scales differ by orders of magnitude."""

@@ -114,7 +114,7 @@ def test_truncated_state_file_is_a_clear_error_then_recalibration_on_request(coc
     assert rc == 0 and 'no calibration' in log, log[-3000:]
 
 
-# ----------------------------------------------------------------------------- issue 27
+# ----------------------------------------------------------------------------- states, plans, converter
 def _coco_copy(coco_root: Path, dest: Path, change=None) -> Path:
     """``coco_root`` under another root: annotations and val2017 linked, train2017 (the calibration images)
     linked image by image, or rewritten through ``change(path, target)``."""

@@ -40,12 +40,6 @@ class QuantInProjection(QuantModule):
     def input_quantizers(self) -> list[_Quantizer]:
         return [self.query_quantizer, self.key_quantizer, self.value_quantizer]
 
-    def set_bits(self, w_bits: int, a_bits: int) -> None:
-        self.weight_quantizer.reset(w_bits)
-        for q in self.input_quantizers():
-            q.reset(a_bits)
-        self._weight_cache.clear()
-
     def macs(self, inputs: tuple, output: tuple) -> int:
         """Multiply-accumulates of the three projections (for BOPs): outputs x input features."""
         return sum(o.numel() * x.shape[-1] for o, x in zip(output, inputs[:3]))

@@ -249,12 +249,6 @@ class _WeightedQuantModule(QuantModule):
     def input_quantizers(self) -> list[_Quantizer]:
         return [self.input_quantizer]
 
-    def set_bits(self, w_bits: int, a_bits: int) -> None:
-        """Change bit-widths; the activation quantizer must then be calibrated again."""
-        self.weight_quantizer.reset(w_bits)
-        self.input_quantizer.reset(a_bits)
-        self._weight_cache.clear()
-
     def quantized_weight(self) -> Tensor:
         """The fake-quantized weight (cached: :class:`WeightCache`)."""
         return self._weight_cache(self.weight_quantizer, self.weight)
@@ -331,10 +325,6 @@ class QuantMatMul(QuantModule):
 
     def input_quantizers(self) -> list[_Quantizer]:
         return [self.quantizer_a, self.quantizer_b]
-
-    def set_bits(self, w_bits: Optional[int], a_bits: int) -> None:  # w_bits: no weights here
-        self.quantizer_a.reset(a_bits)
-        self.quantizer_b.reset(a_bits)
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         if self.state is QuantState.FLOAT:
