@@ -26,7 +26,8 @@ from typing import Any, Callable, Optional, Union
 from torch import Tensor, nn
 
 from .config import QuantConfig
-from .models.quantizer import ModelQuantizer, QuantReport
+from .models.quantizer import ModelQuantizer
+from .models.report import QuantReport
 from .models.state import StateFileError, _update_tensor, load_state_file, remove_stale_temporaries, save_state
 from .plan import BitPlan
 

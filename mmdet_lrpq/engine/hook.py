@@ -25,7 +25,7 @@ from mmengine.runner import BaseLoop
 
 from ..config import QuantConfig
 from ..registry import HOOKS
-from ..models.quantizer import QuantReport
+from ..models.report import QuantReport
 from .calib_data import CalibSettings
 from .quantize import detector_of, quantize_detector
 

@@ -17,7 +17,8 @@ from torch import nn
 
 from ..api import calibrate_or_load, images_in
 from ..config import QuantConfig
-from ..models.quantizer import ModelQuantizer, QuantReport
+from ..models.quantizer import ModelQuantizer
+from ..models.report import QuantReport
 from .calib_data import CalibrationImages, CalibSettings, pipeline_digest
 
 

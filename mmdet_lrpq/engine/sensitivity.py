@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from ..config import QuantConfig
-from ..models.quantizer import ModelQuantizer, sites_with_macs
+from ..models.quantizer import ModelQuantizer
+from ..models.report import sites_with_macs
 from ..models.sensitivity import fisher_sensitivity
 from ..plan import Site
 from .calib_data import CalibrationImages, CalibSettings

@@ -16,112 +16,25 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
 
 from ..config import QuantConfig, plan_command
-from ..plan import Site, account
+from ..plan import Site
 from ..quant import (CALIBRATION_RULE, thin_channel_ranges, LayerQuantConfig, QuantConv2d, QuantLinear, QuantState, calibrate_stream,
                      quant_modules, quantizable_layers, reconstruct_, reparameterize_, set_quant_state, wrap_modules)
 from ..quant.macs import count_macs
-from ..quant.reconstruct import Unit
 from .base import Adapter, Bits, ReparamPair, apply_reparam_shift, find_adapters, site_granularity
+from .detector import head_units, neck_pairs
+from .report import QuantReport, sites_with_macs
 from .state import (STATE_FORMAT, StateMismatchError, differences, host_state_dict, mismatch_message,
                     new_identity)
 
 
 # Fewest values per channel a per-channel activation range should rest on before calibration warns.
 MIN_VALUES_PER_CHANNEL = 128
-
-
-@dataclass
-class QuantReport:
-    """What quantization did: per-site bits and granularity, totals, calibration, float leftovers.
-
-    ``str(report)`` is the table the hook logs; :meth:`to_dict` is ``quantization_report.json``.
-    """
-    config: dict
-    sites: list[Site]
-    bits: dict[str, Bits]
-    granularity: dict[str, str]
-    reparameterized: dict[str, str] = field(default_factory=dict)
-    float_modules: list[dict] = field(default_factory=list)
-    calibration: dict = field(default_factory=dict)
-    input_shape: Optional[tuple[int, int]] = None
-    warnings: list[str] = field(default_factory=list)   # e.g. a placeholder plan: shown in the table and JSON
-
-    @property
-    def totals(self) -> dict:
-        acc = account(self.sites, self.bits)
-        n_layers = sum(s.kind != 'matmul' for s in self.sites)
-        return {'conv_linear': n_layers, 'matmul': len(self.sites) - n_layers, **acc.to_dict(),
-                'float_modules': len(self.float_modules),
-                'float_params': sum(m['params'] for m in self.float_modules)}
-
-    @property
-    def calibration_ids(self) -> list:
-        return list(self.calibration.get('image_ids') or [])
-
-    def table(self) -> str:
-        rows = [('site', 'kind', 'W', 'A', 'granularity', 'reparam')]
-        for s in self.sites:
-            w, a = self.bits[s.name]
-            rows.append((s.name, s.kind, '-' if s.kind == 'matmul' else str(w), str(a),
-                         self.granularity[s.name], self.reparameterized.get(s.name, '-')))
-        for m in self.float_modules:
-            rows.append((m['name'], m['family'], 'float', 'float', f"not quantized: {m['reason']}", '-'))
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        lines = ['  '.join(c.ljust(wd) for c, wd in zip(row, widths)) for row in rows]
-        lines.insert(1, '  '.join('-' * wd for wd in widths))
-        lines[:0] = [f'WARNING: {w}' for w in self.warnings]
-        t = self.totals
-        c = self.config
-        shape = f' at {self.input_shape[1]}x{self.input_shape[0]}' if self.input_shape else ''
-        method = c['method'] + (f"(k={c['crl_k']})" if c['method'] == 'crl' else '')
-        rec = self.calibration.get('reconstruction')
-        reconstructed = (f"; reconstructed {rec['blocks']} blocks + {rec['heads']} heads + {rec['layers']} layers on "
-                         f"{rec['images']:g} image(s) in {rec['seconds']:.0f} s" if rec else '')
-        leftover = (f"; {t['float_modules']} module(s) left in float ({t['float_params']} weights, not in "
-                    f"these totals)" if self.float_modules else '')
-        cal = self.calibration
-        calib = (f"calibration: {cal.get('num_images')} image(s) {self.calibration_ids}, "
-                 f"batch size {cal.get('batch_size')}, rule: {cal.get('rule')}" if cal else 'not calibrated')
-        lines.append(
-            f"scope={c['scope']} method={method}: {t['conv_linear']} Conv2d/Linear + {t['matmul']} attention "
-            f"matmuls quantized; avg W bits {t['avg_weight_bits']:.3f}, avg A bits {t['avg_act_bits']:.3f} "
-            f"(MAC-weighted {t['avg_act_bits_mac_weighted']:.3f}), weights {t['weight_mb']:.2f} MB, "
-            f"{t['bops'] / 1e9:.2f} GBOPs/image{shape}{leftover}; {calib}{reconstructed}")
-        return '\n'.join(lines)
-
-    __str__ = table
-
-    def to_dict(self) -> dict:
-        return {'settings': self.config, 'totals': self.totals, 'calibration_ids': self.calibration_ids,
-                'calibration': self.calibration, 'input_shape': self.input_shape,
-                'float_modules': self.float_modules, 'warnings': list(self.warnings),
-                'sites': [{**s.to_dict(), 'w_bits': self.bits[s.name][0], 'a_bits': self.bits[s.name][1],
-                           'granularity': self.granularity[s.name], 'reparam': self.reparameterized.get(s.name)}
-                          for s in self.sites]}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> 'QuantReport':
-        sites = [Site(**{k: s[k] for k in ('name', 'kind', 'layer_type', 'block', 'stage', 'params', 'macs')})
-                 for s in data['sites']]
-        return cls(config=data['settings'], sites=sites,
-                   bits={s['name']: (s['w_bits'], s['a_bits']) for s in data['sites']},
-                   granularity={s['name']: s['granularity'] for s in data['sites']},
-                   reparameterized={s['name']: s['reparam'] for s in data['sites'] if s['reparam']},
-                   float_modules=list(data.get('float_modules', [])), calibration=dict(data.get('calibration', {})),
-                   warnings=list(data.get('warnings', [])),
-                   input_shape=tuple(data['input_shape']) if data.get('input_shape') else None)
-
-
-def sites_with_macs(sites: list[Site], counts: dict[str, int], n_images: float) -> list[Site]:
-    """``sites`` with their MACs per image, from :func:`count_macs` totals over ``n_images`` images."""
-    return [replace(s, macs=round(counts.get(s.name, 0) / max(1.0, n_images))) for s in sites]
 
 
 def _peak_memory_reset(device: torch.device) -> None:
@@ -211,27 +124,7 @@ class ModelQuantizer:
             return []
         pairs = [p for a in self._active() for p in a.reparam_pairs()]
         if self.config.reparam_output_norms and self.config.scope == 'detector':
-            pairs += self._neck_pairs()
-        return pairs
-
-    def _neck_pairs(self) -> list[ReparamPair]:
-        """Backbone output norms -> FPN lateral 1x1 convs, where the output feeds nothing else."""
-        neck = getattr(self.model, 'neck', None)
-        laterals = getattr(neck, 'lateral_convs', None)
-        backbone = next((a for a in self.adapters if a.is_backbone and a.prefix == 'backbone.'), None)
-        if laterals is None or not hasattr(neck, 'start_level') or backbone is None:
-            return []
-        pairs = []
-        # FPN input p is the backbone's p-th output, i.e. out_indices[p], whatever stage that is.
-        for p, (_, norm) in enumerate(sorted(backbone.output_norms().items())):
-            j = p - neck.start_level
-            if not 0 <= j < len(laterals):
-                continue
-            shared = neck.add_extra_convs == 'on_input' and p == neck.backbone_end_level - 1
-            conv = getattr(laterals[j], 'conv', None)
-            if shared or not isinstance(conv, nn.Conv2d) or conv.kernel_size != (1, 1) or conv.groups != 1:
-                continue
-            pairs.append(ReparamPair(norm, f'neck.lateral_convs.{j}.conv'))
+            pairs += neck_pairs(self.model, self.adapters)
         return pairs
 
     # ------------------------------------------------------------------ bits + wrap
@@ -378,24 +271,8 @@ class ModelQuantizer:
         inside = {id(m) for chain in chains for u in chain for m in u.module.modules()}
         layers = {name: m for name, m in quant_modules(self.model).items()
                   if isinstance(m, (QuantConv2d, QuantLinear)) and id(m) not in inside}
-        return reconstruct_(self.model, chains, self._head_units(), layers, batches, run, self.config.reconstruct,
+        return reconstruct_(self.model, chains, head_units(self.model) if self.config.scope == 'detector' else [], layers, batches, run, self.config.reconstruct,
                             images_in=images_in, progress=progress)
-
-    def _head_units(self) -> list[Unit]:
-        """An mmdet detector's heads as reconstruction units, in forward order: the neck and the RPN head
-        (their inputs correspond image by image in the float and the quantized model), then every RoI
-        box and mask head (their RoIs do not: learned on the quantized model's RoIs, sampled)."""
-        if self.config.scope != 'detector':
-            return []
-        out = [Unit(name, module, lambda *args, module=module: module(*args))
-               for name in ('neck', 'rpn_head') if isinstance(module := getattr(self.model, name, None), nn.Module)]
-        roi = getattr(self.model, 'roi_head', None)
-        for attr in ('bbox_head', 'mask_head'):
-            heads = getattr(roi, attr, None)
-            named = ([(f'roi_head.{attr}.{i}', h) for i, h in enumerate(heads)] if isinstance(heads, nn.ModuleList)
-                     else [(f'roi_head.{attr}', heads)] if isinstance(heads, nn.Module) else [])
-            out += [Unit(name, h, lambda *args, h=h: h(*args), aligned=False, rows=True) for name, h in named]
-        return [u for u in out if quant_modules(u.module)]
 
     def requantize_weights(self) -> None:
         """Re-calibrate and cache every weight quantizer now (reparameterization changed weights)."""
@@ -475,4 +352,4 @@ class ModelQuantizer:
         return self.report
 
 
-__all__ = ['ModelQuantizer', 'QuantReport', 'model_device']
+__all__ = ['ModelQuantizer', 'model_device']
