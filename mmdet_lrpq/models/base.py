@@ -21,11 +21,11 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import nn
 
+from ..bits import Bits
 from ..plan.sites import Site
 from ..quant import QuantMatMul, ReparamResult
 from ..quant.reconstruct import Unit
 
-Bits = tuple[int, int]
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,8 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from .bitplan import MAX_BITS, MIN_BITS, BitPlan, Bits, check_bits, check_scores, format_names
+from ..bits import MAX_BITS, MIN_BITS, Bits, check_bit_pair
+from .bitplan import BitPlan, check_scores, format_names
 from .budget import Budget, account
 from .sites import Site
 
@@ -310,8 +311,8 @@ def _problem(name: str, sites: Sequence[Site], scores: Mapping[str, float], k: i
             raise ValueError(f'{what} name {len(unknown)} site(s) not in the site list: {format_names(unknown)}. '
                              f'Map names to the model being planned first (e.g. BitPlan.rename for timm -> mmdet).')
     checked_scores = check_scores(scores)
-    pinned = {n: check_bits(f'fixed[{n!r}]', b) for n, b in fixed.items()}
-    act_pins = {n: check_bits(f'act_bits[{n!r}]', (MIN_BITS, a))[1] for n, a in (act_bits or {}).items()}
+    pinned = {n: check_bit_pair(f'fixed[{n!r}]', b) for n, b in fixed.items()}
+    act_pins = {n: check_bit_pair(f'act_bits[{n!r}]', (MIN_BITS, a))[1] for n, a in (act_bits or {}).items()}
     budget = budget or Budget(weight_bits=k)
     if budget.max_bops is not None:
         if name not in ('ilp', 'sensitivity'):

@@ -24,13 +24,12 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
+from ..bits import MAX_BITS, MIN_BITS, Bits, check_bit_pair
 from .sites import Site
 
 PLAN_FORMAT = 'mmdet-lrpq/bitplan@1'
 PATTERN_PREFIX = 're:'
 CATCH_ALL = 're:.*'
-MIN_BITS, MAX_BITS = 2, 8
-Bits = tuple[int, int]
 _FIELDS = ('format', 'allocator', 'command', 'source', 'architecture', 'budget', 'bits', 'scores')
 
 
@@ -39,19 +38,6 @@ def format_names(names: Iterable[str], limit: int = 10) -> str:
     names = list(names)
     shown = ', '.join(repr(n) for n in names[:limit])
     return shown if len(names) <= limit else f'{shown}, ... ({len(names)} in all)'
-
-
-def check_bits(entry: str, value: Any) -> Bits:
-    """``value`` as a ``(w_bits, a_bits)`` pair of ints in 2..8, or a ValueError naming ``entry``."""
-    if isinstance(value, (str, bytes)) or not hasattr(value, '__len__') or len(value) != 2:
-        raise ValueError(f'bit plan entry {entry!r}: expected [w_bits, a_bits], got {value!r}')
-    out = []
-    for what, b in zip(('w_bits', 'a_bits'), value):
-        if isinstance(b, bool) or not isinstance(b, numbers.Integral) or not MIN_BITS <= b <= MAX_BITS:
-            raise ValueError(f'bit plan entry {entry!r}: {what} must be an integer in '
-                             f'{MIN_BITS}..{MAX_BITS}, got {b!r}')
-        out.append(int(b))
-    return out[0], out[1]
 
 
 def check_scores(scores: Mapping[str, Any]) -> dict[str, float]:
@@ -105,7 +91,7 @@ class BitPlan:
         for key, value in bits.items():
             if not isinstance(key, str) or not key:
                 raise ValueError(f'bit plan keys must be non-empty strings, got {key!r}')
-            checked[key] = check_bits(key, value)
+            checked[key] = check_bit_pair(key, value)
             if key.startswith(PATTERN_PREFIX):
                 try:
                     patterns.append((key, re.compile(key[len(PATTERN_PREFIX):])))

@@ -27,7 +27,8 @@ import numbers
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 from .allocators import allocate
-from .bitplan import BitPlan, Bits
+from ..bits import Bits
+from .bitplan import BitPlan
 from .budget import Budget
 from .sites import SWIN_LAYER_TYPES, Site
 

@@ -6,7 +6,8 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from .bitplan import MAX_BITS, MIN_BITS, BitPlan
+from ..bits import MAX_BITS, MIN_BITS
+from .bitplan import BitPlan
 from .sites import Site
 
 ROWS = ('qkv', 'matmul1', 'matmul2', 'proj', 'fc1', 'fc2', 'reduction')

@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..bits import MAX_BITS, MIN_BITS, check_bits
 from ._ext import kernels
 
 PERCENTILES: tuple[float, ...] = (0.999, 0.9999, 0.99999)
-MIN_BITS, MAX_BITS = 2, 8
 SQRT2 = math.sqrt(2.0)
 # Elements per step of the candidate-MSE loop: bounds the temporaries' memory; large enough that
 # each op call amortizes its thread start-up. Measured on 2 cores under load (25.8M-element
@@ -53,13 +53,6 @@ _ROW_SELECT_MIN = 1 << 13
 
 
 # ----------------------------------------------------------------------------- validation
-def check_bits(bits: int) -> int:
-    """Return ``bits`` if it is an integer in 2..8, else raise ``ValueError``."""
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not MIN_BITS <= bits <= MAX_BITS:
-        raise ValueError(f'bit-width must be an integer in {MIN_BITS}..{MAX_BITS}, got {bits!r}')
-    return int(bits)
-
-
 def _check_nonempty(x: Tensor, what: str) -> None:
     if x.numel() == 0:
         raise ValueError(f'cannot calibrate {what} on an empty tensor')
