@@ -36,15 +36,11 @@ from ._ext import kernels
 
 PERCENTILES: tuple[float, ...] = (0.999, 0.9999, 0.99999)
 SQRT2 = math.sqrt(2.0)
-# Elements per step of the candidate-MSE loop: bounds the temporaries' memory; large enough that
-# each op call amortizes its thread start-up. Measured on 2 cores under load (25.8M-element
-# per-tensor + 6.4M per-channel calibration): 2^18 -> 7.8 s, 2^20 -> 1.7 s, 2^22 -> 1.5 s; on the
-# same cores when quiet (23.3M per-tensor + 5.8M per-channel): 2^16 0.149 s, 2^18 0.133 s,
-# 2^20 0.134 s, 2^22 0.158 s. 2^20 is near the best in both regimes.
+# Elements per step of the candidate-MSE loop: bounds the temporaries' memory, yet large enough that
+# each op call amortizes its thread start-up (figures: docs/benchmarks.md, "Chunk sizes").
 _CHUNK_ELEMENTS = 1 << 20
-# Elements per step of the log-sqrt2 fake-quant: large enough that thread start-up per op call
-# stays negligible on a loaded machine, small enough that the passes mostly hit cache (measured
-# on a 2-core CPU: 2^20 beats both 2^15 and whole-tensor passes under load).
+# Elements per step of the log-sqrt2 fake-quant: thread start-up per op call stays negligible, and
+# the passes mostly hit cache (same section).
 _LOG_CHUNK = 1 << 20
 # Flat tensors above this size take the threshold-and-select path for their tails.
 _SELECT_MIN_ELEMENTS = 1 << 20
@@ -61,8 +57,7 @@ def _check_nonempty(x: Tensor, what: str) -> None:
 def _row_extremes(rows: Tensor, what: str) -> tuple[Tensor, Tensor]:
     """Per-row (min, max) in one pass; NaN/Inf anywhere is an error (aminmax propagates NaN).
 
-    One row (per tensor) is reduced whole: ``aminmax(dim=1)`` runs a single row on one thread
-    (35 vs 2 ms for 9.2 M values on 2 cores)."""
+    One row (per tensor) is reduced whole: ``aminmax(dim=1)`` runs a single row on one thread."""
     if rows.shape[0] == 1:
         lo, hi = (v.reshape(1) for v in torch.aminmax(rows))
     else:
