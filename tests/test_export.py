@@ -141,6 +141,48 @@ def test_onnx_runtime_reproduces_the_quantized_block(tmp_path, round_zero_point)
     assert ops['op_counts'].get('MatMulIntegerToFloat', 0) >= 2
 
 
+def _tampered(path, edit) -> None:
+    model = onnx.load(str(path))
+    edit(model.graph, {t.name: t for t in model.graph.initializer})
+    onnx.save(model, str(path))
+
+
+def test_code_parity_names_the_site_where_the_graph_is_not_the_model(tmp_path):
+    # mixed precision as in a plan: 5-, 3- and 6-bit sites carried in uint8 / int4 containers
+    m = quantized_block(qkv_bits=(5, 5), mm_bits=3, proj_bits=(6, 6))
+    x = torch.randn(2, 49, 32)
+    r = export_onnx(m, tmp_path / 'm.onnx', x)
+    cp = code_parity(r, m)
+    assert cp['disagreements'] == [] and cp['same_input_differing'] == 0
+    assert [row['bits'] for row in cp['sites']] == [5, 3, 3, 3, 3, 6]
+    assert all(row['input_max_steps'] < 1e-3 for row in cp['sites'][:3])   # same floats up to rounding
+
+    # a 5-bit activation clipped to 4-bit's 16 codes: every code PyTorch puts above them differs. Each runtime
+    # on its own input cannot tell this from propagated rounding flips; on the same input it is exact
+    def narrow_clip(graph, inits):
+        lo, hi = (numpy_helper.to_array(inits[f'qkv.input_quantizer.{k}']) for k in ('clip_min', 'clip_max'))
+        inits['qkv.input_quantizer.clip_max'].CopyFrom(numpy_helper.from_array(lo + 15, 'qkv.input_quantizer.clip_max'))
+    _tampered(r.path, narrow_clip)
+    bad = code_parity(r, m)
+    assert len(bad['disagreements']) == 1, bad['disagreements']
+    assert bad['disagreements'][0].startswith('qkv.input_quantizer (5-bit): ') and 'not this quantizer' in \
+        bad['disagreements'][0]
+    assert bad['sites'][0]['same_input_max_steps'] > 1
+
+    # a float op exported differently (the LayerNorm's scale 20 % larger): the first quantizer's input moves by
+    # steps while no code before it differs
+    r = export_onnx(m, tmp_path / 'f.onnx', x)
+
+    def scale_layer_norm(graph, inits):
+        ln = next(n for n in graph.node if n.op_type == 'LayerNormalization')
+        w = numpy_helper.to_array(inits[ln.input[1]]) * np.float32(1.2)
+        inits[ln.input[1]].CopyFrom(numpy_helper.from_array(w, ln.input[1]))
+    _tampered(r.path, scale_layer_norm)
+    bad = code_parity(r, m)
+    assert bad['same_input_differing'] == 0
+    assert bad['disagreements'] and bad['disagreements'][0].startswith('qkv.input_quantizer (5-bit): its input differs')
+
+
 def test_rounded_fractional_zero_point_is_measured_not_hidden(tmp_path):
     m = quantized_block(round_zero_point=False)
     r = export_onnx(m, tmp_path / 'm.onnx', torch.randn(2, 49, 32), fractional_zero_point='round')
