@@ -17,15 +17,17 @@ log-sqrt2 attention quantizer.
 
 **ap** — the miniature world's Mask R-CNN at W8A8, W4A4 and MP4 (its LRP plan), calibrated as the
 miniature-world config says (CRL, ``round_zero_point=True``): box/mask AP on the whole val split with
-PyTorch computing everything vs with ONNX Runtime computing backbone + FPN (heads in PyTorch), on the
-same batches in one loop.
+PyTorch computing everything vs with ONNX Runtime computing backbone + FPN (heads in PyTorch), and the
+rounding floor: PyTorch with every float op of backbone + FPN moved by up to one ulp (one run per
+seed; ``rounding_noise``), all on the same batches in one loop. Every quantizer's codes, ONNX Runtime
+vs PyTorch on a few val images, each runtime on its own input and on the same input (``code_parity``),
+with the parity check's verdict (``disagreements``).
 
 Writes ``results/export_benchmark.json`` and the tables in ``docs/export.md``.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import os.path as osp
@@ -141,29 +143,13 @@ def _grouped(names):
     return grouped(names)
 
 
-@contextlib.contextmanager
-def float64_layer_norm():
-    """PyTorch's LayerNorm computed in float64 and rounded back (outputs within an ulp of float32's):
-    how much the simulation's own AP moves under float-rounding-sized changes."""
-    import torch.nn.functional as F
-    original = F.layer_norm
-
-    def layer_norm(x, shape, weight=None, bias=None, eps=1e-5):
-        to64 = (lambda t: None if t is None else t.double())
-        return original(x.double(), shape, to64(weight), to64(bias), eps).to(x.dtype)
-    F.layer_norm = layer_norm
-    try:
-        yield
-    finally:
-        F.layer_norm = original
-
-
 def ap_part(args) -> dict:
     import experiments as ex
 
     from mmdet_lrpq.apis import init_quantized_detector
     from mmdet_lrpq.export import code_parity, export_onnx, session
-    from mmdet_lrpq.export.detector import BackboneNeck, batch_from_image, evaluate_ap, preprocessed_input
+    from mmdet_lrpq.export.detector import (BackboneNeck, batch_from_image, evaluate_ap, preprocessed_input,
+                                            rounding_noise)
     ex.require_checkpoints(('mask_rcnn',))
     ex.ensure_data()
     torch.set_num_threads(args.threads)
@@ -178,19 +164,33 @@ def ap_part(args) -> dict:
         part = BackboneNeck(model)
         x = preprocessed_input(model, batch_from_image(model.cfg, osp.join(ex.DATA, 'val', '000001.jpg')))
         r = export_onnx(part, osp.join(tmp, f'{name}.onnx'), x)
-        codes = code_parity(r, part)
+        codes = [code_parity(r, part, preprocessed_input(model, batch_from_image(
+            model.cfg, osp.join(ex.DATA, 'val', f'{i:06d}.jpg')))) for i in range(1, args.parity_images + 1)]
         t0 = time.perf_counter()
-        ap = evaluate_ap(model, model.cfg, session(r.path, args.threads), data_root=ex.DATA + '/', limit=args.limit)
-        with float64_layer_norm():
-            floor = evaluate_ap(model, model.cfg, None, data_root=ex.DATA + '/', limit=args.limit)['torch']
-        rows.append({'setting': name, 'images': ap['images'], 'seconds': time.perf_counter() - t0,
-                     'box_ap_torch_ln64': floor['coco/bbox_mAP'], 'mask_ap_torch_ln64': floor['coco/segm_mAP'],
-                     'box_ap_torch': ap['torch']['coco/bbox_mAP'], 'box_ap_onnx': ap['onnx']['coco/bbox_mAP'],
-                     'mask_ap_torch': ap['torch']['coco/segm_mAP'], 'mask_ap_onnx': ap['onnx']['coco/segm_mAP'],
-                     'codes_frac_differing': codes['frac_differing'], 'codes_max_steps': codes['max_steps'],
-                     'file_mb': r.file_bytes / 2 ** 20})
+        noise = {f'noise{s}': (lambda s=s: rounding_noise(part, s)) for s in range(args.noise_seeds)}
+        ap = evaluate_ap(model, model.cfg, session(r.path, args.threads), data_root=ex.DATA + '/', limit=args.limit,
+                         variants=noise)
+        row = {'setting': name, 'images': ap['images'], 'seconds': time.perf_counter() - t0,
+               'box_ap_torch': ap['torch']['coco/bbox_mAP'], 'box_ap_onnx': ap['onnx']['coco/bbox_mAP'],
+               'mask_ap_torch': ap['torch']['coco/segm_mAP'], 'mask_ap_onnx': ap['onnx']['coco/segm_mAP'],
+               'box_ap_noise': [ap[k]['coco/bbox_mAP'] for k in noise],
+               'mask_ap_noise': [ap[k]['coco/segm_mAP'] for k in noise],
+               'parity_images': len(codes),
+               'codes_frac_differing': statistics.mean(c['frac_differing'] for c in codes),
+               'codes_max_steps': max(c['max_steps'] for c in codes),
+               'same_input_differing': sum(c['same_input_differing'] for c in codes),
+               'same_input_elements': sum(c['elements'] for c in codes),
+               'disagreements': sorted({d for c in codes for d in c['disagreements']}),
+               'file_mb': r.file_bytes / 2 ** 20}
+        rows.append(row)
         print(rows[-1], flush=True)
-    return {'detector': 'mask_rcnn (miniature world)', 'rows': rows}
+    return {'detector': 'mask_rcnn (miniature world)', 'noise_seeds': args.noise_seeds, 'rows': rows}
+
+
+def _spread(torch_ap: float, noisy: list) -> str:
+    """The largest AP difference PyTorch itself shows under rounding noise, with the range."""
+    worst = max(abs(v - torch_ap) for v in noisy)
+    return f"{worst:.1f} ({min(noisy):.1f}-{max(noisy):.1f})"
 
 
 def tables(results: dict) -> str:
@@ -221,17 +221,28 @@ def tables(results: dict) -> str:
                                                 for k, v in s['census_4bit'].items()) + '.']
     if 'ap' in results:
         a = results['ap']
-        out += ['', f"**Miniature-world Mask R-CNN, box / mask AP on the first {a['rows'][0]['images']} val images** "
+        r0 = a['rows'][0]
+        out += ['', f"**Miniature-world Mask R-CNN, box / mask AP on the first {r0['images']} val images** "
                     f"(`{results['commands']['ap']}`): PyTorch quantized; ONNX Runtime computing backbone + FPN (heads "
-                    f"in PyTorch); PyTorch with its LayerNorm in float64 (outputs within an ulp: the simulation's own "
-                    f"sensitivity to float rounding). Codes: every quantizer's codes on one val image, ONNX Runtime vs "
-                    f"PyTorch.", '',
-                '| setting | box PyTorch | box ONNX Runtime | box PyTorch f64-LN | mask PyTorch | mask ONNX Runtime | '
-                'mask PyTorch f64-LN | codes differing | max steps |', '|---|---|---|---|---|---|---|---|---|']
+                    f"in PyTorch); |ONNX Runtime - PyTorch|; and the rounding floor: the largest |AP - PyTorch's| of "
+                    f"PyTorch itself with every float op of backbone + FPN moved by up to one ulp "
+                    f"(`rounding_noise`, seeds 0-{a['noise_seeds'] - 1}; the range in brackets). Codes, on val images "
+                    f"1-{r0['parity_images']}: the fraction of all quantizer codes that differ with each runtime on "
+                    f"its own input (rounding flips that propagate) and the largest such difference; on the same "
+                    f"input (ONNX Runtime's, fed to the model's own quantizer): codes that differ.", '',
+                '| setting | box PyTorch | box ONNX Runtime | box diff | box rounding floor | mask PyTorch | '
+                'mask ONNX Runtime | mask diff | mask rounding floor | codes differing | max steps | '
+                'same input: differing |', '|---|---|---|---|---|---|---|---|---|---|---|---|']
         for r in a['rows']:
-            out.append(f"| {r['setting']} | {r['box_ap_torch']:.1f} | {r['box_ap_onnx']:.1f} | {r['box_ap_torch_ln64']:.1f} | "
-                       f"{r['mask_ap_torch']:.1f} | {r['mask_ap_onnx']:.1f} | {r['mask_ap_torch_ln64']:.1f} | "
-                       f"{r['codes_frac_differing']:.1e} | {r['codes_max_steps']:g} |")
+            out.append(f"| {r['setting']} | {r['box_ap_torch']:.1f} | {r['box_ap_onnx']:.1f} | "
+                       f"{abs(r['box_ap_onnx'] - r['box_ap_torch']):.1f} | {_spread(r['box_ap_torch'], r['box_ap_noise'])} | "
+                       f"{r['mask_ap_torch']:.1f} | {r['mask_ap_onnx']:.1f} | "
+                       f"{abs(r['mask_ap_onnx'] - r['mask_ap_torch']):.1f} | "
+                       f"{_spread(r['mask_ap_torch'], r['mask_ap_noise'])} | {r['codes_frac_differing']:.1e} | "
+                       f"{r['codes_max_steps']:g} | {r['same_input_differing']} of {r['same_input_elements']} |")
+        bad = [d for r in a['rows'] for d in r['disagreements']]
+        out += ['', 'Parity check (`disagreements`): ' + ('; '.join(bad) if bad else
+                'no site where the graph is not the model, in any setting.')]
     return '\n'.join(out) + '\n'
 
 
@@ -242,6 +253,9 @@ def main(argv=None) -> dict:
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--rounds', type=int, default=5)
     p.add_argument('--limit', type=int, default=None, help='ap: first N val images (default: all 200)')
+    p.add_argument('--noise-seeds', type=int, default=5,
+                   help='ap: PyTorch runs under one-ulp rounding noise (the rounding floor), one per seed')
+    p.add_argument('--parity-images', type=int, default=4, help='ap: val images for the per-quantizer code parity')
     p.add_argument('--no-doc', action='store_true')
     args = p.parse_args(argv)
     results = json.load(open(RESULTS)) if osp.isfile(RESULTS) else {}
@@ -258,7 +272,10 @@ def main(argv=None) -> dict:
     if args.part in ('speed', 'all'):
         results['commands']['speed'] = f'{COMMAND} --part speed --rounds {args.rounds}'
     if args.part in ('ap', 'all'):
-        results['commands']['ap'] = f'{COMMAND} --part ap' + (f' --limit {args.limit}' if args.limit else '')
+        results['commands']['ap'] = f'{COMMAND} --part ap' + (f' --limit {args.limit}' if args.limit else '') + \
+            (f' --noise-seeds {args.noise_seeds}' if args.noise_seeds != 5 else '') + \
+            (f' --parity-images {args.parity_images}' if args.parity_images != 4 else '') + \
+            (f' --threads {args.threads}' if args.threads != 2 else '')
     if args.part in ('speed', 'all'):
         if not osp.isfile(args.image):
             sys.exit(f'image not found: {args.image} (pass --image PATH to a COCO image)')

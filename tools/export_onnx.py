@@ -12,6 +12,13 @@ preprocessed image (fixed input shape: the example image's); RPN, RoI heads, RoI
 in PyTorch. Prints what ONNX Runtime runs in integer kernels and what stays float, and the parity
 of ONNX Runtime against the PyTorch quantized model on the example image (every quantizer's codes,
 and the feature maps); writes ``backbone_neck.onnx`` and ``export_report.json`` to ``--out``.
+
+The parity check fails the export (exit status 3, after writing both files, the sites named) where
+the graph does not compute what the model computes: a quantizer whose codes differ from the model's
+own quantizer *on the same input* by more than one step, or a quantizer whose input differs by more
+than one step while every earlier quantizer's codes agree (``mmdet_lrpq.export.runtime.disagreements``).
+Codes that differ end to end after a first one-step rounding flip are reported, not failed: the
+flips propagate in a correct graph too.
 """
 from __future__ import annotations
 
@@ -164,6 +171,13 @@ def main(argv=None) -> dict:
     with open(osp.join(args.out, 'export_report.json'), 'w') as f:
         json.dump(report, f, indent=1)
     print_report(report)
+    if codes is not None and codes['disagreements']:
+        print(f"error: the exported graph does not compute what the PyTorch model computes at "
+              f"{len(codes['disagreements'])} site(s):", file=sys.stderr)
+        for line in codes['disagreements']:
+            print(f'  {line}', file=sys.stderr)
+        print(f"  (files kept in {args.out} for inspection; export_report.json has every site's figures)", file=sys.stderr)
+        sys.exit(3)
     return report
 
 
@@ -191,8 +205,17 @@ def print_report(r: dict) -> None:
           f"{max(row['frac_beyond_1e-4'] for row in p['outputs']):.2%}")
     if p['codes'] is not None:
         c = p['codes']
-        print(f"  quantizer codes: {c['differing']} of {c['elements']} differ ({c['frac_differing']:.2e}) over "
-              f"{c['sites_compared']} quantizers, by at most {c['max_steps']:g} step(s)")
+        print(f"  quantizer codes, each runtime on its own input: {c['differing']} of {c['elements']} differ "
+              f"({c['frac_differing']:.2e}) over {c['sites_compared']} quantizers, by at most {c['max_steps']:g} "
+              f"step(s) (rounding flips that propagate)")
+        print(f"  quantizer codes on the same input (ONNX Runtime's, fed to the model's quantizer): "
+              f"{c['same_input_differing']} differ, by at most {c['same_input_max_steps']:g} step(s)")
+        if not c['disagreements']:
+            print('  parity check passed: every quantizer computes the model\'s codes on the same input, and no input '
+                  'differs by more than a step before the first rounding flip')
+    else:
+        print('  parity check skipped (--no-code-parity): the graph is not checked against the model quantizer by '
+              'quantizer')
 
 
 if __name__ == '__main__':

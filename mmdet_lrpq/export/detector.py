@@ -91,16 +91,53 @@ def test_dataloader(cfg, data_root: Optional[str] = None, limit: Optional[int] =
     return Runner.build_dataloader(loader), cfg.test_evaluator
 
 
+FLOAT_OPS = (nn.LayerNorm, nn.Softmax, nn.GELU, nn.Linear, nn.Conv2d)
+
+
+@contextlib.contextmanager
+def rounding_noise(module: nn.Module, seed: int, ulps: int = 1, kinds=FLOAT_OPS) -> Iterator[None]:
+    """Within the block every float op of ``module`` of the given kinds (LayerNorm, softmax, GELU, Linear,
+    Conv2d: their outputs, before the next quantizer) is moved by up to ``ulps`` units in the last place,
+    independently per element (-1, 0 or +1 ulp each time, seeded), zeros kept: the size of the
+    difference another runtime's float kernels make. The AP spread over seeds is the quantized model's
+    own sensitivity to float rounding, the floor below which ONNX Runtime and PyTorch cannot be told
+    apart."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def hook(mod, inputs, out):
+        if not isinstance(out, Tensor) or not out.is_floating_point():
+            return None
+        for _ in range(ulps):
+            step = torch.randint(0, 3, out.shape, generator=gen).to(out.device) - 1
+            away = torch.nextafter(out, step.to(out.dtype) * float('inf'))
+            out = torch.where((step == 0) | (out == 0), out, away)
+        return out
+
+    handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, kinds)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def evaluate_ap(detector: nn.Module, cfg, sess=None, data_root: Optional[str] = None, limit: Optional[int] = None,
-                metrics: Sequence[str] = ('coco/bbox_mAP', 'coco/segm_mAP')) -> dict:
+                metrics: Sequence[str] = ('coco/bbox_mAP', 'coco/segm_mAP'), variants: Optional[dict] = None) -> dict:
     """mmdet's evaluator on the test set (first ``limit`` images): the PyTorch detector, and with ``sess``
     also the same detector with ONNX Runtime computing backbone + neck, batch by batch side by side.
-    Returns ``{'torch': {...}, 'onnx': {...}}`` with the requested metrics in percent."""
+    ``variants``: further runs of the PyTorch detector by name, each a zero-argument callable that returns
+    the context manager to run it in (e.g. ``lambda: rounding_noise(detector.backbone, 0)``).
+    Returns ``{'torch': {...}, 'onnx': {...}, name: {...}}`` with the requested metrics in percent."""
     from mmengine.evaluator import Evaluator
     loader, evaluator_cfg = test_dataloader(cfg, data_root, limit)
+    variants = dict(variants or {})
     evaluators = {'torch': Evaluator(copy.deepcopy(evaluator_cfg))}
     if sess is not None:
         evaluators['onnx'] = Evaluator(copy.deepcopy(evaluator_cfg))
+    for name in variants:
+        if name in evaluators:
+            raise ValueError(f'variant name {name!r} is taken')
+        evaluators[name] = Evaluator(copy.deepcopy(evaluator_cfg))
     ids = [loader.dataset.get_data_info(i)['img_id'] for i in range(len(loader.dataset))]
     for ev in evaluators.values():
         ev.dataset_meta = loader.dataset.metainfo
@@ -114,6 +151,9 @@ def evaluate_ap(detector: nn.Module, cfg, sess=None, data_root: Optional[str] = 
             if sess is not None:
                 with onnx_features(detector, sess):
                     evaluators['onnx'].process(data_samples=detector.test_step(batch), data_batch=batch)
+            for name, context in variants.items():
+                with context():
+                    evaluators[name].process(data_samples=detector.test_step(batch), data_batch=batch)
     out = {}
     for name, ev in evaluators.items():
         m = ev.evaluate(len(loader.dataset))
@@ -123,4 +163,4 @@ def evaluate_ap(detector: nn.Module, cfg, sess=None, data_root: Optional[str] = 
 
 
 __all__ = ['BackboneNeck', 'batch_from_image', 'preprocessed_input', 'onnx_features', 'evaluate_ap',
-           'test_dataloader']
+           'rounding_noise', 'test_dataloader']

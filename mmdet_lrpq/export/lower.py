@@ -14,8 +14,10 @@ The TorchScript exporter traces the model with every quantizer replaced by one `
   with the exact threshold, then ``Gather`` from the per-code table (nodes named ``lrpq_log_sqrt2/...``
   so a profile can sum their cost).
 
-Each lowered quantizer records the tensor that holds its codes (``code_tensors``), which the parity
-check compares with PyTorch's codes.
+Each lowered quantizer records the tensor that holds its codes (``code_tensors``) and the float tensor
+it reads (``input_tensors``): the parity check compares the codes with PyTorch's, and also feeds each
+quantizer's graph input to the PyTorch quantizer, which isolates the quantizer's own form from
+differences its input inherited from earlier ops.
 """
 from __future__ import annotations
 
@@ -43,6 +45,8 @@ Form = Union[WeightForm, UniformActForm, LogSqrt2Form]
 class Lowered:
     """Where each quantizer ended up in the graph (by marker id)."""
     code_tensors: dict[int, list[str]] = field(default_factory=dict)   # marker id -> code tensor per call
+    input_tensors: dict[int, list[str]] = field(default_factory=dict)  # marker id -> the float tensor it reads, per call
+    order: list[tuple[int, int]] = field(default_factory=list)         # (marker id, call) in graph order
     nodes: dict[str, int] = field(default_factory=dict)               # op type -> count added
 
 
@@ -226,7 +230,10 @@ def lower(model: onnx.ModelProto, forms: dict[int, Form], opset: int) -> Lowered
         else:
             raise ExportError(f'marker {idx} has no integer form (internal error)')
         new_nodes.extend(nodes)
-        result.code_tensors.setdefault(idx, []).append(code)
+        calls = result.code_tensors.setdefault(idx, [])
+        result.order.append((idx, len(calls)))
+        calls.append(code)
+        result.input_tensors.setdefault(idx, []).append(n.input[0])
     # nodes after a folded Transpose keep their order: the DQ replaces the marker's position
     del model.graph.node[:]
     model.graph.node.extend(new_nodes)

@@ -9,7 +9,9 @@
 * :func:`output_parity` / :func:`code_parity` — outputs, and every quantizer's integer codes, of ONNX
   Runtime vs. PyTorch on the same input. Float sums in another order round differently by an ulp
   or so, which can move a value across a rounding boundary of the next quantizer: those codes then
-  differ by one step. ``code_parity`` counts them per site and reports the largest difference in steps.
+  differ by one step, and the flips propagate. ``code_parity`` counts them per site, and also runs the
+  model's own quantizer on the input ONNX Runtime gave each quantizer, which separates a wrong exported
+  form from inherited rounding; :func:`disagreements` names the sites where the graph is not the model.
 """
 from __future__ import annotations
 
@@ -102,34 +104,83 @@ def _steps_onnx(form, codes: np.ndarray, axis_shape) -> np.ndarray:
     return codes.astype(np.float64)           # fractional zero point: the clipped x/Δ itself
 
 
+def _axis_shape(form, ndim: int):
+    if isinstance(form, UniformActForm) and form.axis is not None:
+        shape = [1] * ndim
+        shape[form.axis % ndim] = -1
+        return shape
+    return ()
+
+
+def _step_diff(form, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    d = np.abs(a - b)
+    if not (isinstance(form, LogSqrt2Form) or form.integer):
+        d = np.where(d < 1e-3, 0.0, d)         # float x/Δ: the same floats, up to the division's rounding
+    return d
+
+
+def _input_steps(form, x: np.ndarray, axis_shape) -> np.ndarray:
+    """A quantizer's input in steps, clipped to half a step beyond its range (values far outside the range
+    quantize alike however they differ). Log-√2: in codes, ``-2·log2(x/Δ)`` clipped to ``[-0.5, 2^b + 0.5]``."""
+    x = x.astype(np.float64)
+    if isinstance(form, LogSqrt2Form):
+        with np.errstate(divide='ignore'):
+            t = -2.0 * np.log2(np.maximum(x, 0.0) / form.delta)
+        return np.clip(t, -0.5, (1 << form.bits) + 0.5)
+    scale = form.scale.reshape(axis_shape).astype(np.float64)
+    zp = form.zero_point.reshape(axis_shape).astype(np.float64)
+    return np.clip(x / scale, -zp - 0.5, form.levels - zp + 0.5)
+
+
 def code_parity(result: ExportResult, model: torch.nn.Module, x: Optional[np.ndarray] = None) -> dict:
     """Every activation quantizer's codes, ONNX Runtime vs. PyTorch, on ``x`` (default: the example input).
 
-    Returns per site the number of elements, the fraction whose codes differ and the largest
-    difference in quantization steps (log-√2: in codes), and the totals.
+    Per site (each call of each quantizer, in graph order), three comparisons:
+
+    * end to end (``differing``, ``frac_differing``, ``max_steps``): ONNX Runtime's codes vs PyTorch's,
+      each runtime computing the quantizer's input itself. Float ops that round differently by an ulp
+      flip a few codes by one step, and the flips propagate: deeper sites differ more, by several
+      steps, in a correct graph too;
+    * on the same input (``same_input_differing``, ``same_input_max_steps``): ONNX Runtime's codes vs
+      the PyTorch quantizer applied to the very tensor ONNX Runtime fed that quantizer. This isolates
+      the exported form (its scale, zero point, clip range, bits, log-√2 thresholds) from whatever its
+      input inherited; a correct form gives PyTorch's codes exactly;
+    * ``input_max_steps``: how far the quantizer's input differs between the runtimes, in steps of
+      the quantizer (log-√2: in codes), both clipped to half a step beyond its range.
+
+    Returns the rows, the totals, and ``disagreements``: :func:`disagreements` of the rows (empty when
+    the graph computes what the model computes, up to float rounding).
     """
     x = result.example_input if x is None else x
     proto = onnx.load(result.path)
-    wanted: dict[str, tuple[int, int]] = {}
+    graph_inputs = {i.name for i in proto.graph.input}
+    requested: set[str] = {o.name for o in proto.graph.output}
     for idx, names in result.lowered.code_tensors.items():
         form = result.sites[idx].form
+        if isinstance(form, WeightForm):
+            continue
         for call, name in enumerate(names):
             proto.graph.output.append(helper.make_tensor_value_info(name, _code_dtype(form), None))
-            wanted[name] = (idx, call)
+            inp = result.lowered.input_tensors[idx][call]
+            if inp not in graph_inputs and inp not in requested:
+                proto.graph.output.append(helper.make_tensor_value_info(inp, TensorProto.FLOAT, None))
+                requested.add(inp)
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, 'codes.onnx')
         onnx.save(proto, path)
         sess = session(path)
         outs = run(sess, x)
-    onnx_codes = dict(zip([o.name for o in sess.get_outputs()], outs))
+    ort = dict(zip([o.name for o in sess.get_outputs()], outs))
+    ort.update({name: np.ascontiguousarray(x, dtype=np.float32) for name in graph_inputs})
 
-    captured: dict[int, list[np.ndarray]] = {}
+    captured: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
     hooks = []
     for idx, site in result.sites.items():
         if isinstance(site.form, WeightForm):
             continue
         hooks.append(site.quantizer.register_forward_hook(
-            lambda mod, inp, out, idx=idx: captured.setdefault(idx, []).append(out.detach().float().numpy().copy())))
+            lambda mod, inp, out, idx=idx: captured.setdefault(idx, []).append(
+                (inp[0].detach().float().numpy().copy(), out.detach().float().numpy().copy())) and None))
     modes = {m: m.training for m in model.modules()}
     model.eval()                                  # (dropout / drop path off, as in the exported graph)
     try:
@@ -140,30 +191,67 @@ def code_parity(result: ExportResult, model: torch.nn.Module, x: Optional[np.nda
             h.remove()
         for m, training in modes.items():
             m.training = training
-    rows, total, differing, worst = [], 0, 0, 0.0
-    for name, (idx, call) in wanted.items():
+    rows, total, differing, worst, same_differing, same_worst = [], 0, 0, 0.0, 0, 0.0
+    for idx, call in result.lowered.order:
         site = result.sites[idx]
-        if idx not in captured or call >= len(captured[idx]):
-            continue
-        ref = captured[idx][call]
         form = site.form
-        axis_shape = ()
-        if isinstance(form, UniformActForm) and form.axis is not None:
-            axis_shape = [1] * ref.ndim
-            axis_shape[form.axis % ref.ndim] = -1
-        a = _steps_torch(form, ref, axis_shape)
-        b = _steps_onnx(form, onnx_codes[name], axis_shape)
-        d = np.abs(a - b)
-        if not (isinstance(form, LogSqrt2Form) or form.integer):
-            d = np.where(d < 1e-3, 0.0, d)         # float x/Δ: the same floats, up to the division's rounding
-        n_diff = int((d > 0).sum())
-        rows.append({'site': site.name, 'elements': int(d.size), 'differing': n_diff,
-                     'frac_differing': n_diff / max(d.size, 1), 'max_steps': float(d.max()) if d.size else 0.0})
+        if isinstance(form, WeightForm) or idx not in captured or call >= len(captured[idx]):
+            continue
+        ref_in, ref_out = captured[idx][call]
+        ort_in = ort[result.lowered.input_tensors[idx][call]]
+        codes = ort[result.lowered.code_tensors[idx][call]]
+        axis_shape = _axis_shape(form, ref_out.ndim)
+        b = _steps_onnx(form, codes, axis_shape)
+        d = _step_diff(form, _steps_torch(form, ref_out, axis_shape), b)
+        with torch.no_grad():                      # the model's own quantizer on ONNX Runtime's input
+            same = type(site.quantizer).forward(site.quantizer, torch.from_numpy(ort_in.copy())).float().numpy()
+        ds = _step_diff(form, _steps_torch(form, same, axis_shape), b)
+        di = np.abs(_input_steps(form, ref_in, axis_shape) - _input_steps(form, ort_in, axis_shape))
+        n_diff, n_same = int((d > 0).sum()), int((ds > 0).sum())
+        rows.append({'site': site.name, 'call': call, 'bits': form.bits, 'elements': int(d.size),
+                     'differing': n_diff, 'frac_differing': n_diff / max(d.size, 1),
+                     'max_steps': float(d.max()) if d.size else 0.0,
+                     'same_input_differing': n_same, 'same_input_frac_differing': n_same / max(d.size, 1),
+                     'same_input_max_steps': float(ds.max()) if ds.size else 0.0,
+                     'input_max_steps': float(di.max()) if di.size else 0.0})
         total += d.size
         differing += n_diff
+        same_differing += n_same
         worst = max(worst, rows[-1]['max_steps'])
+        same_worst = max(same_worst, rows[-1]['same_input_max_steps'])
     return {'sites': rows, 'elements': total, 'differing': differing, 'frac_differing': differing / max(total, 1),
-            'max_steps': worst, 'sites_compared': len(rows)}
+            'max_steps': worst, 'sites_compared': len(rows), 'same_input_differing': same_differing,
+            'same_input_max_steps': same_worst, 'disagreements': disagreements(rows)}
+
+
+def disagreements(rows: list[dict], max_steps: float = 1.0, one_step_frac: float = 1e-4) -> list[str]:
+    """Where the exported graph does not compute what the model computes (``code_parity``'s rows, graph
+    order), each as a sentence naming the site; empty if none:
+
+    * a quantizer whose codes differ from PyTorch's *on the same input* by more than ``max_steps``, or
+      by one step at more than ``one_step_frac`` of its elements (float rounding cannot do that: both
+      runtimes divide and round half to even, and the log-√2 form uses the exact thresholds);
+    * a quantizer whose input differs from PyTorch's by more than ``max_steps`` while every quantizer
+      before it in the graph gave PyTorch's codes exactly: the float ops in between (LayerNorm,
+      reparameterized affine, softmax, GELU, sums, products) are not exported as the model runs them.
+
+    End-to-end differences after a first one-step flip are not counted: each flip moves the next
+    layers' inputs by a whole step, so they grow with depth in a correct graph too.
+    """
+    out = []
+    clean = True                        # no code has differed yet, in graph order
+    for row in rows:
+        where = row['site'] + (f' (call {row["call"] + 1})' if row.get('call') else '')
+        if row['same_input_max_steps'] > max_steps or row['same_input_frac_differing'] > one_step_frac:
+            out.append(f"{where} ({row['bits']}-bit): {row['same_input_differing']} of {row['elements']} codes differ "
+                       f"from the model's quantizer on the same input, by up to {row['same_input_max_steps']:g} "
+                       f"step(s): the exported form is not this quantizer")
+        elif clean and row['input_max_steps'] > max_steps:
+            out.append(f"{where} ({row['bits']}-bit): its input differs from the model's by "
+                       f"{row['input_max_steps']:.3g} steps although every earlier quantizer's codes agree: the "
+                       f"float ops before it are not exported as the model runs them")
+        clean = clean and row['differing'] == 0
+    return out
 
 
 def census(path: str, threads: Optional[int] = None) -> dict:
@@ -207,4 +295,5 @@ def profile_log_sqrt2(path: str, x: np.ndarray, threads: Optional[int] = None, r
     return {'node_time_us': total / runs, 'log_sqrt2_us': log / runs, 'log_sqrt2_share': log / total if total else 0.0}
 
 
-__all__ = ['session', 'run', 'output_parity', 'code_parity', 'census', 'profile_log_sqrt2', 'INTEGER_OPS']
+__all__ = ['session', 'run', 'output_parity', 'code_parity', 'disagreements', 'census', 'profile_log_sqrt2',
+           'INTEGER_OPS']
