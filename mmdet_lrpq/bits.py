@@ -13,7 +13,7 @@ Bits = tuple[int, int]          # (w_bits, a_bits) of one site
 
 def check_bits(bits: Any) -> int:
     """``bits`` as an int if it is an integer in 2..8 (NumPy integers too), else a ``ValueError``."""
-    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not MIN_BITS <= bits <= MAX_BITS:
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not MIN_BITS <= int(bits) <= MAX_BITS:
         raise ValueError(f'bit-width must be an integer in {MIN_BITS}..{MAX_BITS}, got {bits!r}')
     return int(bits)
 
@@ -24,7 +24,7 @@ def check_bit_pair(entry: str, value: Any) -> Bits:
         raise ValueError(f'bit plan entry {entry!r}: expected [w_bits, a_bits], got {value!r}')
     out = []
     for what, b in zip(('w_bits', 'a_bits'), value):
-        if isinstance(b, bool) or not isinstance(b, numbers.Integral) or not MIN_BITS <= b <= MAX_BITS:
+        if isinstance(b, bool) or not isinstance(b, numbers.Integral) or not MIN_BITS <= int(b) <= MAX_BITS:
             raise ValueError(f'bit plan entry {entry!r}: {what} must be an integer in '
                              f'{MIN_BITS}..{MAX_BITS}, got {b!r}')
         out.append(int(b))

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, cast
 
 import torch
 import torch.nn.functional as F
@@ -75,19 +75,19 @@ def check_swin(model: nn.Module) -> None:
 
 def _units(model: SwinTransformer) -> Iterator[tuple[str, nn.Module]]:
     """(name, module) of every patch merging and block, in forward order."""
-    for i, stage in enumerate(model.layers):
+    for i, stage in enumerate(cast(nn.ModuleList, model.layers)):
         if isinstance(stage.downsample, PatchMerging):
             yield f'layers.{i}.downsample', stage.downsample
-        for j, block in enumerate(stage.blocks):
+        for j, block in enumerate(cast(nn.ModuleList, stage.blocks)):
             yield f'layers.{i}.blocks.{j}', block
 
 
-def _linear(x: Tensor, layer: nn.Linear) -> Tensor:
+def _linear(x: Tensor, layer: nn.Linear | nn.Conv2d) -> Tensor:
     """The Linear with detached parameters: no weight gradients are ever needed."""
     return F.linear(x, layer.weight.detach(), None if layer.bias is None else layer.bias.detach())
 
 
-def _linear_relevance(x: Tensor, layer: nn.Linear, out: Tensor, relevance: Tensor) -> Tensor:
+def _linear_relevance(x: Tensor, layer: nn.Linear | nn.Conv2d, out: Tensor, relevance: Tensor) -> Tensor:
     bias = None if layer.bias is None else layer.bias.detach()
     return linear_relevance(x, layer.weight.detach(), bias, out, relevance)
 
@@ -139,7 +139,7 @@ class _Windows:
         return windows.reshape(-1, self.to_windows.numel(), C).index_select(1, self.from_windows).view(-1, H, W, C)
 
 
-def _rel_pos_bias(attn: nn.Module) -> Tensor:
+def _rel_pos_bias(attn: Any) -> Tensor:   # timm's WindowAttention: its buffers by name
     n = attn.window_area
     table = attn.relative_position_bias_table.detach()
     return table[attn.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
@@ -152,7 +152,7 @@ def _block_forward(name: str, block: SwinTransformerBlock, x: Tensor) -> dict:
     if block.dynamic_mask:  # built for this input size; only the shape, device, dtype are read
         mask = block.get_attn_mask(x.new_empty(1, *windows.padded_size, 1))
     else:
-        mask = block.attn_mask
+        mask = cast(Optional[Tensor], block.attn_mask)
     xw = windows.partition(block.norm1(x), block.window_area)
     Bw, N, _ = xw.shape
     nh = attn_mod.num_heads

@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -98,6 +98,7 @@ class _Problem:
         if check.holds:
             return
         if check.margin_bits >= 0:      # the memory fits: the BOPs do not
+            assert check.used_bops is not None and check.limit_bops is not None
             raise ValueError(
                 f'impossible budget for allocator {self.allocator!r}: max_bops={check.limit_bops} BOPs per image, '
                 f'but even the cheapest plan the rule allows ({rule}) needs {check.used_bops} '
@@ -242,7 +243,7 @@ ALLOCATORS: dict[str, Callable[..., dict[str, Bits]]] = {
 def allocate(name: str, sites: Sequence[Site], scores: Optional[Mapping[str, float]] = None, *,
              target_bits: int, budget: Optional[Budget] = None, fixed: Optional[Mapping[str, Bits]] = None,
              sensitivity: Optional[Mapping[str, Mapping[int, float]]] = None,
-             act_bits: Optional[Mapping[str, int]] = None, **options) -> BitPlan:
+             act_bits: Optional[Mapping[str, int]] = None, **options: Any) -> BitPlan:
     """Assign ``(w_bits, a_bits)`` to every site with allocator ``name`` (see module doc).
 
     ``scores``: site -> relative importance (higher = more important); ``sensitivity`` (the

@@ -126,7 +126,7 @@ class BitPlan:
             raise ValueError(f'the bit plan covers no entry for {len(unmatched)} site(s): '
                              f'{format_names(unmatched)}. Add entries for them, or a fallback with '
                              f'BitPlan.with_default(w_bits, a_bits).')
-        return {n: self._bits[k] for n, k in keys.items()}
+        return {n: self._bits[k] for n, k in keys.items() if k is not None}
 
     def validate(self, sites: Iterable[Union[Site, str]]) -> None:
         """Check the plan against a model's sites; raise one ValueError listing every mismatch.
@@ -149,7 +149,7 @@ class BitPlan:
         if unused:
             problems.append(f'{len(unused)} pattern(s) match no site: {format_names(unused)}. '
                             f'Patterns must match a whole site name; fix or remove them.')
-        shadowed = [f'{k} (by {format_names(sorted({deciding[n] for n in hits if deciding[n] != n}), 3)})'
+        shadowed = [f'{k} (by {format_names(sorted({str(deciding[n]) for n in hits if deciding[n] != n}), 3)})'
                     for k, hits in matched.items()
                     if hits and k not in deciding.values() and any(deciding[n] != n for n in hits)]
         if shadowed:

@@ -10,7 +10,7 @@ import math
 import numbers
 from dataclasses import asdict, dataclass
 from fractions import Fraction
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from .bitplan import format_names
 from .sites import Site
@@ -88,8 +88,8 @@ class BudgetCheck:
         return self.holds
 
     def to_dict(self) -> dict:
-        out = {'holds': self.holds, 'used_bits': self.used_bits, 'limit_bits': self.limit_bits,
-               'margin_bits': self.margin_bits}
+        out: dict[str, Any] = {'holds': self.holds, 'used_bits': self.used_bits, 'limit_bits': self.limit_bits,
+                               'margin_bits': self.margin_bits}
         if self.limit_bops is not None:
             out.update(used_bops=self.used_bops, limit_bops=self.limit_bops)
         return out

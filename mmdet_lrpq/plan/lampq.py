@@ -94,7 +94,7 @@ def _check_options(type_aware: Any, iterations: Any, measure: Any) -> None:
     if not isinstance(type_aware, bool):
         raise ValueError(f'type_aware must be True or False, got {type_aware!r}')
     if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) \
-            or not 0 <= iterations <= MAX_ITERATIONS:
+            or not 0 <= int(iterations) <= MAX_ITERATIONS:
         raise ValueError(f'iterations must be an integer in 0..{MAX_ITERATIONS} (each one re-measures the '
                          f'sensitivity and re-solves), got {iterations!r}')
     if iterations and not callable(measure):
@@ -106,7 +106,7 @@ def allocate_lampq(sites: Sequence[Site], sensitivity: Table, *, target_bits: in
                    fixed: Optional[Mapping[str, Bits]] = None, act_bits: Optional[Mapping[str, int]] = None,
                    type_aware: bool = False, type_of: Optional[Callable[[Site], str]] = None,
                    iterations: int = 0, measure: Optional[Callable[[dict[str, Bits]], Table]] = None,
-                   **options) -> BitPlan:
+                   **options: Any) -> BitPlan:
     """The ``sensitivity`` allocator with LampQ's options (module doc); a :class:`BitPlan`.
 
     ``sensitivity``: the first measured table (site -> {bits: cost}); ``measure(assignment)``: a
@@ -132,6 +132,7 @@ def allocate_lampq(sites: Sequence[Site], sensitivity: Table, *, target_bits: in
         return plan
     visited = [plan]
     history: list[dict] = [{'measured_at': 'float model', 'objective': plan_cost(table, plan.resolve(sites))}]
+    assert measure is not None          # _check_options: iterations need it
     for i in range(1, iterations + 1):
         current = plan.resolve(sites)
         try:
