@@ -9,11 +9,11 @@ from __future__ import annotations
 import itertools
 import math
 from collections import defaultdict
-from typing import Callable, Iterable, Iterator, Mapping, Optional, cast
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, cast
 
 import torch
 from timm.models.swin_transformer import PatchMerging, SwinTransformer
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..plan.sites import SWIN_LAYER_TYPES, Site
 from .swin import check_swin, swin_relevance
@@ -100,13 +100,13 @@ def swin_sites(model: SwinTransformer) -> list[Site]:
     H, W = cast(tuple[int, int], model.patch_embed.grid_size)
     sites: list[Site] = []
     block_index = 0
-    for i, stage in enumerate(cast(nn.ModuleList, model.layers)):
+    for i, stage in enumerate(cast(Iterable[Any], model.layers)):
         if isinstance(stage.downsample, PatchMerging):
             H, W = (H + 1) // 2, (W + 1) // 2
             red = stage.downsample.reduction
             sites.append(Site(f'layers.{i}.downsample.reduction', 'linear', 'reduction', None, i,
                               params=red.weight.numel(), macs=H * W * red.in_features * red.out_features))
-        for j, block in enumerate(cast(nn.ModuleList, stage.blocks)):
+        for j, block in enumerate(cast(Iterable[Any], stage.blocks)):
             (wh, ww), attn, mlp = block.window_size, block.attn, block.mlp
             padded_tokens = math.ceil(H / wh) * wh * math.ceil(W / ww) * ww
             n = wh * ww

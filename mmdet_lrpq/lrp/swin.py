@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, cast
+from typing import Any, Callable, Iterable, Iterator, Optional, cast
 
 import torch
 import torch.nn.functional as F
@@ -75,10 +75,10 @@ def check_swin(model: nn.Module) -> None:
 
 def _units(model: SwinTransformer) -> Iterator[tuple[str, nn.Module]]:
     """(name, module) of every patch merging and block, in forward order."""
-    for i, stage in enumerate(cast(nn.ModuleList, model.layers)):
+    for i, stage in enumerate(cast(Iterable[Any], model.layers)):
         if isinstance(stage.downsample, PatchMerging):
             yield f'layers.{i}.downsample', stage.downsample
-        for j, block in enumerate(cast(nn.ModuleList, stage.blocks)):
+        for j, block in enumerate(cast(Iterable[Any], stage.blocks)):
             yield f'layers.{i}.blocks.{j}', block
 
 
