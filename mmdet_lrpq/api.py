@@ -21,7 +21,7 @@ import itertools
 import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sized
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Union, cast
 
 from torch import Tensor, nn
 
@@ -36,7 +36,7 @@ _EMPTY = object()
 ConfigLike = Union[QuantConfig, BitPlan, str, os.PathLike, None]
 
 
-def as_config(config: ConfigLike = None, **options) -> QuantConfig:
+def as_config(config: ConfigLike = None, **options: Any) -> QuantConfig:
     """A ``QuantConfig`` from a config, a plan (object or path) or keyword options."""
     if isinstance(config, QuantConfig):
         if options:
@@ -52,7 +52,9 @@ def as_config(config: ConfigLike = None, **options) -> QuantConfig:
 def default_runner(model: nn.Module) -> Callable[[nn.Module, Any], Any]:
     """How one calibration input is fed: mmdet data batches through ``test_step``, else ``model(...)``."""
     if hasattr(model, 'test_step') and hasattr(model, 'data_preprocessor'):
-        return lambda m, batch: m.test_step(batch)
+        def test_step(m: Any, batch: Any) -> Any:
+            return m.test_step(batch)
+        return test_step
 
     def call(m: nn.Module, x: Any) -> Any:
         if isinstance(x, Mapping):
@@ -239,7 +241,7 @@ def calibrate_or_load(quantizer: ModelQuantizer, calibrate: Callable[[], QuantRe
 
 def quantize_(model: nn.Module, config: ConfigLike = None, calib: Union[Iterable, Callable[[nn.Module], Any], None] = None,
               *, state_file: Optional[str] = None, state_mismatch: str = 'error', calib_id: Optional[Any] = None,
-              progress: bool = False, logger: Optional[logging.Logger] = None, **options) -> QuantReport:
+              progress: bool = False, logger: Optional[logging.Logger] = None, **options: Any) -> QuantReport:
     """Quantize ``model`` in place (see module docstring); returns the report.
 
     ``state_file``: save the calibrated state there, or load it instead of calibrating when it was
@@ -257,7 +259,7 @@ def quantize_(model: nn.Module, config: ConfigLike = None, calib: Union[Iterable
                          f'list of image tensors [N, C, H, W]), not a path; load and preprocess the images first')
     cfg = as_config(config, **options)
     one_call = callable(calib) and not isinstance(calib, (Iterable, Tensor))
-    batches = [None] if one_call else [calib] if isinstance(calib, Tensor) else calib
+    batches: Any = [None] if one_call else [calib] if isinstance(calib, Tensor) else calib   # inputs as given
     if cfg.reconstruct is not None and iter(batches) is batches:
         raise ValueError('reconstruction reads the calibration inputs again after calibration, but calib is a '
                          'one-shot iterator: pass a list of inputs (or a re-iterable such as a DataLoader), or a '
@@ -273,7 +275,7 @@ def quantize_(model: nn.Module, config: ConfigLike = None, calib: Union[Iterable
         check_calibration_input(model, first)
     model.eval()
     quantizer = ModelQuantizer(model, cfg, logger=logger)
-    run = (lambda m, _: calib(m)) if one_call else default_runner(model)
+    run = (lambda m, _: cast(Callable[[nn.Module], Any], calib)(m)) if one_call else default_runner(model)
     calibration = calibration_record(None if one_call else batches, calib_id)
 
     def calibrate() -> QuantReport:

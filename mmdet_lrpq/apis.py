@@ -21,7 +21,7 @@ from typing import Any, Optional, Union
 import torch
 
 
-def _hook_options(cfg) -> Optional[dict]:
+def _hook_options(cfg: Any) -> Optional[dict]:
     from .registry import has_quantization_hook, is_quantization_hook
     if not has_quantization_hook(cfg):
         return None
@@ -31,7 +31,7 @@ def _hook_options(cfg) -> Optional[dict]:
 
 def init_quantized_detector(config: Union[str, Any], checkpoint: str, device: Optional[str] = None,
                             cfg_options: Optional[dict] = None, logger: Optional[logging.Logger] = None,
-                            progress: bool = True):
+                            progress: bool = True) -> torch.nn.Module:
     """Build the detector of ``config``, load ``checkpoint``, quantize it as the config says; return it.
 
     ``device``: where the model runs and calibrates (default ``cuda:0`` when available, else ``cpu``).
