@@ -312,6 +312,7 @@ class ModelQuantizer:
                 n_batches += 1
         tag = f'{self.config.smooth}(alpha={self.config.smooth_alpha:g})'
         for pair in self.smooth_pairs:
+            ranges[pair.layer].check(pair.layer)
             norm = modules[pair.norm]
             res = smooth_(norm, modules[pair.layer], ranges[pair.layer], self.config.smooth_alpha)
             if pair.shift_owner is not None:

@@ -52,10 +52,17 @@ class ChannelRanges:
             return
         rows = x.detach().float().movedim(channel_axis, -1).reshape(-1, x.shape[channel_axis])
         lo, hi = torch.aminmax(rows, dim=0)
-        if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
-            raise ValueError('SQ-b statistics: the layer input has NaN or Inf values')
         self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
         self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
+
+
+    def check(self, where: str) -> None:
+        """Raise ``ValueError`` if no input was recorded or it held NaN/Inf (reads the values: once,
+        after the pass, not per batch)."""
+        if self.lo is None:
+            raise ValueError(f'SQ-b: {where} received no input in the float pass over the calibration images')
+        if not bool(torch.isfinite(self.lo).all() & torch.isfinite(self.hi).all()):
+            raise ValueError(f'SQ-b: the input of {where} has NaN or Inf values; check the model/input for overflow')
 
 
 @contextmanager
