@@ -272,3 +272,12 @@ def test_options_off_run_nothing_of_theirs_and_describe_as_before(monkeypatch):
         assert all(torch.equal(getattr(a, n), getattr(b, n)) for n in a._qparam_names)
     with torch.no_grad():
         assert torch.equal(model(x), twin(x))
+
+
+def test_onnx_export_refuses_the_region_quantizer_instead_of_dropping_it():
+    pytest.importorskip('onnx')
+    from mmdet_lrpq.export.onnx_export import ExportError, _forms
+    layer = QuantLinear(8, 2)
+    layer.input_quantizer = RegionUniformQuantizer(4)
+    with pytest.raises(ExportError, match=r'no ONNX form .*fc2 \(RegionUniformQuantizer\)'):
+        _forms({'fc2': layer}, 21, 'exact', False)
