@@ -260,10 +260,10 @@ def quantize_(model: nn.Module, config: ConfigLike = None, calib: Union[Iterable
     cfg = as_config(config, **options)
     one_call = callable(calib) and not isinstance(calib, (Iterable, Tensor))
     batches: Any = [None] if one_call else [calib] if isinstance(calib, Tensor) else calib   # inputs as given
-    if cfg.reconstruct is not None and iter(batches) is batches:
-        raise ValueError('reconstruction reads the calibration inputs again after calibration, but calib is a '
-                         'one-shot iterator: pass a list of inputs (or a re-iterable such as a DataLoader), or a '
-                         'callable calib(model)')
+    for option, what in (('reconstruct', 'reconstruction'), ('smooth', 'SQ-b smoothing')):
+        if getattr(cfg, option) is not None and iter(batches) is batches:
+            raise ValueError(f'{what} reads the calibration inputs again, but calib is a one-shot iterator: pass '
+                             f'a list of inputs (or a re-iterable such as a DataLoader), or a callable calib(model)')
     if not one_call:
         if iter(batches) is batches:                       # a stream: look at its first input and put it back
             first = next(batches, _EMPTY)

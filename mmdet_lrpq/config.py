@@ -17,10 +17,16 @@ from .plan import BitPlan
 from .quant.functional import check_bits
 from .quant.options import from_options
 from .quant.reconstruct import ReconstructConfig
+from .quant.smooth import DEFAULT_ALPHA
 
 METHODS = ('repq', 'crl', 'none')
 SCOPES = ('detector', 'backbone')
 DEFAULT_CRL_K = 3.0
+SMOOTHINGS = ('sq-b',)
+GELU_SCALES = ('opt-m',)
+# Options added after states and result files were first written: :meth:`QuantConfig.describe` names
+# them only when set, so the identity of a state made without them is unchanged.
+_NAMED_WHEN_SET = {'smooth': ('smooth', 'smooth_alpha'), 'gelu_scales': ('gelu_scales',)}
 
 
 def plan_command(path: str) -> str:
@@ -54,6 +60,21 @@ class QuantConfig:
                           ``ReconstructConfig`` or its options as a dict: then learn the weights'
                           rounding and the activation step sizes block by block on the calibration
                           images (see :mod:`mmdet_lrpq.quant.reconstruct`).
+    smooth:               ``None`` (default) or ``'sq-b'``: MPTQ-ViT's SmoothQuant with a bias term. Before
+                          calibration, one float pass over the calibration images records every
+                          post-LayerNorm layer input's channel ranges; a per-channel shift (into the
+                          LayerNorm bias) and scale (into the layer's weights) are folded in, exactly
+                          in float (see :mod:`mmdet_lrpq.quant.smooth`). Same LayerNorm pairs as the
+                          reparameterization: with ``method='crl'`` CRL then acts on the smoothed inputs;
+                          with RepQ (``'repq'``, or ``'crl'`` with ``crl_k=inf``) it is refused, since RepQ
+                          re-derives every channel's scale and shift from calibration and cancels SQ-b's.
+                          The calibration images must be re-iterable (a list, not a one-shot stream).
+    smooth_alpha:         SQ-b's migration strength α in [0, 1] (SmoothQuant's ``s = a^α / w^(1-α)``).
+    gelu_scales:          ``None`` (default: post-GELU inputs on the uniform quantizer) or ``'opt-m'``:
+                          MPTQ-ViT's OPT-m, region-wise scales for the MLP's ``fc2`` input (negative and
+                          non-negative regions, steps in a searched power-of-two ratio ``2^m``; see
+                          :class:`mmdet_lrpq.quant.RegionUniformQuantizer`). Works with every ``method``;
+                          not with ``reconstruct`` (which learns uniform step sizes) nor ONNX export.
     """
     w_bits: int = 4
     a_bits: int = 4
@@ -65,6 +86,9 @@ class QuantConfig:
     patch_embed_a_bits: Optional[int] = 8
     reparam_output_norms: Optional[bool] = None
     reconstruct: Union[None, dict, ReconstructConfig] = None
+    smooth: Optional[str] = None
+    smooth_alpha: float = DEFAULT_ALPHA
+    gelu_scales: Optional[str] = None
     _plan_cache: Optional[BitPlan] = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -72,6 +96,10 @@ class QuantConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.scope not in SCOPES:
             raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.smooth not in (None, *SMOOTHINGS):
+            raise ValueError(f'smooth must be None or one of {SMOOTHINGS}, got {self.smooth!r}')
+        if self.gelu_scales not in (None, *GELU_SCALES):
+            raise ValueError(f'gelu_scales must be None or one of {GELU_SCALES}, got {self.gelu_scales!r}')
         for name in ('w_bits', 'a_bits'):
             try:
                 check_bits(getattr(self, name))
@@ -96,6 +124,24 @@ class QuantConfig:
         elif self.reconstruct is not None and not isinstance(self.reconstruct, ReconstructConfig):
             raise TypeError(f'reconstruct must be None, a ReconstructConfig or a dict of its options; got '
                             f'{type(self.reconstruct).__name__}')
+        try:
+            alpha = float(self.smooth_alpha)
+        except (TypeError, ValueError):
+            raise ValueError(f'smooth_alpha must be a number in [0, 1], got {self.smooth_alpha!r}') from None
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f'smooth_alpha must be in [0, 1], got {alpha}')
+        object.__setattr__(self, 'smooth_alpha', alpha)
+        if self.smooth is not None and self.method != 'none' and math.isinf(self.k):
+            what = "method='repq'" if self.method == 'repq' else "method='crl' with crl_k=inf (RepQ)"
+            raise ValueError(f"smooth={self.smooth!r} cannot be combined with {what}: RepQ re-derives every "
+                             f"post-LayerNorm channel's scale and shift from its calibration, which cancels "
+                             f"SQ-b's on the same LayerNorm pairs. Use method='none' (SQ-b alone, MPTQ-ViT's "
+                             f"setting) or method='crl' with a finite crl_k, or drop smooth")
+        if self.gelu_scales is not None and self.reconstruct is not None:
+            raise ValueError(f'gelu_scales={self.gelu_scales!r} cannot be combined with reconstruct: '
+                             f'reconstruction learns the step sizes of uniform quantizers, and the post-GELU '
+                             f'region-wise quantizer has a searched power-of-two ratio instead. Drop one of '
+                             f'gelu_scales and reconstruct')
         if isinstance(self.plan, os.PathLike):
             object.__setattr__(self, 'plan', os.fspath(self.plan))
         if isinstance(self.plan, str):
@@ -140,7 +186,11 @@ class QuantConfig:
         out['plan'] = None if plan is None else (plan if isinstance(plan, str) else '<BitPlan>')
         out['plan_sha256'] = self.load_plan().content_hash()
         out['reconstruct'] = None if self.reconstruct is None else self.reconstruct.describe()
+        for option, names in _NAMED_WHEN_SET.items():
+            if getattr(self, option) is None:
+                for name in names:
+                    del out[name]
         return out
 
 
-__all__ = ['QuantConfig', 'METHODS', 'SCOPES', 'DEFAULT_CRL_K', 'plan_command']
+__all__ = ['QuantConfig', 'METHODS', 'SCOPES', 'DEFAULT_CRL_K', 'SMOOTHINGS', 'GELU_SCALES', 'plan_command']

@@ -37,8 +37,8 @@ from mmdet_lrpq.models.attention import QuantMultiheadAttention
 from mmdet_lrpq.models.mmdet_swin import QuantWindowMSA
 from mmdet_lrpq.models.timm_swin import QuantWindowAttention
 from mmdet_lrpq.quant import (LayerQuantConfig, LogSqrt2Quantizer, QuantConv2d, QuantLinear, QuantMatMul,
-                              QuantState, UniformQuantizer, calibrate, crl_clip, quant_modules,
-                              reparameterize_, set_quant_state, wrap_modules)
+                              QuantState, RegionUniformQuantizer, UniformQuantizer, calibrate, crl_clip, quant_modules,
+                              recording_ranges, reparameterize_, set_quant_state, smooth_, wrap_modules)
 from mmdet_lrpq.quant import functional as F
 
 # FakeTensor.data_ptr() (read by the weight cache's key) warns; its value is never used as data.
@@ -155,12 +155,14 @@ def fake_quantizer_outputs(dtype: torch.dtype) -> dict[str, Callable[[], tuple[t
         'log2_shift_form': lambda: (F.log2_shift_form(codes, BITS)[0], torch.int64),
         'log2_shift_scales': lambda: (F.log2_shift_scales(d_a), torch.float32),
         'log2_shift_dequant': lambda: (F.log2_shift_dequant(codes, d_a, BITS), torch.float32),
+        'fake_quant_regions': lambda: (F.fake_quant_regions(x, d_t, torch.full((), 3.0, device='cuda'),
+                                                            torch.full((), 2.0, device='cuda'), BITS), dtype),
     }
 
 
 FAKE_QUANTIZER_CASES = ['fake_quant_uniform per tensor', 'fake_quant_uniform per channel', 'uniform_codes',
                         'quantiles', 'log_sqrt2_codes', 'log_sqrt2_table', 'fake_quant_log_sqrt2',
-                        'log2_shift_form', 'log2_shift_scales', 'log2_shift_dequant']
+                        'log2_shift_form', 'log2_shift_scales', 'log2_shift_dequant', 'fake_quant_regions']
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
@@ -505,6 +507,32 @@ def test_quantize_timm_swin_and_multihead_attention_follow_the_input_device(quan
             model.attn(q, kv, kv, key_padding_mask=padding)
     assert isinstance(model.attn, QuantMultiheadAttention)
     assert isinstance(swin.layers[0].blocks[0].attn, QuantWindowAttention)
+
+
+def test_mptq_options_follow_the_input_device(quant_path, device_audit):
+    """SQ-b's float pass and folds (then CRL on the same pairs) and OPT-m's search and forward."""
+    swin, x = tiny_swin(), images(2, 36)
+    with device_audit(allow=IDENTITY_HASH):
+        quantize_(swin, QuantConfig(w_bits=BITS, a_bits=BITS, method='crl', smooth='sq-b', gelu_scales='opt-m'),
+                  calib=[x[:1], x[1:]])
+        with torch.no_grad():
+            swin(x)
+    assert isinstance(swin.layers[0].blocks[0].mlp.fc2.input_quantizer, RegionUniformQuantizer)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_sqb_fold_and_region_quantizer_stay_on_fake_cuda(fake_cuda, dtype):
+    with fake_cuda:
+        norm = nn.LayerNorm(16, device='cuda', dtype=dtype)
+        layer = QuantLinear(16, 8, device='cuda', dtype=dtype)
+        with recording_ranges({'fc': layer}) as ranges:
+            layer(torch.randn(2, 10, 16, device='cuda', dtype=dtype))
+        res = smooth_(norm, layer, ranges['fc'])
+        q = RegionUniformQuantizer(BITS)
+        q.delta, q.zero_point, q.ratio_exp = (torch.full((), v, device='cuda') for v in (0.1, 3.0, 2.0))
+        out = q(torch.randn(2, 10, 16, device='cuda', dtype=dtype))
+        assert_on_cuda({'s': res.r, 'b': res.b, 'lo': ranges['fc'].lo, 'bias': layer.bias})
+        assert_on_cuda({'norm weight': norm.weight, 'weight': layer.weight, 'output': out}, dtype)
 
 
 # ============================================================================= device parity

@@ -48,6 +48,9 @@ def parse_args(argv=None):
     q.add_argument('--bits', type=int, help='uniform W=A bits instead of a plan (default 4)')
     p.add_argument('--method', default='crl', choices=['repq', 'crl', 'none'])
     p.add_argument('--crl-k', type=float, default=3.0)
+    p.add_argument('--smooth', choices=['sq-b'], help="MPTQ-ViT's SQ-b (QuantConfig.smooth)")
+    p.add_argument('--smooth-alpha', type=float, default=0.5, help='SQ-b migration strength (default 0.5)')
+    p.add_argument('--gelu-scales', choices=['opt-m'], help="MPTQ-ViT's OPT-m (QuantConfig.gelu_scales)")
     p.add_argument('--batch-size', type=int, default=32, help='evaluation batch size')
     p.add_argument('--device', default='cpu')
     p.add_argument('--out', help='write the results as JSON here')
@@ -128,18 +131,23 @@ def main(argv=None) -> dict:
     t0 = time.time()
     fp = top1(model, items, transform, args.batch_size, device, 'float', not args.no_progress)
     config = QuantConfig(plan=args.plan, w_bits=args.bits or 4, a_bits=args.bits or 4, method=args.method,
-                         crl_k=args.crl_k)
+                         crl_k=args.crl_k, smooth=args.smooth, smooth_alpha=args.smooth_alpha,
+                         gelu_scales=args.gelu_scales)
     calib = (images.to(device) for images, _ in iter_batches(calib_items, transform, args.calib_batch_size))
+    if args.smooth:   # SQ-b reads the calibration images twice
+        calib = list(calib)
     t1 = time.time()
     report = quantize_(model, config, calib=calib)
     t2 = time.time()
     quant = top1(model, items, transform, args.batch_size, device, 'quantized', not args.no_progress)
     totals = report.totals
     result = {'model': args.model, 'weights': weights, 'plan': args.plan, 'bits': None if args.plan else (args.bits or 4),
-              'method': args.method, 'num_eval_images': len(items), 'num_calib_images': len(calib_items),
+              'method': args.method, **{k: getattr(args, k) for k in ('smooth', 'gelu_scales') if getattr(args, k)},
+              **({'smooth_alpha': args.smooth_alpha} if args.smooth else {}), 'num_eval_images': len(items), 'num_calib_images': len(calib_items),
               'calib_batch_size': args.calib_batch_size, 'top1_float': fp, 'top1_quantized': quant,
               'avg_weight_bits': totals['avg_weight_bits'], 'avg_act_bits': totals['avg_act_bits'],
               'weight_mb': totals['weight_mb'], 'calibration_seconds': round(t2 - t1, 2),
+              **({'smoothing_seconds': report.calibration['smoothing']['seconds']} if args.smooth else {}),
               'seconds': round(time.time() - t0, 1), 'command': 'python tools/test_cls.py ' + ' '.join(argv or sys.argv[1:])}
     print(report.table().splitlines()[-1])
     print(f"top-1 on {len(items)} images: float {fp:.2f}%, quantized {quant:.2f}% ({quant - fp:+.2f}); "

@@ -135,6 +135,10 @@ def _forms(mods: dict[str, QuantModule], opset: int, fractional: str, int4_activ
         elif not isinstance(m, QuantMatMul):
             unsupported.append(f'{name} ({type(m).__name__})')
             continue
+        other = [type(q).__name__ for q in m.input_quantizers() if not isinstance(q, (UniformQuantizer, LogSqrt2Quantizer))]
+        if other:   # (e.g. OPT-m's region-wise post-GELU quantizer) never exported as if it were absent
+            unsupported.append(f"{name} ({', '.join(other)})")
+            continue
         for qname, q in m.named_children():
             if isinstance(q, (UniformQuantizer, LogSqrt2Quantizer)) and q in m.input_quantizers():
                 out[f'{name}.{qname}'] = ('act', m, q)

@@ -16,14 +16,14 @@ from __future__ import annotations
 import importlib
 import sys
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, Union
 
 import torch
 from torch import nn
 
 from ..bits import Bits
 from ..plan.sites import Site
-from ..quant import QuantMatMul, ReparamResult
+from ..quant import QuantMatMul, ReparamResult, SmoothResult
 from ..quant.reconstruct import Unit
 
 
@@ -165,14 +165,16 @@ def find_adapters(model: nn.Module) -> tuple[list[Adapter], list[Unsupported]]:
     return found, unsupported
 
 
-def apply_reparam_shift(owner: nn.Module, norm: nn.LayerNorm, result: ReparamResult) -> None:
+def apply_reparam_shift(owner: nn.Module, norm: nn.LayerNorm, result: Union[ReparamResult, SmoothResult]) -> None:
     """Move the ``-b`` of a norm -> qkv reparameterization from the norm's bias into ``owner``.
 
     Swin pads the *output* of ``norm1`` to whole windows and the padded tokens take part in
     attention; with ``-b`` in the bias they would no longer stand for zeros. ``owner`` (the
-    quantized window attention) adds ``input_shift`` after the padding, before ``qkv``.
+    quantized window attention) adds ``input_shift`` after the padding, before ``qkv``. A second
+    fold on the same pair (CRL after SQ-b) divides the earlier shift by its ``r`` and adds its own.
     """
     b = result.b.to(norm.bias.dtype)      # a half-precision model stays in half precision
     with torch.no_grad():
         norm.bias.data = norm.bias.data + b
-    owner.input_shift = -b
+    earlier = owner.input_shift
+    owner.input_shift = -b if earlier is None else earlier / result.r.to(earlier.dtype) - b

@@ -11,6 +11,9 @@ Protocol (RepQ-ViT, DESIGN §3.1/§3.6): weights per output channel, inputs per 
 patch-embedding input at 8 bits, post-LayerNorm inputs calibrated per channel and
 reparameterized (RepQ, or CRL with clipping ``k``). Order: wrap -> calibrate (streamed, see
 :mod:`mmdet_lrpq.quant.calibrate`) -> reparameterize -> re-quantize weights -> evaluate.
+MPTQ-ViT's options: ``smooth='sq-b'`` folds SQ-b into the same LayerNorm pairs from a float pass
+over the calibration images before calibrating; ``gelu_scales='opt-m'`` gives the Swin MLPs' ``fc2``
+(post-GELU) inputs the region-wise quantizer at wrapping.
 """
 from __future__ import annotations
 
@@ -23,8 +26,9 @@ from torch import nn
 
 from ..config import QuantConfig, plan_command
 from ..plan import Site
-from ..quant import (CALIBRATION_RULE, thin_channel_ranges, LayerQuantConfig, QuantConv2d, QuantLinear, QuantState, calibrate_stream,
-                     quant_modules, quantizable_layers, reconstruct_, reparameterize_, set_quant_state, wrap_modules)
+from ..quant import (CALIBRATION_RULE, thin_channel_ranges, LayerQuantConfig, QuantConv2d, QuantLinear, QuantState,
+                     RegionUniformQuantizer, calibrate_stream, quant_modules, quantizable_layers, reconstruct_,
+                     recording_ranges, reparameterize_, set_quant_state, smooth_, wrap_modules)
 from ..quant.macs import count_macs
 from .base import Adapter, Bits, ReparamPair, apply_reparam_shift, find_adapters, site_granularity
 from .detector import head_units, neck_pairs
@@ -86,7 +90,9 @@ class ModelQuantizer:
         for u in self.unsupported:
             self.logger.warning(f'{u.name} ({u.family}) stays float: {u.reason}; it is listed as float in the '
                                 f'report and not counted in its totals')
-        self.pairs = self._reparam_pairs()
+        norm_pairs = self._norm_pairs()
+        self.pairs = [] if config.method == 'none' else norm_pairs
+        self.smooth_pairs = norm_pairs if config.smooth is not None else []
         self.report: Optional[QuantReport] = None
         self.identity: Optional[dict] = None        # of the calibrated state (set by calibrate/load_state)
         self._float: Optional[dict] = None
@@ -119,9 +125,8 @@ class ModelQuantizer:
         groups.sort(key=lambda g: g[0])
         return [s for _, sites in groups for s in sites]
 
-    def _reparam_pairs(self) -> list[ReparamPair]:
-        if self.config.method == 'none':
-            return []
+    def _norm_pairs(self) -> list[ReparamPair]:
+        """LayerNorm -> layer pairs whose channels can take a folded scale and shift (RepQ/CRL, SQ-b)."""
         pairs = [p for a in self._active() for p in a.reparam_pairs()]
         if self.config.reparam_output_norms and self.config.scope == 'detector':
             pairs += neck_pairs(self.model, self.adapters)
@@ -180,10 +185,20 @@ class ModelQuantizer:
         for a in self._active():
             a.convert_(bits)
         granularity = {s.name: site_granularity(s, per_channel) for s in sites}
+        if self.config.gelu_scales is not None:
+            modules = dict(self.model.named_modules())
+            for name in self._post_gelu_layers(sites):
+                modules[name].input_quantizer = RegionUniformQuantizer(bits[name][1])
+                granularity[name] = f'w:channel a:regions ({self.config.gelu_scales})'
         floats = [{'name': u.name, 'family': u.family, 'reason': u.reason, 'params': u.params} for u in self.unsupported]
         self.report = QuantReport(self.config.describe(), sites, bits, granularity, float_modules=floats,
                                   warnings=self._plan_warnings())
         return self.report
+
+    def _post_gelu_layers(self, sites: list[Site]) -> list[str]:
+        """The adapters' ``fc2`` sites: the second Linear of a Swin MLP, whose input is a GELU's output."""
+        covered = {s.name for a in self._active() for s in a.sites()}
+        return [s.name for s in sites if s.layer_type == 'fc2' and s.name in covered]
 
     def _plan_warnings(self) -> list[str]:
         """A plan made from random weights runs, but loudly: logged now, and kept in the report."""
@@ -229,20 +244,22 @@ class ModelQuantizer:
                   reconstruct_batches: Optional[Callable[[], Iterable]] = None,
                   reconstruct_progress: bool = False) -> QuantReport:
         """Stream the calibration batches, reparameterize (RepQ/CRL), reconstruct if configured, and
-        re-quantize the weights.
+        re-quantize the weights; with SQ-b, smooth first (a float pass over the calibration images).
 
         ``calibration``: the settings that chose the images (recorded in the state's identity).
         ``reconstruct_batches()``: the calibration batches again, freshly, on every call (needed when
-        the config asks for reconstruction; ``batches`` is a one-shot stream).
+        the config asks for reconstruction or SQ-b; ``batches`` is a one-shot stream).
         """
-        if self.config.reconstruct is not None and reconstruct_batches is None:
-            raise ValueError('reconstruction reads the calibration images again: pass reconstruct_batches '
-                             '(a callable returning a fresh iterable of the calibration batches)')
+        for option in ('reconstruct', 'smooth'):
+            if getattr(self.config, option) is not None and reconstruct_batches is None:
+                raise ValueError(f'{option} reads the calibration images again: pass reconstruct_batches '
+                                 '(a callable returning a fresh iterable of the calibration batches)')
         self.identity = self._float_identity(calibration)
         if self.report is None:
             self.wrap()
         device = model_device(self.model)
         _peak_memory_reset(device)
+        smoothing = self.smooth(reconstruct_batches(), run) if self.config.smooth is not None else None
         start = time.perf_counter()
         with count_macs(self.model) as macs:
             n_images = calibrate_stream(self.model, batches, run, images_in=images_in, progress=progress)
@@ -255,6 +272,8 @@ class ModelQuantizer:
                          'image_ids': list(image_ids or []), 'batch_size': batch_size, 'rule': CALIBRATION_RULE,
                          'seconds': round(seconds, 2), **_peak_memory(device),
                          'settings': calibration}
+        if smoothing is not None:
+            r.calibration['smoothing'] = smoothing
         self.reparameterize()
         if self.config.reconstruct is not None:
             start = time.perf_counter()
@@ -280,6 +299,28 @@ class ModelQuantizer:
             if isinstance(m, (QuantConv2d, QuantLinear)):
                 m.quantized_weight()
 
+    def smooth(self, batches: Iterable, run: Callable[[nn.Module, Any], Any]) -> dict:
+        """SQ-b (:mod:`mmdet_lrpq.quant.smooth`): record the paired layers' input ranges in float over
+        ``batches``, then fold a shift and a scale into every LayerNorm pair."""
+        modules = dict(self.model.named_modules())
+        start = time.perf_counter()
+        n_batches = 0
+        set_quant_state(self.model, QuantState.FLOAT)
+        with recording_ranges({p.layer: modules[p.layer] for p in self.smooth_pairs}) as ranges, torch.no_grad():
+            for batch in batches:
+                run(self.model, batch)
+                n_batches += 1
+        tag = f'{self.config.smooth}(alpha={self.config.smooth_alpha:g})'
+        for pair in self.smooth_pairs:
+            ranges[pair.layer].check(pair.layer)
+            norm = modules[pair.norm]
+            res = smooth_(norm, modules[pair.layer], ranges[pair.layer], self.config.smooth_alpha)
+            if pair.shift_owner is not None:
+                apply_reparam_shift(modules[pair.shift_owner], norm, res)
+            self.report.reparameterized[pair.layer] = tag
+        return {'method': tag, 'pairs': len(self.smooth_pairs), 'batches': n_batches,
+                'seconds': round(time.perf_counter() - start, 2)}
+
     def reparameterize(self) -> None:
         modules = dict(self.model.named_modules())
         tag = f'crl(k={self.config.crl_k:g})' if self.config.method == 'crl' else 'repq'
@@ -288,7 +329,8 @@ class ModelQuantizer:
             res = reparameterize_(norm, layer, k=self.config.k, round_zero_point=self.config.round_zero_point)
             if pair.shift_owner is not None:
                 apply_reparam_shift(modules[pair.shift_owner], norm, res)
-            self.report.reparameterized[pair.layer] = tag
+            smoothed = self.report.reparameterized.get(pair.layer)
+            self.report.reparameterized[pair.layer] = f'{smoothed}+{tag}' if smoothed else tag
             self.report.granularity[pair.layer] = 'w:channel a:channel→tensor'
 
     # ------------------------------------------------------------------ state
@@ -347,7 +389,7 @@ class ModelQuantizer:
         saved = QuantReport.from_dict(state['report'])
         self.report.sites, self.report.calibration = saved.sites, saved.calibration
         self.report.input_shape, self.report.reparameterized = saved.input_shape, saved.reparameterized
-        for name in saved.reparameterized:
+        for name in {p.layer for p in self.pairs} & set(saved.reparameterized):
             self.report.granularity[name] = 'w:channel a:channel→tensor'
         return self.report
 

@@ -12,7 +12,9 @@ batches by the **envelope of the batch ranges**: a uniform quantizer's clipping 
 ``[-zp·Δ, (2^b-1-zp)·Δ]`` (per channel where it is per channel) becomes the smallest range holding
 every batch's, ``[min_b lo_b, max_b hi_b]``, with ``Δ, zp`` re-derived from it
 (``Δ = (hi-lo)/(2^b-1)``, ``zp = round(-lo/Δ)``); a log-√2 quantizer's ``Δ`` (its largest level)
-is the largest batch ``Δ``. Peak memory is one batch's forward plus a few numbers per quantizer,
+is the largest batch ``Δ``; a region-wise (OPT-m) quantizer takes the envelope of its regions' ends
+with the smallest batch ratio exponent ``m`` and re-derives ``Δ, zp`` on the range stretched by
+``2^m`` (as it calibrates). Peak memory is one batch's forward plus a few numbers per quantizer,
 whatever the number of images. With one batch (one image, RepQ-ViT's COCO protocol, or all images
 as one batch) the parameters are that batch's, bit for bit. A quantizer that receives no input in
 some batch (no RoIs on that image) is combined over the batches that fed it; one that no batch fed
@@ -41,7 +43,8 @@ from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
 import torch
 from torch import Tensor, nn
 
-from .modules import LogSqrt2Quantizer, QuantState, UniformQuantizer, _Quantizer, quant_modules, set_quant_state
+from .modules import (LogSqrt2Quantizer, QuantState, RegionUniformQuantizer, UniformQuantizer, _Quantizer, quant_modules,
+                      set_quant_state)
 
 T = TypeVar('T')
 RULE = 'envelope of per-batch RepQ ranges'
@@ -62,6 +65,9 @@ class _RangeEnvelope:
             delta, zp = q.delta.double(), q.zero_point.double()
             lo = -zp * delta
             return [lo, lo + ((1 << q.bits) - 1) * delta]
+        if isinstance(q, RegionUniformQuantizer):      # [lo, hi, m]: the regions' ends and the ratio
+            delta, zp, m = q.delta.double(), q.zero_point.double(), q.ratio_exp.double()
+            return [-zp * delta * torch.exp2(-m), (((1 << q.bits) - 1) - zp) * delta, m]
         return [q.delta.double()]
 
     def add(self, q: _Quantizer) -> None:
@@ -71,6 +77,9 @@ class _RangeEnvelope:
             self.bounds = ranges
         elif isinstance(q, UniformQuantizer):
             self.bounds = [torch.minimum(self.bounds[0], ranges[0]), torch.maximum(self.bounds[1], ranges[1])]
+        elif isinstance(q, RegionUniformQuantizer):
+            self.bounds = [torch.minimum(self.bounds[0], ranges[0]), torch.maximum(self.bounds[1], ranges[1]),
+                           torch.minimum(self.bounds[2], ranges[2])]
         else:
             self.bounds = [torch.maximum(self.bounds[0], ranges[0])]
         self.batches += 1
@@ -92,6 +101,12 @@ class _RangeEnvelope:
             q.set_qparams(delta, (-lo / delta.double()).round().to(dtype), q.channel_axis)
         elif isinstance(q, LogSqrt2Quantizer):
             q.delta = self.bounds[0].to(dtype)
+        elif isinstance(q, RegionUniformQuantizer):
+            lo, hi, m = self.bounds
+            stretched = torch.where(lo < 0, lo * torch.exp2(m), lo)
+            delta = ((hi - stretched) / ((1 << q.bits) - 1)).to(dtype)
+            q.delta, q.zero_point = delta, (-stretched / delta.double()).round().to(dtype)
+            q.ratio_exp = m.to(dtype)
         else:
             raise TypeError(f'no combination rule for {type(q).__name__}')
 

@@ -434,6 +434,75 @@ def uniform_codes(x: Tensor, delta: Tensor, zero_point: Tensor, bits: int) -> Te
     return (torch.round(x / delta) + zero_point).clamp_(0, levels)
 
 
+# ----------------------------------------------------------------------------- region-wise uniform (OPT-m)
+# Exponents m searched for the ratio 2^m between the two regions' steps. GELU's negative part lies in
+# [-0.17, 0] while its positive part reaches several units; m = 0 is the uniform quantizer itself.
+OPT_M_EXPONENTS: tuple[int, ...] = tuple(range(9))
+
+
+def fake_quant_regions(x: Tensor, delta: Tensor, zero_point: Tensor, ratio_exp: Tensor, bits: int) -> Tensor:
+    """Region-wise uniform fake-quant (OPT-m): one ``b``-bit code range split at the zero point
+    ``zp``; codes above it step by ``Δ`` (``x ≥ 0``), the ``zp`` codes below it by ``Δ⁻ = Δ·2^-m``::
+
+        x ≥ 0: clamp(round(x/Δ), 0, 2^b-1-zp)·Δ,      x < 0: clamp(round(x/Δ⁻), -zp, 0)·Δ⁻
+
+    ``m = 0`` is :func:`fake_quant_uniform`. In the qparams' precision, the result in ``x``'s dtype.
+    The steps differ by a power of two, so an integer pipeline rescales one region by a shift.
+    """
+    levels = (1 << check_bits(bits)) - 1
+    work = torch.promote_types(x.dtype, delta.dtype)
+    xw = x.to(work)
+    neg_delta = delta * torch.exp2(-ratio_exp.to(delta.dtype))
+    pos = torch.round(xw / delta).clamp_(torch.zeros_like(zero_point), levels - zero_point).mul_(delta)
+    neg = torch.round(xw / neg_delta).clamp_(-zero_point, torch.zeros_like(zero_point)).mul_(neg_delta)
+    return torch.where(xw >= 0, pos, neg).to(x.dtype)
+
+
+def _stretched_candidate(lo: Tensor, hi: Tensor, m: int, levels: int) -> tuple[Tensor, Tensor]:
+    """RepQ's uniform candidate on the input with its negative part stretched by ``2^m``."""
+    return _uniform_candidate(torch.where(lo < 0, lo * 2.0 ** m, lo), hi, levels)
+
+
+def region_qparams(x: Tensor, bits: int, percentiles: Sequence[float] = PERCENTILES,
+                   exponents: Sequence[int] = OPT_M_EXPONENTS) -> tuple[Tensor, Tensor, Tensor]:
+    """OPT-m: ``(Δ, zp, m)`` of :func:`fake_quant_regions` with the lowest squared error on ``x``
+    (0-d float32 each).
+
+    For each of RepQ-ViT's percentile ranges ``[lo, hi]`` and each ``m`` in ``exponents``: RepQ's
+    candidate on the stretched range ``[lo·2^m, hi]`` (``Δ = (hi - lo·2^m)/(2^b-1)``,
+    ``zp = round(-lo·2^m/Δ)``), i.e. the negative region gets ``2^m`` times finer steps for the
+    same codes. The strictly lowest error wins (ties: the earlier percentile, then the smaller ``m``).
+    ``m = 0`` is RepQ's own candidate, so the search never does worse than the uniform quantizer on
+    ``x``; ``m > 0`` is tried only for ranges with both signs. Input where every candidate is
+    degenerate (``Δ = 0``) gets :func:`uniform_qparams` with ``m = 0``.
+    """
+    levels = (1 << check_bits(bits)) - 1
+    _check_nonempty(x, 'a region-wise quantizer')
+    rows = _rows(x, None)
+    _row_extremes(rows, 'a region-wise quantizer')
+    qs = [q for p in percentiles for q in (p, 1.0 - p)]
+    qv = quantiles(rows, qs).view(len(percentiles), 2)                         # [P, {max, min}]
+    cands, regular = [], []
+    for hi, lo in qv:
+        straddles = bool(lo < 0) and bool(hi > 0)        # else there is one region only: m = 0
+        for m in exponents:
+            d, z = _stretched_candidate(lo, hi, m, levels)
+            cands.append((d, z, m))
+            regular.append(bool(d > 0) and (m == 0 or straddles))
+    if not any(regular):
+        delta, zp = uniform_qparams(x, bits, None, percentiles)
+        return delta, zp, torch.zeros_like(delta)
+    flat = rows[0]
+    scores = torch.stack([
+        _sum_sq_err(flat.view(1, -1), lambda t, d=d, z=z, m=m: t - fake_quant_regions(
+            t, d, z, d.new_tensor(float(m)), bits))[0] if ok
+        else torch.full((), math.inf, dtype=torch.float64, device=rows.device)
+        for (d, z, m), ok in zip(cands, regular)])
+    best = int(_select_best(scores[:, None])[0])
+    d, z, m = cands[best]
+    return d.reshape(()), z.reshape(()), d.new_tensor(float(m))
+
+
 # ----------------------------------------------------------------------------- log-sqrt2 quantizer
 def _log_sqrt2_codes_(t: Tensor, levels: int) -> Tensor:
     """In place on ``t = x/Δ``: ``clamp(round(-2·log2(t)), 0, 2^b)``; ``x = 0`` gives ``+inf -> 2^b``."""

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import (check_bits, fake_quant_log_sqrt2, fake_quant_uniform, fake_quant_uniform_rounded,
-                         log_sqrt2_qparams, uniform_qparams)
+from .functional import (check_bits, fake_quant_log_sqrt2, fake_quant_regions, fake_quant_uniform,
+                         fake_quant_uniform_rounded, log_sqrt2_qparams, region_qparams, uniform_qparams)
 
 
 class _Scratch(threading.local):
@@ -172,6 +172,27 @@ class LogSqrt2Quantizer(_Quantizer):
 
     def extra_repr(self) -> str:
         return f'bits={self.bits}, log-sqrt2, calibrated={self.calibrated}'
+
+
+class RegionUniformQuantizer(_Quantizer):
+    """MPTQ-ViT's OPT-m for post-GELU inputs (per tensor): the uniform quantizer's ``b``-bit codes,
+    split at the zero point into a non-negative region with step ``delta`` and a negative region with
+    step ``delta·2^-ratio_exp``, the ratio searched on the data (:func:`~.functional.region_qparams`).
+    GELU's negative tail is short (>= -0.17) and its positive part long: one step size gives the
+    tail only a level or two."""
+
+    _qparam_names = ('delta', 'zero_point', 'ratio_exp')
+    granularity = 'regions'
+
+    def calibrate(self, x: Tensor) -> None:
+        self.delta, self.zero_point, self.ratio_exp = region_qparams(x, self.bits)
+
+    def forward(self, x: Tensor, scratch: Optional[Tensor] = None) -> Tensor:   # scratch: not used
+        self._follow(x)
+        return fake_quant_regions(x, self.delta, self.zero_point, self.ratio_exp, self.bits)
+
+    def extra_repr(self) -> str:
+        return f'bits={self.bits}, regions (opt-m), calibrated={self.calibrated}'
 
 
 class QuantModule(nn.Module):

@@ -89,6 +89,14 @@ def crl_clip(delta: Tensor, zero_point: Tensor, k: float) -> tuple[Tensor, Tenso
     return delta_c, zp_c, clipped.sum()
 
 
+def check_foldable(norm: nn.LayerNorm, layer: nn.Module, what: str) -> None:
+    """Raise ``ValueError`` unless a per-channel scale and shift can move from ``norm`` into ``layer``."""
+    if not norm.elementwise_affine or norm.weight is None or norm.bias is None:
+        raise ValueError(f'{what} needs a LayerNorm with affine weight and bias')
+    if isinstance(layer, nn.Conv2d) and (layer.kernel_size != (1, 1) or layer.groups != 1):
+        raise ValueError('only a 1x1, ungrouped convolution is linear per input channel')
+
+
 @torch.no_grad()
 def reparameterize_(norm: nn.LayerNorm, layer: Union[QuantLinear, QuantConv2d], k: float = math.inf,
                     round_zero_point: bool = False) -> ReparamResult:
@@ -101,10 +109,7 @@ def reparameterize_(norm: nn.LayerNorm, layer: Union[QuantLinear, QuantConv2d], 
     quantizer = layer.input_quantizer
     if not quantizer.calibrated or quantizer.channel_axis is None:
         raise ValueError('reparameterization needs the layer input calibrated per channel first')
-    if not norm.elementwise_affine or norm.weight is None or norm.bias is None:
-        raise ValueError('reparameterization needs a LayerNorm with affine weight and bias')
-    if isinstance(layer, QuantConv2d) and (layer.kernel_size != (1, 1) or layer.groups != 1):
-        raise ValueError('only a 1x1, ungrouped convolution is linear per input channel')
+    check_foldable(norm, layer, 'reparameterization')
     delta = quantizer.delta.reshape(-1).float()
     zp = quantizer.zero_point.reshape(-1).float()
     if delta.numel() != norm.weight.numel():
@@ -116,6 +121,19 @@ def reparameterize_(norm: nn.LayerNorm, layer: Union[QuantLinear, QuantConv2d], 
     r = delta / target_delta
     b = (-zp * delta) / r - (-target_zp * target_delta)
 
+    fold_scale_shift_(norm, layer, r, b)
+    quantizer.set_qparams(target_delta.reshape(()), target_zp.reshape(()), channel_axis=None)
+    return ReparamResult(r=r, b=b, target=(target_delta, target_zp), clipped=clipped)
+
+
+@torch.no_grad()
+def fold_scale_shift_(norm: nn.LayerNorm, layer: Union[QuantLinear, QuantConv2d], r: Tensor, b: Tensor) -> None:
+    """Make ``norm`` emit ``x/r - b`` per channel and ``layer`` compensate, in place (exact in float).
+
+    ``γ ← γ/r``, ``β ← β/r - b``, ``W[:, c] ← W[:, c]·r_c``, ``bias ← bias + W_new·b`` (created if
+    absent). RepQ/CRL derive ``r, b`` from the calibrated per-channel quantizer; SQ-b
+    (:mod:`.smooth`) from float channel ranges. ``r, b``: float32 ``[C]``; parameters keep their dtype.
+    """
     norm.weight.data = (norm.weight.data / r).to(norm.weight.dtype)
     norm.bias.data = (norm.bias.data / r - b).to(norm.bias.dtype)
     w = layer.weight.data
@@ -127,5 +145,3 @@ def reparameterize_(norm: nn.LayerNorm, layer: Union[QuantLinear, QuantConv2d], 
         layer.bias = nn.Parameter(shift.to(w.dtype))
     else:
         layer.bias.data = (layer.bias.data + shift).to(layer.bias.dtype)
-    quantizer.set_qparams(target_delta.reshape(()), target_zp.reshape(()), channel_axis=None)
-    return ReparamResult(r=r, b=b, target=(target_delta, target_zp), clipped=clipped)
