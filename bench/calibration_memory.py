@@ -127,7 +127,7 @@ def measure(n: int, batch_size: int, config: str, data_root: str, image_ids: Opt
     from mmdet.utils import register_all_modules
 
     import mmdet_lrpq
-    from mmdet_lrpq.api import images_in
+    from mmdet_lrpq.models.quantizer import images_in
     from mmdet_lrpq.engine.calib_data import CalibrationImages, CalibSettings, batch_input_hw
     from mmdet_lrpq.engine.hook import QuantizationHook
     from mmdet_lrpq.registry import is_quantization_hook

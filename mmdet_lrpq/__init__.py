@@ -10,7 +10,7 @@ import sys as _sys
 
 from .version import __version__
 
-_LAZY = {'quantize_': 'api', 'QuantConfig': 'config', 'ReconstructConfig': 'config', 'QuantReport': 'models.report',
+_LAZY = {'quantize_': 'quantize', 'QuantConfig': 'config', 'ReconstructConfig': 'config', 'QuantReport': 'models.report',
          'BitPlan': 'plan', 'export_onnx': 'export'}
 
 

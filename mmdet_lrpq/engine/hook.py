@@ -26,6 +26,7 @@ from mmengine.runner import BaseLoop
 from ..config import QuantConfig
 from ..registry import HOOKS
 from ..models.report import QuantReport
+from ..models.state import STATE_MISMATCH
 from .calib_data import CalibSettings
 from .quantize import detector_of, quantize_detector
 
@@ -57,8 +58,8 @@ class QuantizationHook(Hook):
         if isinstance(self.config.plan, str):
             self.config.load_plan()                        # a malformed plan file is refused now, not after loading data
         self.calib = CalibSettings.from_options(calib)
-        if state_mismatch not in ('error', 'recalibrate'):
-            raise ValueError(f"state_mismatch must be 'error' or 'recalibrate', got {state_mismatch!r}")
+        if state_mismatch not in STATE_MISMATCH:
+            raise ValueError(f'state_mismatch must be one of {STATE_MISMATCH}, got {state_mismatch!r}')
         self.state_file = state_file
         self.state_mismatch = state_mismatch
         self.report_file = report_file

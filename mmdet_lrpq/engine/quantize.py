@@ -2,7 +2,7 @@
 
 Calibration images come from the config's test dataset settings (:mod:`.calib_data`), stream
 through ``test_step`` ``calib.batch_size`` at a time, and the calibrated state can be saved and
-reused (:func:`mmdet_lrpq.api.calibrate_or_load`: refused, or recalibrated, when it was made from
+reused (:func:`mmdet_lrpq.models.state.calibrate_or_load`: refused, or recalibrated, when it was made from
 other weights, options, calibration settings or calibration images — their content is digested).
 Under distributed testing rank 0 calibrates (or loads) and every rank receives the same state, so
 every rank evaluates the quantized model.
@@ -15,7 +15,8 @@ from typing import Any, Optional
 
 from torch import nn
 
-from ..api import calibrate_or_load, images_in
+from ..models.quantizer import images_in
+from ..models.state import calibrate_or_load
 from ..config import QuantConfig
 from ..models.quantizer import ModelQuantizer
 from ..models.report import QuantReport

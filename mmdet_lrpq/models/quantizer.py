@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any, Callable, Iterable, Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..config import QuantConfig, plan_command
 from ..plan import Site
@@ -63,6 +64,15 @@ def _peak_memory(device: torch.device) -> dict:
     if device.type == 'cuda':
         out['peak_cuda_mb'] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
     return out
+
+
+def images_in(batch: Any) -> int:
+    """Number of images in one calibration input (counted and reported)."""
+    if isinstance(batch, Mapping) and 'inputs' in batch:
+        return len(batch['inputs'])
+    if isinstance(batch, Tensor) and batch.dim() == 4:
+        return batch.shape[0]
+    return 1
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -394,4 +404,4 @@ class ModelQuantizer:
         return self.report
 
 
-__all__ = ['ModelQuantizer', 'model_device']
+__all__ = ['ModelQuantizer', 'model_device', 'images_in']

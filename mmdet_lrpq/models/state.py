@@ -14,13 +14,18 @@ or load), and an unreadable file is an error naming it and the fix.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Mapping, Optional
+import os
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 import torch
 from torch import nn
 
 from ..safe_load import remove_stale_temporaries, save_atomic  # noqa: F401 -- the state files' temporaries
 from ..version import __version__
+
+if TYPE_CHECKING:
+    from .quantizer import ModelQuantizer
+    from .report import QuantReport
 
 STATE_FORMAT = 'mmdet-lrpq/quant-state@2'
 # compared before a state is used; 'package_version' only warns (formats are versioned separately)
@@ -174,3 +179,51 @@ def new_identity(model: nn.Module, config_description: dict,
     """The identity of a state about to be made from ``model`` (call before wrapping it)."""
     return {'package_version': __version__, 'model_structure': structure_fingerprint(model),
             'weights': weights_fingerprint(model), 'config': config_description, 'calibration': calibration}
+
+
+STATE_MISMATCH = ('error', 'recalibrate')   # what a state that does not fit does: stop, or recalibrate
+
+
+def check_state_path(state_file: str) -> None:
+    """Refuse, before any calibration, a ``state_file`` that could never be written."""
+    path = os.fspath(state_file)
+    if os.path.isdir(path):
+        raise ValueError(f'state_file {path} is a directory; give the path of a file in it, e.g. '
+                         f'{os.path.join(path, "quant_state.pth")}')
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f'state_file {path} cannot be written: {parent} is a file, not a directory')
+
+
+def calibrate_or_load(quantizer: 'ModelQuantizer', calibrate: Callable[[], 'QuantReport'], *,
+                      state_file: Optional[str] = None, state_mismatch: str = 'error',
+                      calibration: Optional[dict] = None) -> 'QuantReport':
+    """Load ``state_file`` if it was made from these inputs, else calibrate (and save it).
+
+    A mismatch or an unreadable file raises, naming the difference and the fix, unless
+    ``state_mismatch='recalibrate'``: then a warning, a fresh calibration, and the file replaced.
+    """
+    if state_mismatch not in STATE_MISMATCH:
+        raise ValueError(f'state_mismatch must be one of {STATE_MISMATCH}, got {state_mismatch!r}')
+    log = quantizer.logger
+    if state_file:
+        check_state_path(state_file)
+        for stale in remove_stale_temporaries(state_file):
+            log.warning(f'removed {stale}: a temporary file left by an interrupted save of {state_file}')
+    if state_file and os.path.isfile(state_file):
+        try:
+            state = load_state_file(state_file)
+            report = quantizer.load_state(state, calibration, where=f'calibrated state {state_file}', path=state_file)
+            log.info(f'loaded calibrated state from {state_file} (no calibration)')
+            return report
+        except StateFileError as err:
+            if state_mismatch == 'error':
+                raise
+            log.warning(f'{err}\nrecalibrating (state_mismatch=recalibrate); {state_file} will be replaced')
+    report = calibrate()
+    if state_file:
+        save_state(state_file, quantizer.state())
+        log.info(f'calibrated state saved to {state_file}')
+    return report

@@ -28,10 +28,10 @@ from torch import Tensor, nn
 from .config import QuantConfig
 from .models.quantizer import ModelQuantizer
 from .models.report import QuantReport
-from .models.state import StateFileError, _update_tensor, load_state_file, remove_stale_temporaries, save_state
+from .models.quantizer import images_in
+from .models.state import _update_tensor, calibrate_or_load
 from .plan import BitPlan
 
-STATE_MISMATCH = ('error', 'recalibrate')
 _EMPTY = object()
 ConfigLike = Union[QuantConfig, BitPlan, str, os.PathLike, None]
 
@@ -63,28 +63,6 @@ def default_runner(model: nn.Module) -> Callable[[nn.Module, Any], Any]:
             return m(*x)
         return m(x)
     return call
-
-
-def images_in(batch: Any) -> int:
-    """Number of images in one calibration input (its weight in the mean across batches)."""
-    if isinstance(batch, Mapping) and 'inputs' in batch:
-        return len(batch['inputs'])
-    if isinstance(batch, Tensor) and batch.dim() == 4:
-        return batch.shape[0]
-    return 1
-
-
-def check_state_path(state_file: str) -> None:
-    """Refuse, before any calibration, a ``state_file`` that could never be written."""
-    path = os.fspath(state_file)
-    if os.path.isdir(path):
-        raise ValueError(f'state_file {path} is a directory; give the path of a file in it, e.g. '
-                         f'{os.path.join(path, "quant_state.pth")}')
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ValueError(f'state_file {path} cannot be written: {parent} is a file, not a directory')
 
 
 def _what(x: Any) -> str:
@@ -207,38 +185,6 @@ def calibration_record(batches: Any, calib_id: Any) -> dict:
     return record
 
 
-def calibrate_or_load(quantizer: ModelQuantizer, calibrate: Callable[[], QuantReport], *,
-                      state_file: Optional[str] = None, state_mismatch: str = 'error',
-                      calibration: Optional[dict] = None) -> QuantReport:
-    """Load ``state_file`` if it was made from these inputs, else calibrate (and save it).
-
-    A mismatch or an unreadable file raises, naming the difference and the fix, unless
-    ``state_mismatch='recalibrate'``: then a warning, a fresh calibration, and the file replaced.
-    """
-    if state_mismatch not in STATE_MISMATCH:
-        raise ValueError(f'state_mismatch must be one of {STATE_MISMATCH}, got {state_mismatch!r}')
-    log = quantizer.logger
-    if state_file:
-        check_state_path(state_file)
-        for stale in remove_stale_temporaries(state_file):
-            log.warning(f'removed {stale}: a temporary file left by an interrupted save of {state_file}')
-    if state_file and os.path.isfile(state_file):
-        try:
-            state = load_state_file(state_file)
-            report = quantizer.load_state(state, calibration, where=f'calibrated state {state_file}', path=state_file)
-            log.info(f'loaded calibrated state from {state_file} (no calibration)')
-            return report
-        except StateFileError as err:
-            if state_mismatch == 'error':
-                raise
-            log.warning(f'{err}\nrecalibrating (state_mismatch=recalibrate); {state_file} will be replaced')
-    report = calibrate()
-    if state_file:
-        save_state(state_file, quantizer.state())
-        log.info(f'calibrated state saved to {state_file}')
-    return report
-
-
 def quantize_(model: nn.Module, config: ConfigLike = None, calib: Union[Iterable, Callable[[nn.Module], Any], None] = None,
               *, state_file: Optional[str] = None, state_mismatch: str = 'error', calib_id: Optional[Any] = None,
               progress: bool = False, logger: Optional[logging.Logger] = None, **options: Any) -> QuantReport:
@@ -296,4 +242,4 @@ def quantize_(model: nn.Module, config: ConfigLike = None, calib: Union[Iterable
                              calibration=calibration)
 
 
-__all__ = ['quantize_', 'as_config', 'calibrate_or_load', 'default_runner', 'images_in', 'STATE_MISMATCH']
+__all__ = ['quantize_', 'as_config', 'default_runner']
