@@ -38,7 +38,7 @@ percentiles are its extremes, mean elsewhere, was tried: the classifier still lo
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -68,7 +68,7 @@ class _RangeEnvelope:
         if isinstance(q, RegionUniformQuantizer):      # [lo, hi, m]: the regions' ends and the ratio
             delta, zp, m = q.delta.double(), q.zero_point.double(), q.ratio_exp.double()
             return [-zp * delta * torch.exp2(-m), (((1 << q.bits) - 1) - zp) * delta, m]
-        return [q.delta.double()]
+        return [cast(Tensor, q.delta).double()]          # log-sqrt2: its delta buffer
 
     def add(self, q: _Quantizer) -> None:
         ranges = self._ranges(q)
@@ -76,11 +76,14 @@ class _RangeEnvelope:
             self.first = tuple(getattr(q, n).clone() for n in q._qparam_names)
             self.bounds = ranges
         elif isinstance(q, UniformQuantizer):
+            assert self.bounds is not None                 # (set by the first batch)
             self.bounds = [torch.minimum(self.bounds[0], ranges[0]), torch.maximum(self.bounds[1], ranges[1])]
         elif isinstance(q, RegionUniformQuantizer):
+            assert self.bounds is not None
             self.bounds = [torch.minimum(self.bounds[0], ranges[0]), torch.maximum(self.bounds[1], ranges[1]),
                            torch.minimum(self.bounds[2], ranges[2])]
         else:
+            assert self.bounds is not None
             self.bounds = [torch.maximum(self.bounds[0], ranges[0])]
         self.batches += 1
         self.values += getattr(q, 'calib_values', 0)
@@ -89,6 +92,7 @@ class _RangeEnvelope:
         """Give ``q`` the combined parameters (nothing if no batch fed it)."""
         if self.batches == 0:
             return
+        assert self.first is not None and self.bounds is not None   # (set by the first batch)
         q.calib_values = self.values
         if self.batches == 1:           # exactly that batch's parameters (RepQ-ViT's protocol)
             for name, value in zip(q._qparam_names, self.first):

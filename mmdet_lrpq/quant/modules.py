@@ -69,6 +69,7 @@ class _Quantizer(nn.Module):
 
     _qparam_names: tuple[str, ...] = ()
     _learned_names: tuple[str, ...] = ()
+    calib_values: int               # values per channel calibrated on (set by calibration where known; not saved)
 
     if TYPE_CHECKING:
         def calibrate(self, x: Tensor) -> None: ...     # every subclass's: fix the qparams on ``x``
