@@ -38,7 +38,7 @@ percentiles are its extremes, mean elsewhere, was tried: the classifier still lo
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar, cast
+from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -68,7 +68,7 @@ class _RangeEnvelope:
         if isinstance(q, RegionUniformQuantizer):      # [lo, hi, m]: the regions' ends and the ratio
             delta, zp, m = q.delta.double(), q.zero_point.double(), q.ratio_exp.double()
             return [-zp * delta * torch.exp2(-m), (((1 << q.bits) - 1) - zp) * delta, m]
-        return [cast(Tensor, q.delta).double()]          # log-sqrt2: its delta buffer
+        return [q.delta.double()]
 
     def add(self, q: _Quantizer) -> None:
         ranges = self._ranges(q)

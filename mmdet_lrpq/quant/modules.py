@@ -69,6 +69,7 @@ class _Quantizer(nn.Module):
 
     _qparam_names: tuple[str, ...] = ()
     _learned_names: tuple[str, ...] = ()
+    delta: Tensor                   # every quantizer's step (a buffer: None until calibrated)
     calib_values: int               # values per channel calibrated on (set by calibration where known; not saved)
 
     if TYPE_CHECKING:
