@@ -11,9 +11,9 @@ import math
 import os
 import re
 from dataclasses import dataclass, field, fields
-from typing import Optional, Union
+from typing import Iterable, Optional, Union
 
-from .plan import BitPlan
+from .plan import BitPlan, Site
 from .quant.functional import check_bits
 from .quant.options import from_options
 from .quant.reconstruct import ReconstructConfig
@@ -162,7 +162,7 @@ class QuantConfig:
         """The clipping actually applied: CRL's k, or infinity (RepQ)."""
         return self.crl_k if self.method == 'crl' else math.inf
 
-    def pinned_act_bits(self, sites) -> dict[str, int]:
+    def pinned_act_bits(self, sites: Iterable[Site]) -> dict[str, int]:
         """Site -> input bits this config fixes whatever the plan says (the patch embedding's image input)."""
         if self.patch_embed_a_bits is None:
             return {}
@@ -175,7 +175,9 @@ class QuantConfig:
         if isinstance(self.plan, BitPlan):
             return self.plan
         if self._plan_cache is None:
+            assert isinstance(self.plan, str)       # (__post_init__ turned a path-like into its str)
             object.__setattr__(self, '_plan_cache', BitPlan.load(self.plan))
+        assert self._plan_cache is not None
         return self._plan_cache
 
     def describe(self) -> dict:
@@ -185,6 +187,7 @@ class QuantConfig:
         plan = out.pop('plan')
         out['plan'] = None if plan is None else (plan if isinstance(plan, str) else '<BitPlan>')
         out['plan_sha256'] = self.load_plan().content_hash()
+        assert not isinstance(self.reconstruct, dict)   # (__post_init__ made it a ReconstructConfig)
         out['reconstruct'] = None if self.reconstruct is None else self.reconstruct.describe()
         for option, names in _NAMED_WHEN_SET.items():
             if getattr(self, option) is None:

@@ -23,9 +23,10 @@ import os.path as osp
 import platform
 import sysconfig
 import warnings
-from typing import Optional
+from typing import Optional, Protocol
 
 import torch
+from torch import Tensor
 
 _SOURCE = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc', 'fused_quant.cpp')
 _state: dict = {}
@@ -55,7 +56,27 @@ def build_dir() -> str:
     return osp.join(root, f'torch-{torch.__version__.split("+")[0]}-{_build_key()}')
 
 
-def kernels(verbose: bool = False) -> Optional[object]:
+class FusedKernels(Protocol):
+    """The functions ``csrc/fused_quant.cpp`` exports (its ``PYBIND11_MODULE`` block), as typed for mypy."""
+
+    def uniform_sq_err(self, rows: Tensor, delta: Tensor, zero_point: Tensor, levels: int) -> Tensor: ...
+
+    def fake_quant_uniform(self, x: Tensor, delta: Tensor, zero_point: Tensor, levels: int, inner: int,
+                           scratch: Optional[Tensor]) -> Tensor: ...
+
+    def row_tails(self, rows: Tensor, k_top: int, k_bot: int) -> tuple[Tensor, Tensor, Tensor]: ...
+
+    def tails_beyond(self, flat: Tensor, hi: float, lo: float) -> tuple[Tensor, int, Tensor, int]: ...
+
+    def fake_quant_uniform_rows(self, x: Tensor, delta: Tensor, zero_point: Tensor, levels: int,
+                                scratch: Optional[Tensor]) -> Tensor: ...
+
+    def log_sqrt2_fake_quant(self, x: Tensor, delta: Tensor, table: Tensor, scratch: Optional[Tensor]) -> Tensor: ...
+
+    def log_sqrt2_sq_err(self, x: Tensor, delta: Tensor, table: Tensor) -> float: ...
+
+
+def kernels(verbose: bool = False) -> Optional[FusedKernels]:
     """The compiled module, or ``None`` where the PyTorch path must be used."""
     if os.environ.get('MMDET_LRPQ_NO_EXT', '') not in ('', '0'):
         return None

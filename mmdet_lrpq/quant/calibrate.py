@@ -76,11 +76,14 @@ class _RangeEnvelope:
             self.first = tuple(getattr(q, n).clone() for n in q._qparam_names)
             self.bounds = ranges
         elif isinstance(q, UniformQuantizer):
+            assert self.bounds is not None                 # (set by the first batch)
             self.bounds = [torch.minimum(self.bounds[0], ranges[0]), torch.maximum(self.bounds[1], ranges[1])]
         elif isinstance(q, RegionUniformQuantizer):
+            assert self.bounds is not None
             self.bounds = [torch.minimum(self.bounds[0], ranges[0]), torch.maximum(self.bounds[1], ranges[1]),
                            torch.minimum(self.bounds[2], ranges[2])]
         else:
+            assert self.bounds is not None
             self.bounds = [torch.maximum(self.bounds[0], ranges[0])]
         self.batches += 1
         self.values += getattr(q, 'calib_values', 0)
@@ -89,6 +92,7 @@ class _RangeEnvelope:
         """Give ``q`` the combined parameters (nothing if no batch fed it)."""
         if self.batches == 0:
             return
+        assert self.first is not None and self.bounds is not None   # (set by the first batch)
         q.calib_values = self.values
         if self.batches == 1:           # exactly that batch's parameters (RepQ-ViT's protocol)
             for name, value in zip(q._qparam_names, self.first):

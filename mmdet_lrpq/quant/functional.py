@@ -25,14 +25,14 @@ Where RepQ-ViT divides by zero (constant tensors or channels) we define the resu
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, cast
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..bits import MAX_BITS, MIN_BITS, check_bits
-from ._ext import kernels
+from ._ext import FusedKernels, kernels
 
 PERCENTILES: tuple[float, ...] = (0.999, 0.9999, 0.99999)
 SQRT2 = math.sqrt(2.0)
@@ -149,7 +149,7 @@ def _top_tail(rows: Tensor, k: int, largest: bool) -> Tensor:
     return rows.topk(k, dim=1, largest=largest, sorted=True).values
 
 
-def _select_tails(flat: Tensor, k_top: int, k_bot: int, fused) -> Optional[tuple[Tensor, Tensor]]:
+def _select_tails(flat: Tensor, k_top: int, k_bot: int, fused: FusedKernels) -> Optional[tuple[Tensor, Tensor]]:
     """Both tails of a large flat tensor in one fused pass: the ``k_top`` largest (descending) and
     ``k_bot`` smallest (ascending) values, exactly, or ``None`` if a sampled threshold was too tight.
 
@@ -186,10 +186,12 @@ def quantiles(rows: Tensor, qs: Sequence[float]) -> Tensor:
     else:
         fused = kernels() if rows.device.type == 'cpu' and rows.dtype == torch.float32 else None
         thin = fused is not None and max(k_top, k_bot) < n // 64  # tails small enough to select
-        tails = None
+        tails: Optional[tuple[Optional[Tensor], Optional[Tensor]]] = None
         if thin and rows.shape[0] == 1 and n >= _SELECT_MIN_ELEMENTS:
+            assert fused is not None  # (thin implies it)
             tails = _select_tails(rows[0].contiguous(), k_top, k_bot, fused)
         elif thin and rows.shape[0] > 1 and n >= _ROW_SELECT_MIN:
+            assert fused is not None  # (thin implies it)
             top, bot, ok = fused.row_tails(rows.contiguous(), k_top, k_bot)
             if not bool(ok.all()):  # a sampled threshold was too tight for some rows: topk those
                 bad = (~ok).nonzero()[:, 0]
@@ -199,7 +201,8 @@ def quantiles(rows: Tensor, qs: Sequence[float]) -> Tensor:
         if tails is None:
             tails = (_top_tail(rows, k_top, largest=True) if k_top else None,
                      _top_tail(rows, k_bot, largest=False) if k_bot else None)
-        top, bot = tails  # top[:, j] = x_(n-1-j), bot[:, j] = x_(j)
+        # top[:, j] = x_(n-1-j), bot[:, j] = x_(j); a tail is None only when its k is 0 and pick never reads it
+        top, bot = cast(tuple[Tensor, Tensor], tails)
         pick = lambda i: top[:, n - 1 - i] if i >= n // 2 else bot[:, i]  # noqa: E731
     # The weight in the rows' dtype, as torch.quantile rounds it (float32 for float32 rows).
     return torch.stack([torch.lerp(pick(lo), pick(hi), rows.new_tensor(w)) for lo, hi, w in ranks])
@@ -211,7 +214,7 @@ def _uniform_candidate(lo: Tensor, hi: Tensor, levels: int) -> tuple[Tensor, Ten
     return delta, (-lo / delta).round()
 
 
-def _sum_sq_err(rows: Tensor, error) -> Tensor:
+def _sum_sq_err(rows: Tensor, error: Callable[..., Tensor]) -> Tensor:
     """Per-row sum of squared fake-quantization error, ``error(chunk)`` streamed over column chunks."""
     c, m = rows.shape
     cols = max(1, _CHUNK_ELEMENTS // c)
@@ -367,6 +370,7 @@ def fake_quant_uniform(x: Tensor, delta: Tensor, zero_point: Tensor, bits: int,
     inner = _fused_layout(x, delta) if zero_point.shape == delta.shape else None
     fused = kernels() if inner else None
     if fused is not None:
+        assert inner  # (fused is looked up only then)
         if delta.numel() > 1 or _dense(x):
             return fused.fake_quant_uniform(x, delta, zero_point, levels, inner, scratch)
         rows = _strided_rows(x)  # else the PyTorch path below, which lays the output out as it does
@@ -397,13 +401,13 @@ class _UniformSTE(torch.autograd.Function):
     instead of autograd's chain through round/clamp/mul."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, delta: Tensor, zero_point: Tensor, bits: int) -> Tensor:
+    def forward(ctx: Any, x: Tensor, delta: Tensor, zero_point: Tensor, bits: int) -> Tensor:
         ctx.save_for_backward(x, delta, zero_point)
         ctx.bits = bits
         return fake_quant_uniform(x, delta, zero_point, bits)
 
     @staticmethod
-    def backward(ctx, g: Tensor):
+    def backward(ctx: Any, g: Tensor) -> tuple[Optional[Tensor], Optional[Tensor], None, None]:
         x, delta, zero_point = ctx.saved_tensors
         levels = (1 << ctx.bits) - 1
         y = x.to(torch.promote_types(x.dtype, delta.dtype)) / delta
@@ -558,13 +562,13 @@ class _LogSqrt2STE(torch.autograd.Function):
     scatter), so the gradient is deterministic on every device."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, delta: Tensor, bits: int) -> Tensor:
+    def forward(ctx: Any, x: Tensor, delta: Tensor, bits: int) -> Tensor:
         out = fake_quant_log_sqrt2(x, delta, bits)
         ctx.save_for_backward(x, delta, out)
         return out
 
     @staticmethod
-    def backward(ctx, g: Tensor):
+    def backward(ctx: Any, g: Tensor) -> tuple[Optional[Tensor], Optional[Tensor], None]:
         x, delta, out = ctx.saved_tensors
         grad_x = g * ((x <= delta) & (out != 0)) if ctx.needs_input_grad[0] else None
         grad_delta = _sum_to(g * out / delta, delta) if ctx.needs_input_grad[1] else None

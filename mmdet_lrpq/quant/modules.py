@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import enum
 import threading
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +69,11 @@ class _Quantizer(nn.Module):
 
     _qparam_names: tuple[str, ...] = ()
     _learned_names: tuple[str, ...] = ()
+    delta: Tensor                   # every quantizer's step (a buffer: None until calibrated)
+    calib_values: int               # values per channel calibrated on (set by calibration where known; not saved)
+
+    if TYPE_CHECKING:
+        def calibrate(self, x: Tensor) -> None: ...     # every subclass's: fix the qparams on ``x``
 
     def __init__(self, bits: int):
         super().__init__()
@@ -123,6 +128,7 @@ class UniformQuantizer(_Quantizer):
 
     _qparam_names = ('delta', 'zero_point')
     _learned_names = ('rounding',)
+    rounding: Optional[Tensor]      # (a buffer: registered by _Quantizer)
 
     def __init__(self, bits: int = 8, channel_axis: Optional[int] = None):
         super().__init__(bits)
@@ -245,13 +251,15 @@ class WeightCache:
                 quantizer.calibrate(w)
                 self.value = quantizer(w.detach())
             self.key = key
+        assert self.value is not None  # (set with the key, which is never None)
         return self.value
 
 
 class _WeightedQuantModule(QuantModule):
     """Shared by QuantLinear / QuantConv2d: per-output-channel weights with a cached fake-quant."""
 
-    weight: nn.Parameter
+    weight: Tensor
+    bias: Optional[Tensor]
 
     def _init_quant(self, w_bits: int, a_bits: int, act_channel_axis: Optional[int]) -> None:
         self.weight_quantizer = UniformQuantizer(w_bits, channel_axis=0)
@@ -290,16 +298,18 @@ class _WeightedQuantModule(QuantModule):
         return self._forward_impl(self._quantize_input(self.input_quantizer, x), self.quantized_weight())
 
 
-class QuantLinear(_WeightedQuantModule, nn.Linear):
+# (torch's nn.Linear gets its bias typed as a Parameter, though it is None for bias=False: ours is Optional.)
+class QuantLinear(_WeightedQuantModule, nn.Linear):  # type: ignore[misc]
     """``nn.Linear`` with per-output-channel weight and per-tensor/per-channel input quantization."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, w_bits: int = 8,
-                 a_bits: int = 8, per_channel_input: bool = False, device=None, dtype=None):
+                 a_bits: int = 8, per_channel_input: bool = False, device: Any = None,
+                 dtype: Optional[torch.dtype] = None):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self._init_quant(w_bits, a_bits, -1 if per_channel_input else None)
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, **quant_kwargs) -> 'QuantLinear':
+    def from_float(cls, linear: nn.Linear, **quant_kwargs: Any) -> 'QuantLinear':
         """Wrap ``linear``, sharing its parameters (the state-dict keys do not change)."""
         q = cls(linear.in_features, linear.out_features, linear.bias is not None, device='meta',
                 **quant_kwargs)
@@ -314,12 +324,13 @@ class QuantLinear(_WeightedQuantModule, nn.Linear):
 class QuantConv2d(_WeightedQuantModule, nn.Conv2d):
     """``nn.Conv2d`` with per-output-channel weight and per-tensor (or per-channel) input."""
 
-    def __init__(self, *args, w_bits: int = 8, a_bits: int = 8, per_channel_input: bool = False, **kwargs):
+    def __init__(self, *args: Any, w_bits: int = 8, a_bits: int = 8, per_channel_input: bool = False,
+                 **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._init_quant(w_bits, a_bits, 1 if per_channel_input else None)
 
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, **quant_kwargs) -> 'QuantConv2d':
+    def from_float(cls, conv: nn.Conv2d, **quant_kwargs: Any) -> 'QuantConv2d':
         q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
                 padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
                 bias=conv.bias is not None, padding_mode=conv.padding_mode, device='meta', **quant_kwargs)

@@ -41,7 +41,7 @@ import math
 import random
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence, cast
 
 import torch
 from torch import Tensor, nn
@@ -207,7 +207,7 @@ class _Learners:
             self.hooks = [q.register_forward_hook(self._drop) for q in self.quantizers]
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         for h in self.hooks:
             h.remove()
         for learner in self.roundings + self.steps:
@@ -442,6 +442,7 @@ def _linear_rows(x: Tensor, k: int, rng: _Rng) -> tuple[Tensor, None]:
 def _conv_rows(x: Tensor, conv: nn.Conv2d, k: int, rng: _Rng) -> tuple[Tensor, Tensor]:
     """``k`` sampled im2col patches of ``x`` (only those are gathered) and which taps are inside the image."""
     b, c, h, w = x.shape
+    assert not isinstance(conv.padding, str)    # (not reconstructible: see _reconstructible)
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
     oh, ow = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     pick = rng.rows(b * oh * ow, k, x.device)
@@ -471,13 +472,13 @@ def _capture_rows(model: nn.Module, layers: dict[str, QuantModule], batches: Cal
     """Input rows of ``layers`` in the quantized model, ``per_call`` sampled per call of a layer."""
     rows = {name: _Rows([], []) for name in layers}
 
-    def hook(name: str, layer: QuantModule):
-        def capture(module, args):
+    def hook(name: str, layer: QuantModule) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def capture(module: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0].detach()
             if x.numel() == 0:
                 return
-            conv = isinstance(layer, QuantConv2d)
-            got = _conv_rows(x, layer, per_call, rng) if conv else _linear_rows(x, per_call, rng)
+            got = (_conv_rows(x, layer, per_call, rng) if isinstance(layer, QuantConv2d)
+                   else _linear_rows(x, per_call, rng))
             rows[name].x.append(got[0])
             rows[name].valid.append(got[1])
         return capture
@@ -493,7 +494,7 @@ def _capture_rows(model: nn.Module, layers: dict[str, QuantModule], batches: Cal
     return rows
 
 
-def _layer_output(layer: QuantModule, x: Tensor, valid: Optional[Tensor], quantized: bool) -> Tensor:
+def _layer_output(layer: QuantLinear | QuantConv2d, x: Tensor, valid: Optional[Tensor], quantized: bool) -> Tensor:
     """The layer on its rows: ``x Wᵀ + b`` in float, or with its input and weight fake-quantized."""
     weight = layer.quantized_weight() if quantized else layer.weight
     if quantized:
@@ -506,11 +507,12 @@ def _layer_output(layer: QuantModule, x: Tensor, valid: Optional[Tensor], quanti
 
 def _cat_rows(r: _Rows) -> tuple[Tensor, Optional[Tensor]]:
     x = torch.cat(r.x)
-    valid = None if r.valid[0] is None else torch.cat(r.valid)
+    # (one layer's rows: every call gave a conv's tap mask, or none did)
+    valid = None if r.valid[0] is None else torch.cat(cast(list[Tensor], r.valid))
     return x, valid
 
 
-def _layer_error(layer: QuantModule, x: Tensor, valid: Optional[Tensor], chunk: int) -> float:
+def _layer_error(layer: QuantLinear | QuantConv2d, x: Tensor, valid: Optional[Tensor], chunk: int) -> float:
     """Relative output error of the quantized layer on all its rows (in chunks)."""
     def pairs():
         for i in range(0, x.shape[0], chunk):
@@ -520,7 +522,7 @@ def _layer_error(layer: QuantModule, x: Tensor, valid: Optional[Tensor], chunk: 
         return float(_relative_error(pairs()))
 
 
-def _learn_layer(layer: QuantModule, x: Tensor, valid: Optional[Tensor], config: ReconstructConfig,
+def _learn_layer(layer: QuantLinear | QuantConv2d, x: Tensor, valid: Optional[Tensor], config: ReconstructConfig,
                  rng: _Rng, tick: Callable[[], None]) -> None:
     learners = _Learners([layer], config, rng, 0.0)
     with torch.no_grad():
@@ -613,6 +615,7 @@ def reconstruct_(model: nn.Module, chains: Sequence[Sequence[Unit]], heads: Sequ
                 if not rows[name].x:       # never fed: left as calibrated
                     continue
                 x, valid = _cat_rows(rows.pop(name))
+                assert isinstance(layer, (QuantLinear, QuantConv2d))   # (kept by _reconstructible)
                 err_before = _layer_error(layer, x, valid, config.batch_rows * 8)
                 _learn_layer(layer, x, valid, config, rng, tick)
                 errors[name] = [err_before, _layer_error(layer, x, valid, config.batch_rows * 8)]

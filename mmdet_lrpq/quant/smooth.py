@@ -61,6 +61,7 @@ class ChannelRanges:
         after the pass, not per batch)."""
         if self.lo is None:
             raise ValueError(f'SQ-b: {where} received no input in the float pass over the calibration images')
+        assert self.hi is not None      # (recorded together with lo)
         if not bool(torch.isfinite(self.lo).all() & torch.isfinite(self.hi).all()):
             raise ValueError(f'SQ-b: the input of {where} has NaN or Inf values; check the model/input for overflow')
 
@@ -101,6 +102,7 @@ def smooth_(norm: nn.LayerNorm, layer: Union[QuantLinear, QuantConv2d], ranges: 
         raise ValueError('SQ-b needs the layer input ranges: the layer received no input in the float pass')
     if ranges.lo.numel() != norm.weight.numel():
         raise ValueError(f'LayerNorm has {norm.weight.numel()} channels, the layer input {ranges.lo.numel()}')
+    assert ranges.hi is not None        # (recorded together with lo)
     s, z = sqb_factors(ranges.lo, ranges.hi, layer.weight, alpha)
     b = z / s
     fold_scale_shift_(norm, layer, s, b)

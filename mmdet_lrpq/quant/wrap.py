@@ -36,7 +36,7 @@ class LayerQuantConfig:
 ConfigFn = Callable[[str, nn.Module], Optional[LayerQuantConfig]]
 
 
-def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
+def quantizable_layers(model: nn.Module) -> dict[str, nn.Conv2d | nn.Linear]:
     """The float Conv2d/Linear layers a wrapper can quantize, by qualified name."""
     return {name: m for name, m in model.named_modules()
             if isinstance(m, (nn.Conv2d, nn.Linear)) and not isinstance(m, (QuantModule, *_WEIGHT_ONLY_LINEARS))}
@@ -54,9 +54,9 @@ def wrap_modules(model: nn.Module, config_for: ConfigFn) -> dict[str, QuantModul
         cfg = config_for(name, layer)
         if cfg is None:
             continue
-        cls = QuantConv2d if isinstance(layer, nn.Conv2d) else QuantLinear
-        q = cls.from_float(layer, w_bits=cfg.w_bits, a_bits=cfg.a_bits,
-                           per_channel_input=cfg.per_channel_input)
+        options = dict(w_bits=cfg.w_bits, a_bits=cfg.a_bits, per_channel_input=cfg.per_channel_input)
+        q: QuantModule = (QuantConv2d.from_float(layer, **options) if isinstance(layer, nn.Conv2d)
+                          else QuantLinear.from_float(layer, **options))
         set_submodule(model, name, q)
         wrapped[name] = q
     return wrapped
