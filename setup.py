@@ -21,7 +21,7 @@ setup(
     # The real minimums of the code (mmdet_lrpq/env.py checks the same at run time):
     #   Python 3.10: zip(strict=) (lrp/scores.py);  torch 2.6: weights-only torch.load with
     #   (obj, 'module.name') allow-list entries (safe_load.py);  timm 1.0.8: Swin's
-    #   always_partition / strict_img_size / dynamic_mask (lrp/, tools/lrp_plan.py);  scipy 1.9:
+    #   always_partition / strict_img_size / dynamic_mask (lrp/, cli.py);  scipy 1.9:
     #   optimize.milp (plan/allocators.py);  numpy 1.26: numpy._core (safe_load.py).
     # Lower bounds only: the exact, verified pins live in requirements/runtime.txt and
     # tools/install.sh, so that `pip install -e .` keeps the CPU/CUDA torch a user already has.

@@ -67,7 +67,7 @@ def speed_part(args) -> dict:
 
     import mmdet_lrpq
     from mmdet_lrpq.export import census, export_onnx, profile_log_sqrt2, run, session
-    from mmdet_lrpq.export.detector import BackboneNeck, batch_from_image, preprocessed_input
+    from mmdet_lrpq.export.detector import BackboneNeck, batch_from_image, by_kind, preprocessed_input
     register_all_modules()
     mmdet_lrpq.register_all_modules()
     torch.set_num_threads(args.threads)
@@ -133,14 +133,9 @@ def speed_part(args) -> dict:
             'files': rows, 'latency_s': latency, 'latency_all_s': times,
             'speedup_ort_w8a8_vs_ort_float': latency['onnxruntime float'] / latency['onnxruntime W8A8'],
             'w8a8_census': {'integer_kernels': ops['integer_kernels'], 'dequantized_products': ops['dequantized_products'],
-                            'integer_by_kind': _grouped(ops['integer_nodes']),
-                            'dequantized_by_kind': _grouped(ops['dequantized_nodes'])},
+                            'integer_by_kind': by_kind(ops['integer_nodes']),
+                            'dequantized_by_kind': by_kind(ops['dequantized_nodes'])},
             'census_4bit': sizes_4, 'log_sqrt2_profile_w8a8': prof}
-
-
-def _grouped(names):
-    from tools.export_onnx import grouped
-    return grouped(names)
 
 
 def ap_part(args) -> dict:

@@ -1,10 +1,10 @@
 """The measured-sensitivity allocator: the integer program behind it, the Fisher measurement, the tool."""
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +17,22 @@ from mmdet_lrpq.models.sensitivity import fisher_sensitivity
 from mmdet_lrpq.plan import Budget, Site, allocate
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _sensitivity_plan_tool():
+    """tools/sensitivity_plan.py, loaded from its file (a command-line program, not a module of the package)."""
+    spec = importlib.util.spec_from_file_location('sensitivity_plan_tool', REPO / 'tools' / 'sensitivity_plan.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _miniworld_tool():
+    """The tool and the miniature world's data root, or skip where the world is not generated."""
+    data = REPO / 'data' / 'miniworld'
+    if not (data / 'annotations' / 'instances_calib.json').is_file():
+        pytest.skip('miniature world not generated (python tools/miniworld/generate.py)')
+    return _sensitivity_plan_tool(), data
 
 
 def random_problem(n: int, seed: int) -> tuple[list[Site], dict]:
@@ -190,11 +206,7 @@ def test_fisher_sensitivity_falls_with_bits_and_is_deterministic():
 
 def test_sensitivity_plan_tool_on_the_miniature_detector(tmp_path, capsys):
     """The whole detector's sites, the budget over all of them, the cache, a plan the hook accepts."""
-    data = REPO / 'data' / 'miniworld'
-    if not (data / 'annotations' / 'instances_calib.json').is_file():
-        pytest.skip('miniature world not generated (python tools/miniworld/generate.py)')
-    sys.path.insert(0, str(REPO / 'tools'))
-    import sensitivity_plan
+    sensitivity_plan, data = _miniworld_tool()
     out = tmp_path / 'plan.json'
     argv = ['configs/miniworld/mask_rcnn_swin_mini_quant.py', 'checkpoints/miniworld/mask_rcnn_swin_mini.pth',
             '--target', 'mp4', '--calib', f'data_root={data}/', 'ann_file=annotations/instances_calib.json',
@@ -248,8 +260,7 @@ def test_sensitivity_plan_tool_on_the_miniature_detector(tmp_path, capsys):
 def test_calib_option_overrides_one_field_of_the_hooks_calibration_settings():
     """--calib num_images=2 used to replace the config's calib (its ann_file and img_prefix lost)."""
     import argparse
-    sys.path.insert(0, str(REPO / 'tools'))
-    import sensitivity_plan
+    sensitivity_plan = _sensitivity_plan_tool()
     hook = {'method': 'repq', 'calib': {'ann_file': 'annotations/instances_calib.json', 'img_prefix': 'calib/',
                                         'num_images': 8, 'seed': 3}}
     args = argparse.Namespace(calib={'num_images': 2}, scope=None, method=None)
@@ -448,8 +459,7 @@ def test_lampq_options_are_validated_naming_the_option():
 
 
 def test_tool_refuses_bad_iterations_naming_the_option(capsys):
-    sys.path.insert(0, str(REPO / 'tools'))
-    import sensitivity_plan
+    sensitivity_plan = _sensitivity_plan_tool()
     for bad in ('-1', '11', 'two'):
         with pytest.raises(SystemExit):
             sensitivity_plan.parse_args(['c.py', 'w.pth', '--target', 'mp4', '--out', 'x.json', '--iterations', bad])
@@ -480,11 +490,7 @@ def test_fisher_sensitivity_given_an_assignment_measures_at_the_quantized_model(
 
 def test_sensitivity_plan_tool_with_lampq_options_on_the_miniature_detector(tmp_path, capsys):
     """--type-aware --iterations 1 on the real detector: re-measured at the plan, within both budgets."""
-    data = REPO / 'data' / 'miniworld'
-    if not (data / 'annotations' / 'instances_calib.json').is_file():
-        pytest.skip('miniature world not generated (python tools/miniworld/generate.py)')
-    sys.path.insert(0, str(REPO / 'tools'))
-    import sensitivity_plan
+    sensitivity_plan, data = _miniworld_tool()
     out = tmp_path / 'plan.json'
     argv = [str(REPO / 'configs/miniworld/mask_rcnn_swin_mini_quant.py'),
             str(REPO / 'checkpoints/miniworld/mask_rcnn_swin_mini.pth'), '--target', 'mp4',

@@ -26,17 +26,8 @@ import argparse
 import json
 import os
 import os.path as osp
-import re
 import sys
 import time
-
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-
-KINDS = (('patch_embed', r'patch_embed'), ('qkv', r'[/.]qkv[/.]'), ('q@k^T', r'matmul1'), ('attn@v', r'matmul2'),
-         ('proj', r'[/.]proj[/.]'), ('fc1', r'layers\.0\.0'), ('fc2', r'ffn[/.]layers[/.](layers\.)?1[/.]'),
-         ('reduction', r'reduction'), ('fpn lateral', r'lateral_convs'), ('fpn output', r'fpn_convs'))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -109,17 +100,6 @@ def build_quantized(args, cfg):
     return init_quantized_detector(cfg, args.checkpoint, device='cpu', progress=False)
 
 
-def kind_of(name: str) -> str:
-    return next((k for k, pattern in KINDS if re.search(pattern, name)), 'other')
-
-
-def grouped(names: list[str]) -> dict:
-    out: dict[str, int] = {}
-    for n in names:
-        out[kind_of(n)] = out.get(kind_of(n), 0) + 1
-    return out
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     import torch
@@ -127,7 +107,7 @@ def main(argv=None) -> dict:
 
     from mmdet_lrpq import register_all_modules
     from mmdet_lrpq.export import census, code_parity, export_onnx, output_parity, run, session
-    from mmdet_lrpq.export.detector import BackboneNeck, batch_from_image, preprocessed_input
+    from mmdet_lrpq.export.detector import BackboneNeck, batch_from_image, by_kind, preprocessed_input
     register_all_modules()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -135,7 +115,7 @@ def main(argv=None) -> dict:
     if args.cfg_options:
         cfg.merge_from_dict(_options(args.cfg_options))
     if args.data_root:
-        from tools.test import set_data_root
+        from mmdet_lrpq.cli import set_data_root
         set_data_root(cfg, args.data_root)
     if args.image is None:
         try:
@@ -161,9 +141,9 @@ def main(argv=None) -> dict:
     report = {'config': args.config, 'checkpoint': args.checkpoint or 'random weights (seed 0)', 'state': args.state,
               'image': args.image, 'input_shape': list(x.shape), 'quantize_seconds': round(t_quant, 1),
               'export_seconds': round(t_export, 1), 'export': summary, 'onnxruntime': {
-                  'integer_kernels': ops['integer_kernels'], 'integer_by_kind': grouped(ops['integer_nodes']),
+                  'integer_kernels': ops['integer_kernels'], 'integer_by_kind': by_kind(ops['integer_nodes']),
                   'dequantized_products': ops['dequantized_products'],
-                  'dequantized_by_kind': grouped(ops['dequantized_nodes']), 'op_counts': ops['op_counts']},
+                  'dequantized_by_kind': by_kind(ops['dequantized_nodes']), 'op_counts': ops['op_counts']},
               'parity': {'outputs': parity, 'codes': None if codes is None else
                          {k: v for k, v in codes.items() if k != 'sites'},
                          'worst_sites': None if codes is None else

@@ -39,14 +39,11 @@ import shlex
 import sys
 from typing import Optional
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
-
 
 def parse_args(argv=None):
-    from lrp_plan import target_bits
     from mmengine.config import DictAction
 
+    from mmdet_lrpq.cli import target_bits
     from mmdet_lrpq.plan.lampq import MAX_ITERATIONS
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split('\n', 2)[2])

@@ -20,8 +20,6 @@ import sys
 
 import torch
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))  # run from a checkout too
-
 
 def parse_args(argv=None):
     from mmengine.config import DictAction
@@ -44,22 +42,6 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
     return args
-
-
-def set_data_root(cfg, root: str) -> None:
-    """Point datasets and evaluators at ``root``; the evaluators' ann_file was fixed from the old root."""
-    root = root.rstrip('/') + '/'
-    if not osp.isdir(root):
-        sys.exit(f'error: --data-root {root} is not a directory')
-    old = cfg.test_dataloader.dataset.get('data_root', '')
-    for split in ('test', 'val'):
-        loader, evaluator = cfg.get(f'{split}_dataloader'), cfg.get(f'{split}_evaluator')
-        if loader is not None:
-            loader.dataset.data_root = root
-        for ev in (evaluator if isinstance(evaluator, list) else [evaluator]):
-            ann = ev.get('ann_file') if ev is not None else None
-            if ann and old and ann.startswith(old):
-                ev.ann_file = root + ann[len(old):]
 
 
 def _has_mask_head(node) -> bool:
@@ -104,6 +86,7 @@ def build_cfg(args):
     cfg = Config.fromfile(args.config)
     cfg.launcher = args.launcher
     if args.data_root is not None:
+        from mmdet_lrpq.cli import set_data_root
         set_data_root(cfg, args.data_root)
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)

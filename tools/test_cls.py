@@ -28,15 +28,13 @@ from typing import Optional
 
 import torch
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-sys.path.insert(0, osp.dirname(osp.abspath(__file__)))
+from mmdet_lrpq.cli import add_classifier_args, build_classifier, resolve_device
 
 
 def parse_args(argv=None):
-    import lrp_plan
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split('\n', 2)[2])
-    lrp_plan.add_classifier_args(p, 'seeded random weights (top-1 is then chance)')
+    add_classifier_args(p, 'seeded random weights (top-1 is then chance)')
     p.add_argument('--images', required=True, help='evaluation images: class folders (+ wnids.txt) or a flat folder')
     p.add_argument('--labels', help="'<relative path> <label>' per line, for a flat folder")
     p.add_argument('--num-images', type=int, default=None, help='evaluate only the first N images (stable order)')
@@ -107,14 +105,13 @@ def top1(model, items: list, transform, batch_size: int, device, desc: str, prog
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    import lrp_plan
     from mmdet_lrpq import QuantConfig, quantize_
     from mmdet_lrpq.lrp import eval_transform, iter_batches, list_images
 
-    device = lrp_plan.resolve_device(args.device)
+    device = resolve_device(args.device)
     if args.checkpoint is None and not args.pretrained and args.random_init is None:
         raise ValueError('give the classifier weights: --checkpoint PATH, --pretrained, or --random-init SEED')
-    model, weights = lrp_plan.build_classifier(args)
+    model, weights = build_classifier(args)
     model.to(device).eval()
     transform = eval_transform(model)
     calib_root = args.calib_images or args.images

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os.path as osp
+import re
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -19,6 +20,23 @@ from torch import Tensor, nn
 
 from .forms import ExportError
 from .runtime import run
+
+# the Swin + FPN products by the part of the model they belong to, matched on ONNX node names
+KINDS = (('patch_embed', r'patch_embed'), ('qkv', r'[/.]qkv[/.]'), ('q@k^T', r'matmul1'), ('attn@v', r'matmul2'),
+         ('proj', r'[/.]proj[/.]'), ('fc1', r'layers\.0\.0'), ('fc2', r'ffn[/.]layers[/.](layers\.)?1[/.]'),
+         ('reduction', r'reduction'), ('fpn lateral', r'lateral_convs'), ('fpn output', r'fpn_convs'))
+
+
+def kind_of(name: str) -> str:
+    return next((k for k, pattern in KINDS if re.search(pattern, name)), 'other')
+
+
+def by_kind(names: list[str]) -> dict:
+    """How many of ``names`` (nodes of :func:`~mmdet_lrpq.export.census`) fall in each of ``KINDS``."""
+    out: dict[str, int] = {}
+    for n in names:
+        out[kind_of(n)] = out.get(kind_of(n), 0) + 1
+    return out
 
 
 class BackboneNeck(nn.Module):
