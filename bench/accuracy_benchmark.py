@@ -48,7 +48,7 @@ sys.path.insert(0, osp.join(REPO, 'tools'))
 sys.path.insert(0, osp.join(REPO, 'tools', 'miniworld'))
 import ap_benchmark as ap  # noqa: E402
 from doc_blocks import publish  # noqa: E402
-import experiments as ex  # noqa: E402
+from mmdet_lrpq.miniworld import experiments as ex  # noqa: E402
 
 POOL = osp.join(REPO, 'data', 'miniworld_accuracy_pool')
 POOL_SIZE = 64

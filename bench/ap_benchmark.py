@@ -36,7 +36,7 @@ REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, osp.join(REPO, 'tools', 'miniworld'))
 sys.path.insert(0, osp.join(REPO, 'bench'))
 from doc_blocks import publish  # noqa: E402
-import experiments as ex  # noqa: E402
+from mmdet_lrpq.miniworld import experiments as ex  # noqa: E402
 
 LADDER = (('W8A8', 8, None), ('W6A6', 6, None), ('MP6', None, 6), ('W4A4', 4, None), ('MP4', None, 4))
 ALLOCATORS = ('uniform', 'lrp_qvit', 'greedy', 'ilp')

@@ -55,7 +55,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, osp.join(REPO, 'tools', 'miniworld'))
 sys.path.insert(0, osp.join(REPO, 'bench'))
 from doc_blocks import publish  # noqa: E402
-import experiments as ex  # noqa: E402
+from mmdet_lrpq.miniworld import experiments as ex  # noqa: E402
 
 POOL = osp.join(REPO, 'data', 'miniworld_calib_pool')
 POOL_SIZE = 256

@@ -139,7 +139,7 @@ def speed_part(args) -> dict:
 
 
 def ap_part(args) -> dict:
-    import experiments as ex
+    from mmdet_lrpq.miniworld import experiments as ex
 
     from mmdet_lrpq.apis import init_quantized_detector
     from mmdet_lrpq.export import code_parity, export_onnx, session

@@ -24,7 +24,7 @@ REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, osp.join(REPO, 'tools', 'miniworld'))
 sys.path.insert(0, osp.join(REPO, 'bench'))
 from doc_blocks import publish  # noqa: E402
-import experiments as ex  # noqa: E402
+from mmdet_lrpq.miniworld import experiments as ex  # noqa: E402
 
 DOC = osp.join(REPO, 'docs', 'benchmarks.md')
 MARKERS = ('<!-- mmcv_ops_parity:begin -->', '<!-- mmcv_ops_parity:end -->')

@@ -220,8 +220,7 @@ def _needs_miniworld():
     if not (MINI / 'mask_rcnn_swin_mini.pth').is_file():
         pytest.skip('miniature-world checkpoints not present')
     pytest.importorskip('mmdet')
-    sys.path.insert(0, str(REPO / 'tools' / 'miniworld'))
-    import experiments
+    from mmdet_lrpq.miniworld import experiments
     experiments.ensure_data(log=lambda *a: None)
 
 
@@ -269,7 +268,7 @@ def _exported(setting: str, tmp_path_factory):
         tmp = tmp_path_factory.mktemp(setting)
         options = {'round_zero_point': True}
         if setting == 'mp4':
-            import experiments
+            from mmdet_lrpq.miniworld import experiments
             options['plan'] = experiments.make_plan(4, str(tmp), log=lambda *a: None)   # as bench/export_benchmark.py
         else:
             options.update(w_bits=int(setting[1]), a_bits=int(setting[3]))

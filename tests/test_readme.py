@@ -25,8 +25,7 @@ def test_readme_has_the_two_api_examples():
 @pytest.mark.parametrize('index', [0, 1], ids=['quantize_', 'init_quantized_detector'])
 def test_readme_python_example_runs(index):
     if index == 1:          # the data `make demo` generates (seeded, about a minute the first time)
-        sys.path.insert(0, str(REPO / 'tools' / 'miniworld'))
-        import experiments
+        from mmdet_lrpq.miniworld import experiments
         experiments.ensure_data(log=lambda msg: None)
     proc = subprocess.run([sys.executable, '-c', _api_examples()[index]], capture_output=True, text=True, cwd=REPO,
                           timeout=900)

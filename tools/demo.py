@@ -13,11 +13,9 @@ from __future__ import annotations
 import json
 import os
 import os.path as osp
-import sys
 import time
 
-sys.path.insert(0, osp.join(osp.dirname(osp.abspath(__file__)), 'miniworld'))
-import experiments as ex  # noqa: E402
+from mmdet_lrpq.miniworld import experiments as ex
 
 SETTINGS = [ex.Setting('FP'), ex.Setting('W8A8', bits=8), ex.Setting('W6A6', bits=6), ex.Setting('MP6', plan_k=6),
             ex.Setting('W4A4', bits=4), ex.Setting('MP4', plan_k=4)]

@@ -36,10 +36,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-sys.path.insert(0, osp.join(REPO, 'tools', 'miniworld'))
-import experiments as mini  # noqa: E402  (the miniature world's data, detectors and classifier)
+from mmdet_lrpq.miniworld import experiments as mini  # the miniature world's data, detectors and classifier
 
+REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 PAPER = osp.join(REPO, 'configs', 'paper_results.json')
 SETTINGS = ('FP', 'W4A4', 'W6A6', 'MP4', 'MP6')
 DETECTORS = ('mask_rcnn', 'cascade_mask_rcnn')

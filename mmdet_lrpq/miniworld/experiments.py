@@ -1,8 +1,11 @@
-"""Quantization experiments on the miniature world, shared by ``make demo`` and ``bench/ap_benchmark.py``.
+"""Quantization experiments on the miniature world, shared by ``make demo``, ``tools/reproduce.py``
+and the benchmarks in ``bench/``.
 
-Every evaluation is a real ``tools/test.py`` run in its own process (float config, or the quant
-config with ``--cfg-options`` for bits/plan/method), read back from its ``metrics.json``; every
-LRP plan is a real ``tools/lrp_plan.py`` run on the miniature world's classifier.
+It drives a checkout (the package installed editable from it): the data, checkpoints and configs
+are the repository's, every evaluation is a real ``tools/test.py`` run in its own process (float
+config, or the quant config with ``--cfg-options`` for bits/plan/method), read back from its
+``metrics.json``, and every LRP plan a real ``tools/lrp_plan.py`` run on the miniature world's
+classifier.
 """
 from __future__ import annotations
 
