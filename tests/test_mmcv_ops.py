@@ -14,6 +14,7 @@ Parity per op (CPU, float32):
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -108,13 +109,12 @@ def test_backend_matches_live_compiled_mmcv(reference):
     import mmcv.ops  # noqa: F401
     if backend()['backend'] != 'compiled':
         pytest.skip(f'no compiled mmcv._ext here ({backend()["reason"]}); the recorded outputs were checked instead')
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'tools'))
-    try:
-        from mmcv_ops_reference import make_cases, run_compiled
-    finally:
-        sys.path.pop(0)
-    cases = make_cases(seed=1)   # other inputs than the record's
-    assert_matches_compiled(backend_outputs(cases), run_compiled(cases))
+    spec = importlib.util.spec_from_file_location(
+        'mmcv_ops_reference_tool', Path(__file__).resolve().parents[1] / 'tools' / 'mmcv_ops_reference.py')
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    cases = tool.make_cases(seed=1)   # other inputs than the record's
+    assert_matches_compiled(backend_outputs(cases), tool.run_compiled(cases))
     assert _mmdet_lrpq_mmcv.mode() == 'auto'
 
 

@@ -18,8 +18,6 @@ from typing import Any, Optional
 
 import torch
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
-
 
 def check_paths(src: str, dst: str) -> None:
     """Refuse an output that is the input (by name, link or inode) or a folder: the input must survive."""

@@ -35,7 +35,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Optional
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-sys.path.insert(0, REPO)  # run from a checkout too
 # torch and MMDetection are imported inside the functions: the stack is printed and checked first,
 # so a broken install is reported as such instead of failing at an import here.
 

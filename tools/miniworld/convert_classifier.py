@@ -13,13 +13,10 @@ from __future__ import annotations
 import argparse
 import os
 import os.path as osp
-import sys
 
 import torch
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))  # run from a checkout
-
-from mmdet_lrpq.models.swin_names import convert_swin_to_mmdet, load_mmdet_swin_from_timm  # noqa: E402
+from mmdet_lrpq.models.swin_names import convert_swin_to_mmdet, load_mmdet_swin_from_timm
 
 
 def mmdet_swin_kwargs(timm_kwargs: dict) -> dict:

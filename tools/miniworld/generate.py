@@ -8,13 +8,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import os.path as osp
-import sys
 import time
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))  # run from a checkout
-
-from mmdet_lrpq.miniworld import DEFAULT_SIZES, generate  # noqa: E402
+from mmdet_lrpq.miniworld import DEFAULT_SIZES, generate
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import os.path as osp
-import sys
 import time
 from pathlib import Path
 
@@ -34,9 +33,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))  # run from a checkout
-
-from mmdet_lrpq.miniworld import command_line  # noqa: E402
+from mmdet_lrpq.miniworld import command_line
 
 # Same layout as the mmdet backbone in configs/miniworld/ (embed_dims, depths, num_heads, window_size);
 # always_partition makes timm's windows identical to mmdet's, 224 px makes every stage 7-divisible.

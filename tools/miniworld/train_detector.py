@@ -25,9 +25,7 @@ import time
 import torch
 from mmengine.hooks import Hook
 
-sys.path.insert(0, osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__)))))  # run from a checkout
-
-from mmdet_lrpq.miniworld import command_line  # noqa: E402  (mmengine is loaded: also registers mmdet_lrpq)
+from mmdet_lrpq.miniworld import command_line  # (mmengine is loaded: also registers mmdet_lrpq)
 
 
 class ThreadsFileHook(Hook):
