@@ -32,11 +32,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-sys.path.insert(0, osp.join(REPO, 'tools', 'miniworld'))
-sys.path.insert(0, osp.join(REPO, 'bench'))
-from doc_blocks import publish  # noqa: E402
-from mmdet_lrpq.miniworld import experiments as ex  # noqa: E402
+from mmdet_lrpq.miniworld import experiments as ex
+
+try:
+    from bench import common
+except ImportError:   # python bench/ap_benchmark.py: bench/ is sys.path[0]
+    import common
+
+REPO = common.REPO
 
 LADDER = (('W8A8', 8, None), ('W6A6', 6, None), ('MP6', None, 6), ('W4A4', 4, None), ('MP4', None, 4))
 ALLOCATORS = ('uniform', 'lrp_qvit', 'greedy', 'ilp')
@@ -45,7 +48,7 @@ CALIB_IDS = 'calib.image_ids'  # W4A4 RepQ vs CRL calibrated on each image of th
 VARIANTS = ('crl_k', CALIB_IDS)  # hook options that make a row a sweep point, not a ladder row
 MARKERS = ('<!-- ap_benchmark:begin -->', '<!-- ap_benchmark:end -->')
 COMMAND = 'python bench/ap_benchmark.py'
-DOC = osp.join('docs', 'benchmarks.md')  # the page whose marked block holds the generated tables
+DOC = common.BENCHMARKS_PAGE
 
 
 def is_sweep_point(row: dict) -> bool:
@@ -95,12 +98,6 @@ def _row(rows: list[dict], setting: str, method: Optional[str] = None) -> Option
     return found[0] if found else None
 
 
-def _verdict(shortfall: float) -> str:
-    """'met', or by how many AP points (as the tables print them, 0.1) a target was missed."""
-    shortfall = round(shortfall, 1)
-    return 'met' if shortfall <= 0 else f'**missed** by {shortfall:.1f}'
-
-
 def target_checks(rows: list[dict], detector: str) -> list[tuple[str, str, str]]:
     """The miniature world's acceptance targets judged on one detector's ladder rows: (target, figures, verdict).
 
@@ -111,19 +108,19 @@ def target_checks(rows: list[dict], detector: str) -> list[tuple[str, str, str]]
     mine = [r for r in rows if r['detector'] == detector]
     fp, out = _row(mine, 'FP'), []
     if fp:
-        out.append(('float box AP >= 50', f"{fp['box_ap']:.1f}", _verdict(50.0 - fp['box_ap'])))
+        out.append(('float box AP >= 50', f"{fp['box_ap']:.1f}", common.verdict(50.0 - fp['box_ap'])))
     for setting, bound in (('W8A8', 0.5), ('W6A6', 2.0)):
         quant = [(name, _row(mine, setting, m)) for m, name in (('repq', 'RepQ'), ('crl', 'CRL'))]
         if fp and all(r for _, r in quant):
             changes = [(name, round(r['box_ap'] - fp['box_ap'], 1) + 0.0) for name, r in quant]  # + 0.0: no '-0.0'
             out.append((f'{setting} within {bound:g} AP of float', ', '.join(f'{c:+.1f} ({n})' for n, c in changes),
-                        _verdict(-min(c for _, c in changes) - bound)))
+                        common.verdict(-min(c for _, c in changes) - bound)))
     repq, crl, mp4 = _row(mine, 'W4A4', 'repq'), _row(mine, 'W4A4', 'crl'), _row(mine, 'MP4', 'crl')
     if repq and crl:
         out.append(('W4A4: CRL >= RepQ', f"{crl['box_ap']:.1f} vs {repq['box_ap']:.1f} "
-                    f"(mask {crl['mask_ap']:.1f} vs {repq['mask_ap']:.1f})", _verdict(repq['box_ap'] - crl['box_ap'])))
+                    f"(mask {crl['mask_ap']:.1f} vs {repq['mask_ap']:.1f})", common.verdict(repq['box_ap'] - crl['box_ap'])))
     if crl and mp4:
-        verdict = _verdict(crl['box_ap'] - mp4['box_ap'])
+        verdict = common.verdict(crl['box_ap'] - mp4['box_ap'])
         if mp4['weight_mb'] > crl['weight_mb']:
             verdict = '**missed**: more weight memory'
         out.append(('MP4 (LRP plan, CRL) >= W4A4 (CRL), no more weight memory',
@@ -170,22 +167,15 @@ def tables(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument('--detectors', nargs='+', default=list(ex.DETECTORS), choices=list(ex.DETECTORS))
+    parser = common.parser(__doc__)
+    common.add_detectors(parser)
     parser.add_argument('--jobs', type=int, default=2, help='tools/test.py processes side by side (1 thread each)')
     parser.add_argument('--lrp-images', type=int, default=64, help='classifier images for the LRP scores')
-    parser.add_argument('--work-dir', default=osp.join(REPO, 'work_dirs', 'ap_benchmark'))
-    parser.add_argument('--out', default=osp.join(REPO, 'results', 'ap_benchmark.json'))
-    parser.add_argument('--no-doc', action='store_true', help=f'do not update the tables block of {DOC}')
-    parser.add_argument('--tables-only', action='store_true',
-                        help=f'run nothing: rewrite the tables (.md next to --out, {DOC} block) from the rows '
-                             f'already in --out')
+    common.add_outputs(parser, 'ap_benchmark', tables_help=f'run nothing: rewrite the tables (.md next to --out, '
+                                                           f'{DOC} block) from the rows already in --out')
     args = parser.parse_args(argv)
     if args.tables_only:
-        if not osp.isfile(args.out):
-            sys.exit(f'--tables-only: no benchmark results at {args.out}; run python bench/ap_benchmark.py first')
-        return write_tables(json.load(open(args.out))['rows'], args)
+        return write_tables(common.saved_results(args.out, COMMAND)['rows'], args)
     start = time.time()
     log = lambda msg: print(f'[{time.time() - start:5.0f}s] {msg}', flush=True)  # noqa: E731
     ex.require_checkpoints(args.detectors)
@@ -220,9 +210,7 @@ def main(argv=None) -> None:
                   plans={f'mp{k}_{a}': osp.relpath(p, REPO) for (k, a), p in plans.items()},
                   plan_budgets={f'mp{k}_{a}': json.load(open(p))['budget'] for (k, a), p in plans.items()},
                   rows=rows)
-    os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'w') as f:
-        json.dump(report, f, indent=1)
+    common.write_json(args.out, report)
     write_tables(rows, args)
     log(f'done; {args.out}')
 
@@ -230,9 +218,8 @@ def main(argv=None) -> None:
 def write_tables(rows: list[dict], args: argparse.Namespace) -> None:
     """The markdown tables next to ``--out`` and, unless ``--no-doc``, in docs/benchmarks.md's block."""
     markdown = tables(rows)
-    with open(osp.splitext(args.out)[0] + '.md', 'w') as f:
-        f.write(f'<!-- generated by `{COMMAND}` -->\n\n{markdown}\n')
-    publish(markdown, osp.join(REPO, DOC), MARKERS, COMMAND, update=not args.no_doc)
+    common.write_markdown(args.out, COMMAND, markdown + '\n')
+    common.publish(markdown, osp.join(REPO, DOC), MARKERS, COMMAND, update=not args.no_doc)
 
 
 if __name__ == '__main__':

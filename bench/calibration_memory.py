@@ -48,10 +48,12 @@ import sys
 import time
 from typing import Any, Callable, Iterator, Optional
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-sys.path.insert(0, REPO)
-sys.path.insert(0, osp.join(REPO, 'bench'))
-from doc_blocks import publish  # noqa: E402
+try:
+    from bench import common
+except ImportError:   # python bench/calibration_memory.py: bench/ is sys.path[0]
+    import common
+
+REPO = common.REPO
 DEFAULT_DATA = osp.join(REPO, '..', 'shared', 'data', 'coco_mini')
 STREAMED_NS = (1, 2, 4, 8, 16, 32)
 ONE_BATCH_NS = (1, 2, 4, 8)
@@ -59,7 +61,7 @@ MEMORY_TARGET = 1.3        # peak at the largest N <= this x the peak at N = 1 (
 TIME_TARGET = 1.5          # calibration time per image <= this x one float forward
 MARKERS = ('<!-- calibration_memory:begin -->', '<!-- calibration_memory:end -->')
 COMMAND = 'python bench/calibration_memory.py'
-DOC = osp.join('docs', 'benchmarks.md')
+DOC = common.BENCHMARKS_PAGE
 
 
 def proc_status_mb(field: str) -> float:
@@ -453,23 +455,19 @@ def tables(report: dict) -> str:
 
 def write_tables(report: dict, args: argparse.Namespace) -> None:
     markdown = tables(report)
-    publish(markdown, osp.join(REPO, DOC), MARKERS, COMMAND, update=not args.no_doc)
+    common.publish(markdown, osp.join(REPO, DOC), MARKERS, COMMAND, update=not args.no_doc)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = common.parser(__doc__)
     parser.add_argument('--data-root', default=DEFAULT_DATA,
                         help='COCO root with train2017/ and annotations/instances_train2017.json')
     parser.add_argument('--config', default=osp.join(REPO, 'configs', 'mask_rcnn_swin_t_w4a4.py'))
     parser.add_argument('--ns', type=int, nargs='+', default=list(STREAMED_NS), help='streamed rows (batch 1)')
     parser.add_argument('--one-batch-ns', type=int, nargs='+', default=list(ONE_BATCH_NS),
                         help='one-batch rows (batch_size = N); skipped when they would not fit in memory')
-    parser.add_argument('--work-dir', default=osp.join(REPO, 'work_dirs', 'calibration_memory'))
-    parser.add_argument('--out', default=osp.join(REPO, 'results', 'calibration_memory.json'))
-    parser.add_argument('--no-doc', action='store_true', help=f'do not update the table block of {DOC}')
-    parser.add_argument('--tables-only', action='store_true',
-                        help=f'run nothing: rewrite the {DOC} block from --out')
+    common.add_outputs(parser, 'calibration_memory', block='table',
+                       tables_help=f'run nothing: rewrite the {DOC} block from --out')
     parser.add_argument('--no-profile', action='store_true',
                         help='skip the profile of one calibration forward (where its time goes)')
     parser.add_argument('--single', type=int, nargs=2, metavar=('N', 'BATCH_SIZE'), help=argparse.SUPPRESS)
@@ -478,9 +476,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument('--profile-only', action='store_true', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.tables_only:
-        if not osp.isfile(args.out):
-            sys.exit(f'--tables-only: no results at {args.out}; run {COMMAND} first')
-        return write_tables(json.load(open(args.out)), args)
+        return write_tables(common.saved_results(args.out, COMMAND), args)
     if args.single or args.profile_only:
         row = profile(args.config, args.data_root) if args.profile_only else measure(
             *args.single, args.config, args.data_root, image_ids=args.single_ids)
@@ -519,23 +515,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     report = dict(command=' '.join([COMMAND, *(argv if argv is not None else sys.argv[1:])]),
                   config=osp.relpath(args.config, REPO), data_root=args.data_root,
                   seconds=round(time.time() - start, 1),
-                  machine=dict(cpu=_cpu_name(), cpus=os.cpu_count(), python=platform.python_version(),
+                  machine=dict(cpu=common.cpu_name(), cpus=os.cpu_count(), python=platform.python_version(),
                                mem_total_gb=round(_mem_total_mb() / 1024, 1)),
                   targets=dict(memory=f'peak at N={max(args.ns)} <= {MEMORY_TARGET} x N=1',
                                time=f'calibration per image <= {TIME_TARGET} float forwards'),
                   rows=rows, profile=None if args.no_profile else run_row(['--profile-only'], 'profile', args))
-    os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'w') as f:
-        json.dump(report, f, indent=1)
+    common.write_json(args.out, report)
     write_tables(report, args)
-
-
-def _cpu_name() -> str:
-    try:
-        with open('/proc/cpuinfo') as f:
-            return next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def _mem_total_mb() -> float:

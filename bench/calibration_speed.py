@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import os
 import os.path as osp
 import platform
 import resource
@@ -37,8 +35,12 @@ import time
 
 import torch
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-sys.path.insert(0, REPO)
+try:
+    from bench import common
+except ImportError:   # python bench/calibration_speed.py: bench/ is sys.path[0]
+    import common
+
+REPO = common.REPO
 DEFAULT_IMAGE = osp.join(REPO, '..', 'shared', 'data', 'coco_mini', 'val2017', '000000397133.jpg')
 
 
@@ -271,9 +273,7 @@ def main(argv=None) -> dict:
     if args.bypass_quantizers:
         print(f"  quantized, quantizers bypassed     {statistics.median(t_bypass):7.2f} s   "
               f"(median per-run ratio to the float forward {runs['quant_bypassed_over_fp']:.2f}x)")
-    os.makedirs(osp.dirname(args.out), exist_ok=True)
-    with open(args.out, 'w') as f:
-        json.dump(res, f, indent=1)
+    common.write_json(args.out, res)
     print(f"calib/fp={res['calib_over_fp']:.2f} quant/fp={res['quant_over_fp']:.2f}")
     return res
 

@@ -50,12 +50,14 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-sys.path.insert(0, REPO)
-sys.path.insert(0, osp.join(REPO, 'tools', 'miniworld'))
-sys.path.insert(0, osp.join(REPO, 'bench'))
-from doc_blocks import publish  # noqa: E402
-from mmdet_lrpq.miniworld import experiments as ex  # noqa: E402
+from mmdet_lrpq.miniworld import experiments as ex
+
+try:
+    from bench import common
+except ImportError:   # python bench/calibration_variance.py: bench/ is sys.path[0]
+    import common
+
+REPO = common.REPO
 
 POOL = osp.join(REPO, 'data', 'miniworld_calib_pool')
 POOL_SIZE = 256
@@ -69,7 +71,7 @@ ALLOCATORS = ('lrp_qvit', 'uniform', 'greedy', 'ilp')
 PHASES = ('float', 'main', 'old', 'allocators', 'ranges')   # ranges: parameters only, no evaluation
 MARKERS = ('<!-- calibration_variance:begin -->', '<!-- calibration_variance:end -->')
 COMMAND = 'python bench/calibration_variance.py'
-DOC = osp.join('docs', 'benchmarks.md')
+DOC = common.BENCHMARKS_PAGE
 RANGE_TARGET = 1 / 3              # range of AP over the sets at N = 16 <= this x the range at N = 1
 
 
@@ -373,7 +375,7 @@ def _diff(values: list[float]) -> str:
 
 def write_tables(report: dict, args: argparse.Namespace) -> None:
     markdown = report_tables(report)
-    publish(markdown, osp.join(REPO, DOC), MARKERS, COMMAND, update=not args.no_doc)
+    common.publish(markdown, osp.join(REPO, DOC), MARKERS, COMMAND, update=not args.no_doc)
 
 
 # ---------------------------------------------------------------------------------- range check
@@ -420,9 +422,8 @@ def cached_range_ratios(args: argparse.Namespace) -> dict:
 
 # ---------------------------------------------------------------------------------- driver
 def main(argv: Optional[list[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument('--detectors', nargs='+', default=list(ex.DETECTORS), choices=list(ex.DETECTORS))
+    parser = common.parser(__doc__)
+    common.add_detectors(parser)
     parser.add_argument('--phases', nargs='+', default=list(PHASES), choices=PHASES)
     parser.add_argument('--ns', type=int, nargs='+', default=list(NS), choices=NS,
                         help='set sizes of phase main (default: all)')
@@ -431,17 +432,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument('--jobs', type=int, default=2, help='worker processes claiming runs side by side')
     parser.add_argument('--threads', type=int, default=1, help='torch threads per worker')
     parser.add_argument('--lrp-images', type=int, default=64, help='classifier images for the LRP scores')
-    parser.add_argument('--work-dir', default=osp.join(REPO, 'work_dirs', 'calibration_variance'))
-    parser.add_argument('--out', default=osp.join(REPO, 'results', 'calibration_variance.json'))
-    parser.add_argument('--no-doc', action='store_true', help=f'do not update the tables block of {DOC}')
-    parser.add_argument('--tables-only', action='store_true',
-                        help=f'run nothing: rewrite the {DOC} block from the rows already in --out')
+    common.add_outputs(parser, 'calibration_variance',
+                       tables_help=f'run nothing: rewrite the {DOC} block from the rows already in --out')
     parser.add_argument('--worker', type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.tables_only:
-        if not osp.isfile(args.out):
-            sys.exit(f'--tables-only: no results at {args.out}; run {COMMAND} first')
-        return write_tables(json.load(open(args.out)), args)
+        return write_tables(common.saved_results(args.out, COMMAND), args)
     if args.worker is not None:
         return worker(args)
 
@@ -492,9 +488,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                   plan_budgets={a: json.load(open(p))['budget'] for a, p in plans.items()},
                   old_vs_streamed_ranges=cached_range_ratios(args) if {'old', 'ranges'} & set(args.phases) else None,
                   not_run=not_run, summary=summarize(rows), rows=rows)
-    os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'w') as f:
-        json.dump(report, f, indent=1)
+    common.write_json(args.out, report)
     write_tables(report, args)
     log(f'done; {args.out}')
 

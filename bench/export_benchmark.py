@@ -3,6 +3,7 @@
     .venv/bin/python bench/export_benchmark.py                 # both parts
     .venv/bin/python bench/export_benchmark.py --part speed    # Swin-T sizes and latencies only
     .venv/bin/python bench/export_benchmark.py --part ap       # miniature-world AP only
+    .venv/bin/python bench/export_benchmark.py --tables-only   # rewrite the tables from the JSON
 
 **speed** — mmdet's Mask R-CNN Swin-T backbone + FPN at the test resolution (one COCO image resized to
 1333x800, padded), random weights (sizes and timings do not depend on them; no pretrained weights exist
@@ -39,11 +40,12 @@ import time
 
 import torch
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-sys.path.insert(0, REPO)
-sys.path.insert(0, osp.join(REPO, 'bench'))
-sys.path.insert(0, osp.join(REPO, 'tools', 'miniworld'))
-from doc_blocks import publish  # noqa: E402
+try:
+    from bench import common
+except ImportError:   # python bench/export_benchmark.py: bench/ is sys.path[0]
+    import common
+
+REPO = common.REPO
 
 DEFAULT_IMAGE = osp.join(REPO, '..', 'shared', 'data', 'coco_mini', 'val2017', '000000397133.jpg')
 RESULTS = osp.join(REPO, 'results', 'export_benchmark.json')
@@ -252,16 +254,17 @@ def main(argv=None) -> dict:
                    help='ap: PyTorch runs under one-ulp rounding noise (the rounding floor), one per seed')
     p.add_argument('--parity-images', type=int, default=4, help='ap: val images for the per-quantizer code parity')
     p.add_argument('--no-doc', action='store_true')
+    p.add_argument('--tables-only', action='store_true', help=f'run nothing: rewrite the {DOC} block from {osp.relpath(RESULTS, REPO)}')
     args = p.parse_args(argv)
+    if args.tables_only:
+        results = common.saved_results(RESULTS, COMMAND)
+        common.publish(tables(results), osp.join(REPO, DOC), MARKERS, COMMAND, update=not args.no_doc)
+        return results
     results = json.load(open(RESULTS)) if osp.isfile(RESULTS) else {}
     import onnxruntime
-    cpu = 'unknown CPU'
-    try:
-        cpu = next(line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo') if line.startswith('model name'))
-    except (OSError, StopIteration):
-        pass
     results['environment'] = {'python': platform.python_version(), 'torch': torch.__version__,
-                              'onnxruntime': onnxruntime.__version__, 'cpus': os.cpu_count(), 'cpu': cpu}
+                              'onnxruntime': onnxruntime.__version__, 'cpus': os.cpu_count(),
+                              'cpu': common.cpu_name('unknown CPU')}
     results.pop('command', None)
     results.setdefault('commands', {})
     if args.part in ('speed', 'all'):
@@ -277,10 +280,8 @@ def main(argv=None) -> dict:
         results['speed'] = speed_part(args)
     if args.part in ('ap', 'all'):
         results['ap'] = ap_part(args)
-    os.makedirs(osp.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, 'w') as f:
-        json.dump(results, f, indent=1)
-    publish(tables(results), osp.join(REPO, DOC), MARKERS, COMMAND, update=not args.no_doc)
+    common.write_json(RESULTS, results)
+    common.publish(tables(results), osp.join(REPO, DOC), MARKERS, COMMAND, update=not args.no_doc)
     return results
 
 

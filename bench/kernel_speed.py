@@ -18,8 +18,6 @@ with the device synchronized) and its results go to ``results/kernel_speed_<devi
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import os.path as osp
 import platform
 import statistics
@@ -28,10 +26,14 @@ import time
 
 import torch
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-sys.path.insert(0, REPO)
+from mmdet_lrpq.quant import functional as F
 
-from mmdet_lrpq.quant import functional as F  # noqa: E402
+try:
+    from bench import common
+except ImportError:   # python bench/kernel_speed.py: bench/ is sys.path[0]
+    import common
+
+REPO = common.REPO
 
 
 def inputs(device: torch.device) -> dict:
@@ -124,7 +126,7 @@ def main(argv=None) -> dict:
               flush=True)
     res = dict(command=command, threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine(),
                repeats=args.repeats, rows=rows)
-    write(out_path, res)
+    common.write_json(out_path, res)
     return res
 
 
@@ -147,14 +149,8 @@ def device_only(repeats: int, device: torch.device, command: str, out_path: str)
     res = dict(command=command, device=str(device),
                device_name=torch.cuda.get_device_name(device) if device.type == 'cuda' else device.type,
                repeats=repeats, rows=rows)
-    write(out_path, res)
+    common.write_json(out_path, res)
     return res
-
-
-def write(path: str, res: dict) -> None:
-    os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)
-    with open(path, 'w') as f:
-        json.dump(res, f, indent=1)
 
 
 if __name__ == '__main__':

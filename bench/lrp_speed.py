@@ -28,18 +28,20 @@ Last line: ``lrp/fwdbwd=<ratio>``, the worst ratio over the batch sizes. Writes 
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import os.path as osp
 import platform
-import sys
 import time
 
 import torch
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-sys.path.insert(0, REPO)
+try:
+    from bench import common
+except ImportError:   # python bench/lrp_speed.py: bench/ is sys.path[0]
+    import common
+
+REPO = common.REPO
 DEFAULT_IMAGES = osp.join(REPO, '..', 'shared', 'data', 'imagenet_sample', 'val')
 
 
@@ -184,9 +186,7 @@ def main(argv=None) -> dict:
         'batch_sizes': results,
         'worst_ratio': max(r['ratio'] for r in results.values()),
     }
-    os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
-    with open(args.out, 'w') as f:
-        json.dump(report, f, indent=2)
+    common.write_json(args.out, report, indent=2)
     print(f'lrp/fwdbwd={report["worst_ratio"]:.2f}')
     return report
 

@@ -11,8 +11,6 @@ docs/benchmarks.md. The target: every AP equal to 0.1.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import os.path as osp
 import platform
@@ -20,13 +18,15 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-sys.path.insert(0, osp.join(REPO, 'tools', 'miniworld'))
-sys.path.insert(0, osp.join(REPO, 'bench'))
-from doc_blocks import publish  # noqa: E402
-from mmdet_lrpq.miniworld import experiments as ex  # noqa: E402
+from mmdet_lrpq.miniworld import experiments as ex
 
-DOC = osp.join(REPO, 'docs', 'benchmarks.md')
+try:
+    from bench import common
+except ImportError:   # python bench/mmcv_ops_parity.py: bench/ is sys.path[0]
+    import common
+
+REPO = common.REPO
+DOC = osp.join(REPO, common.BENCHMARKS_PAGE)
 MARKERS = ('<!-- mmcv_ops_parity:begin -->', '<!-- mmcv_ops_parity:end -->')
 BACKENDS = ('compiled', 'torchvision')
 SETTINGS = (ex.Setting('FP'), ex.Setting('W4A4', bits=4, method='crl'), ex.Setting('MP4', plan_k=4, method='crl'))
@@ -52,17 +52,14 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--detectors', nargs='+', default=list(ex.DETECTORS), choices=list(ex.DETECTORS))
+    parser = common.parser(__doc__)
+    common.add_detectors(parser)
     parser.add_argument('--jobs', type=int, default=2)
-    parser.add_argument('--work-dir', default=osp.join(REPO, 'work_dirs', 'mmcv_ops_parity'))
-    parser.add_argument('--out', default=osp.join(REPO, 'results', 'mmcv_ops_parity.json'))
-    parser.add_argument('--no-doc', action='store_true')
-    parser.add_argument('--tables-only', action='store_true', help='rewrite the table from --out, run nothing')
+    common.add_outputs(parser, 'mmcv_ops_parity', block='table', tables_help='rewrite the table from --out, run nothing')
     args = parser.parse_args(argv)
     if args.tables_only:
-        result = json.load(open(args.out))
-        publish(table(result['rows']), DOC, MARKERS, result['command'], update=not args.no_doc)
+        result = common.saved_results(args.out, 'python bench/mmcv_ops_parity.py')
+        common.publish(table(result['rows']), DOC, MARKERS, result['command'], update=not args.no_doc)
         return 0
     ex.require_checkpoints(args.detectors)
     ex.ensure_data()
@@ -87,10 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.pop('MMDET_LRPQ_MMCV_OPS', None)
     result = {'rows': rows, 'seconds': round(time.time() - t0, 1), 'machine': platform.processor() or platform.machine(),
               'command': 'python bench/mmcv_ops_parity.py'}
-    with open(args.out, 'w') as f:
-        json.dump(result, f, indent=1)
+    common.write_json(args.out, result)
     md = table(rows)
-    publish(md, DOC, MARKERS, result['command'], update=not args.no_doc)
+    common.publish(md, DOC, MARKERS, result['command'], update=not args.no_doc)
     worst = max((diff for *_, diff in pairs(rows)), default=0.0)
     print(f'largest AP difference compiled vs torchvision: {worst:.2f} (target <= 0.1)')
     return 0 if worst <= 0.1 + 1e-9 else 1

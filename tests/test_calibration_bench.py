@@ -3,9 +3,8 @@ docs blocks equal to what the committed results give (benchmarks measure; this p
 reporting, so that a table or a verdict cannot drift from its numbers)."""
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,11 +14,7 @@ DOC = REPO / 'docs' / 'benchmarks.md'
 
 
 def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / 'bench' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module    # (its dataclasses look their module up there)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f'bench.{name}')
 
 
 @pytest.fixture(scope='module')
@@ -71,7 +66,7 @@ def test_memory_profile_table_splits_the_quantizer_time(memory):
 
 
 def test_update_doc_replaces_only_the_marked_block(memory, variance, tmp_path):
-    from doc_blocks import replace_block     # (bench/ is on sys.path once a benchmark is loaded)
+    from bench.common import replace_block
     for module in (memory, variance):
         begin, end = module.MARKERS
         page = tmp_path / 'page.md'

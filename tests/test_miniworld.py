@@ -322,10 +322,7 @@ def test_train_all_replaces_a_summary_entry_whose_checkpoint_changed():
 # ---------------------------------------------------------------- AP benchmark tables
 
 def _load_bench():
-    spec = importlib.util.spec_from_file_location('ap_benchmark', REPO / 'bench' / 'ap_benchmark.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module('bench.ap_benchmark')
 
 
 def _bench_row(setting, method=None, box=0.0, mask=0.0, allocator=None, weight_mb=1.0, **extra):
