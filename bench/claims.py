@@ -69,6 +69,7 @@ LEVELS = (K - 1, K, K + 1)
 # more entry here (e.g. 'crl_sqb': dict(method='crl', <option>=...)); cells, tables and claim 2 follow.
 METHODS: dict[str, dict] = {'repq': dict(method='repq'), 'crl': dict(method='crl')}
 PAPER_METHOD, BASELINE_METHOD = 'crl', 'repq'     # claim 2: PAPER_METHOD beats BASELINE_METHOD
+LABELS = {'repq': 'RepQ', 'crl': 'CRL'}           # how the verdicts name a method (default: its key)
 
 WEIGHT_PLANS = ('uniform', 'lrp', 'sensitivity', 'lampq')
 BOPS_PLANS = ('sensitivity_bops',)
@@ -174,6 +175,8 @@ def plan_verdict(plan: dict[int, float], uniform: dict[int, float], randoms: lis
     beats_random = not math.isnan(pct) and pct >= CONTROL_PERCENTILE
     if vs_uniform > 0 and beats_random:
         verdict = 'holds'
+    elif vs_uniform > 0 and not randoms:
+        verdict = 'beats uniform; no random control run'
     elif vs_uniform > 0:
         verdict = 'not shown: beats uniform, but not the random plans'
     elif vs_uniform < 0:
@@ -262,6 +265,17 @@ def claim_verdicts(rows: list[dict]) -> list[dict]:
     return out
 
 
+def json_safe(value):
+    """NaN (a statistic with too few sets) as null, so the JSON is strict and compares equal to itself."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def _pm(values: list[float]) -> str:
     if not values:
         return '—'
@@ -296,8 +310,8 @@ def tables(rows: list[dict], context: Optional[dict] = None) -> str:
             if fp.get('eval_images'):
                 head += f" ({fp['eval_images']} evaluation images)"
         out += [head, '', f'| plan | budget | method | {label} | ' + ('mask AP | ' if key == 'box_ap' else '')
-                + 'vs uniform (same method) | percentile among random plans | avg W bits | avg A bits | weight MB '
-                  '| GBOPs |', '|---|---|---|---|' + ('---|' if key == 'box_ap' else '') + '---|---|---|---|---|---|']
+                + 'vs uniform (same method, ± SE over sets) | percentile among random plans | avg W bits | avg A bits '
+                  '| weight MB | GBOPs |', '|---|---|---|---|' + ('---|' if key == 'box_ap' else '') + '---|---|---|---|---|---|']
         plans = list(dict.fromkeys(r['plan'] for r in quant))
         order = [p for p in WEIGHT_PLANS + ('random',) + BOPS_PLANS + ('random_bops',) + tuple(AUDIT) if p in plans]
         methods = [m for m in METHODS if any(r['method'] == m for r in quant)] + \
@@ -350,8 +364,10 @@ def tables(rows: list[dict], context: Optional[dict] = None) -> str:
         elif v['claim'] == 'variant':
             what, claim = f"{v['plan']} vs uniform, both {v['method']}", '(variant)'
         elif v['claim'] == 2:
-            what = f"{v['method']}, {v['pairs']} (plan, set) pairs: ahead in {v['ahead']}, behind in {v.get('behind', 0)}"
-            claim = f'2: {PAPER_METHOD.upper()} beats {BASELINE_METHOD.upper()}'
+            what = (f"{v['method']}, {v['pairs']} (plan, set) pairs: ahead in {v['ahead']}, "
+                    f"behind in {v.get('behind', 0)}")
+            claim = f'2: {LABELS.get(PAPER_METHOD, PAPER_METHOD)} beats ' \
+                    f'{LABELS.get(BASELINE_METHOD, BASELINE_METHOD)}'
         else:
             what, claim = v['method'], "the paper's comparison (confounded)"
         pct = v.get('percentile', math.nan)
@@ -767,7 +783,7 @@ def write_report(rows: list[dict], args, grid_commands: list[str]) -> None:
                   verdicts=claim_verdicts(rows), rows=rows)
     os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
     with open(args.out, 'w') as f:
-        json.dump(report, f, indent=1, allow_nan=True)
+        json.dump(json_safe(report), f, indent=1, allow_nan=False)
     publish(tables(rows, context), osp.join(REPO, DOC), MARKERS, COMMAND, update=not args.no_doc)
 
 

@@ -119,6 +119,7 @@ def test_plan_verdicts(claims):
         'not shown: no measurable difference from uniform'
     worse = {0: 58.0, 1: 58.9, 2: 57.1}
     assert claims.plan_verdict(worse, uniform, randoms, 0.1)['verdict'] == 'reversed: below uniform'
+    assert claims.plan_verdict(better, uniform, [], 0.1)['verdict'] == 'beats uniform; no random control run'
     tiny = {s: v + 0.05 for s, v in uniform.items()}        # consistent but below the metric's resolution
     assert claims.plan_verdict(tiny, uniform, randoms, 0.1)['beats_uniform'] is False
 
@@ -163,4 +164,4 @@ def test_committed_docs_block_is_generated_from_the_results(claims):
     markdown = claims.tables(report['rows'], {'grid': report['grid']})
     doc = (REPO / claims.DOC).read_text()
     assert f'\n\n{markdown}\n{claims.MARKERS[1]}' in doc
-    assert report['verdicts'] == json.loads(json.dumps(claims.claim_verdicts(report['rows'])))
+    assert report['verdicts'] == claims.json_safe(claims.claim_verdicts(report['rows']))

@@ -36,7 +36,8 @@ DEFAULT_TOLERANCE = 0.005
 
 def random_plan(sites: Sequence[Site], like: Mapping[str, Bits], *, budget: Budget, seed: int,
                 movable: Optional[Sequence[str]] = None, levels: Optional[Sequence[int]] = None,
-                match_counts: bool = True, tolerance: float = DEFAULT_TOLERANCE, act_bits: Optional[Mapping[str, int]] = None) -> BitPlan:
+                match_counts: bool = True, tolerance: float = DEFAULT_TOLERANCE,
+                act_bits: Optional[Mapping[str, int]] = None) -> BitPlan:
     """A random plan on ``sites`` controlling for ``like`` (site -> ``(w_bits, a_bits)``, every site).
 
     ``movable``: the site names whose bits are drawn (default: every weighted site); the others,
