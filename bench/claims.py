@@ -858,7 +858,7 @@ def main(argv=None) -> None:
     import torch
     torch.set_num_threads(args.threads)
     os.makedirs(args.work_dir, exist_ok=True)
-    command = ' '.join([COMMAND, *argv])
+    command = ' '.join([COMMAND, *(a for a in argv if a not in ('--no-doc', '--tables-only'))])
     if command not in commands:
         json.dump(commands + [command], open(history, 'w'), indent=1)
     plans = Plans(args, log)
