@@ -10,8 +10,8 @@ clipped reparameterization (CRL) beats RepQ-ViT's. Its own table compares MP4 wi
 W4A4 with RepQ, which mixes the two; here they are separated, and each mixed-precision plan is
 held to a control:
 
-* **cells**: every *plan* crossed with every *method* (``METHODS``: RepQ, CRL; a further
-  ``QuantConfig`` option is one more entry there) on each of ``--sets`` disjoint calibration sets;
+* **cells**: every *plan* crossed with every *method* (``METHODS``: RepQ, CRL by default; MPTQ-ViT's
+  SQ-b and CRL + OPT-m with ``--methods``; a further ``QuantConfig`` option is one more entry there) on each of ``--sets`` disjoint calibration sets;
 * **plans at equal weight memory** (``Σ params·bits ≤`` uniform 4 bits over the backbone's sites):
   ``uniform`` (W4A4), ``lrp`` (the LRP plan of the Swin classifier, ``lrp_qvit`` allocator, 64 LRP
   images), ``sensitivity`` (the model's own measured-sensitivity plan on that calibration set),
@@ -67,9 +67,12 @@ LEVELS = (K - 1, K, K + 1)
 
 # The method axis: name -> QuantConfig options. Another reparameterization or quantizer option is one
 # more entry here (e.g. 'crl_sqb': dict(method='crl', <option>=...)); cells, tables and claim 2 follow.
-METHODS: dict[str, dict] = {'repq': dict(method='repq'), 'crl': dict(method='crl')}
+METHODS: dict[str, dict] = {'repq': dict(method='repq'), 'crl': dict(method='crl'),
+                            # MPTQ-ViT's options (docs/method.md): SQ-b alone (it refuses RepQ), OPT-m on CRL
+                            'sqb': dict(method='none', smooth='sq-b'), 'crl_optm': dict(method='crl', gelu_scales='opt-m')}
+PAPER_METHODS = ('repq', 'crl')                   # the default grid: the two reparameterizations the claims are about
 PAPER_METHOD, BASELINE_METHOD = 'crl', 'repq'     # claim 2: PAPER_METHOD beats BASELINE_METHOD
-LABELS = {'repq': 'RepQ', 'crl': 'CRL'}           # how the verdicts name a method (default: its key)
+LABELS = {'repq': 'RepQ', 'crl': 'CRL', 'sqb': 'SQ-b', 'crl_optm': 'CRL + OPT-m'}           # how the verdicts name a method (default: its key)
 
 WEIGHT_PLANS = ('uniform', 'lrp', 'sensitivity', 'lampq')
 BOPS_PLANS = ('sensitivity_bops',)
@@ -793,7 +796,8 @@ def parse_args(argv=None):
     p.add_argument('--models', nargs='+', default=['classifier', 'mask_rcnn'],
                    choices=['classifier', *MINI_DETECTORS, 'detector'],
                    help="'detector' is --config/--checkpoint on --coco-root")
-    p.add_argument('--methods', nargs='+', default=list(METHODS), choices=list(METHODS))
+    p.add_argument('--methods', nargs='+', default=list(PAPER_METHODS), choices=list(METHODS),
+                   help='methods crossed with every plan (default: RepQ and CRL; sqb and crl_optm are MPTQ-ViT\'s options)')
     p.add_argument('--random-methods', nargs='+', default=None, choices=list(METHODS),
                    help='methods of the random-plan cells (default: --methods)')
     p.add_argument('--sets', type=int, default=3, help='disjoint calibration sets')
