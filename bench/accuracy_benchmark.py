@@ -39,7 +39,6 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Optional
 
 from mmdet_lrpq.miniworld import experiments as ex
 
@@ -88,11 +87,11 @@ class Detector:
     """One tiny detector built once: its config, float model, val loader and evaluator."""
 
     def __init__(self, name: str):
+        from mmdet.registry import MODELS
+        from mmdet.utils import register_all_modules
         from mmengine.config import Config
         from mmengine.evaluator import Evaluator
         from mmengine.runner import Runner, load_checkpoint
-        from mmdet.registry import MODELS
-        from mmdet.utils import register_all_modules
 
         import mmdet_lrpq
         register_all_modules(init_default_scope=True)
@@ -123,7 +122,7 @@ class Detector:
         return 100 * metrics['coco/bbox_mAP'], 100 * metrics['coco/segm_mAP']
 
 
-def hook_options(setting: str, plan: Optional[str], reconstruct: Optional[dict], ids: list[int]) -> dict:
+def hook_options(setting: str, plan: str | None, reconstruct: dict | None, ids: list[int]) -> dict:
     options = dict(method='crl', calib=calib_options(ids))
     if plan is None:
         options.update(w_bits=4, a_bits=4)
@@ -182,8 +181,9 @@ def run_one(det: Detector, tag: str, options: dict, path: str, extra: dict, log)
     with open(path + '.tmp', 'w') as f:
         json.dump({'key': key, 'row': row}, f, indent=1)
     os.replace(path + '.tmp', path)
+    recon = f", reconstruction {rec['seconds']:.0f}s" if rec else ''
     log(f"{det.name:18s} {tag:44s} box {box:5.1f} mask {mask:5.1f} {t['weight_mb']:.3f} MB "
-        f"(quant {quant_seconds:.0f}s{', reconstruction %.0fs' % rec['seconds'] if rec else ''})")
+        f"(quant {quant_seconds:.0f}s{recon})")
     return row
 
 
@@ -246,7 +246,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _fmt(v: float, std: Optional[float] = None) -> str:
+def _fmt(v: float, std: float | None = None) -> str:
     return f'{v:.1f}' if std is None else f'{v:.1f} ± {std:.1f}'
 
 
@@ -294,7 +294,7 @@ def target_checks(lines: list[dict], rows: list[dict]) -> list[tuple[str, str, s
     return out
 
 
-def todays_protocol_means() -> Optional[dict]:
+def todays_protocol_means() -> dict | None:
     """Cascade box AP of the default protocol (CRL, one calibration image) averaged over the one-image
     sets of results/calibration_variance.json, or None where that benchmark has not been run."""
     path = osp.join(REPO, 'results', 'calibration_variance.json')
@@ -311,7 +311,7 @@ def todays_protocol_means() -> Optional[dict]:
     return out
 
 
-def tables(rows: list[dict], skipped: Optional[dict] = None) -> str:
+def tables(rows: list[dict], skipped: dict | None = None) -> str:
     lines = aggregate([r for r in rows if r['setting'] != 'FP'])
     out = []
     for det in dict.fromkeys(r['detector'] for r in rows):
@@ -327,7 +327,7 @@ def tables(rows: list[dict], skipped: Optional[dict] = None) -> str:
                        f"{_fmt(g['box_mean'], g['box_std'])} | {g['box_min']:.1f}–{g['box_max']:.1f} | "
                        f"{_fmt(g['mask_mean'], g['mask_std'])} | {g['mask_min']:.1f}–{g['mask_max']:.1f} | "
                        f"{g['weight_mb']:.3f} | {g['avg_a_bits']:.2f} | {g['gbops']:.2f} | "
-                       f"{'%.0f' % g['recon_seconds'] if g.get('recon_seconds') else '—'} |")
+                       f"{format(g['recon_seconds'], '.0f') if g.get('recon_seconds') else '—'} |")
         if (skipped or {}).get(det):
             out += ['', f"Not run: reconstruction of {', '.join(skipped[det])} "
                         f"(`--skip-reconstruction {' '.join(skipped[det])}`)."]
@@ -343,7 +343,7 @@ def tables(rows: list[dict], skipped: Optional[dict] = None) -> str:
         def variant_row(r: dict, variant: str, box: float, mask: float) -> str:
             return (f"| {r['detector']} | {r['setting']} | {'yes' if r['reconstruct'] else 'no'} | {variant} | "
                     f"{box:.1f} | {mask:.1f} | {r['weight_mb']:.3f} | "
-                    f"{'%.0f' % r['recon_seconds'] if r.get('recon_seconds') else '—'} |")
+                    f"{format(r['recon_seconds'], '.0f') if r.get('recon_seconds') else '—'} |")
         for r in first:
             default = 'default (heads whole, QDrop)' if r['reconstruct'] else 'default (every site at 4 bits)'
             out.append(variant_row(r, default, r['box_ap'], r['mask_ap']))
@@ -355,7 +355,7 @@ def tables(rows: list[dict], skipped: Optional[dict] = None) -> str:
     return '\n'.join(out) + '\n'
 
 
-def write_tables(rows: list[dict], args, skipped: Optional[dict] = None) -> None:
+def write_tables(rows: list[dict], args, skipped: dict | None = None) -> None:
     markdown = tables(rows, skipped)
     common.write_markdown(args.out, COMMAND, markdown)
     common.publish(markdown, osp.join(REPO, DOC), MARKERS, COMMAND, update=not args.no_doc)

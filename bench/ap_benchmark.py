@@ -30,7 +30,6 @@ import platform
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional
 
 from mmdet_lrpq.miniworld import experiments as ex
 
@@ -92,7 +91,7 @@ def calibration_table(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _row(rows: list[dict], setting: str, method: Optional[str] = None) -> Optional[dict]:
+def _row(rows: list[dict], setting: str, method: str | None = None) -> dict | None:
     """The ladder row of ``setting`` (MPk: its ``lrp_qvit`` plan) with ``method``, or None."""
     found = [r for r in rows if is_ladder_row(r) and r['setting'] == setting and (setting == 'FP' or r['method'] == method)]
     return found[0] if found else None

@@ -46,7 +46,8 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Any
 
 try:
     from bench import common
@@ -84,7 +85,7 @@ def cpu_seconds() -> float:
 class Stopwatch:
     """Wall and process CPU seconds of what runs inside ``with``."""
 
-    def __enter__(self) -> 'Stopwatch':
+    def __enter__(self) -> Stopwatch:
         self.wall0, self.cpu0 = time.perf_counter(), cpu_seconds()
         return self
 
@@ -117,24 +118,24 @@ class Peaks:
         self.start = proc_status_mb('VmRSS')
 
 
-def measure(n: int, batch_size: int, config: str, data_root: str, image_ids: Optional[list[int]] = None) -> dict:
+def measure(n: int, batch_size: int, config: str, data_root: str, image_ids: list[int] | None = None) -> dict:
     """One row (see the module docstring), in this process, which must be fresh; ``image_ids``: these
     calibration images instead of the seeded choice of ``n``."""
     import copy
 
     import torch
-    from mmengine.config import Config
-    from mmengine.dataset import pseudo_collate
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
+    from mmengine.config import Config
+    from mmengine.dataset import pseudo_collate
 
     import mmdet_lrpq
-    from mmdet_lrpq.models.quantizer import images_in
     from mmdet_lrpq.engine.calib_data import CalibrationImages, CalibSettings, batch_input_hw
     from mmdet_lrpq.engine.hook import QuantizationHook
-    from mmdet_lrpq.registry import is_quantization_hook
     from mmdet_lrpq.models import ModelQuantizer
+    from mmdet_lrpq.models.quantizer import images_in
     from mmdet_lrpq.quant._ext import kernels
+    from mmdet_lrpq.registry import is_quantization_hook
 
     register_all_modules()
     mmdet_lrpq.register_all_modules()
@@ -233,18 +234,18 @@ def profile(config: str, data_root: str, repeats: int = 3) -> dict:
     import copy
 
     import torch
-    from mmengine.config import Config
-    from mmengine.dataset import pseudo_collate
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
+    from mmengine.config import Config
+    from mmengine.dataset import pseudo_collate
 
     import mmdet_lrpq
     from mmdet_lrpq.engine.calib_data import CalibrationImages, CalibSettings
     from mmdet_lrpq.engine.hook import QuantizationHook
-    from mmdet_lrpq.registry import is_quantization_hook
     from mmdet_lrpq.models import ModelQuantizer
     from mmdet_lrpq.quant import calibrating, functional, modules
     from mmdet_lrpq.quant._ext import kernels
+    from mmdet_lrpq.registry import is_quantization_hook
 
     register_all_modules()
     mmdet_lrpq.register_all_modules()
@@ -340,7 +341,7 @@ def profile(config: str, data_root: str, repeats: int = 3) -> dict:
 
 
 # ---------------------------------------------------------------------------------- driver
-def fits(n: int, rows: list[dict], margin_mb: float = 2048) -> Optional[str]:
+def fits(n: int, rows: list[dict], margin_mb: float = 2048) -> str | None:
     """None if a one-batch row of ``n`` images should fit in memory, else why it is skipped.
 
     Extrapolates the calibration peak linearly from the largest two one-batch rows already measured."""
@@ -373,7 +374,7 @@ def padded_area(hw: list[int], divisor: int = 32) -> int:
     return math.prod(-(-side // divisor) * divisor for side in hw)
 
 
-def pair_ratio(row: dict) -> Optional[float]:
+def pair_ratio(row: dict) -> float | None:
     """Median over the images of calibration forward / float forward of the same image (streamed rows):
     robust to a slow phase of a shared machine that hits a few pairs."""
     if row['batch_size'] != 1:
@@ -458,7 +459,7 @@ def write_tables(report: dict, args: argparse.Namespace) -> None:
     common.publish(markdown, osp.join(REPO, DOC), MARKERS, COMMAND, update=not args.no_doc)
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = common.parser(__doc__)
     parser.add_argument('--data-root', default=DEFAULT_DATA,
                         help='COCO root with train2017/ and annotations/instances_train2017.json')
@@ -492,7 +493,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     start = time.time()
     rows: list[dict] = []
 
-    def log(row: dict, why: Optional[str] = None) -> None:
+    def log(row: dict, why: str | None = None) -> None:
         print(f"[{time.time() - start:5.0f}s] N={row['n']} batch_size={row['batch_size']}: " + (why or
               f"peak {row['calibration_peak_mb']:.0f} MB (process {row['process_peak_mb']:.0f} MB), "
               f"{row['calibration_per_image_s']:.2f} s/image, float {row['float_per_image_s']:.2f} s, "

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os.path as osp
 import platform
 import resource
@@ -155,14 +156,14 @@ def main(argv=None) -> dict:
         print(f'skipped: image not found: {args.image} (pass --image PATH to a COCO image)')
         return {}
 
-    from mmengine.config import Config
-    from mmengine.dataset import Compose, pseudo_collate
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
+    from mmengine.config import Config
+    from mmengine.dataset import Compose, pseudo_collate
 
     import mmdet_lrpq
-    from mmdet_lrpq.engine.calib_data import batch_input_hw
     from mmdet_lrpq.config import QuantConfig
+    from mmdet_lrpq.engine.calib_data import batch_input_hw
     from mmdet_lrpq.models import ModelQuantizer
     from mmdet_lrpq.quant import calibrating
     allocator = 'default' if args.default_allocator or device.type != 'cpu' else keep_heap()
@@ -228,7 +229,7 @@ def main(argv=None) -> dict:
     for i in range(args.repeats):
         for times, faults, model, context in (models if i % 2 == 0 else models[::-1]):
             with context():
-                times.append(timed(lambda: model.test_step(batch), faults))
+                times.append(timed(functools.partial(model.test_step, batch), faults))
     runs = dict(float_forward_runs_s=t_float, quantized_forward_runs_s=t_quant,
                 float_forward_page_faults=f_float, quantized_forward_page_faults=f_quant,
                 calibration_forward_runs_s=[calibration_forward() for _ in range(args.calib_repeats)])

@@ -47,8 +47,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Optional
 
 from mmdet_lrpq.miniworld import experiments as ex
 
@@ -90,7 +90,7 @@ class Run:
         return f'{self.detector}/{name}' + (f'_n{self.n}_s{self.set_index}_b{self.batch_size}' if self.n else '')
 
     @property
-    def allocator(self) -> Optional[str]:
+    def allocator(self) -> str | None:
         if not self.setting.startswith('MP4'):
             return None
         rest = self.setting.split()[2:]
@@ -140,9 +140,9 @@ class Evaluation:
 
     def __init__(self, detector: str):
         import torch
+        from mmdet.registry import DATASETS, MODELS
         from mmengine.config import Config
         from mmengine.runner import load_checkpoint
-        from mmdet.registry import DATASETS, MODELS
 
         float_cfg, _, ckpt = ex.DETECTORS[detector]
         cfg = Config.fromfile(osp.join(REPO, float_cfg))
@@ -281,7 +281,7 @@ def report_tables(report: dict) -> str:
     return tables(report['rows'], report.get('not_run', ()), report.get('old_vs_streamed_ranges'))
 
 
-def tables(rows: list[dict], not_run: Iterable[str] = (), ranges: Optional[dict] = None) -> str:
+def tables(rows: list[dict], not_run: Iterable[str] = (), ranges: dict | None = None) -> str:
     """The markdown tables: spread per detector, setting and N; the range target; old vs streamed;
     allocators; and, for a partial grid, which groups of runs have no results."""
     summary = summarize(rows)
@@ -421,7 +421,7 @@ def cached_range_ratios(args: argparse.Namespace) -> dict:
 
 
 # ---------------------------------------------------------------------------------- driver
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = common.parser(__doc__)
     common.add_detectors(parser)
     parser.add_argument('--phases', nargs='+', default=list(PHASES), choices=PHASES)

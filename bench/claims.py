@@ -56,7 +56,6 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 COMMAND = 'python bench/claims.py'
@@ -100,7 +99,7 @@ class Cell:
     plan: str                   # a WEIGHT_PLANS / BOPS_PLANS / AUDIT name, 'random' or 'random_bops'
     method: str
     set_index: int
-    seed: Optional[int] = None  # random plans
+    seed: int | None = None  # random plans
 
     @property
     def plan_name(self) -> str:
@@ -293,7 +292,7 @@ def _signed(v: float, se: float = math.nan) -> str:
     return f'{round(v, 1) + 0.0:+.1f}' + ('' if math.isnan(se) else f' ± {se:.1f}')
 
 
-def tables(rows: list[dict], context: Optional[dict] = None) -> str:
+def tables(rows: list[dict], context: dict | None = None) -> str:
     """The markdown of the docs block, from the rows alone (and the run's description)."""
     context = context or {}
     verdicts = claim_verdicts(rows)
@@ -394,7 +393,8 @@ class Classifier:
 
     def __init__(self, args, log):
         import torch
-        from mmdet_lrpq.lrp import eval_transform, iter_batches, list_images
+
+        from mmdet_lrpq.lrp import eval_transform, iter_batches
         self.args = args
         self.model = build_classifier(args.classifier, args.classifier_checkpoint).to(args.device).eval()
         transform = eval_transform(self.model)
@@ -415,11 +415,13 @@ class Classifier:
 
     def images(self, s: int):
         import torch
+
         from mmdet_lrpq.lrp import iter_batches
         return [(x, torch.tensor([i.label for i in b])) for x, b in iter_batches(self.sets[s], self.transform, 1)]
 
     def top1(self, model) -> float:
         import torch
+
         from mmdet_lrpq.lrp import iter_batches
         batches = self.batches or ((x, torch.tensor([i.label for i in b]))
                                    for x, b in iter_batches(self.items, self.transform, 50))
@@ -443,7 +445,7 @@ class Classifier:
                                                                     eval_seconds=round(time.time() - t1, 1))
 
 
-def labelled(root: str, labels: Optional[str]) -> list:
+def labelled(root: str, labels: str | None) -> list:
     """Images with class indices: ``<path> <label>`` lines (relative to ``root`` or its parent), or class folders."""
     from mmdet_lrpq.lrp import ImageItem, list_images
     items = list_images(root)
@@ -490,11 +492,11 @@ class Detector:
     """A detector built once (deep-copied per cell), its val loader and evaluator, its calibration sets."""
 
     def __init__(self, name: str, args, log):
+        from mmdet.registry import MODELS
+        from mmdet.utils import register_all_modules
         from mmengine.config import Config
         from mmengine.evaluator import Evaluator
         from mmengine.runner import Runner, load_checkpoint
-        from mmdet.registry import MODELS
-        from mmdet.utils import register_all_modules
 
         import mmdet_lrpq
         register_all_modules(init_default_scope=True)
@@ -705,7 +707,7 @@ class Plans:
         self.log(f'{det.name} plan {name} set {s} [{time.time() - t0:.0f}s]')
         return out
 
-    def path(self, cell: Cell, world) -> Optional[str]:
+    def path(self, cell: Cell, world) -> str | None:
         if cell.plan == 'uniform':
             return None
         if cell.plan == 'lrp':
@@ -779,7 +781,7 @@ def saved_rows(work_dir: str) -> list[dict]:
 
 
 def write_report(rows: list[dict], args, grid_commands: list[str]) -> None:
-    from doc_blocks import publish      # bench/doc_blocks.py (this script's folder)
+    from doc_blocks import publish  # bench/doc_blocks.py (this script's folder)
     context = {'grid': grid_commands}
     report = dict(command=COMMAND, grid=grid_commands, methods=METHODS, k=K, control_percentile=CONTROL_PERCENTILE,
                   environment=dict(python=platform.python_version(), machine=platform.machine()),

@@ -63,9 +63,9 @@ def timed(fn) -> float:
 
 
 def speed_part(args) -> dict:
-    from mmengine.config import Config
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
+    from mmengine.config import Config
 
     import mmdet_lrpq
     from mmdet_lrpq.export import census, export_onnx, profile_log_sqrt2, run, session
@@ -97,11 +97,12 @@ def speed_part(args) -> dict:
     quantized = {}
     for name, options in SETTINGS.items():
         model = build()
-        t = timed(lambda: mmdet_lrpq.quantize_(model, mmdet_lrpq.QuantConfig(method='crl', round_zero_point=True,
-                                                                              **options), calib=[batch]))
+        t = timed(lambda model=model, options=options: mmdet_lrpq.quantize_(
+            model, mmdet_lrpq.QuantConfig(method='crl', round_zero_point=True, **options), calib=[batch]))
         part = BackboneNeck(model).eval()
         path = osp.join(tmp, f'{name}.onnx')
-        t_export = timed(lambda: quantized.__setitem__(name, (export_onnx(part, path, x), part)))
+        t_export = timed(lambda name=name, part=part, path=path: quantized.__setitem__(
+            name, (export_onnx(part, path, x), part)))
         s = quantized[name][0].summary()
         rows[name] = {'file_mb': osp.getsize(path) / 2 ** 20, 'calibrate_s': t, 'export_s': t_export,
                       'weight_carriers': s['weights']['carriers'], 'activation_carriers': s['activations']['carriers']}
@@ -112,8 +113,9 @@ def speed_part(args) -> dict:
     # latency, interleaved: ONNX Runtime float / W8A8, PyTorch float / fake-quant W8A8
     r8, part8 = quantized['W8A8']
     xs = x.numpy()
-    runners = {'onnxruntime float': (lambda s=session(float_path, args.threads): run(s, xs)),
-               'onnxruntime W8A8': (lambda s=session(r8.path, args.threads): run(s, xs)),
+    ort_float, ort_w8a8 = session(float_path, args.threads), session(r8.path, args.threads)
+    runners = {'onnxruntime float': (lambda: run(ort_float, xs)),
+               'onnxruntime W8A8': (lambda: run(ort_w8a8, xs)),
                'pytorch float': (lambda: float_part(x)),
                'pytorch fake-quant W8A8': (lambda: part8(x))}
     for fn in runners.values():
@@ -141,12 +143,16 @@ def speed_part(args) -> dict:
 
 
 def ap_part(args) -> dict:
-    from mmdet_lrpq.miniworld import experiments as ex
-
     from mmdet_lrpq.apis import init_quantized_detector
     from mmdet_lrpq.export import code_parity, export_onnx, session
-    from mmdet_lrpq.export.detector import (BackboneNeck, batch_from_image, evaluate_ap, preprocessed_input,
-                                            rounding_noise)
+    from mmdet_lrpq.export.detector import (
+        BackboneNeck,
+        batch_from_image,
+        evaluate_ap,
+        preprocessed_input,
+        rounding_noise,
+    )
+    from mmdet_lrpq.miniworld import experiments as ex
     ex.require_checkpoints(('mask_rcnn',))
     ex.ensure_data()
     torch.set_num_threads(args.threads)
@@ -164,7 +170,7 @@ def ap_part(args) -> dict:
         codes = [code_parity(r, part, preprocessed_input(model, batch_from_image(
             model.cfg, osp.join(ex.DATA, 'val', f'{i:06d}.jpg')))) for i in range(1, args.parity_images + 1)]
         t0 = time.perf_counter()
-        noise = {f'noise{s}': (lambda s=s: rounding_noise(part, s)) for s in range(args.noise_seeds)}
+        noise = {f'noise{s}': (lambda s=s, part=part: rounding_noise(part, s)) for s in range(args.noise_seeds)}
         ap = evaluate_ap(model, model.cfg, session(r.path, args.threads), data_root=ex.DATA + '/', limit=args.limit,
                          variants=noise)
         row = {'setting': name, 'images': ap['images'], 'seconds': time.perf_counter() - t0,

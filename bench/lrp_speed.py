@@ -62,8 +62,9 @@ def _status_mib(field: str) -> float:
     return int(line.split()[1]) / 1024
 
 
-def build_model(device: torch.device = torch.device('cpu')) -> torch.nn.Module:
+def build_model(device: torch.device | None = None) -> torch.nn.Module:
     import timm
+    device = device or torch.device('cpu')
     torch.manual_seed(0)   # (weights drawn on the CPU: the same model on every device)
     model = timm.create_model('swin_tiny_patch4_window7_224', pretrained=False, always_partition=True)
     return model.eval().to(device)
@@ -125,6 +126,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     import timm
+
     from mmdet_lrpq.lrp import eval_transform, iter_images, list_images
 
     if args.threads:

@@ -16,12 +16,12 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 
 
-def _hook_options(cfg: Any) -> Optional[dict]:
+def _hook_options(cfg: Any) -> dict | None:
     from .registry import has_quantization_hook, is_quantization_hook
     if not has_quantization_hook(cfg):
         return None
@@ -29,8 +29,8 @@ def _hook_options(cfg: Any) -> Optional[dict]:
     return {k: v for k, v in hook.items() if k != 'type'}
 
 
-def init_quantized_detector(config: Union[str, Any], checkpoint: str, device: Optional[str] = None,
-                            cfg_options: Optional[dict] = None, logger: Optional[logging.Logger] = None,
+def init_quantized_detector(config: str | Any, checkpoint: str, device: str | None = None,
+                            cfg_options: dict | None = None, logger: logging.Logger | None = None,
                             progress: bool = True) -> torch.nn.Module:
     """Build the detector of ``config``, load ``checkpoint``, quantize it as the config says; return it.
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
-from typing import Iterable, Optional, Union
 
 from .plan import BitPlan, Site
 from .quant.functional import check_bits
@@ -78,18 +78,18 @@ class QuantConfig:
     """
     w_bits: int = 4
     a_bits: int = 4
-    plan: Union[None, str, os.PathLike, BitPlan] = None
+    plan: None | str | os.PathLike | BitPlan = None
     method: str = 'crl'
     crl_k: float = DEFAULT_CRL_K
     scope: str = 'detector'
     round_zero_point: bool = False
-    patch_embed_a_bits: Optional[int] = 8
-    reparam_output_norms: Optional[bool] = None
-    reconstruct: Union[None, dict, ReconstructConfig] = None
-    smooth: Optional[str] = None
+    patch_embed_a_bits: int | None = 8
+    reparam_output_norms: bool | None = None
+    reconstruct: None | dict | ReconstructConfig = None
+    smooth: str | None = None
     smooth_alpha: float = DEFAULT_ALPHA
-    gelu_scales: Optional[str] = None
-    _plan_cache: Optional[BitPlan] = field(default=None, init=False, repr=False, compare=False)
+    gelu_scales: str | None = None
+    _plan_cache: BitPlan | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -153,7 +153,7 @@ class QuantConfig:
                             f'{type(self.plan).__name__}')
 
     @classmethod
-    def from_options(cls, options: dict, where: str = 'quantization options') -> 'QuantConfig':
+    def from_options(cls, options: dict, where: str = 'quantization options') -> QuantConfig:
         """From keyword options (a config's dict), naming unknown ones instead of a bare TypeError."""
         return from_options(cls, options, where)
 

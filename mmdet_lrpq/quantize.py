@@ -20,20 +20,19 @@ import hashlib
 import itertools
 import logging
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sized
-from typing import Any, Callable, Optional, Union, cast
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
+from typing import Any, cast
 
 from torch import Tensor, nn
 
 from .config import QuantConfig
-from .models.quantizer import ModelQuantizer
+from .models.quantizer import ModelQuantizer, images_in
 from .models.report import QuantReport
-from .models.quantizer import images_in
 from .models.state import _update_tensor, calibrate_or_load
 from .plan import BitPlan
 
 _EMPTY = object()
-ConfigLike = Union[QuantConfig, BitPlan, str, os.PathLike, None]
+ConfigLike = QuantConfig | BitPlan | str | os.PathLike | None
 
 
 def as_config(config: ConfigLike = None, **options: Any) -> QuantConfig:
@@ -78,7 +77,7 @@ def _what(x: Any) -> str:
     return f'a {type(x).__name__}'
 
 
-def _image_layer(model: nn.Module) -> Optional[tuple[str, nn.Conv2d]]:
+def _image_layer(model: nn.Module) -> tuple[str, nn.Conv2d] | None:
     """The model's first layer with weights, when it is a Conv2d (it then takes the images)."""
     for name, module in model.named_modules():
         if next(module.children(), None) is None and next(module.parameters(recurse=False), None) is not None:
@@ -153,7 +152,7 @@ def _refuse_constant(batches: Iterable, logger: logging.Logger) -> Iterator:
                          'real images, preprocessed as the model expects')
 
 
-def _update_input(h: 'hashlib._Hash', x: Any) -> bool:
+def _update_input(h: hashlib._Hash, x: Any) -> bool:
     """Feed one calibration input to ``h``; False if it holds something that cannot be digested."""
     if isinstance(x, Tensor):
         _update_tensor(h, x)
@@ -185,9 +184,9 @@ def calibration_record(batches: Any, calib_id: Any) -> dict:
     return record
 
 
-def quantize_(model: nn.Module, config: ConfigLike = None, calib: Union[Iterable, Callable[[nn.Module], Any], None] = None,
-              *, state_file: Optional[str] = None, state_mismatch: str = 'error', calib_id: Optional[Any] = None,
-              progress: bool = False, logger: Optional[logging.Logger] = None, **options: Any) -> QuantReport:
+def quantize_(model: nn.Module, config: ConfigLike = None, calib: Iterable | Callable[[nn.Module], Any] | None = None,
+              *, state_file: str | None = None, state_mismatch: str = 'error', calib_id: Any | None = None,
+              progress: bool = False, logger: logging.Logger | None = None, **options: Any) -> QuantReport:
     """Quantize ``model`` in place (see module docstring); returns the report.
 
     ``state_file``: save the calibrated state there, or load it instead of calibrating when it was

@@ -35,7 +35,7 @@ def imagenet_sample() -> Path:
 import contextlib  # noqa: E402
 import functools  # noqa: E402
 import importlib.util  # noqa: E402
-from typing import Iterator, Mapping, Optional  # noqa: E402
+from collections.abc import Iterator, Mapping  # noqa: E402
 
 import torch  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
@@ -70,8 +70,8 @@ DEVICE_AUDIT_ALLOWED: dict[tuple[str, str], str] = {
 }
 
 
-@functools.lru_cache(maxsize=None)
-def _library_file(filename: str) -> Optional[str]:
+@functools.cache
+def _library_file(filename: str) -> str | None:
     """``filename`` relative to the ``mmdet_lrpq`` package, ``None`` outside it."""
     path = Path(filename).resolve()
     return path.relative_to(LIBRARY).as_posix() if LIBRARY in path.parents else None
@@ -109,7 +109,7 @@ class _DeviceAudit(TorchFunctionMode):
 
 
 @contextlib.contextmanager
-def audit_devices(allow: Optional[Mapping[tuple[str, str], str]] = None) -> Iterator[_DeviceAudit]:
+def audit_devices(allow: Mapping[tuple[str, str], str] | None = None) -> Iterator[_DeviceAudit]:
     """Fail if code of the ``mmdet_lrpq`` package, run inside, makes a tensor that does not follow
     its inputs' device: a factory call (``torch.tensor``, ``arange``, ``zeros``, ``full``, ...)
     without ``device=``, ``from_numpy``, ``.cpu()``, ``.numpy()``. On a CPU-only machine such a tensor

@@ -17,8 +17,17 @@ from mmdet_lrpq import BitPlan, QuantConfig, quantize_
 from mmdet_lrpq.models.attention import QuantMultiheadAttention
 from mmdet_lrpq.models.state import StateFileError, StateMismatchError
 from mmdet_lrpq.models.timm_swin import QuantWindowAttention, TimmSwinAdapter
-from mmdet_lrpq.quant import (LayerQuantConfig, QuantMatMul, QuantState, activation_quantizers,
-                              calibrate_stream, calibrating, quant_modules, set_quant_state, wrap_modules)
+from mmdet_lrpq.quant import (
+    LayerQuantConfig,
+    QuantMatMul,
+    QuantState,
+    activation_quantizers,
+    calibrate_stream,
+    calibrating,
+    quant_modules,
+    set_quant_state,
+    wrap_modules,
+)
 
 
 def tiny_timm_swin(depths=(2, 2, 2, 2), seed=0) -> SwinTransformer:
@@ -191,7 +200,7 @@ def test_several_batches_take_the_envelope_of_their_ranges():
         if hasattr(q, 'zero_point'):
             levels = (1 << q.bits) - 1
             lo = [(-s.zero_point * s.delta).double() for s in (q1, q3)]
-            hi = [l + levels * s.delta.double() for l, s in zip(lo, (q1, q3))]
+            hi = [low + levels * s.delta.double() for low, s in zip(lo, (q1, q3))]
             lo_e, hi_e = torch.minimum(*lo), torch.maximum(*hi)     # the smallest range holding both
             delta = ((hi_e - lo_e) / levels).float()
             assert torch.equal(q.delta, delta)

@@ -56,8 +56,9 @@ def test_mmengine_checkpoint_round_trip_with_allow_list(tmp_path):
 
 def test_allow_list_refuses_other_getattr(tmp_path):
     """The allow-listed getattr resolves HistoryBuffer statistics only, nothing else."""
-    import mmdet_lrpq.safe_load as ckpt
     from mmengine.logging.history_buffer import HistoryBuffer
+
+    import mmdet_lrpq.safe_load as ckpt
     ckpt.allow_mmengine_checkpoints()
 
     class Evil:

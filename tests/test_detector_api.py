@@ -193,10 +193,10 @@ def test_tta_quantizes_the_detector_inside_the_tta_wrapper(world, tmp_path):
 
 # ------------------------------------------------------------------------------ DETR-style decoders
 def _detector(config: str, **model):
-    from mmengine.config import Config
-    from mmengine.hub import get_config
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
+    from mmengine.config import Config
+    from mmengine.hub import get_config
 
     import mmdet_lrpq
     register_all_modules(init_default_scope=True)
@@ -305,10 +305,10 @@ def test_an_image_without_detections_does_not_fail_a_set_that_has_some(world, tm
 def test_a_greyscale_calibration_image_is_warned_about(world, tmp_path, caplog):
     import logging
 
+    from mmengine.config import Config
     from PIL import Image
 
     from mmdet_lrpq.engine import CalibrationImages, CalibSettings
-    from mmengine.config import Config
     colour = np.asarray(Image.open(world / 'calib' / '000002.jpg').convert('RGB'))
     grey = np.repeat(np.asarray(Image.fromarray(colour).convert('L'))[..., None], 3, axis=2)
     ann = _calib_set(world, tmp_path, {5: ('colour.jpg', colour), 6: ('grey.jpg', grey)})

@@ -16,7 +16,7 @@ Users run on CUDA; CI has only CPUs. Three nets catch what a CPU run alone canno
 """
 import copy
 import math
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -24,22 +24,47 @@ import torch.nn.functional as nnf
 from timm.models.swin_transformer import SwinTransformer, WindowAttention
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
-# the tiny detector and its prediction on a tensor batch, as the MMDetection integration tests run them
-from test_mmdet_integration import TINY_CFG, _build as build_detector, _predict as predict
 
 from mmdet_lrpq import quantize_
 from mmdet_lrpq.config import QuantConfig
-from mmdet_lrpq.lrp import (linear_relevance, lrp_site_scores, matmul_relevance, mean_pool_relevance,
-                            residual_relevance, safe_divide, swin_relevance)
+from mmdet_lrpq.lrp import (
+    linear_relevance,
+    lrp_site_scores,
+    matmul_relevance,
+    mean_pool_relevance,
+    residual_relevance,
+    safe_divide,
+    swin_relevance,
+)
 from mmdet_lrpq.lrp import swin as lrp_swin
 from mmdet_lrpq.models import ModelQuantizer
 from mmdet_lrpq.models.attention import QuantMultiheadAttention
 from mmdet_lrpq.models.mmdet_swin import QuantWindowMSA
 from mmdet_lrpq.models.timm_swin import QuantWindowAttention
-from mmdet_lrpq.quant import (LayerQuantConfig, LogSqrt2Quantizer, QuantConv2d, QuantLinear, QuantMatMul,
-                              QuantState, RegionUniformQuantizer, UniformQuantizer, calibrate, crl_clip, quant_modules,
-                              recording_ranges, reparameterize_, set_quant_state, smooth_, wrap_modules)
+from mmdet_lrpq.quant import (
+    LayerQuantConfig,
+    LogSqrt2Quantizer,
+    QuantConv2d,
+    QuantLinear,
+    QuantMatMul,
+    QuantState,
+    RegionUniformQuantizer,
+    UniformQuantizer,
+    calibrate,
+    crl_clip,
+    quant_modules,
+    recording_ranges,
+    reparameterize_,
+    set_quant_state,
+    smooth_,
+    wrap_modules,
+)
 from mmdet_lrpq.quant import functional as F
+
+# the tiny detector and its prediction on a tensor batch, as the MMDetection integration tests run them
+from test_mmdet_integration import TINY_CFG
+from test_mmdet_integration import _build as build_detector
+from test_mmdet_integration import _predict as predict
 
 # FakeTensor.data_ptr() (read by the weight cache's key) warns; its value is never used as data.
 pytestmark = pytest.mark.filterwarnings('ignore:Accessing the data pointer of FakeTensor')
@@ -126,7 +151,7 @@ def to_fake(module: nn.Module, mode: FakeTensorMode) -> nn.Module:
     return module
 
 
-def assert_on_cuda(tensors: dict[str, torch.Tensor], dtype: Optional[torch.dtype] = None) -> None:
+def assert_on_cuda(tensors: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> None:
     for what, t in tensors.items():
         assert t.device.type == 'cuda', f'{what}: on {t.device}'
         if dtype is not None:

@@ -3,9 +3,6 @@ form, ONNX Runtime against PyTorch (codes and outputs), the refusals, and on the
 detector's AP with ONNX Runtime computing backbone + neck."""
 from __future__ import annotations
 
-import json
-import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,11 +17,16 @@ pytest.importorskip('onnxruntime')
 
 from onnx import TensorProto, numpy_helper  # noqa: E402
 
-from mmdet_lrpq.export import (ExportError, census, code_parity, export_onnx, output_parity, run,  # noqa: E402
-                               session)
+from mmdet_lrpq.export import ExportError, census, code_parity, export_onnx, output_parity, run, session  # noqa: E402
 from mmdet_lrpq.export.forms import log_sqrt2_form, log_sqrt2_reference_codes  # noqa: E402
-from mmdet_lrpq.quant import (LogSqrt2Quantizer, QuantLinear, QuantMatMul, QuantState, reparameterize_,  # noqa: E402
-                              set_quant_state)
+from mmdet_lrpq.quant import (  # noqa: E402
+    LogSqrt2Quantizer,
+    QuantLinear,
+    QuantMatMul,
+    QuantState,
+    reparameterize_,
+    set_quant_state,
+)
 from mmdet_lrpq.quant.functional import fake_quant_log_sqrt2, log_sqrt2_table  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,10 +8,23 @@ import torch
 from PIL import Image
 from timm.models.swin_transformer import SwinTransformer
 
-from mmdet_lrpq.lrp import (UnreadableImageError, eval_transform, iter_batches, iter_images, linear_relevance,
-                            list_images, load_image, lrp_site_scores, matmul_relevance, mean_pool_relevance,
-                            relative_importance, residual_relevance, swin_relevance, swin_sites)
 from conftest import randomize_
+from mmdet_lrpq.lrp import (
+    UnreadableImageError,
+    eval_transform,
+    iter_batches,
+    iter_images,
+    linear_relevance,
+    list_images,
+    load_image,
+    lrp_site_scores,
+    matmul_relevance,
+    mean_pool_relevance,
+    relative_importance,
+    residual_relevance,
+    swin_relevance,
+    swin_sites,
+)
 from mmdet_lrpq.plan.sites import SWIN_LAYER_TYPES
 
 TOL = 1e-4  # conservation tolerance in float32 (total relevance is 1; the measured error is < 1e-6)

@@ -140,9 +140,9 @@ def test_ground_truth_scores_ap_one_with_mmdet_coco_metric(tiny_world):
 
 def test_classifier_conversion_initializes_the_detector_backbone(tmp_path):
     """The configs' Pretrained init really loads the converted classifier (mmdet ignores unprefixed keys)."""
-    from mmengine.config import Config
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
+    from mmengine.config import Config
     register_all_modules()
     train_classifier = _load_tool('train_classifier')
     classifier = train_classifier.build_classifier(len(CLASSES))
@@ -389,6 +389,7 @@ def test_committed_classifier_reproduces_its_recorded_accuracy():
     model = train_classifier.build_classifier(len(CLASSES))
     model.load_state_dict(ckpt['state_dict'])  # strict
     import io
+
     from PIL import Image
     rendered = [render_classification_image(0, 'cls_val', i) for i in range(1, DEFAULT_SIZES['cls_val'] + 1)]
     images = torch.stack([torch.from_numpy(np.asarray(Image.open(io.BytesIO(jpeg)))).permute(2, 0, 1)
@@ -400,6 +401,7 @@ def test_committed_classifier_reproduces_its_recorded_accuracy():
 @pytest.mark.parametrize('name', ['mask_rcnn_swin_mini', 'cascade_mask_rcnn_swin_mini'])
 def test_committed_detector_loads_and_detects(name):
     import io
+
     from mmengine.config import Config
     from PIL import Image
     path = _committed(f'{name}.pth')

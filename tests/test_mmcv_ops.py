@@ -104,9 +104,10 @@ def test_backend_matches_recorded_compiled_mmcv(reference):
 
 def test_backend_matches_live_compiled_mmcv(reference):
     """Where compiled mmcv is installed, run the same cases through it now (not only the record)."""
+    import mmcv.ops  # noqa: F401
+
     import _mmdet_lrpq_mmcv
     from mmdet_lrpq.ops import backend
-    import mmcv.ops  # noqa: F401
     if backend()['backend'] != 'compiled':
         pytest.skip(f'no compiled mmcv._ext here ({backend()["reason"]}); the recorded outputs were checked instead')
     spec = importlib.util.spec_from_file_location(
@@ -212,13 +213,14 @@ def test_every_mmcv_ext_name_exists_and_missing_ops_say_what_and_how():
     # dunder look-ups fail as on any module (pickle, inspect, pkgutil rely on it)
     assert not hasattr(module, '__path__') and not hasattr(module, '__wrapped__')
     with pytest.raises(AttributeError):
-        module.not_an_mmcv_function
+        _ = module.not_an_mmcv_function
 
 
 def test_a_detector_part_needing_a_missing_op_stops_with_the_op_name():
     """Bad input: a model with a deformable convolution, on the torchvision backend."""
-    from mmdet_lrpq.ops import backend
     from mmcv.ops import DeformConv2d
+
+    from mmdet_lrpq.ops import backend
     if backend()['backend'] != 'torchvision':
         pytest.skip('compiled mmcv ops are active: deformable convolution is available')
     conv = DeformConv2d(4, 4, 3, padding=1)

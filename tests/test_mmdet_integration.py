@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from mmdet.registry import HOOKS, MODELS
+from mmdet.utils import register_all_modules
 from mmengine.config import Config
 from mmengine.hub import get_config
 
 import mmdet_lrpq
-from mmdet.registry import HOOKS, MODELS
-from mmdet.utils import register_all_modules
 from mmdet_lrpq.config import QuantConfig
 from mmdet_lrpq.models import ModelQuantizer
 from mmdet_lrpq.models.mmdet_swin import QuantWindowMSA

@@ -19,9 +19,21 @@ from torch import nn
 from conftest import randomize_
 from mmdet_lrpq import QuantConfig, quantize_
 from mmdet_lrpq.models.quantizer import ModelQuantizer
-from mmdet_lrpq.quant import (QuantLinear, QuantState, RegionUniformQuantizer, activation_quantizers,
-                              calibrate_stream, fake_quant_regions, fake_quant_uniform, quant_modules,
-                              recording_ranges, region_qparams, set_quant_state, smooth_, uniform_qparams)
+from mmdet_lrpq.quant import (
+    QuantLinear,
+    QuantState,
+    RegionUniformQuantizer,
+    activation_quantizers,
+    calibrate_stream,
+    fake_quant_regions,
+    fake_quant_uniform,
+    quant_modules,
+    recording_ranges,
+    region_qparams,
+    set_quant_state,
+    smooth_,
+    uniform_qparams,
+)
 from mmdet_lrpq.quant import functional as F
 from mmdet_lrpq.quant.smooth import sqb_factors
 

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from mmdet_lrpq.plan import (ALLOCATORS, PLAN_FORMAT, BitPlan, Budget, Site, account, allocate, plot_plan)
+from mmdet_lrpq.plan import ALLOCATORS, PLAN_FORMAT, BitPlan, Budget, Site, account, allocate, plot_plan
 from mmdet_lrpq.plan.plot import _columns
 
 SWIN_T_DEPTHS = (2, 2, 6, 2)

@@ -6,9 +6,22 @@ import torch
 from torch import nn
 
 import repq_reference as ref
-from mmdet_lrpq.quant import (LayerQuantConfig, QuantConv2d, QuantLinear, QuantMatMul, QuantState,
-                              calibrate, calibrating, crl_clip, fake_quant_uniform, quant_modules,
-                              reparameterize_, set_quant_state, uniform_qparams, wrap_modules)
+from mmdet_lrpq.quant import (
+    LayerQuantConfig,
+    QuantConv2d,
+    QuantLinear,
+    QuantMatMul,
+    QuantState,
+    calibrate,
+    calibrating,
+    crl_clip,
+    fake_quant_uniform,
+    quant_modules,
+    reparameterize_,
+    set_quant_state,
+    uniform_qparams,
+    wrap_modules,
+)
 
 
 class TinyBlock(nn.Module):
@@ -184,7 +197,8 @@ def test_crl_infinity_is_repq_and_finite_k_clips_outliers():
     for k in (math.inf, 2.0):
         norm, fc = nn.LayerNorm(48), nn.Linear(48, 24)
         torch.manual_seed(3)
-        norm.reset_parameters(); fc.reset_parameters()
+        norm.reset_parameters()
+        fc.reset_parameters()
         _outlier_norm(norm, seed=3)
         x = torch.randn(2, 100, 48)
         q = QuantLinear.from_float(fc, w_bits=4, a_bits=4, per_channel_input=True)

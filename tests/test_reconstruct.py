@@ -11,7 +11,6 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as nnf
-from test_api import images, tiny_timm_swin
 from torch import nn
 
 from mmdet_lrpq import QuantConfig, ReconstructConfig, quantize_
@@ -20,6 +19,7 @@ from mmdet_lrpq.models.state import StateMismatchError
 from mmdet_lrpq.quant import QuantState, UniformQuantizer, quant_modules, set_quant_state
 from mmdet_lrpq.quant import functional as F
 from mmdet_lrpq.quant import reconstruct as R
+from test_api import images, tiny_timm_swin
 
 FAST = dict(iters=8, batch_size=2, max_rows=512, batch_rows=128)
 

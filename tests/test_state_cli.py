@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from conftest import shared_data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,12 +27,12 @@ def _run(ckpt, work_dir, *options, coco_root):
 
 @pytest.fixture(scope='module')
 def tiny_ckpt(tmp_path_factory):
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
     from mmengine.config import Config
     from mmengine.runner.checkpoint import save_checkpoint
 
     import mmdet_lrpq
-    from mmdet.registry import MODELS
-    from mmdet.utils import register_all_modules
     register_all_modules(init_default_scope=True)
     mmdet_lrpq.register_all_modules()
     cfg = Config.fromfile(str(TINY_CFG))
@@ -59,7 +60,7 @@ def _copy(state: Path, tmp_path: Path) -> Path:
 
 
 def _plan(path: Path, bits: int) -> None:
-    path.write_text('{"format": "mmdet-lrpq/bitplan@1", "bits": {"re:.*": [%d, %d]}}\n' % (bits, bits))
+    path.write_text(f'{{"format": "mmdet-lrpq/bitplan@1", "bits": {{"re:.*": [{bits}, {bits}]}}}}\n')
 
 
 def _clean_failure(rc: int, log: str, *needles: str) -> None:

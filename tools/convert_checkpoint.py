@@ -14,7 +14,7 @@ import os.path as osp
 import pickle
 import sys
 import zipfile
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -29,7 +29,7 @@ def check_paths(src: str, dst: str) -> None:
                          f'write to another file, e.g. {osp.splitext(dst)[0]}_mmdet3.pth')
 
 
-def torch_file_kind(path: str) -> Optional[str]:
+def torch_file_kind(path: str) -> str | None:
     """'zip' or 'legacy' for the two formats torch.save writes, else None (not a PyTorch checkpoint)."""
     with open(path, 'rb') as f:
         head = f.read(4)
@@ -56,15 +56,15 @@ def load_checkpoint_file(src: str, trust: bool) -> Any:
         refused = next(line for line in str(err).splitlines() if 'Unsupported global' in line)
         raise ValueError(f'{src} holds Python objects that weights-only loading refuses '
                          f'({refused.strip()[:200]}); if you trust the file, rerun with --trust') from None
-    except Exception as err:  # noqa: BLE001 -- truncated archives, bad records: the file is damaged
+    except Exception as err:
         raise ValueError(f'{src} looks like a PyTorch checkpoint ({kind} format) but cannot be read '
                          f'({type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else "no detail"}); '
                          f'it is truncated or corrupt: download or copy it again') from None
 
 
 def convert(src: str, dst: str, trust: bool = False) -> int:
-    from mmdet_lrpq.safe_load import allow_mmengine_checkpoints, require_checkpoint, save_atomic
     from mmdet_lrpq.models.swin_names import convert_mmdet2_detector_state_dict
+    from mmdet_lrpq.safe_load import allow_mmengine_checkpoints, require_checkpoint, save_atomic
     allow_mmengine_checkpoints()
     require_checkpoint(src)
     check_paths(src, dst)

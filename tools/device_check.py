@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f'[device_check] {name} ...', flush=True)
             try:
                 record['steps'][name] = {'ok': True, 'result': runners[name]()}
-            except Exception as err:  # noqa: BLE001 -- reported, the other steps still run
+            except Exception as err:
                 record['steps'][name] = {'ok': False, 'error': f'{type(err).__name__}: {err}'}
             record['steps'][name]['seconds'] = round(time.perf_counter() - t0, 1)
     record['seconds'] = round(time.perf_counter() - start, 1)

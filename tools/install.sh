@@ -28,6 +28,7 @@ MMCV_VERSION="2.1.0"
 WHEEL_ROOT="${MMDET_LRPQ_WHEEL_CACHE:-$HOME/.cache/mmdet-lrpq/wheels}"
 STAMP="$VENV/.mmdet-lrpq-installed"
 REQS="$ROOT/requirements/runtime.txt"
+DEV_REQS="$ROOT/requirements/dev.txt"
 CONSTRAINTS="$ROOT/requirements/constraints.txt"
 PLANNER="$ROOT/tools/cuda_build_plan.py"
 MMCV_KIND="${MMDET_LRPQ_MMCV:-lite}"
@@ -73,7 +74,7 @@ plan_ops() {
 
 fingerprint() {
     # What the stamp certifies: the install recipe, the pinned requirements and the ops decision.
-    { cat "$ROOT/tools/install.sh" "$PLANNER" "$REQS" "$CONSTRAINTS" "$ROOT/setup.py" "$ROOT/_mmdet_lrpq_mmcv.py"; echo "mmcv-ops=$PLAN_cache_key"; } \
+    { cat "$ROOT/tools/install.sh" "$PLANNER" "$REQS" "$DEV_REQS" "$CONSTRAINTS" "$ROOT/setup.py" "$ROOT/_mmdet_lrpq_mmcv.py"; echo "mmcv-ops=$PLAN_cache_key"; } \
         | sha256sum | cut -d' ' -f1
 }
 
@@ -166,6 +167,7 @@ say "installing mmengine / mmdet / timm / pycocotools and mmdet-lrpq (editable)"
 # its own runtime requirements are pinned in requirements/runtime.txt.
 "${PIP_INSTALL[@]}" --no-deps "mmdet==3.3.0" || die "could not install mmdet==3.3.0"
 "${PIP_INSTALL[@]}" -r "$REQS" || die "could not install requirements/runtime.txt"
+"${PIP_INSTALL[@]}" -r "$DEV_REQS" || die "could not install requirements/dev.txt (ruff, mypy: the gates of make test)"
 "${PIP_INSTALL[@]}" --no-build-isolation -e "$ROOT[tests]" || die "could not install mmdet-lrpq in editable mode"
 # The mmcv._ext import hook at interpreter start, so that any import order works (_mmdet_lrpq_mmcv.py says why).
 "$VENV/bin/python" -m _mmdet_lrpq_mmcv --install >/dev/null || die "could not write the mmcv._ext import hook (.pth) into $VENV"

@@ -25,7 +25,6 @@ import os
 import os.path as osp
 import shlex
 import sys
-from typing import Optional
 
 from mmdet_lrpq.cli import add_classifier_args, build_classifier, recorded_path, resolve_device, target_bits
 
@@ -115,7 +114,7 @@ def lrp_scores(args, model, weights: dict) -> tuple[dict, dict]:
     return scores, images
 
 
-def make_plan(args, model, weights, raw, images) -> 'BitPlan':  # noqa: F821
+def make_plan(args, model, weights, raw, images) -> BitPlan:  # noqa: F821
     from mmdet_lrpq.lrp import relative_importance, swin_sites
     from mmdet_lrpq.models.swin_names import swin_name_to_mmdet
     from mmdet_lrpq.models.timm_swin import TimmSwinAdapter
@@ -147,7 +146,7 @@ def summary(plan, sites, k: int) -> str:
             f"(uniform {k}-bit); avg W {acc['avg_weight_bits']:.3f}, avg A {acc['avg_act_bits']:.3f} bits")
 
 
-def main(argv: Optional[list] = None) -> None:
+def main(argv: list | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     args.argv = argv

@@ -115,8 +115,7 @@ def run_compiled(cases: dict) -> dict:
 
     Sigmoid focal loss has no CPU kernel in mmcv 2.1.0 (CUDA only): its cases are kept for the test,
     which checks the backend against MMDetection's own PyTorch focal loss instead."""
-    from mmcv.ops import nms, nms_match, roi_align, soft_nms
-    from mmcv.ops import bbox_overlaps
+    from mmcv.ops import bbox_overlaps, nms, nms_match, roi_align, soft_nms
     out: dict = {}
     out['roi_align'] = []
     for c in cases['roi_align']:

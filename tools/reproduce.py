@@ -34,7 +34,6 @@ import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Optional
 
 from mmdet_lrpq.miniworld import experiments as mini  # the miniature world's data, detectors and classifier
 
@@ -68,7 +67,7 @@ class Cell:
         return f'{self.model}_{self.setting.lower()}'
 
     @property
-    def plan_k(self) -> Optional[int]:
+    def plan_k(self) -> int | None:
         return int(self.setting[2:]) if self.setting.startswith('MP') else None
 
     @property
@@ -152,7 +151,7 @@ def checkpoint_layout(path: str) -> str:
                     f'is it a Swin Mask R-CNN / Cascade Mask R-CNN checkpoint?')
 
 
-def run_tool(cmd: list[str], log_path: Optional[str] = None, env: Optional[dict] = None) -> subprocess.CompletedProcess:
+def run_tool(cmd: list[str], log_path: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
     """One project tool as its own process (their command lines are the stable interface)."""
     if log_path is None:
         return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
@@ -180,7 +179,7 @@ class World:
     data_root: str
     val_ann: str                       # evaluation annotations, relative to data_root
     backbones: tuple[str, ...]
-    paper: Optional[dict] = None
+    paper: dict | None = None
 
     def config(self, cell: Cell) -> str:
         raise NotImplementedError
@@ -193,7 +192,7 @@ class World:
         """tools/lrp_plan.py's --model, weights and --images for a backbone's plans."""
         raise NotImplementedError
 
-    def default_checkpoint(self, model: str) -> Optional[str]:
+    def default_checkpoint(self, model: str) -> str | None:
         return None
 
     def check_data(self, cells: list[Cell]) -> None:
@@ -205,7 +204,7 @@ class CocoWorld(World):
     val_ann = 'annotations/instances_val2017.json'
     backbones = COCO_BACKBONES
 
-    def __init__(self, root: Optional[str]):
+    def __init__(self, root: str | None):
         if root is None:
             raise UserError('--coco-root is required: a COCO 2017 root with annotations/, val2017/ and train2017/ '
                             '(or run --miniworld for the offline miniature version)')
@@ -260,7 +259,7 @@ class MiniWorld(World):
 
 
 # ----------------------------------------------------------------------------- command line
-def parse_pairs(values: Optional[list[str]], option: str, valid: tuple[str, ...]) -> dict[str, str]:
+def parse_pairs(values: list[str] | None, option: str, valid: tuple[str, ...]) -> dict[str, str]:
     """``NAME=PATH`` options: names checked against ``valid``, files against the disk."""
     out = {}
     for value in values or []:
@@ -275,7 +274,7 @@ def parse_pairs(values: Optional[list[str]], option: str, valid: tuple[str, ...]
     return out
 
 
-def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], epilog=__doc__.split('\n', 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     world = p.add_mutually_exclusive_group()
@@ -352,14 +351,14 @@ def grid(args: argparse.Namespace, world: World) -> list[Cell]:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def recorded_entries(paper: Optional[dict]) -> dict[str, dict]:
+def recorded_entries(paper: dict | None) -> dict[str, dict]:
     """Every checkpoint file paper_results.json knows, by file name (to verify user-given copies too)."""
     if paper is None:
         return {}
     return {e['file']: e for entries in paper['checkpoints'].values() for e in entries}
 
 
-def verify(path: str, digest: str, entry: Optional[dict]) -> str:
+def verify(path: str, digest: str, entry: dict | None) -> str:
     """Check ``path`` against the recorded sha256 (full or OpenMMLab's 8-digit prefix); a verdict line."""
     if entry is None:
         return f'sha256 {digest[:16]}… (no published hash for this file; recorded with each cell)'
@@ -396,7 +395,7 @@ def download(url: str, dest: str, log) -> None:
 
 
 def checkpoint_sources(args: argparse.Namespace, world: World,
-                       models: list[str]) -> dict[str, tuple[str, Optional[dict]]]:
+                       models: list[str]) -> dict[str, tuple[str, dict | None]]:
     """Each model's file (given, bundled, or where --download puts it) and its recorded entry, or the error."""
     given = parse_pairs(args.checkpoint, '--checkpoint', tuple(f'{d}_{b}' for d in DETECTORS for b in world.backbones))
     entries = recorded_entries(world.paper)
@@ -551,7 +550,7 @@ class Job:
     key: dict
     record: str          # <out-dir>/cells/<cell>.json
     work_dir: str
-    plan: Optional[dict]
+    plan: dict | None
 
 
 def prepare(cell: Cell, args: argparse.Namespace, world: World, ckpt: Checkpoint, plans: dict,
@@ -578,7 +577,7 @@ def prepare(cell: Cell, args: argparse.Namespace, world: World, ckpt: Checkpoint
     return Job(cell, command, key, osp.join(args.out_dir, 'cells', f'{cell.name}.json'), work_dir, plan)
 
 
-def finished(job: Job) -> tuple[Optional[dict], str]:
+def finished(job: Job) -> tuple[dict | None, str]:
     """The cell's earlier record if its inputs are unchanged, else (None, why it runs)."""
     try:
         record = json.load(open(job.record))
@@ -590,7 +589,7 @@ def finished(job: Job) -> tuple[Optional[dict], str]:
     return (record, '') if not changed else (None, f'changed: {", ".join(changed)}')
 
 
-def execute(job: Job, threads: Optional[int], gpu: Optional[str] = None) -> dict:
+def execute(job: Job, threads: int | None, gpu: str | None = None) -> dict:
     """Run the cell's tools/test.py; its record (numbers, quantization report, command, inputs' digest).
 
     ``gpu``: the one GPU the cell's process may see (CUDA_VISIBLE_DEVICES), None to leave it as is."""
@@ -628,7 +627,7 @@ def execute(job: Job, threads: Optional[int], gpu: Optional[str] = None) -> dict
 
 
 # ----------------------------------------------------------------------------- tables
-def paper_reference(paper: Optional[dict], cell: Cell) -> Optional[dict]:
+def paper_reference(paper: dict | None, cell: Cell) -> dict | None:
     """The published number this cell is compared with, and the source it comes from."""
     if paper is None or cell.model not in paper['models']:
         return None
@@ -639,13 +638,13 @@ def paper_reference(paper: Optional[dict], cell: Cell) -> Optional[dict]:
             'reruns': ref.get('reruns')}
 
 
-def fmt(value: Optional[float], digits: int = 1, signed: bool = False) -> str:
+def fmt(value: float | None, digits: int = 1, signed: bool = False) -> str:
     if value is None:
         return '—'
     return f'{value:+.{digits}f}' if signed else f'{value:.{digits}f}'
 
 
-def markdown(rows: list[dict], paper: Optional[dict], val_images: Optional[int]) -> str:
+def markdown(rows: list[dict], paper: dict | None, val_images: int | None) -> str:
     """Our numbers (and, on COCO, the paper's beside them, with the differences) as one markdown table."""
     notes = []
     if paper is not None:
@@ -691,7 +690,7 @@ def markdown(rows: list[dict], paper: Optional[dict], val_images: Optional[int])
     return '\n'.join(lines + [''] + [f'- {n}' for n in notes])
 
 
-def plot(rows: list[dict], paper: Optional[dict], path: str) -> None:
+def plot(rows: list[dict], paper: dict | None, path: str) -> None:
     """Box and mask AP per cell, ours beside the paper's (Agg canvas: no pyplot global state)."""
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -765,14 +764,14 @@ def visible_gpus() -> list[str]:
         return []
 
 
-def gpu_slots(gpus: list[str], jobs: int) -> list[Optional[str]]:
+def gpu_slots(gpus: list[str], jobs: int) -> list[str | None]:
     """One GPU per job slot, round-robin (more jobs than GPUs share them evenly); [None]*jobs without GPUs."""
     if not gpus:
         return [None] * jobs
     return [gpus[i % len(gpus)] for i in range(jobs)]
 
 
-def run_cells(todo: list[tuple[Job, str]], jobs: int, rows: dict, log, gpus: Optional[list[str]] = None) -> None:
+def run_cells(todo: list[tuple[Job, str]], jobs: int, rows: dict, log, gpus: list[str] | None = None) -> None:
     """Each cell in its own tools/test.py process, ``jobs`` at a time; a failed cell is reported, not fatal.
 
     With GPUs, each running process sees exactly one (CUDA_VISIBLE_DEVICES), taken from a pool of
@@ -877,7 +876,7 @@ def reproduce(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     args.argv = argv

@@ -31,8 +31,9 @@ import tempfile
 import time
 import traceback
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 # torch and MMDetection are imported inside the functions: the stack is printed and checked first,
@@ -62,16 +63,16 @@ class CheckError(Exception):
 class DeviceResult:
     device: str
     ok: bool = False
-    error: Optional[str] = None
-    box_ap: Optional[float] = None
-    mask_ap: Optional[float] = None
-    float_box_ap: Optional[float] = None
-    float_mask_ap: Optional[float] = None
-    calibration_seconds: Optional[float] = None
-    quantize_seconds: Optional[float] = None     # init_quantized_detector: build, load, calibrate, reparameterize
-    forward_ratio: Optional[float] = None
+    error: str | None = None
+    box_ap: float | None = None
+    mask_ap: float | None = None
+    float_box_ap: float | None = None
+    float_mask_ap: float | None = None
+    calibration_seconds: float | None = None
+    quantize_seconds: float | None = None     # init_quantized_detector: build, load, calibrate, reparameterize
+    forward_ratio: float | None = None
     forward_ms: dict = field(default_factory=dict)
-    diff_vs_cpu: Optional[dict] = None
+    diff_vs_cpu: dict | None = None
 
     def line(self) -> str:
         if not self.ok:
@@ -132,7 +133,7 @@ def devices_to_check(choice: str, stack: dict) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ data
-def prepare_data(data: Optional[str], work: str, n_val: int) -> tuple[str, str]:
+def prepare_data(data: str | None, work: str, n_val: int) -> tuple[str, str]:
     """(data root, annotation file of exactly the first ``n_val`` val images, written under ``work``)."""
     if data is None:
         from mmdet_lrpq.miniworld import generate
@@ -266,7 +267,7 @@ def difference(got: dict, want: dict) -> dict:
 
 
 def check_device(device: str, float_cpu, checkpoint: str, options: dict, effort: Effort,
-                 cpu_outputs: Optional[dict]) -> tuple[DeviceResult, dict]:
+                 cpu_outputs: dict | None) -> tuple[DeviceResult, dict]:
     """Quantize, evaluate and time on ``device``; returns the result and the quantized model's outputs."""
     import copy
 
@@ -365,14 +366,14 @@ def run(args: argparse.Namespace, out: dict) -> bool:
         print(f'\nminiature-world Mask R-CNN, CRL W4A4, 1 calibration image; {effort.val_images} val images '
               f'of {root}; AP in %, float in brackets')
         results: list[DeviceResult] = []
-        cpu_outputs: Optional[dict] = None
+        cpu_outputs: dict | None = None
         for device in devices:
             try:
                 with contextlib.redirect_stdout(io.StringIO()):   # pycocotools' progress at every annotation load
                     result, outputs = check_device(device, float_cpu, args.checkpoint, options, effort, cpu_outputs)
                 if device == 'cpu':
                     cpu_outputs = outputs
-            except Exception as err:  # noqa: BLE001 -- a failing device is reported, the others still run
+            except Exception as err:
                 result = DeviceResult(device, error=describe_failure(err))
             results.append(result)
             print(result.line(), flush=True)

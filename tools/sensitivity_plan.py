@@ -37,7 +37,6 @@ import os
 import os.path as osp
 import shlex
 import sys
-from typing import Optional
 
 
 def parse_args(argv=None):
@@ -89,14 +88,14 @@ def _sha16(path: str) -> str:
 
 def build_detector(args):
     """The float detector of ``args.config`` with ``args.checkpoint`` (refused if the keys do not fit)."""
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules as mmdet_register
     from mmengine.config import Config
     from mmengine.runner import load_checkpoint
 
     from mmdet_lrpq import register_all_modules
     from mmdet_lrpq.apis import _hook_options
     from mmdet_lrpq.engine import check_checkpoint_fits, require_checkpoint
-    from mmdet.registry import MODELS
-    from mmdet.utils import register_all_modules as mmdet_register
 
     mmdet_register(init_default_scope=True)
     register_all_modules()
@@ -213,7 +212,7 @@ def summary(plan, k: int) -> str:
             f"{acc['avg_weight_bits']:.3f}, avg A {acc['avg_act_bits']:.3f} bits{bops}{options}")
 
 
-def main(argv: Optional[list] = None):
+def main(argv: list | None = None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     args.argv = argv

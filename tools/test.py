@@ -111,12 +111,12 @@ def build_cfg(args):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from mmengine.runner import Runner
     from mmdet.utils import register_all_modules
+    from mmengine.runner import Runner
 
     import mmdet_lrpq
-    from mmdet_lrpq.safe_load import require_checkpoint
     from mmdet_lrpq.engine.checkpoint_check import check_checkpoint_fits
+    from mmdet_lrpq.safe_load import require_checkpoint
     register_all_modules(init_default_scope=True)
     mmdet_lrpq.register_all_modules()
 
@@ -152,6 +152,7 @@ def check_plans(runner) -> None:
 def save_metrics(runner, metrics: dict) -> None:
     """``<work_dir>/metrics.json``: the evaluator's numbers and, when quantized, the hook's report."""
     import json
+
     from mmengine.dist import is_main_process
     if not is_main_process():
         return

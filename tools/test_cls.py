@@ -24,7 +24,6 @@ import os.path as osp
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -60,7 +59,7 @@ def parse_args(argv=None):
     return args
 
 
-def labelled_items(root: str, labels: Optional[str], num: Optional[int] = None) -> list:
+def labelled_items(root: str, labels: str | None, num: int | None = None) -> list:
     """Images with their class index, in the stable order of mmdet_lrpq.lrp.list_images."""
     from mmdet_lrpq.lrp import ImageItem, list_images
     items = list_images(root)

@@ -1,6 +1,6 @@
 """MMEngine glue: the quantization hook, calibration data, checkpoint loading, distributed testing."""
-from .calib_data import CalibrationImages, CalibSettings
 from ..safe_load import allow_mmengine_checkpoints, require_checkpoint
+from .calib_data import CalibrationImages, CalibSettings
 from .checkpoint_check import check_checkpoint_fits
 from .ddp import CPUAwareDistributedDataParallel
 from .hook import QuantizationHook

@@ -18,8 +18,9 @@ import json
 import logging
 import os
 import os.path as osp
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import numpy as np
 
@@ -38,10 +39,10 @@ class CalibSettings:
     source: str = 'train'
     num_images: int = 1
     seed: int = 0
-    ann_file: Optional[str] = None     # relative to data_root, or absolute
-    img_prefix: Optional[str] = None   # relative to data_root, or absolute
-    data_root: Optional[str] = None    # default: the test dataset's data_root
-    image_ids: Optional[tuple] = None  # exact COCO image ids to use (overrides num_images/seed)
+    ann_file: str | None = None     # relative to data_root, or absolute
+    img_prefix: str | None = None   # relative to data_root, or absolute
+    data_root: str | None = None    # default: the test dataset's data_root
+    image_ids: tuple | None = None  # exact COCO image ids to use (overrides num_images/seed)
     batch_size: int = 1                # images per calibration forward (peak memory grows with it)
 
     def __post_init__(self):
@@ -59,7 +60,7 @@ class CalibSettings:
             raise ValueError(f'calib.batch_size must be a positive integer, got {self.batch_size!r}')
 
     @classmethod
-    def from_options(cls, options: Optional[dict]) -> 'CalibSettings':
+    def from_options(cls, options: dict | None) -> CalibSettings:
         return from_options(cls, dict(options or {}), 'calib')
 
     def describe(self) -> dict:
@@ -108,8 +109,8 @@ def _check_paths(cfg: dict, calib: CalibSettings) -> None:
     root = cfg.get('data_root') or ''
     ann = osp.join(root, cfg['ann_file'])
     img_dir = osp.join(root, cfg.get('data_prefix', {}).get('img', ''))
-    hint = (f"set custom_hooks' calib=dict(ann_file=..., img_prefix=...) or data_root, or use "
-            f"calib=dict(source='test')" if calib.source == 'train' else 'check test_dataloader.dataset')
+    hint = ("set custom_hooks' calib=dict(ann_file=..., img_prefix=...) or data_root, or use "
+            "calib=dict(source='test')" if calib.source == 'train' else 'check test_dataloader.dataset')
     if not osp.isfile(ann):
         raise FileNotFoundError(f'calibration annotation file not found: {ann} ({calib.source} source); {hint}')
     if not osp.isdir(img_dir):
@@ -138,7 +139,7 @@ def pick_indices(dataset, calib: CalibSettings) -> list[int]:
 class CalibrationImages:
     """The chosen calibration images: their ids now, their batches lazily (one load per use)."""
 
-    def __init__(self, test_dataset_cfg: Any, calib: CalibSettings, logger: Optional[logging.Logger] = None):
+    def __init__(self, test_dataset_cfg: Any, calib: CalibSettings, logger: logging.Logger | None = None):
         from mmdet.registry import DATASETS
 
         self.calib = calib

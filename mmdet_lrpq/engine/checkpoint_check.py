@@ -31,7 +31,7 @@ def load_checkpoint_file(path: str):
     except torch.serialization.pickle.UnpicklingError as err:
         raise ValueError(f'checkpoint {path} holds objects that weights-only loading refuses ({str(err).splitlines()[0]}); '
                          f'it is not an mmdet/mmengine checkpoint, or it must be re-saved as a plain state dict') from None
-    except Exception as err:  # noqa: BLE001 -- truncated zip, bad magic number, ...: the file is unusable
+    except Exception as err:
         raise ValueError(f'checkpoint {path} is unreadable ({type(err).__name__}: {str(err).strip()[:200]}); it is '
                          f'truncated or corrupt: download or save it again') from None
 

@@ -17,16 +17,15 @@ from __future__ import annotations
 import json
 import os
 import os.path as osp
-from typing import Optional
 
 from mmengine.dist import get_dist_info
 from mmengine.hooks import Hook
 from mmengine.runner import BaseLoop
 
 from ..config import QuantConfig
-from ..registry import HOOKS
 from ..models.report import QuantReport
 from ..models.state import STATE_MISMATCH
+from ..registry import HOOKS
 from .calib_data import CalibSettings
 from .quantize import detector_of, quantize_detector
 
@@ -48,7 +47,7 @@ class QuantizationHook(Hook):
 
     priority = 'VERY_HIGH'   # before any other before_test work looks at the model
 
-    def __init__(self, calib: Optional[dict] = None, state_file: Optional[str] = None, state_mismatch: str = 'error',
+    def __init__(self, calib: dict | None = None, state_file: str | None = None, state_mismatch: str = 'error',
                  report_file: str = 'quantization_report.json', **options):
         # One option surface: every other keyword is a QuantConfig field, forwarded as written. "Given" means
         # given: an option written in the config counts even when it equals the default.
@@ -63,7 +62,7 @@ class QuantizationHook(Hook):
         self.state_file = state_file
         self.state_mismatch = state_mismatch
         self.report_file = report_file
-        self.report: Optional[QuantReport] = None
+        self.report: QuantReport | None = None
 
     def before_test(self, runner) -> None:
         self._quantize(runner)

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Optional
+from typing import Any
 
 from torch import nn
 
-from ..models.quantizer import images_in
-from ..models.state import calibrate_or_load
 from ..config import QuantConfig
-from ..models.quantizer import ModelQuantizer
+from ..models.quantizer import ModelQuantizer, images_in
 from ..models.report import QuantReport
+from ..models.state import calibrate_or_load
 from .calib_data import CalibrationImages, CalibSettings, pipeline_digest
 
 
@@ -34,8 +33,8 @@ def detector_of(model: nn.Module) -> nn.Module:
 
 
 def quantize_detector(model: nn.Module, cfg: Any, config: QuantConfig, calib: CalibSettings, *,
-                      state_file: Optional[str] = None, state_mismatch: str = 'error',
-                      logger: Optional[logging.Logger] = None, progress: bool = True) -> QuantReport:
+                      state_file: str | None = None, state_mismatch: str = 'error',
+                      logger: logging.Logger | None = None, progress: bool = True) -> QuantReport:
     """Quantize ``model`` (a built detector with its weights) in place; returns the report."""
     from mmengine.dist import broadcast_object_list, get_dist_info
 
@@ -89,7 +88,7 @@ def quantize_detector(model: nn.Module, cfg: Any, config: QuantConfig, calib: Ca
 
 
 def calibration_images(cfg: Any, calib: CalibSettings, logger: logging.Logger,
-                       state_file: Optional[str] = None) -> 'CalibrationImages | FileNotFoundError':
+                       state_file: str | None = None) -> CalibrationImages | FileNotFoundError:
     """The chosen calibration images; or, when they are missing here but a state file exists (it may
     have been calibrated elsewhere), the error saying why (the state is then used unverified, with a warning)."""
     try:
@@ -100,7 +99,7 @@ def calibration_images(cfg: Any, calib: CalibSettings, logger: logging.Logger,
         raise
 
 
-def calibration_identity(cfg: Any, calib: CalibSettings, images: 'CalibrationImages | FileNotFoundError') -> dict:
+def calibration_identity(cfg: Any, calib: CalibSettings, images: CalibrationImages | FileNotFoundError) -> dict:
     """A calibrated state's record of its calibration: the settings, and what was actually fed (the
     images' resolved paths and content digest, the pipeline's digest), compared when a state is loaded."""
     if isinstance(images, CalibrationImages):

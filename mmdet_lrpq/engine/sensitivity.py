@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -38,8 +38,8 @@ def detector_loss(seed: int):
 
 
 def detector_sensitivity(model: nn.Module, cfg: Any, config: QuantConfig, calib: CalibSettings,
-                         levels: list[int], *, seed: int = 0, logger: Optional[logging.Logger] = None,
-                         progress: bool = True, assignment: Optional[dict[str, tuple[int, int]]] = None
+                         levels: list[int], *, seed: int = 0, logger: logging.Logger | None = None,
+                         progress: bool = True, assignment: dict[str, tuple[int, int]] | None = None
                          ) -> tuple[dict[str, dict[int, float]], list[Site], list]:
     """``(sensitivity table, sites in scope, calibration image ids)`` of a float detector.
 
@@ -73,7 +73,7 @@ def detector_sensitivity(model: nn.Module, cfg: Any, config: QuantConfig, calib:
 
 
 def measure_macs(model: nn.Module, cfg: Any, config: QuantConfig, calib: CalibSettings,
-                 logger: Optional[logging.Logger] = None) -> list[Site]:
+                 logger: logging.Logger | None = None) -> list[Site]:
     """The sites in scope with their MACs per image, counted on the calibration images in test mode.
 
     Counted as the quantization report counts them (:func:`mmdet_lrpq.quant.macs.count_macs` on the

@@ -13,7 +13,7 @@ import contextlib
 import copy
 import os.path as osp
 import re
-from typing import Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -72,7 +72,7 @@ def preprocessed_input(detector: nn.Module, batch: dict) -> Tensor:
 
 
 @contextlib.contextmanager
-def onnx_features(detector: nn.Module, sess, output_count: Optional[int] = None) -> Iterator[None]:
+def onnx_features(detector: nn.Module, sess, output_count: int | None = None) -> Iterator[None]:
     """Within the block ``detector.extract_feat`` runs ``sess`` (ONNX Runtime) instead of PyTorch."""
     shape = sess.get_inputs()[0].shape
 
@@ -91,7 +91,7 @@ def onnx_features(detector: nn.Module, sess, output_count: Optional[int] = None)
         detector.__dict__.pop('extract_feat', None)
 
 
-def test_dataloader(cfg, data_root: Optional[str] = None, limit: Optional[int] = None):
+def test_dataloader(cfg, data_root: str | None = None, limit: int | None = None):
     """The config's test dataloader in this process (no workers), first ``limit`` images, with
     ``data_root`` moving the images and the evaluator's annotation file together."""
     from mmengine.runner import Runner
@@ -139,8 +139,8 @@ def rounding_noise(module: nn.Module, seed: int, ulps: int = 1, kinds=FLOAT_OPS)
             h.remove()
 
 
-def evaluate_ap(detector: nn.Module, cfg, sess=None, data_root: Optional[str] = None, limit: Optional[int] = None,
-                metrics: Sequence[str] = ('coco/bbox_mAP', 'coco/segm_mAP'), variants: Optional[dict] = None) -> dict:
+def evaluate_ap(detector: nn.Module, cfg, sess=None, data_root: str | None = None, limit: int | None = None,
+                metrics: Sequence[str] = ('coco/bbox_mAP', 'coco/segm_mAP'), variants: dict | None = None) -> dict:
     """mmdet's evaluator on the test set (first ``limit`` images): the PyTorch detector, and with ``sess``
     also the same detector with ONNX Runtime computing backbone + neck, batch by batch side by side.
     ``variants``: further runs of the PyTorch detector by name, each a zero-argument callable that returns

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
 import torch
@@ -137,10 +136,10 @@ class UniformActForm:
     bits: int
     scale: np.ndarray            # float32, scalar or [C]
     zero_point: np.ndarray       # float32 as calibrated, scalar or [C]
-    axis: Optional[int]          # channel axis of per-channel input quantizers
-    carrier: Optional[Carrier] = None
-    carrier_zp: Optional[np.ndarray] = None     # int64, the zero point in the carrier
-    clip: Optional[tuple[np.ndarray, np.ndarray]] = None   # carrier-range clip that enforces 2^b levels
+    axis: int | None          # channel axis of per-channel input quantizers
+    carrier: Carrier | None = None
+    carrier_zp: np.ndarray | None = None     # int64, the zero point in the carrier
+    clip: tuple[np.ndarray, np.ndarray] | None = None   # carrier-range clip that enforces 2^b levels
     note: str = ''
 
     @property

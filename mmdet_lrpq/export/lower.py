@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Union
 
 import ml_dtypes
 import numpy as np
@@ -38,7 +37,7 @@ MARKER_OP = 'Marker'
 _LOG_MARGIN = 0.01
 _NP = {'uint8': np.uint8, 'int8': np.int8, 'uint16': np.uint16, 'int16': np.int16,
        'uint4': ml_dtypes.uint4, 'int4': ml_dtypes.int4}
-Form = Union[WeightForm, UniformActForm, LogSqrt2Form]
+Form = WeightForm | UniformActForm | LogSqrt2Form
 
 
 @dataclass
@@ -102,7 +101,7 @@ def _lower_weight(g: _Graph, marker: onnx.NodeProto, form: WeightForm, consumers
     return [dq], target
 
 
-def _bound(g: _Graph, base: str, value: np.ndarray, carrier: Carrier, axis: Optional[int], rank: Optional[int]) -> str:
+def _bound(g: _Graph, base: str, value: np.ndarray, carrier: Carrier, axis: int | None, rank: int | None) -> str:
     v = _carrier_array(value, carrier)
     if v.ndim and axis is not None:
         if rank is None:
@@ -113,7 +112,7 @@ def _bound(g: _Graph, base: str, value: np.ndarray, carrier: Carrier, axis: Opti
     return g.const(base, v)
 
 
-def _lower_uniform(g: _Graph, marker: onnx.NodeProto, form: UniformActForm, rank: Optional[int]) -> tuple[list, str]:
+def _lower_uniform(g: _Graph, marker: onnx.NodeProto, form: UniformActForm, rank: int | None) -> tuple[list, str]:
     x, out = marker.input[0], marker.output[0]
     site = form.site
     if not form.integer:                                # fractional zero point, exact in float

@@ -19,18 +19,36 @@ import contextlib
 import io
 import os
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 import onnx
 import torch
 from torch import Tensor, nn
 
-from ..quant.modules import (LogSqrt2Quantizer, QuantMatMul, QuantModule, QuantState, UniformQuantizer,
-                             _WeightedQuantModule, quant_modules)
-from .forms import (FRACTIONAL_POLICIES, INT4_OPSET, ExportError, LogSqrt2Form, UniformActForm, WeightForm,
-                    _plural, log_sqrt2_form, uniform_act_form, weight_form)
+from ..quant.modules import (
+    LogSqrt2Quantizer,
+    QuantMatMul,
+    QuantModule,
+    QuantState,
+    UniformQuantizer,
+    _WeightedQuantModule,
+    quant_modules,
+)
+from .forms import (
+    FRACTIONAL_POLICIES,
+    INT4_OPSET,
+    ExportError,
+    LogSqrt2Form,
+    UniformActForm,
+    WeightForm,
+    _plural,
+    log_sqrt2_form,
+    uniform_act_form,
+    weight_form,
+)
 from .lower import MARKER_DOMAIN, MARKER_OP, Form, Lowered, lower, strip_prefix
 
 MIN_OPSET, MAX_OPSET = 17, 21          # LayerNormalization is an op from 17; 4-bit types from 21
@@ -221,9 +239,9 @@ def _flatten(out: Any) -> list[Tensor]:
     raise ExportError(f'cannot export an output of type {type(out).__name__} (tensors, tuples, lists, dicts only)')
 
 
-def export_onnx(model: nn.Module, path: Union[str, os.PathLike], example_input: Tensor, *, opset: int = INT4_OPSET,
+def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Tensor, *, opset: int = INT4_OPSET,
                 fractional_zero_point: str = 'exact', int4_activations: bool = False,
-                output_names: Optional[Sequence[str]] = None) -> ExportResult:
+                output_names: Sequence[str] | None = None) -> ExportResult:
     """Export quantized ``model`` (called as ``model(example_input)``) to ``path`` as an ONNX QDQ graph.
 
     ``opset``: 17..21; 4-bit weights need 21 (int4/uint4). ``fractional_zero_point``: ``'exact'``

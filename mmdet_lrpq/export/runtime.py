@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Optional
 
 import numpy as np
 import onnx
@@ -34,8 +33,8 @@ PRODUCT_OPS = ('MatMul', 'Gemm', 'Conv', 'FusedConv', 'FusedMatMul', 'FusedGemm'
 DISABLED_OPTIMIZERS = ('MatMulAddFusion',)
 
 
-def session(path_or_bytes, threads: Optional[int] = None, profile: bool = False,
-            optimized_path: Optional[str] = None, disabled_optimizers=DISABLED_OPTIMIZERS, graph_optimization=None):
+def session(path_or_bytes, threads: int | None = None, profile: bool = False,
+            optimized_path: str | None = None, disabled_optimizers=DISABLED_OPTIMIZERS, graph_optimization=None):
     """An ONNX Runtime CPU session (``threads``: intra-op threads; None = ONNX Runtime's default)."""
     import onnxruntime as ort
     so = ort.SessionOptions()
@@ -132,7 +131,7 @@ def _input_steps(form, x: np.ndarray, axis_shape) -> np.ndarray:
     return np.clip(x / scale, -zp - 0.5, form.levels - zp + 0.5)
 
 
-def code_parity(result: ExportResult, model: torch.nn.Module, x: Optional[np.ndarray] = None) -> dict:
+def code_parity(result: ExportResult, model: torch.nn.Module, x: np.ndarray | None = None) -> dict:
     """Every activation quantizer's codes, ONNX Runtime vs. PyTorch, on ``x`` (default: the example input).
 
     Per site (each call of each quantizer, in graph order), three comparisons:
@@ -254,7 +253,7 @@ def disagreements(rows: list[dict], max_steps: float = 1.0, one_step_frac: float
     return out
 
 
-def census(path: str, threads: Optional[int] = None) -> dict:
+def census(path: str, threads: int | None = None) -> dict:
     """What ONNX Runtime runs after its graph optimizations: integer kernels and float products by op type,
     and which float products read dequantized (quantized-site) inputs, by node name."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -276,7 +275,7 @@ def census(path: str, threads: Optional[int] = None) -> dict:
             'dequantized_products': len(dequantized), 'integer_nodes': integer, 'dequantized_nodes': dequantized}
 
 
-def profile_log_sqrt2(path: str, x: np.ndarray, threads: Optional[int] = None, runs: int = 3) -> dict:
+def profile_log_sqrt2(path: str, x: np.ndarray, threads: int | None = None, runs: int = 3) -> dict:
     """Share of ONNX Runtime's node time spent in the exact log-√2 quantizer ops (nodes named lrpq_log_sqrt2/)."""
     import json
     sess = session(path, threads, profile=True)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Union
 
 import torch
 from PIL import Image
@@ -19,7 +19,7 @@ from timm.data import create_transform, resolve_model_data_config
 from torch import Tensor, nn
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.ppm', '.webp', '.tif', '.tiff')
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 
 class UnreadableImageError(ValueError):
@@ -30,7 +30,7 @@ class UnreadableImageError(ValueError):
 class ImageItem:
     """One image file and its class index (from ``wnids.txt``), ``None`` when unknown."""
     path: Path
-    label: Optional[int] = None
+    label: int | None = None
 
 
 def _is_image(path: Path) -> bool:
@@ -42,8 +42,8 @@ def read_wnids(path: PathLike) -> list[str]:
     return [line.split()[0] for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def list_images(root: PathLike, num_images: Optional[int] = None,
-                wnids: Optional[PathLike] = None) -> list[ImageItem]:
+def list_images(root: PathLike, num_images: int | None = None,
+                wnids: PathLike | None = None) -> list[ImageItem]:
     """The images under ``root`` in a stable order, optionally only the first ``num_images``.
 
     A flat folder (images directly in ``root``): sorted by file name. Otherwise every immediate

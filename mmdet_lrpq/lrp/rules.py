@@ -7,8 +7,6 @@ dropped, which is what :func:`safe_divide` encodes).
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -23,7 +21,7 @@ def safe_divide(num: Tensor, den: Tensor) -> Tensor:
     return (num / den).masked_fill_(den == 0, 0)
 
 
-def linear_relevance(x: Tensor, weight: Tensor, bias: Optional[Tensor], out: Tensor, relevance: Tensor) -> Tensor:
+def linear_relevance(x: Tensor, weight: Tensor, bias: Tensor | None, out: Tensor, relevance: Tensor) -> Tensor:
     """alpha=1/beta=0 rule of a Linear that gave ``out = x @ weight.T + bias``; the bias is excluded.
 
     ``R_in = x⁺⊙(W⁺ᵀS) + x⁻⊙(W⁻ᵀS)``, ``S = R / (W⁺x⁺ + W⁻x⁻)``. Computed through the identities

@@ -9,7 +9,8 @@ from __future__ import annotations
 import itertools
 import math
 from collections import defaultdict
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, cast
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, cast
 
 import torch
 from timm.models.swin_transformer import PatchMerging, SwinTransformer
@@ -20,8 +21,8 @@ from .swin import check_swin, swin_relevance
 
 
 def lrp_site_scores(model: SwinTransformer, images: Iterable[Tensor],
-                    targets: Optional[Iterable[Optional[int]]] = None, batch_size: int = 8,
-                    progress: Optional[Callable[[int], None]] = None) -> dict[str, float]:
+                    targets: Iterable[int | None] | None = None, batch_size: int = 8,
+                    progress: Callable[[int], None] | None = None) -> dict[str, float]:
     """Raw LRP score of every site (DESIGN §3.4), averaged over the images.
 
     images:   single images ``(3, H, W)`` at the model's input size, streamed: only one batch of
@@ -50,7 +51,7 @@ def lrp_site_scores(model: SwinTransformer, images: Iterable[Tensor],
     return {site: float(total) / done for site, total in totals.items()}
 
 
-def _batches(images: Iterable[Tensor], targets: Optional[Iterable[Optional[int]]],
+def _batches(images: Iterable[Tensor], targets: Iterable[int | None] | None,
              batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
     pairs = zip(images, itertools.repeat(None) if targets is None else targets,
                 strict=targets is not None)

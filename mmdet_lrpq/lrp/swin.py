@@ -25,8 +25,9 @@ consumes and the log-√2 quantizer sees) and ``R_Y`` its half share from the ``
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Optional, cast
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -111,7 +112,7 @@ class _Windows:
     padded_size: tuple[int, int]
 
     @classmethod
-    def of(cls, block: SwinTransformerBlock, H: int, W: int, device: torch.device) -> '_Windows':
+    def of(cls, block: SwinTransformerBlock, H: int, W: int, device: torch.device) -> _Windows:
         (wh, ww), (sh, sw) = block.window_size, block.shift_size
         Hp, Wp = math.ceil(H / wh) * wh, math.ceil(W / ww) * ww
         tokens = torch.arange(H * W, device=device).view(1, H, W, 1)
@@ -152,7 +153,7 @@ def _block_forward(name: str, block: SwinTransformerBlock, x: Tensor) -> dict:
     if block.dynamic_mask:  # built for this input size; only the shape, device, dtype are read
         mask = block.get_attn_mask(x.new_empty(1, *windows.padded_size, 1))
     else:
-        mask = cast(Optional[Tensor], block.attn_mask)
+        mask = cast(Tensor | None, block.attn_mask)
     xw = windows.partition(block.norm1(x), block.window_area)
     Bw, N, _ = xw.shape
     nh = attn_mod.num_heads
@@ -179,7 +180,7 @@ def _block_forward(name: str, block: SwinTransformerBlock, x: Tensor) -> dict:
 
 
 def _block_relevance(name: str, block: SwinTransformerBlock, rec: dict, rel_out: Tensor
-                     ) -> tuple[Tensor, dict[str, Tensor], Optional[Tensor]]:
+                     ) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
     """Relevance at the block input, at its sites, and what was dropped into window padding."""
     x, sites = rec['x_in'], rec['sites']
     B, H, W, C = x.shape
@@ -226,7 +227,7 @@ def _merge_forward(name: str, merge: PatchMerging, x: Tensor) -> dict:
 
 
 def _merge_relevance(name: str, merge: PatchMerging, rec: dict, rel_out: Tensor
-                     ) -> tuple[Tensor, dict[str, Tensor], Optional[Tensor]]:
+                     ) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
     B, H, W, C = rec['x_in'].shape
     y = rec['out']
     rel_h = _linear_relevance(rec['h'], merge.reduction, y, rel_out)
@@ -251,7 +252,7 @@ def _site_score(grad: Tensor, rel: Tensor, batch: int) -> Tensor:
     return (grad * rel).clamp_(min=0).reshape(batch, -1).mean(1).double()
 
 
-def swin_relevance(model: SwinTransformer, images: Tensor, targets: Optional[Tensor] = None) -> SwinRelevance:
+def swin_relevance(model: SwinTransformer, images: Tensor, targets: Tensor | None = None) -> SwinRelevance:
     """One relevance pass over ``images`` (B, 3, H, W) at the model's input size.
 
     ``targets``: ``(B,)`` class indices; a negative entry (or ``targets=None``) explains the

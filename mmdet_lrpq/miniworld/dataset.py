@@ -18,8 +18,8 @@ import io
 import json
 import multiprocessing
 import os
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable, Optional
 
 import numpy as np
 from PIL import Image
@@ -80,7 +80,7 @@ def _file_name(index: int) -> str:
     return f'{index:06d}.jpg'
 
 
-def _rendered(kind: str, seed: int, split: str, num_images: int, pool: Optional[multiprocessing.pool.Pool]
+def _rendered(kind: str, seed: int, split: str, num_images: int, pool: multiprocessing.pool.Pool | None
               ) -> Iterable[tuple]:
     """``(index, jpeg, ...)`` per image, in index order."""
     jobs = [(kind, seed, split, i) for i in range(1, num_images + 1)]
@@ -110,7 +110,7 @@ def _image_entry(index: int) -> dict:
 
 
 def write_detection_split(root: Path, split: str, num_images: int, seed: int,
-                          pool: Optional[multiprocessing.pool.Pool] = None) -> dict:
+                          pool: multiprocessing.pool.Pool | None = None) -> dict:
     """Render a COCO split into ``root/split`` and ``root/annotations/instances_split.json``."""
     image_dir = root / split
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -123,7 +123,7 @@ def write_detection_split(root: Path, split: str, num_images: int, seed: int,
 
 
 def write_classification_split(root: Path, split: str, num_images: int, seed: int,
-                               pool: Optional[multiprocessing.pool.Pool] = None) -> list[tuple[str, int]]:
+                               pool: multiprocessing.pool.Pool | None = None) -> list[tuple[str, int]]:
     """Render a classification split into ``root/split``, its labels into ``root/annotations/split.txt``
     and its shapes' masks into ``root/annotations/instances_split.json`` (for token-level supervision)."""
     image_dir = root / split
@@ -140,7 +140,7 @@ def write_classification_split(root: Path, split: str, num_images: int, seed: in
     return entries
 
 
-def generate(root: str | os.PathLike, seed: int = 0, sizes: Optional[dict[str, int]] = None,
+def generate(root: str | os.PathLike, seed: int = 0, sizes: dict[str, int] | None = None,
              workers: int = 1, log: Callable[[str], None] = lambda msg: None) -> dict[str, int]:
     """Generate every split (``sizes`` overrides :data:`DEFAULT_SIZES` per split); returns image counts."""
     root = Path(root)

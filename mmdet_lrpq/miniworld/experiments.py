@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Optional
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 DATA = osp.join(REPO, 'data', 'miniworld')
@@ -35,8 +34,8 @@ DETECTORS = {
 class Setting:
     """One row: float, uniform bits, or an LRP plan; with a reparameterization method."""
     name: str
-    bits: Optional[int] = None          # uniform W=A bits (None: float, or plan)
-    plan_k: Optional[int] = None        # MPk: the LRP plan at average k bits
+    bits: int | None = None          # uniform W=A bits (None: float, or plan)
+    plan_k: int | None = None        # MPk: the LRP plan at average k bits
     method: str = 'crl'
     allocator: str = 'lrp_qvit'
     extra: dict = field(default_factory=dict)   # further hook options (e.g. crl_k)
@@ -106,7 +105,7 @@ def hook_options(setting: Setting, plans: dict) -> list[str]:
     return opts
 
 
-def evaluate(detector: str, setting: Setting, plans: dict, work_root: str, threads: Optional[int] = None) -> dict:
+def evaluate(detector: str, setting: Setting, plans: dict, work_root: str, threads: int | None = None) -> dict:
     """Run tools/test.py for one detector and setting; return its metrics and quantization totals.
 
     ``threads``: torch threads of that process (``OMP_NUM_THREADS``; default: torch's own)."""

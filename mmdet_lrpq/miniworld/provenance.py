@@ -4,12 +4,11 @@ from __future__ import annotations
 import os.path as osp
 import shlex
 import sys
-from typing import Optional
 
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 
-def command_line(script: str, argv: Optional[list[str]] = None) -> str:
+def command_line(script: str, argv: list[str] | None = None) -> str:
     """``python <script relative to the repo> <arguments>``, shell-quoted: the arguments are ``argv``
     when ``main(argv)`` was called from Python (a test, ``train_all``), else the process's own."""
     arguments = sys.argv[1:] if argv is None else list(argv)

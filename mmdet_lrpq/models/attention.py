@@ -13,7 +13,6 @@ q/k/v projection weights, ``bias_k``/``bias_v``, ``add_zero_attn``) stay float a
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +47,7 @@ class QuantInProjection(QuantModule):
         return weight if self.state is QuantState.FLOAT else self._weight_cache(self.weight_quantizer, weight)
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, weight: Tensor,
-                bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+                bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         w = self._weight(weight).chunk(3)
         b = bias.chunk(3) if bias is not None else (None, None, None)
         out = []
@@ -59,7 +58,7 @@ class QuantInProjection(QuantModule):
         return out[0], out[1], out[2]
 
 
-def _additive_mask(mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+def _additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """PyTorch's mask convention: a boolean mask marks positions to drop (-inf), a float one is added."""
     if mask is None:
         return None
@@ -77,7 +76,7 @@ class QuantMultiheadAttention(nn.MultiheadAttention):
 
     @classmethod
     def convert_(cls, mha: nn.MultiheadAttention, in_bits: Bits, bits1: int, bits2: int,
-                 out_bits: Bits) -> 'QuantMultiheadAttention':
+                 out_bits: Bits) -> QuantMultiheadAttention:
         mha.__class__ = cls
         mha.in_proj = QuantInProjection(*in_bits)
         mha.matmul1 = QuantMatMul(a_bits=bits1)
@@ -85,9 +84,9 @@ class QuantMultiheadAttention(nn.MultiheadAttention):
         mha.out_proj = QuantLinear.from_float(mha.out_proj, w_bits=out_bits[0], a_bits=out_bits[1])
         return mha
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
-                need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
-                is_causal: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
+                need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
         if is_causal and attn_mask is None:
             raise RuntimeError('is_causal needs attn_mask (as in nn.MultiheadAttention)')
         batched = query.dim() == 3
@@ -145,7 +144,7 @@ class MultiheadAttentionAdapter(Adapter):
         return (nn.MultiheadAttention,)
 
     @classmethod
-    def supports(cls, module: nn.Module) -> Optional[str]:
+    def supports(cls, module: nn.Module) -> str | None:
         if not module._qkv_same_embed_dim:
             return 'separate q/k/v projection weights (kdim or vdim differs from embed_dim)'
         if module.bias_k is not None or module.bias_v is not None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 import sys
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional, Union
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -27,13 +27,12 @@ from ..quant import QuantMatMul, ReparamResult, SmoothResult
 from ..quant.reconstruct import Unit
 
 
-
 @dataclass(frozen=True)
 class ReparamPair:
     """A LayerNorm feeding a quantized layer whose input is calibrated per channel (model paths)."""
     norm: str
     layer: str
-    shift_owner: Optional[str] = None  # module that applies -b after window padding (norm1 -> qkv)
+    shift_owner: str | None = None  # module that applies -b after window padding (norm1 -> qkv)
 
 
 class Adapter:
@@ -52,7 +51,7 @@ class Adapter:
         raise NotImplementedError
 
     @classmethod
-    def supports(cls, module: nn.Module) -> Optional[str]:
+    def supports(cls, module: nn.Module) -> str | None:
         """``None`` if the adapter can quantize ``module``, else why not (it then stays float)."""
         return None
 
@@ -74,7 +73,7 @@ class Adapter:
         """Site path -> its name in bit plans (identity unless the family is named otherwise there)."""
         return {s.name: s.name for s in self.sites()}
 
-    def architecture(self) -> Optional[dict[str, Any]]:
+    def architecture(self) -> dict[str, Any] | None:
         return None
 
     def output_norms(self) -> dict[int, str]:
@@ -94,7 +93,7 @@ class QuantWindowAttentionMixin:
 
     matmul1: QuantMatMul
     matmul2: QuantMatMul
-    input_shift: Optional[torch.Tensor]
+    input_shift: torch.Tensor | None
 
     @classmethod
     def convert_(cls, attn: nn.Module, bits1: int, bits2: int) -> nn.Module:
@@ -165,7 +164,7 @@ def find_adapters(model: nn.Module) -> tuple[list[Adapter], list[Unsupported]]:
     return found, unsupported
 
 
-def apply_reparam_shift(owner: nn.Module, norm: nn.LayerNorm, result: Union[ReparamResult, SmoothResult]) -> None:
+def apply_reparam_shift(owner: nn.Module, norm: nn.LayerNorm, result: ReparamResult | SmoothResult) -> None:
     """Move the ``-b`` of a norm -> qkv reparameterization from the norm's bias into ``owner``.
 
     Swin pads the *output* of ``norm1`` to whole windows and the padded tokens take part in

@@ -20,8 +20,6 @@ equals the original one at any image size.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 from mmdet.models.backbones.swin import SwinTransformer, WindowMSA
 from torch import Tensor, nn
 
@@ -34,7 +32,7 @@ from .swin_names import swin_architecture
 class QuantWindowMSA(QuantWindowAttentionMixin, WindowMSA):
     """mmdet ``WindowMSA`` with ``q@kᵀ`` and ``attn@v`` routed through ``QuantMatMul`` modules."""
 
-    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         if self.input_shift is not None:        # -b of the norm1 -> qkv reparameterization
             x = x + self.input_shift
         B, N, C = x.shape

@@ -11,8 +11,6 @@ test image, i.e. RepQ-ViT's protocol. Both paths run the same ``ModelQuantizer``
 """
 from __future__ import annotations
 
-from typing import Optional
-
 from mmdet.models.backbones.swin import SwinTransformer
 from mmengine.logging import MMLogger
 from torch import nn
@@ -33,7 +31,7 @@ class _BackboneOnly(nn.Module):
 @MODELS.register_module()
 class QuantSwinTransformer(SwinTransformer):
 
-    def __init__(self, *args, quant: Optional[dict] = None, **kwargs):
+    def __init__(self, *args, quant: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         quant = dict(quant or {})
         if quant.get('scope', 'backbone') != 'backbone':

@@ -19,24 +19,37 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
-from typing import Any, Callable, Iterable, Optional
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from ..config import QuantConfig, plan_command
 from ..plan import Site
-from ..quant import (CALIBRATION_RULE, thin_channel_ranges, LayerQuantConfig, QuantConv2d, QuantLinear, QuantState,
-                     RegionUniformQuantizer, calibrate_stream, quant_modules, quantizable_layers, reconstruct_,
-                     recording_ranges, reparameterize_, set_quant_state, smooth_, wrap_modules)
+from ..quant import (
+    CALIBRATION_RULE,
+    LayerQuantConfig,
+    QuantConv2d,
+    QuantLinear,
+    QuantState,
+    RegionUniformQuantizer,
+    calibrate_stream,
+    quant_modules,
+    quantizable_layers,
+    reconstruct_,
+    recording_ranges,
+    reparameterize_,
+    set_quant_state,
+    smooth_,
+    thin_channel_ranges,
+    wrap_modules,
+)
 from ..quant.macs import count_macs
 from .base import Adapter, Bits, ReparamPair, apply_reparam_shift, find_adapters, site_granularity
 from .detector import head_units, neck_pairs
 from .report import QuantReport, sites_with_macs
-from .state import (STATE_FORMAT, StateMismatchError, differences, host_state_dict, mismatch_message,
-                    new_identity)
-
+from .state import STATE_FORMAT, StateMismatchError, differences, host_state_dict, mismatch_message, new_identity
 
 # Fewest values per channel a per-channel activation range should rest on before calibration warns.
 MIN_VALUES_PER_CHANNEL = 128
@@ -83,7 +96,7 @@ def model_device(model: nn.Module) -> torch.device:
 class ModelQuantizer:
     """Quantizes one model instance (see module docstring)."""
 
-    def __init__(self, model: nn.Module, config: QuantConfig, logger: Optional[logging.Logger] = None):
+    def __init__(self, model: nn.Module, config: QuantConfig, logger: logging.Logger | None = None):
         self.model = model
         self.config = config
         self.logger = logger or logging.getLogger('mmdet_lrpq')
@@ -103,9 +116,9 @@ class ModelQuantizer:
         norm_pairs = self._norm_pairs()
         self.pairs = [] if config.method == 'none' else norm_pairs
         self.smooth_pairs = norm_pairs if config.smooth is not None else []
-        self.report: Optional[QuantReport] = None
-        self.identity: Optional[dict] = None        # of the calibrated state (set by calibrate/load_state)
-        self._float: Optional[dict] = None
+        self.report: QuantReport | None = None
+        self.identity: dict | None = None        # of the calibrated state (set by calibrate/load_state)
+        self._float: dict | None = None
 
     def _backbone_kind(self) -> str:
         backbone = getattr(self.model, 'backbone', None)
@@ -170,7 +183,7 @@ class ModelQuantizer:
             bits[name] = (bits[name][0], a_bits)
         return bits
 
-    def _float_identity(self, calibration: Optional[dict]) -> dict:
+    def _float_identity(self, calibration: dict | None) -> dict:
         """The identity a state made now would have (fingerprints taken of the float model, once)."""
         if self._float is None:
             if quant_modules(self.model):
@@ -248,10 +261,10 @@ class ModelQuantizer:
 
     # ------------------------------------------------------------------ calibrate + reparam
     def calibrate(self, batches: Iterable, run: Callable[[nn.Module, Any], Any], *,
-                  images_in: Callable[[Any], float] = lambda batch: 1, image_ids: Optional[list] = None,
-                  input_shape: Optional[tuple[int, int]] = None, calibration: Optional[dict] = None,
-                  batch_size: int = 1, progress: Optional[Callable[[float], None]] = None,
-                  reconstruct_batches: Optional[Callable[[], Iterable]] = None,
+                  images_in: Callable[[Any], float] = lambda batch: 1, image_ids: list | None = None,
+                  input_shape: tuple[int, int] | None = None, calibration: dict | None = None,
+                  batch_size: int = 1, progress: Callable[[float], None] | None = None,
+                  reconstruct_batches: Callable[[], Iterable] | None = None,
                   reconstruct_progress: bool = False) -> QuantReport:
         """Stream the calibration batches, reparameterize (RepQ/CRL), reconstruct if configured, and
         re-quantize the weights; with SQ-b, smooth first (a float pass over the calibration images).
@@ -351,8 +364,8 @@ class ModelQuantizer:
         return {'format': STATE_FORMAT, 'identity': self.identity, 'report': self.report.to_dict(),
                 'state_dict': host_state_dict(self.model)}
 
-    def check_state(self, state: dict, calibration: Optional[dict], where: str = 'the calibrated state',
-                    path: Optional[str] = None) -> None:
+    def check_state(self, state: dict, calibration: dict | None, where: str = 'the calibrated state',
+                    path: str | None = None) -> None:
         """Raise :class:`StateMismatchError` unless ``state`` was made from this model and these inputs.
 
         ``path``: the state's file, named in the fix. Calibration inputs this run cannot see
@@ -383,8 +396,8 @@ class ModelQuantizer:
             self.logger.warning(f"{where} was made by mmdet-lrpq {saved.get('package_version')}, this is "
                                 f"{now['package_version']}; recalibrate if results look off")
 
-    def load_state(self, state: dict, calibration: Optional[dict] = None, where: str = 'the calibrated state',
-                   path: Optional[str] = None) -> QuantReport:
+    def load_state(self, state: dict, calibration: dict | None = None, where: str = 'the calibrated state',
+                   path: str | None = None) -> QuantReport:
         """Check ``state`` (see :meth:`check_state`), then restore it without recalibrating."""
         self.check_state(state, calibration, where, path)
         self.wrap()

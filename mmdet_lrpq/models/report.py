@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Optional
 
 from ..plan import Site, account
 from .base import Bits
@@ -21,7 +20,7 @@ class QuantReport:
     reparameterized: dict[str, str] = field(default_factory=dict)
     float_modules: list[dict] = field(default_factory=list)
     calibration: dict = field(default_factory=dict)
-    input_shape: Optional[tuple[int, int]] = None
+    input_shape: tuple[int, int] | None = None
     warnings: list[str] = field(default_factory=list)   # e.g. a placeholder plan: shown in the table and JSON
 
     @property
@@ -78,7 +77,7 @@ class QuantReport:
                           for s in self.sites]}
 
     @classmethod
-    def from_dict(cls, data: dict) -> 'QuantReport':
+    def from_dict(cls, data: dict) -> QuantReport:
         sites = [Site(**{k: s[k] for k in ('name', 'kind', 'layer_type', 'block', 'stage', 'params', 'macs')})
                  for s in data['sites']]
         return cls(config=data['settings'], sites=sites,

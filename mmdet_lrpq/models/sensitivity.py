@@ -25,7 +25,8 @@ quantized) input at ``b``. A site's own assigned quantization is part of that op
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -34,16 +35,16 @@ from ..plan import Site
 from ..quant import fake_quant_uniform, uniform_qparams
 
 
-def _quant_error(x: Tensor, bits: int, channel_axis: Optional[int]) -> Tensor:
+def _quant_error(x: Tensor, bits: int, channel_axis: int | None) -> Tensor:
     delta, zero_point = uniform_qparams(x, bits, channel_axis)
     return fake_quant_uniform(x, delta, zero_point, bits) - x
 
 
 def fisher_sensitivity(model: nn.Module, sites: Sequence[Site], levels: Sequence[int], batches: Iterable,
                        loss: Callable[[nn.Module, Any], Tensor], *, per_channel_inputs: frozenset = frozenset(),
-                       fixed_a_bits: Optional[Mapping[str, int]] = None,
-                       progress: Optional[Callable[[int], None]] = None,
-                       assignment: Optional[Mapping[str, tuple[int, int]]] = None) -> dict[str, dict[int, float]]:
+                       fixed_a_bits: Mapping[str, int] | None = None,
+                       progress: Callable[[int], None] | None = None,
+                       assignment: Mapping[str, tuple[int, int]] | None = None) -> dict[str, dict[int, float]]:
     """``S(site, bits)`` (module docstring) for every Conv2d/Linear site of the float ``model``.
 
     ``loss(model, batch)``: the scalar task loss of one calibration batch (one image per batch
@@ -60,7 +61,7 @@ def fisher_sensitivity(model: nn.Module, sites: Sequence[Site], levels: Sequence
     inputs: dict[str, list[Tensor]] = {}
     assignment = {s.name: assignment[s.name] for s in weighted if s.name in (assignment or {})}
 
-    def input_axis(name: str) -> Optional[int]:
+    def input_axis(name: str) -> int | None:
         return (1 if isinstance(modules[name], nn.Conv2d) else -1) if name in per_channel_inputs else None
 
     def capture(name: str):

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from ..safe_load import remove_stale_temporaries, save_atomic  # noqa: F401 -- the state files' temporaries
+from ..safe_load import remove_stale_temporaries, save_atomic
 from ..version import __version__
 
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ class StateMismatchError(StateFileError):
         self.differences = differences
 
 
-def _update_tensor(h: 'hashlib._Hash', t: torch.Tensor) -> None:
+def _update_tensor(h: hashlib._Hash, t: torch.Tensor) -> None:
     t = t.detach()
     h.update(f'{t.dtype}{tuple(t.shape)}'.encode())
     if t.numel():
@@ -109,8 +110,8 @@ def _paths(paths: Any, limit: int = 3) -> str:
     return ', '.join(paths[:limit]) + (f', ... ({len(paths)} in all)' if len(paths) > limit else '') or 'none recorded'
 
 
-def mismatch_message(where: str, diffs: dict, path: Optional[str] = None, saved: Optional[Mapping] = None,
-                     now: Optional[Mapping] = None) -> str:
+def mismatch_message(where: str, diffs: dict, path: str | None = None, saved: Mapping | None = None,
+                     now: Mapping | None = None) -> str:
     """``where`` (e.g. ``'calibrated state x.pth'``) was made from other inputs: each difference, and the fix.
 
     ``path``: the state file, named in the fix; ``saved``/``now``: the identities (their calibration
@@ -163,7 +164,7 @@ def load_state_file(path: str, map_location: Any = 'cpu') -> dict:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise
-    except Exception as err:  # noqa: BLE001 -- truncated zip, pickle errors, foreign objects: all unusable
+    except Exception as err:
         raise StateFileError(f'calibrated state {path} is unreadable ({type(err).__name__}: '
                              f'{str(err).strip().splitlines()[0][:200] if str(err).strip() else "no detail"}); '
                              f'it is truncated, corrupt or not a state file. {fix}') from None
@@ -175,7 +176,7 @@ def load_state_file(path: str, map_location: Any = 'cpu') -> dict:
 
 
 def new_identity(model: nn.Module, config_description: dict,
-                 calibration: Optional[dict]) -> dict:
+                 calibration: dict | None) -> dict:
     """The identity of a state about to be made from ``model`` (call before wrapping it)."""
     return {'package_version': __version__, 'model_structure': structure_fingerprint(model),
             'weights': weights_fingerprint(model), 'config': config_description, 'calibration': calibration}
@@ -197,9 +198,9 @@ def check_state_path(state_file: str) -> None:
         raise ValueError(f'state_file {path} cannot be written: {parent} is a file, not a directory')
 
 
-def calibrate_or_load(quantizer: 'ModelQuantizer', calibrate: Callable[[], 'QuantReport'], *,
-                      state_file: Optional[str] = None, state_mismatch: str = 'error',
-                      calibration: Optional[dict] = None) -> 'QuantReport':
+def calibrate_or_load(quantizer: ModelQuantizer, calibrate: Callable[[], QuantReport], *,
+                      state_file: str | None = None, state_mismatch: str = 'error',
+                      calibration: dict | None = None) -> QuantReport:
     """Load ``state_file`` if it was made from these inputs, else calibrate (and save it).
 
     A mismatch or an unreadable file raises, naming the difference and the fix, unless

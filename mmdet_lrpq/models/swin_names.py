@@ -16,7 +16,7 @@ adapters can never disagree. Pure PyTorch: no mmdet import.
 from __future__ import annotations
 
 import re
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
@@ -44,7 +44,7 @@ def swin_architecture(embed_dims: int, depths, num_heads, window_size: int, patc
             'patch_size': int(patch_size), 'mlp_ratio': float(mlp_ratio)}
 
 
-def swin_name_to_mmdet(name: str, layout: str = 'timm') -> Optional[str]:
+def swin_name_to_mmdet(name: str, layout: str = 'timm') -> str | None:
     """Map a timm/original Swin parameter key or module/site name to mmdet's; ``None`` if it has none.
 
     ``layout='timm'``: patch merging ``layers.i.downsample`` belongs to mmdet's ``stages.(i-1)``;

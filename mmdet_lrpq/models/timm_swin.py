@@ -13,8 +13,6 @@ as :class:`~mmdet_lrpq.quant.QuantMatMul` modules and, like the mmdet adapter, a
 """
 from __future__ import annotations
 
-from typing import Optional
-
 from timm.models.swin_transformer import PatchMerging, SwinTransformer, WindowAttention
 from torch import Tensor, nn
 
@@ -29,7 +27,7 @@ from .swin_names import swin_architecture, swin_name_to_mmdet
 class QuantWindowAttention(QuantWindowAttentionMixin, WindowAttention):
     """timm ``WindowAttention`` with ``q@kᵀ`` and ``attn@v`` routed through ``QuantMatMul`` modules."""
 
-    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         if self.input_shift is not None:        # -b of the norm1 -> qkv reparameterization
             x = x + self.input_shift
         B_, N, _ = x.shape
@@ -56,7 +54,7 @@ class TimmSwinAdapter(Adapter):
         return (SwinTransformer,)
 
     @classmethod
-    def supports(cls, module: nn.Module) -> Optional[str]:
+    def supports(cls, module: nn.Module) -> str | None:
         try:
             check_swin(module)
         except (TypeError, ValueError) as err:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 import types
-from typing import Callable
+from collections.abc import Callable
 
 # Every function of mmcv 2.1.0's extension that its Python layer loads (mmcv/ops/*.py).
 MMCV_EXT_FUNCTIONS = tuple('''

@@ -12,7 +12,7 @@ mmcv (bit-identical or the stated bound, per op) are pinned by ``tests/test_mmcv
 from __future__ import annotations
 
 import torch
-import torchvision  # noqa: F401  (registers torch.ops.torchvision.*)
+import torchvision
 from torch import Tensor
 
 

@@ -5,11 +5,11 @@ Sites (:class:`Site`) describe what can be quantized; a :class:`BitPlan` says at
 :func:`allocate_lampq` adds LampQ's type-aware normalisation and iterative ILP to the ``sensitivity`` one;
 :func:`random_plan` draws the random plans a mixed-precision plan is compared with (a control, not an allocator).
 """
-from .allocators import ALLOCATORS, allocate
 from ..bits import check_bit_pair
+from .allocators import ALLOCATORS, allocate
 from .bitplan import CATCH_ALL, PLAN_FORMAT, BitPlan
-from .controls import random_plan
 from .budget import Accounting, Budget, BudgetCheck, account, uniform_bops
+from .controls import random_plan
 from .lampq import allocate_lampq, component_type, plan_cost, type_normalize
 from .plot import plot_plan
 from .sites import SITE_KINDS, SWIN_LAYER_TYPES, Site

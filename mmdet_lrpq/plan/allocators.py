@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -168,7 +169,7 @@ def _greedy(p: _Problem) -> dict[str, Bits]:
     return bits
 
 
-def _choose_bits(p: _Problem, cost: Callable[[Site, int], float], time_limit: Optional[float] = None,
+def _choose_bits(p: _Problem, cost: Callable[[Site, int], float], time_limit: float | None = None,
                  mip_rel_gap: float = 0.0) -> dict[str, Bits]:
     """Minimize ``Σ cost(site, bits)`` under the weight budget, one binary per (site, allowed bits).
 
@@ -220,12 +221,12 @@ def _choose_bits(p: _Problem, cost: Callable[[Site, int], float], time_limit: Op
     return bits
 
 
-def _ilp(p: _Problem, time_limit: Optional[float] = None, mip_rel_gap: float = 0.0) -> dict[str, Bits]:
+def _ilp(p: _Problem, time_limit: float | None = None, mip_rel_gap: float = 0.0) -> dict[str, Bits]:
     """Maximize Σ score_i·bits_i under the weight budget (see :func:`_choose_bits`)."""
     return _choose_bits(p, lambda s, b: -p.scores[s.name] * b, time_limit, mip_rel_gap)
 
 
-def _sensitivity(p: _Problem, time_limit: Optional[float] = None, mip_rel_gap: float = 0.0) -> dict[str, Bits]:
+def _sensitivity(p: _Problem, time_limit: float | None = None, mip_rel_gap: float = 0.0) -> dict[str, Bits]:
     """Minimize Σ sensitivity(site, bits) under the weight budget (LampQ / HAWQ-V3 style): the
     measured cost of every allowed bit-width, not a score times bits (see :func:`_choose_bits`)."""
     return _choose_bits(p, lambda s, b: p.sensitivity[s.name][b], time_limit, mip_rel_gap)
@@ -240,10 +241,10 @@ ALLOCATORS: dict[str, Callable[..., dict[str, Bits]]] = {
 }
 
 
-def allocate(name: str, sites: Sequence[Site], scores: Optional[Mapping[str, float]] = None, *,
-             target_bits: int, budget: Optional[Budget] = None, fixed: Optional[Mapping[str, Bits]] = None,
-             sensitivity: Optional[Mapping[str, Mapping[int, float]]] = None,
-             act_bits: Optional[Mapping[str, int]] = None, **options: Any) -> BitPlan:
+def allocate(name: str, sites: Sequence[Site], scores: Mapping[str, float] | None = None, *,
+             target_bits: int, budget: Budget | None = None, fixed: Mapping[str, Bits] | None = None,
+             sensitivity: Mapping[str, Mapping[int, float]] | None = None,
+             act_bits: Mapping[str, int] | None = None, **options: Any) -> BitPlan:
     """Assign ``(w_bits, a_bits)`` to every site with allocator ``name`` (see module doc).
 
     ``scores``: site -> relative importance (higher = more important); ``sensitivity`` (the
@@ -291,9 +292,9 @@ def _check_sensitivity(table: Mapping[str, Mapping[int, float]], levels: list[in
 
 
 def _problem(name: str, sites: Sequence[Site], scores: Mapping[str, float], k: int,
-             budget: Optional[Budget], fixed: Mapping[str, Bits],
-             sensitivity: Optional[Mapping[str, Mapping[int, float]]] = None,
-             act_bits: Optional[Mapping[str, int]] = None) -> _Problem:
+             budget: Budget | None, fixed: Mapping[str, Bits],
+             sensitivity: Mapping[str, Mapping[int, float]] | None = None,
+             act_bits: Mapping[str, int] | None = None) -> _Problem:
     sites = list(sites)
     names = [s.name for s in sites]
     known = set(names)

@@ -20,11 +20,12 @@ import json
 import math
 import numbers
 import re
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Iterable, Mapping, Optional, Union
+from typing import Any
 
-from ..bits import MAX_BITS, MIN_BITS, Bits, check_bit_pair
+from ..bits import Bits, check_bit_pair
 from .sites import Site
 
 PLAN_FORMAT = 'mmdet-lrpq/bitplan@1'
@@ -49,7 +50,7 @@ def check_scores(scores: Mapping[str, Any]) -> dict[str, float]:
     return {str(k): float(v) for k, v in scores.items()}
 
 
-def _site_names(sites: Iterable[Union[Site, str]]) -> list[str]:
+def _site_names(sites: Iterable[Site | str]) -> list[str]:
     return [s.name if isinstance(s, Site) else s for s in sites]
 
 
@@ -59,9 +60,9 @@ class BitPlan:
     ``bits`` is exposed read-only; assign a new mapping to change it (it is re-checked).
     """
 
-    def __init__(self, bits: Optional[Mapping[str, Any]] = None, *, scores: Optional[Mapping[str, float]] = None,
-                 allocator: str = '', budget: Optional[dict] = None, source: Optional[dict] = None,
-                 command: str = '', architecture: Optional[Mapping[str, Any]] = None):
+    def __init__(self, bits: Mapping[str, Any] | None = None, *, scores: Mapping[str, float] | None = None,
+                 allocator: str = '', budget: dict | None = None, source: dict | None = None,
+                 command: str = '', architecture: Mapping[str, Any] | None = None):
         self.bits = bits or {}
         self.scores = scores or {}
         self.allocator = allocator
@@ -107,17 +108,17 @@ class BitPlan:
         self._patterns = patterns
 
     @classmethod
-    def uniform(cls, w_bits: int, a_bits: int) -> 'BitPlan':
+    def uniform(cls, w_bits: int, a_bits: int) -> BitPlan:
         """Every site at ``(w_bits, a_bits)``: the plan behind plain WxAy configs."""
         return cls({CATCH_ALL: (w_bits, a_bits)}, allocator='uniform')
 
-    def _match(self, name: str) -> Optional[str]:
+    def _match(self, name: str) -> str | None:
         """The key that decides ``name``: exact key first, else the first fully matching pattern."""
         if name in self._bits:
             return name
         return next((key for key, pat in self._patterns if pat.fullmatch(name)), None)
 
-    def resolve(self, site_names: Iterable[Union[Site, str]]) -> dict[str, Bits]:
+    def resolve(self, site_names: Iterable[Site | str]) -> dict[str, Bits]:
         """``{site: (w_bits, a_bits)}`` for every given site; a site no entry covers is an error."""
         names = _site_names(site_names)
         keys = {n: self._match(n) for n in names}
@@ -128,7 +129,7 @@ class BitPlan:
                              f'BitPlan.with_default(w_bits, a_bits).')
         return {n: self._bits[k] for n, k in keys.items() if k is not None}
 
-    def validate(self, sites: Iterable[Union[Site, str]]) -> None:
+    def validate(self, sites: Iterable[Site | str]) -> None:
         """Check the plan against a model's sites; raise one ValueError listing every mismatch.
 
         A pattern is *used* when it decides a site. A pattern whose matching sites all have exact
@@ -179,7 +180,7 @@ class BitPlan:
                              f'Make a plan for this backbone with tools/lrp_plan.py (its --model must be the '
                              f'classifier of the same size).')
 
-    def placeholder_reason(self) -> Optional[str]:
+    def placeholder_reason(self) -> str | None:
         """Why the plan's ranking of layers means nothing (it was made from random weights), else ``None``."""
         weights = self.source.get('weights')
         if isinstance(weights, Mapping) and weights.get('kind') == 'random-init':
@@ -188,7 +189,7 @@ class BitPlan:
         return None
 
     # ------------------------------------------------------------------ derived plans
-    def rename(self, fn: Callable[[str], Optional[str]]) -> 'BitPlan':
+    def rename(self, fn: Callable[[str], str | None]) -> BitPlan:
         """A copy with every exact key and score key mapped through ``fn`` (``None`` drops it).
 
         Patterns are kept as they are: they are written for the target naming already.
@@ -208,7 +209,7 @@ class BitPlan:
         return self._replace(bits=mapped(self._bits.items(), 'bit plan keys', lambda k: k.startswith(PATTERN_PREFIX)),
                              scores=mapped(self.scores.items(), 'score keys', lambda k: False))
 
-    def with_default(self, w_bits: int, a_bits: int) -> 'BitPlan':
+    def with_default(self, w_bits: int, a_bits: int) -> BitPlan:
         """A copy whose last entry is the catch-all ``re:.*`` (replacing any earlier catch-all).
 
         Gives a backbone-only plan its bits for the rest of a detector (neck, heads). Adding sites
@@ -217,7 +218,7 @@ class BitPlan:
         return self._replace(bits={**{k: v for k, v in self._bits.items() if k != CATCH_ALL},
                                    CATCH_ALL: (w_bits, a_bits)})
 
-    def _replace(self, **changes: Any) -> 'BitPlan':
+    def _replace(self, **changes: Any) -> BitPlan:
         fields = dict(bits=self._bits, scores=self.scores, allocator=self.allocator,
                       budget=copy.deepcopy(self.budget), source=copy.deepcopy(self.source), command=self.command,
                       architecture=copy.deepcopy(self.architecture))
@@ -231,7 +232,7 @@ class BitPlan:
                 'bits': {k: list(v) for k, v in self._bits.items()}, 'scores': dict(self.scores)}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], where: str = 'bit plan') -> 'BitPlan':
+    def from_dict(cls, data: Mapping[str, Any], where: str = 'bit plan') -> BitPlan:
         if not isinstance(data, Mapping) or data.get('format') != PLAN_FORMAT:
             found = data.get('format') if isinstance(data, Mapping) else type(data).__name__
             raise ValueError(f'{where} is not an mmdet-lrpq bit plan: format is {found!r}, expected '
@@ -244,14 +245,14 @@ class BitPlan:
                    budget=data.get('budget'), source=data.get('source'), command=data.get('command', ''),
                    architecture=data.get('architecture'))
 
-    def save(self, path: Union[str, Path]) -> None:
+    def save(self, path: str | Path) -> None:
         """Write human-readable JSON (indent 2, one ``"site": [w, a]`` per line)."""
         text = json.dumps(_json_safe(self.to_dict()), indent=2, allow_nan=False)
         text = re.sub(r'\[\s+(-?\d+),\s+(-?\d+)\s+\]', r'[\1, \2]', text)
         Path(path).write_text(text + '\n')
 
     @classmethod
-    def load(cls, path: Union[str, Path]) -> 'BitPlan':
+    def load(cls, path: str | Path) -> BitPlan:
         try:
             text = Path(path).read_text(encoding='utf-8')
         except FileNotFoundError:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from fractions import Fraction
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
 
 from .bitplan import format_names
 from .sites import Site
@@ -76,8 +77,8 @@ class BudgetCheck:
     holds: bool
     used_bits: int
     limit_bits: int
-    used_bops: Optional[int] = None
-    limit_bops: Optional[int] = None
+    used_bops: int | None = None
+    limit_bops: int | None = None
 
     @property
     def margin_bits(self) -> int:
@@ -107,7 +108,7 @@ class Budget:
     a uniform plan, so "no more BOPs than uniform k bits" is ``max_bops=uniform_bops(sites, k)``.
     """
     weight_bits: float
-    max_bops: Optional[int] = None
+    max_bops: int | None = None
 
     def __post_init__(self):
         wb = self.weight_bits
@@ -155,7 +156,7 @@ class Budget:
         return out
 
 
-def uniform_bops(sites: Sequence[Site], bits: int, act_bits: Optional[Mapping[str, int]] = None) -> int:
+def uniform_bops(sites: Sequence[Site], bits: int, act_bits: Mapping[str, int] | None = None) -> int:
     """BOPs of every site at ``(bits, bits)``, except the inputs ``act_bits`` pins (site -> a_bits)."""
     act_bits = act_bits or {}
     return account(sites, {s.name: (bits, act_bits.get(s.name, bits)) for s in sites}).bops

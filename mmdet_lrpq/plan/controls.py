@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -36,9 +36,9 @@ DEFAULT_TOLERANCE = 0.005
 
 
 def random_plan(sites: Sequence[Site], like: Mapping[str, Bits], *, budget: Budget, seed: int,
-                movable: Optional[Sequence[str]] = None, levels: Optional[Sequence[int]] = None,
+                movable: Sequence[str] | None = None, levels: Sequence[int] | None = None,
                 match_counts: bool = True, tolerance: float = DEFAULT_TOLERANCE,
-                act_bits: Optional[Mapping[str, int]] = None) -> BitPlan:
+                act_bits: Mapping[str, int] | None = None) -> BitPlan:
     """A random plan on ``sites`` controlling for ``like`` (site -> ``(w_bits, a_bits)``, every site).
 
     ``movable``: the site names whose bits are drawn (default: every weighted site); the others,

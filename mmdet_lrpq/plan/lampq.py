@@ -24,10 +24,11 @@ Pure Python/NumPy/SciPy like the rest of ``mmdet_lrpq.plan``: the re-measurement
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, Mapping, Optional, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
-from .allocators import allocate
 from ..bits import Bits
+from .allocators import allocate
 from .bitplan import BitPlan
 from .budget import Budget
 from .sites import SWIN_LAYER_TYPES, Site
@@ -52,7 +53,7 @@ def component_type(site: Site) -> str:
 
 
 def type_normalize(sensitivity: Table, sites: Sequence[Site], target_bits: int,
-                   type_of: Optional[Callable[[Site], str]] = None
+                   type_of: Callable[[Site], str] | None = None
                    ) -> tuple[dict[str, dict[int, float]], dict[str, float]]:
     """``(table, scale)``: every site's costs times its type's ``α_t = 1 / mean S(·, k)`` (module doc).
 
@@ -102,10 +103,10 @@ def _check_options(type_aware: Any, iterations: Any, measure: Any) -> None:
                          f'that re-measures given the current bits), got {measure!r}')
 
 
-def allocate_lampq(sites: Sequence[Site], sensitivity: Table, *, target_bits: int, budget: Optional[Budget] = None,
-                   fixed: Optional[Mapping[str, Bits]] = None, act_bits: Optional[Mapping[str, int]] = None,
-                   type_aware: bool = False, type_of: Optional[Callable[[Site], str]] = None,
-                   iterations: int = 0, measure: Optional[Callable[[dict[str, Bits]], Table]] = None,
+def allocate_lampq(sites: Sequence[Site], sensitivity: Table, *, target_bits: int, budget: Budget | None = None,
+                   fixed: Mapping[str, Bits] | None = None, act_bits: Mapping[str, int] | None = None,
+                   type_aware: bool = False, type_of: Callable[[Site], str] | None = None,
+                   iterations: int = 0, measure: Callable[[dict[str, Bits]], Table] | None = None,
                    **options: Any) -> BitPlan:
     """The ``sensitivity`` allocator with LampQ's options (module doc); a :class:`BitPlan`.
 
@@ -119,7 +120,7 @@ def allocate_lampq(sites: Sequence[Site], sensitivity: Table, *, target_bits: in
     _check_options(type_aware, iterations, measure)
     sites = list(sites)
 
-    def metric(table: Table) -> tuple[Table, Optional[dict[str, float]]]:
+    def metric(table: Table) -> tuple[Table, dict[str, float] | None]:
         return type_normalize(table, sites, target_bits, type_of) if type_aware else (table, None)
 
     def solve(table: Table) -> BitPlan:

@@ -1,8 +1,8 @@
 """Picture of a bit plan: importance and assigned bits per layer type and block (a PNG for reports)."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence, Union
 
 import numpy as np
 
@@ -33,7 +33,7 @@ def _columns(sites: Sequence[Site]) -> tuple[list[tuple], dict[str, int]]:
     return columns, col_of
 
 
-def plot_plan(plan: BitPlan, sites: Sequence[Site], path: Union[str, Path]) -> Path:
+def plot_plan(plan: BitPlan, sites: Sequence[Site], path: str | Path) -> Path:
     """Save a two-panel heatmap (relative importance | assigned bits) of ``plan`` on ``sites``.
 
     Rows are the Swin layer types, columns the blocks in forward order with patch merging at the

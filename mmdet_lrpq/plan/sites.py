@@ -8,7 +8,6 @@ needs neither torch nor mmdet.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Optional
 
 SITE_KINDS = ('linear', 'conv', 'matmul')
 # Layer types of a Swin backbone; every other quantized layer (neck, heads) is 'other'.
@@ -33,8 +32,8 @@ class Site:
     name: str
     kind: str
     layer_type: str = 'other'
-    block: Optional[int] = None
-    stage: Optional[int] = None
+    block: int | None = None
+    stage: int | None = None
     params: int = 0
     macs: int = 0
 

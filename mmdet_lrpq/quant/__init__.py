@@ -6,11 +6,31 @@ applies RepQ/CRL, :func:`smooth_` MPTQ-ViT's SQ-b, :func:`reconstruct_` optional
 """
 from .calibrate import RULE as CALIBRATION_RULE
 from .calibrate import activation_quantizers, calibrate, calibrate_stream, calibrating, thin_channel_ranges
-from .functional import (PERCENTILES, check_bits, fake_quant_log_sqrt2, fake_quant_regions, fake_quant_uniform,
-                         log2_shift_dequant, log2_shift_form, log2_shift_matmul_int, log_sqrt2_qparams,
-                         region_qparams, uniform_qparams)
-from .modules import (LogSqrt2Quantizer, QuantConv2d, QuantLinear, QuantMatMul, QuantModule, QuantState,
-                      RegionUniformQuantizer, UniformQuantizer, quant_modules, set_quant_state)
+from .functional import (
+                         PERCENTILES,
+                         check_bits,
+                         fake_quant_log_sqrt2,
+                         fake_quant_regions,
+                         fake_quant_uniform,
+                         log2_shift_dequant,
+                         log2_shift_form,
+                         log2_shift_matmul_int,
+                         log_sqrt2_qparams,
+                         region_qparams,
+                         uniform_qparams,
+)
+from .modules import (
+                         LogSqrt2Quantizer,
+                         QuantConv2d,
+                         QuantLinear,
+                         QuantMatMul,
+                         QuantModule,
+                         QuantState,
+                         RegionUniformQuantizer,
+                         UniformQuantizer,
+                         quant_modules,
+                         set_quant_state,
+)
 from .reconstruct import ReconstructConfig, Unit, reconstruct_
 from .reparam import ReparamResult, crl_clip, reparameterize_
 from .smooth import SmoothResult, recording_ranges, smooth_

@@ -23,7 +23,7 @@ import os.path as osp
 import platform
 import sysconfig
 import warnings
-from typing import Optional, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -62,21 +62,21 @@ class FusedKernels(Protocol):
     def uniform_sq_err(self, rows: Tensor, delta: Tensor, zero_point: Tensor, levels: int) -> Tensor: ...
 
     def fake_quant_uniform(self, x: Tensor, delta: Tensor, zero_point: Tensor, levels: int, inner: int,
-                           scratch: Optional[Tensor]) -> Tensor: ...
+                           scratch: Tensor | None) -> Tensor: ...
 
     def row_tails(self, rows: Tensor, k_top: int, k_bot: int) -> tuple[Tensor, Tensor, Tensor]: ...
 
     def tails_beyond(self, flat: Tensor, hi: float, lo: float) -> tuple[Tensor, int, Tensor, int]: ...
 
     def fake_quant_uniform_rows(self, x: Tensor, delta: Tensor, zero_point: Tensor, levels: int,
-                                scratch: Optional[Tensor]) -> Tensor: ...
+                                scratch: Tensor | None) -> Tensor: ...
 
-    def log_sqrt2_fake_quant(self, x: Tensor, delta: Tensor, table: Tensor, scratch: Optional[Tensor]) -> Tensor: ...
+    def log_sqrt2_fake_quant(self, x: Tensor, delta: Tensor, table: Tensor, scratch: Tensor | None) -> Tensor: ...
 
     def log_sqrt2_sq_err(self, x: Tensor, delta: Tensor, table: Tensor) -> float: ...
 
 
-def kernels(verbose: bool = False) -> Optional[FusedKernels]:
+def kernels(verbose: bool = False) -> FusedKernels | None:
     """The compiled module, or ``None`` where the PyTorch path must be used."""
     if os.environ.get('MMDET_LRPQ_NO_EXT', '') not in ('', '0'):
         return None
@@ -90,7 +90,7 @@ def kernels(verbose: bool = False) -> Optional[FusedKernels]:
             _state['module'] = load(
                 name='mmdet_lrpq_fused_quant', sources=[_SOURCE], build_directory=directory,
                 extra_cflags=list(_CFLAGS), extra_ldflags=list(_LDFLAGS), verbose=verbose)  # load() appends to them
-        except Exception as exc:  # noqa: BLE001 -- any build failure means: use the PyTorch path
+        except Exception as exc:
             warnings.warn(f'mmdet_lrpq: fused CPU quantization kernels unavailable ({type(exc).__name__}: '
                           f'{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}); using the '
                           'PyTorch path (same numbers, slower calibration). Build log: rerun with '

@@ -37,14 +37,22 @@ percentiles are its extremes, mean elsewhere, was tried: the classifier still lo
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
 
-from .modules import (LogSqrt2Quantizer, QuantState, RegionUniformQuantizer, UniformQuantizer, _Quantizer, quant_modules,
-                      set_quant_state)
+from .modules import (
+    LogSqrt2Quantizer,
+    QuantState,
+    RegionUniformQuantizer,
+    UniformQuantizer,
+    _Quantizer,
+    quant_modules,
+    set_quant_state,
+)
 
 T = TypeVar('T')
 RULE = 'envelope of per-batch RepQ ranges'
@@ -54,8 +62,8 @@ class _RangeEnvelope:
     """Running envelope of one activation quantizer's per-batch ranges (see module docstring)."""
 
     def __init__(self) -> None:
-        self.first: Optional[tuple[Tensor, ...]] = None
-        self.bounds: Optional[list[Tensor]] = None     # uniform: [lo, hi]; log-sqrt2: [delta]
+        self.first: tuple[Tensor, ...] | None = None
+        self.bounds: list[Tensor] | None = None     # uniform: [lo, hi]; log-sqrt2: [delta]
         self.batches = 0
         self.values = 0                                # per channel, over all batches
 
@@ -121,7 +129,7 @@ def activation_quantizers(model: nn.Module) -> list[_Quantizer]:
 
 def calibrate_stream(model: nn.Module, batches: Iterable[T], run: Callable[[nn.Module, T], Any], *,
                      images_in: Callable[[T], float] = lambda batch: 1,
-                     progress: Optional[Callable[[float], None]] = None) -> float:
+                     progress: Callable[[float], None] | None = None) -> float:
     """Calibrate every quantized module of ``model`` on ``batches`` (see module docstring).
 
     ``run(model, batch)`` performs one calibration forward; ``images_in(batch)`` is its number of

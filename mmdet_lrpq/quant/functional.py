@@ -25,13 +25,14 @@ Where RepQ-ViT divides by zero (constant tensors or channels) we define the resu
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Sequence, cast
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..bits import MAX_BITS, MIN_BITS, check_bits
+from ..bits import check_bits
 from ._ext import FusedKernels, kernels
 
 PERCENTILES: tuple[float, ...] = (0.999, 0.9999, 0.99999)
@@ -69,7 +70,7 @@ def _row_extremes(rows: Tensor, what: str) -> tuple[Tensor, Tensor]:
     return lo, hi
 
 
-def _rows(x: Tensor, channel_axis: Optional[int]) -> Tensor:
+def _rows(x: Tensor, channel_axis: int | None) -> Tensor:
     """View ``x`` as ``[C, M]`` (channels first) or ``[1, numel]`` for per-tensor."""
     x = x.detach().float()
     if channel_axis is None:
@@ -78,7 +79,7 @@ def _rows(x: Tensor, channel_axis: Optional[int]) -> Tensor:
     return x.movedim(axis, 0).reshape(x.shape[axis], -1)
 
 
-def _unrows(v: Tensor, like: Tensor, channel_axis: Optional[int]) -> Tensor:
+def _unrows(v: Tensor, like: Tensor, channel_axis: int | None) -> Tensor:
     """Shape per-row results ``[C]`` so they broadcast against ``like``."""
     if channel_axis is None:
         return v.reshape(())
@@ -149,7 +150,7 @@ def _top_tail(rows: Tensor, k: int, largest: bool) -> Tensor:
     return rows.topk(k, dim=1, largest=largest, sorted=True).values
 
 
-def _select_tails(flat: Tensor, k_top: int, k_bot: int, fused: FusedKernels) -> Optional[tuple[Tensor, Tensor]]:
+def _select_tails(flat: Tensor, k_top: int, k_bot: int, fused: FusedKernels) -> tuple[Tensor, Tensor] | None:
     """Both tails of a large flat tensor in one fused pass: the ``k_top`` largest (descending) and
     ``k_bot`` smallest (ascending) values, exactly, or ``None`` if a sampled threshold was too tight.
 
@@ -161,7 +162,7 @@ def _select_tails(flat: Tensor, k_top: int, k_bot: int, fused: FusedKernels) -> 
     lo = _sample_threshold(sample, k_bot, False) if k_bot else flat.new_tensor(-math.inf)
     above, n_hi, below, n_lo = fused.tails_beyond(flat, float(hi), float(lo))
 
-    def finish(beyond: Tensor, n_eq: int, t: Tensor, k: int, largest: bool) -> Optional[Tensor]:
+    def finish(beyond: Tensor, n_eq: int, t: Tensor, k: int, largest: bool) -> Tensor | None:
         return None if beyond.numel() + n_eq < k else _tail_from_beyond(beyond, t, k, largest)
 
     top = finish(above, n_hi, hi, k_top, True) if k_top else above[:0]
@@ -186,7 +187,7 @@ def quantiles(rows: Tensor, qs: Sequence[float]) -> Tensor:
     else:
         fused = kernels() if rows.device.type == 'cpu' and rows.dtype == torch.float32 else None
         thin = fused is not None and max(k_top, k_bot) < n // 64  # tails small enough to select
-        tails: Optional[tuple[Optional[Tensor], Optional[Tensor]]] = None
+        tails: tuple[Tensor | None, Tensor | None] | None = None
         if thin and rows.shape[0] == 1 and n >= _SELECT_MIN_ELEMENTS:
             assert fused is not None  # (thin implies it)
             tails = _select_tails(rows[0].contiguous(), k_top, k_bot, fused)
@@ -249,7 +250,7 @@ def _select_best(scores: Tensor) -> Tensor:
     return torch.nan_to_num(scores, nan=math.inf).argmin(dim=0)
 
 
-def uniform_qparams(x: Tensor, bits: int, channel_axis: Optional[int] = None,
+def uniform_qparams(x: Tensor, bits: int, channel_axis: int | None = None,
                     percentiles: Sequence[float] = PERCENTILES) -> tuple[Tensor, Tensor]:
     """RepQ-ViT's percentile/MSE calibration of an asymmetric uniform quantizer.
 
@@ -306,7 +307,7 @@ def uniform_qparams(x: Tensor, bits: int, channel_axis: Optional[int] = None,
     return _unrows(delta, x, channel_axis), _unrows(zp, x, channel_axis)
 
 
-def _fused_layout(x: Tensor, delta: Tensor) -> Optional[int]:
+def _fused_layout(x: Tensor, delta: Tensor) -> int | None:
     """Where the fused kernel applies (float32 CPU, no autograd, Δ per tensor or along one axis of
     ``x``): the number of elements per channel run (``inner``); else ``None``."""
     if x.device.type != 'cpu' or x.dtype != torch.float32 or delta.dtype != torch.float32 or x.dim() == 0:
@@ -334,7 +335,7 @@ def _dense(x: Tensor) -> bool:
     return True
 
 
-def _strided_rows(x: Tensor) -> Optional[tuple[Tensor, list[int]]]:
+def _strided_rows(x: Tensor) -> tuple[Tensor, list[int]] | None:
     """``x`` (not dense, e.g. q/k/v sliced out of a fused qkv output) as a 2-D view ``[R, L]`` with
     unit inner stride and one row stride, with its dims ordered as PyTorch's element-wise ops order
     their output (by decreasing input stride); ``None`` if it does not collapse that way."""
@@ -357,7 +358,7 @@ def _strided_rows(x: Tensor) -> Optional[tuple[Tensor, list[int]]]:
 
 
 def fake_quant_uniform(x: Tensor, delta: Tensor, zero_point: Tensor, bits: int,
-                       scratch: Optional[Tensor] = None) -> Tensor:
+                       scratch: Tensor | None = None) -> Tensor:
     """``(clamp(round(x/Δ) + zp, 0, 2^b-1) - zp) * Δ`` (round half to even), in ``x``'s dtype.
 
     One fused pass on CPU (per tensor or per channel, no autograd), else four passes in PyTorch;
@@ -407,7 +408,7 @@ class _UniformSTE(torch.autograd.Function):
         return fake_quant_uniform(x, delta, zero_point, bits)
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Optional[Tensor], Optional[Tensor], None, None]:
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
         x, delta, zero_point = ctx.saved_tensors
         levels = (1 << ctx.bits) - 1
         y = x.to(torch.promote_types(x.dtype, delta.dtype)) / delta
@@ -527,7 +528,7 @@ def log_sqrt2_table(delta: Tensor, bits: int) -> Tensor:
     return torch.cat([values, values.new_zeros(1)])
 
 
-def fake_quant_log_sqrt2(x: Tensor, delta: Tensor, bits: int, scratch: Optional[Tensor] = None) -> Tensor:
+def fake_quant_log_sqrt2(x: Tensor, delta: Tensor, bits: int, scratch: Tensor | None = None) -> Tensor:
     """RepQ-ViT's log-√2 quantizer: ``x̂ = 2^(-ceil(q/2)) · (1 + (q mod 2)(√2-1)) · Δ``, 0 if q ≥ 2^b.
 
     Codes are looked up in a per-code table (same floats as RepQ-ViT's formula); the passes run
@@ -568,7 +569,7 @@ class _LogSqrt2STE(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Optional[Tensor], Optional[Tensor], None]:
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         x, delta, out = ctx.saved_tensors
         grad_x = g * ((x <= delta) & (out != 0)) if ctx.needs_input_grad[0] else None
         grad_delta = _sum_to(g * out / delta, delta) if ctx.needs_input_grad[1] else None

@@ -6,8 +6,8 @@ Conv2d ``numel(out) · in/groups · kh · kw``, MatMul ``batch · M · K · N``.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from torch import Tensor, nn
 

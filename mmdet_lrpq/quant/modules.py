@@ -23,14 +23,22 @@ from __future__ import annotations
 
 import enum
 import threading
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .functional import (check_bits, fake_quant_log_sqrt2, fake_quant_regions, fake_quant_uniform,
-                         fake_quant_uniform_rounded, log_sqrt2_qparams, region_qparams, uniform_qparams)
+from .functional import (
+    check_bits,
+    fake_quant_log_sqrt2,
+    fake_quant_regions,
+    fake_quant_uniform,
+    fake_quant_uniform_rounded,
+    log_sqrt2_qparams,
+    region_qparams,
+    uniform_qparams,
+)
 
 
 class _Scratch(threading.local):
@@ -85,7 +93,7 @@ class _Quantizer(nn.Module):
     def calibrated(self) -> bool:
         return all(getattr(self, n) is not None for n in self._qparam_names)
 
-    def reset(self, bits: Optional[int] = None) -> None:
+    def reset(self, bits: int | None = None) -> None:
         """Forget the qparams (and optionally change the bit-width)."""
         if bits is not None:
             self.bits = check_bits(bits)
@@ -128,9 +136,9 @@ class UniformQuantizer(_Quantizer):
 
     _qparam_names = ('delta', 'zero_point')
     _learned_names = ('rounding',)
-    rounding: Optional[Tensor]      # (a buffer: registered by _Quantizer)
+    rounding: Tensor | None      # (a buffer: registered by _Quantizer)
 
-    def __init__(self, bits: int = 8, channel_axis: Optional[int] = None):
+    def __init__(self, bits: int = 8, channel_axis: int | None = None):
         super().__init__(bits)
         self.channel_axis = channel_axis
 
@@ -146,10 +154,10 @@ class UniformQuantizer(_Quantizer):
         super().set_extra_state(state)
         self.channel_axis = state['channel_axis']
 
-    def set_qparams(self, delta: Tensor, zero_point: Tensor, channel_axis: Optional[int] = None) -> None:
+    def set_qparams(self, delta: Tensor, zero_point: Tensor, channel_axis: int | None = None) -> None:
         self.delta, self.zero_point, self.channel_axis = delta, zero_point, channel_axis
 
-    def forward(self, x: Tensor, scratch: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, scratch: Tensor | None = None) -> Tensor:
         self._follow(x)
         if self.rounding is not None:
             return fake_quant_uniform_rounded(x, self.delta, self.zero_point, self.bits, self.rounding)
@@ -172,7 +180,7 @@ class LogSqrt2Quantizer(_Quantizer):
     def calibrate(self, x: Tensor) -> None:
         self.delta = log_sqrt2_qparams(x, self.bits)
 
-    def forward(self, x: Tensor, scratch: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, scratch: Tensor | None = None) -> Tensor:
         self._follow(x)
         return fake_quant_log_sqrt2(x, self.delta, self.bits, scratch)
 
@@ -193,7 +201,7 @@ class RegionUniformQuantizer(_Quantizer):
     def calibrate(self, x: Tensor) -> None:
         self.delta, self.zero_point, self.ratio_exp = region_qparams(x, self.bits)
 
-    def forward(self, x: Tensor, scratch: Optional[Tensor] = None) -> Tensor:   # scratch: not used
+    def forward(self, x: Tensor, scratch: Tensor | None = None) -> Tensor:   # scratch: not used
         self._follow(x)
         return fake_quant_regions(x, self.delta, self.zero_point, self.ratio_exp, self.bits)
 
@@ -238,9 +246,9 @@ class WeightCache:
 
     def clear(self) -> None:
         self.key: Any = None
-        self.value: Optional[Tensor] = None
+        self.value: Tensor | None = None
 
-    def __call__(self, quantizer: 'UniformQuantizer', w: Tensor) -> Tensor:
+    def __call__(self, quantizer: UniformQuantizer, w: Tensor) -> Tensor:
         rounding = quantizer.rounding
         if rounding is not None and rounding.requires_grad:
             return quantizer(w.detach())
@@ -259,9 +267,9 @@ class _WeightedQuantModule(QuantModule):
     """Shared by QuantLinear / QuantConv2d: per-output-channel weights with a cached fake-quant."""
 
     weight: Tensor
-    bias: Optional[Tensor]
+    bias: Tensor | None
 
-    def _init_quant(self, w_bits: int, a_bits: int, act_channel_axis: Optional[int]) -> None:
+    def _init_quant(self, w_bits: int, a_bits: int, act_channel_axis: int | None) -> None:
         self.weight_quantizer = UniformQuantizer(w_bits, channel_axis=0)
         self.input_quantizer = UniformQuantizer(a_bits, channel_axis=act_channel_axis)
         self.state = QuantState.FLOAT
@@ -304,12 +312,12 @@ class QuantLinear(_WeightedQuantModule, nn.Linear):  # type: ignore[misc]
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, w_bits: int = 8,
                  a_bits: int = 8, per_channel_input: bool = False, device: Any = None,
-                 dtype: Optional[torch.dtype] = None):
+                 dtype: torch.dtype | None = None):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self._init_quant(w_bits, a_bits, -1 if per_channel_input else None)
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, **quant_kwargs: Any) -> 'QuantLinear':
+    def from_float(cls, linear: nn.Linear, **quant_kwargs: Any) -> QuantLinear:
         """Wrap ``linear``, sharing its parameters (the state-dict keys do not change)."""
         q = cls(linear.in_features, linear.out_features, linear.bias is not None, device='meta',
                 **quant_kwargs)
@@ -330,7 +338,7 @@ class QuantConv2d(_WeightedQuantModule, nn.Conv2d):
         self._init_quant(w_bits, a_bits, 1 if per_channel_input else None)
 
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, **quant_kwargs: Any) -> 'QuantConv2d':
+    def from_float(cls, conv: nn.Conv2d, **quant_kwargs: Any) -> QuantConv2d:
         q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
                 padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
                 bias=conv.bias is not None, padding_mode=conv.padding_mode, device='meta', **quant_kwargs)
@@ -345,7 +353,7 @@ class QuantConv2d(_WeightedQuantModule, nn.Conv2d):
 class QuantMatMul(QuantModule):
     """``a @ b`` with both operands quantized per tensor; ``a`` optionally with the log-√2 quantizer."""
 
-    def __init__(self, a_bits: int = 8, b_bits: Optional[int] = None, log_sqrt2_a: bool = False):
+    def __init__(self, a_bits: int = 8, b_bits: int | None = None, log_sqrt2_a: bool = False):
         super().__init__()
         self.quantizer_a = LogSqrt2Quantizer(a_bits) if log_sqrt2_a else UniformQuantizer(a_bits)
         self.quantizer_b = UniformQuantizer(a_bits if b_bits is None else b_bits)

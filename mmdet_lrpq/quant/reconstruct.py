@@ -40,14 +40,15 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable, Optional, Sequence, cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from .options import from_options
 from .modules import QuantConv2d, QuantLinear, QuantModule, QuantState, _Quantizer, set_quant_state
+from .options import from_options
 
 ZETA, GAMMA = 1.1, -0.1     # AdaRound's stretch of the sigmoid, so h reaches 0 and 1 exactly
 HEAD_MODES = ('module', 'layer', 'none')
@@ -118,7 +119,7 @@ class ReconstructConfig:
             raise ValueError('reconstruct: nothing to learn (weight_rounding and act_step are both False)')
 
     @classmethod
-    def from_options(cls, options: dict) -> 'ReconstructConfig':
+    def from_options(cls, options: dict) -> ReconstructConfig:
         return from_options(cls, options, 'reconstruct')
 
     def describe(self) -> dict:
@@ -188,7 +189,7 @@ class _Step:
 class _Learners:
     """The learned quantities of one unit, their optimizer, QDrop hooks and the β schedule."""
 
-    def __init__(self, modules: Sequence[QuantModule], config: ReconstructConfig, rng: '_Rng', drop_prob: float):
+    def __init__(self, modules: Sequence[QuantModule], config: ReconstructConfig, rng: _Rng, drop_prob: float):
         self.config = config
         self.drop_prob = drop_prob
         self.roundings = [_Rounding(m) for m in modules if isinstance(m, (QuantLinear, QuantConv2d))] \
@@ -202,7 +203,7 @@ class _Learners:
         self.rng = rng
         self.hooks: list = []
 
-    def __enter__(self) -> '_Learners':
+    def __enter__(self) -> _Learners:
         if self.drop_prob > 0:
             self.hooks = [q.register_forward_hook(self._drop) for q in self.quantizers]
         return self
@@ -431,7 +432,7 @@ def _capture_inputs(model: nn.Module, unit: Unit, batches: Callable[[], Iterable
 class _Rows:
     """Sampled input rows of one layer: ``x`` [R, in·k·k]; ``valid`` [R, k·k] (conv padding) or None."""
     x: list[Tensor]
-    valid: list[Optional[Tensor]]
+    valid: list[Tensor | None]
 
 
 def _linear_rows(x: Tensor, k: int, rng: _Rng) -> tuple[Tensor, None]:
@@ -494,7 +495,7 @@ def _capture_rows(model: nn.Module, layers: dict[str, QuantModule], batches: Cal
     return rows
 
 
-def _layer_output(layer: QuantLinear | QuantConv2d, x: Tensor, valid: Optional[Tensor], quantized: bool) -> Tensor:
+def _layer_output(layer: QuantLinear | QuantConv2d, x: Tensor, valid: Tensor | None, quantized: bool) -> Tensor:
     """The layer on its rows: ``x Wᵀ + b`` in float, or with its input and weight fake-quantized."""
     weight = layer.quantized_weight() if quantized else layer.weight
     if quantized:
@@ -505,14 +506,14 @@ def _layer_output(layer: QuantLinear | QuantConv2d, x: Tensor, valid: Optional[T
     return out if layer.bias is None else out + layer.bias
 
 
-def _cat_rows(r: _Rows) -> tuple[Tensor, Optional[Tensor]]:
+def _cat_rows(r: _Rows) -> tuple[Tensor, Tensor | None]:
     x = torch.cat(r.x)
     # (one layer's rows: every call gave a conv's tap mask, or none did)
     valid = None if r.valid[0] is None else torch.cat(cast(list[Tensor], r.valid))
     return x, valid
 
 
-def _layer_error(layer: QuantLinear | QuantConv2d, x: Tensor, valid: Optional[Tensor], chunk: int) -> float:
+def _layer_error(layer: QuantLinear | QuantConv2d, x: Tensor, valid: Tensor | None, chunk: int) -> float:
     """Relative output error of the quantized layer on all its rows (in chunks)."""
     def pairs():
         for i in range(0, x.shape[0], chunk):
@@ -522,7 +523,7 @@ def _layer_error(layer: QuantLinear | QuantConv2d, x: Tensor, valid: Optional[Te
         return float(_relative_error(pairs()))
 
 
-def _learn_layer(layer: QuantLinear | QuantConv2d, x: Tensor, valid: Optional[Tensor], config: ReconstructConfig,
+def _learn_layer(layer: QuantLinear | QuantConv2d, x: Tensor, valid: Tensor | None, config: ReconstructConfig,
                  rng: _Rng, tick: Callable[[], None]) -> None:
     learners = _Learners([layer], config, rng, 0.0)
     with torch.no_grad():

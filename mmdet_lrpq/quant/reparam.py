@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Union
 
 import torch
 from torch import Tensor, nn
@@ -98,7 +97,7 @@ def check_foldable(norm: nn.LayerNorm, layer: nn.Module, what: str) -> None:
 
 
 @torch.no_grad()
-def reparameterize_(norm: nn.LayerNorm, layer: Union[QuantLinear, QuantConv2d], k: float = math.inf,
+def reparameterize_(norm: nn.LayerNorm, layer: QuantLinear | QuantConv2d, k: float = math.inf,
                     round_zero_point: bool = False) -> ReparamResult:
     """Apply RepQ (``k = inf``) or CRL(k) to ``norm -> layer`` in place (see module docstring).
 
@@ -127,7 +126,7 @@ def reparameterize_(norm: nn.LayerNorm, layer: Union[QuantLinear, QuantConv2d], 
 
 
 @torch.no_grad()
-def fold_scale_shift_(norm: nn.LayerNorm, layer: Union[QuantLinear, QuantConv2d], r: Tensor, b: Tensor) -> None:
+def fold_scale_shift_(norm: nn.LayerNorm, layer: QuantLinear | QuantConv2d, r: Tensor, b: Tensor) -> None:
     """Make ``norm`` emit ``x/r - b`` per channel and ``layer`` compensate, in place (exact in float).
 
     ``γ ← γ/r``, ``β ← β/r - b``, ``W[:, c] ← W[:, c]·r_c``, ``bias ← bias + W_new·b`` (created if

@@ -19,9 +19,9 @@ clamped at ``1e-5`` (SmoothQuant's guard against an empty channel).
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Union
 
 import torch
 from torch import Tensor, nn
@@ -44,8 +44,8 @@ class ChannelRanges:
     """Running per-channel ``[lo, hi]`` of a layer's input (channels last for Linear, dim 1 for Conv2d)."""
 
     def __init__(self) -> None:
-        self.lo: Union[Tensor, None] = None
-        self.hi: Union[Tensor, None] = None
+        self.lo: Tensor | None = None
+        self.hi: Tensor | None = None
 
     def add(self, x: Tensor, channel_axis: int) -> None:
         if x.numel() == 0:
@@ -94,7 +94,7 @@ def sqb_factors(lo: Tensor, hi: Tensor, weight: Tensor, alpha: float = DEFAULT_A
 
 
 @torch.no_grad()
-def smooth_(norm: nn.LayerNorm, layer: Union[QuantLinear, QuantConv2d], ranges: ChannelRanges,
+def smooth_(norm: nn.LayerNorm, layer: QuantLinear | QuantConv2d, ranges: ChannelRanges,
             alpha: float = DEFAULT_ALPHA) -> SmoothResult:
     """Fold SQ-b into ``norm -> layer`` in place from ``layer``'s recorded input ranges."""
     check_foldable(norm, layer, 'SQ-b')

@@ -8,8 +8,8 @@ same function for their backbone sites; a bit plan is one way to build ``config_
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 from torch import nn
 
@@ -33,7 +33,7 @@ class LayerQuantConfig:
         check_bits(self.a_bits)
 
 
-ConfigFn = Callable[[str, nn.Module], Optional[LayerQuantConfig]]
+ConfigFn = Callable[[str, nn.Module], LayerQuantConfig | None]
 
 
 def quantizable_layers(model: nn.Module) -> dict[str, nn.Conv2d | nn.Linear]:

@@ -43,7 +43,9 @@ def checkpoint_path(stage: str) -> str:
 
 
 def stage_command(stage: str, args: argparse.Namespace) -> list[str]:
-    tool = lambda name: f'tools/miniworld/{name}.py'
+    def tool(name: str) -> str:
+        return f'tools/miniworld/{name}.py'
+
     if stage == 'generate':
         return [tool('generate'), '--out', args.data_root, '--seed', str(args.seed)]
     if stage in CLASSIFIERS:  # one at a time, so they get --seq-threads
@@ -94,6 +96,7 @@ def stage_results(stage: str) -> dict:
                     **({'teacher': meta['teacher'], 'hint_pairs': meta['hint_pairs']} if 'teacher' in meta else {}))
     if stage in DETECTORS:
         import mmengine  # noqa: F401  (mmdet_lrpq then allow-lists MMEngine's checkpoint metadata)
+
         import mmdet_lrpq  # noqa: F401
         meta = torch.load(path, map_location='cpu', weights_only=True)['meta']
         coco = meta['final_val_metrics']

@@ -230,7 +230,9 @@ def main(argv: list[str] | None = None) -> None:
                         help='SWIN_STAGE:CNN_BLOCK pairs of equal stride (default 0:1,1:2,2:3: Swin stages '
                              '1-3 learn from ConvNet blocks 2-4, strides 4, 8, 16)')
     parser.add_argument('--out', default='checkpoints/miniworld/swin_mini_cls.pth')
-    per_arch = lambda key: 'default: ' + ', '.join(f'{d[key]} ({arch})' for arch, d in ARCH_DEFAULTS.items())
+    def per_arch(key: str) -> str:
+        return 'default: ' + ', '.join(f'{d[key]} ({arch})' for arch, d in ARCH_DEFAULTS.items())
+
     parser.add_argument('--epochs', type=int, help=per_arch('epochs'))
     parser.add_argument('--batch-size', type=int, help=per_arch('batch_size'))
     parser.add_argument('--lr', type=float, default=1e-3)
@@ -275,7 +277,9 @@ def main(argv: list[str] | None = None) -> None:
     iters_per_epoch = len(train_x) // args.batch_size
     total = iters_per_epoch * args.epochs if args.max_iters is None else min(args.max_iters,
                                                                              iters_per_epoch * args.epochs)
-    schedule = lambda it: min(1.0, (it + 1) / max(args.warmup_iters, 1)) * 0.5 * (1 + math.cos(math.pi * it / total))
+    def schedule(it: int) -> float:
+        return min(1.0, (it + 1) / max(args.warmup_iters, 1)) * 0.5 * (1 + math.cos(math.pi * it / total))
+
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     generator = torch.Generator().manual_seed(args.seed)
     it, train_start = 0, time.time()

@@ -88,8 +88,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    import mmdet_lrpq  # noqa: F401  (after mmengine: registers the weights-only checkpoint allow-list)
     from mmengine.runner import Runner
+
+    import mmdet_lrpq
     mmdet_lrpq.register_all_modules()
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
