@@ -18,6 +18,7 @@ start. It imports nothing but the standard library until ``mmcv._ext`` is actual
 the stand-in: mmcv's own import errors), ``torchvision`` (always the stand-in, e.g. to compare
 the two in one environment).
 """
+
 from __future__ import annotations
 
 import importlib.abc
@@ -30,8 +31,10 @@ TARGET = 'mmcv._ext'
 ENV = 'MMDET_LRPQ_MMCV_OPS'
 MODES = ('auto', 'compiled', 'torchvision')
 PTH_NAME = 'mmdet_lrpq_mmcv_ops.pth'
-PTH_LINE = ("import importlib.util as _u; _u.find_spec('_mmdet_lrpq_mmcv') is not None and "
-            "__import__('_mmdet_lrpq_mmcv').install()\n")
+PTH_LINE = (
+    "import importlib.util as _u; _u.find_spec('_mmdet_lrpq_mmcv') is not None and "
+    "__import__('_mmdet_lrpq_mmcv').install()\n"
+)
 
 _state: dict = {'backend': None, 'reason': 'mmcv._ext has not been imported yet'}
 
@@ -39,8 +42,10 @@ _state: dict = {'backend': None, 'reason': 'mmcv._ext has not been imported yet'
 def mode() -> str:
     value = os.environ.get(ENV, 'auto').strip().lower() or 'auto'
     if value not in MODES:
-        raise ImportError(f'{ENV}={value!r} is not one of {", ".join(MODES)} (auto: compiled mmcv ops when they '
-                          f'load, else the torchvision backend)')
+        raise ImportError(
+            f'{ENV}={value!r} is not one of {", ".join(MODES)} (auto: compiled mmcv ops when they '
+            f'load, else the torchvision backend)'
+        )
     return value
 
 
@@ -54,8 +59,10 @@ class _Loader(importlib.abc.Loader):
                 module = importlib.util.module_from_spec(self.compiled)
                 self.compiled.loader.exec_module(module)
             except (ImportError, OSError) as err:
-                self.why = (f'the compiled mmcv._ext at {self.compiled.origin} does not load '
-                            f'({err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ""})')
+                self.why = (
+                    f'the compiled mmcv._ext at {self.compiled.origin} does not load '
+                    f'({err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ""})'
+                )
             else:
                 _state.update(backend='compiled', reason=f'compiled mmcv._ext from {self.compiled.origin}')
                 return module
@@ -84,8 +91,9 @@ def _stand_in_package():
     if parent is None or not parent.submodule_search_locations:
         raise ImportError('mmcv has no compiled ops and the mmdet_lrpq package that provides them is not importable')
     folder = os.path.join(list(parent.submodule_search_locations)[0], 'ops')
-    spec = importlib.util.spec_from_file_location(name, os.path.join(folder, '__init__.py'),
-                                                  submodule_search_locations=[folder])
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(folder, '__init__.py'), submodule_search_locations=[folder]
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:
@@ -106,15 +114,21 @@ class _Finder(importlib.abc.MetaPathFinder):
         if chosen == 'compiled':
             return None
         compiled = importlib.machinery.PathFinder.find_spec(fullname, path) if chosen == 'auto' else None
-        why = (f'{ENV}=torchvision' if chosen == 'torchvision' else
-               'mmcv has no compiled ops (mmcv-lite)' if compiled is None else '')
+        why = (
+            f'{ENV}=torchvision'
+            if chosen == 'torchvision'
+            else 'mmcv has no compiled ops (mmcv-lite)'
+            if compiled is None
+            else ''
+        )
         return importlib.machinery.ModuleSpec(fullname, _Loader(compiled, why), origin='mmdet-lrpq')
 
 
 def install() -> None:
     """Put the finder first on ``sys.meta_path`` (once; nothing if ``mmcv._ext`` is already loaded)."""
-    if TARGET in sys.modules or any(type(f).__name__ == '_Finder' and type(f).__module__ == __name__
-                                    for f in sys.meta_path):
+    if TARGET in sys.modules or any(
+        type(f).__name__ == '_Finder' and type(f).__module__ == __name__ for f in sys.meta_path
+    ):
         return
     sys.meta_path.insert(0, _Finder())
 
@@ -125,10 +139,16 @@ def backend() -> dict:
     if module is None:
         return dict(_state)
     if getattr(module, '__mmdet_lrpq_backend__', None) == 'torchvision':
-        return {'backend': 'torchvision', 'reason': _state['reason'] if _state['backend'] == 'torchvision'
-                else 'stand-in installed'}
-    return {'backend': 'compiled', 'reason': _state['reason'] if _state['backend'] == 'compiled'
-            else f'compiled mmcv._ext from {getattr(module, "__file__", "?")}'}
+        return {
+            'backend': 'torchvision',
+            'reason': _state['reason'] if _state['backend'] == 'torchvision' else 'stand-in installed',
+        }
+    return {
+        'backend': 'compiled',
+        'reason': _state['reason']
+        if _state['backend'] == 'compiled'
+        else f'compiled mmcv._ext from {getattr(module, "__file__", "?")}',
+    }
 
 
 def write_pth(site_dir: str) -> str:
@@ -144,10 +164,17 @@ def write_pth(site_dir: str) -> str:
 if __name__ == '__main__':
     import argparse
     import sysconfig
-    parser = argparse.ArgumentParser(prog='python -m _mmdet_lrpq_mmcv',
-                                     description='Install the mmcv._ext import hook into an environment.')
-    parser.add_argument('--install', nargs='?', const=sysconfig.get_paths()['purelib'], metavar='SITE_DIR',
-                        help='write the .pth file (default: this interpreter\'s site-packages)')
+
+    parser = argparse.ArgumentParser(
+        prog='python -m _mmdet_lrpq_mmcv', description='Install the mmcv._ext import hook into an environment.'
+    )
+    parser.add_argument(
+        '--install',
+        nargs='?',
+        const=sysconfig.get_paths()['purelib'],
+        metavar='SITE_DIR',
+        help="write the .pth file (default: this interpreter's site-packages)",
+    )
     args = parser.parse_args()
     if args.install:
         print(write_pth(args.install))

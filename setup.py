@@ -1,4 +1,5 @@
 """mmdet-lrpq: LRP-guided mixed-precision post-training quantization of Swin detectors."""
+
 import re
 from pathlib import Path
 

@@ -20,6 +20,7 @@ disjoint calib split, CocoMetric on the 200-image val split) and every plan one
 ``<!-- ap_benchmark:begin -->`` / ``<!-- ap_benchmark:end -->`` markers of docs/benchmarks.md.
 The ``time (s)`` column is each process's wall time with ``--jobs`` processes running side by side.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,7 +36,7 @@ from mmdet_lrpq.miniworld import experiments as ex
 
 try:
     from bench import common
-except ImportError:   # python bench/ap_benchmark.py: bench/ is sys.path[0]
+except ImportError:  # python bench/ap_benchmark.py: bench/ is sys.path[0]
     import common
 
 REPO = common.REPO
@@ -65,8 +66,11 @@ def settings() -> list[ex.Setting]:
         rows += [ex.Setting(name, bits=bits, plan_k=k, method=method) for name, bits, k in LADDER]
     rows += [ex.Setting('MP4', plan_k=4, method='crl', allocator=a) for a in ALLOCATORS if a != 'lrp_qvit']
     rows += [ex.Setting('W4A4', bits=4, method='crl', extra={'crl_k': k}) for k in CRL_KS]
-    rows += [ex.Setting('W4A4', bits=4, method=m, extra={CALIB_IDS: [image_id]}) for image_id in ex.calib_image_ids()
-             for m in ('repq', 'crl')]
+    rows += [
+        ex.Setting('W4A4', bits=4, method=m, extra={CALIB_IDS: [image_id]})
+        for image_id in ex.calib_image_ids()
+        for m in ('repq', 'crl')
+    ]
     return rows
 
 
@@ -78,22 +82,31 @@ def calibration_table(rows: list[dict]) -> list[dict]:
         pair = {r['method']: r for r in sweep if tuple(r[CALIB_IDS]) == image_ids}
         if set(pair) != {'repq', 'crl'}:
             continue
-        out.append({'calibration image': ','.join(map(str, image_ids)),
-                    **{f'{name} {kind} AP': pair[m][f'{kind}_ap'] for kind in ('box', 'mask')
-                       for m, name in (('repq', 'RepQ'), ('crl', 'CRL'))}})
+        out.append(
+            {
+                'calibration image': ','.join(map(str, image_ids)),
+                **{
+                    f'{name} {kind} AP': pair[m][f'{kind}_ap']
+                    for kind in ('box', 'mask')
+                    for m, name in (('repq', 'RepQ'), ('crl', 'CRL'))
+                },
+            }
+        )
     aps = [k for k in out[0] if k.endswith(' AP')] if out else []
     if out:
         out.append({'calibration image': f'mean of {len(out)}', **{k: sum(r[k] for r in out) / len(out) for k in aps}})
     for r in out:
         for kind in ('box', 'mask'):
-            r[f'CRL - RepQ {kind}'] = f"{r[f'CRL {kind} AP'] - r[f'RepQ {kind} AP']:+.1f}"
+            r[f'CRL - RepQ {kind}'] = f'{r[f"CRL {kind} AP"] - r[f"RepQ {kind} AP"]:+.1f}'
         r.update({k: f'{r[k]:.1f}' for k in aps})
     return out
 
 
 def _row(rows: list[dict], setting: str, method: str | None = None) -> dict | None:
     """The ladder row of ``setting`` (MPk: its ``lrp_qvit`` plan) with ``method``, or None."""
-    found = [r for r in rows if is_ladder_row(r) and r['setting'] == setting and (setting == 'FP' or r['method'] == method)]
+    found = [
+        r for r in rows if is_ladder_row(r) and r['setting'] == setting and (setting == 'FP' or r['method'] == method)
+    ]
     return found[0] if found else None
 
 
@@ -107,24 +120,39 @@ def target_checks(rows: list[dict], detector: str) -> list[tuple[str, str, str]]
     mine = [r for r in rows if r['detector'] == detector]
     fp, out = _row(mine, 'FP'), []
     if fp:
-        out.append(('float box AP >= 50', f"{fp['box_ap']:.1f}", common.verdict(50.0 - fp['box_ap'])))
+        out.append(('float box AP >= 50', f'{fp["box_ap"]:.1f}', common.verdict(50.0 - fp['box_ap'])))
     for setting, bound in (('W8A8', 0.5), ('W6A6', 2.0)):
         quant = [(name, _row(mine, setting, m)) for m, name in (('repq', 'RepQ'), ('crl', 'CRL'))]
         if fp and all(r for _, r in quant):
             changes = [(name, round(r['box_ap'] - fp['box_ap'], 1) + 0.0) for name, r in quant]  # + 0.0: no '-0.0'
-            out.append((f'{setting} within {bound:g} AP of float', ', '.join(f'{c:+.1f} ({n})' for n, c in changes),
-                        common.verdict(-min(c for _, c in changes) - bound)))
+            out.append(
+                (
+                    f'{setting} within {bound:g} AP of float',
+                    ', '.join(f'{c:+.1f} ({n})' for n, c in changes),
+                    common.verdict(-min(c for _, c in changes) - bound),
+                )
+            )
     repq, crl, mp4 = _row(mine, 'W4A4', 'repq'), _row(mine, 'W4A4', 'crl'), _row(mine, 'MP4', 'crl')
     if repq and crl:
-        out.append(('W4A4: CRL >= RepQ', f"{crl['box_ap']:.1f} vs {repq['box_ap']:.1f} "
-                    f"(mask {crl['mask_ap']:.1f} vs {repq['mask_ap']:.1f})", common.verdict(repq['box_ap'] - crl['box_ap'])))
+        out.append(
+            (
+                'W4A4: CRL >= RepQ',
+                f'{crl["box_ap"]:.1f} vs {repq["box_ap"]:.1f} (mask {crl["mask_ap"]:.1f} vs {repq["mask_ap"]:.1f})',
+                common.verdict(repq['box_ap'] - crl['box_ap']),
+            )
+        )
     if crl and mp4:
         verdict = common.verdict(crl['box_ap'] - mp4['box_ap'])
         if mp4['weight_mb'] > crl['weight_mb']:
             verdict = '**missed**: more weight memory'
-        out.append(('MP4 (LRP plan, CRL) >= W4A4 (CRL), no more weight memory',
-                    f"{mp4['box_ap']:.1f} vs {crl['box_ap']:.1f} (mask {mp4['mask_ap']:.1f} vs {crl['mask_ap']:.1f}), "
-                    f"{mp4['weight_mb']:.2f} vs {crl['weight_mb']:.2f} MB", verdict))
+        out.append(
+            (
+                'MP4 (LRP plan, CRL) >= W4A4 (CRL), no more weight memory',
+                f'{mp4["box_ap"]:.1f} vs {crl["box_ap"]:.1f} (mask {mp4["mask_ap"]:.1f} vs {crl["mask_ap"]:.1f}), '
+                f'{mp4["weight_mb"]:.2f} vs {crl["weight_mb"]:.2f} MB',
+                verdict,
+            )
+        )
     return out
 
 
@@ -145,23 +173,49 @@ def tables(rows: list[dict]) -> str:
     for det in dict.fromkeys(r['detector'] for r in rows):
         mine = [r for r in rows if r['detector'] == det]
         ladder = [r for r in mine if is_ladder_row(r)]
-        out += [f'**{det}: float and quantized (1 calibration image)**', '',
-                ex.markdown_table(ladder, columns=('setting', 'method', 'box_ap', 'mask_ap', 'avg_w_bits',
-                                                   'avg_a_bits', 'weight_mb', 'gbops')), '']
+        out += [
+            f'**{det}: float and quantized (1 calibration image)**',
+            '',
+            ex.markdown_table(
+                ladder,
+                columns=('setting', 'method', 'box_ap', 'mask_ap', 'avg_w_bits', 'avg_a_bits', 'weight_mb', 'gbops'),
+            ),
+            '',
+        ]
         alloc = [r for r in mine if r['setting'] == 'MP4' and r['method'] == 'crl' and not is_sweep_point(r)]
-        out += [f'**{det}: MP4 allocators at the same budget (weight memory <= uniform 4 bit), CRL**', '',
-                ex.markdown_table(alloc, columns=('allocator', 'box_ap', 'mask_ap', 'avg_w_bits', 'avg_a_bits',
-                                                  'weight_mb')), '']
-        sweep = [dict(r, k='inf (RepQ)' if r['method'] == 'repq' else f"{r['crl_k']:g}") for r in mine
-                 if r['setting'] == 'W4A4' and CALIB_IDS not in r and (r['method'] == 'repq' or 'crl_k' in r)]
-        out += [f'**{det}: W4A4, CRL clipping k (standard deviations)**', '',
-                ex.markdown_table(sweep, columns=('k', 'box_ap', 'mask_ap')), '']
+        out += [
+            f'**{det}: MP4 allocators at the same budget (weight memory <= uniform 4 bit), CRL**',
+            '',
+            ex.markdown_table(
+                alloc, columns=('allocator', 'box_ap', 'mask_ap', 'avg_w_bits', 'avg_a_bits', 'weight_mb')
+            ),
+            '',
+        ]
+        sweep = [
+            dict(r, k='inf (RepQ)' if r['method'] == 'repq' else f'{r["crl_k"]:g}')
+            for r in mine
+            if r['setting'] == 'W4A4' and CALIB_IDS not in r and (r['method'] == 'repq' or 'crl_k' in r)
+        ]
+        out += [
+            f'**{det}: W4A4, CRL clipping k (standard deviations)**',
+            '',
+            ex.markdown_table(sweep, columns=('k', 'box_ap', 'mask_ap')),
+            '',
+        ]
         per_image = calibration_table(mine)
         if per_image:
-            out += [f'**{det}: W4A4, RepQ vs CRL (default k) calibrated on different single images**', '',
-                    ex.markdown_table(per_image, columns=tuple(per_image[0])), '']
-    out += ['**Against the miniature-world targets** (ladder rows, calibrated on the hook\'s default image)', '',
-            targets_table(rows), '']
+            out += [
+                f'**{det}: W4A4, RepQ vs CRL (default k) calibrated on different single images**',
+                '',
+                ex.markdown_table(per_image, columns=tuple(per_image[0])),
+                '',
+            ]
+    out += [
+        "**Against the miniature-world targets** (ladder rows, calibrated on the hook's default image)",
+        '',
+        targets_table(rows),
+        '',
+    ]
     return '\n'.join(out)
 
 
@@ -170,8 +224,11 @@ def main(argv=None) -> None:
     common.add_detectors(parser)
     parser.add_argument('--jobs', type=int, default=2, help='tools/test.py processes side by side (1 thread each)')
     parser.add_argument('--lrp-images', type=int, default=64, help='classifier images for the LRP scores')
-    common.add_outputs(parser, 'ap_benchmark', tables_help=f'run nothing: rewrite the tables (.md next to --out, '
-                                                           f'{DOC} block) from the rows already in --out')
+    common.add_outputs(
+        parser,
+        'ap_benchmark',
+        tables_help=f'run nothing: rewrite the tables (.md next to --out, {DOC} block) from the rows already in --out',
+    )
     args = parser.parse_args(argv)
     if args.tables_only:
         return write_tables(common.saved_results(args.out, COMMAND)['rows'], args)
@@ -183,7 +240,7 @@ def main(argv=None) -> None:
     os.makedirs(plan_dir, exist_ok=True)
     plans = {}
     for k in (6, 4):
-        for allocator in (ALLOCATORS if k == 4 else ('lrp_qvit',)):
+        for allocator in ALLOCATORS if k == 4 else ('lrp_qvit',):
             plans[(k, allocator)] = ex.make_plan(k, plan_dir, allocator, num_images=args.lrp_images, log=log)
     jobs = [(det, s) for det in args.detectors for s in settings()]
     log(f'{len(jobs)} evaluations, {args.jobs} at a time')
@@ -191,8 +248,10 @@ def main(argv=None) -> None:
     def run(job):
         det, setting = job
         row = ex.evaluate(det, setting, plans, args.work_dir, threads=1 if args.jobs > 1 else None)
-        log(f'{det:18s} {setting.tag:28s} box AP {row["box_ap"]:5.1f} mask AP {row["mask_ap"]:5.1f} '
-            f'({row["seconds"]:.0f}s)')
+        log(
+            f'{det:18s} {setting.tag:28s} box AP {row["box_ap"]:5.1f} mask AP {row["mask_ap"]:5.1f} '
+            f'({row["seconds"]:.0f}s)'
+        )
         return row
 
     with ThreadPoolExecutor(args.jobs) as pool:
@@ -202,13 +261,17 @@ def main(argv=None) -> None:
         kept = [r for r in json.load(open(args.out))['rows'] if r['detector'] not in args.detectors]
         rows = sorted(kept + rows, key=lambda r: list(ex.DETECTORS).index(r['detector']))
     summary_path = osp.join(ex.CKPT, 'training_summary.json')
-    report = dict(command=COMMAND, last_invocation=' '.join([COMMAND, *(argv or sys.argv[1:])]),
-                  jobs=args.jobs, seconds=round(time.time() - start, 1),
-                  environment=dict(python=platform.python_version(), cpus=os.cpu_count()),
-                  training_summary=json.load(open(summary_path)) if osp.isfile(summary_path) else None,
-                  plans={f'mp{k}_{a}': osp.relpath(p, REPO) for (k, a), p in plans.items()},
-                  plan_budgets={f'mp{k}_{a}': json.load(open(p))['budget'] for (k, a), p in plans.items()},
-                  rows=rows)
+    report = dict(
+        command=COMMAND,
+        last_invocation=' '.join([COMMAND, *(argv or sys.argv[1:])]),
+        jobs=args.jobs,
+        seconds=round(time.time() - start, 1),
+        environment=dict(python=platform.python_version(), cpus=os.cpu_count()),
+        training_summary=json.load(open(summary_path)) if osp.isfile(summary_path) else None,
+        plans={f'mp{k}_{a}': osp.relpath(p, REPO) for (k, a), p in plans.items()},
+        plan_budgets={f'mp{k}_{a}': json.load(open(p))['budget'] for (k, a), p in plans.items()},
+        rows=rows,
+    )
     common.write_json(args.out, report)
     write_tables(rows, args)
     log(f'done; {args.out}')

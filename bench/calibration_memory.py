@@ -33,6 +33,7 @@ process), which says where a calibration forward's time goes beyond the float fo
 Writes ``results/calibration_memory.json`` and replaces the block between
 ``<!-- calibration_memory:begin -->`` / ``<!-- calibration_memory:end -->`` of docs/benchmarks.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,15 +52,15 @@ from typing import Any
 
 try:
     from bench import common
-except ImportError:   # python bench/calibration_memory.py: bench/ is sys.path[0]
+except ImportError:  # python bench/calibration_memory.py: bench/ is sys.path[0]
     import common
 
 REPO = common.REPO
 DEFAULT_DATA = osp.join(REPO, '..', 'shared', 'data', 'coco_mini')
 STREAMED_NS = (1, 2, 4, 8, 16, 32)
 ONE_BATCH_NS = (1, 2, 4, 8)
-MEMORY_TARGET = 1.3        # peak at the largest N <= this x the peak at N = 1 (streamed)
-TIME_TARGET = 1.5          # calibration time per image <= this x one float forward
+MEMORY_TARGET = 1.3  # peak at the largest N <= this x the peak at N = 1 (streamed)
+TIME_TARGET = 1.5  # calibration time per image <= this x one float forward
 MARKERS = ('<!-- calibration_memory:begin -->', '<!-- calibration_memory:end -->')
 COMMAND = 'python bench/calibration_memory.py'
 DOC = common.BENCHMARKS_PAGE
@@ -103,9 +104,9 @@ class Peaks:
 
     def __init__(self) -> None:
         self.peak: dict[str, float] = {}
-        self.process = proc_status_mb('VmHWM')       # imports, model builds, warm-up
+        self.process = proc_status_mb('VmHWM')  # imports, model builds, warm-up
         self.start = proc_status_mb('VmRSS')
-        self.trace: list[dict] = []                   # per window: its kind, RSS at its start, its peak
+        self.trace: list[dict] = []  # per window: its kind, RSS at its start, its peak
 
     def close(self, window: str) -> None:
         """End a window: fold the mark since the last reset into ``window``'s peak; reset."""
@@ -140,7 +141,7 @@ def measure(n: int, batch_size: int, config: str, data_root: str, image_ids: lis
     register_all_modules()
     mmdet_lrpq.register_all_modules()
     torch.set_grad_enabled(False)
-    fused = kernels() is not None                     # compiled/loaded before anything is timed
+    fused = kernels() is not None  # compiled/loaded before anything is timed
     cfg = Config.fromfile(config)
     hook = next(h for h in cfg.custom_hooks if is_quantization_hook(h['type']))
     settings = QuantizationHook(**{k: v for k, v in hook.items() if k != 'type'}).config
@@ -150,17 +151,17 @@ def measure(n: int, batch_size: int, config: str, data_root: str, image_ids: lis
     torch.manual_seed(0)
     float_model = MODELS.build(cfg.model)
     float_model.eval()
-    float_model.roi_head.bbox_head.fc_cls.bias[0] += 6.0   # see bench/calibration_speed.py
-    weights_mb = sum(p.numel() * p.element_size() for p in float_model.parameters()) / 2 ** 20
+    float_model.roi_head.bbox_head.fc_cls.bias[0] += 6.0  # see bench/calibration_speed.py
+    weights_mb = sum(p.numel() * p.element_size() for p in float_model.parameters()) / 2**20
     first = pseudo_collate([images.dataset[images.indices[0]]])
-    float_model.test_step(first)                                          # warm-up
+    float_model.test_step(first)  # warm-up
     input_hw = batch_input_hw(float_model, first)
     model = copy.deepcopy(float_model)
 
     peaks = Peaks()
-    float_runs: dict[int, tuple[float, float, int, list]] = {}   # position -> wall s, CPU s, detections, h x w
+    float_runs: dict[int, tuple[float, float, int, list]] = {}  # position -> wall s, CPU s, detections, h x w
     forwards: list[tuple[float, float]] = []
-    in_float = [0.0]                                       # generator time spent on float forwards
+    in_float = [0.0]  # generator time spent on float forwards
 
     def float_forward(position: int) -> None:
         t0 = time.perf_counter()
@@ -196,28 +197,43 @@ def measure(n: int, batch_size: int, config: str, data_root: str, image_ids: lis
     load_before = os.getloadavg()
     quantizer = ModelQuantizer(model, settings)
     with Stopwatch() as whole:
-        report = quantizer.calibrate(batches(), run, images_in=images_in, image_ids=images.ids,
-                                     batch_size=batch_size, input_shape=input_hw)
+        report = quantizer.calibrate(
+            batches(), run, images_in=images_in, image_ids=images.ids, batch_size=batch_size, input_shape=input_hw
+        )
     peaks.close('calibration')
     calibration_s = report.calibration['seconds'] - in_float[0]
     n = len(images)
     float_wall = [float_runs[p][0] for p in range(n)]
     float_cpu = [float_runs[p][1] for p in range(n)]
     return dict(
-        n=n, batch_size=batch_size, image_ids=images.ids, input_hw_first=list(input_hw),
-        detections_per_image=[float_runs[p][2] for p in range(n)], image_hw=[float_runs[p][3] for p in range(n)],
+        n=n,
+        batch_size=batch_size,
+        image_ids=images.ids,
+        input_hw_first=list(input_hw),
+        detections_per_image=[float_runs[p][2] for p in range(n)],
+        image_hw=[float_runs[p][3] for p in range(n)],
         threads=torch.get_num_threads(),
-        fused_kernels=fused, float_weights_mb=round(weights_mb, 1),
-        calibration_peak_mb=round(peaks.peak['calibration'], 1), float_forward_peak_mb=round(peaks.peak['float'], 1),
-        process_peak_mb=round(peaks.process, 1), calibration_s=round(calibration_s, 2),
-        wrap_calibrate_reparam_s=round(whole.wall - in_float[0], 2), calibration_per_image_s=calibration_s / n,
-        calibration_forward_s=[w for w, _ in forwards], calibration_forward_cpu_s=[c for _, c in forwards],
-        float_forward_s=float_wall, float_forward_cpu_s=float_cpu, float_per_image_s=statistics.fmean(float_wall),
+        fused_kernels=fused,
+        float_weights_mb=round(weights_mb, 1),
+        calibration_peak_mb=round(peaks.peak['calibration'], 1),
+        float_forward_peak_mb=round(peaks.peak['float'], 1),
+        process_peak_mb=round(peaks.process, 1),
+        calibration_s=round(calibration_s, 2),
+        wrap_calibrate_reparam_s=round(whole.wall - in_float[0], 2),
+        calibration_per_image_s=calibration_s / n,
+        calibration_forward_s=[w for w, _ in forwards],
+        calibration_forward_cpu_s=[c for _, c in forwards],
+        float_forward_s=float_wall,
+        float_forward_cpu_s=float_cpu,
+        float_per_image_s=statistics.fmean(float_wall),
         calib_over_float=calibration_s / sum(float_wall),
         calib_forward_over_float=sum(w for w, _ in forwards) / sum(float_wall),
         calib_forward_cpu_over_float_cpu=sum(c for _, c in forwards) / sum(float_cpu),
-        loadavg_before=list(load_before), loadavg_after=list(os.getloadavg()), memory_windows=peaks.trace,
-        calibration_report=report.calibration)
+        loadavg_before=list(load_before),
+        loadavg_after=list(os.getloadavg()),
+        memory_windows=peaks.trace,
+        calibration_report=report.calibration,
+    )
 
 
 # ---------------------------------------------------------------------------------- profile
@@ -260,7 +276,7 @@ def profile(config: str, data_root: str, repeats: int = 3) -> dict:
     float_model = MODELS.build(cfg.model)
     float_model.eval()
     float_model.roi_head.bbox_head.fc_cls.bias[0] += 6.0
-    float_model.test_step(batch)                                  # warm-up
+    float_model.test_step(batch)  # warm-up
 
     names: dict[int, str] = {}
     spent: dict[tuple[str, str], float] = {}
@@ -272,6 +288,7 @@ def profile(config: str, data_root: str, repeats: int = 3) -> dict:
             key = (kind(self), names.get(id(self), '?'))
             spent[key] = spent.get(key, 0.0) + time.perf_counter() - t0
             return out
+
         return timed_call
 
     def quantile_timing(original: Callable) -> Callable:
@@ -280,6 +297,7 @@ def profile(config: str, data_root: str, repeats: int = 3) -> dict:
             out = original(rows, qs)
             spent[('quantiles', current[-1])] = spent.get(('quantiles', current[-1]), 0.0) + time.perf_counter() - t0
             return out
+
         return timed_quantiles
 
     current = ['?']
@@ -294,14 +312,22 @@ def profile(config: str, data_root: str, repeats: int = 3) -> dict:
                 return original(self, x)
             finally:
                 current.pop()
+
         return calibrate_tracked
 
-    patches = [(modules.UniformQuantizer, 'calibrate', lambda f: timing(calibrate_kind, tracked(f))),
-               (modules.LogSqrt2Quantizer, 'calibrate', lambda f: timing(calibrate_kind, tracked(f))),
-               (modules.UniformQuantizer, 'forward', lambda f: timing(
-                   lambda q: 'weight fake-quant' if calibrate_kind(q) == 'weight qparams' else 'activation fake-quant', f)),
-               (modules.LogSqrt2Quantizer, 'forward', lambda f: timing(lambda q: 'activation fake-quant', f)),
-               (functional, 'quantiles', quantile_timing)]
+    patches = [
+        (modules.UniformQuantizer, 'calibrate', lambda f: timing(calibrate_kind, tracked(f))),
+        (modules.LogSqrt2Quantizer, 'calibrate', lambda f: timing(calibrate_kind, tracked(f))),
+        (
+            modules.UniformQuantizer,
+            'forward',
+            lambda f: timing(
+                lambda q: 'weight fake-quant' if calibrate_kind(q) == 'weight qparams' else 'activation fake-quant', f
+            ),
+        ),
+        (modules.LogSqrt2Quantizer, 'forward', lambda f: timing(lambda q: 'activation fake-quant', f)),
+        (functional, 'quantiles', quantile_timing),
+    ]
     runs = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -334,10 +360,16 @@ def profile(config: str, data_root: str, repeats: int = 3) -> dict:
     sites = sorted({s for _, s in keys})
     site_total = {s: sum(v for (k, site), v in per_key.items() if site == s and k != 'quantiles') for s in sites}
     top = sorted(site_total.items(), key=lambda kv: -kv[1])[:12]
-    return dict(image_id=images.ids[0], repeats=repeats, float_forward_s=float_s, calibration_forward_s=calib_s,
-                runs=[dict(float_s=f, calibration_s=c) for f, c, _ in runs], by_kind_s=by_kind,
-                top_sites_s=[dict(site=s, seconds=v, **{k: per_key.get((k, s), 0.0) for k in kinds}) for s, v in top],
-                per_site_s={f'{k} | {s}': v for (k, s), v in per_key.items()})
+    return dict(
+        image_id=images.ids[0],
+        repeats=repeats,
+        float_forward_s=float_s,
+        calibration_forward_s=calib_s,
+        runs=[dict(float_s=f, calibration_s=c) for f, c, _ in runs],
+        by_kind_s=by_kind,
+        top_sites_s=[dict(site=s, seconds=v, **{k: per_key.get((k, s), 0.0) for k in kinds}) for s, v in top],
+        per_site_s={f'{k} | {s}': v for (k, s), v in per_key.items()},
+    )
 
 
 # ---------------------------------------------------------------------------------- driver
@@ -353,15 +385,26 @@ def fits(n: int, rows: list[dict], margin_mb: float = 2048) -> str | None:
     available = mem_available_mb()
     if predicted + margin_mb <= available:
         return None
-    return (f'skipped: one batch of {n} would peak at about {predicted / 1024:.1f} GB (extrapolated from '
-            f'N = {n0}, {n1}), {available / 1024:.1f} GB available')
+    return (
+        f'skipped: one batch of {n} would peak at about {predicted / 1024:.1f} GB (extrapolated from '
+        f'N = {n0}, {n1}), {available / 1024:.1f} GB available'
+    )
 
 
 def run_row(mode: list[str], name: str, args: argparse.Namespace) -> dict:
     """``measure`` (or ``profile``) in a fresh process; its JSON."""
     out = osp.join(args.work_dir, f'{name}.json')
-    cmd = [sys.executable, osp.abspath(__file__), *mode, '--config', args.config, '--data-root', args.data_root,
-           '--single-out', out]
+    cmd = [
+        sys.executable,
+        osp.abspath(__file__),
+        *mode,
+        '--config',
+        args.config,
+        '--data-root',
+        args.data_root,
+        '--single-out',
+        out,
+    ]
     with open(osp.join(args.work_dir, f'{name}.log'), 'w') as log:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
     if proc.returncode != 0:
@@ -384,22 +427,36 @@ def pair_ratio(row: dict) -> float | None:
 
 def rows_table(rows: list[dict]) -> str:
     """One line per row: memory, time per image, ratios."""
-    lines = ['| calibration | N | peak RSS, calibration (MB) | peak RSS, process (MB) | × N=1 | '
-             'calibration per image (s) | float forward per image (s) | calibration / float | '
-             'median per-image pair ratio |', '|---|---|---|---|---|---|---|---|---|']
-    base = next((r for r in rows if r['n'] == 1 and r['batch_size'] == 1 and not r.get('control')
-                 and not r.get('skipped')), None)
+    lines = [
+        '| calibration | N | peak RSS, calibration (MB) | peak RSS, process (MB) | × N=1 | '
+        'calibration per image (s) | float forward per image (s) | calibration / float | '
+        'median per-image pair ratio |',
+        '|---|---|---|---|---|---|---|---|---|',
+    ]
+    base = next(
+        (r for r in rows if r['n'] == 1 and r['batch_size'] == 1 and not r.get('control') and not r.get('skipped')),
+        None,
+    )
     for r in rows:
-        kind = ('largest image alone' if r.get('control') else 'one image' if r['n'] == 1
-                else 'streamed' if r['batch_size'] == 1 else f"one batch of {r['n']}")
+        kind = (
+            'largest image alone'
+            if r.get('control')
+            else 'one image'
+            if r['n'] == 1
+            else 'streamed'
+            if r['batch_size'] == 1
+            else f'one batch of {r["n"]}'
+        )
         if r.get('skipped'):
-            lines.append(f"| {kind} | {r['n']} | {r['skipped']} | | | | | | |")
+            lines.append(f'| {kind} | {r["n"]} | {r["skipped"]} | | | | | | |')
             continue
-        rel = f"{r['calibration_peak_mb'] / base['calibration_peak_mb']:.2f}" if base else '—'
+        rel = f'{r["calibration_peak_mb"] / base["calibration_peak_mb"]:.2f}' if base else '—'
         pair = pair_ratio(r)
-        lines.append(f"| {kind} | {r['n']} | {r['calibration_peak_mb']:.0f} | {r['process_peak_mb']:.0f} | {rel} | "
-                     f"{r['calibration_per_image_s']:.2f} | {r['float_per_image_s']:.2f} | "
-                     f"**{r['calib_over_float']:.2f}** | {'—' if pair is None else f'{pair:.2f}'} |")
+        lines.append(
+            f'| {kind} | {r["n"]} | {r["calibration_peak_mb"]:.0f} | {r["process_peak_mb"]:.0f} | {rel} | '
+            f'{r["calibration_per_image_s"]:.2f} | {r["float_per_image_s"]:.2f} | '
+            f'**{r["calib_over_float"]:.2f}** | {"—" if pair is None else f"{pair:.2f}"} |'
+        )
     return '\n'.join(lines)
 
 
@@ -411,37 +468,56 @@ def targets(rows: list[dict]) -> list[str]:
     first, last = streamed[0], streamed[-1]
     memory = last['calibration_peak_mb'] / first['calibration_peak_mb']
     worst = max(streamed, key=lambda r: r['calib_over_float'])
-    return [f"- Peak memory at N = {last['n']} ≤ {MEMORY_TARGET} × N = {first['n']}: "
-            f"{last['calibration_peak_mb']:.0f} / {first['calibration_peak_mb']:.0f} MB = {memory:.2f}: "
-            + ('**met**' if memory <= MEMORY_TARGET else '**missed**'),
-            f"- Calibration time per image ≤ {TIME_TARGET} float forwards: "
-            f"{min(r['calib_over_float'] for r in streamed):.2f}–{worst['calib_over_float']:.2f} over the streamed rows "
-            f"(worst N = {worst['n']}): " + ('**met**' if worst['calib_over_float'] <= TIME_TARGET else '**missed**')]
+    return [
+        f'- Peak memory at N = {last["n"]} ≤ {MEMORY_TARGET} × N = {first["n"]}: '
+        f'{last["calibration_peak_mb"]:.0f} / {first["calibration_peak_mb"]:.0f} MB = {memory:.2f}: '
+        + ('**met**' if memory <= MEMORY_TARGET else '**missed**'),
+        f'- Calibration time per image ≤ {TIME_TARGET} float forwards: '
+        f'{min(r["calib_over_float"] for r in streamed):.2f}–{worst["calib_over_float"]:.2f} over the streamed rows '
+        f'(worst N = {worst["n"]}): ' + ('**met**' if worst['calib_over_float'] <= TIME_TARGET else '**missed**'),
+    ]
 
 
 def profile_table(prof: dict) -> str:
     """Where one calibration forward's time goes: the quantizers' parts, the rest, and the top sites."""
     float_s, calib_s = prof['float_forward_s'], prof['calibration_forward_s']
-    part = lambda kind, weight: sum(v for key, v in prof['per_site_s'].items()  # noqa: E731
-                                    if key.startswith(kind + ' | ') and key.endswith('weight_quantizer') == weight)
-    parts = [('activation ranges: quantile extraction', part('quantiles', False)),
-             ('activation ranges: the rest (MSE of the 3 candidates, selection)',
-              part('activation qparams', False) - part('quantiles', False)),
-             ('activation fake-quant', part('activation fake-quant', False)),
-             ('weight ranges (once per calibration, not per image)', part('weight qparams', True)),
-             ('weight fake-quant (once per calibration)', part('weight fake-quant', True))]
-    lines = [f"| one forward on image {prof['image_id']} (median of {prof['repeats']}) | seconds | × float forward |",
-             '|---|---|---|', f'| float forward | {float_s:.2f} | 1.00 |',
-             f'| calibration forward | {calib_s:.2f} | {calib_s / float_s:.2f} |']
+
+    def part(kind: str, weight: bool) -> float:
+        return sum(
+            v
+            for key, v in prof['per_site_s'].items()
+            if key.startswith(kind + ' | ') and key.endswith('weight_quantizer') == weight
+        )
+
+    parts = [
+        ('activation ranges: quantile extraction', part('quantiles', False)),
+        (
+            'activation ranges: the rest (MSE of the 3 candidates, selection)',
+            part('activation qparams', False) - part('quantiles', False),
+        ),
+        ('activation fake-quant', part('activation fake-quant', False)),
+        ('weight ranges (once per calibration, not per image)', part('weight qparams', True)),
+        ('weight fake-quant (once per calibration)', part('weight fake-quant', True)),
+    ]
+    lines = [
+        f'| one forward on image {prof["image_id"]} (median of {prof["repeats"]}) | seconds | × float forward |',
+        '|---|---|---|',
+        f'| float forward | {float_s:.2f} | 1.00 |',
+        f'| calibration forward | {calib_s:.2f} | {calib_s / float_s:.2f} |',
+    ]
     lines += [f'| of which {name} | {v:.2f} | {v / float_s:.3f} |' for name, v in parts]
     rest = calib_s - sum(v for _, v in parts)
-    lines.append(f'| of which the layers\' own work and everything else | {rest:.2f} | {rest / float_s:.2f} |')
-    lines += ['', '| site (largest quantizer time in the calibration forward) | ranges (s) | of which quantiles (s) | '
-              'fake-quant (s) |', '|---|---|---|---|']
+    lines.append(f"| of which the layers' own work and everything else | {rest:.2f} | {rest / float_s:.2f} |")
+    lines += [
+        '',
+        '| site (largest quantizer time in the calibration forward) | ranges (s) | of which quantiles (s) | '
+        'fake-quant (s) |',
+        '|---|---|---|---|',
+    ]
     for site in prof['top_sites_s'][:8]:
         ranges = site.get('activation qparams', 0.0) + site.get('weight qparams', 0.0)
         fq = site.get('activation fake-quant', 0.0) + site.get('weight fake-quant', 0.0)
-        lines.append(f"| `{site['site']}` | {ranges:.3f} | {site.get('quantiles', 0.0):.3f} | {fq:.3f} |")
+        lines.append(f'| `{site["site"]}` | {ranges:.3f} | {site.get("quantiles", 0.0):.3f} | {fq:.3f} |')
     return '\n'.join(lines)
 
 
@@ -449,8 +525,12 @@ def tables(report: dict) -> str:
     rows = report['rows']
     out = [rows_table(rows), '', *targets(rows), '']
     if report.get('profile'):
-        out += ['**Where the time of one calibration forward goes** (`profile` in the JSON)', '',
-                profile_table(report['profile']), '']
+        out += [
+            '**Where the time of one calibration forward goes** (`profile` in the JSON)',
+            '',
+            profile_table(report['profile']),
+            '',
+        ]
     return '\n'.join(out)
 
 
@@ -461,16 +541,24 @@ def write_tables(report: dict, args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = common.parser(__doc__)
-    parser.add_argument('--data-root', default=DEFAULT_DATA,
-                        help='COCO root with train2017/ and annotations/instances_train2017.json')
+    parser.add_argument(
+        '--data-root', default=DEFAULT_DATA, help='COCO root with train2017/ and annotations/instances_train2017.json'
+    )
     parser.add_argument('--config', default=osp.join(REPO, 'configs', 'mask_rcnn_swin_t_w4a4.py'))
     parser.add_argument('--ns', type=int, nargs='+', default=list(STREAMED_NS), help='streamed rows (batch 1)')
-    parser.add_argument('--one-batch-ns', type=int, nargs='+', default=list(ONE_BATCH_NS),
-                        help='one-batch rows (batch_size = N); skipped when they would not fit in memory')
-    common.add_outputs(parser, 'calibration_memory', block='table',
-                       tables_help=f'run nothing: rewrite the {DOC} block from --out')
-    parser.add_argument('--no-profile', action='store_true',
-                        help='skip the profile of one calibration forward (where its time goes)')
+    parser.add_argument(
+        '--one-batch-ns',
+        type=int,
+        nargs='+',
+        default=list(ONE_BATCH_NS),
+        help='one-batch rows (batch_size = N); skipped when they would not fit in memory',
+    )
+    common.add_outputs(
+        parser, 'calibration_memory', block='table', tables_help=f'run nothing: rewrite the {DOC} block from --out'
+    )
+    parser.add_argument(
+        '--no-profile', action='store_true', help='skip the profile of one calibration forward (where its time goes)'
+    )
     parser.add_argument('--single', type=int, nargs=2, metavar=('N', 'BATCH_SIZE'), help=argparse.SUPPRESS)
     parser.add_argument('--single-out', help=argparse.SUPPRESS)
     parser.add_argument('--single-ids', type=int, nargs='+', help=argparse.SUPPRESS)
@@ -479,25 +567,36 @@ def main(argv: list[str] | None = None) -> None:
     if args.tables_only:
         return write_tables(common.saved_results(args.out, COMMAND), args)
     if args.single or args.profile_only:
-        row = profile(args.config, args.data_root) if args.profile_only else measure(
-            *args.single, args.config, args.data_root, image_ids=args.single_ids)
+        row = (
+            profile(args.config, args.data_root)
+            if args.profile_only
+            else measure(*args.single, args.config, args.data_root, image_ids=args.single_ids)
+        )
         with open(args.single_out, 'w') as f:
             json.dump(row, f, indent=1)
         return
     ann = osp.join(args.data_root, 'annotations', 'instances_train2017.json')
     if not (osp.isfile(ann) and osp.isdir(osp.join(args.data_root, 'train2017'))):
-        print(f'skipped: no COCO train images at {args.data_root} (needs train2017/ and {ann}); '
-              f'pass --data-root COCO_ROOT')
+        print(
+            f'skipped: no COCO train images at {args.data_root} (needs train2017/ and {ann}); '
+            f'pass --data-root COCO_ROOT'
+        )
         return
     os.makedirs(args.work_dir, exist_ok=True)
     start = time.time()
     rows: list[dict] = []
 
     def log(row: dict, why: str | None = None) -> None:
-        print(f"[{time.time() - start:5.0f}s] N={row['n']} batch_size={row['batch_size']}: " + (why or
-              f"peak {row['calibration_peak_mb']:.0f} MB (process {row['process_peak_mb']:.0f} MB), "
-              f"{row['calibration_per_image_s']:.2f} s/image, float {row['float_per_image_s']:.2f} s, "
-              f"ratio {row['calib_over_float']:.2f}"), flush=True)
+        print(
+            f'[{time.time() - start:5.0f}s] N={row["n"]} batch_size={row["batch_size"]}: '
+            + (
+                why
+                or f'peak {row["calibration_peak_mb"]:.0f} MB (process {row["process_peak_mb"]:.0f} MB), '
+                f'{row["calibration_per_image_s"]:.2f} s/image, float {row["float_per_image_s"]:.2f} s, '
+                f'ratio {row["calib_over_float"]:.2f}'
+            ),
+            flush=True,
+        )
 
     for n in args.ns:
         rows.append(run_row(['--single', str(n), '1'], f'n{n}_b1', args))
@@ -505,22 +604,37 @@ def main(argv: list[str] | None = None) -> None:
     # Control: the largest image of the largest streamed set, alone. The streamed peak is the
     # largest image's peak if streaming holds memory flat; more than that is memory that grows with N.
     largest = rows[-1]['image_ids'][max(range(rows[-1]['n']), key=lambda i: padded_area(rows[-1]['image_hw'][i]))]
-    rows.append(dict(run_row(['--single', '1', '1', '--single-ids', str(largest)], 'n1_largest', args),
-                     control=f"the largest image of the N={rows[-1]['n']} set, alone"))
+    rows.append(
+        dict(
+            run_row(['--single', '1', '1', '--single-ids', str(largest)], 'n1_largest', args),
+            control=f'the largest image of the N={rows[-1]["n"]} set, alone',
+        )
+    )
     log(rows[-1])
     for n in (n for n in args.one_batch_ns if n > 1):
         why = fits(n, rows)
-        rows.append(dict(n=n, batch_size=n, skipped=why) if why else run_row(['--single', str(n), str(n)],
-                                                                             f'n{n}_b{n}', args))
+        rows.append(
+            dict(n=n, batch_size=n, skipped=why) if why else run_row(['--single', str(n), str(n)], f'n{n}_b{n}', args)
+        )
         log(rows[-1], why)
-    report = dict(command=' '.join([COMMAND, *(argv if argv is not None else sys.argv[1:])]),
-                  config=osp.relpath(args.config, REPO), data_root=args.data_root,
-                  seconds=round(time.time() - start, 1),
-                  machine=dict(cpu=common.cpu_name(), cpus=os.cpu_count(), python=platform.python_version(),
-                               mem_total_gb=round(_mem_total_mb() / 1024, 1)),
-                  targets=dict(memory=f'peak at N={max(args.ns)} <= {MEMORY_TARGET} x N=1',
-                               time=f'calibration per image <= {TIME_TARGET} float forwards'),
-                  rows=rows, profile=None if args.no_profile else run_row(['--profile-only'], 'profile', args))
+    report = dict(
+        command=' '.join([COMMAND, *(argv if argv is not None else sys.argv[1:])]),
+        config=osp.relpath(args.config, REPO),
+        data_root=args.data_root,
+        seconds=round(time.time() - start, 1),
+        machine=dict(
+            cpu=common.cpu_name(),
+            cpus=os.cpu_count(),
+            python=platform.python_version(),
+            mem_total_gb=round(_mem_total_mb() / 1024, 1),
+        ),
+        targets=dict(
+            memory=f'peak at N={max(args.ns)} <= {MEMORY_TARGET} x N=1',
+            time=f'calibration per image <= {TIME_TARGET} float forwards',
+        ),
+        rows=rows,
+        profile=None if args.no_profile else run_row(['--profile-only'], 'profile', args),
+    )
     common.write_json(args.out, report)
     write_tables(report, args)
 

@@ -22,6 +22,7 @@ unlike a trained model. So the classifier bias favours one class: as with a trai
 Last line: ``calib/fp=<ratio> quant/fp=<ratio>``.
 Writes the figures to ``results/calibration_speed.json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,7 @@ import torch
 
 try:
     from bench import common
-except ImportError:   # python bench/calibration_speed.py: bench/ is sys.path[0]
+except ImportError:  # python bench/calibration_speed.py: bench/ is sys.path[0]
     import common
 
 REPO = common.REPO
@@ -76,13 +77,14 @@ def keep_heap() -> str | None:
     """
     import ctypes
     import ctypes.util
+
     try:
         libc = ctypes.CDLL(ctypes.util.find_library('c'))
         mallopt = libc.mallopt
     except (OSError, AttributeError, TypeError):
         return None
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    if mallopt(M_MMAP_MAX, 0) != 1 or mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1) != 1:
+    if mallopt(M_MMAP_MAX, 0) != 1 or mallopt(M_TRIM_THRESHOLD, 2**31 - 1) != 1:
         return None
     return 'glibc heap kept mapped (mallopt M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1)'
 
@@ -91,8 +93,11 @@ def keep_heap() -> str | None:
 def patched_quantizers(make):
     """Replace the activation quantizers' ``forward`` by ``make(key, original)`` while inside."""
     from mmdet_lrpq.quant.modules import LogSqrt2Quantizer, UniformQuantizer
-    originals = {UniformQuantizer: ('uniform', UniformQuantizer.forward),
-                 LogSqrt2Quantizer: ('log_sqrt2', LogSqrt2Quantizer.forward)}
+
+    originals = {
+        UniformQuantizer: ('uniform', UniformQuantizer.forward),
+        LogSqrt2Quantizer: ('log_sqrt2', LogSqrt2Quantizer.forward),
+    }
     for cls, (key, forward) in originals.items():
         cls.forward = make(key, forward)
     try:
@@ -112,6 +117,7 @@ def quantizer_seconds(forward) -> dict:
             out = original(self, *args, **kwargs)
             spent[key] += time.perf_counter() - t0
             return out
+
         return timed_forward
 
     with patched_quantizers(timing):
@@ -126,23 +132,38 @@ def bypassing(key, original):
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--image', default=DEFAULT_IMAGE, help='a COCO image (default: RepQ-ViT\'s val2017 image)')
+    parser.add_argument('--image', default=DEFAULT_IMAGE, help="a COCO image (default: RepQ-ViT's val2017 image)")
     parser.add_argument('--config', default=osp.join(REPO, 'configs', 'mask_rcnn_swin_t_w4a4.py'))
     parser.add_argument('--method', default='repq', choices=['repq', 'crl'])
-    parser.add_argument('--repeats', type=int, default=9,
-                        help='float/quantized forward pairs timed back to back, in ABBA order')
+    parser.add_argument(
+        '--repeats', type=int, default=9, help='float/quantized forward pairs timed back to back, in ABBA order'
+    )
     parser.add_argument('--calib-repeats', type=int, default=3, help='calibration forwards timed')
-    parser.add_argument('--default-allocator', action='store_true',
-                        help='leave the C allocator as it is (page faults then vary from forward to forward)')
-    parser.add_argument('--bypass-quantizers', action='store_true',
-                        help='also time the quantized model with its activation quantizers returning their '
-                             'input (a third model in the interleave): what the wrapping costs without them')
-    parser.add_argument('--scale', type=int, nargs=2, metavar=('W', 'H'),
-                        help="the test pipeline's Resize scale (default: the config's, 1333 800); a smaller one "
-                             'only for quick smoke runs (tools/device_check.py on a CPU)')
+    parser.add_argument(
+        '--default-allocator',
+        action='store_true',
+        help='leave the C allocator as it is (page faults then vary from forward to forward)',
+    )
+    parser.add_argument(
+        '--bypass-quantizers',
+        action='store_true',
+        help='also time the quantized model with its activation quantizers returning their '
+        'input (a third model in the interleave): what the wrapping costs without them',
+    )
+    parser.add_argument(
+        '--scale',
+        type=int,
+        nargs=2,
+        metavar=('W', 'H'),
+        help="the test pipeline's Resize scale (default: the config's, 1333 800); a smaller one "
+        'only for quick smoke runs (tools/device_check.py on a CPU)',
+    )
     parser.add_argument('--device', default='cpu', help="'cpu' (fused kernels) or 'cuda' (the PyTorch path)")
-    parser.add_argument('--out', default=None, help='JSON output (default: results/calibration_speed.json, '
-                        'or calibration_speed_<device>.json off the CPU)')
+    parser.add_argument(
+        '--out',
+        default=None,
+        help='JSON output (default: results/calibration_speed.json, or calibration_speed_<device>.json off the CPU)',
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == 'cuda' and not torch.cuda.is_available():
@@ -166,6 +187,7 @@ def main(argv=None) -> dict:
     from mmdet_lrpq.engine.calib_data import batch_input_hw
     from mmdet_lrpq.models import ModelQuantizer
     from mmdet_lrpq.quant import calibrating
+
     allocator = 'default' if args.default_allocator or device.type != 'cpu' else keep_heap()
     if allocator is None:
         allocator = 'default (not glibc: could not keep the heap mapped)'
@@ -183,19 +205,20 @@ def main(argv=None) -> dict:
         model = MODELS.build(cfg.model).to(device)
         model.eval()
         with torch.no_grad():
-            model.roi_head.bbox_head.fc_cls.bias[0] += 6.0   # see the module docstring
+            model.roi_head.bbox_head.fc_cls.bias[0] += 6.0  # see the module docstring
         return model
 
     # The fused kernels compile on first use after install (~1 min): load them before any timing so
     # that a (re)build is reported on its own instead of inflating the calibration.
     from mmdet_lrpq.quant._ext import kernels
+
     t0 = time.perf_counter()
     fused = kernels() is not None
     t_load_kernels = time.perf_counter() - t0
 
     torch.set_grad_enabled(False)
     model_fp = build()
-    model_fp.test_step(batch)                                # warm-up (allocator, lazy init)
+    model_fp.test_step(batch)  # warm-up (allocator, lazy init)
     shape = batch_input_hw(model_fp, batch)
 
     # The path the hook runs, step by step, on a second copy of the same detector.
@@ -205,9 +228,12 @@ def main(argv=None) -> dict:
     quantizer = ModelQuantizer(model_q, settings)
     quantizer.wrap()
     t_wrap = time.perf_counter() - t0
-    t_full = timed(lambda: quantizer.calibrate([batch], lambda m, b: m.test_step(b), image_ids=[osp.basename(args.image)],
-                                               input_shape=shape))
-    model_q.test_step(batch)                                 # warm-up, as the float model had
+    t_full = timed(
+        lambda: quantizer.calibrate(
+            [batch], lambda m, b: m.test_step(b), image_ids=[osp.basename(args.image)], input_shape=shape
+        )
+    )
+    model_q.test_step(batch)  # warm-up, as the float model had
 
     def calibration_forward() -> float:
         """The calibration forward alone (observers on, quantize-as-you-go), on a fresh wrapped copy."""
@@ -227,17 +253,24 @@ def main(argv=None) -> dict:
     if args.bypass_quantizers:
         models.append((t_bypass, f_bypass, model_q, lambda: patched_quantizers(bypassing)))
     for i in range(args.repeats):
-        for times, faults, model, context in (models if i % 2 == 0 else models[::-1]):
+        for times, faults, model, context in models if i % 2 == 0 else models[::-1]:
             with context():
                 times.append(timed(functools.partial(model.test_step, batch), faults))
-    runs = dict(float_forward_runs_s=t_float, quantized_forward_runs_s=t_quant,
-                float_forward_page_faults=f_float, quantized_forward_page_faults=f_quant,
-                calibration_forward_runs_s=[calibration_forward() for _ in range(args.calib_repeats)])
+    runs = dict(
+        float_forward_runs_s=t_float,
+        quantized_forward_runs_s=t_quant,
+        float_forward_page_faults=f_float,
+        quantized_forward_page_faults=f_quant,
+        calibration_forward_runs_s=[calibration_forward() for _ in range(args.calib_repeats)],
+    )
     quantizer_s = quantizer_seconds(lambda: model_q.test_step(batch))
     pair_ratios = [q / f for f, q in zip(t_float, t_quant)]
     if args.bypass_quantizers:
-        runs.update(quantized_bypassed_forward_runs_s=t_bypass, quantized_bypassed_page_faults=f_bypass,
-                    quant_bypassed_over_fp=statistics.median(b / f for f, b in zip(t_float, t_bypass)))
+        runs.update(
+            quantized_bypassed_forward_runs_s=t_bypass,
+            quantized_bypassed_page_faults=f_bypass,
+            quant_bypassed_over_fp=statistics.median(b / f for f, b in zip(t_float, t_bypass)),
+        )
     t_float, t_quant = statistics.median(t_float), statistics.median(t_quant)
     t_calib_forward = statistics.median(runs['calibration_forward_runs_s'])
     t_full += t_wrap
@@ -245,37 +278,69 @@ def main(argv=None) -> dict:
     detections = [len(m.test_step(batch)[0].pred_instances) for m in (model_fp, model_q)]
 
     res = {
-        'image': osp.basename(args.image), 'input_hw': shape, 'config': osp.relpath(args.config, REPO),
-        'method': args.method, 'device': str(device), 'allocator': allocator, 'threads': torch.get_num_threads(), 'cpu': platform.processor() or platform.machine(),
-        'fused_kernels': fused, 'fused_kernels_load_s': t_load_kernels, 'float_forward_s': t_float, 'repeats': args.repeats, 'calib_repeats': args.calib_repeats,
-        'wrap_s': t_wrap, 'calibration_forward_s': t_calib_forward,
-        'wrap_calibrate_reparam_s': t_full, 'quantized_forward_s': t_quant,
-        'calib_over_fp': t_calib_forward / t_float, 'wrap_calib_reparam_over_fp': t_full / t_float,
-        'quant_over_fp': statistics.median(pair_ratios), 'quant_over_fp_pairs': pair_ratios,
-        'quant_median_over_fp_median': t_quant / t_float, 'activation_quantizers_s': quantizer_s,
-        'activation_quantizers_over_fp': sum(quantizer_s.values()) / t_float, **runs, 'detections_float_quant': detections, 'quantized_sites': {k: totals[k] for k in ('conv_linear', 'matmul')},
+        'image': osp.basename(args.image),
+        'input_hw': shape,
+        'config': osp.relpath(args.config, REPO),
+        'method': args.method,
+        'device': str(device),
+        'allocator': allocator,
+        'threads': torch.get_num_threads(),
+        'cpu': platform.processor() or platform.machine(),
+        'fused_kernels': fused,
+        'fused_kernels_load_s': t_load_kernels,
+        'float_forward_s': t_float,
+        'repeats': args.repeats,
+        'calib_repeats': args.calib_repeats,
+        'wrap_s': t_wrap,
+        'calibration_forward_s': t_calib_forward,
+        'wrap_calibrate_reparam_s': t_full,
+        'quantized_forward_s': t_quant,
+        'calib_over_fp': t_calib_forward / t_float,
+        'wrap_calib_reparam_over_fp': t_full / t_float,
+        'quant_over_fp': statistics.median(pair_ratios),
+        'quant_over_fp_pairs': pair_ratios,
+        'quant_median_over_fp_median': t_quant / t_float,
+        'activation_quantizers_s': quantizer_s,
+        'activation_quantizers_over_fp': sum(quantizer_s.values()) / t_float,
+        **runs,
+        'detections_float_quant': detections,
+        'quantized_sites': {k: totals[k] for k in ('conv_linear', 'matmul')},
         'command': 'python bench/calibration_speed.py ' + ' '.join(argv if argv is not None else sys.argv[1:]),
     }
-    print(f"Mask R-CNN Swin-T, {res['image']} at {shape[1]}x{shape[0]}, {res['threads']} threads, "
-          f"W4A4 {args.method}: {totals['conv_linear']} Conv2d/Linear + {totals['matmul']} matmuls")
-    print(f"  fused kernels {'loaded' if fused else 'UNAVAILABLE (PyTorch path)'} in {t_load_kernels:.1f} s "
-          f"(not counted below); C allocator: {allocator}")
-    print(f"  float forward                      {t_float:7.2f} s   "
-          f"({statistics.median(f_float) / 1e3:.0f} k page faults per forward)")
-    print(f"  calibration forward                {t_calib_forward:7.2f} s   ({res['calib_over_fp']:.2f}x)")
-    print(f"  wrap + calibrate + reparameterize  {t_full:7.2f} s   ({res['wrap_calib_reparam_over_fp']:.2f}x)")
-    print(f"  quantized forward                  {t_quant:7.2f} s   (medians: {res['quant_median_over_fp_median']:.2f}x, "
-          f"{statistics.median(f_quant) / 1e3:.0f} k page faults per forward)")
-    print(f"  of which in the activation quantizers {sum(quantizer_s.values()):5.2f} s   "
-          f"({res['activation_quantizers_over_fp']:.3f}x float; uniform {quantizer_s['uniform']:.3f} s, "
-          f"log-sqrt2 {quantizer_s['log_sqrt2']:.3f} s, one more forward)")
-    print(f"  quantized / float, per pair        {' '.join(f'{r:.2f}' for r in pair_ratios)}  "
-          f"(median {res['quant_over_fp']:.2f})")
+    print(
+        f'Mask R-CNN Swin-T, {res["image"]} at {shape[1]}x{shape[0]}, {res["threads"]} threads, '
+        f'W4A4 {args.method}: {totals["conv_linear"]} Conv2d/Linear + {totals["matmul"]} matmuls'
+    )
+    print(
+        f'  fused kernels {"loaded" if fused else "UNAVAILABLE (PyTorch path)"} in {t_load_kernels:.1f} s '
+        f'(not counted below); C allocator: {allocator}'
+    )
+    print(
+        f'  float forward                      {t_float:7.2f} s   '
+        f'({statistics.median(f_float) / 1e3:.0f} k page faults per forward)'
+    )
+    print(f'  calibration forward                {t_calib_forward:7.2f} s   ({res["calib_over_fp"]:.2f}x)')
+    print(f'  wrap + calibrate + reparameterize  {t_full:7.2f} s   ({res["wrap_calib_reparam_over_fp"]:.2f}x)')
+    print(
+        f'  quantized forward                  {t_quant:7.2f} s   (medians: {res["quant_median_over_fp_median"]:.2f}x, '
+        f'{statistics.median(f_quant) / 1e3:.0f} k page faults per forward)'
+    )
+    print(
+        f'  of which in the activation quantizers {sum(quantizer_s.values()):5.2f} s   '
+        f'({res["activation_quantizers_over_fp"]:.3f}x float; uniform {quantizer_s["uniform"]:.3f} s, '
+        f'log-sqrt2 {quantizer_s["log_sqrt2"]:.3f} s, one more forward)'
+    )
+    print(
+        f'  quantized / float, per pair        {" ".join(f"{r:.2f}" for r in pair_ratios)}  '
+        f'(median {res["quant_over_fp"]:.2f})'
+    )
     if args.bypass_quantizers:
-        print(f"  quantized, quantizers bypassed     {statistics.median(t_bypass):7.2f} s   "
-              f"(median per-run ratio to the float forward {runs['quant_bypassed_over_fp']:.2f}x)")
+        print(
+            f'  quantized, quantizers bypassed     {statistics.median(t_bypass):7.2f} s   '
+            f'(median per-run ratio to the float forward {runs["quant_bypassed_over_fp"]:.2f}x)'
+        )
     common.write_json(args.out, res)
-    print(f"calib/fp={res['calib_over_fp']:.2f} quant/fp={res['quant_over_fp']:.2f}")
+    print(f'calib/fp={res["calib_over_fp"]:.2f} quant/fp={res["quant_over_fp"]:.2f}')
     return res
 
 

@@ -41,6 +41,7 @@ so an interrupted run resumes; ``results/claims.json`` and the block between
 ``<!-- claims:begin -->`` / ``<!-- claims:end -->`` of docs/benchmarks.md gather every saved cell,
 with a verdict per claim computed from the numbers (``claim_verdicts``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,24 +62,35 @@ REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 COMMAND = 'python bench/claims.py'
 MARKERS = ('<!-- claims:begin -->', '<!-- claims:end -->')
 DOC = osp.join('docs', 'benchmarks.md')
-K = 4                                   # MP4 against W4A4
+K = 4  # MP4 against W4A4
 LEVELS = (K - 1, K, K + 1)
 
 # The method axis: name -> QuantConfig options. Another reparameterization or quantizer option is one
 # more entry here (e.g. 'crl_sqb': dict(method='crl', <option>=...)); cells, tables and claim 2 follow.
-METHODS: dict[str, dict] = {'repq': dict(method='repq'), 'crl': dict(method='crl'),
-                            # MPTQ-ViT's options (docs/method.md): SQ-b alone (it refuses RepQ), OPT-m on CRL
-                            'sqb': dict(method='none', smooth='sq-b'), 'crl_optm': dict(method='crl', gelu_scales='opt-m')}
-PAPER_METHODS = ('repq', 'crl')                   # the default grid: the two reparameterizations the claims are about
-PAPER_METHOD, BASELINE_METHOD = 'crl', 'repq'     # claim 2: PAPER_METHOD beats BASELINE_METHOD
-LABELS = {'repq': 'RepQ', 'crl': 'CRL', 'sqb': 'SQ-b', 'crl_optm': 'CRL + OPT-m'}           # how the verdicts name a method (default: its key)
+METHODS: dict[str, dict] = {
+    'repq': dict(method='repq'),
+    'crl': dict(method='crl'),
+    # MPTQ-ViT's options (docs/method.md): SQ-b alone (it refuses RepQ), OPT-m on CRL
+    'sqb': dict(method='none', smooth='sq-b'),
+    'crl_optm': dict(method='crl', gelu_scales='opt-m'),
+}
+PAPER_METHODS = ('repq', 'crl')  # the default grid: the two reparameterizations the claims are about
+PAPER_METHOD, BASELINE_METHOD = 'crl', 'repq'  # claim 2: PAPER_METHOD beats BASELINE_METHOD
+LABELS = {
+    'repq': 'RepQ',
+    'crl': 'CRL',
+    'sqb': 'SQ-b',
+    'crl_optm': 'CRL + OPT-m',
+}  # how the verdicts name a method (default: its key)
 
 WEIGHT_PLANS = ('uniform', 'lrp', 'sensitivity', 'lampq')
 BOPS_PLANS = ('sensitivity_bops',)
-AUDIT = {'lrp_8img': 'LRP on 8 images instead of 64',
-         'lrp_raw': 'raw LRP scores (no per-layer-type normalisation)',
-         'lrp_ilp': "relative importance through the 'ilp' allocator instead of the paper's positional rule"}
-CONTROL_PERCENTILE = 90.0       # a plan "beats the random control" at or above this percentile
+AUDIT = {
+    'lrp_8img': 'LRP on 8 images instead of 64',
+    'lrp_raw': 'raw LRP scores (no per-layer-type normalisation)',
+    'lrp_ilp': "relative importance through the 'ilp' allocator instead of the paper's positional rule",
+}
+CONTROL_PERCENTILE = 90.0  # a plan "beats the random control" at or above this percentile
 LRP_IMAGES, LRP_IMAGES_AUDIT = 64, 8
 
 MINI = osp.join(REPO, 'data', 'miniworld')
@@ -86,8 +98,10 @@ MINI_POOL = osp.join(REPO, 'data', 'miniworld_calib_pool')
 MINI_CKPT = osp.join(REPO, 'checkpoints', 'miniworld')
 MINI_DETECTORS = {
     'mask_rcnn': ('configs/miniworld/mask_rcnn_swin_mini.py', osp.join(MINI_CKPT, 'mask_rcnn_swin_mini.pth')),
-    'cascade_mask_rcnn': ('configs/miniworld/cascade_mask_rcnn_swin_mini.py',
-                          osp.join(MINI_CKPT, 'cascade_mask_rcnn_swin_mini.pth')),
+    'cascade_mask_rcnn': (
+        'configs/miniworld/cascade_mask_rcnn_swin_mini.py',
+        osp.join(MINI_CKPT, 'cascade_mask_rcnn_swin_mini.pth'),
+    ),
 }
 
 
@@ -95,8 +109,9 @@ MINI_DETECTORS = {
 @dataclass(frozen=True)
 class Cell:
     """One evaluation: a model quantized with a plan and a method, calibrated on one set."""
+
     model: str
-    plan: str                   # a WEIGHT_PLANS / BOPS_PLANS / AUDIT name, 'random' or 'random_bops'
+    plan: str  # a WEIGHT_PLANS / BOPS_PLANS / AUDIT name, 'random' or 'random_bops'
     method: str
     set_index: int
     seed: int | None = None  # random plans
@@ -116,8 +131,16 @@ class Cell:
         return 'bops' if self.plan in BOPS_PLANS + ('random_bops',) else 'weight'
 
 
-def grid(models: list[str], methods: list[str], random_methods: list[str], sets: list[int], seeds: int,
-         budgets: list[str], audit: list[str], audit_methods: list[str]) -> list[Cell]:
+def grid(
+    models: list[str],
+    methods: list[str],
+    random_methods: list[str],
+    sets: list[int],
+    seeds: int,
+    budgets: list[str],
+    audit: list[str],
+    audit_methods: list[str],
+) -> list[Cell]:
     """Every cell, set by set (a partial run covers whole sets): the plans, the random plans, the audit.
 
     The BOPs family runs on the classifier only (its sites' MACs are the classifier's)."""
@@ -164,8 +187,9 @@ def measurable(mean: float, se: float, resolution: float) -> int:
     return 0
 
 
-def plan_verdict(plan: dict[int, float], uniform: dict[int, float], randoms: list[dict[int, float]],
-                 resolution: float) -> dict:
+def plan_verdict(
+    plan: dict[int, float], uniform: dict[int, float], randoms: list[dict[int, float]], resolution: float
+) -> dict:
     """Does ``plan`` beat uniform, and the random control? (set -> metric dicts, over common sets)."""
     sets = set(plan) & set(uniform)
     for r in randoms:
@@ -185,8 +209,16 @@ def plan_verdict(plan: dict[int, float], uniform: dict[int, float], randoms: lis
         verdict = 'reversed: below uniform'
     else:
         verdict = 'not shown: no measurable difference from uniform'
-    return dict(sets=n, diff=diff, se=se, percentile=pct, random_plans=len(randoms), beats_uniform=vs_uniform > 0,
-                beats_random=beats_random, verdict=verdict)
+    return dict(
+        sets=n,
+        diff=diff,
+        se=se,
+        percentile=pct,
+        random_plans=len(randoms),
+        beats_uniform=vs_uniform > 0,
+        beats_random=beats_random,
+        verdict=verdict,
+    )
 
 
 def method_verdict(pairs: list[tuple[float, float]], resolution: float) -> dict:
@@ -198,8 +230,14 @@ def method_verdict(pairs: list[tuple[float, float]], resolution: float) -> dict:
     se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
     sign = measurable(mean, se, resolution)
     verdict = {1: 'holds', -1: 'reversed: the baseline is ahead', 0: 'not shown: no measurable difference'}[sign]
-    return dict(pairs=len(diffs), diff=mean, se=se, ahead=sum(d > 0 for d in diffs), behind=sum(d < 0 for d in diffs),
-                verdict=verdict)
+    return dict(
+        pairs=len(diffs),
+        diff=mean,
+        se=se,
+        ahead=sum(d > 0 for d in diffs),
+        behind=sum(d < 0 for d in diffs),
+        verdict=verdict,
+    )
 
 
 # ------------------------------------------------------------------------------------- reporting
@@ -237,33 +275,75 @@ def claim_verdicts(rows: list[dict]) -> list[dict]:
         methods = [m for m in dict.fromkeys(r['method'] for r in rows if r['model'] == model) if m]
         for method in methods:
             uniform = by_set(rows, model, 'uniform', method)
-            for plan, family in (('lrp', 'random'), ('sensitivity', 'random'), ('lampq', 'random'),
-                                 ('sensitivity_bops', 'random_bops'), *((a, 'random') for a in AUDIT)):
+            for plan, family in (
+                ('lrp', 'random'),
+                ('sensitivity', 'random'),
+                ('lampq', 'random'),
+                ('sensitivity_bops', 'random_bops'),
+                *((a, 'random') for a in AUDIT),
+            ):
                 values = by_set(rows, model, plan, method)
                 randoms = random_runs(rows, model, family, method)
                 if not values or not uniform:
                     continue
                 v = plan_verdict(values, uniform, randoms, res)
-                out.append(dict(claim=1 if plan == 'lrp' else 'variant', model=model, method=method, plan=plan,
-                                control=family, **v))
+                out.append(
+                    dict(
+                        claim=1 if plan == 'lrp' else 'variant',
+                        model=model,
+                        method=method,
+                        plan=plan,
+                        control=family,
+                        **v,
+                    )
+                )
         pairs = []
         for plan in dict.fromkeys(r['plan'] for r in rows if r['model'] == model and r['plan'] != 'float'):
             seeds = {r.get('seed') for r in rows if r['model'] == model and r['plan'] == plan}
             for seed in seeds:
-                a = {r['set']: r[metric_of(model)] for r in rows if r['model'] == model and r['plan'] == plan
-                     and r.get('seed') == seed and r['method'] == PAPER_METHOD}
-                b = {r['set']: r[metric_of(model)] for r in rows if r['model'] == model and r['plan'] == plan
-                     and r.get('seed') == seed and r['method'] == BASELINE_METHOD}
+                a = {
+                    r['set']: r[metric_of(model)]
+                    for r in rows
+                    if r['model'] == model
+                    and r['plan'] == plan
+                    and r.get('seed') == seed
+                    and r['method'] == PAPER_METHOD
+                }
+                b = {
+                    r['set']: r[metric_of(model)]
+                    for r in rows
+                    if r['model'] == model
+                    and r['plan'] == plan
+                    and r.get('seed') == seed
+                    and r['method'] == BASELINE_METHOD
+                }
                 pairs += [(a[s], b[s]) for s in sorted(set(a) & set(b))]
-        out.append(dict(claim=2, model=model, method=f'{PAPER_METHOD} vs {BASELINE_METHOD}', plan='every plan',
-                        control='same plan and set', **method_verdict(pairs, res)))
+        out.append(
+            dict(
+                claim=2,
+                model=model,
+                method=f'{PAPER_METHOD} vs {BASELINE_METHOD}',
+                plan='every plan',
+                control='same plan and set',
+                **method_verdict(pairs, res),
+            )
+        )
         lrp, uni = by_set(rows, model, 'lrp', PAPER_METHOD), by_set(rows, model, 'uniform', BASELINE_METHOD)
         if lrp and uni:
             d, se, n = paired(lrp, uni)
-            out.append(dict(claim="paper's table", model=model, method=f'lrp {PAPER_METHOD} vs uniform '
-                            f'{BASELINE_METHOD}', plan='lrp', control='uniform, the other method', diff=d, se=se,
-                            sets=n, verdict={1: 'MP ahead', -1: 'MP behind', 0: 'no measurable difference'}[
-                                measurable(d, se, res)]))
+            out.append(
+                dict(
+                    claim="paper's table",
+                    model=model,
+                    method=f'lrp {PAPER_METHOD} vs uniform {BASELINE_METHOD}',
+                    plan='lrp',
+                    control='uniform, the other method',
+                    diff=d,
+                    se=se,
+                    sets=n,
+                    verdict={1: 'MP ahead', -1: 'MP behind', 0: 'no measurable difference'}[measurable(d, se, res)],
+                )
+            )
     return out
 
 
@@ -305,19 +385,28 @@ def tables(rows: list[dict], context: dict | None = None) -> str:
         quant = [r for r in mine if r['plan'] != 'float']
         sets = sorted({r['set'] for r in quant})
         sizes = sorted({r.get('set_size') for r in quant if r.get('set_size')})
-        head = (f"**{model}: {label}, mean ± std over {len(sets)} calibration set(s) of "
-                f"{'/'.join(map(str, sizes)) or '?'} images**")
+        head = (
+            f'**{model}: {label}, mean ± std over {len(sets)} calibration set(s) of '
+            f'{"/".join(map(str, sizes)) or "?"} images**'
+        )
         if fp:
-            head += f" — float {fp[key]:.1f}" + (f" / {fp['mask_ap']:.1f} mask" if 'mask_ap' in fp else '')
+            head += f' — float {fp[key]:.1f}' + (f' / {fp["mask_ap"]:.1f} mask' if 'mask_ap' in fp else '')
             if fp.get('eval_images'):
-                head += f" ({fp['eval_images']} evaluation images)"
-        out += [head, '', f'| plan | budget | method | {label} | ' + ('mask AP | ' if key == 'box_ap' else '')
-                + 'vs uniform (same method, ± SE over sets) | percentile among random plans | avg W bits | avg A bits '
-                  '| weight MB | GBOPs |', '|---|---|---|---|' + ('---|' if key == 'box_ap' else '') + '---|---|---|---|---|---|']
+                head += f' ({fp["eval_images"]} evaluation images)'
+        out += [
+            head,
+            '',
+            f'| plan | budget | method | {label} | '
+            + ('mask AP | ' if key == 'box_ap' else '')
+            + 'vs uniform (same method, ± SE over sets) | percentile among random plans | avg W bits | avg A bits '
+            '| weight MB | GBOPs |',
+            '|---|---|---|---|' + ('---|' if key == 'box_ap' else '') + '---|---|---|---|---|---|',
+        ]
         plans = list(dict.fromkeys(r['plan'] for r in quant))
         order = [p for p in WEIGHT_PLANS + ('random',) + BOPS_PLANS + ('random_bops',) + tuple(AUDIT) if p in plans]
-        methods = [m for m in METHODS if any(r['method'] == m for r in quant)] + \
-            [m for m in dict.fromkeys(r['method'] for r in quant) if m not in METHODS]
+        methods = [m for m in METHODS if any(r['method'] == m for r in quant)] + [
+            m for m in dict.fromkeys(r['method'] for r in quant) if m not in METHODS
+        ]
         for plan in order:
             for method in methods:
                 cells = [r for r in quant if r['plan'] == plan and r['method'] == method]
@@ -330,51 +419,83 @@ def tables(rows: list[dict], context: dict | None = None) -> str:
                 if plan.startswith('random'):
                     per_seed = random_runs(rows, model, plan, method)
                     means = [statistics.mean(v.values()) for v in per_seed]
-                    value = (f'{statistics.mean(means):.1f} ± {statistics.pstdev(means):.1f} over {len(means)} '
-                             f'plans ({min(means):.1f}–{max(means):.1f})')
-                    mask = _pm([statistics.mean(r['mask_ap'] for r in cells if r['seed'] == s)
-                                for s in sorted({r['seed'] for r in cells})]) if key == 'box_ap' else ''
-                    vs = _signed(*paired({s: statistics.mean(v[s] for v in per_seed if s in v)
-                                          for s in sets if any(s in v for v in per_seed)},
-                                         by_set(rows, model, 'uniform', method))[:2])
+                    value = (
+                        f'{statistics.mean(means):.1f} ± {statistics.pstdev(means):.1f} over {len(means)} '
+                        f'plans ({min(means):.1f}–{max(means):.1f})'
+                    )
+                    mask = (
+                        _pm(
+                            [
+                                statistics.mean(r['mask_ap'] for r in cells if r['seed'] == s)
+                                for s in sorted({r['seed'] for r in cells})
+                            ]
+                        )
+                        if key == 'box_ap'
+                        else ''
+                    )
+                    vs = _signed(
+                        *paired(
+                            {
+                                s: statistics.mean(v[s] for v in per_seed if s in v)
+                                for s in sets
+                                if any(s in v for v in per_seed)
+                            },
+                            by_set(rows, model, 'uniform', method),
+                        )[:2]
+                    )
                     pct = '(the control)'
                 else:
                     value = _pm([r[key] for r in cells])
                     mask = _pm([r['mask_ap'] for r in cells]) if key == 'box_ap' else ''
-                    v = next((v for v in verdicts if v['model'] == model and v.get('plan') == plan
-                              and v['method'] == method and v['claim'] in (1, 'variant')), None)
+                    v = next(
+                        (
+                            v
+                            for v in verdicts
+                            if v['model'] == model
+                            and v.get('plan') == plan
+                            and v['method'] == method
+                            and v['claim'] in (1, 'variant')
+                        ),
+                        None,
+                    )
                     if plan == 'uniform':
                         vs, pct = '—', '—'
                     else:
                         d = paired(by_set(rows, model, plan, method), by_set(rows, model, 'uniform', method))
                         vs = _signed(d[0], d[1])
-                        pct = '—' if v is None or math.isnan(v['percentile']) else f"{v['percentile']:.0f}"
-                out.append(f"| {plan} | {budget} | {method} | {value} | " + (f'{mask} | ' if key == 'box_ap' else '')
-                           + f"{vs} | {pct} | {statistics.mean(r['avg_w_bits'] for r in cells):.3f} | "
-                             f"{statistics.mean(r['avg_a_bits'] for r in cells):.2f} | "
-                             f"{statistics.mean(r['weight_mb'] for r in cells):.3f} | "
-                             f"{statistics.mean(r['gbops'] for r in cells):.2f} |")
+                        pct = '—' if v is None or math.isnan(v['percentile']) else f'{v["percentile"]:.0f}'
+                out.append(
+                    f'| {plan} | {budget} | {method} | {value} | '
+                    + (f'{mask} | ' if key == 'box_ap' else '')
+                    + f'{vs} | {pct} | {statistics.mean(r["avg_w_bits"] for r in cells):.3f} | '
+                    f'{statistics.mean(r["avg_a_bits"] for r in cells):.2f} | '
+                    f'{statistics.mean(r["weight_mb"] for r in cells):.3f} | '
+                    f'{statistics.mean(r["gbops"] for r in cells):.2f} |'
+                )
         out.append('')
-    out += ['**Verdicts** (computed by `claim_verdicts` from the rows above: "beats uniform" = the paired '
-            'difference over the calibration sets is above 2 standard errors and the metric\'s resolution; '
-            f'"beats the random plans" = at or above their {CONTROL_PERCENTILE:.0f}th percentile)', '',
-            '| claim | model | comparison | difference (± SE) | percentile among random plans | verdict |',
-            '|---|---|---|---|---|---|']
+    out += [
+        '**Verdicts** (computed by `claim_verdicts` from the rows above: "beats uniform" = the paired '
+        "difference over the calibration sets is above 2 standard errors and the metric's resolution; "
+        f'"beats the random plans" = at or above their {CONTROL_PERCENTILE:.0f}th percentile)',
+        '',
+        '| claim | model | comparison | difference (± SE) | percentile among random plans | verdict |',
+        '|---|---|---|---|---|---|',
+    ]
     for v in verdicts:
         if v['claim'] == 1:
-            what, claim = f"lrp vs uniform, both {v['method']}", '1: LRP mixed precision beats uniform'
+            what, claim = f'lrp vs uniform, both {v["method"]}', '1: LRP mixed precision beats uniform'
         elif v['claim'] == 'variant':
-            what, claim = f"{v['plan']} vs uniform, both {v['method']}", '(variant)'
+            what, claim = f'{v["plan"]} vs uniform, both {v["method"]}', '(variant)'
         elif v['claim'] == 2:
-            what = (f"{v['method']}, {v['pairs']} (plan, set) pairs: ahead in {v['ahead']}, "
-                    f"behind in {v.get('behind', 0)}")
-            claim = f'2: {LABELS.get(PAPER_METHOD, PAPER_METHOD)} beats ' \
-                    f'{LABELS.get(BASELINE_METHOD, BASELINE_METHOD)}'
+            what = (
+                f'{v["method"]}, {v["pairs"]} (plan, set) pairs: ahead in {v["ahead"]}, behind in {v.get("behind", 0)}'
+            )
+            claim = f'2: {LABELS.get(PAPER_METHOD, PAPER_METHOD)} beats {LABELS.get(BASELINE_METHOD, BASELINE_METHOD)}'
         else:
             what, claim = v['method'], "the paper's comparison (confounded)"
         pct = v.get('percentile', math.nan)
-        where = '—' if math.isnan(pct) else f"{pct:.0f} (of {v['random_plans']})"
-        out.append(f"| {claim} | {v['model']} | {what} | {_signed(v['diff'], v['se'])} | {where} | {v['verdict']} |")
+        where = '—' if math.isnan(pct) else f'{pct:.0f} (of {v["random_plans"]})'
+        out.append(f'| {claim} | {v["model"]} | {what} | {_signed(v["diff"], v["se"])} | {where} | {v["verdict"]} |')
     if context.get('grid'):
         out += ['', 'Run: ' + '; '.join(f'`{c}`' for c in context['grid']) + '.']
     return '\n'.join(out) + '\n'
@@ -395,21 +516,26 @@ class Classifier:
         import torch
 
         from mmdet_lrpq.lrp import eval_transform, iter_batches
+
         self.args = args
         self.model = build_classifier(args.classifier, args.classifier_checkpoint).to(args.device).eval()
         transform = eval_transform(self.model)
         self.items = labelled(args.imagenet, args.imagenet_labels)
         calib_items = labelled(args.imagenet_calib, args.imagenet_calib_labels)
-        if osp.abspath(args.imagenet_calib) == osp.abspath(args.imagenet):   # never evaluate on calibration images
-            calib_items, self.items = self.items[:args.sets * args.cls_set_size], \
-                self.items[args.sets * args.cls_set_size:]
+        if osp.abspath(args.imagenet_calib) == osp.abspath(args.imagenet):  # never evaluate on calibration images
+            calib_items, self.items = (
+                self.items[: args.sets * args.cls_set_size],
+                self.items[args.sets * args.cls_set_size :],
+            )
         if len(calib_items) < args.sets * args.cls_set_size:
-            raise ValueError(f'{args.sets} sets of {args.cls_set_size} need {args.sets * args.cls_set_size} '
-                             f'calibration images; {args.imagenet_calib} has {len(calib_items)}')
-        self.sets = [calib_items[i * args.cls_set_size:(i + 1) * args.cls_set_size] for i in range(args.sets)]
+            raise ValueError(
+                f'{args.sets} sets of {args.cls_set_size} need {args.sets * args.cls_set_size} '
+                f'calibration images; {args.imagenet_calib} has {len(calib_items)}'
+            )
+        self.sets = [calib_items[i * args.cls_set_size : (i + 1) * args.cls_set_size] for i in range(args.sets)]
         self.transform = transform
         self.batches = None
-        if len(self.items) <= 2000:   # small enough to hold decoded: every cell reuses them
+        if len(self.items) <= 2000:  # small enough to hold decoded: every cell reuses them
             self.batches = [(x, torch.tensor([i.label for i in b])) for x, b in iter_batches(self.items, transform, 50)]
         log(f'classifier: {len(self.items)} evaluation images, {args.sets} calibration sets of {args.cls_set_size}')
 
@@ -417,14 +543,17 @@ class Classifier:
         import torch
 
         from mmdet_lrpq.lrp import iter_batches
+
         return [(x, torch.tensor([i.label for i in b])) for x, b in iter_batches(self.sets[s], self.transform, 1)]
 
     def top1(self, model) -> float:
         import torch
 
         from mmdet_lrpq.lrp import iter_batches
-        batches = self.batches or ((x, torch.tensor([i.label for i in b]))
-                                   for x, b in iter_batches(self.items, self.transform, 50))
+
+        batches = self.batches or (
+            (x, torch.tensor([i.label for i in b])) for x, b in iter_batches(self.items, self.transform, 50)
+        )
         correct = 0
         with torch.no_grad():
             for x, y in batches:
@@ -436,18 +565,21 @@ class Classifier:
 
     def run(self, options: dict, s: int) -> tuple[dict, dict]:
         from mmdet_lrpq import QuantConfig, quantize_
+
         model = copy.deepcopy(self.model)
         t0 = time.time()
         report = quantize_(model, QuantConfig(**options), calib=[x.to(self.args.device) for x, _ in self.images(s)])
         t1 = time.time()
         top1 = self.top1(model)
-        return {'top1': top1, 'eval_images': len(self.items)}, dict(report.totals, quant_seconds=round(t1 - t0, 1),
-                                                                    eval_seconds=round(time.time() - t1, 1))
+        return {'top1': top1, 'eval_images': len(self.items)}, dict(
+            report.totals, quant_seconds=round(t1 - t0, 1), eval_seconds=round(time.time() - t1, 1)
+        )
 
 
 def labelled(root: str, labels: str | None) -> list:
     """Images with class indices: ``<path> <label>`` lines (relative to ``root`` or its parent), or class folders."""
     from mmdet_lrpq.lrp import ImageItem, list_images
+
     items = list_images(root)
     if labels is None:
         missing = [i for i in items if i.label is None]
@@ -460,7 +592,7 @@ def labelled(root: str, labels: str | None) -> list:
         if line.strip():
             rel, label = line.rsplit(maxsplit=1)
             rel = osp.normpath(rel)
-            table[rel[len(base):] if rel.startswith(base) else rel] = int(label)
+            table[rel[len(base) :] if rel.startswith(base) else rel] = int(label)
     return [ImageItem(i.path, table[osp.relpath(str(i.path), root)]) for i in items]
 
 
@@ -472,6 +604,7 @@ def build_classifier(name: str, checkpoint: str):
     from timm.models.swin_transformer import SwinTransformer
 
     from mmdet_lrpq.safe_load import require_checkpoint
+
     kwargs = dict(always_partition=True, strict_img_size=False)
     if osp.isfile(name):
         meta = torch.load(name, map_location='cpu', weights_only=True).get('meta', {})
@@ -499,6 +632,7 @@ class Detector:
         from mmengine.runner import Runner, load_checkpoint
 
         import mmdet_lrpq
+
         register_all_modules(init_default_scope=True)
         mmdet_lrpq.register_all_modules()
         self.name, self.args = name, args
@@ -522,7 +656,9 @@ class Detector:
         self.loader = Runner.build_dataloader(cfg.test_dataloader)
         self.evaluator = Evaluator(cfg.test_evaluator)
         self.evaluator.dataset_meta = self.loader.dataset.metainfo
-        log(f'{name}: {len(self.loader.dataset)} evaluation images, {args.sets} calibration sets of {args.det_set_size}')
+        log(
+            f'{name}: {len(self.loader.dataset)} evaluation images, {args.sets} calibration sets of {args.det_set_size}'
+        )
 
     def calib(self, s: int) -> dict:
         """The hook's calib options of set ``s``: disjoint slices of the miniature world's pool, or
@@ -530,32 +666,48 @@ class Detector:
         if self.name == 'detector':
             return dict(source='train', num_images=self.args.det_set_size, seed=s)
         n = self.args.det_set_size
-        return dict(data_root=MINI_POOL + '/', ann_file='annotations/instances_calib.json', img_prefix='calib/',
-                    image_ids=list(range(s * n + 1, (s + 1) * n + 1)))
+        return dict(
+            data_root=MINI_POOL + '/',
+            ann_file='annotations/instances_calib.json',
+            img_prefix='calib/',
+            image_ids=list(range(s * n + 1, (s + 1) * n + 1)),
+        )
 
     def calib_ids(self, s: int):
         return self.calib(s).get('image_ids') or self.calib(s)
 
     def evaluate(self, model) -> dict:
         import torch
+
         with torch.no_grad():
             for data in self.loader:
                 self.evaluator.process(data_samples=model.test_step(data), data_batch=data)
         m = self.evaluator.evaluate(len(self.loader.dataset))
-        return {'box_ap': 100 * m['coco/bbox_mAP'], 'mask_ap': 100 * m.get('coco/segm_mAP', math.nan),
-                'eval_images': len(self.loader.dataset)}
+        return {
+            'box_ap': 100 * m['coco/bbox_mAP'],
+            'mask_ap': 100 * m.get('coco/segm_mAP', math.nan),
+            'eval_images': len(self.loader.dataset),
+        }
 
     def run(self, options: dict, s: int) -> tuple[dict, dict]:
         from mmdet_lrpq.config import QuantConfig
         from mmdet_lrpq.engine.calib_data import CalibSettings
         from mmdet_lrpq.engine.quantize import quantize_detector
+
         model = copy.deepcopy(self.model)
         t0 = time.time()
-        report = quantize_detector(model, self.cfg, QuantConfig(**options), CalibSettings.from_options(self.calib(s)),
-                                   progress=False, logger=logging.getLogger('claims'))
+        report = quantize_detector(
+            model,
+            self.cfg,
+            QuantConfig(**options),
+            CalibSettings.from_options(self.calib(s)),
+            progress=False,
+            logger=logging.getLogger('claims'),
+        )
         t1 = time.time()
-        return self.evaluate(model), dict(report.totals, quant_seconds=round(t1 - t0, 1),
-                                          eval_seconds=round(time.time() - t1, 1))
+        return self.evaluate(model), dict(
+            report.totals, quant_seconds=round(t1 - t0, 1), eval_seconds=round(time.time() - t1, 1)
+        )
 
 
 # ------------------------------------------------------------------------------------------ plans
@@ -579,15 +731,27 @@ class Plans:
         from mmdet_lrpq.lrp import swin_sites
         from mmdet_lrpq.models.swin_names import swin_name_to_mmdet
         from mmdet_lrpq.plan import Site
+
         sites = swin_sites(self.classifier)
         if named == 'timm':
             return sites
-        return [Site('backbone.' + swin_name_to_mmdet(s.name, 'timm'), s.kind, s.layer_type, s.block, s.stage,
-                     s.params, s.macs) for s in sites]
+        return [
+            Site(
+                'backbone.' + swin_name_to_mmdet(s.name, 'timm'),
+                s.kind,
+                s.layer_type,
+                s.block,
+                s.stage,
+                s.params,
+                s.macs,
+            )
+            for s in sites
+        ]
 
     def _to_detector(self, plan, lrp):
         """A timm-named classifier plan as the detector-named plan the LRP tool writes."""
         from mmdet_lrpq.models.swin_names import swin_name_to_mmdet
+
         out = plan.rename(lambda n: 'backbone.' + swin_name_to_mmdet(n, 'timm')).with_default(K, K)
         out.architecture = lrp.architecture
         return out
@@ -596,10 +760,28 @@ class Plans:
         out = osp.join(self.dir, f'lrp_{images}img.json')
         if not osp.isfile(out):
             t0 = time.time()
-            _quiet([sys.executable, osp.join(REPO, 'tools', 'lrp_plan.py'), '--model', self.args.classifier,
-                    '--checkpoint', self.args.classifier_checkpoint, '--images', self.args.lrp_images,
-                    '--num-images', str(images), '--target', f'mp{K}', '--out', out, '--no-progress',
-                    '--device', self.args.device], 'tools/lrp_plan.py')
+            _quiet(
+                [
+                    sys.executable,
+                    osp.join(REPO, 'tools', 'lrp_plan.py'),
+                    '--model',
+                    self.args.classifier,
+                    '--checkpoint',
+                    self.args.classifier_checkpoint,
+                    '--images',
+                    self.args.lrp_images,
+                    '--num-images',
+                    str(images),
+                    '--target',
+                    f'mp{K}',
+                    '--out',
+                    out,
+                    '--no-progress',
+                    '--device',
+                    self.args.device,
+                ],
+                'tools/lrp_plan.py',
+            )
             self.log(f'LRP plan on {images} images [{time.time() - t0:.0f}s]')
         return out
 
@@ -607,6 +789,7 @@ class Plans:
         """``lrp_raw`` / ``lrp_ilp`` from the cached scores of the 64-image plan."""
         from mmdet_lrpq.lrp import relative_importance
         from mmdet_lrpq.plan import BitPlan, allocate
+
         out = osp.join(self.dir, f'{name}.json')
         if not osp.isfile(out):
             source = self.lrp()
@@ -623,24 +806,39 @@ class Plans:
         """A random plan controlling for the LRP plan (weight memory), or for uniform 4 bits under a
         weight and a BOPs budget (``bops``)."""
         from mmdet_lrpq.plan import BitPlan, Budget, random_plan, uniform_bops
-        out = osp.join(self.dir, f"random{'_bops' if bops else ''}_{seed}.json")
+
+        out = osp.join(self.dir, f'random{"_bops" if bops else ""}_{seed}.json')
         if not osp.isfile(out):
             lrp = BitPlan.load(self.lrp())
             sites = self.sites()
-            if bops:   # weights drawn from the MP4 choices; matmuls by the allocators' shared rule (the LRP plan's)
+            if bops:  # weights drawn from the MP4 choices; matmuls by the allocators' shared rule (the LRP plan's)
                 like = {s.name: (K, K) if s.has_weights else lrp.resolve([s])[s.name] for s in sites}
                 budget = Budget(weight_bits=K, max_bops=uniform_bops(sites, K))
-                plan = random_plan(sites, like, budget=budget, seed=seed, levels=LEVELS, match_counts=False,
-                                   movable=[s.name for s in sites if s.has_weights])
+                plan = random_plan(
+                    sites,
+                    like,
+                    budget=budget,
+                    seed=seed,
+                    levels=LEVELS,
+                    match_counts=False,
+                    movable=[s.name for s in sites if s.has_weights],
+                )
             else:
                 like = lrp.resolve(sites)
-                plan = random_plan(sites, like, budget=Budget(weight_bits=K), seed=seed,
-                                   movable=[s.name for s in sites if s.has_weights and s.name in lrp.scores])
+                plan = random_plan(
+                    sites,
+                    like,
+                    budget=Budget(weight_bits=K),
+                    seed=seed,
+                    movable=[s.name for s in sites if s.has_weights and s.name in lrp.scores],
+                )
             plan = plan.with_default(K, K)
             plan.architecture = lrp.architecture
-            plan.source = {'controls_for': 'uniform 4 bits (BOPs and weight memory)' if bops else
-                           osp.relpath(self.lrp(), REPO), 'seed': seed}
-            plan.command = f"{COMMAND} (mmdet_lrpq.plan.random_plan, seed {seed})"
+            plan.source = {
+                'controls_for': 'uniform 4 bits (BOPs and weight memory)' if bops else osp.relpath(self.lrp(), REPO),
+                'seed': seed,
+            }
+            plan.command = f'{COMMAND} (mmdet_lrpq.plan.random_plan, seed {seed})'
             plan.save(out)
         return out
 
@@ -654,6 +852,7 @@ class Plans:
 
         from mmdet_lrpq.models.sensitivity import fisher_sensitivity
         from mmdet_lrpq.plan import BitPlan, Budget, allocate, allocate_lampq, uniform_bops
+
         t0 = time.time()
         model = copy.deepcopy(data.model)
         sites = self.sites('timm')
@@ -661,10 +860,16 @@ class Plans:
         images = data.images(s)
 
         def measure(assignment=None):
-            return fisher_sensitivity(model, sites, list(LEVELS), images,
-                                      lambda m, batch: F.cross_entropy(m(batch[0].to(self.args.device)),
-                                                                       batch[1].to(self.args.device)),
-                                      per_channel_inputs=per_channel, assignment=assignment)
+            return fisher_sensitivity(
+                model,
+                sites,
+                list(LEVELS),
+                images,
+                lambda m, batch: F.cross_entropy(m(batch[0].to(self.args.device)), batch[1].to(self.args.device)),
+                per_channel_inputs=per_channel,
+                assignment=assignment,
+            )
+
         cache = osp.join(self.dir, f'classifier_set{s}_fisher.json')
         if osp.isfile(cache):
             table = {n: {int(b): c for b, c in v.items()} for n, v in json.load(open(cache)).items()}
@@ -675,14 +880,22 @@ class Plans:
         if name == 'sensitivity':
             plan = allocate('sensitivity', sites, sensitivity=table, target_bits=K)
         elif name == 'sensitivity_bops':
-            plan = allocate('sensitivity', sites, sensitivity=table, target_bits=K,
-                            budget=Budget(weight_bits=K, max_bops=uniform_bops(sites, K)))
-        else:   # lampq: the type-aware metric and one re-measure / re-solve iteration
+            plan = allocate(
+                'sensitivity',
+                sites,
+                sensitivity=table,
+                target_bits=K,
+                budget=Budget(weight_bits=K, max_bops=uniform_bops(sites, K)),
+            )
+        else:  # lampq: the type-aware metric and one re-measure / re-solve iteration
             with torch.enable_grad():
                 plan = allocate_lampq(sites, table, target_bits=K, type_aware=True, iterations=1, measure=measure)
         plan = self._to_detector(plan, BitPlan.load(self.lrp()))
-        plan.source = {**plan.source, 'calibration_images': data.calib_ids(s),
-                       'measure': 'fisher-diagonal of the cross-entropy on the calibration set'}
+        plan.source = {
+            **plan.source,
+            'calibration_images': data.calib_ids(s),
+            'measure': 'fisher-diagonal of the cross-entropy on the calibration set',
+        }
         plan.command = f'{COMMAND} --models classifier (plan {name}, set {s})'
         plan.save(out)
         self.log(f'classifier plan {name} set {s} [{time.time() - t0:.0f}s]')
@@ -693,11 +906,25 @@ class Plans:
         if osp.isfile(out):
             return out
         calib = det.calib(s)
-        argv = [sys.executable, osp.join(REPO, 'tools', 'sensitivity_plan.py'), osp.join(REPO, det.config),
-                det.checkpoint, '--target', f'mp{K}', '--out', out, '--no-progress', '--device', self.args.device,
-                '--scores-cache', osp.join(self.dir, f'{det.name}_set{s}_fisher.json'), '--method', PAPER_METHOD,
-                '--calib', *(f"{k}={json.dumps(v).replace(' ', '') if isinstance(v, list) else v}"
-                             for k, v in calib.items())]
+        argv = [
+            sys.executable,
+            osp.join(REPO, 'tools', 'sensitivity_plan.py'),
+            osp.join(REPO, det.config),
+            det.checkpoint,
+            '--target',
+            f'mp{K}',
+            '--out',
+            out,
+            '--no-progress',
+            '--device',
+            self.args.device,
+            '--scores-cache',
+            osp.join(self.dir, f'{det.name}_set{s}_fisher.json'),
+            '--method',
+            PAPER_METHOD,
+            '--calib',
+            *(f'{k}={json.dumps(v).replace(" ", "") if isinstance(v, list) else v}' for k, v in calib.items()),
+        ]
         if det.name == 'detector':
             argv += ['--cfg-options', f'test_dataloader.dataset.data_root={det.cfg.test_dataloader.dataset.data_root}']
         if name == 'lampq':
@@ -727,24 +954,40 @@ class Plans:
 def run_cell(cell: Cell, world, plans: Plans, args, log) -> dict:
     """Quantize a copy of the model as the cell says and evaluate it (or read the saved result)."""
     from mmdet_lrpq.plan import BitPlan
+
     plan = plans.path(cell, world)
     options = dict(METHODS[cell.method], **({'plan': plan} if plan else {'w_bits': K, 'a_bits': K}))
-    key = {'cell': cell.tag, 'model': cell.model, 'method_options': METHODS[cell.method],
-           'plan_sha256': BitPlan.load(plan).content_hash() if plan else f'uniform {K}',
-           'calibration': world.calib_ids(cell.set_index)}
+    key = {
+        'cell': cell.tag,
+        'model': cell.model,
+        'method_options': METHODS[cell.method],
+        'plan_sha256': BitPlan.load(plan).content_hash() if plan else f'uniform {K}',
+        'calibration': world.calib_ids(cell.set_index),
+    }
     path = osp.join(args.work_dir, 'runs', cell.model, cell.tag + '.json')
     if osp.isfile(path):
         saved = json.load(open(path))
         if saved.get('key') == key:
             return saved['row']
     metrics, totals = world.run(options, cell.set_index)
-    row = {'model': cell.model, 'plan': cell.plan, 'method': cell.method, 'set': cell.set_index, 'seed': cell.seed,
-           'family': cell.family, **metrics,
-           'set_size': args.cls_set_size if cell.model == 'classifier' else args.det_set_size,
-           'avg_w_bits': totals['avg_weight_bits'], 'avg_a_bits': totals['avg_act_bits'],
-           'weight_mb': totals['weight_mb'], 'weight_bits': totals['total_weight_bits'], 'gbops': totals['bops'] / 1e9,
-           'quant_seconds': totals['quant_seconds'], 'eval_seconds': totals['eval_seconds'],
-           'plan_file': osp.relpath(plan, REPO) if plan else None}
+    row = {
+        'model': cell.model,
+        'plan': cell.plan,
+        'method': cell.method,
+        'set': cell.set_index,
+        'seed': cell.seed,
+        'family': cell.family,
+        **metrics,
+        'set_size': args.cls_set_size if cell.model == 'classifier' else args.det_set_size,
+        'avg_w_bits': totals['avg_weight_bits'],
+        'avg_a_bits': totals['avg_act_bits'],
+        'weight_mb': totals['weight_mb'],
+        'weight_bits': totals['total_weight_bits'],
+        'gbops': totals['bops'] / 1e9,
+        'quant_seconds': totals['quant_seconds'],
+        'eval_seconds': totals['eval_seconds'],
+        'plan_file': osp.relpath(plan, REPO) if plan else None,
+    }
     os.makedirs(osp.dirname(path), exist_ok=True)
     with open(path + '.tmp', 'w') as f:
         json.dump({'key': key, 'row': row}, f, indent=1)
@@ -759,10 +1002,21 @@ def float_row(model: str, world, args, log) -> dict:
     if osp.isfile(path):
         return json.load(open(path))
     t0 = time.time()
-    metrics = world.evaluate(world.model) if model != 'classifier' else \
-        {'top1': world.top1(world.model), 'eval_images': len(world.items)}
-    row = {'model': model, 'plan': 'float', 'method': None, 'set': None, 'seed': None, 'family': 'float', **metrics,
-           'eval_seconds': round(time.time() - t0, 1)}
+    metrics = (
+        world.evaluate(world.model)
+        if model != 'classifier'
+        else {'top1': world.top1(world.model), 'eval_images': len(world.items)}
+    )
+    row = {
+        'model': model,
+        'plan': 'float',
+        'method': None,
+        'set': None,
+        'seed': None,
+        'family': 'float',
+        **metrics,
+        'eval_seconds': round(time.time() - t0, 1),
+    }
     os.makedirs(osp.dirname(path), exist_ok=True)
     json.dump(row, open(path, 'w'), indent=1)
     log(f'{model:12s} float {metrics.get("top1", metrics.get("box_ap")):.1f}')
@@ -782,10 +1036,18 @@ def saved_rows(work_dir: str) -> list[dict]:
 
 def write_report(rows: list[dict], args, grid_commands: list[str]) -> None:
     from doc_blocks import publish  # bench/doc_blocks.py (this script's folder)
+
     context = {'grid': grid_commands}
-    report = dict(command=COMMAND, grid=grid_commands, methods=METHODS, k=K, control_percentile=CONTROL_PERCENTILE,
-                  environment=dict(python=platform.python_version(), machine=platform.machine()),
-                  verdicts=claim_verdicts(rows), rows=rows)
+    report = dict(
+        command=COMMAND,
+        grid=grid_commands,
+        methods=METHODS,
+        k=K,
+        control_percentile=CONTROL_PERCENTILE,
+        environment=dict(python=platform.python_version(), machine=platform.machine()),
+        verdicts=claim_verdicts(rows),
+        rows=rows,
+    )
     os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
     with open(args.out, 'w') as f:
         json.dump(json_safe(report), f, indent=1, allow_nan=False)
@@ -793,15 +1055,30 @@ def write_report(rows: list[dict], args, grid_commands: list[str]) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__)
-    p.add_argument('--models', nargs='+', default=['classifier', 'mask_rcnn'],
-                   choices=['classifier', *MINI_DETECTORS, 'detector'],
-                   help="'detector' is --config/--checkpoint on --coco-root")
-    p.add_argument('--methods', nargs='+', default=list(PAPER_METHODS), choices=list(METHODS),
-                   help='methods crossed with every plan (default: RepQ and CRL; sqb and crl_optm are MPTQ-ViT\'s options)')
-    p.add_argument('--random-methods', nargs='+', default=None, choices=list(METHODS),
-                   help='methods of the random-plan cells (default: --methods)')
+    p = argparse.ArgumentParser(
+        description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
+    p.add_argument(
+        '--models',
+        nargs='+',
+        default=['classifier', 'mask_rcnn'],
+        choices=['classifier', *MINI_DETECTORS, 'detector'],
+        help="'detector' is --config/--checkpoint on --coco-root",
+    )
+    p.add_argument(
+        '--methods',
+        nargs='+',
+        default=list(PAPER_METHODS),
+        choices=list(METHODS),
+        help="methods crossed with every plan (default: RepQ and CRL; sqb and crl_optm are MPTQ-ViT's options)",
+    )
+    p.add_argument(
+        '--random-methods',
+        nargs='+',
+        default=None,
+        choices=list(METHODS),
+        help='methods of the random-plan cells (default: --methods)',
+    )
     p.add_argument('--sets', type=int, default=3, help='disjoint calibration sets')
     p.add_argument('--only-sets', type=int, nargs='+', default=None, help='run only these set indices')
     p.add_argument('--cls-set-size', type=int, default=8, help='images per classifier calibration set')
@@ -811,8 +1088,11 @@ def parse_args(argv=None):
     p.add_argument('--audit', nargs='*', default=list(AUDIT), choices=list(AUDIT), help='LRP variants to measure')
     p.add_argument('--audit-methods', nargs='+', default=[PAPER_METHOD], choices=list(METHODS))
     # real weights
-    p.add_argument('--classifier', default=osp.join(MINI_CKPT, 'swin_mini_cls.pth'),
-                   help='timm Swin name, or a checkpoint recording its kwargs (default: the miniature world\'s)')
+    p.add_argument(
+        '--classifier',
+        default=osp.join(MINI_CKPT, 'swin_mini_cls.pth'),
+        help="timm Swin name, or a checkpoint recording its kwargs (default: the miniature world's)",
+    )
     p.add_argument('--classifier-checkpoint', default=None, help='its weights (default: --classifier)')
     p.add_argument('--imagenet', default=osp.join(MINI, 'cls_val'), help='classifier evaluation images')
     p.add_argument('--imagenet-labels', default=None, help="'<path> <label>' lines (default: class folders)")
@@ -820,7 +1100,7 @@ def parse_args(argv=None):
     p.add_argument('--imagenet-calib-labels', default=None)
     p.add_argument('--lrp-images', default=None, help='LRP images (default: --imagenet)')
     p.add_argument('--config', default=None, help="detector config of the 'detector' model")
-    p.add_argument('--checkpoint', default=None, help="its float checkpoint")
+    p.add_argument('--checkpoint', default=None, help='its float checkpoint')
     p.add_argument('--coco-root', default=None, help='COCO root (val2017 evaluated, train2017 calibrates)')
     p.add_argument('--device', default='cpu')
     p.add_argument('--threads', type=int, default=1, help='torch threads')
@@ -839,7 +1119,7 @@ def parse_args(argv=None):
         args.imagenet_calib_labels = args.imagenet_calib_labels or osp.join(MINI, 'annotations', 'cls_train.txt')
     args.lrp_images = args.lrp_images or args.imagenet
     if 'detector' in args.models and not (args.config and args.checkpoint and args.coco_root):
-        p.error("--models detector needs --config, --checkpoint and --coco-root")
+        p.error('--models detector needs --config, --checkpoint and --coco-root')
     return args
 
 
@@ -853,8 +1133,9 @@ def main(argv=None) -> None:
     if args.tables_only:
         return write_report(saved_rows(args.work_dir), args, commands)
     sets = args.only_sets if args.only_sets is not None else list(range(args.sets))
-    cells = grid(args.models, args.methods, args.random_methods, sets, args.seeds, args.budgets, args.audit,
-                 args.audit_methods)
+    cells = grid(
+        args.models, args.methods, args.random_methods, sets, args.seeds, args.budgets, args.audit, args.audit_methods
+    )
     if args.dry_run:
         for c in cells:
             print(f'{c.model:12s} set {c.set_index}  {c.family:6s}  {c.plan_name:18s} {c.method}')
@@ -862,6 +1143,7 @@ def main(argv=None) -> None:
         print(f'{len(cells)} cells: ' + ', '.join(f'{m} {n}' for m, n in counts.items()))
         return
     import torch
+
     torch.set_num_threads(args.threads)
     os.makedirs(args.work_dir, exist_ok=True)
     command = ' '.join([COMMAND, *(a for a in argv if a not in ('--no-doc', '--tables-only'))])

@@ -9,6 +9,7 @@ A benchmark runs as ``python bench/<name>.py`` (then ``bench/`` is its ``sys.pat
     except ImportError:   # python bench/<name>.py
         import common
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,24 +21,31 @@ import re
 import sys
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-BENCHMARKS_PAGE = osp.join('docs', 'benchmarks.md')   # the page whose marked blocks hold most tables
+BENCHMARKS_PAGE = osp.join('docs', 'benchmarks.md')  # the page whose marked blocks hold most tables
 
 
 # ---------------------------------------------------------------------------------- command line
 def parser(doc: str) -> argparse.ArgumentParser:
     """A benchmark's parser: its module docstring's first line as the description, the rest as the epilog."""
-    return argparse.ArgumentParser(description=doc.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                   epilog=doc)
+    return argparse.ArgumentParser(
+        description=doc.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc
+    )
 
 
 def add_detectors(p: argparse.ArgumentParser) -> None:
     """``--detectors``: the miniature world's tiny detectors, all by default."""
     from mmdet_lrpq.miniworld.experiments import DETECTORS
+
     p.add_argument('--detectors', nargs='+', default=list(DETECTORS), choices=list(DETECTORS))
 
 
-def add_outputs(p: argparse.ArgumentParser, name: str, page: str = BENCHMARKS_PAGE, block: str = 'tables',
-                tables_help: str = 'run nothing: rewrite the tables from --out') -> None:
+def add_outputs(
+    p: argparse.ArgumentParser,
+    name: str,
+    page: str = BENCHMARKS_PAGE,
+    block: str = 'tables',
+    tables_help: str = 'run nothing: rewrite the tables from --out',
+) -> None:
     """``--work-dir``, ``--out`` (``results/<name>.json``), ``--no-doc`` and ``--tables-only``."""
     p.add_argument('--work-dir', default=osp.join(REPO, 'work_dirs', name))
     p.add_argument('--out', default=osp.join(REPO, 'results', f'{name}.json'))

@@ -15,6 +15,7 @@ are checked equal (bit for bit; MSE-based parameters by value) before anything i
 The fused kernels are a CPU fast path: on another ``--device`` only the PyTorch path runs (timed
 with the device synchronized) and its results go to ``results/kernel_speed_<device>.json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,7 @@ from mmdet_lrpq.quant import functional as F
 
 try:
     from bench import common
-except ImportError:   # python bench/kernel_speed.py: bench/ is sys.path[0]
+except ImportError:  # python bench/kernel_speed.py: bench/ is sys.path[0]
     import common
 
 REPO = common.REPO
@@ -71,13 +72,14 @@ def operations(x: dict) -> dict:
         'log_sqrt2_qparams, 8.9M attention': lambda: F.log_sqrt2_qparams(x['attn'], 4),
         'fake_quant_uniform, 23.3M': lambda: F.fake_quant_uniform(x['gelu'], d_g, z_g, 4),
         'fake_quant_uniform, 23.3M into scratch': lambda: F.fake_quant_uniform(x['gelu'], d_g, z_g, 4, scratch),
-        'fake_quant_uniform, 6.0M keys sliced from qkv into scratch':
-            lambda: F.fake_quant_uniform(x['keys'], d_k, z_k, 4, scratch),
+        'fake_quant_uniform, 6.0M keys sliced from qkv into scratch': lambda: F.fake_quant_uniform(
+            x['keys'], d_k, z_k, 4, scratch
+        ),
         'fake_quant_log_sqrt2, 8.9M attention': lambda: F.fake_quant_log_sqrt2(x['attn'], d_a, 4),
-        'fake_quant_log_sqrt2, 8.9M attention into scratch':
-            lambda: F.fake_quant_log_sqrt2(x['attn'], d_a, 4, scratch),
-        'fake_quant_log_sqrt2, 2.5M masked attention into scratch':
-            lambda: F.fake_quant_log_sqrt2(x['masked'], d_m, 4, scratch),
+        'fake_quant_log_sqrt2, 8.9M attention into scratch': lambda: F.fake_quant_log_sqrt2(x['attn'], d_a, 4, scratch),
+        'fake_quant_log_sqrt2, 2.5M masked attention into scratch': lambda: F.fake_quant_log_sqrt2(
+            x['masked'], d_m, 4, scratch
+        ),
     }
 
 
@@ -91,12 +93,16 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--device', default='cpu', help='cpu (fused vs PyTorch) or e.g. cuda (PyTorch path alone)')
-    parser.add_argument('--out', default=None, help='default: results/kernel_speed.json (cpu), '
-                                                    'results/kernel_speed_<device>.json (other devices)')
+    parser.add_argument(
+        '--out',
+        default=None,
+        help='default: results/kernel_speed.json (cpu), results/kernel_speed_<device>.json (other devices)',
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    out_path = args.out or osp.join(REPO, 'results', 'kernel_speed.json' if device.type == 'cpu'
-                                    else f'kernel_speed_{device.type}.json')
+    out_path = args.out or osp.join(
+        REPO, 'results', 'kernel_speed.json' if device.type == 'cpu' else f'kernel_speed_{device.type}.json'
+    )
     torch.set_grad_enabled(False)
     command = 'python bench/kernel_speed.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
     if device.type != 'cpu':
@@ -122,10 +128,17 @@ def main(argv=None) -> dict:
             sys.exit(f'{name}: the fused and PyTorch paths disagree; not reporting timings')
         fused, plain = statistics.median(times['fused']), statistics.median(times['pytorch'])
         rows.append(dict(operation=name, fused_ms=1e3 * fused, pytorch_ms=1e3 * plain, speedup=plain / fused))
-        print(f'{name:57s} PyTorch {1e3 * plain:8.1f} ms   fused {1e3 * fused:7.1f} ms   {plain / fused:5.1f}x',
-              flush=True)
-    res = dict(command=command, threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine(),
-               repeats=args.repeats, rows=rows)
+        print(
+            f'{name:57s} PyTorch {1e3 * plain:8.1f} ms   fused {1e3 * fused:7.1f} ms   {plain / fused:5.1f}x',
+            flush=True,
+        )
+    res = dict(
+        command=command,
+        threads=torch.get_num_threads(),
+        cpu=platform.processor() or platform.machine(),
+        repeats=args.repeats,
+        rows=rows,
+    )
     common.write_json(out_path, res)
     return res
 
@@ -146,9 +159,13 @@ def device_only(repeats: int, device: torch.device, command: str, out_path: str)
             times.append(time.perf_counter() - t0)
         rows.append(dict(operation=name, pytorch_ms=1e3 * statistics.median(times)))
         print(f'{name:57s} PyTorch on {device.type} {rows[-1]["pytorch_ms"]:8.2f} ms', flush=True)
-    res = dict(command=command, device=str(device),
-               device_name=torch.cuda.get_device_name(device) if device.type == 'cuda' else device.type,
-               repeats=repeats, rows=rows)
+    res = dict(
+        command=command,
+        device=str(device),
+        device_name=torch.cuda.get_device_name(device) if device.type == 'cuda' else device.type,
+        repeats=repeats,
+        rows=rows,
+    )
     common.write_json(out_path, res)
     return res
 

@@ -25,6 +25,7 @@ before it.
 Last line: ``lrp/fwdbwd=<ratio>``, the worst ratio over the batch sizes. Writes the figures to
 ``results/lrp_speed.json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,7 +39,7 @@ import torch
 
 try:
     from bench import common
-except ImportError:   # python bench/lrp_speed.py: bench/ is sys.path[0]
+except ImportError:  # python bench/lrp_speed.py: bench/ is sys.path[0]
     import common
 
 REPO = common.REPO
@@ -53,6 +54,7 @@ def fwdbwd(model: torch.nn.Module, x: torch.Tensor) -> None:
 
 def lrp(model: torch.nn.Module, x: torch.Tensor) -> None:
     from mmdet_lrpq.lrp import swin_relevance
+
     swin_relevance(model, x)
 
 
@@ -64,8 +66,9 @@ def _status_mib(field: str) -> float:
 
 def build_model(device: torch.device | None = None) -> torch.nn.Module:
     import timm
+
     device = device or torch.device('cpu')
-    torch.manual_seed(0)   # (weights drawn on the CPU: the same model on every device)
+    torch.manual_seed(0)  # (weights drawn on the CPU: the same model on every device)
     model = timm.create_model('swin_tiny_patch4_window7_224', pretrained=False, always_partition=True)
     return model.eval().to(device)
 
@@ -100,7 +103,7 @@ def peak_extra_mib(mode: str, x: torch.Tensor, model: torch.nn.Module) -> float:
         torch.cuda.reset_peak_memory_stats(x.device)
         MODES[mode](model, x)
         synchronize(x.device)
-        return (torch.cuda.max_memory_allocated(x.device) - start) / 2 ** 20
+        return (torch.cuda.max_memory_allocated(x.device) - start) / 2**20
     ctx = multiprocessing.get_context('spawn')
     queue = ctx.Queue()
     child = ctx.Process(target=_peak_child, args=(mode, x, torch.get_num_threads(), queue))
@@ -120,7 +123,7 @@ def main(argv=None) -> dict:
     parser.add_argument('--num-images', type=int, default=16, help='images timed per batch size')
     parser.add_argument('--batch-sizes', type=int, nargs='+', default=[1, 8])
     parser.add_argument('--repeats', type=int, default=3, help='runs per batch and mode; the fastest counts')
-    parser.add_argument('--threads', type=int, default=None, help='torch threads (default: torch\'s own)')
+    parser.add_argument('--threads', type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument('--device', default='cpu', help='cpu or cuda (where the peak memory is measured)')
     parser.add_argument('--out', default=osp.join(REPO, 'results', 'lrp_speed.json'))
     args = parser.parse_args(argv)
@@ -146,17 +149,18 @@ def main(argv=None) -> dict:
         images = torch.stack(list(iter_images(items, eval_transform(model))))
     images = images.to(device)
 
-    first = images[:max(args.batch_sizes)]
+    first = images[: max(args.batch_sizes)]
     for fn in MODES.values():  # warm-up: allocator, thread pool, lazy inits
         fn(model, first[:1])
     results = {}
-    print(f'swin_tiny_patch4_window7_224 on {device}, {torch.get_num_threads()} threads, '
-          f'{len(images)} images: {source}')
+    print(
+        f'swin_tiny_patch4_window7_224 on {device}, {torch.get_num_threads()} threads, {len(images)} images: {source}'
+    )
     print(f'{"batch":>5} {"mode":>7} {"images/s":>9} {"peak MiB":>9}')
     for bs in args.batch_sizes:
         seconds = {name: 0.0 for name in MODES}
         for start in range(0, len(images), bs):
-            x = images[start:start + bs]
+            x = images[start : start + bs]
             fastest = {name: float('inf') for name in MODES}
             for _ in range(args.repeats):
                 for name, fn in MODES.items():
@@ -169,8 +173,11 @@ def main(argv=None) -> dict:
                 seconds[name] += fastest[name]
         row = {}
         for name in MODES:
-            row[name] = {'images_per_s': len(images) / seconds[name], 'seconds': seconds[name],
-                         'peak_extra_mib': peak_extra_mib(name, first[:bs], model)}
+            row[name] = {
+                'images_per_s': len(images) / seconds[name],
+                'seconds': seconds[name],
+                'peak_extra_mib': peak_extra_mib(name, first[:bs], model),
+            }
             print(f'{bs:>5} {name:>7} {row[name]["images_per_s"]:>9.2f} {row[name]["peak_extra_mib"]:>9.0f}')
         row['ratio'] = seconds['lrp'] / seconds['fwdbwd']
         print(f'batch {bs}: lrp/fwdbwd={row["ratio"]:.2f}')
@@ -178,13 +185,21 @@ def main(argv=None) -> dict:
 
     report = {
         'model': 'swin_tiny_patch4_window7_224 (random weights, always_partition=True)',
-        'images': source, 'num_images': len(images), 'repeats': args.repeats,
-        'device': str(device), 'threads': torch.get_num_threads(), 'cpu_count': os.cpu_count(),
-        'torch': torch.__version__, 'timm': timm.__version__, 'python': platform.python_version(),
-        'memory': ('MiB: peak CUDA allocation over one batch minus the allocation before it'
-                   if device.type == 'cuda' else
-                   'MiB: peak RSS (VmHWM, reset via clear_refs) of a fresh process running one batch, '
-                   'minus its RSS before the call'),
+        'images': source,
+        'num_images': len(images),
+        'repeats': args.repeats,
+        'device': str(device),
+        'threads': torch.get_num_threads(),
+        'cpu_count': os.cpu_count(),
+        'torch': torch.__version__,
+        'timm': timm.__version__,
+        'python': platform.python_version(),
+        'memory': (
+            'MiB: peak CUDA allocation over one batch minus the allocation before it'
+            if device.type == 'cuda'
+            else 'MiB: peak RSS (VmHWM, reset via clear_refs) of a fresh process running one batch, '
+            'minus its RSS before the call'
+        ),
         'batch_sizes': results,
         'worst_ratio': max(r['ratio'] for r in results.values()),
     }

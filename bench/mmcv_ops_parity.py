@@ -9,6 +9,7 @@ ops) and once with ``MMDET_LRPQ_MMCV_OPS=torchvision`` (RoIAlign, NMS, ... from
 ``results/mmcv_ops_parity.json`` and the table between the ``mmcv_ops_parity`` markers of
 docs/benchmarks.md. The target: every AP equal to 0.1.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,7 +23,7 @@ from mmdet_lrpq.miniworld import experiments as ex
 
 try:
     from bench import common
-except ImportError:   # python bench/mmcv_ops_parity.py: bench/ is sys.path[0]
+except ImportError:  # python bench/mmcv_ops_parity.py: bench/ is sys.path[0]
     import common
 
 REPO = common.REPO
@@ -43,11 +44,16 @@ def pairs(rows: list[dict]):
 
 
 def table(rows: list[dict]) -> str:
-    lines = ['| detector | setting | box AP compiled | box AP torchvision | mask AP compiled | mask AP torchvision '
-             '| largest difference |', '|---|---|---|---|---|---|---|']
+    lines = [
+        '| detector | setting | box AP compiled | box AP torchvision | mask AP compiled | mask AP torchvision '
+        '| largest difference |',
+        '|---|---|---|---|---|---|---|',
+    ]
     for det, setting, a, b, diff in pairs(rows):
-        lines.append(f"| {det} | {setting} | {a['box_ap']:.1f} | {b['box_ap']:.1f} "
-                     f"| {a['mask_ap']:.1f} | {b['mask_ap']:.1f} | {diff:.2f} |")
+        lines.append(
+            f'| {det} | {setting} | {a["box_ap"]:.1f} | {b["box_ap"]:.1f} '
+            f'| {a["mask_ap"]:.1f} | {b["mask_ap"]:.1f} | {diff:.2f} |'
+        )
     return '\n'.join(lines)
 
 
@@ -55,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = common.parser(__doc__)
     common.add_detectors(parser)
     parser.add_argument('--jobs', type=int, default=2)
-    common.add_outputs(parser, 'mmcv_ops_parity', block='table', tables_help='rewrite the table from --out, run nothing')
+    common.add_outputs(
+        parser, 'mmcv_ops_parity', block='table', tables_help='rewrite the table from --out, run nothing'
+    )
     args = parser.parse_args(argv)
     if args.tables_only:
         result = common.saved_results(args.out, 'python bench/mmcv_ops_parity.py')
@@ -69,10 +77,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def one(item):
         det, setting, backend = item
-        os.environ['MMDET_LRPQ_MMCV_OPS'] = backend   # read by each tools/test.py process at its start
+        os.environ['MMDET_LRPQ_MMCV_OPS'] = backend  # read by each tools/test.py process at its start
         row = ex.evaluate(det, setting, plans, osp.join(args.work_dir, backend), threads=1)
         row['backend'] = backend
-        print(f"{det} {setting.name} {backend}: box {row['box_ap']:.1f} mask {row['mask_ap']:.1f}", flush=True)
+        print(f'{det} {setting.name} {backend}: box {row["box_ap"]:.1f} mask {row["mask_ap"]:.1f}', flush=True)
         return row
 
     t0 = time.time()
@@ -82,8 +90,12 @@ def main(argv: list[str] | None = None) -> int:
         with ThreadPoolExecutor(args.jobs) as pool:
             rows += list(pool.map(one, [r for r in runs if r[2] == backend]))
     os.environ.pop('MMDET_LRPQ_MMCV_OPS', None)
-    result = {'rows': rows, 'seconds': round(time.time() - t0, 1), 'machine': platform.processor() or platform.machine(),
-              'command': 'python bench/mmcv_ops_parity.py'}
+    result = {
+        'rows': rows,
+        'seconds': round(time.time() - t0, 1),
+        'machine': platform.processor() or platform.machine(),
+        'command': 'python bench/mmcv_ops_parity.py',
+    }
     common.write_json(args.out, result)
     md = table(rows)
     common.publish(md, DOC, MARKERS, result['command'], update=not args.no_doc)

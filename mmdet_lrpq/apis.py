@@ -11,6 +11,7 @@ The config's ``QuantizationHook`` options (or its ``QuantSwinTransformer`` backb
 quantize and which images calibrate; the same code as the hook does it. ``mmdet.apis.init_detector``
 on such a config returns the float model (hooks only run in the Runner) and warns so.
 """
+
 from __future__ import annotations
 
 import copy
@@ -23,15 +24,21 @@ import torch
 
 def _hook_options(cfg: Any) -> dict | None:
     from .registry import has_quantization_hook, is_quantization_hook
+
     if not has_quantization_hook(cfg):
         return None
     hook = next(h for h in cfg.custom_hooks if is_quantization_hook(h.get('type')))
     return {k: v for k, v in hook.items() if k != 'type'}
 
 
-def init_quantized_detector(config: str | Any, checkpoint: str, device: str | None = None,
-                            cfg_options: dict | None = None, logger: logging.Logger | None = None,
-                            progress: bool = True) -> torch.nn.Module:
+def init_quantized_detector(
+    config: str | Any,
+    checkpoint: str,
+    device: str | None = None,
+    cfg_options: dict | None = None,
+    logger: logging.Logger | None = None,
+    progress: bool = True,
+) -> torch.nn.Module:
     """Build the detector of ``config``, load ``checkpoint``, quantize it as the config says; return it.
 
     ``device``: where the model runs and calibrates (default ``cuda:0`` when available, else ``cpu``).
@@ -50,17 +57,21 @@ def init_quantized_detector(config: str | Any, checkpoint: str, device: str | No
 
     register_all_modules()
     from mmdet.apis import inference
+
     init_detector = getattr(inference.init_detector, '__wrapped_by_mmdet_lrpq__', inference.init_detector)
     cfg = Config.fromfile(config) if isinstance(config, str) else copy.deepcopy(config)
     if cfg_options:
         cfg.merge_from_dict(cfg_options)
     options = _hook_options(cfg)
     from .registry import is_quant_backbone
+
     declared = is_quant_backbone(cfg.model.get('backbone', {}).get('type'))
     if options is None and not declared:
-        raise ValueError(f'{config if isinstance(config, str) else "the config"} adds no QuantizationHook to '
-                         f'custom_hooks (and its backbone is not QuantSwinTransformer): nothing says how to quantize. '
-                         f'Use one of configs/*_{{w4a4,w6a6,mp4,mp6}}.py, or mmdet.apis.init_detector for the float model.')
+        raise ValueError(
+            f'{config if isinstance(config, str) else "the config"} adds no QuantizationHook to '
+            f'custom_hooks (and its backbone is not QuantSwinTransformer): nothing says how to quantize. '
+            f'Use one of configs/*_{{w4a4,w6a6,mp4,mp6}}.py, or mmdet.apis.init_detector for the float model.'
+        )
     require_checkpoint(checkpoint)
     device = device or ('cuda:0' if torch.cuda.is_available() else 'cpu')
     # init_detector without a checkpoint warns that it uses COCO's classes (it resets the warning
@@ -71,8 +82,8 @@ def init_quantized_detector(config: str | Any, checkpoint: str, device: str | No
         if 'checkpoint is None' not in str(w.message):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     hook = QuantizationHook(**(options or {}))
-    hook.check_plan(model)                           # a plan that does not fit: refused before the checkpoint loads
-    check_checkpoint_fits(model, checkpoint)         # refused before anything is evaluated
+    hook.check_plan(model)  # a plan that does not fit: refused before the checkpoint loads
+    check_checkpoint_fits(model, checkpoint)  # refused before anything is evaluated
     meta = load_checkpoint(model, checkpoint, map_location='cpu', logger='silent').get('meta', {})
     if 'dataset_meta' in meta:
         model.dataset_meta = {k.lower(): v for k, v in meta['dataset_meta'].items()}

@@ -2,13 +2,14 @@
 
 Dependency-free, so that the quantizers (torch) and the plans (NumPy/SciPy) share one definition.
 """
+
 from __future__ import annotations
 
 import numbers
 from typing import Any
 
 MIN_BITS, MAX_BITS = 2, 8
-Bits = tuple[int, int]          # (w_bits, a_bits) of one site
+Bits = tuple[int, int]  # (w_bits, a_bits) of one site
 
 
 def check_bits(bits: Any) -> int:
@@ -25,7 +26,8 @@ def check_bit_pair(entry: str, value: Any) -> Bits:
     out = []
     for what, b in zip(('w_bits', 'a_bits'), value):
         if isinstance(b, bool) or not isinstance(b, numbers.Integral) or not MIN_BITS <= int(b) <= MAX_BITS:
-            raise ValueError(f'bit plan entry {entry!r}: {what} must be an integer in '
-                             f'{MIN_BITS}..{MAX_BITS}, got {b!r}')
+            raise ValueError(
+                f'bit plan entry {entry!r}: {what} must be an integer in {MIN_BITS}..{MAX_BITS}, got {b!r}'
+            )
         out.append(int(b))
     return out[0], out[1]

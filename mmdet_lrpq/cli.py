@@ -4,6 +4,7 @@ paths it was made from, and ``--data-root``.
 
 Kept here rather than in one of the scripts so that a script never imports another one.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,7 @@ def target_bits(p: argparse.ArgumentParser, target: str) -> int:
     """k of ``--target`` (``mp4``, ``MP6``, ``4``, ...), or the parser's usage error."""
     m = TARGET.match(target.lower())
     if not m:
-        p.error(f"--target must be mpK or K with K in 2..8 (e.g. mp4), got {target!r}")
+        p.error(f'--target must be mpK or K with K in 2..8 (e.g. mp4), got {target!r}')
     return int(m.group(1))
 
 
@@ -58,17 +59,20 @@ def set_data_root(cfg, root: str) -> None:
         loader, evaluator = cfg.get(f'{split}_dataloader'), cfg.get(f'{split}_evaluator')
         if loader is not None:
             loader.dataset.data_root = root
-        for ev in (evaluator if isinstance(evaluator, list) else [evaluator]):
+        for ev in evaluator if isinstance(evaluator, list) else [evaluator]:
             ann = ev.get('ann_file') if ev is not None else None
             if ann and old and ann.startswith(old):
-                ev.ann_file = root + ann[len(old):]
+                ev.ann_file = root + ann[len(old) :]
 
 
 # ------------------------------------------------------------------------------ the timm classifier
 def add_classifier_args(p: argparse.ArgumentParser, random_init_help: str) -> None:
     """--model and its weights (--checkpoint | --pretrained | --random-init), as build_classifier reads them."""
-    p.add_argument('--model', required=True,
-                   help='timm model name, a .json/.py file of SwinTransformer kwargs, or a checkpoint with meta.model_kwargs')
+    p.add_argument(
+        '--model',
+        required=True,
+        help='timm model name, a .json/.py file of SwinTransformer kwargs, or a checkpoint with meta.model_kwargs',
+    )
     w = p.add_mutually_exclusive_group()
     w.add_argument('--checkpoint', help='local weights for the classifier')
     w.add_argument('--pretrained', action='store_true', help="timm's pretrained weights (downloads; needs network)")
@@ -79,9 +83,10 @@ def build_classifier(args):
     """The timm Swin (always_partition=True so its windows match mmdet's) and a description of its weights."""
     import timm
     from timm.models.swin_transformer import SwinTransformer
+
     kwargs = dict(always_partition=True, strict_img_size=False)
     if osp.isfile(args.model):
-        if args.model.endswith(('.pth', '.pt')):    # a checkpoint that records its architecture
+        if args.model.endswith(('.pth', '.pt')):  # a checkpoint that records its architecture
             meta = torch.load(args.model, map_location='cpu', weights_only=True).get('meta', {})
             if 'model_kwargs' not in meta:
                 raise ValueError(f"{args.model} has no meta['model_kwargs']: pass a timm name or a kwargs file")
@@ -95,8 +100,10 @@ def build_classifier(args):
         model = SwinTransformer(**{**model_kwargs, **kwargs})
     else:
         if args.model not in timm.list_models('swin*'):
-            raise ValueError(f'--model {args.model!r} is neither a file nor a timm Swin model '
-                             f'(e.g. swin_tiny_patch4_window7_224, swin_small_patch4_window7_224)')
+            raise ValueError(
+                f'--model {args.model!r} is neither a file nor a timm Swin model '
+                f'(e.g. swin_tiny_patch4_window7_224, swin_small_patch4_window7_224)'
+            )
         if args.random_init is not None:
             torch.manual_seed(args.random_init)
         model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
@@ -104,23 +111,31 @@ def build_classifier(args):
         torch.manual_seed(args.random_init)
         if osp.isfile(args.model):  # the file path built it above; re-seed so the weights are reproducible
             model = SwinTransformer(**{**model_kwargs, **kwargs})
-        weights = {'kind': 'random-init', 'seed': args.random_init,
-                   'note': 'random weights: no pretrained weights were available; recompute with real ones'}
+        weights = {
+            'kind': 'random-init',
+            'seed': args.random_init,
+            'note': 'random weights: no pretrained weights were available; recompute with real ones',
+        }
     elif args.pretrained:
         weights = {'kind': 'timm-pretrained', 'name': args.model}
     else:
         from mmdet_lrpq.safe_load import require_checkpoint
+
         require_checkpoint(args.checkpoint)
         ckpt = torch.load(args.checkpoint, map_location='cpu', weights_only=True)
-        state = next((ckpt[k] for k in ('state_dict', 'model') if isinstance(ckpt, dict) and isinstance(ckpt.get(k), dict)), ckpt)
+        state = next(
+            (ckpt[k] for k in ('state_dict', 'model') if isinstance(ckpt, dict) and isinstance(ckpt.get(k), dict)), ckpt
+        )
         own = model.state_dict()
         missing = [k for k in own if k not in state and not k.endswith(('relative_position_index', 'attn_mask'))]
         unexpected = [k for k in state if k not in own]
         shapes = [k for k in state if k in own and own[k].shape != state[k].shape]
         if missing or unexpected or shapes:
-            raise ValueError(f'checkpoint {args.checkpoint} does not fit {args.model}: {len(missing)} missing '
-                             f'(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}), '
-                             f'{len(shapes)} with other shapes (e.g. {shapes[:2]})')
+            raise ValueError(
+                f'checkpoint {args.checkpoint} does not fit {args.model}: {len(missing)} missing '
+                f'(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]}), '
+                f'{len(shapes)} with other shapes (e.g. {shapes[:2]})'
+            )
         model.load_state_dict(state, strict=False)
         with open(args.checkpoint, 'rb') as f:
             digest = hashlib.sha256(f.read()).hexdigest()[:16]

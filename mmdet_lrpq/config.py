@@ -5,6 +5,7 @@ The same fields are the keyword arguments of ``QuantizationHook`` (config files)
 :func:`mmdet_lrpq.quantize_` (Python), so ``help(QuantConfig)`` documents all three.
 Pure: no torch model code, no mmdet.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,10 @@ def plan_command(path: str) -> str:
     m = re.search(r'swin_([ts])_mp(\d)', os.path.basename(path))
     model = {'t': 'swin_tiny_patch4_window7_224', 's': 'swin_small_patch4_window7_224'}[m.group(1)] if m else 'MODEL'
     target = f'mp{m.group(2)}' if m else 'mpK'
-    return (f'python tools/lrp_plan.py --model {model} --checkpoint CLASSIFIER.pth --images IMAGENET_DIR '
-            f'--target {target} --out {path}   (see configs/plans/README.md)')
+    return (
+        f'python tools/lrp_plan.py --model {model} --checkpoint CLASSIFIER.pth --images IMAGENET_DIR '
+        f'--target {target} --out {path}   (see configs/plans/README.md)'
+    )
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,7 @@ class QuantConfig:
                           :class:`mmdet_lrpq.quant.RegionUniformQuantizer`). Works with every ``method``;
                           not with ``reconstruct`` (which learns uniform step sizes) nor ONNX export.
     """
+
     w_bits: int = 4
     a_bits: int = 4
     plan: None | str | os.PathLike | BitPlan = None
@@ -93,9 +97,9 @@ class QuantConfig:
 
     def __post_init__(self):
         if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+            raise ValueError(f'method must be one of {METHODS}, got {self.method!r}')
         if self.scope not in SCOPES:
-            raise ValueError(f"scope must be one of {SCOPES}, got {self.scope!r}")
+            raise ValueError(f'scope must be one of {SCOPES}, got {self.scope!r}')
         if self.smooth not in (None, *SMOOTHINGS):
             raise ValueError(f'smooth must be None or one of {SMOOTHINGS}, got {self.smooth!r}')
         if self.gelu_scales not in (None, *GELU_SCALES):
@@ -122,8 +126,10 @@ class QuantConfig:
         if isinstance(self.reconstruct, dict):
             object.__setattr__(self, 'reconstruct', ReconstructConfig.from_options(self.reconstruct))
         elif self.reconstruct is not None and not isinstance(self.reconstruct, ReconstructConfig):
-            raise TypeError(f'reconstruct must be None, a ReconstructConfig or a dict of its options; got '
-                            f'{type(self.reconstruct).__name__}')
+            raise TypeError(
+                f'reconstruct must be None, a ReconstructConfig or a dict of its options; got '
+                f'{type(self.reconstruct).__name__}'
+            )
         try:
             alpha = float(self.smooth_alpha)
         except (TypeError, ValueError):
@@ -133,24 +139,31 @@ class QuantConfig:
         object.__setattr__(self, 'smooth_alpha', alpha)
         if self.smooth is not None and self.method != 'none' and math.isinf(self.k):
             what = "method='repq'" if self.method == 'repq' else "method='crl' with crl_k=inf (RepQ)"
-            raise ValueError(f"smooth={self.smooth!r} cannot be combined with {what}: RepQ re-derives every "
-                             f"post-LayerNorm channel's scale and shift from its calibration, which cancels "
-                             f"SQ-b's on the same LayerNorm pairs. Use method='none' (SQ-b alone, MPTQ-ViT's "
-                             f"setting) or method='crl' with a finite crl_k, or drop smooth")
+            raise ValueError(
+                f'smooth={self.smooth!r} cannot be combined with {what}: RepQ re-derives every '
+                f"post-LayerNorm channel's scale and shift from its calibration, which cancels "
+                f"SQ-b's on the same LayerNorm pairs. Use method='none' (SQ-b alone, MPTQ-ViT's "
+                f"setting) or method='crl' with a finite crl_k, or drop smooth"
+            )
         if self.gelu_scales is not None and self.reconstruct is not None:
-            raise ValueError(f'gelu_scales={self.gelu_scales!r} cannot be combined with reconstruct: '
-                             f'reconstruction learns the step sizes of uniform quantizers, and the post-GELU '
-                             f'region-wise quantizer has a searched power-of-two ratio instead. Drop one of '
-                             f'gelu_scales and reconstruct')
+            raise ValueError(
+                f'gelu_scales={self.gelu_scales!r} cannot be combined with reconstruct: '
+                f'reconstruction learns the step sizes of uniform quantizers, and the post-GELU '
+                f'region-wise quantizer has a searched power-of-two ratio instead. Drop one of '
+                f'gelu_scales and reconstruct'
+            )
         if isinstance(self.plan, os.PathLike):
             object.__setattr__(self, 'plan', os.fspath(self.plan))
         if isinstance(self.plan, str):
             if not os.path.isfile(self.plan):
-                raise FileNotFoundError(f'bit plan not found: {self.plan}. It is not made silently uniform; '
-                                        f'make it with: {plan_command(self.plan)}')
+                raise FileNotFoundError(
+                    f'bit plan not found: {self.plan}. It is not made silently uniform; '
+                    f'make it with: {plan_command(self.plan)}'
+                )
         elif self.plan is not None and not isinstance(self.plan, BitPlan):
-            raise TypeError(f'plan must be a BitPlan, the path of a plan JSON file, or None; got '
-                            f'{type(self.plan).__name__}')
+            raise TypeError(
+                f'plan must be a BitPlan, the path of a plan JSON file, or None; got {type(self.plan).__name__}'
+            )
 
     @classmethod
     def from_options(cls, options: dict, where: str = 'quantization options') -> QuantConfig:
@@ -175,7 +188,7 @@ class QuantConfig:
         if isinstance(self.plan, BitPlan):
             return self.plan
         if self._plan_cache is None:
-            assert isinstance(self.plan, str)       # (__post_init__ turned a path-like into its str)
+            assert isinstance(self.plan, str)  # (__post_init__ turned a path-like into its str)
             object.__setattr__(self, '_plan_cache', BitPlan.load(self.plan))
         assert self._plan_cache is not None
         return self._plan_cache
@@ -187,7 +200,7 @@ class QuantConfig:
         plan = out.pop('plan')
         out['plan'] = None if plan is None else (plan if isinstance(plan, str) else '<BitPlan>')
         out['plan_sha256'] = self.load_plan().content_hash()
-        assert not isinstance(self.reconstruct, dict)   # (__post_init__ made it a ReconstructConfig)
+        assert not isinstance(self.reconstruct, dict)  # (__post_init__ made it a ReconstructConfig)
         out['reconstruct'] = None if self.reconstruct is None else self.reconstruct.describe()
         for option, names in _NAMED_WHEN_SET.items():
             if getattr(self, option) is None:

@@ -12,6 +12,7 @@ first, so the check itself never trips over mmdet's own import-time assertions.
 
 ``python -m mmdet_lrpq.env`` prints the report and the check's verdict.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -24,17 +25,19 @@ import sys
 import warnings
 
 # Supported ranges, [minimum, maximum) — what the code needs (setup.py states the same bounds).
-PYTHON_MIN = (3, 10)                       # zip(strict=...) in lrp/scores.py
-TORCH_MIN = '2.6'                          # weights_only loading with (obj, 'module.name') allow-list entries
-TIMM_MIN = '1.0.8'                         # SwinTransformer(always_partition=, strict_img_size=), dynamic_mask
+PYTHON_MIN = (3, 10)  # zip(strict=...) in lrp/scores.py
+TORCH_MIN = '2.6'  # weights_only loading with (obj, 'module.name') allow-list entries
+TIMM_MIN = '1.0.8'  # SwinTransformer(always_partition=, strict_img_size=), dynamic_mask
 MMENGINE_RANGE = ('0.10.0', '1.0.0')
-MMCV_RANGE = ('2.0.0rc4', '2.2.0')         # what mmdet 3.x accepts (it asserts this when imported)
+MMCV_RANGE = ('2.0.0rc4', '2.2.0')  # what mmdet 3.x accepts (it asserts this when imported)
 MMDET_RANGE = ('3.1.0', '3.4.0')
 
-BUILD_MMCV = ('`mim install "mmcv>=2.0.0rc4,<2.2.0"` where OpenMMLab publishes a wheel for your torch and CUDA, '
-              'otherwise build it from the sdist: `MMCV_WITH_OPS=1 pip install --no-build-isolation --no-binary mmcv '
-              'mmcv==2.1.0` (FORCE_CUDA=1 for CUDA ops; with torch >= 2.10 first raise the -std=c++17 flags of '
-              'mmcv\'s setup.py to c++20, as `make install` does: docs/install.md)')
+BUILD_MMCV = (
+    '`mim install "mmcv>=2.0.0rc4,<2.2.0"` where OpenMMLab publishes a wheel for your torch and CUDA, '
+    'otherwise build it from the sdist: `MMCV_WITH_OPS=1 pip install --no-build-isolation --no-binary mmcv '
+    'mmcv==2.1.0` (FORCE_CUDA=1 for CUDA ops; with torch >= 2.10 first raise the -std=c++17 flags of '
+    "mmcv's setup.py to c++20, as `make install` does: docs/install.md)"
+)
 
 
 class OpenMMLabStackError(ImportError, RuntimeError):
@@ -83,7 +86,7 @@ def _module_version(module: str) -> str | None:
         path = os.path.join(folder, 'version.py')
         if os.path.isfile(path):
             with open(path) as f:
-                m = re.search(r'''^__version__\s*=\s*['"]([^'"]+)['"]''', f.read(), re.M)
+                m = re.search(r"""^__version__\s*=\s*['"]([^'"]+)['"]""", f.read(), re.M)
             if m:
                 return m.group(1)
     return 'unknown'
@@ -103,11 +106,19 @@ def _version_of(module: str, dists: tuple[str, ...]) -> tuple[str | None, str | 
 def _mmcv_ops_info() -> dict:
     """Which ``mmcv._ext`` loads — compiled mmcv's, or mmdet-lrpq's torchvision backend
     (:mod:`mmdet_lrpq.ops`) — and, for compiled ops, what they were compiled with."""
-    info = dict(mmcv_ops=False, mmcv_ops_backend=None, mmcv_ops_reason=None, mmcv_ops_cuda=None,
-                mmcv_ops_compiler=None, mmcv_ops_error=None)
+    info = dict(
+        mmcv_ops=False,
+        mmcv_ops_backend=None,
+        mmcv_ops_reason=None,
+        mmcv_ops_cuda=None,
+        mmcv_ops_compiler=None,
+        mmcv_ops_error=None,
+    )
     import _mmdet_lrpq_mmcv  # its finder is in place: importing this package (mmdet_lrpq/__init__) installed it
+
     try:
         import torch  # noqa: F401  (a compiled mmcv._ext links against the loaded torch)
+
         ext = importlib.import_module('mmcv._ext')
     except Exception as err:  # ImportError/OSError (built for another torch, or MMDET_LRPQ_MMCV_OPS=compiled), ...
         info['mmcv_ops_error'] = f'{err.__class__.__name__}: {err}'
@@ -141,8 +152,10 @@ def _torch_info() -> dict:
     try:
         if torch.cuda.is_available():
             info['cuda_available'] = True
-            info['cuda_devices'] = [f'{torch.cuda.get_device_name(i)} ({".".join(map(str, torch.cuda.get_device_capability(i)))})'
-                                    for i in range(torch.cuda.device_count())]
+            info['cuda_devices'] = [
+                f'{torch.cuda.get_device_name(i)} ({".".join(map(str, torch.cuda.get_device_capability(i)))})'
+                for i in range(torch.cuda.device_count())
+            ]
     except Exception as err:  # a broken driver is reported, not raised
         info['cuda_error'] = f'{err.__class__.__name__}: {err}'
     return info
@@ -167,26 +180,44 @@ def stack_report() -> dict:
     if report['mmcv'] is not None:
         report.update(_mmcv_ops_info())
     else:
-        report.update(mmcv_ops=False, mmcv_ops_backend=None, mmcv_ops_reason=None, mmcv_ops_cuda=None,
-                      mmcv_ops_compiler=None, mmcv_ops_error=None)
+        report.update(
+            mmcv_ops=False,
+            mmcv_ops_backend=None,
+            mmcv_ops_reason=None,
+            mmcv_ops_cuda=None,
+            mmcv_ops_compiler=None,
+            mmcv_ops_error=None,
+        )
     report['mmdet'], _ = _version_of('mmdet', ('mmdet',))
     return report
 
 
 def format_report(report: dict) -> str:
-    ops = ('not installed' if report.get('mmcv') is None else
-           f'ops from the mmdet-lrpq torchvision backend, CPU and CUDA ({report.get("mmcv_ops_reason")})'
-           if report.get('mmcv_ops_backend') == 'torchvision' else
-           f'CUDA {report["mmcv_ops_cuda"]} ops' if report.get('mmcv_ops_cuda') else
-           'CPU ops' if report.get('mmcv_ops') else f'NO compiled ops ({report.get("mmcv_ops_error")})')
+    ops = (
+        'not installed'
+        if report.get('mmcv') is None
+        else f'ops from the mmdet-lrpq torchvision backend, CPU and CUDA ({report.get("mmcv_ops_reason")})'
+        if report.get('mmcv_ops_backend') == 'torchvision'
+        else f'CUDA {report["mmcv_ops_cuda"]} ops'
+        if report.get('mmcv_ops_cuda')
+        else 'CPU ops'
+        if report.get('mmcv_ops')
+        else f'NO compiled ops ({report.get("mmcv_ops_error")})'
+    )
     gpus = ', '.join(report.get('cuda_devices') or []) or 'none visible'
-    rows = [('python', report.get('python')),
-            ('torch', f'{report.get("torch")} (CUDA {report.get("torch_cuda") or "-"}; GPUs: {gpus})'),
-            ('torchvision', report.get('torchvision')), ('timm', report.get('timm')),
-            ('mmengine', report.get('mmengine')),
-            ('mmcv', f'{report.get("mmcv")} [{report.get("mmcv_dist") or "?"}]: {ops}'
-                     + (f', {report["mmcv_ops_compiler"]}' if report.get('mmcv_ops_compiler') else '')),
-            ('mmdet', report.get('mmdet'))]
+    rows = [
+        ('python', report.get('python')),
+        ('torch', f'{report.get("torch")} (CUDA {report.get("torch_cuda") or "-"}; GPUs: {gpus})'),
+        ('torchvision', report.get('torchvision')),
+        ('timm', report.get('timm')),
+        ('mmengine', report.get('mmengine')),
+        (
+            'mmcv',
+            f'{report.get("mmcv")} [{report.get("mmcv_dist") or "?"}]: {ops}'
+            + (f', {report["mmcv_ops_compiler"]}' if report.get('mmcv_ops_compiler') else ''),
+        ),
+        ('mmdet', report.get('mmdet')),
+    ]
     return '\n'.join(f'{name:>12}: {value}' for name, value in rows)
 
 
@@ -195,82 +226,115 @@ def _problems(r: dict, require_cuda_ops: bool) -> list[str]:
     problems: list[str] = []
     py = parse_version(r['python'])[:2]
     if py < PYTHON_MIN:
-        problems.append(f'Python {r["python"]} is running, mmdet-lrpq needs Python >= {".".join(map(str, PYTHON_MIN))}: '
-                        f'create the environment with a newer Python (3.11 is the verified one)')
+        problems.append(
+            f'Python {r["python"]} is running, mmdet-lrpq needs Python >= {".".join(map(str, PYTHON_MIN))}: '
+            f'create the environment with a newer Python (3.11 is the verified one)'
+        )
 
     torch = r.get('torch')
     if torch is None:
-        problems.append(f'torch is not installed; mmdet-lrpq needs torch >= {TORCH_MIN}: install the torch build '
-                        f'for your CUDA version (or the CPU build), e.g. `pip install "torch>={TORCH_MIN}"`')
+        problems.append(
+            f'torch is not installed; mmdet-lrpq needs torch >= {TORCH_MIN}: install the torch build '
+            f'for your CUDA version (or the CPU build), e.g. `pip install "torch>={TORCH_MIN}"`'
+        )
     elif not _in_range(torch, TORCH_MIN):
-        problems.append(f'torch {torch} is installed, mmdet-lrpq needs torch >= {TORCH_MIN} (safe weights-only '
-                        f'checkpoint loading with an allow-list): upgrade torch (the build matching your CUDA '
-                        f'version), then rebuild mmcv\'s ops against it')
+        problems.append(
+            f'torch {torch} is installed, mmdet-lrpq needs torch >= {TORCH_MIN} (safe weights-only '
+            f'checkpoint loading with an allow-list): upgrade torch (the build matching your CUDA '
+            f"version), then rebuild mmcv's ops against it"
+        )
 
     timm = r.get('timm')
     if timm is None:
         problems.append(f'timm is not installed; mmdet-lrpq needs timm >= {TIMM_MIN}: `pip install "timm>={TIMM_MIN}"`')
     elif not _in_range(timm, TIMM_MIN):
-        problems.append(f'timm {timm} is installed, mmdet-lrpq needs timm >= {TIMM_MIN} (its Swin with '
-                        f'always_partition): `pip install "timm>={TIMM_MIN}"`')
+        problems.append(
+            f'timm {timm} is installed, mmdet-lrpq needs timm >= {TIMM_MIN} (its Swin with '
+            f'always_partition): `pip install "timm>={TIMM_MIN}"`'
+        )
 
     lo, hi = MMENGINE_RANGE
     mmengine = r.get('mmengine')
     if mmengine is None:
-        problems.append(f'mmengine is not installed; mmdet-lrpq needs mmengine >={lo},<{hi}: `pip install "mmengine>={lo},<{hi}"`')
+        problems.append(
+            f'mmengine is not installed; mmdet-lrpq needs mmengine >={lo},<{hi}: `pip install "mmengine>={lo},<{hi}"`'
+        )
     elif not _in_range(mmengine, lo, hi):
-        problems.append(f'mmengine {mmengine} is installed, mmdet-lrpq needs mmengine >={lo},<{hi}: '
-                        f'`pip install "mmengine>={lo},<{hi}"`')
+        problems.append(
+            f'mmengine {mmengine} is installed, mmdet-lrpq needs mmengine >={lo},<{hi}: '
+            f'`pip install "mmengine>={lo},<{hi}"`'
+        )
 
     lo, hi = MMCV_RANGE
     mmcv, dist = r.get('mmcv'), r.get('mmcv_dist')
     if mmcv is None:
-        problems.append(f'mmcv is not installed; mmdet-lrpq needs mmcv >={lo},<{hi}: `pip install mmcv-lite==2.1.0` '
-                        f'(no compiler needed: mmdet-lrpq provides its ops from torchvision), or mmcv 2.1.0 with '
-                        f'compiled ops: {BUILD_MMCV}')
+        problems.append(
+            f'mmcv is not installed; mmdet-lrpq needs mmcv >={lo},<{hi}: `pip install mmcv-lite==2.1.0` '
+            f'(no compiler needed: mmdet-lrpq provides its ops from torchvision), or mmcv 2.1.0 with '
+            f'compiled ops: {BUILD_MMCV}'
+        )
     elif dist == 'mmcv-full' or not _in_range(mmcv, '2.0.0a0'):
-        problems.append(f'{dist or "mmcv"} {mmcv} is installed: that is the MMCV 1.x line of MMDetection 2; '
-                        f'mmdet-lrpq needs mmcv >={lo},<{hi} (MMDetection 3). `pip uninstall {dist or "mmcv"}`, '
-                        f'then install mmcv 2.1.0 with ops: {BUILD_MMCV}')
+        problems.append(
+            f'{dist or "mmcv"} {mmcv} is installed: that is the MMCV 1.x line of MMDetection 2; '
+            f'mmdet-lrpq needs mmcv >={lo},<{hi} (MMDetection 3). `pip uninstall {dist or "mmcv"}`, '
+            f'then install mmcv 2.1.0 with ops: {BUILD_MMCV}'
+        )
     elif not _in_range(mmcv, lo, hi):
-        problems.append(f'mmcv {mmcv} is installed, mmdet-lrpq needs mmcv >={lo},<{hi}: mmdet 3.x refuses '
-                        f'mmcv >= {hi} when it is imported. `pip uninstall {dist or "mmcv"}`, then '
-                        f'`pip install mmcv-lite==2.1.0` (no compiler: mmdet-lrpq provides its ops from torchvision) '
-                        f'or mmcv 2.1.0 with compiled ops: {BUILD_MMCV}')
+        problems.append(
+            f'mmcv {mmcv} is installed, mmdet-lrpq needs mmcv >={lo},<{hi}: mmdet 3.x refuses '
+            f'mmcv >= {hi} when it is imported. `pip uninstall {dist or "mmcv"}`, then '
+            f'`pip install mmcv-lite==2.1.0` (no compiler: mmdet-lrpq provides its ops from torchvision) '
+            f'or mmcv 2.1.0 with compiled ops: {BUILD_MMCV}'
+        )
     elif not r.get('mmcv_ops'):
         error = r.get('mmcv_ops_error') or 'mmcv._ext is missing'
-        why = ('its ops were compiled against another torch than the installed '
-               f'torch {torch}' if 'undefined symbol' in error else 'no mmcv._ext loads')
-        problems.append(f'{dist or "mmcv"} {mmcv} is installed, but {why} ({error}). mmdet-lrpq provides '
-                        f'RoIAlign/NMS/... from torchvision when mmcv has no compiled ops, unless '
-                        f'MMDET_LRPQ_MMCV_OPS=compiled is set or mmcv.ops was imported before the hook was in '
-                        f'place: unset MMDET_LRPQ_MMCV_OPS, run `python -m _mmdet_lrpq_mmcv --install` once '
-                        f'(or import mmdet_lrpq before mmdet), or install mmcv with ops: {BUILD_MMCV}')
+        why = (
+            f'its ops were compiled against another torch than the installed torch {torch}'
+            if 'undefined symbol' in error
+            else 'no mmcv._ext loads'
+        )
+        problems.append(
+            f'{dist or "mmcv"} {mmcv} is installed, but {why} ({error}). mmdet-lrpq provides '
+            f'RoIAlign/NMS/... from torchvision when mmcv has no compiled ops, unless '
+            f'MMDET_LRPQ_MMCV_OPS=compiled is set or mmcv.ops was imported before the hook was in '
+            f'place: unset MMDET_LRPQ_MMCV_OPS, run `python -m _mmdet_lrpq_mmcv --install` once '
+            f'(or import mmdet_lrpq before mmdet), or install mmcv with ops: {BUILD_MMCV}'
+        )
     elif r.get('mmcv_ops_backend') == 'torchvision':
         pass  # the stand-in runs on every device torchvision runs on
     else:
         ops_cuda, torch_cuda = r.get('mmcv_ops_cuda'), r.get('torch_cuda')
         if ops_cuda and torch_cuda and ops_cuda.split('.')[0] != torch_cuda.split('.')[0]:
-            problems.append(f'mmcv {mmcv}\'s ops were compiled with CUDA {ops_cuda}, torch {torch} uses CUDA '
-                            f'{torch_cuda}: rebuild mmcv with ops and the CUDA toolkit {torch_cuda}: {BUILD_MMCV}')
+            problems.append(
+                f"mmcv {mmcv}'s ops were compiled with CUDA {ops_cuda}, torch {torch} uses CUDA "
+                f'{torch_cuda}: rebuild mmcv with ops and the CUDA toolkit {torch_cuda}: {BUILD_MMCV}'
+            )
         elif require_cuda_ops and not ops_cuda:
-            problems.append(f'mmcv {mmcv} has CPU-only ops, and CUDA ops were asked for: rebuild mmcv with '
-                            f'FORCE_CUDA=1 and the CUDA toolkit {torch_cuda or "of your torch"} '
-                            f'(`MMDET_LRPQ_CUDA=1 make install` in this repository does it; docs/install.md)')
+            problems.append(
+                f'mmcv {mmcv} has CPU-only ops, and CUDA ops were asked for: rebuild mmcv with '
+                f'FORCE_CUDA=1 and the CUDA toolkit {torch_cuda or "of your torch"} '
+                f'(`MMDET_LRPQ_CUDA=1 make install` in this repository does it; docs/install.md)'
+            )
 
     lo, hi = MMDET_RANGE
     mmdet = r.get('mmdet')
     if mmdet is None:
-        problems.append(f'mmdet is not installed; mmdet-lrpq needs mmdet >={lo},<{hi} (MMDetection 3): '
-                        f'`pip install --no-deps "mmdet>={lo},<{hi}"` once mmcv with ops is installed '
-                        f'(without --no-deps pip may try to rebuild mmcv)')
+        problems.append(
+            f'mmdet is not installed; mmdet-lrpq needs mmdet >={lo},<{hi} (MMDetection 3): '
+            f'`pip install --no-deps "mmdet>={lo},<{hi}"` once mmcv with ops is installed '
+            f'(without --no-deps pip may try to rebuild mmcv)'
+        )
     elif not _in_range(mmdet, '3.0.0a0'):
-        problems.append(f'mmdet {mmdet} is installed: that is MMDetection 2 (mmcv-full 1.x); mmdet-lrpq is a '
-                        f'plugin for MMDetection 3: `pip install --no-deps "mmdet>={lo},<{hi}"` together with '
-                        f'mmengine and mmcv 2.x with ops')
+        problems.append(
+            f'mmdet {mmdet} is installed: that is MMDetection 2 (mmcv-full 1.x); mmdet-lrpq is a '
+            f'plugin for MMDetection 3: `pip install --no-deps "mmdet>={lo},<{hi}"` together with '
+            f'mmengine and mmcv 2.x with ops'
+        )
     elif not _in_range(mmdet, lo, hi):
-        problems.append(f'mmdet {mmdet} is installed, mmdet-lrpq supports mmdet >={lo},<{hi}: '
-                        f'`pip install --no-deps "mmdet>={lo},<{hi}"`')
+        problems.append(
+            f'mmdet {mmdet} is installed, mmdet-lrpq supports mmdet >={lo},<{hi}: '
+            f'`pip install --no-deps "mmdet>={lo},<{hi}"`'
+        )
     return problems
 
 
@@ -292,13 +356,23 @@ def check_openmmlab_stack(report: dict | None = None, require_cuda_ops: bool = F
     problems = _problems(r, require_cuda_ops)
     if problems:
         raise OpenMMLabStackError(
-            'mmdet-lrpq cannot run on the installed OpenMMLab stack:\n' + '\n'.join(f'  - {p}' for p in problems)
-            + f'\ninstalled:\n{format_report(r)}\n(docs/install.md explains the supported set-ups)')
-    if (r.get('cuda_available') and r.get('mmcv_ops') and r.get('mmcv_ops_backend') != 'torchvision'
-            and not r.get('mmcv_ops_cuda')):
-        warnings.warn(f'mmcv {r["mmcv"]} has CPU-only ops but a GPU is visible: mmcv\'s ops (RoIAlign, NMS) will '
-                      f'fail on CUDA tensors, so run detectors on the CPU or rebuild mmcv with CUDA ops '
-                      f'(docs/install.md)', RuntimeWarning, stacklevel=2)
+            'mmdet-lrpq cannot run on the installed OpenMMLab stack:\n'
+            + '\n'.join(f'  - {p}' for p in problems)
+            + f'\ninstalled:\n{format_report(r)}\n(docs/install.md explains the supported set-ups)'
+        )
+    if (
+        r.get('cuda_available')
+        and r.get('mmcv_ops')
+        and r.get('mmcv_ops_backend') != 'torchvision'
+        and not r.get('mmcv_ops_cuda')
+    ):
+        warnings.warn(
+            f"mmcv {r['mmcv']} has CPU-only ops but a GPU is visible: mmcv's ops (RoIAlign, NMS) will "
+            f'fail on CUDA tensors, so run detectors on the CPU or rebuild mmcv with CUDA ops '
+            f'(docs/install.md)',
+            RuntimeWarning,
+            stacklevel=2,
+        )
     if report is None:
         _checked = r
     return r

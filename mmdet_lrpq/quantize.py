@@ -14,6 +14,7 @@ read again after calibration, so ``calib`` must be re-iterable (a list, a tensor
 callable (called again); a one-shot iterator is refused. The hook, ``init_quantized_detector`` and
 ``QuantSwinTransformer`` call the same driver.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -51,8 +52,10 @@ def as_config(config: ConfigLike = None, **options: Any) -> QuantConfig:
 def default_runner(model: nn.Module) -> Callable[[nn.Module, Any], Any]:
     """How one calibration input is fed: mmdet data batches through ``test_step``, else ``model(...)``."""
     if hasattr(model, 'test_step') and hasattr(model, 'data_preprocessor'):
+
         def test_step(m: Any, batch: Any) -> Any:
             return m.test_step(batch)
+
         return test_step
 
     def call(m: nn.Module, x: Any) -> Any:
@@ -61,6 +64,7 @@ def default_runner(model: nn.Module) -> Callable[[nn.Module, Any], Any]:
         if isinstance(x, tuple):
             return m(*x)
         return m(x)
+
     return call
 
 
@@ -91,20 +95,30 @@ def check_calibration_input(model: nn.Module, batch: Any) -> None:
     where = 'the first calibration input (calib[0])'
     if hasattr(model, 'test_step') and hasattr(model, 'data_preprocessor'):
         if not (isinstance(batch, Mapping) and 'inputs' in batch):
-            raise ValueError(f'{where} is {_what(batch)}; an mmdet detector calibrates on data batches as its '
-                             f'test_step takes them, dict(inputs=[CHW image tensor, ...], data_samples=[...]) '
-                             f'(e.g. from its test dataloader), or use init_quantized_detector / QuantizationHook, '
-                             f'which make them from the config')
+            raise ValueError(
+                f'{where} is {_what(batch)}; an mmdet detector calibrates on data batches as its '
+                f'test_step takes them, dict(inputs=[CHW image tensor, ...], data_samples=[...]) '
+                f'(e.g. from its test dataloader), or use init_quantized_detector / QuantizationHook, '
+                f'which make them from the config'
+            )
         if len(batch['inputs']) == 0:
             raise ValueError(f'{where} holds no images (empty inputs); give at least one image per batch')
         return
     if batch is None or isinstance(batch, (str, bytes, os.PathLike, int, float, bool)):
-        raise ValueError(f'{where} is {_what(batch)}; calib takes what the model takes (e.g. image tensors '
-                         f'[N, C, H, W], tuples of positional or dicts of keyword arguments), not file names: '
-                         f'load and preprocess the images first')
-    tensors = [batch] if isinstance(batch, Tensor) else [v for v in (batch.values() if isinstance(batch, Mapping)
-                                                                     else batch if isinstance(batch, tuple) else [])
-                                                          if isinstance(v, Tensor)]
+        raise ValueError(
+            f'{where} is {_what(batch)}; calib takes what the model takes (e.g. image tensors '
+            f'[N, C, H, W], tuples of positional or dicts of keyword arguments), not file names: '
+            f'load and preprocess the images first'
+        )
+    tensors = (
+        [batch]
+        if isinstance(batch, Tensor)
+        else [
+            v
+            for v in (batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, tuple) else [])
+            if isinstance(v, Tensor)
+        ]
+    )
     if any(t.numel() == 0 for t in tensors):
         raise ValueError(f'{where} is empty ({_what(batch)}); give at least one image per calibration batch')
     layer = _image_layer(model)
@@ -120,11 +134,15 @@ def check_calibration_input(model: nn.Module, batch: Any) -> None:
             hint = ': channels last? x.permute(0, 3, 1, 2)'
         elif batch.dim() == 4 and batch.shape[1] == 1:
             hint = f': greyscale? give the {c}-channel images the model was trained on'
-        raise ValueError(f'{where} is {_what(batch)}; this model\'s first layer ({name}, Conv2d with {c} input '
-                         f'channels) takes images as [N, {c}, H, W]{hint}')
+        raise ValueError(
+            f"{where} is {_what(batch)}; this model's first layer ({name}, Conv2d with {c} input "
+            f'channels) takes images as [N, {c}, H, W]{hint}'
+        )
     if not batch.is_floating_point():
-        raise ValueError(f'{where} is {_what(batch)}; the model takes floating-point images, normalised as in '
-                         f'training (e.g. x.float() / 255 and the mean/std of its transform)')
+        raise ValueError(
+            f'{where} is {_what(batch)}; the model takes floating-point images, normalised as in '
+            f'training (e.g. x.float() / 255 and the mean/std of its transform)'
+        )
 
 
 def _constant_images(batch: Any) -> int:
@@ -141,15 +159,19 @@ def _refuse_constant(batches: Iterable, logger: logging.Logger) -> Iterator:
     for i, batch in enumerate(batches):
         n = _constant_images(batch)
         if n:
-            logger.warning(f'calibration input {i}: {n} image(s) are constant (one colour everywhere); they carry '
-                           f'no information for the activation ranges')
+            logger.warning(
+                f'calibration input {i}: {n} image(s) are constant (one colour everywhere); they carry '
+                f'no information for the activation ranges'
+            )
         constant += n
         total += images_in(batch)
         yield batch
     if total and constant == total:
-        raise ValueError('every calibration image is constant (e.g. all zeros): the activation ranges collapse and '
-                         'the quantized model would be meaningless (a classifier drops to chance). Calibrate on '
-                         'real images, preprocessed as the model expects')
+        raise ValueError(
+            'every calibration image is constant (e.g. all zeros): the activation ranges collapse and '
+            'the quantized model would be meaningless (a classifier drops to chance). Calibrate on '
+            'real images, preprocessed as the model expects'
+        )
 
 
 def _update_input(h: hashlib._Hash, x: Any) -> bool:
@@ -179,14 +201,25 @@ def calibration_record(batches: Any, calib_id: Any) -> dict:
     if isinstance(batches, (list, tuple)) and _update_input(h, list(batches)):
         record['batches_sha256'] = h.hexdigest()
     else:
-        record['unverifiable'] = {'fields': ['batches_sha256'],
-                                  'reason': 'calib is a callable or a stream, whose inputs cannot be digested'}
+        record['unverifiable'] = {
+            'fields': ['batches_sha256'],
+            'reason': 'calib is a callable or a stream, whose inputs cannot be digested',
+        }
     return record
 
 
-def quantize_(model: nn.Module, config: ConfigLike = None, calib: Iterable | Callable[[nn.Module], Any] | None = None,
-              *, state_file: str | None = None, state_mismatch: str = 'error', calib_id: Any | None = None,
-              progress: bool = False, logger: logging.Logger | None = None, **options: Any) -> QuantReport:
+def quantize_(
+    model: nn.Module,
+    config: ConfigLike = None,
+    calib: Iterable | Callable[[nn.Module], Any] | None = None,
+    *,
+    state_file: str | None = None,
+    state_mismatch: str = 'error',
+    calib_id: Any | None = None,
+    progress: bool = False,
+    logger: logging.Logger | None = None,
+    **options: Any,
+) -> QuantReport:
     """Quantize ``model`` in place (see module docstring); returns the report.
 
     ``state_file``: save the calibrated state there, or load it instead of calibrating when it was
@@ -197,20 +230,25 @@ def quantize_(model: nn.Module, config: ConfigLike = None, calib: Iterable | Cal
     The model is put in eval mode (post-training quantization is for inference).
     """
     if calib is None:
-        raise ValueError('quantize_ needs calibration inputs: calib=[input, ...] (one forward each) or '
-                         'calib=callable(model)')
+        raise ValueError(
+            'quantize_ needs calibration inputs: calib=[input, ...] (one forward each) or calib=callable(model)'
+        )
     if isinstance(calib, (str, bytes, os.PathLike)):
-        raise ValueError(f'calib is {_what(calib)}: quantize_ takes the calibration inputs themselves (e.g. a '
-                         f'list of image tensors [N, C, H, W]), not a path; load and preprocess the images first')
+        raise ValueError(
+            f'calib is {_what(calib)}: quantize_ takes the calibration inputs themselves (e.g. a '
+            f'list of image tensors [N, C, H, W]), not a path; load and preprocess the images first'
+        )
     cfg = as_config(config, **options)
     one_call = callable(calib) and not isinstance(calib, (Iterable, Tensor))
-    batches: Any = [None] if one_call else [calib] if isinstance(calib, Tensor) else calib   # inputs as given
+    batches: Any = [None] if one_call else [calib] if isinstance(calib, Tensor) else calib  # inputs as given
     for option, what in (('reconstruct', 'reconstruction'), ('smooth', 'SQ-b smoothing')):
         if getattr(cfg, option) is not None and iter(batches) is batches:
-            raise ValueError(f'{what} reads the calibration inputs again, but calib is a one-shot iterator: pass '
-                             f'a list of inputs (or a re-iterable such as a DataLoader), or a callable calib(model)')
+            raise ValueError(
+                f'{what} reads the calibration inputs again, but calib is a one-shot iterator: pass '
+                f'a list of inputs (or a re-iterable such as a DataLoader), or a callable calib(model)'
+            )
     if not one_call:
-        if iter(batches) is batches:                       # a stream: look at its first input and put it back
+        if iter(batches) is batches:  # a stream: look at its first input and put it back
             first = next(batches, _EMPTY)
             batches = itertools.chain([] if first is _EMPTY else [first], batches)
         else:
@@ -227,18 +265,26 @@ def quantize_(model: nn.Module, config: ConfigLike = None, calib: Iterable | Cal
         bar = None
         if progress and not one_call:
             from tqdm import tqdm
+
             bar = tqdm(total=len(batches) if isinstance(batches, Sized) else None, desc='calibration', unit='batch')
         try:
             stream = batches if one_call else _refuse_constant(batches, quantizer.logger)
-            return quantizer.calibrate(stream, run, images_in=images_in, calibration=calibration,
-                                       progress=None if bar is None else (lambda done: bar.update(1)),
-                                       reconstruct_batches=lambda: batches, reconstruct_progress=progress)
+            return quantizer.calibrate(
+                stream,
+                run,
+                images_in=images_in,
+                calibration=calibration,
+                progress=None if bar is None else (lambda done: bar.update(1)),
+                reconstruct_batches=lambda: batches,
+                reconstruct_progress=progress,
+            )
         finally:
             if bar is not None:
                 bar.close()
 
-    return calibrate_or_load(quantizer, calibrate, state_file=state_file, state_mismatch=state_mismatch,
-                             calibration=calibration)
+    return calibrate_or_load(
+        quantizer, calibrate, state_file=state_file, state_mismatch=state_mismatch, calibration=calibration
+    )
 
 
 __all__ = ['quantize_', 'as_config', 'default_runner']

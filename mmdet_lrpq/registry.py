@@ -28,6 +28,7 @@ The ``mmcv._ext`` stand-in (compiled ops from torchvision) is the one import hoo
 lives in ``_mmdet_lrpq_mmcv``, installed at interpreter start by a ``.pth`` file (``make install``);
 registration installs it too where that file is missing.
 """
+
 from __future__ import annotations
 
 import functools
@@ -44,12 +45,15 @@ SCOPE = 'mmdet_lrpq'
 
 HOOKS = Registry('hook', parent=MMENGINE_HOOKS, scope=SCOPE, locations=['mmdet_lrpq.engine.hook'])
 MODELS = Registry('model', parent=MMENGINE_MODELS, scope=SCOPE, locations=['mmdet_lrpq.models.quant_swin'])
-MODEL_WRAPPERS = Registry('model_wrapper', parent=MMENGINE_MODEL_WRAPPERS, scope=SCOPE,
-                          locations=['mmdet_lrpq.engine.ddp'])
+MODEL_WRAPPERS = Registry(
+    'model_wrapper', parent=MMENGINE_MODEL_WRAPPERS, scope=SCOPE, locations=['mmdet_lrpq.engine.ddp']
+)
 
-INIT_DETECTOR_WARNING = ('init_detector() returns a FLOAT model for a config with QuantizationHook (hooks only '
-                         'run in the Runner); use mmdet_lrpq.apis.init_quantized_detector(config, checkpoint, '
-                         'device=...) for the quantized model')
+INIT_DETECTOR_WARNING = (
+    'init_detector() returns a FLOAT model for a config with QuantizationHook (hooks only '
+    'run in the Runner); use mmdet_lrpq.apis.init_quantized_detector(config, checkpoint, '
+    'device=...) for the quantized model'
+)
 
 _registered = False
 
@@ -61,13 +65,16 @@ def register_all_modules() -> None:
     if _registered:
         return
     import _mmdet_lrpq_mmcv
-    _mmdet_lrpq_mmcv.install()   # no-op where the .pth installed it at interpreter start
+
+    _mmdet_lrpq_mmcv.install()  # no-op where the .pth installed it at interpreter start
     from .env import check_openmmlab_stack
+
     check_openmmlab_stack()
     from mmdet.registry import HOOKS as MMDET_HOOKS
     from mmdet.registry import MODELS as MMDET_MODELS
 
     from .safe_load import allow_mmengine_checkpoints
+
     for ours, theirs in ((HOOKS, MMDET_HOOKS), (MODELS, MMDET_MODELS)):
         ours.import_from_location()
         for name, cls in ours.module_dict.items():
@@ -102,6 +109,7 @@ def has_quantization_hook(cfg: Any) -> bool:
 
 def _wrap_init_detector() -> None:
     from mmdet.apis import inference
+
     apis = sys.modules['mmdet.apis']
     original = inference.init_detector
     if hasattr(original, '__wrapped_by_mmdet_lrpq__'):
@@ -110,6 +118,7 @@ def _wrap_init_detector() -> None:
     @functools.wraps(original)
     def init_detector(config, *args, **kwargs):
         from mmengine.config import Config
+
         model = original(config, *args, **kwargs)
         cfg = getattr(model, 'cfg', None) or (Config.fromfile(config) if isinstance(config, str) else config)
         if has_quantization_hook(cfg):
@@ -137,5 +146,14 @@ def _warn_if_inside_init_detector() -> None:
         warnings.warn(INIT_DETECTOR_WARNING, stacklevel=2)
 
 
-__all__ = ['SCOPE', 'HOOKS', 'MODELS', 'MODEL_WRAPPERS', 'register_all_modules', 'has_quantization_hook',
-           'is_quantization_hook', 'is_quant_backbone', 'INIT_DETECTOR_WARNING']
+__all__ = [
+    'SCOPE',
+    'HOOKS',
+    'MODELS',
+    'MODEL_WRAPPERS',
+    'register_all_modules',
+    'has_quantization_hook',
+    'is_quantization_hook',
+    'is_quant_backbone',
+    'INIT_DETECTOR_WARNING',
+]

@@ -9,6 +9,7 @@ HistoryBuffer's statistics methods, so a malicious file still cannot reach arbit
 MMEngine is imported only by :func:`allow_mmengine_checkpoints`, so pure paths (timm-only planning)
 can use :func:`require_checkpoint` without it.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,19 +29,36 @@ _HISTORY_BUFFER_STATISTICS = frozenset({'min', 'max', 'mean', 'current'})
 def _history_buffer_getattr(obj: Any, name: str) -> Any:
     """Stand-in for ``builtins.getattr`` during weights-only unpickling."""
     from mmengine.logging.history_buffer import HistoryBuffer
+
     if obj is HistoryBuffer and name in _HISTORY_BUFFER_STATISTICS:
         return getattr(HistoryBuffer, name)
     raise torch.serialization.pickle.UnpicklingError(
         f'refusing getattr({obj!r}, {name!r}) in a weights-only checkpoint load; only '
-        f'HistoryBuffer statistics methods are allowed')
+        f'HistoryBuffer statistics methods are allowed'
+    )
 
 
 def _numpy_globals() -> list:
     """numpy pieces that pickled arrays/scalars reference, under numpy 1.x and 2.x names."""
     from numpy._core import multiarray  # numpy >= 2
-    dtype_classes = [type(np.dtype(t)) for t in
-                     ('bool', 'int8', 'int16', 'int32', 'int64', 'uint8', 'uint16', 'uint32',
-                      'uint64', 'float16', 'float32', 'float64')]
+
+    dtype_classes = [
+        type(np.dtype(t))
+        for t in (
+            'bool',
+            'int8',
+            'int16',
+            'int32',
+            'int64',
+            'uint8',
+            'uint16',
+            'uint32',
+            'uint64',
+            'float16',
+            'float32',
+            'float64',
+        )
+    ]
     entries: list = [np.ndarray, np.dtype, *dtype_classes]
     for module in ('numpy._core.multiarray', 'numpy.core.multiarray'):  # 2.x and 1.x pickles
         entries.append((multiarray._reconstruct, f'{module}._reconstruct'))
@@ -51,12 +69,15 @@ def _numpy_globals() -> list:
 def allow_mmengine_checkpoints() -> None:
     """Allow-list what MMEngine stores in checkpoints (idempotent, process-wide)."""
     from mmengine.logging.history_buffer import HistoryBuffer
-    torch.serialization.add_safe_globals([
-        HistoryBuffer,
-        (_history_buffer_getattr, 'builtins.getattr'),
-        (_history_buffer_getattr, '__builtin__.getattr'),
-        *_numpy_globals(),
-    ])
+
+    torch.serialization.add_safe_globals(
+        [
+            HistoryBuffer,
+            (_history_buffer_getattr, 'builtins.getattr'),
+            (_history_buffer_getattr, '__builtin__.getattr'),
+            *_numpy_globals(),
+        ]
+    )
 
 
 def require_checkpoint(path: str | os.PathLike) -> str:
@@ -65,13 +86,14 @@ def require_checkpoint(path: str | os.PathLike) -> str:
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f'checkpoint not found: {path!r}. Pass the path of a local .pth file (official mmdet-2.x '
-            f'Swin checkpoints must first go through tools/convert_checkpoint.py).')
+            f'Swin checkpoints must first go through tools/convert_checkpoint.py).'
+        )
     return path
 
 
 # A temporary file names its writer (host and process): one left by a killed writer is recognised
 # and removed by the next save or load of the same file, while a live writer's is left alone.
-_LEGACY_TMP_AGE_S = 3600      # untagged temporaries of earlier versions: removed once this old
+_LEGACY_TMP_AGE_S = 3600  # untagged temporaries of earlier versions: removed once this old
 
 
 def _tmp_prefix(path: str) -> str:
@@ -83,7 +105,7 @@ def _pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:     # someone else's live process
+    except PermissionError:  # someone else's live process
         return True
     return True
 

@@ -1,4 +1,5 @@
 """Shared fixtures: where the real data lives, and skipping cleanly when it does not."""
+
 import os
 import sys
 from pathlib import Path
@@ -16,8 +17,10 @@ def shared_data(*parts: str) -> Path:
     """Path under the shared real-data folder, or skip the test saying what is missing."""
     path = SHARED_DATA.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f'real data not available: {path} does not exist (set MMDET_LRPQ_SHARED_DATA '
-                    f'to a folder with coco_mini/ and imagenet_sample/ to run this test)')
+        pytest.skip(
+            f'real data not available: {path} does not exist (set MMDET_LRPQ_SHARED_DATA '
+            f'to a folder with coco_mini/ and imagenet_sample/ to run this test)'
+        )
     return path
 
 
@@ -54,19 +57,21 @@ def device(request, monkeypatch) -> torch.device:
     return torch.device(request.param)
 
 
-_SPEC = importlib.util.find_spec('mmdet_lrpq')   # where it is imported from (an install or the checkout)
+_SPEC = importlib.util.find_spec('mmdet_lrpq')  # where it is imported from (an install or the checkout)
 LIBRARY = Path(_SPEC.origin).resolve().parent if _SPEC is not None else REPO / 'mmdet_lrpq'
 _TORCH_DIR = str(Path(torch.__file__).parent)
 # What torch's own default-device mode redirects (torch.tensor, arange, zeros, full, ...), plus the
 # constructors that can only make CPU tensors.
 _FACTORIES = frozenset(_device_constructors()) | {torch.from_numpy, torch.frombuffer}
-_TAKES_TENSORS = frozenset({torch.as_tensor, torch.asarray})   # a tensor argument keeps its device
+_TAKES_TENSORS = frozenset({torch.as_tensor, torch.asarray})  # a tensor argument keeps its device
 _OFF_DEVICE = {torch.Tensor.cpu: '.cpu()', torch.Tensor.numpy: '.numpy()'}
 
 # Library code that makes CPU tensors on purpose: (path under mmdet_lrpq/, function) -> why.
 DEVICE_AUDIT_ALLOWED: dict[tuple[str, str], str] = {
-    ('quant/modules.py', '_Scratch.get'):
-        'output buffer of the fused CPU float32 kernels; requested only for CPU float32 inputs',
+    (
+        'quant/modules.py',
+        '_Scratch.get',
+    ): 'output buffer of the fused CPU float32 kernels; requested only for CPU float32 inputs',
 }
 
 
@@ -83,13 +88,14 @@ class _DeviceAudit(TorchFunctionMode):
     def __init__(self, allowed: Mapping[tuple[str, str], str]):
         super().__init__()
         self.allowed = allowed
-        self.violations: dict[str, None] = {}   # ordered set of messages
+        self.violations: dict[str, None] = {}  # ordered set of messages
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _FACTORIES:
             follows = kwargs.get('device') is not None or (
-                func in _TAKES_TENSORS and args and isinstance(args[0], torch.Tensor))
+                func in _TAKES_TENSORS and args and isinstance(args[0], torch.Tensor)
+            )
             if not follows:
                 self._check(f'torch.{func.__name__}(...) without device=')
         elif func in _OFF_DEVICE:
@@ -99,7 +105,7 @@ class _DeviceAudit(TorchFunctionMode):
     def _check(self, what: str) -> None:
         frame = sys._getframe(2)
         while frame is not None and frame.f_code.co_filename.startswith(_TORCH_DIR):
-            frame = frame.f_back     # torch's Python wrappers: the caller is the one to judge
+            frame = frame.f_back  # torch's Python wrappers: the caller is the one to judge
         module_file = _library_file(frame.f_code.co_filename) if frame is not None else None
         if module_file is None:
             return
@@ -122,8 +128,10 @@ def audit_devices(allow: Mapping[tuple[str, str], str] | None = None) -> Iterato
     with audit:
         yield audit
     if audit.violations:
-        pytest.fail('library code made tensors that do not follow the input device:\n  '
-                    + '\n  '.join(audit.violations), pytrace=False)
+        pytest.fail(
+            'library code made tensors that do not follow the input device:\n  ' + '\n  '.join(audit.violations),
+            pytrace=False,
+        )
 
 
 @pytest.fixture
@@ -136,6 +144,7 @@ def randomize_(model, seed: int, norm_std: float = 0.2):
     """Random biases, relative-position tables and LayerNorm affines (timm initialises them to 0 /
     identity), so that every rule and quantizer sees non-trivial values; returns the model in eval mode."""
     import torch
+
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

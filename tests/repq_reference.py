@@ -5,6 +5,7 @@ This restates the semantics of RepQ-ViT's ``UniformQuantizer.init_quantization_s
 strictly-lower score wins, Python loop over channels) so that the vectorized implementation in
 ``mmdet_lrpq.quant.functional`` can be checked against it. Deliberately slow and literal.
 """
+
 from math import sqrt
 
 import torch
@@ -13,10 +14,10 @@ PCTS = (0.999, 0.9999, 0.99999)
 
 
 def _quantize(x, x_max, x_min, bits):
-    delta = (x_max - x_min) / (2 ** bits - 1)
+    delta = (x_max - x_min) / (2**bits - 1)
     zero_point = (-x_min / delta).round()
     x_int = torch.round(x / delta)
-    x_quant = torch.clamp(x_int + zero_point, 0, 2 ** bits - 1)
+    x_quant = torch.clamp(x_int + zero_point, 0, 2**bits - 1)
     return (x_quant - zero_point) * delta
 
 
@@ -29,7 +30,7 @@ def uniform_per_tensor(x, bits):
         score = (_quantize(x, new_max, new_min, bits) - x).abs().pow(2).mean()
         if score < best:
             best = score
-            delta = (new_max - new_min) / (2 ** bits - 1)
+            delta = (new_max - new_min) / (2**bits - 1)
             zp = (-new_min / delta).round()
     return delta, zp
 
@@ -45,13 +46,13 @@ def uniform_per_channel(x, bits):
 
 
 def uniform_fake_quant(x, delta, zp, bits):
-    return (torch.clamp(torch.round(x / delta) + zp, 0, 2 ** bits - 1) - zp) * delta
+    return (torch.clamp(torch.round(x / delta) + zp, 0, 2**bits - 1) - zp) * delta
 
 
 def log_sqrt2_quantize(x, delta, bits):
     x_int = torch.round(-1 * (x / delta).log2() * 2)
-    mask = x_int >= 2 ** bits
-    x_quant = torch.clamp(x_int, 0, 2 ** bits - 1)
+    mask = x_int >= 2**bits
+    x_quant = torch.clamp(x_int, 0, 2**bits - 1)
     odd_mask = (x_quant % 2) * (sqrt(2) - 1) + 1
     x_float_q = 2 ** (-1 * torch.ceil(x_quant / 2)) * odd_mask * delta
     x_float_q[mask] = 0

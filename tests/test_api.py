@@ -1,5 +1,6 @@
 """The Python API without MMDetection: ``quantize_`` on plain modules and timm Swins, streaming
 calibration, ``nn.MultiheadAttention``, and calibrated-state files that refuse other inputs."""
+
 from __future__ import annotations
 
 import copy
@@ -32,8 +33,19 @@ from mmdet_lrpq.quant import (
 
 def tiny_timm_swin(depths=(2, 2, 2, 2), seed=0) -> SwinTransformer:
     torch.manual_seed(seed)
-    return randomize_(SwinTransformer(img_size=112, embed_dim=32, depths=depths, num_heads=(1, 2, 4, 8),
-                                      num_classes=10, always_partition=True, strict_img_size=False), seed, norm_std=0.3)
+    return randomize_(
+        SwinTransformer(
+            img_size=112,
+            embed_dim=32,
+            depths=depths,
+            num_heads=(1, 2, 4, 8),
+            num_classes=10,
+            always_partition=True,
+            strict_img_size=False,
+        ),
+        seed,
+        norm_std=0.3,
+    )
 
 
 def images(n: int, seed: int = 0, size: int = 112) -> torch.Tensor:
@@ -44,6 +56,7 @@ def swin_plan(model: SwinTransformer, k: int = 4) -> BitPlan:
     """A plan as tools/lrp_plan.py writes it: mmdet backbone names, the architecture, re:.* last."""
     from mmdet_lrpq.lrp import swin_sites
     from mmdet_lrpq.models.swin_names import swin_name_to_mmdet
+
     bits = {s.name: (k + 1, k + 1) if s.block in (0, 1) else (k, k) for s in swin_sites(model)}
     plan = BitPlan(bits).rename(lambda n: 'backbone.' + swin_name_to_mmdet(n, 'timm')).with_default(k, k)
     plan.architecture = TimmSwinAdapter(model, '').architecture()
@@ -71,7 +84,7 @@ def test_quantize_plain_module_generically_and_report():
     assert [s.name for s in report.sites] == ['conv', 'fc']
     assert all(m.state is QuantState.QUANTIZED for m in quant_modules(model).values())
     assert report.calibration['num_images'] == 4 and report.totals['avg_weight_bits'] == 6
-    assert report.sites[0].macs == 16 * 16 * 8 * 27            # measured per image
+    assert report.sites[0].macs == 16 * 16 * 8 * 27  # measured per image
     with torch.no_grad():
         got = model(x)
     assert not torch.equal(got, ref) and (got - ref).abs().max() < 0.1 * ref.abs().max()
@@ -114,9 +127,9 @@ def test_timm_swin_takes_a_detector_plan_by_mmdet_names():
     bits = report.bits
     assert bits['layers.0.blocks.1.attn.qkv'] == (5, 5) and bits['layers.2.blocks.0.mlp.fc2'] == (4, 4)
     assert bits['layers.0.blocks.0.attn.matmul2'] == (5, 5)
-    assert bits['patch_embed.proj'] == (4, 8)                       # re:.*, image input at 8 bits
-    assert bits['head.fc'] == (4, 4)                                # generic, via re:.*
-    assert len(report.reparameterized) == 8 * 2 + 3                 # norm1/norm2 per block, 3 mergings
+    assert bits['patch_embed.proj'] == (4, 8)  # re:.*, image input at 8 bits
+    assert bits['head.fc'] == (4, 4)  # generic, via re:.*
+    assert len(report.reparameterized) == 8 * 2 + 3  # norm1/norm2 per block, 3 mergings
     with torch.no_grad():
         got = model(x)
     assert (got.softmax(1) - ref.softmax(1)).abs().max() < 0.5 and not torch.equal(got, ref)
@@ -130,6 +143,7 @@ def test_timm_swin_float_state_and_reparameterization_are_exact_with_padded_wind
     with torch.no_grad():
         ref = model(x)
     from mmdet_lrpq.models.quantizer import ModelQuantizer
+
     q = ModelQuantizer(model, QuantConfig(w_bits=8, a_bits=8, method='repq'))
     q.wrap()
     with torch.no_grad():
@@ -144,9 +158,9 @@ def test_plan_for_another_swin_size_is_refused():
     """A Swin-T-style plan on a deeper Swin would send the extra blocks to re:.* silently."""
     plan = swin_plan(tiny_timm_swin(depths=(2, 2, 2, 2)))
     deeper = tiny_timm_swin(depths=(2, 2, 4, 2))
-    with pytest.raises(ValueError, match=r"another architecture.*depths: plan \[2, 2, 2, 2\] vs model \[2, 2, 4, 2\]"):
+    with pytest.raises(ValueError, match=r'another architecture.*depths: plan \[2, 2, 2, 2\] vs model \[2, 2, 4, 2\]'):
         quantize_(deeper, plan, calib=[images(1)])
-    assert not quant_modules(deeper)                                # refused before touching the model
+    assert not quant_modules(deeper)  # refused before touching the model
 
 
 # ------------------------------------------------------------------------------ streaming calibration
@@ -179,7 +193,7 @@ def test_one_batch_reproduces_the_single_forward_protocol_bit_for_bit():
     batch = torch.randn(4, 5, 6, generator=torch.Generator().manual_seed(1)) + 0.5
     old, new = _branchy(), _branchy()
     with calibrating(old), torch.no_grad():
-        old(batch)                                   # RepQ-ViT: every quantizer on its first input
+        old(batch)  # RepQ-ViT: every quantizer on its first input
     calibrate_stream(new, [batch], lambda m, b: m(b))
     assert all(all(torch.equal(a, b) for a, b in zip(pa, pb)) for pa, pb in zip(_qparams(old), _qparams(new)))
 
@@ -190,7 +204,7 @@ def test_several_batches_take_the_envelope_of_their_ranges():
     gen = torch.Generator().manual_seed(2)
     batches = [torch.randn(n, 5, 6, generator=gen) + 0.5 for n in (1, 3)]
     singles = []
-    for b in batches:                                # each batch calibrated alone, by the protocol
+    for b in batches:  # each batch calibrated alone, by the protocol
         m = _branchy()
         calibrate_stream(m, [b], lambda m, x: m(x))
         singles.append(activation_quantizers(m))
@@ -201,12 +215,12 @@ def test_several_batches_take_the_envelope_of_their_ranges():
             levels = (1 << q.bits) - 1
             lo = [(-s.zero_point * s.delta).double() for s in (q1, q3)]
             hi = [low + levels * s.delta.double() for low, s in zip(lo, (q1, q3))]
-            lo_e, hi_e = torch.minimum(*lo), torch.maximum(*hi)     # the smallest range holding both
+            lo_e, hi_e = torch.minimum(*lo), torch.maximum(*hi)  # the smallest range holding both
             delta = ((hi_e - lo_e) / levels).float()
             assert torch.equal(q.delta, delta)
             assert torch.equal(q.zero_point, (-lo_e / delta.double()).round().float())
-            assert q.delta.shape == q1.delta.shape                  # per channel stays per channel
-        else:                                                       # log-sqrt2: the largest delta
+            assert q.delta.shape == q1.delta.shape  # per channel stays per channel
+        else:  # log-sqrt2: the largest delta
             assert torch.equal(q.delta, torch.maximum(q1.delta, q3.delta))
 
 
@@ -214,12 +228,12 @@ def test_a_layer_fed_by_some_batches_only_is_calibrated_on_those():
     positive = torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(3)).abs() + 0.1
     negative = -positive
     model = _branchy()
-    calibrate_stream(model, [negative, positive, negative], lambda m, x: m(x))   # fc2 sees only one
+    calibrate_stream(model, [negative, positive, negative], lambda m, x: m(x))  # fc2 sees only one
     alone = _branchy()
     calibrate_stream(alone, [positive], lambda m, x: m(x))
     assert torch.equal(model.fc2.input_quantizer.delta, alone.fc2.input_quantizer.delta)
     never = _branchy()
-    with pytest.raises(RuntimeError, match=r"1 quantized layer\(s\) received no input.*fc2"):
+    with pytest.raises(RuntimeError, match=r'1 quantized layer\(s\) received no input.*fc2'):
         calibrate_stream(never, [negative, negative], lambda m, x: m(x))
     assert all(m.state is QuantState.FLOAT for m in quant_modules(never).values())
 
@@ -296,19 +310,19 @@ def test_state_from_other_weights_options_plan_or_calibration_is_refused(tmp_pat
     quantize_(model, str(plan), calib=calib, state_file=path, calib_id='a')
     other = copy.deepcopy(fresh)
     with torch.no_grad():
-        other.conv.weight.zero_()                    # another checkpoint
+        other.conv.weight.zero_()  # another checkpoint
     with pytest.raises(StateMismatchError, match='weights: the float weights differ'):
         quantize_(other, str(plan), calib=calib, state_file=path, calib_id='a')
-    assert not quant_modules(other)                 # refused before touching the model
-    BitPlan({'conv': (8, 8), 're:.*': (4, 4)}).save(plan)   # regenerated in place
-    with pytest.raises(StateMismatchError, match=r"config.plan_sha256.*regenerated at the same path"):
+    assert not quant_modules(other)  # refused before touching the model
+    BitPlan({'conv': (8, 8), 're:.*': (4, 4)}).save(plan)  # regenerated in place
+    with pytest.raises(StateMismatchError, match=r'config.plan_sha256.*regenerated at the same path'):
         quantize_(copy.deepcopy(fresh), str(plan), calib=calib, state_file=path, calib_id='a')
     with pytest.raises(StateMismatchError, match=r"config.method: saved 'crl', now 'repq'"):
         quantize_(copy.deepcopy(fresh), str(plan), calib=calib, state_file=path, calib_id='a', method='repq')
     BitPlan({'conv': (6, 6), 're:.*': (4, 4)}).save(plan)
     with pytest.raises(StateMismatchError, match=r"calibration.calib_id: saved 'a', now 'b'"):
         quantize_(copy.deepcopy(fresh), str(plan), calib=calib, state_file=path, calib_id='b')
-    quantize_(copy.deepcopy(fresh), str(plan), calib=calib, state_file=path, calib_id='a')   # same inputs: fine
+    quantize_(copy.deepcopy(fresh), str(plan), calib=calib, state_file=path, calib_id='a')  # same inputs: fine
 
 
 def test_recalibrate_on_mismatch_replaces_the_state(tmp_path, caplog):
@@ -319,7 +333,7 @@ def test_recalibrate_on_mismatch_replaces_the_state(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger='mmdet_lrpq'):
         report = quantize_(copy.deepcopy(fresh), calib=calib, state_file=path, state_mismatch='recalibrate')
     assert 'recalibrating' in caplog.text and report.totals['avg_weight_bits'] == 4
-    quantize_(copy.deepcopy(fresh), calib=lambda m: pytest.fail('must load'), state_file=path)   # now 4 bits
+    quantize_(copy.deepcopy(fresh), calib=lambda m: pytest.fail('must load'), state_file=path)  # now 4 bits
 
 
 def test_unreadable_state_file_is_named_with_the_fix(tmp_path):
@@ -327,7 +341,7 @@ def test_unreadable_state_file_is_named_with_the_fix(tmp_path):
     model, calib = _convnet_and_data()
     quantize_(copy.deepcopy(model), calib=calib, state_file=str(path))
     data = path.read_bytes()
-    path.write_bytes(data[:len(data) // 2])                  # an interrupted copy
+    path.write_bytes(data[: len(data) // 2])  # an interrupted copy
     with pytest.raises(StateFileError, match=rf'{path} is unreadable.*Delete {path} to recalibrate'):
         quantize_(copy.deepcopy(model), calib=calib, state_file=str(path))
     torch.save({'format': 'something else'}, path)
@@ -344,6 +358,7 @@ def test_interrupted_save_keeps_the_previous_state(tmp_path, monkeypatch):
     def crash(obj, f, *args, **kwargs):
         f.write(b'partial')
         raise KeyboardInterrupt
+
     monkeypatch.setattr(torch, 'save', crash)
     with pytest.raises(KeyboardInterrupt):
         quantize_(copy.deepcopy(model), calib=calib, state_file=str(path), state_mismatch='recalibrate', w_bits=6)
@@ -353,8 +368,11 @@ def test_interrupted_save_keeps_the_previous_state(tmp_path, monkeypatch):
 def test_import_is_light_and_lazy():
     import subprocess
     import sys
-    code = ('import sys, mmdet_lrpq; bad = [m for m in ("torch", "mmengine", "mmdet", "timm") if m in sys.modules]; '
-            'assert not bad, bad; from mmdet_lrpq import quantize_, QuantConfig; assert callable(quantize_)')
+
+    code = (
+        'import sys, mmdet_lrpq; bad = [m for m in ("torch", "mmengine", "mmdet", "timm") if m in sys.modules]; '
+        'assert not bad, bad; from mmdet_lrpq import quantize_, QuantConfig; assert callable(quantize_)'
+    )
     subprocess.run([sys.executable, '-c', code], check=True)
     assert mmdet_lrpq.QuantConfig is QuantConfig and math.isinf(QuantConfig(method='repq').k)
 
@@ -371,11 +389,14 @@ def test_a_state_is_refused_when_the_calibration_inputs_changed(tmp_path, caplog
         quantize_(copy.deepcopy(fresh), calib=other, state_file=path, calib_id='my images')
     assert f'calibrated state {path} was made from other inputs' in str(err.value)
     assert 'calibrated state calibrated state' not in str(err.value) and f'Delete {path}' in str(err.value)
-    quantize_(copy.deepcopy(fresh), calib=[t.clone() for t in calib], state_file=path,   # same content: loads
-              calib_id='my images')
-    with caplog.at_level(logging.WARNING, logger='mmdet_lrpq'):      # a callable cannot be digested: said so
-        quantize_(copy.deepcopy(fresh), calib=lambda m: pytest.fail('must load'), state_file=path,
-                  calib_id='my images')
+    quantize_(
+        copy.deepcopy(fresh),
+        calib=[t.clone() for t in calib],
+        state_file=path,  # same content: loads
+        calib_id='my images',
+    )
+    with caplog.at_level(logging.WARNING, logger='mmdet_lrpq'):  # a callable cannot be digested: said so
+        quantize_(copy.deepcopy(fresh), calib=lambda m: pytest.fail('must load'), state_file=path, calib_id='my images')
     assert 'cannot be compared' in caplog.text and 'callable or a stream' in caplog.text
 
 
@@ -393,17 +414,23 @@ def test_constant_calibration_images_are_refused_or_warned_about(caplog):
     assert report.calibration['num_images'] == 2 and '1 image(s) are constant' in caplog.text
 
 
-@pytest.mark.parametrize('calib, message', [
-    ([torch.randn(1, 1, 112, 112)], r'shape \(1, 1, 112, 112\).*patch_embed.proj, Conv2d with 3 input channels.*'
-                                    r'\[N, 3, H, W\]: greyscale'),
-    ([torch.randn(3, 112, 112)], r'shape \(3, 112, 112\).*add the batch dimension, x.unsqueeze\(0\)'),
-    ([torch.randn(1, 112, 112, 3)], r'channels last\? x.permute\(0, 3, 1, 2\)'),
-    ('calib_images/', r"calib is a str \('calib_images/'\).*not a path"),
-    (['a.jpg', 'b.jpg'], r"calib\[0\]\) is a str \('a.jpg'\).*not file names"),
-    ([], r'calib is empty'),
-    ([torch.zeros(0, 3, 112, 112)], r'calib\[0\]\) is empty.*shape \(0, 3, 112, 112\)'),
-    ([torch.zeros(1, 3, 112, 112, dtype=torch.uint8)], r'dtype torch.uint8.*floating-point images'),
-])
+@pytest.mark.parametrize(
+    'calib, message',
+    [
+        (
+            [torch.randn(1, 1, 112, 112)],
+            r'shape \(1, 1, 112, 112\).*patch_embed.proj, Conv2d with 3 input channels.*'
+            r'\[N, 3, H, W\]: greyscale',
+        ),
+        ([torch.randn(3, 112, 112)], r'shape \(3, 112, 112\).*add the batch dimension, x.unsqueeze\(0\)'),
+        ([torch.randn(1, 112, 112, 3)], r'channels last\? x.permute\(0, 3, 1, 2\)'),
+        ('calib_images/', r"calib is a str \('calib_images/'\).*not a path"),
+        (['a.jpg', 'b.jpg'], r"calib\[0\]\) is a str \('a.jpg'\).*not file names"),
+        ([], r'calib is empty'),
+        ([torch.zeros(0, 3, 112, 112)], r'calib\[0\]\) is empty.*shape \(0, 3, 112, 112\)'),
+        ([torch.zeros(1, 3, 112, 112, dtype=torch.uint8)], r'dtype torch.uint8.*floating-point images'),
+    ],
+)
 def test_unusable_calibration_inputs_are_named_before_the_model_is_touched(calib, message):
     model = tiny_timm_swin()
     with pytest.raises(ValueError, match=message):
@@ -430,12 +457,17 @@ def test_temporaries_left_by_killed_saves_are_removed_and_live_ones_kept(tmp_pat
     import subprocess
     import sys
     import time
+
     dead = subprocess.Popen([sys.executable, '-c', 'pass'])
     dead.wait()
     host = socket.gethostname()
-    names = {'dead': f'state.pth.{host}-{dead.pid}.k1ll3d_x.tmp', 'live': f'state.pth.{host}-{os.getpid()}.wr1t1ng_.tmp',
-             'remote': f'state.pth.otherhost-{dead.pid}.r3m0te_x.tmp', 'legacy': 'state.pth.abcd1234.tmp',
-             'other_file': f'other.pth.{host}-{dead.pid}.k1ll3d_x.tmp'}
+    names = {
+        'dead': f'state.pth.{host}-{dead.pid}.k1ll3d_x.tmp',
+        'live': f'state.pth.{host}-{os.getpid()}.wr1t1ng_.tmp',
+        'remote': f'state.pth.otherhost-{dead.pid}.r3m0te_x.tmp',
+        'legacy': 'state.pth.abcd1234.tmp',
+        'other_file': f'other.pth.{host}-{dead.pid}.k1ll3d_x.tmp',
+    }
     for name in names.values():
         (tmp_path / name).write_bytes(b'partial')
     old = time.time() - 2 * 3600
@@ -461,5 +493,6 @@ def test_a_placeholder_plan_is_warned_about_in_the_log_and_the_report(caplog):
 
 def test_a_state_of_an_earlier_version_says_its_images_are_not_recorded():
     from mmdet_lrpq.models.state import mismatch_message
+
     text = mismatch_message('calibrated state s.pth', {'calibration.image_sha256': (None, 'ab' * 32)}, 's.pth')
     assert 'not recorded in the state (made by an earlier version)' in text and 'content differs' not in text

@@ -1,6 +1,7 @@
 """The calibration benchmarks' generated tables: verdicts from fake results, and the committed
 docs blocks equal to what the committed results give (benchmarks measure; this pins only their
 reporting, so that a table or a verdict cannot drift from its numbers)."""
+
 from __future__ import annotations
 
 import importlib
@@ -29,21 +30,33 @@ def variance():
 
 # ---------------------------------------------------------------- calibration_memory
 def _memory_row(n: int, batch_size: int, peak: float, per_image: float, float_s: float = 10.0) -> dict:
-    return dict(n=n, batch_size=batch_size, calibration_peak_mb=peak, process_peak_mb=peak + 50,
-                calibration_per_image_s=per_image, float_per_image_s=float_s, calib_over_float=per_image / float_s,
-                calibration_forward_s=[per_image * 0.9, per_image * 1.3, per_image], float_forward_s=[float_s] * 3)
+    return dict(
+        n=n,
+        batch_size=batch_size,
+        calibration_peak_mb=peak,
+        process_peak_mb=peak + 50,
+        calibration_per_image_s=per_image,
+        float_per_image_s=float_s,
+        calib_over_float=per_image / float_s,
+        calibration_forward_s=[per_image * 0.9, per_image * 1.3, per_image],
+        float_forward_s=[float_s] * 3,
+    )
 
 
 def test_memory_targets_are_judged_on_the_streamed_rows(memory):
-    rows = [_memory_row(1, 1, 2000, 14.0), _memory_row(32, 1, 2500, 13.0), _memory_row(4, 4, 4000, 12.0),
-            dict(n=8, batch_size=8, skipped='skipped: would not fit')]
+    rows = [
+        _memory_row(1, 1, 2000, 14.0),
+        _memory_row(32, 1, 2500, 13.0),
+        _memory_row(4, 4, 4000, 12.0),
+        dict(n=8, batch_size=8, skipped='skipped: would not fit'),
+    ]
     markdown = memory.tables(dict(rows=rows))
     assert '| one image | 1 | 2000 | 2050 | 1.00 | 14.00 | 10.00 | **1.40** | 1.40 |' in markdown
     assert '| streamed | 32 | 2500 | 2550 | 1.25 | 13.00 | 10.00 | **1.30** | 1.30 |' in markdown
     assert '| one batch of 4 | 4 | 4000 | 4050 | 2.00 | 12.00 | 10.00 | **1.20** | — |' in markdown
     assert '| one batch of 8 | 8 | skipped: would not fit | | | | | | |' in markdown
     assert 'N = 32 ≤ 1.3 × N = 1: 2500 / 2000 MB = 1.25: **met**' in markdown
-    assert '1.30–1.40 over the streamed rows (worst N = 1): **met**' in markdown   # the one-batch rows do not count
+    assert '1.30–1.40 over the streamed rows (worst N = 1): **met**' in markdown  # the one-batch rows do not count
 
     rows[1] = _memory_row(32, 1, 2700, 16.0)
     markdown = memory.tables(dict(rows=rows))
@@ -51,13 +64,28 @@ def test_memory_targets_are_judged_on_the_streamed_rows(memory):
 
 
 def test_memory_profile_table_splits_the_quantizer_time(memory):
-    per_site = {'activation qparams | a.input_quantizer': 0.5, 'quantiles | a.input_quantizer': 0.3,
-                'activation fake-quant | a.input_quantizer': 0.1, 'weight qparams | a.weight_quantizer': 0.2,
-                'quantiles | a.weight_quantizer': 0.1, 'weight fake-quant | a.weight_quantizer': 0.05}
-    prof = dict(image_id=7, repeats=3, float_forward_s=10.0, calibration_forward_s=11.03, per_site_s=per_site,
-                top_sites_s=[dict(site='a.input_quantizer', seconds=0.6, **{'activation qparams': 0.5,
-                                                                              'quantiles': 0.3,
-                                                                              'activation fake-quant': 0.1})])
+    per_site = {
+        'activation qparams | a.input_quantizer': 0.5,
+        'quantiles | a.input_quantizer': 0.3,
+        'activation fake-quant | a.input_quantizer': 0.1,
+        'weight qparams | a.weight_quantizer': 0.2,
+        'quantiles | a.weight_quantizer': 0.1,
+        'weight fake-quant | a.weight_quantizer': 0.05,
+    }
+    prof = dict(
+        image_id=7,
+        repeats=3,
+        float_forward_s=10.0,
+        calibration_forward_s=11.03,
+        per_site_s=per_site,
+        top_sites_s=[
+            dict(
+                site='a.input_quantizer',
+                seconds=0.6,
+                **{'activation qparams': 0.5, 'quantiles': 0.3, 'activation fake-quant': 0.1},
+            )
+        ],
+    )
     markdown = memory.tables(dict(rows=[_memory_row(1, 1, 2000, 11.03)], profile=prof))
     assert '| of which activation ranges: quantile extraction | 0.30 | 0.030 |' in markdown
     assert '| of which activation ranges: the rest (MSE of the 3 candidates, selection) | 0.20 | 0.020 |' in markdown
@@ -67,43 +95,61 @@ def test_memory_profile_table_splits_the_quantizer_time(memory):
 
 def test_update_doc_replaces_only_the_marked_block(memory, variance, tmp_path):
     from bench.common import replace_block
+
     for module in (memory, variance):
         begin, end = module.MARKERS
         page = tmp_path / 'page.md'
         page.write_text(f'before\n{begin}\nold\n{end}\nafter\n')
         assert replace_block(str(page), module.MARKERS, module.COMMAND, 'new table')
-        assert replace_block(str(page), module.MARKERS, module.COMMAND, 'new table')   # idempotent
-        assert page.read_text() == (f'before\n{begin}\n<!-- generated by `{module.COMMAND}`; do not edit by hand -->'
-                                    f'\n\nnew table\n{end}\nafter\n')
+        assert replace_block(str(page), module.MARKERS, module.COMMAND, 'new table')  # idempotent
+        assert page.read_text() == (
+            f'before\n{begin}\n<!-- generated by `{module.COMMAND}`; do not edit by hand -->'
+            f'\n\nnew table\n{end}\nafter\n'
+        )
         page.write_text('no markers')
         assert not replace_block(str(page), module.MARKERS, module.COMMAND, 'new table')
 
 
 # ---------------------------------------------------------------- calibration_variance
 def _variance_rows(variance, setting: str, n: int, boxes: list[float], batch_size: int = 1) -> list[dict]:
-    return [dict(detector='mask_rcnn', setting=setting, n=n, set_index=i, batch_size=batch_size, box_ap=b,
-                 mask_ap=b - 4, avg_w_bits=3.9, avg_a_bits=4.2, weight_mb=1.6) for i, b in enumerate(boxes)]
+    return [
+        dict(
+            detector='mask_rcnn',
+            setting=setting,
+            n=n,
+            set_index=i,
+            batch_size=batch_size,
+            box_ap=b,
+            mask_ap=b - 4,
+            avg_w_bits=3.9,
+            avg_a_bits=4.2,
+            weight_mb=1.6,
+        )
+        for i, b in enumerate(boxes)
+    ]
 
 
 def test_variance_tables_give_spread_and_range_verdicts(variance):
-    wide = [54.0, 55.0, 56.0, 57.0, 58.0, 58.0, 57.0, 56.0]              # range 4.0
-    rows = (_variance_rows(variance, 'W4A4 CRL', 1, wide)
-            + _variance_rows(variance, 'W4A4 CRL', 16, [57.0, 57.5, 57.2, 57.3, 57.1, 57.4, 57.0, 57.3])  # 0.5
-            + _variance_rows(variance, 'W4A4 RepQ', 1, wide)
-            + _variance_rows(variance, 'W4A4 RepQ', 16, [56.0, 57.5, 57.2, 57.3, 57.1, 57.4, 57.0, 57.3])  # 1.5
-            + [dict(detector='mask_rcnn', setting='FP', n=0, set_index=0, batch_size=1, box_ap=63.1, mask_ap=58.6)])
+    wide = [54.0, 55.0, 56.0, 57.0, 58.0, 58.0, 57.0, 56.0]  # range 4.0
+    rows = (
+        _variance_rows(variance, 'W4A4 CRL', 1, wide)
+        + _variance_rows(variance, 'W4A4 CRL', 16, [57.0, 57.5, 57.2, 57.3, 57.1, 57.4, 57.0, 57.3])  # 0.5
+        + _variance_rows(variance, 'W4A4 RepQ', 1, wide)
+        + _variance_rows(variance, 'W4A4 RepQ', 16, [56.0, 57.5, 57.2, 57.3, 57.1, 57.4, 57.0, 57.3])  # 1.5
+        + [dict(detector='mask_rcnn', setting='FP', n=0, set_index=0, batch_size=1, box_ap=63.1, mask_ap=58.6)]
+    )
     markdown = variance.tables(rows)
     assert '**mask_rcnn: AP over 8 disjoint calibration sets of N images (float: 63.1 box / 58.6 mask)**' in markdown
     assert '| W4A4 CRL | 1 | 56.4 ± 1.4 | 54.0–58.0 (4.0) | 52.4 ± 1.4 | 50.0–54.0 (4.0) |' in markdown
     assert '| mask_rcnn | W4A4 CRL | 4.0 → 0.5: met | 4.0 → 0.5: met |' in markdown
     assert '| mask_rcnn | W4A4 RepQ | 4.0 → 1.5: **missed** (1.5 > 1.33) |' in markdown
-    assert 'One batch of' not in markdown and 'allocators' not in markdown   # phases that were not run
+    assert 'One batch of' not in markdown and 'allocators' not in markdown  # phases that were not run
 
 
 def test_variance_compares_one_batch_with_streamed_on_the_same_sets(variance):
     streamed = _variance_rows(variance, 'W4A4 CRL', 4, [57.0] * 8)
     one_batch = _variance_rows(variance, 'W4A4 CRL', 4, [57.5, 57.0, 56.0, 57.0, 57.0, 57.0, 57.0, 57.0], batch_size=4)
-    markdown = variance.tables(streamed + one_batch[:7])          # set 7 has no one-batch run: left out of the pairs
+    markdown = variance.tables(streamed + one_batch[:7])  # set 7 has no one-batch run: left out of the pairs
     assert '| mask_rcnn | W4A4 CRL | 56.9 ± 0.4 | 57.0 ± 0.0 | -0.1 (-1.0 … +0.5) |' in markdown
 
 
@@ -112,7 +158,7 @@ def test_variance_runs_cover_the_brief(variance):
     assert len({r.tag for r in runs}) == len(runs)
     main = [r for r in runs if r.setting in variance.SETTINGS and r.batch_size == 1]
     assert len(main) == 3 * 2 * 4 * 8
-    for n in variance.NS:   # 8 disjoint sets of n pool images; at N = 32 they cover the whole pool
+    for n in variance.NS:  # 8 disjoint sets of n pool images; at N = 32 they cover the whole pool
         sets = [set(r.image_ids()) for r in main if r.n == n and r.detector == 'mask_rcnn' and r.setting == 'W4A4 CRL']
         assert len(sets) == 8 and all(len(s) == n for s in sets) and len(set().union(*sets)) == 8 * n
     assert set().union(*sets) == set(range(1, variance.POOL_SIZE + 1))
@@ -128,10 +174,22 @@ def test_variance_subsets_and_partial_grids_are_named(variance):
     markdown = variance.tables(rows, [r.tag for r in subset if r.n == 16])
     assert '**Not run**' in markdown and '`mask_rcnn/w4a4_crl_n16_b1` (8)' in markdown
     assert '**Not run**' not in variance.tables(rows)
-    ranges = dict(detector='mask_rcnn', setting='W4A4 CRL', n=4, set_index=0, quantizers=86, wider_in_one_batch=77,
-                  narrower_in_one_batch=9, ratio_quartiles=[1.0087, 1.0354, 1.0849], ratio_min=0.9148, ratio_max=1.4428)
-    assert ('wider in 77 of 86, narrower in 9; ratio quartiles 1.009 / 1.035 / 1.085, min 0.915, max 1.443'
-            in variance.tables(rows, ranges=ranges))
+    ranges = dict(
+        detector='mask_rcnn',
+        setting='W4A4 CRL',
+        n=4,
+        set_index=0,
+        quantizers=86,
+        wider_in_one_batch=77,
+        narrower_in_one_batch=9,
+        ratio_quartiles=[1.0087, 1.0354, 1.0849],
+        ratio_min=0.9148,
+        ratio_max=1.4428,
+    )
+    assert (
+        'wider in 77 of 86, narrower in 9; ratio quartiles 1.009 / 1.035 / 1.085, min 0.915, max 1.443'
+        in variance.tables(rows, ranges=ranges)
+    )
 
 
 @pytest.mark.parametrize('name', ['calibration_memory', 'calibration_variance', 'accuracy_benchmark'])
@@ -143,9 +201,13 @@ def test_committed_docs_blocks_are_generated_from_their_json(name):
     if not results.is_file():
         pytest.skip(f'{results} not present (python bench/{name}.py)')
     report = json.load(open(results))
-    markdown = (module.tables(report) if name == 'calibration_memory' else
-                module.report_tables(report) if name == 'calibration_variance' else
-                module.tables(report['rows'], report.get('skipped_reconstruction')))
+    markdown = (
+        module.tables(report)
+        if name == 'calibration_memory'
+        else module.report_tables(report)
+        if name == 'calibration_variance'
+        else module.tables(report['rows'], report.get('skipped_reconstruction'))
+    )
     begin, end = module.MARKERS
     text = DOC.read_text()
     assert f'{begin}\n<!-- generated by `{module.COMMAND}`; do not edit by hand -->\n\n{markdown}\n{end}' in text
@@ -153,26 +215,44 @@ def test_committed_docs_blocks_are_generated_from_their_json(name):
 
 # ---------------------------------------------------------------- accuracy_benchmark
 def _accuracy_rows(det: str, setting: str, allocator: str, rec: bool, boxes: list, **extra) -> list[dict]:
-    return [dict(detector=det, setting=setting, allocator=allocator, reconstruct=rec, set=i, box_ap=b, mask_ap=b - 3,
-                 weight_mb=extra.get('weight_mb', 1.636), weight_bits=extra.get('weight_bits', 100),
-                 avg_a_bits=extra.get('avg_a_bits', 4.06), gbops=extra.get('gbops', 21.6),
-                 **({'recon_seconds': 900.0} if rec else {}), **({'variant': extra['variant']} if 'variant' in extra else {}))
-            for i, b in enumerate(boxes)]
+    return [
+        dict(
+            detector=det,
+            setting=setting,
+            allocator=allocator,
+            reconstruct=rec,
+            set=i,
+            box_ap=b,
+            mask_ap=b - 3,
+            weight_mb=extra.get('weight_mb', 1.636),
+            weight_bits=extra.get('weight_bits', 100),
+            avg_a_bits=extra.get('avg_a_bits', 4.06),
+            gbops=extra.get('gbops', 21.6),
+            **({'recon_seconds': 900.0} if rec else {}),
+            **({'variant': extra['variant']} if 'variant' in extra else {}),
+        )
+        for i, b in enumerate(boxes)
+    ]
 
 
 def test_accuracy_verdicts_and_the_cascade_references(monkeypatch):
     bench = _load('accuracy_benchmark')
     monkeypatch.setattr(bench, 'todays_protocol_means', lambda: {'W4A4': 73.8, 'MP4': 74.1})
-    fp = [dict(detector=d, setting='FP', allocator=None, reconstruct=False, box_ap=b, mask_ap=b - 4)
-          for d, b in (('mask_rcnn', 63.1), ('cascade_mask_rcnn', 76.3))]
-    rows = fp + _accuracy_rows('mask_rcnn', 'W4A4', 'uniform', False, [57.7, 58.1]) \
-        + _accuracy_rows('mask_rcnn', 'W4A4', 'uniform', True, [61.5, 61.9]) \
-        + _accuracy_rows('mask_rcnn', 'MP4', 'sensitivity', False, [60.0, 61.0], gbops=29.5) \
-        + _accuracy_rows('mask_rcnn', 'MP4', 'sensitivity_bops', False, [61.2, 61.4], weight_bits=90, gbops=20.8) \
-        + _accuracy_rows('mask_rcnn', 'MP4', 'lrp_qvit', True, [62.0, 62.2], weight_bits=101) \
-        + _accuracy_rows('mask_rcnn', 'W4A4', 'uniform', False, [60.0], variant='roi_head at W8A8', weight_mb=1.9) \
-        + _accuracy_rows('cascade_mask_rcnn', 'W4A4', 'uniform', False, [74.4, 74.6]) \
+    fp = [
+        dict(detector=d, setting='FP', allocator=None, reconstruct=False, box_ap=b, mask_ap=b - 4)
+        for d, b in (('mask_rcnn', 63.1), ('cascade_mask_rcnn', 76.3))
+    ]
+    rows = (
+        fp
+        + _accuracy_rows('mask_rcnn', 'W4A4', 'uniform', False, [57.7, 58.1])
+        + _accuracy_rows('mask_rcnn', 'W4A4', 'uniform', True, [61.5, 61.9])
+        + _accuracy_rows('mask_rcnn', 'MP4', 'sensitivity', False, [60.0, 61.0], gbops=29.5)
+        + _accuracy_rows('mask_rcnn', 'MP4', 'sensitivity_bops', False, [61.2, 61.4], weight_bits=90, gbops=20.8)
+        + _accuracy_rows('mask_rcnn', 'MP4', 'lrp_qvit', True, [62.0, 62.2], weight_bits=101)
+        + _accuracy_rows('mask_rcnn', 'W4A4', 'uniform', False, [60.0], variant='roi_head at W8A8', weight_mb=1.9)
+        + _accuracy_rows('cascade_mask_rcnn', 'W4A4', 'uniform', False, [74.4, 74.6])
         + _accuracy_rows('cascade_mask_rcnn', 'MP4', 'sensitivity', True, [75.6, 75.8])
+    )
     lines = bench.aggregate([r for r in rows if r['setting'] != 'FP'])
     checks = {t: (fig, v) for t, fig, v in bench.target_checks(lines, rows)}
     assert checks['Mask R-CNN: W4A4 with reconstruction within 1.5 AP of float'] == ('61.7 vs 63.1 (-1.4)', 'met')
@@ -180,31 +260,43 @@ def test_accuracy_verdicts_and_the_cascade_references(monkeypatch):
     fig, verdict = checks['Mask R-CNN: best MP4 >= W4A4 + 0.5, no more weight memory (without reconstruction)']
     assert fig.startswith('sensitivity_bops 61.3 vs 57.9') and verdict == 'met'
     # the best MP4 with reconstruction uses more weight memory than W4A4: missed whatever its AP
-    assert checks['Mask R-CNN: best MP4 >= W4A4 + 0.5, no more weight memory (with reconstruction)'][1] == \
-        '**missed**: more weight memory'
+    assert (
+        checks['Mask R-CNN: best MP4 >= W4A4 + 0.5, no more weight memory (with reconstruction)'][1]
+        == '**missed**: more weight memory'
+    )
     # Cascade: the new settings against the published single runs, every setting against the protocol's mean
-    assert checks["Cascade: no new setting (reconstruction, sensitivity plans) worse than today's figures "
-                  "(W4A4 75.1, MP4 75.0 box)"] == ('worst: MP4 sensitivity + reconstruction 75.7 (+0.7)', 'met')
-    assert checks["Cascade: no setting worse than today's protocol, mean over 8 one-image calibrations "
-                  "(W4A4 73.8, MP4 74.1 box)"] == ('worst: W4A4 uniform 74.5 (+0.7)', 'met')
+    assert checks[
+        "Cascade: no new setting (reconstruction, sensitivity plans) worse than today's figures "
+        '(W4A4 75.1, MP4 75.0 box)'
+    ] == ('worst: MP4 sensitivity + reconstruction 75.7 (+0.7)', 'met')
+    assert checks[
+        "Cascade: no setting worse than today's protocol, mean over 8 one-image calibrations (W4A4 73.8, MP4 74.1 box)"
+    ] == ('worst: W4A4 uniform 74.5 (+0.7)', 'met')
     slower = rows + _accuracy_rows('cascade_mask_rcnn', 'W4A4', 'uniform', True, [74.9, 74.9])
     lines = bench.aggregate([r for r in slower if r['setting'] != 'FP'])
     checks = {t: (fig, v) for t, fig, v in bench.target_checks(lines, slower)}
-    assert checks["Cascade: no new setting (reconstruction, sensitivity plans) worse than today's figures "
-                  "(W4A4 75.1, MP4 75.0 box)"] == ('worst: W4A4 uniform + reconstruction 74.9 (-0.2)', '**missed** by 0.2')
+    assert checks[
+        "Cascade: no new setting (reconstruction, sensitivity plans) worse than today's figures "
+        '(W4A4 75.1, MP4 75.0 box)'
+    ] == ('worst: W4A4 uniform + reconstruction 74.9 (-0.2)', '**missed** by 0.2')
     markdown = bench.tables(rows)
     assert '| MP4 | sensitivity_bops | no | 61.3 ± 0.1 | 61.2–61.4 |' in markdown and '| 20.80 | — |' in markdown
     assert '| mask_rcnn | W4A4 | no | default (every site at 4 bits) | 57.7 | 54.7 | 1.636 | — |' in markdown
     assert '| mask_rcnn | W4A4 | no | roi_head at W8A8 | 60.0 | 57.0 | 1.900 | — |' in markdown
     assert 'Not run' not in markdown
-    assert ('Not run: reconstruction of lrp_qvit (`--skip-reconstruction lrp_qvit`).'
-            in bench.tables(rows, {'cascade_mask_rcnn': ['lrp_qvit']}))
+    assert 'Not run: reconstruction of lrp_qvit (`--skip-reconstruction lrp_qvit`).' in bench.tables(
+        rows, {'cascade_mask_rcnn': ['lrp_qvit']}
+    )
 
 
 def test_the_breakdown_plans_put_one_part_at_8_bits(tmp_path):
     from mmdet_lrpq.plan import BitPlan, Site
+
     bench = _load('accuracy_benchmark')
-    sites = [Site('backbone.stages.0.blocks.0.ffn.layers.0.0', 'linear', params=4),
-             Site('neck.lateral_convs.0.conv', 'conv', params=4), Site('roi_head.bbox_head.fc_cls', 'linear', params=4)]
+    sites = [
+        Site('backbone.stages.0.blocks.0.ffn.layers.0.0', 'linear', params=4),
+        Site('neck.lateral_convs.0.conv', 'conv', params=4),
+        Site('roi_head.bbox_head.fc_cls', 'linear', params=4),
+    ]
     plan = BitPlan.load(bench.part_at_8_bits('neck', str(tmp_path)))
     assert plan.resolve(sites) == {sites[0].name: (4, 4), sites[1].name: (8, 8), sites[2].name: (4, 4)}

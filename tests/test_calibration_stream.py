@@ -8,6 +8,7 @@ one batch of all the images does (RepQ-ViT's ImageNet protocol). One image alone
 one-image protocol, bit for bit (tests/test_api.py), and cannot say how images differ: it is not
 pinned within a point; calibration says so instead (docs/method.md, calibration protocol).
 """
+
 from __future__ import annotations
 
 import copy
@@ -20,8 +21,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 CKPT = REPO / 'checkpoints' / 'miniworld' / 'swin_mini_cls.pth'
-NUM_CALIB = 32                  # cls_val images 1..32 calibrate
-NUM_EVAL = 200                  # cls_val images 33..232 are evaluated (float: 69.0 %)
+NUM_CALIB = 32  # cls_val images 1..32 calibrate
+NUM_EVAL = 200  # cls_val images 33..232 are evaluated (float: 69.0 %)
 
 
 def _tool(name: str):
@@ -40,6 +41,7 @@ def classifier():
 
     from mmdet_lrpq.lrp import eval_transform
     from mmdet_lrpq.miniworld import render_classification_image
+
     args = _tool('test_cls').parse_args(['--model', str(CKPT), '--checkpoint', str(CKPT), '--images', '-'])
     model, _ = _tool('lrp_plan').build_classifier(args)
     model.eval()
@@ -61,13 +63,17 @@ def _top1(model, images, labels) -> float:
 @pytest.mark.parametrize('method', ['crl', 'repq'])
 def test_streamed_w8a8_classifier_stays_within_a_point_of_float(classifier, method):
     from mmdet_lrpq import QuantConfig, quantize_
+
     model, calib, images, labels = classifier
     fp = _top1(model, images, labels)
     got = {}
-    for n, batch in ((4, 1), (4, 8), (32, 1), (32, 8)):       # (4, 8) is one batch of the 4 images
+    for n, batch in ((4, 1), (4, 8), (32, 1), (32, 8)):  # (4, 8) is one batch of the 4 images
         quantized = copy.deepcopy(model)
-        quantize_(quantized, QuantConfig(w_bits=8, a_bits=8, method=method),
-                  calib=[calib[i:i + batch] for i in range(0, n, batch)])
+        quantize_(
+            quantized,
+            QuantConfig(w_bits=8, a_bits=8, method=method),
+            calib=[calib[i : i + batch] for i in range(0, n, batch)],
+        )
         got[(n, batch)] = _top1(quantized, images, labels)
     lost = {key: round(fp - acc, 1) for key, acc in got.items() if acc < fp - 1.0}
     assert not lost, f'W8A8 {method} top-1 points lost against float {fp:.1f} % per (images, batch size): {lost}'
@@ -77,11 +83,13 @@ def test_one_image_calibration_warns_that_its_ranges_are_thin(classifier):
     """One 224-px image gives the last stage 49 values per channel and costs W8A8 about 24 points of
     top-1: the report and the log must say so and name the fix; four images (196 values) are quiet."""
     from mmdet_lrpq import QuantConfig, quantize_
+
     model, calib, _, _ = classifier
     one = quantize_(copy.deepcopy(model), QuantConfig(w_bits=8, a_bits=8), calib=[calib[:1]]).to_dict()['warnings']
     assert len(one) == 1 and one[0].startswith('THIN CALIBRATION'), one
     assert 'as few as 49 values per channel (from 1 calibration image(s))' in one[0]
     assert 'layers.3.blocks.0' in one[0] and 'num_images' in one[0]
-    four = quantize_(copy.deepcopy(model), QuantConfig(w_bits=8, a_bits=8),
-                     calib=[calib[i:i + 1] for i in range(4)]).to_dict()['warnings']
+    four = quantize_(
+        copy.deepcopy(model), QuantConfig(w_bits=8, a_bits=8), calib=[calib[i : i + 1] for i in range(4)]
+    ).to_dict()['warnings']
     assert four == []

@@ -1,6 +1,7 @@
 """The claims benchmark's control and reporting: the random-plan generator (same sites, bit set,
 histogram and budget as the plan it controls for; deterministic per seed), the percentile and
 verdict logic, and the committed docs block equal to what the committed results give."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -32,11 +33,13 @@ def _sites() -> list[Site]:
     for block, (stage, width) in enumerate([(0, 8), (0, 8), (1, 16), (1, 16), (1, 16)]):
         p = f'b{block}'
         tokens = 64 if stage == 0 else 16
-        out += [Site(f'{p}.qkv', 'linear', 'qkv', block, stage, 3 * width * width, tokens * 3 * width * width),
-                Site(f'{p}.matmul1', 'matmul', 'matmul1', block, stage, 0, tokens * 16 * width),
-                Site(f'{p}.proj', 'linear', 'proj', block, stage, width * width, tokens * width * width),
-                Site(f'{p}.fc1', 'linear', 'fc1', block, stage, 4 * width * width, tokens * 4 * width * width),
-                Site(f'{p}.fc2', 'linear', 'fc2', block, stage, 4 * width * width, tokens * 4 * width * width)]
+        out += [
+            Site(f'{p}.qkv', 'linear', 'qkv', block, stage, 3 * width * width, tokens * 3 * width * width),
+            Site(f'{p}.matmul1', 'matmul', 'matmul1', block, stage, 0, tokens * 16 * width),
+            Site(f'{p}.proj', 'linear', 'proj', block, stage, width * width, tokens * width * width),
+            Site(f'{p}.fc1', 'linear', 'fc1', block, stage, 4 * width * width, tokens * 4 * width * width),
+            Site(f'{p}.fc2', 'linear', 'fc2', block, stage, 4 * width * width, tokens * 4 * width * width),
+        ]
     return out
 
 
@@ -56,17 +59,17 @@ def test_random_plan_same_sites_bits_histogram_and_memory(lrp_like):
     used = account(sites, like).total_weight_bits
     limit = budget.limit_bits(sites)
     hist = Counter(like[n][0] for n in movable)
-    assert len(hist) == 3                       # the plan moved sites both ways: a real control
+    assert len(hist) == 3  # the plan moved sites both ways: a real control
     seen = set()
     for seed in range(8):
         bits = random_plan(sites, like, budget=budget, seed=seed, movable=movable).resolve(sites)
-        assert Counter(bits[n][0] for n in movable) == hist                 # same bit set and histogram
-        assert all(bits[n] == like[n] for n in bits if n not in movable)    # unscored sites and matmuls kept
+        assert Counter(bits[n][0] for n in movable) == hist  # same bit set and histogram
+        assert all(bits[n] == like[n] for n in bits if n not in movable)  # unscored sites and matmuls kept
         assert all(w == a for n, (w, a) in bits.items())
         total = account(sites, bits).total_weight_bits
-        assert total <= limit and abs(total - used) <= 0.005 * limit       # the budget, at the plan's memory
+        assert total <= limit and abs(total - used) <= 0.005 * limit  # the budget, at the plan's memory
         seen.add(tuple(sorted(bits.items())))
-    assert len(seen) >= 6                       # seeds give different plans
+    assert len(seen) >= 6  # seeds give different plans
 
 
 def test_random_plan_is_deterministic_per_seed(lrp_like):
@@ -87,7 +90,7 @@ def test_random_plan_under_a_bops_budget(lrp_like):
         bits = random_plan(sites, like, budget=budget, seed=seed, levels=(3, 4, 5), match_counts=False).resolve(sites)
         acc = account(sites, bits)
         assert {w for n, (w, _) in bits.items() if not n.endswith('matmul1')} <= {3, 4, 5}
-        assert len({w for w, _ in bits.values()}) > 1                      # it did move bits
+        assert len({w for w, _ in bits.values()}) > 1  # it did move bits
         assert max_bops * 0.995 <= acc.bops <= max_bops
         assert budget.check(sites, bits).holds
 
@@ -108,19 +111,23 @@ def test_percentile_counts_ties_half(claims):
 def test_plan_verdicts(claims):
     uniform = {0: 60.0, 1: 61.0, 2: 59.0}
     randoms = [{0: 60.0 + d, 1: 61.0 + d, 2: 59.0 + d} for d in (-0.4, -0.2, 0.0, 0.1, 0.2, 0.3, 0.5, 0.6)]
-    better = {0: 62.0, 1: 62.9, 2: 61.1}                    # +2 on every set, above every random plan
+    better = {0: 62.0, 1: 62.9, 2: 61.1}  # +2 on every set, above every random plan
     v = claims.plan_verdict(better, uniform, randoms, 0.1)
     assert v['verdict'] == 'holds' and v['percentile'] == 100.0 and v['sets'] == 3
-    randoms_high = randoms + [{0: 63.0, 1: 64.0, 2: 62.0}] * 4    # random plans do as well: no information
-    assert claims.plan_verdict(better, uniform, randoms_high, 0.1)['verdict'] == \
-        'not shown: beats uniform, but not the random plans'
-    noisy = {0: 61.0, 1: 60.5, 2: 59.0}                     # +1, -0.5, 0: not beyond 2 SE
-    assert claims.plan_verdict(noisy, uniform, randoms, 0.1)['verdict'] == \
-        'not shown: no measurable difference from uniform'
+    randoms_high = randoms + [{0: 63.0, 1: 64.0, 2: 62.0}] * 4  # random plans do as well: no information
+    assert (
+        claims.plan_verdict(better, uniform, randoms_high, 0.1)['verdict']
+        == 'not shown: beats uniform, but not the random plans'
+    )
+    noisy = {0: 61.0, 1: 60.5, 2: 59.0}  # +1, -0.5, 0: not beyond 2 SE
+    assert (
+        claims.plan_verdict(noisy, uniform, randoms, 0.1)['verdict']
+        == 'not shown: no measurable difference from uniform'
+    )
     worse = {0: 58.0, 1: 58.9, 2: 57.1}
     assert claims.plan_verdict(worse, uniform, randoms, 0.1)['verdict'] == 'reversed: below uniform'
     assert claims.plan_verdict(better, uniform, [], 0.1)['verdict'] == 'beats uniform; no random control run'
-    tiny = {s: v + 0.05 for s, v in uniform.items()}        # consistent but below the metric's resolution
+    tiny = {s: v + 0.05 for s, v in uniform.items()}  # consistent but below the metric's resolution
     assert claims.plan_verdict(tiny, uniform, randoms, 0.1)['beats_uniform'] is False
 
 
@@ -134,16 +141,31 @@ def test_method_verdict(claims):
 
 def _row(model, plan, method, s, value, seed=None):
     key = 'top1' if model == 'classifier' else 'box_ap'
-    return {'model': model, 'plan': plan, 'method': method, 'set': s, 'seed': seed, key: value, 'mask_ap': value - 3,
-            'eval_images': 400, 'set_size': 8, 'avg_w_bits': 4.0, 'avg_a_bits': 4.0, 'weight_mb': 1.0, 'gbops': 6.0}
+    return {
+        'model': model,
+        'plan': plan,
+        'method': method,
+        'set': s,
+        'seed': seed,
+        key: value,
+        'mask_ap': value - 3,
+        'eval_images': 400,
+        'set_size': 8,
+        'avg_w_bits': 4.0,
+        'avg_a_bits': 4.0,
+        'weight_mb': 1.0,
+        'gbops': 6.0,
+    }
 
 
 def test_verdicts_and_tables_follow_the_rows(claims):
     rows = [_row('classifier', 'float', None, None, 70.0)]
     for s in range(3):
         for m, shift in (('repq', 0.0), ('crl', 1.0)):
-            rows += [_row('classifier', 'uniform', m, s, 60.0 + shift + s),
-                     _row('classifier', 'lrp', m, s, 60.0 + shift + s + 0.5 * (s % 2))]
+            rows += [
+                _row('classifier', 'uniform', m, s, 60.0 + shift + s),
+                _row('classifier', 'lrp', m, s, 60.0 + shift + s + 0.5 * (s % 2)),
+            ]
         rows += [_row('classifier', 'random', 'crl', s, 60.5 + s + 0.1 * seed, seed) for seed in range(8)]
     verdicts = {(v['claim'], v.get('method')): v for v in claims.claim_verdicts(rows)}
     assert verdicts[(1, 'crl')]['verdict'] == 'not shown: no measurable difference from uniform'
@@ -153,7 +175,8 @@ def test_verdicts_and_tables_follow_the_rows(claims):
     assert 'not shown: no measurable difference from uniform' in markdown
     flipped = [dict(r, top1=r['top1'] - 2.0) if r.get('method') == 'crl' else r for r in rows]
     assert {(v['claim'], v['method']): v['verdict'] for v in claims.claim_verdicts(flipped)}[
-        (2, 'crl vs repq')].startswith('reversed')
+        (2, 'crl vs repq')
+    ].startswith('reversed')
 
 
 def test_committed_docs_block_is_generated_from_the_results(claims):

@@ -14,6 +14,7 @@ Users run on CUDA; CI has only CPUs. Three nets catch what a CPU run alone canno
   library makes without following its inputs' device.
 * **Parity** on every device the machine has (``device`` fixture) against the CPU PyTorch path.
 """
+
 import copy
 import math
 from collections.abc import Callable
@@ -85,7 +86,7 @@ class TinyNet(nn.Module):
         self.matmul = QuantMatMul(a_bits=BITS, log_sqrt2_a=True)
 
     def forward(self, img):
-        x = self.stem(img).flatten(2).transpose(1, 2)          # [B, N, 16]
+        x = self.stem(img).flatten(2).transpose(1, 2)  # [B, N, 16]
         h = self.fc2(nnf.gelu(self.fc1(self.norm(x))))
         attn = torch.softmax(h @ h.transpose(1, 2) / 4, dim=-1)
         return self.matmul(attn, h)
@@ -111,9 +112,17 @@ def tiny_swin(seed: int = 0) -> SwinTransformer:
     """A 36x36 Swin with 4x4 windows, in milliseconds: 9x9 tokens make shifted, masked and zero-padded
     windows and a patch merging that pads (9 -> 5)."""
     torch.manual_seed(seed)
-    model = SwinTransformer(img_size=36, embed_dim=32, depths=(2, 2), num_heads=(1, 2), window_size=4,
-                            num_classes=10, always_partition=True, strict_img_size=False)
-    with torch.no_grad():   # timm starts biases at 0: random ones exercise every rule
+    model = SwinTransformer(
+        img_size=36,
+        embed_dim=32,
+        depths=(2, 2),
+        num_heads=(1, 2),
+        window_size=4,
+        num_classes=10,
+        always_partition=True,
+        strict_img_size=False,
+    )
+    with torch.no_grad():  # timm starts biases at 0: random ones exercise every rule
         for name, p in model.named_parameters():
             if name.endswith('bias') or 'relative_position_bias_table' in name:
                 p.normal_(0, 0.1)
@@ -126,6 +135,7 @@ def images(n: int, size: int, seed: int = 0) -> torch.Tensor:
 
 # =============================================================================== fake CUDA
 
+
 @pytest.fixture
 def fake_cuda() -> FakeTensorMode:
     """Inside it, ``torch.*(..., device='cuda')`` makes fake CUDA tensors; real tensors are refused."""
@@ -136,9 +146,10 @@ def to_fake(module: nn.Module, mode: FakeTensorMode) -> nn.Module:
     """Move ``module``'s parameters and buffers to fake CUDA.
 
     ``nn.Module.to`` cannot: it swaps parameters in place, which a tensor subclass refuses."""
+
     def convert(t: torch.Tensor) -> torch.Tensor:
         fake = mode.from_tensor(t.detach())
-        with mode:   # (outside it, .to('cuda') would look for a real GPU)
+        with mode:  # (outside it, .to('cuda') would look for a real GPU)
             return fake.to('cuda')
 
     for m in module.modules():
@@ -180,14 +191,26 @@ def fake_quantizer_outputs(dtype: torch.dtype) -> dict[str, Callable[[], tuple[t
         'log2_shift_form': lambda: (F.log2_shift_form(codes, BITS)[0], torch.int64),
         'log2_shift_scales': lambda: (F.log2_shift_scales(d_a), torch.float32),
         'log2_shift_dequant': lambda: (F.log2_shift_dequant(codes, d_a, BITS), torch.float32),
-        'fake_quant_regions': lambda: (F.fake_quant_regions(x, d_t, torch.full((), 3.0, device='cuda'),
-                                                            torch.full((), 2.0, device='cuda'), BITS), dtype),
+        'fake_quant_regions': lambda: (
+            F.fake_quant_regions(x, d_t, torch.full((), 3.0, device='cuda'), torch.full((), 2.0, device='cuda'), BITS),
+            dtype,
+        ),
     }
 
 
-FAKE_QUANTIZER_CASES = ['fake_quant_uniform per tensor', 'fake_quant_uniform per channel', 'uniform_codes',
-                        'quantiles', 'log_sqrt2_codes', 'log_sqrt2_table', 'fake_quant_log_sqrt2',
-                        'log2_shift_form', 'log2_shift_scales', 'log2_shift_dequant', 'fake_quant_regions']
+FAKE_QUANTIZER_CASES = [
+    'fake_quant_uniform per tensor',
+    'fake_quant_uniform per channel',
+    'uniform_codes',
+    'quantiles',
+    'log_sqrt2_codes',
+    'log_sqrt2_table',
+    'fake_quant_log_sqrt2',
+    'log2_shift_form',
+    'log2_shift_scales',
+    'log2_shift_dequant',
+    'fake_quant_regions',
+]
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
@@ -204,10 +227,15 @@ def fix_weight_calibration(wq: UniformQuantizer) -> None:
     """Replace a weight quantizer's calibration (an MSE search over values, which fake tensors lack;
     run inside the forward, from the weights) by fixed per-output-channel qparams of the shape it
     returns, on the weight's device: the rest of the weight path (the cache, the fake-quant) runs."""
+
     def fixed(w: torch.Tensor) -> None:
         per_channel = (w.shape[0],) + (1,) * (w.dim() - 1)
-        wq.set_qparams(w.new_full(per_channel, 0.01, dtype=torch.float32),
-                       w.new_full(per_channel, 8.0, dtype=torch.float32), channel_axis=0)
+        wq.set_qparams(
+            w.new_full(per_channel, 0.01, dtype=torch.float32),
+            w.new_full(per_channel, 8.0, dtype=torch.float32),
+            channel_axis=0,
+        )
+
     wq.calibrate = fixed
 
 
@@ -220,8 +248,10 @@ def fake_quant_module(kind: str, dtype: torch.dtype) -> tuple[nn.Module, tuple[t
         module = QuantMatMul(a_bits=BITS, log_sqrt2_a=True)
         module.quantizer_a.delta = torch.full((), 0.5, device='cuda')
         module.quantizer_b.set_qparams(torch.full((), 0.1, device='cuda'), torch.full((), 7.0, device='cuda'))
-        inputs = (torch.rand(2, 4, 8, 8, device='cuda', dtype=dtype),
-                  torch.randn(2, 4, 8, 5, device='cuda', dtype=dtype))
+        inputs = (
+            torch.rand(2, 4, 8, 8, device='cuda', dtype=dtype),
+            torch.randn(2, 4, 8, 5, device='cuda', dtype=dtype),
+        )
     else:
         if kind == 'QuantLinear per-channel input':
             module = QuantLinear(16, 8, per_channel_input=True, device='cuda', dtype=dtype)
@@ -253,27 +283,35 @@ def quant_attention(kind: str) -> tuple[nn.Module, Callable[[torch.dtype], tuple
     the window attentions the ``input_shift`` that the norm1 -> qkv reparameterization leaves."""
     torch.manual_seed(0)
     if kind == 'nn.MultiheadAttention':
-        module = QuantMultiheadAttention.convert_(nn.MultiheadAttention(16, 4, batch_first=True).eval(),
-                                                  (BITS, BITS), BITS, BITS, (BITS, BITS))
+        module = QuantMultiheadAttention.convert_(
+            nn.MultiheadAttention(16, 4, batch_first=True).eval(), (BITS, BITS), BITS, BITS, (BITS, BITS)
+        )
 
         def inputs(dtype):
             q, kv = torch.randn(2, 5, 16, device='cuda', dtype=dtype), torch.randn(2, 7, 16, device='cuda', dtype=dtype)
-            masks = dict(key_padding_mask=torch.zeros(2, 7, dtype=torch.bool, device='cuda'),   # bool: -inf where set
-                         attn_mask=torch.randn(5, 7, device='cuda', dtype=dtype))              # float: added
+            masks = dict(
+                key_padding_mask=torch.zeros(2, 7, dtype=torch.bool, device='cuda'),  # bool: -inf where set
+                attn_mask=torch.randn(5, 7, device='cuda', dtype=dtype),
+            )  # float: added
             return (q, kv, kv), masks
+
         return module, inputs
     if kind == 'mmdet WindowMSA':
         from mmdet.models.backbones.swin import WindowMSA
+
         module = QuantWindowMSA.convert_(WindowMSA(16, 2, (4, 4)).eval(), BITS, BITS)
     else:
         module = QuantWindowAttention.convert_(WindowAttention(16, 2, window_size=4).eval(), BITS, BITS)
-    wrap_modules(module, lambda name, m: LayerQuantConfig(BITS, BITS))      # qkv, proj
+    wrap_modules(module, lambda name, m: LayerQuantConfig(BITS, BITS))  # qkv, proj
 
     def window_inputs(dtype):
         module.input_shift = torch.randn(16, device='cuda', dtype=dtype)
-        windows = 3                                                          # 2 images x 3 windows of 4x4 tokens
-        return (torch.randn(2 * windows, 16, 16, device='cuda', dtype=dtype),
-                torch.randn(windows, 16, 16, device='cuda', dtype=dtype)), {}
+        windows = 3  # 2 images x 3 windows of 4x4 tokens
+        return (
+            torch.randn(2 * windows, 16, 16, device='cuda', dtype=dtype),
+            torch.randn(windows, 16, 16, device='cuda', dtype=dtype),
+        ), {}
+
     return module, window_inputs
 
 
@@ -322,27 +360,56 @@ def test_reparameterization_stays_on_fake_cuda(fake_cuda, kind, dtype, k):
         d_c, z_c, clipped = crl_clip(delta.reshape(-1), zp.reshape(-1), k)
         res = reparameterize_(norm, layer, k=k)
         q = layer.input_quantizer
-        assert_on_cuda({'crl delta': d_c, 'crl zp': z_c, 'crl count': clipped, 'r': res.r, 'b': res.b,
-                        'target delta': res.target[0], 'target zp': res.target[1], 'count': res.clipped,
-                        'quantizer delta': q.delta, 'quantizer zp': q.zero_point})
-        assert_on_cuda({'LayerNorm weight': norm.weight, 'LayerNorm bias': norm.bias,
-                        'layer weight': layer.weight, 'layer bias (created)': layer.bias}, dtype)
+        assert_on_cuda(
+            {
+                'crl delta': d_c,
+                'crl zp': z_c,
+                'crl count': clipped,
+                'r': res.r,
+                'b': res.b,
+                'target delta': res.target[0],
+                'target zp': res.target[1],
+                'count': res.clipped,
+                'quantizer delta': q.delta,
+                'quantizer zp': q.zero_point,
+            }
+        )
+        assert_on_cuda(
+            {
+                'LayerNorm weight': norm.weight,
+                'LayerNorm bias': norm.bias,
+                'layer weight': layer.weight,
+                'layer bias (created)': layer.bias,
+            },
+            dtype,
+        )
         assert q.channel_axis is None and q.delta.shape == ()
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
 def test_lrp_rules_on_fake_cuda(fake_cuda, dtype):
     with fake_cuda:
+
         def randn(*shape):
             return torch.randn(*shape, device='cuda', dtype=dtype)
+
         x, w, b = randn(2, 7, 16), randn(12, 16), randn(12)
         out = nnf.linear(x, w, b)
         a, m, rel = randn(2, 3, 6, 5), randn(2, 3, 5, 6), randn(2, 3, 6, 6)
         r_a, r_m = matmul_relevance(a, m, a @ m, rel)
         r_x, r_y = residual_relevance(rel, a @ m, rel)
-        assert_on_cuda({'safe_divide': safe_divide(rel, a @ m),
-                        'linear': linear_relevance(x, w, b, out, randn(2, 7, 12)), 'matmul a': r_a, 'matmul b': r_m, 'residual a': r_x, 'residual b': r_y,
-                        'mean pool': mean_pool_relevance(x, randn(2, 1, 16), (1,))}, dtype)
+        assert_on_cuda(
+            {
+                'safe_divide': safe_divide(rel, a @ m),
+                'linear': linear_relevance(x, w, b, out, randn(2, 7, 12)),
+                'matmul a': r_a,
+                'matmul b': r_m,
+                'residual a': r_x,
+                'residual b': r_y,
+                'mean pool': mean_pool_relevance(x, randn(2, 1, 16), (1,)),
+            },
+            dtype,
+        )
 
 
 def test_swin_lrp_units_on_fake_cuda(fake_cuda):
@@ -361,11 +428,19 @@ def test_swin_lrp_units_on_fake_cuda(fake_cuda):
         for name, unit, rec in reversed(records):
             rel, site_rels, padding = lrp_swin._unit_fns(unit)[1](name, unit, rec, rel)
             scores = {site: lrp_swin._site_score(r, r, 2) for site, r in site_rels.items()}
-            assert_on_cuda({name: rel, **site_rels, **rec['sites'], **scores,
-                            **({} if padding is None else {f'{name} padding': padding})})
+            assert_on_cuda(
+                {
+                    name: rel,
+                    **site_rels,
+                    **rec['sites'],
+                    **scores,
+                    **({} if padding is None else {f'{name} padding': padding}),
+                }
+            )
 
 
 # ============================================================================ device audit
+
 
 @pytest.fixture(params=['fused', 'torch'])
 def quant_path(request, monkeypatch):
@@ -382,8 +457,10 @@ def library_code(source: str):
     return compile(source, F.__file__, 'eval')
 
 
-@pytest.mark.parametrize('source', ['torch.arange(3)', 'torch.tensor([1.0]) * x', 'torch.full((3,), 2.0)',
-                                    'torch.as_tensor([1.0])', 'x.cpu()'])
+@pytest.mark.parametrize(
+    'source',
+    ['torch.arange(3)', 'torch.tensor([1.0]) * x', 'torch.full((3,), 2.0)', 'torch.as_tensor([1.0])', 'x.cpu()'],
+)
 def test_audit_fails_on_library_tensors_off_the_input_device(device_audit, source):
     x = torch.ones(3)
     with pytest.raises(pytest.fail.Exception, match=r'mmdet_lrpq/quant/functional\.py:1 in <module>'):
@@ -396,7 +473,7 @@ def test_audit_passes_tensors_that_follow_and_code_it_does_not_judge(device_audi
     follows = 'torch.arange(3, device=x.device) + torch.zeros_like(x) + x.new_ones(3) + torch.as_tensor(x)'
     with device_audit():
         eval(library_code(follows), {'torch': torch, 'x': x})
-        torch.arange(3)                                      # test code, torch and timm are not judged
+        torch.arange(3)  # test code, torch and timm are not judged
     with device_audit(allow={('quant/functional.py', '<module>'): 'a CPU-only fast path'}):
         eval(library_code('torch.arange(3)'), {'torch': torch})
 
@@ -407,11 +484,11 @@ def test_calibration_reparam_and_forward_follow_the_input_device(quant_path, dev
     g = torch.Generator().manual_seed(1)
     attn = torch.softmax(torch.randn(2, 4, 16, 16, generator=g) * 3, dim=-1)
     v_int = torch.randint(-8, 8, (2, 4, 16, 8), generator=g)
-    big = torch.randn((1 << 20) + 7, generator=g)                    # per tensor: threshold-and-select
-    long_rows = torch.randn(4, 8192, generator=g)                    # per channel: fused row selection
+    big = torch.randn((1 << 20) + 7, generator=g)  # per tensor: threshold-and-select
+    long_rows = torch.randn(4, 8192, generator=g)  # per channel: fused row selection
     big_attn = torch.softmax(torch.randn(64, 128, 128, generator=g) * 3, dim=-1)
     sparse = torch.zeros(10_000)
-    sparse[:5] = 0.5                                                 # some log-√2 candidates are 0
+    sparse[:5] = 0.5  # some log-√2 candidates are 0
     constant_rows = torch.randn(4, 50, generator=g)
     constant_rows[1] = 3.0
     with device_audit():
@@ -420,7 +497,7 @@ def test_calibration_reparam_and_forward_follow_the_input_device(quant_path, dev
         reparameterize_(model.norm, model.fc1, k=2.0)
         with torch.no_grad():
             model(x)
-        delta = model.matmul.quantizer_a.delta               # the integer inference form of attn @ v
+        delta = model.matmul.quantizer_a.delta  # the integer inference form of attn @ v
         codes = F.log_sqrt2_codes(attn, delta, BITS)
         F.log2_shift_dequant(codes, delta, BITS)
         F.log2_shift_matmul_int(codes, v_int, BITS)
@@ -429,9 +506,9 @@ def test_calibration_reparam_and_forward_follow_the_input_device(quant_path, dev
         F.uniform_qparams(long_rows, BITS, channel_axis=0)
         F.log_sqrt2_qparams(big_attn, BITS)
         F.log_sqrt2_qparams(sparse, BITS)
-        F.log_sqrt2_qparams(torch.zeros(100), BITS)                  # every candidate is 0
-        F.uniform_qparams(constant_rows, BITS, channel_axis=0)      # one constant channel
-        F.uniform_qparams(torch.full((3, 20), -2.0), BITS, channel_axis=0)   # all constant
+        F.log_sqrt2_qparams(torch.zeros(100), BITS)  # every candidate is 0
+        F.uniform_qparams(constant_rows, BITS, channel_axis=0)  # one constant channel
+        F.uniform_qparams(torch.full((3, 20), -2.0), BITS, channel_axis=0)  # all constant
 
 
 def test_lrp_follows_the_input_device(device_audit):
@@ -443,8 +520,9 @@ def test_lrp_follows_the_input_device(device_audit):
 
 
 # Deliberate host copies of the state machinery (on top of DEVICE_AUDIT_ALLOWED).
-IDENTITY_HASH = {('models/state.py', '_update_tensor'):
-                 'hashes the float weights for a state\'s identity: sha256 reads host bytes'}
+IDENTITY_HASH = {
+    ('models/state.py', '_update_tensor'): "hashes the float weights for a state's identity: sha256 reads host bytes"
+}
 STATE_HOST_COPIES = {
     **IDENTITY_HASH,
     ('models/state.py', 'host_state_dict'): 'a saved state holds CPU tensors, so that it loads on any device',
@@ -477,7 +555,8 @@ def test_detector_calibration_and_quantized_forward_follow_the_input_device(quan
         with torch.no_grad():
             out = predict(model, x)[0].pred_instances
     assert quantizer.report.reparameterized and all(
-        m.state is QuantState.QUANTIZED for m in quant_modules(model).values())
+        m.state is QuantState.QUANTIZED for m in quant_modules(model).values()
+    )
     assert len(out.masks) > 0 and out.masks.shape[-2:] == x.shape[-2:]
 
 
@@ -490,8 +569,13 @@ def test_detector_state_file_save_and_load_follow_the_input_device(quant_path, d
     config = QuantConfig(w_bits=BITS, a_bits=BITS, method='crl')
     with device_audit(allow=STATE_HOST_COPIES):
         quantize_(model, config, calib=lambda m: predict(m, x), state_file=path, calib_id='random batch')
-        quantize_(twin, config, calib=lambda m: pytest.fail('the saved state must be loaded'), state_file=path,
-                  calib_id='random batch')
+        quantize_(
+            twin,
+            config,
+            calib=lambda m: pytest.fail('the saved state must be loaded'),
+            state_file=path,
+            calib_id='random batch',
+        )
         with torch.no_grad():
             want, got = predict(model, x)[0].pred_instances, predict(twin, x)[0].pred_instances
     assert len(got) > 0 and torch.equal(got.scores, want.scores) and torch.equal(got.masks, want.masks)
@@ -503,13 +587,19 @@ def test_hook_calibration_images_follow_the_input_device(quant_path, device_audi
     batched from a dataset through the config's test pipeline, then the driver."""
     from mmdet_lrpq.engine import QuantizationHook
     from mmdet_lrpq.miniworld import generate
+
     generate(tmp_path, sizes=dict(train=0, val=0, calib=1, cls_train=0, cls_val=0))
     cfg, _ = build_detector(TINY_CFG)
     resize = next(step for step in cfg.test_dataloader.dataset.pipeline if step.type == 'Resize')
-    resize.scale = (64, 64)                                          # the 224x224 image at 64x64: fast
+    resize.scale = (64, 64)  # the 224x224 image at 64x64: fast
     model = tiny_detector()
-    hook = QuantizationHook(w_bits=BITS, a_bits=BITS, calib=dict(
-        source='test', data_root=f'{tmp_path}/', ann_file='annotations/instances_calib.json', img_prefix='calib/'))
+    hook = QuantizationHook(
+        w_bits=BITS,
+        a_bits=BITS,
+        calib=dict(
+            source='test', data_root=f'{tmp_path}/', ann_file='annotations/instances_calib.json', img_prefix='calib/'
+        ),
+    )
     with device_audit(allow=IDENTITY_HASH):
         report = hook.quantize_model(model, cfg, logger=None)
     assert report.calibration_ids == [1] and report.input_shape == (64, 64)
@@ -525,8 +615,9 @@ def test_quantize_timm_swin_and_multihead_attention_follow_the_input_device(quan
     padding[1, 5:] = True
     with device_audit(allow=IDENTITY_HASH):
         quantize_(swin, QuantConfig(w_bits=BITS, a_bits=BITS, method='crl'), calib=[x[:1], x[1:]])
-        quantize_(model, QuantConfig(w_bits=BITS, a_bits=BITS),
-                  calib=lambda m: m.attn(q, kv, kv, key_padding_mask=padding))
+        quantize_(
+            model, QuantConfig(w_bits=BITS, a_bits=BITS), calib=lambda m: m.attn(q, kv, kv, key_padding_mask=padding)
+        )
         with torch.no_grad():
             swin(x)
             model.attn(q, kv, kv, key_padding_mask=padding)
@@ -538,8 +629,11 @@ def test_mptq_options_follow_the_input_device(quant_path, device_audit):
     """SQ-b's float pass and folds (then CRL on the same pairs) and OPT-m's search and forward."""
     swin, x = tiny_swin(), images(2, 36)
     with device_audit(allow=IDENTITY_HASH):
-        quantize_(swin, QuantConfig(w_bits=BITS, a_bits=BITS, method='crl', smooth='sq-b', gelu_scales='opt-m'),
-                  calib=[x[:1], x[1:]])
+        quantize_(
+            swin,
+            QuantConfig(w_bits=BITS, a_bits=BITS, method='crl', smooth='sq-b', gelu_scales='opt-m'),
+            calib=[x[:1], x[1:]],
+        )
         with torch.no_grad():
             swin(x)
     assert isinstance(swin.layers[0].blocks[0].mlp.fc2.input_quantizer, RegionUniformQuantizer)
@@ -562,6 +656,7 @@ def test_sqb_fold_and_region_quantizer_stay_on_fake_cuda(fake_cuda, dtype):
 
 # ============================================================================= device parity
 
+
 def cpu_reference(monkeypatch, fn):
     """``fn()`` through the CPU PyTorch path: the same element-wise float operations as any device."""
     with monkeypatch.context() as m:
@@ -574,7 +669,7 @@ def test_element_wise_quantizers_are_bit_exact_on_device(device, monkeypatch):
     same on every device: division, round-half-even, clamp and multiply are exact IEEE operations."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 50, 24, generator=g) * 2
-    x[0, 0, :8] = (torch.arange(8) - 3.5) * 0.125                      # exact ties x/Δ = k + 1/2 (Δ = 1/8)
+    x[0, 0, :8] = (torch.arange(8) - 3.5) * 0.125  # exact ties x/Δ = k + 1/2 (Δ = 1/8)
     d_t, z_t = torch.tensor(0.125), torch.tensor(5.0)
     d_c = torch.rand(1, 1, 24, generator=g) + 0.05
     z_c = torch.randint(0, 1 << BITS, (1, 1, 24), generator=g).float()
@@ -589,9 +684,15 @@ def test_element_wise_quantizers_are_bit_exact_on_device(device, monkeypatch):
     def run(dev):
         xd, dt, zt, dc, zc, ad, da, vd = (t.to(dev) for t in (x, d_t, z_t, d_c, z_c, attn, d_a, v_int))
         codes = F.log_sqrt2_codes(ad, da, BITS)
-        return [F.fake_quant_uniform(xd, dt, zt, BITS), F.fake_quant_uniform(xd, dc, zc, BITS),
-                F.uniform_codes(xd, dc, zc, BITS), codes, F.fake_quant_log_sqrt2(ad, da, BITS),
-                F.log2_shift_dequant(codes, da, BITS), *F.log2_shift_matmul_int(codes, vd, BITS)[:2]]
+        return [
+            F.fake_quant_uniform(xd, dt, zt, BITS),
+            F.fake_quant_uniform(xd, dc, zc, BITS),
+            F.uniform_codes(xd, dc, zc, BITS),
+            codes,
+            F.fake_quant_log_sqrt2(ad, da, BITS),
+            F.log2_shift_dequant(codes, da, BITS),
+            *F.log2_shift_matmul_int(codes, vd, BITS)[:2],
+        ]
 
     expected = cpu_reference(monkeypatch, lambda: run('cpu'))
     for i, (got, want) in enumerate(zip(run(device), expected)):
@@ -607,8 +708,11 @@ def test_calibration_search_matches_cpu(device, monkeypatch):
     attn = torch.softmax(torch.randn(8, 49, 49, generator=g) * 4, dim=-1)
 
     def run(dev):
-        return [*F.uniform_qparams(x.to(dev), BITS), *F.uniform_qparams(x.to(dev), BITS, channel_axis=-1),
-                F.log_sqrt2_qparams(attn.to(dev), BITS)]
+        return [
+            *F.uniform_qparams(x.to(dev), BITS),
+            *F.uniform_qparams(x.to(dev), BITS, channel_axis=-1),
+            F.log_sqrt2_qparams(attn.to(dev), BITS),
+        ]
 
     expected = cpu_reference(monkeypatch, lambda: run('cpu'))
     got = run(device)
@@ -638,8 +742,12 @@ def test_calibrated_model_matches_cpu(device, monkeypatch):
         res = reparameterize_(model.norm, model.fc1, k=2.0)
         with torch.no_grad():
             out = model(x.to(dev))
-        qparams = [t for m in quant_modules(model).values() for q in m.input_quantizers()
-                   for t in ([q.delta] if isinstance(q, LogSqrt2Quantizer) else [q.delta, q.zero_point])]
+        qparams = [
+            t
+            for m in quant_modules(model).values()
+            for q in m.input_quantizers()
+            for t in ([q.delta] if isinstance(q, LogSqrt2Quantizer) else [q.delta, q.zero_point])
+        ]
         return out, [*qparams, res.r, res.b, model.norm.weight, model.norm.bias, model.fc1.weight, model.fc1.bias]
 
     want_out, want_params = cpu_reference(monkeypatch, lambda: run('cpu'))
@@ -659,7 +767,7 @@ def test_reparameterization_matches_cpu(device):
     g = torch.Generator().manual_seed(3)
     delta = torch.rand(1, 1, 16, generator=g) + 0.05
     zp = torch.randint(0, 1 << BITS, (1, 1, 16), generator=g).float()
-    delta[0, 0, ::5] *= 8                                            # outlier channels for CRL to clip
+    delta[0, 0, ::5] *= 8  # outlier channels for CRL to clip
 
     def run(dev):
         torch.manual_seed(0)

@@ -1,4 +1,5 @@
 """tools/device_check.sh --device cpu: the GPU node's check, end to end on a CPU, so it cannot rot."""
+
 import json
 import os
 import subprocess
@@ -14,8 +15,14 @@ REPO = Path(__file__).resolve().parents[1]
 def test_device_check_runs_every_step_on_cpu(tmp_path):
     out = tmp_path / 'device_check.json'
     env = dict(os.environ, PYTHON=sys.executable)
-    proc = subprocess.run(['bash', str(REPO / 'tools' / 'device_check.sh'), '--device', 'cpu', '--json', str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=1800, env=env)
+    proc = subprocess.run(
+        ['bash', str(REPO / 'tools' / 'device_check.sh'), '--device', 'cpu', '--json', str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     record = json.loads(out.read_text())
     assert record['ok'] and record['quick'] and record['device'] == 'cpu'
@@ -36,18 +43,24 @@ def test_device_check_runs_every_step_on_cpu(tmp_path):
 
 
 def test_device_check_refuses_unknown_steps():
-    proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'device_check.py'), '--steps', 'stack,warp'],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / 'tools' / 'device_check.py'), '--steps', 'stack,warp'],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "--steps: unknown ['warp']" in proc.stderr
 
 
 def test_node_without_openmmlab_and_without_wheels_is_told_to_prepare(tmp_path):
     """A Python without mmengine/mmdet and no carried wheels: the message says what to run where."""
     fake_py = tmp_path / 'python'
-    fake_py.write_text('#!/bin/sh\nexit 1\n')    # 'import mmengine, mmdet, ...' fails
+    fake_py.write_text('#!/bin/sh\nexit 1\n')  # 'import mmengine, mmdet, ...' fails
     fake_py.chmod(0o755)
     env = dict(os.environ, PYTHON=str(fake_py), MMDET_LRPQ_DEVICE_WHEELS=str(tmp_path / 'none'))
-    proc = subprocess.run(['bash', str(REPO / 'tools' / 'device_check.sh')], cwd=REPO, capture_output=True,
-                          text=True, timeout=60, env=env)
+    proc = subprocess.run(
+        ['bash', str(REPO / 'tools' / 'device_check.sh')], cwd=REPO, capture_output=True, text=True, timeout=60, env=env
+    )
     assert proc.returncode == 1
     assert "run 'tools/device_check.sh --prepare' where the package index is reachable" in proc.stderr

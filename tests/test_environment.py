@@ -1,5 +1,6 @@
 """The installed stack: mmcv's compiled ops, the import boundaries of DESIGN §4, the install's
 CPU-or-CUDA decision (tools/cuda_build_plan.py) and the stack check (mmdet_lrpq/env.py)."""
+
 import ast
 import importlib.util
 import os
@@ -20,9 +21,10 @@ PURE_PACKAGES = ('quant', 'lrp', 'plan')
 
 def test_mmcv_roi_align_matches_torchvision():
     from mmcv.ops import RoIAlign
+
     torch.manual_seed(0)
     feats = torch.randn(2, 8, 40, 56)
-    boxes = torch.rand(30, 4) * torch.tensor([100., 70., 100., 70.])
+    boxes = torch.rand(30, 4) * torch.tensor([100.0, 70.0, 100.0, 70.0])
     boxes[:, 2:] += boxes[:, :2] + 1
     rois = torch.cat([torch.randint(0, 2, (30, 1)).float(), boxes], dim=1)
     ours = RoIAlign((7, 7), spatial_scale=0.5, sampling_ratio=2, aligned=True)(feats, rois)
@@ -34,6 +36,7 @@ def test_mmcv_roi_align_matches_torchvision():
 
 def test_mmcv_nms_matches_torchvision():
     from mmcv.ops import nms
+
     torch.manual_seed(1)
     xy = torch.rand(200, 2) * 100
     boxes = torch.cat([xy, xy + 5 + torch.rand(200, 2) * 30], dim=1)
@@ -51,16 +54,25 @@ def test_pure_packages_do_not_import_mmdet_or_mmcv(package):
     offenders = []
     for path in sorted((REPO / 'mmdet_lrpq' / package).rglob('*.py')):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ''] if isinstance(node, ast.ImportFrom) else []
-            offenders += [f'{path.name}: {n}' for n in names
-                          if n.split('.')[0] in ('mmdet', 'mmcv', 'mmengine')
-                          or (isinstance(node, ast.ImportFrom) and node.level and
-                              n.split('.')[0] in ('models', 'engine'))]
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or '']
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            offenders += [
+                f'{path.name}: {n}'
+                for n in names
+                if n.split('.')[0] in ('mmdet', 'mmcv', 'mmengine')
+                or (isinstance(node, ast.ImportFrom) and node.level and n.split('.')[0] in ('models', 'engine'))
+            ]
     assert not offenders, offenders
-    code = (f'import sys, mmdet_lrpq.{package}; '
-            f'bad = [m for m in ("mmdet", "mmcv", "mmengine") if m in sys.modules]; '
-            f'assert not bad, bad')
+    code = (
+        f'import sys, mmdet_lrpq.{package}; '
+        f'bad = [m for m in ("mmdet", "mmcv", "mmengine") if m in sys.modules]; '
+        f'assert not bad, bad'
+    )
     subprocess.run([sys.executable, '-c', code], check=True, cwd=REPO)
 
 
@@ -68,8 +80,10 @@ def test_pure_packages_do_not_import_mmdet_or_mmcv(package):
 # The install's CPU-or-CUDA decision, exercised with fake CUDA toolkits (a shell script printing
 # `nvcc --version`) and explicit --torch-cuda / --gpus, so it runs the same with or without a GPU.
 PLANNER = REPO / 'tools' / 'cuda_build_plan.py'
-NVCC_VERSION = ('nvcc: NVIDIA (R) Cuda compiler driver\nCopyright (c) 2005-2025 NVIDIA Corporation\n'
-                'Cuda compilation tools, release {v}, V{v}.88\nBuild cuda_{v}.r{v}/compiler.0_0\n')
+NVCC_VERSION = (
+    'nvcc: NVIDIA (R) Cuda compiler driver\nCopyright (c) 2005-2025 NVIDIA Corporation\n'
+    'Cuda compilation tools, release {v}, V{v}.88\nBuild cuda_{v}.r{v}/compiler.0_0\n'
+)
 
 
 def fake_toolkit(root: Path, version: str, *, complete: bool = True, archs: str = '') -> Path:
@@ -78,9 +92,11 @@ def fake_toolkit(root: Path, version: str, *, complete: bool = True, archs: str 
     (root / 'bin').mkdir(parents=True)
     nvcc = root / 'bin' / 'nvcc'
     list_archs = f'  --list-gpu-arch) echo "{archs}"; exit 0;;\n' if archs else ''
-    nvcc.write_text('#!/bin/sh\n'
-                    f'case "$1" in\n  -dryrun) echo "#\\$ TOP={root}/bin/.."; exit 0;;\n{list_archs}esac\n'
-                    f"cat <<'TXT'\n{NVCC_VERSION.format(v=version)}TXT\n")
+    nvcc.write_text(
+        '#!/bin/sh\n'
+        f'case "$1" in\n  -dryrun) echo "#\\$ TOP={root}/bin/.."; exit 0;;\n{list_archs}esac\n'
+        f"cat <<'TXT'\n{NVCC_VERSION.format(v=version)}TXT\n"
+    )
     nvcc.chmod(0o755)
     if complete:
         (root / 'include').mkdir()
@@ -92,22 +108,33 @@ def fake_toolkit(root: Path, version: str, *, complete: bool = True, archs: str 
 
 def plan_env(**extra) -> dict:
     """A clean environment: no CUDA variables, PATH without any real nvcc."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ('CUDA_HOME', 'CUDA_PATH', 'MMDET_LRPQ_CUDA', 'TORCH_CUDA_ARCH_LIST')}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ('CUDA_HOME', 'CUDA_PATH', 'MMDET_LRPQ_CUDA', 'TORCH_CUDA_ARCH_LIST')
+    }
     env['PATH'] = '/usr/bin:/bin'
     env.update(extra)
     return env
 
 
 def run_plan(env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(PLANNER), *args], env=env, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run([sys.executable, str(PLANNER), *args], env=env, capture_output=True, text=True, timeout=120)
 
 
 def parse_plan(out: str) -> dict:
     plan = dict(line.split('=', 1) for line in out.splitlines() if '=' in line)
-    assert set(plan) == {'ops', 'reason', 'torch_cuda', 'nvcc', 'nvcc_cuda', 'cuda_home', 'gpus',
-                         'arch_list', 'cache_key'}, out
+    assert set(plan) == {
+        'ops',
+        'reason',
+        'torch_cuda',
+        'nvcc',
+        'nvcc_cuda',
+        'cuda_home',
+        'gpus',
+        'arch_list',
+        'cache_key',
+    }, out
     return plan
 
 
@@ -141,8 +168,9 @@ def test_plan_forced_cuda_with_arch_list_builds_cuda_ops_under_its_own_key(tmp_p
     assert plan['ops'] == 'cuda'
     assert plan['arch_list'] == '9.0' and plan['cache_key'] == 'cu130-sm90'
     assert plan['cuda_home'] == str(cuda)
-    assert plan['reason'] == ('nvcc 13.0 matches torch CUDA 13.0, MMDET_LRPQ_CUDA=1: building CUDA ops for '
-                              '9.0 (from TORCH_CUDA_ARCH_LIST)')
+    assert plan['reason'] == (
+        'nvcc 13.0 matches torch CUDA 13.0, MMDET_LRPQ_CUDA=1: building CUDA ops for 9.0 (from TORCH_CUDA_ARCH_LIST)'
+    )
     # several architectures: one key whatever their order or separator
     env['TORCH_CUDA_ARCH_LIST'] = '9.0 8.6+PTX'
     plan = parse_plan(run_plan(env, '--torch-cuda', '13.0', '--gpus', 'none').stdout)
@@ -155,8 +183,10 @@ def test_plan_matching_nvcc_without_gpu_or_variable_builds_cpu_ops(tmp_path):
     assert res.returncode == 0, res.stderr
     plan = parse_plan(res.stdout)
     assert plan['ops'] == 'cpu' and plan['cache_key'] == 'cpu'
-    assert plan['reason'] == ('nvcc 13.0 matches torch CUDA 13.0 but no GPU is visible (set MMDET_LRPQ_CUDA=1 '
-                              'and TORCH_CUDA_ARCH_LIST to build CUDA ops anyway): building CPU ops')
+    assert plan['reason'] == (
+        'nvcc 13.0 matches torch CUDA 13.0 but no GPU is visible (set MMDET_LRPQ_CUDA=1 '
+        'and TORCH_CUDA_ARCH_LIST to build CUDA ops anyway): building CPU ops'
+    )
 
 
 def test_plan_matching_nvcc_and_gpu_builds_cuda_ops_for_that_gpu(tmp_path):
@@ -164,8 +194,10 @@ def test_plan_matching_nvcc_and_gpu_builds_cuda_ops_for_that_gpu(tmp_path):
     env = plan_env(CUDA_HOME=str(cuda))  # CUDA_HOME wins over PATH, as in torch's extension builder
     plan = parse_plan(run_plan(env, '--torch-cuda', '13.0', '--gpus', 'NVIDIA H200=9.0,NVIDIA L4=8.9').stdout)
     assert plan['ops'] == 'cuda' and plan['arch_list'] == '8.9;9.0' and plan['cache_key'] == 'cu130-sm89-sm90'
-    assert plan['reason'] == ('nvcc 13.0 matches torch CUDA 13.0, a GPU is visible (NVIDIA H200 (9.0); NVIDIA L4 '
-                              '(8.9)): building CUDA ops for 8.9;9.0 (from the visible GPUs)')
+    assert plan['reason'] == (
+        'nvcc 13.0 matches torch CUDA 13.0, a GPU is visible (NVIDIA H200 (9.0); NVIDIA L4 '
+        '(8.9)): building CUDA ops for 8.9;9.0 (from the visible GPUs)'
+    )
     env['TORCH_CUDA_ARCH_LIST'] = '9.0'  # the user's list overrides the detected one
     assert parse_plan(run_plan(env, '--torch-cuda', '13.0', '--gpus', '9.0,8.9').stdout)['cache_key'] == 'cu130-sm90'
     env['MMDET_LRPQ_CUDA'] = '0'  # and CUDA can be refused
@@ -205,8 +237,10 @@ def test_plan_without_any_nvcc(planner, monkeypatch, tmp_path):
     facts = planner.collect(plan_env(), torch_cuda='13.0', gpus='9.0')
     plan = planner.decide(facts)
     assert plan['ops'] == 'cpu' and plan['nvcc'] == ''
-    assert plan['reason'].startswith(f'no nvcc found (CUDA_HOME/CUDA_PATH unset, none on PATH, none in '
-                                     f'{tmp_path / "no-cuda"}); a GPU is visible (GPU 0 (9.0)): building CPU ops')
+    assert plan['reason'].startswith(
+        f'no nvcc found (CUDA_HOME/CUDA_PATH unset, none on PATH, none in '
+        f'{tmp_path / "no-cuda"}); a GPU is visible (GPU 0 (9.0)): building CPU ops'
+    )
     with pytest.raises(planner.PlanError, match='MMDET_LRPQ_CUDA=1, but no nvcc found'):
         planner.decide(planner.collect(plan_env(MMDET_LRPQ_CUDA='1'), torch_cuda='13.0', gpus='9.0'))
 
@@ -226,9 +260,14 @@ def test_plan_finds_the_toolkit_behind_a_wrapper_and_checks_it_is_complete(plann
     (partial / 'lib64' / 'libcudart.so.13').write_text('')
     facts = planner.collect(plan_env(CUDA_HOME=str(partial)), torch_cuda='13.0', gpus='9.0')
     assert planner.decide(facts)['ops'] == 'cpu'
-    with pytest.raises(planner.PlanError, match=r'has no lib64/libcudart.so to link against \(it has .*libcudart.so.13: '
-                                                r'link libcudart.so to it\)'):
-        planner.decide(planner.collect(plan_env(CUDA_HOME=str(partial), MMDET_LRPQ_CUDA='1'), torch_cuda='13.0', gpus='9.0'))
+    with pytest.raises(
+        planner.PlanError,
+        match=r'has no lib64/libcudart.so to link against \(it has .*libcudart.so.13: '
+        r'link libcudart.so to it\)',
+    ):
+        planner.decide(
+            planner.collect(plan_env(CUDA_HOME=str(partial), MMDET_LRPQ_CUDA='1'), torch_cuda='13.0', gpus='9.0')
+        )
 
 
 def test_plan_refuses_architectures_nvcc_cannot_compile(tmp_path):
@@ -236,8 +275,9 @@ def test_plan_refuses_architectures_nvcc_cannot_compile(tmp_path):
     env = plan_env(CUDA_HOME=str(cuda))
     plan = parse_plan(run_plan(env, '--torch-cuda', '13.0', '--gpus', 'Tesla V100=7.0').stdout)
     assert plan['ops'] == 'cpu'
-    assert plan['reason'].startswith('nvcc 13.0 cannot compile for 7.0 (from the visible GPUs; it supports '
-                                     '7.5 8.0 9.0 10.0): building CPU ops')
+    assert plan['reason'].startswith(
+        'nvcc 13.0 cannot compile for 7.0 (from the visible GPUs; it supports 7.5 8.0 9.0 10.0): building CPU ops'
+    )
     env['TORCH_CUDA_ARCH_LIST'] = '7.0;9.0'  # asked for explicitly: an error, not a silent CPU build
     res = run_plan(env, '--torch-cuda', '13.0', '--gpus', '9.0')
     assert res.returncode == 2 and 'set TORCH_CUDA_ARCH_LIST to supported architectures' in res.stderr
@@ -252,9 +292,11 @@ def test_plan_reads_the_installed_torch_without_importing_it():
     res = run_plan(plan_env(MMDET_LRPQ_CUDA='0'))
     assert res.returncode == 0, res.stderr
     assert parse_plan(res.stdout)['torch_cuda'] == (torch.version.cuda or '')
-    code = ('import runpy, sys; sys.argv = [sys.argv[0], "--gpus", "none"]\n'
-            f'try:\n    runpy.run_path({str(PLANNER)!r}, run_name="__main__")\nexcept SystemExit as e:\n    assert not e.code, e.code\n'
-            'assert "torch" not in sys.modules')
+    code = (
+        'import runpy, sys; sys.argv = [sys.argv[0], "--gpus", "none"]\n'
+        f'try:\n    runpy.run_path({str(PLANNER)!r}, run_name="__main__")\nexcept SystemExit as e:\n    assert not e.code, e.code\n'
+        'assert "torch" not in sys.modules'
+    )
     subprocess.run([sys.executable, '-c', code], env=plan_env(), check=True, capture_output=True, timeout=120)
 
 
@@ -263,12 +305,32 @@ def test_install_script_parses():
 
 
 # ------------------------------------------------------------------------- mmdet_lrpq/env.py
-GOOD = dict(python='3.11.7', platform='linux-x86_64', torch='2.14.1+cu130', torch_cuda='13.0',
-            cuda_available=False, cuda_devices=[], torchvision='0.29.1', timm='1.0.31', mmengine='0.10.7',
-            mmcv='2.1.0', mmcv_dist='mmcv', mmcv_ops=True, mmcv_ops_backend='compiled', mmcv_ops_cuda=None,
-            mmcv_ops_compiler='GCC 12.2', mmcv_ops_error=None, mmdet='3.3.0')
-LITE = dict(GOOD, mmcv_dist='mmcv-lite', mmcv_ops_backend='torchvision', mmcv_ops_reason='mmcv has no compiled ops '
-            '(mmcv-lite)', mmcv_ops_compiler=None)
+GOOD = dict(
+    python='3.11.7',
+    platform='linux-x86_64',
+    torch='2.14.1+cu130',
+    torch_cuda='13.0',
+    cuda_available=False,
+    cuda_devices=[],
+    torchvision='0.29.1',
+    timm='1.0.31',
+    mmengine='0.10.7',
+    mmcv='2.1.0',
+    mmcv_dist='mmcv',
+    mmcv_ops=True,
+    mmcv_ops_backend='compiled',
+    mmcv_ops_cuda=None,
+    mmcv_ops_compiler='GCC 12.2',
+    mmcv_ops_error=None,
+    mmdet='3.3.0',
+)
+LITE = dict(
+    GOOD,
+    mmcv_dist='mmcv-lite',
+    mmcv_ops_backend='torchvision',
+    mmcv_ops_reason='mmcv has no compiled ops (mmcv-lite)',
+    mmcv_ops_compiler=None,
+)
 
 
 def stack_error(**changes) -> str:
@@ -279,8 +341,10 @@ def stack_error(**changes) -> str:
 
 
 def test_env_module_imports_without_openmmlab_or_torch():
-    code = ('import sys, mmdet_lrpq.env; bad = [m for m in ("mmdet", "mmcv", "mmengine", "torch") '
-            'if m in sys.modules]; assert not bad, bad')
+    code = (
+        'import sys, mmdet_lrpq.env; bad = [m for m in ("mmdet", "mmcv", "mmengine", "torch") '
+        'if m in sys.modules]; assert not bad, bad'
+    )
     subprocess.run([sys.executable, '-c', code], check=True, cwd=REPO)
 
 
@@ -289,8 +353,7 @@ def test_installed_stack_passes_the_check():
     assert report['mmcv_ops'] and report['mmcv_dist'] in ('mmcv', 'mmcv-lite')
     # mmcv-lite always runs on the torchvision backend; a compiled mmcv on its own ops unless forced
     forced = os.environ.get('MMDET_LRPQ_MMCV_OPS') == 'torchvision'
-    assert report['mmcv_ops_backend'] == ('torchvision' if report['mmcv_dist'] == 'mmcv-lite' or forced
-                                          else 'compiled')
+    assert report['mmcv_ops_backend'] == ('torchvision' if report['mmcv_dist'] == 'mmcv-lite' or forced else 'compiled')
     assert report['mmcv_ops_cuda'] in (None, torch.version.cuda)
     assert report['torch'] == torch.__version__ and report['torch_cuda'] == torch.version.cuda
     assert report['mmdet'].startswith('3.') and report['mmcv'].startswith('2.')
@@ -305,33 +368,65 @@ def test_good_report_passes():
 
 def test_mmcv_lite_on_the_torchvision_backend_passes_also_next_to_a_gpu():
     with warnings.catch_warnings():
-        warnings.simplefilter('error')   # no 'CPU-only ops' warning: the backend runs on CUDA too
+        warnings.simplefilter('error')  # no 'CPU-only ops' warning: the backend runs on CUDA too
         assert stack_env.check_openmmlab_stack(dict(LITE, cuda_available=True)) is not None
     assert 'torchvision backend' in stack_env.format_report(LITE)
 
 
-@pytest.mark.parametrize('changes, expected', [
-    (dict(mmcv_dist='mmcv-lite', mmcv_ops=False, mmcv_ops_backend=None,
-          mmcv_ops_error="ModuleNotFoundError: No module named 'mmcv._ext'"),
-     ['mmcv-lite 2.1.0 is installed, but no mmcv._ext loads', 'MMDET_LRPQ_MMCV_OPS=compiled',
-      'python -m _mmdet_lrpq_mmcv --install', 'MMCV_WITH_OPS=1']),
-    (dict(mmcv_ops=False, mmcv_ops_error='ImportError: _ext.so: undefined symbol: _ZN3c10'),
-     ['its ops were compiled against another torch than the installed torch 2.14.1+cu130']),
-    (dict(mmcv='2.2.0'),
-     ['mmcv 2.2.0 is installed, mmdet-lrpq needs mmcv >=2.0.0rc4,<2.2.0', 'mmdet 3.x refuses mmcv >= 2.2.0',
-      'pip install mmcv-lite==2.1.0', 'mmcv 2.1.0 with compiled ops']),
-    (dict(mmcv='1.7.2', mmcv_dist='mmcv-full'), ['mmcv-full 1.7.2 is installed: that is the MMCV 1.x line']),
-    (dict(mmdet='2.28.2'), ['mmdet 2.28.2 is installed: that is MMDetection 2', 'mmdet>=3.1.0,<3.4.0']),
-    (dict(mmdet=None), ['mmdet is not installed', '--no-deps']),
-    (dict(mmengine='0.9.1'), ['mmengine 0.9.1 is installed, mmdet-lrpq needs mmengine >=0.10.0,<1.0.0',
-                              'pip install "mmengine>=0.10.0,<1.0.0"']),
-    (dict(torch='2.0.1+cu118', torch_cuda='11.8'), ['torch 2.0.1+cu118 is installed, mmdet-lrpq needs torch >= 2.6']),
-    (dict(torch='2.5.1'), ['torch 2.5.1 is installed, mmdet-lrpq needs torch >= 2.6']),
-    (dict(timm='0.9.16'), ['timm 0.9.16 is installed, mmdet-lrpq needs timm >= 1.0.8']),
-    (dict(python='3.9.18'), ['Python 3.9.18 is running, mmdet-lrpq needs Python >= 3.10']),
-    (dict(mmcv=None, mmcv_dist=None, mmcv_ops=False), ['mmcv is not installed']),
-    (dict(mmcv_ops_cuda='11.8'), ["mmcv 2.1.0's ops were compiled with CUDA 11.8, torch 2.14.1+cu130 uses CUDA 13.0"]),
-])
+@pytest.mark.parametrize(
+    'changes, expected',
+    [
+        (
+            dict(
+                mmcv_dist='mmcv-lite',
+                mmcv_ops=False,
+                mmcv_ops_backend=None,
+                mmcv_ops_error="ModuleNotFoundError: No module named 'mmcv._ext'",
+            ),
+            [
+                'mmcv-lite 2.1.0 is installed, but no mmcv._ext loads',
+                'MMDET_LRPQ_MMCV_OPS=compiled',
+                'python -m _mmdet_lrpq_mmcv --install',
+                'MMCV_WITH_OPS=1',
+            ],
+        ),
+        (
+            dict(mmcv_ops=False, mmcv_ops_error='ImportError: _ext.so: undefined symbol: _ZN3c10'),
+            ['its ops were compiled against another torch than the installed torch 2.14.1+cu130'],
+        ),
+        (
+            dict(mmcv='2.2.0'),
+            [
+                'mmcv 2.2.0 is installed, mmdet-lrpq needs mmcv >=2.0.0rc4,<2.2.0',
+                'mmdet 3.x refuses mmcv >= 2.2.0',
+                'pip install mmcv-lite==2.1.0',
+                'mmcv 2.1.0 with compiled ops',
+            ],
+        ),
+        (dict(mmcv='1.7.2', mmcv_dist='mmcv-full'), ['mmcv-full 1.7.2 is installed: that is the MMCV 1.x line']),
+        (dict(mmdet='2.28.2'), ['mmdet 2.28.2 is installed: that is MMDetection 2', 'mmdet>=3.1.0,<3.4.0']),
+        (dict(mmdet=None), ['mmdet is not installed', '--no-deps']),
+        (
+            dict(mmengine='0.9.1'),
+            [
+                'mmengine 0.9.1 is installed, mmdet-lrpq needs mmengine >=0.10.0,<1.0.0',
+                'pip install "mmengine>=0.10.0,<1.0.0"',
+            ],
+        ),
+        (
+            dict(torch='2.0.1+cu118', torch_cuda='11.8'),
+            ['torch 2.0.1+cu118 is installed, mmdet-lrpq needs torch >= 2.6'],
+        ),
+        (dict(torch='2.5.1'), ['torch 2.5.1 is installed, mmdet-lrpq needs torch >= 2.6']),
+        (dict(timm='0.9.16'), ['timm 0.9.16 is installed, mmdet-lrpq needs timm >= 1.0.8']),
+        (dict(python='3.9.18'), ['Python 3.9.18 is running, mmdet-lrpq needs Python >= 3.10']),
+        (dict(mmcv=None, mmcv_dist=None, mmcv_ops=False), ['mmcv is not installed']),
+        (
+            dict(mmcv_ops_cuda='11.8'),
+            ["mmcv 2.1.0's ops were compiled with CUDA 11.8, torch 2.14.1+cu130 uses CUDA 13.0"],
+        ),
+    ],
+)
 def test_stack_problems_name_package_version_range_and_fix(changes, expected):
     message = stack_error(**changes)
     for part in expected:
@@ -357,12 +452,26 @@ def test_cpu_only_ops_next_to_a_gpu():
 
 def test_stack_report_reads_versions_from_metadata(monkeypatch):
     """stack_report() with faked distribution versions and mmcv ops: the check names each problem."""
-    versions = {'torch': '2.14.1', 'torchvision': '0.29.1', 'timm': '1.0.31', 'mmengine': '0.10.7',
-                'mmcv-lite': '2.2.0', 'mmdet': '3.3.0'}
+    versions = {
+        'torch': '2.14.1',
+        'torchvision': '0.29.1',
+        'timm': '1.0.31',
+        'mmengine': '0.10.7',
+        'mmcv-lite': '2.2.0',
+        'mmdet': '3.3.0',
+    }
     monkeypatch.setattr(stack_env, '_installed_version', versions.get)
-    monkeypatch.setattr(stack_env, '_mmcv_ops_info', lambda: dict(
-        mmcv_ops=True, mmcv_ops_backend='torchvision', mmcv_ops_cuda=None, mmcv_ops_compiler=None,
-        mmcv_ops_error=None))
+    monkeypatch.setattr(
+        stack_env,
+        '_mmcv_ops_info',
+        lambda: dict(
+            mmcv_ops=True,
+            mmcv_ops_backend='torchvision',
+            mmcv_ops_cuda=None,
+            mmcv_ops_compiler=None,
+            mmcv_ops_error=None,
+        ),
+    )
     report = stack_env.stack_report()
     assert (report['mmcv'], report['mmcv_dist'], report['mmcv_ops']) == ('2.2.0', 'mmcv-lite', True)
     assert report['timm'] == '1.0.31' and report['mmdet'] == '3.3.0'
@@ -376,21 +485,31 @@ def test_mmcv_source_tree_without_compiled_ops(tmp_path):
     (tmp_path / 'mmcv').mkdir()
     (tmp_path / 'mmcv' / '__init__.py').write_text("__version__ = '2.1.0'\n")
     (tmp_path / 'mmcv' / 'version.py').write_text("__version__ = '2.1.0'\n")
-    code = ('from mmdet_lrpq.env import stack_report, check_openmmlab_stack\n'
-            'r = stack_report()\n'
-            'print(r["mmcv_ops"], r["mmcv_ops_backend"], r["mmcv_ops_reason"])\n'
-            'try:\n    check_openmmlab_stack(r)\nexcept ImportError as e:\n    print(e)\n')
+    code = (
+        'from mmdet_lrpq.env import stack_report, check_openmmlab_stack\n'
+        'r = stack_report()\n'
+        'print(r["mmcv_ops"], r["mmcv_ops_backend"], r["mmcv_ops_reason"])\n'
+        'try:\n    check_openmmlab_stack(r)\nexcept ImportError as e:\n    print(e)\n'
+    )
     env = {k: v for k, v in os.environ.items() if k != 'MMDET_LRPQ_MMCV_OPS'}
     env['PYTHONPATH'] = f'{tmp_path}{os.pathsep}{REPO}'
     res = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines()[0] == 'True torchvision mmcv has no compiled ops (mmcv-lite)'
-    res = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, timeout=300,
-                         env={**env, 'MMDET_LRPQ_MMCV_OPS': 'compiled'})
+    res = subprocess.run(
+        [sys.executable, '-c', code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**env, 'MMDET_LRPQ_MMCV_OPS': 'compiled'},
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines()[0] == 'False None None'
-    assert "2.1.0 is installed, but no mmcv._ext loads (ModuleNotFoundError: No module named 'mmcv._ext')" \
-        in res.stdout and 'unset MMDET_LRPQ_MMCV_OPS' in res.stdout     # 'mmcv' or 'mmcv-lite' 2.1.0
+    assert (
+        "2.1.0 is installed, but no mmcv._ext loads (ModuleNotFoundError: No module named 'mmcv._ext')" in res.stdout
+        and 'unset MMDET_LRPQ_MMCV_OPS' in res.stdout
+    )  # 'mmcv' or 'mmcv-lite' 2.1.0
 
 
 def test_parse_version_orders_pre_releases():

@@ -1,4 +1,5 @@
 """LRP on timm's Swin: exact forward, conserved relevance, well-formed site scores, image loading."""
+
 import io
 import math
 
@@ -32,8 +33,15 @@ TOL = 1e-4  # conservation tolerance in float32 (total relevance is 1; the measu
 
 def tiny_swin(img_size=112, seed=0, **kwargs) -> SwinTransformer:
     torch.manual_seed(seed)
-    kwargs = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), num_classes=10,
-                  always_partition=True, img_size=img_size, **kwargs)
+    kwargs = dict(
+        embed_dim=32,
+        depths=(2, 2, 2, 2),
+        num_heads=(1, 2, 4, 8),
+        num_classes=10,
+        always_partition=True,
+        img_size=img_size,
+        **kwargs,
+    )
     return randomize_(SwinTransformer(**kwargs), seed)
 
 
@@ -53,6 +61,7 @@ def tiny112_result(tiny112):
 
 
 # ------------------------------------------------------------------------------ relevance rules
+
 
 def randn64(gen, *shapes):
     return [torch.randn(*shape, generator=gen, dtype=torch.float64) for shape in shapes]
@@ -101,11 +110,15 @@ def test_matmul_residual_and_pool_rules_conserve_per_image():
 
 # ---------------------------------------------------------------------------- forward and relevance
 
-@pytest.mark.parametrize('img_size, input_hw, kwargs', [
-    (224, (224, 224), {}),                                   # 56/28/14/7 tokens: shift + mask everywhere
-    (112, (112, 112), {}),                                   # padded 4x4 stage, padded merging
-    (96, (128, 96), dict(dynamic_img_size=True, window_size=(4, 6))),  # masks built per input, odd sizes
-])
+
+@pytest.mark.parametrize(
+    'img_size, input_hw, kwargs',
+    [
+        (224, (224, 224), {}),  # 56/28/14/7 tokens: shift + mask everywhere
+        (112, (112, 112), {}),  # padded 4x4 stage, padded merging
+        (96, (128, 96), dict(dynamic_img_size=True, window_size=(4, 6))),  # masks built per input, odd sizes
+    ],
+)
 def test_explicit_forward_reproduces_timm_logits(img_size, input_hw, kwargs):
     model = tiny_swin(img_size, **kwargs)
     x = images(2, input_hw)
@@ -148,6 +161,7 @@ def test_padding_drops_exactly_the_relevance_it_receives(tiny112_result):
 
 # ----------------------------------------------------------------------------------------- scores
 
+
 def test_scores_cover_every_site_and_are_finite_nonnegative_deterministic(tiny112, tiny112_result):
     names = [s.name for s in swin_sites(tiny112)]
     assert list(tiny112_result.site_scores) == names and len(names) == 8 * 6 + 3
@@ -163,8 +177,10 @@ def test_score_is_gradient_times_relevance_through_timms_own_forward(tiny112):
     x, target = images(1, (112, 112), seed=5), 3
     block = tiny112.layers[3].blocks[1]
     seen = {}
-    hooks = [block.mlp.fc2.register_forward_hook(lambda m, i, o: seen.__setitem__('fc2', o)),
-             block.register_forward_hook(lambda m, i, o: seen.__setitem__('out', o))]
+    hooks = [
+        block.mlp.fc2.register_forward_hook(lambda m, i, o: seen.__setitem__('fc2', o)),
+        block.register_forward_hook(lambda m, i, o: seen.__setitem__('out', o)),
+    ]
     logits = tiny112(x)
     for h in hooks:
         h.remove()
@@ -193,8 +209,10 @@ def test_batched_scores_are_the_mean_of_single_image_scores(tiny112):
     assert list(batched) == list(singles)
     for name in batched:
         assert batched[name] == pytest.approx(singles[name], rel=1e-4, abs=0), name
-    per_image = [swin_relevance(tiny112, x[i:i + 1], torch.tensor([t if t is not None else -1])).site_scores
-                 for i, t in enumerate(targets)]
+    per_image = [
+        swin_relevance(tiny112, x[i : i + 1], torch.tensor([t if t is not None else -1])).site_scores
+        for i, t in enumerate(targets)
+    ]
     for name in batched:
         assert batched[name] == pytest.approx(sum(float(s[name]) for s in per_image) / 3, rel=1e-4), name
     with pytest.raises(ValueError):
@@ -212,9 +230,12 @@ def test_relative_importance_has_mean_one_within_each_type(tiny112_result):
         assert len(values) == (3 if layer_type == 'reduction' else 8)
         assert sum(values) / len(values) == pytest.approx(1.0, abs=1e-12)
     assert rel['layers.0.blocks.0.attn.qkv'] == pytest.approx(
-        raw['layers.0.blocks.0.attn.qkv'] * 8 / sum(v for n, v in raw.items() if n.endswith('qkv')))
-    assert relative_importance({'layers.0.blocks.0.mlp.fc1': 0.0, 'layers.0.blocks.1.mlp.fc1': 0.0}) == \
-        {'layers.0.blocks.0.mlp.fc1': 1.0, 'layers.0.blocks.1.mlp.fc1': 1.0}
+        raw['layers.0.blocks.0.attn.qkv'] * 8 / sum(v for n, v in raw.items() if n.endswith('qkv'))
+    )
+    assert relative_importance({'layers.0.blocks.0.mlp.fc1': 0.0, 'layers.0.blocks.1.mlp.fc1': 0.0}) == {
+        'layers.0.blocks.0.mlp.fc1': 1.0,
+        'layers.0.blocks.1.mlp.fc1': 1.0,
+    }
     with pytest.raises(ValueError):
         relative_importance({'layers.0.blocks.0.mlp.fc1': -1.0})
     with pytest.raises(ValueError):
@@ -223,8 +244,10 @@ def test_relative_importance_has_mean_one_within_each_type(tiny112_result):
 
 def test_swin_t_at_224_forward_conservation_sites_and_mmdet_names():
     from mmdet_lrpq.models.swin_names import swin_name_to_mmdet
-    model = randomize_(timm.create_model('swin_tiny_patch4_window7_224', pretrained=False,
-                                         always_partition=True), seed=11)
+
+    model = randomize_(
+        timm.create_model('swin_tiny_patch4_window7_224', pretrained=False, always_partition=True), seed=11
+    )
     x = images(1, (224, 224), seed=11)
     result = swin_relevance(model, x)
     with torch.no_grad():
@@ -234,8 +257,14 @@ def test_swin_t_at_224_forward_conservation_sites_and_mmdet_names():
     assert [s.name for s in sites] == list(result.site_scores) and len(sites) == 12 * 6 + 3
     assert all(math.isfinite(float(v)) and float(v) >= 0 for v in result.site_scores.values())
     qkv0 = sites[0]
-    assert (qkv0.kind, qkv0.layer_type, qkv0.block, qkv0.stage, qkv0.params, qkv0.macs) == \
-        ('linear', 'qkv', 0, 0, 96 * 288, 56 * 56 * 96 * 288)
+    assert (qkv0.kind, qkv0.layer_type, qkv0.block, qkv0.stage, qkv0.params, qkv0.macs) == (
+        'linear',
+        'qkv',
+        0,
+        0,
+        96 * 288,
+        56 * 56 * 96 * 288,
+    )
     assert sites[1].macs == 64 * 3 * 49 * 49 * 32 and sites[1].params == 0
     assert [s.block for s in sites if s.layer_type == 'fc2'] == list(range(12))
     assert sum(s.macs for s in sites) / 1e9 == pytest.approx(4.47, abs=0.01)  # Swin-T: 4.5 GMACs
@@ -260,6 +289,7 @@ def test_rejects_models_it_does_not_cover():
 
 # ------------------------------------------------------------------------------------------ data
 
+
 def _jpeg(mode='RGB', size=(40, 30), color=(200, 30, 90)):
     buf = io.BytesIO()
     Image.new(mode, size, color if mode != 'L' else 128).save(buf, 'JPEG')
@@ -273,8 +303,14 @@ def test_image_order_labels_and_errors(tmp_path):
             (tmp_path / 'val' / cls / f'{cls}_{i}.JPEG').write_bytes(_jpeg())
     (tmp_path / 'wnids.txt').write_text('n01 first\nn02 second\n\nn03 third\n')
     items = list_images(tmp_path / 'val')
-    assert [i.path.name for i in items] == ['n01_0.JPEG', 'n02_0.JPEG', 'n03_0.JPEG', 'n02_1.JPEG', 'n03_1.JPEG',
-                                            'n02_2.JPEG']
+    assert [i.path.name for i in items] == [
+        'n01_0.JPEG',
+        'n02_0.JPEG',
+        'n03_0.JPEG',
+        'n02_1.JPEG',
+        'n03_1.JPEG',
+        'n02_2.JPEG',
+    ]
     assert [i.label for i in items] == [0, 1, 2, 1, 2, 1]
     assert list_images(tmp_path / 'val', num_images=4) == items[:4]
     with pytest.raises(ValueError, match='only 6'):
@@ -306,7 +342,7 @@ def test_loader_converts_modes_and_names_a_corrupt_file(tmp_path):
     broken = tmp_path / 'broken' / 'truncated.jpg'
     broken.parent.mkdir()
     data = _jpeg(size=(300, 200))
-    broken.write_bytes(data[:len(data) // 2])
+    broken.write_bytes(data[: len(data) // 2])
     with pytest.raises(UnreadableImageError, match='truncated.jpg'):
         load_image(broken, transform)
     with pytest.raises(UnreadableImageError, match='truncated.jpg'):
@@ -318,6 +354,7 @@ def test_loader_on_real_imagenet_sample(imagenet_sample):
     items = list_images(imagenet_sample / 'val')
     assert len(items) == 220 and items[0].path.parent.name == 'n01440764' and items[0].label == 0
     assert len({i.path.parent.name for i in items[:50]}) == 50  # spread over classes
+
     def header(item):
         with Image.open(item.path) as image:
             return image.mode, image.size
@@ -339,17 +376,33 @@ def test_loader_on_real_imagenet_sample(imagenet_sample):
 def test_lrp_plan_records_repo_relative_or_described_paths(tmp_path):
     import importlib.util
     from pathlib import Path
+
     repo = Path(__file__).resolve().parents[1]
     spec = importlib.util.spec_from_file_location('lrp_plan_tool', repo / 'tools' / 'lrp_plan.py')
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    assert tool.recorded_path(str(repo / 'checkpoints' / 'miniworld' / 'swin_mini_cls.pth')) == \
-        'checkpoints/miniworld/swin_mini_cls.pth'
+    assert (
+        tool.recorded_path(str(repo / 'checkpoints' / 'miniworld' / 'swin_mini_cls.pth'))
+        == 'checkpoints/miniworld/swin_mini_cls.pth'
+    )
     assert tool.recorded_path('/data/imagenet/val/') == '<outside-repo>/imagenet/val'
-    assert tool.recorded_path(str(repo.parent / 'shared' / 'data' / 'imagenet_sample' / 'val')) == \
-        '<outside-repo>/imagenet_sample/val'
-    command = tool.recorded_command(['--model', 'swin_tiny_patch4_window7_224', '--images', '/data/imagenet/val',
-                                     f'--checkpoint={tmp_path}/w.pth', '--out', str(repo / 'configs/plans/x.json')])
-    assert command == ("python tools/lrp_plan.py --model swin_tiny_patch4_window7_224 --images "
-                       f"'<outside-repo>/imagenet/val' '--checkpoint=<outside-repo>/{tmp_path.name}/w.pth' "
-                       "--out configs/plans/x.json")
+    assert (
+        tool.recorded_path(str(repo.parent / 'shared' / 'data' / 'imagenet_sample' / 'val'))
+        == '<outside-repo>/imagenet_sample/val'
+    )
+    command = tool.recorded_command(
+        [
+            '--model',
+            'swin_tiny_patch4_window7_224',
+            '--images',
+            '/data/imagenet/val',
+            f'--checkpoint={tmp_path}/w.pth',
+            '--out',
+            str(repo / 'configs/plans/x.json'),
+        ]
+    )
+    assert command == (
+        'python tools/lrp_plan.py --model swin_tiny_patch4_window7_224 --images '
+        f"'<outside-repo>/imagenet/val' '--checkpoint=<outside-repo>/{tmp_path.name}/w.pth' "
+        '--out configs/plans/x.json'
+    )

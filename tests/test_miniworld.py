@@ -1,5 +1,6 @@
 """The miniature world: deterministic data that MMDetection reads and scores correctly, and the
 committed classifier/detectors that were trained on it (skipped when not present). No training."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -39,27 +40,31 @@ def _tree_bytes(root: Path) -> dict[str, bytes]:
 
 # ---------------------------------------------------------------- data
 
+
 def test_generation_is_deterministic_and_independent_of_workers(tmp_path, tiny_world):
     generate(tmp_path / 'again', seed=0, sizes=TINY, workers=2)
     assert _tree_bytes(tmp_path / 'again') == _tree_bytes(tiny_world)
     generate(tmp_path / 'other', seed=1, sizes=dict(TINY, cls_train=0, cls_val=0))
-    assert (tmp_path / 'other/annotations/instances_val.json').read_bytes() != \
-        (tiny_world / 'annotations/instances_val.json').read_bytes()
+    assert (tmp_path / 'other/annotations/instances_val.json').read_bytes() != (
+        tiny_world / 'annotations/instances_val.json'
+    ).read_bytes()
 
 
 def test_splits_are_disjoint(tiny_world):
     images = {split: {p.read_bytes() for p in (tiny_world / split).glob('*.jpg')} for split in TINY}
     assert all(len(images[s]) == n for s, n in TINY.items())
     splits = list(TINY)
-    assert all(not images[a] & images[b] for i, a in enumerate(splits) for b in splits[i + 1:])
+    assert all(not images[a] & images[b] for i, a in enumerate(splits) for b in splits[i + 1 :])
 
 
 def test_coco_annotations_are_consistent(tiny_world):
     coco = json.loads((tiny_world / 'annotations' / 'instances_train.json').read_text())
     assert [c['name'] for c in coco['categories']] == list(CLASSES) and len(CLASSES) >= 8
     assert [c['id'] for c in coco['categories']] == list(range(1, len(CLASSES) + 1))
-    assert len({a['id'] for a in coco['annotations']}) == len(coco['annotations']) and \
-        min(a['id'] for a in coco['annotations']) >= 1  # pycocotools treats id 0 as "unmatched"
+    assert (
+        len({a['id'] for a in coco['annotations']}) == len(coco['annotations'])
+        and min(a['id'] for a in coco['annotations']) >= 1
+    )  # pycocotools treats id 0 as "unmatched"
     height, width = IMAGE_SIZE
     per_image = np.bincount([a['image_id'] for a in coco['annotations']])[1:]
     assert len(per_image) == TINY['train'] and per_image.min() >= 2 and per_image.mean() >= 3
@@ -93,27 +98,38 @@ def test_classification_split(tiny_world):
 
 # ---------------------------------------------------------------- mmdet reads and scores it
 
+
 def _coco_dataset(root: Path, split: str, pipeline: list):
     from mmdet.datasets import CocoDataset
-    return CocoDataset(data_root=str(root), ann_file=f'annotations/instances_{split}.json',
-                       data_prefix=dict(img=f'{split}/'), metainfo=dict(classes=CLASSES), pipeline=pipeline,
-                       test_mode=True)
+
+    return CocoDataset(
+        data_root=str(root),
+        ann_file=f'annotations/instances_{split}.json',
+        data_prefix=dict(img=f'{split}/'),
+        metainfo=dict(classes=CLASSES),
+        pipeline=pipeline,
+        test_mode=True,
+    )
 
 
 def test_mmdet_coco_dataset_loads_boxes_and_masks(tiny_world):
     from mmdet.utils import register_all_modules
+
     register_all_modules()
     coco = json.loads((tiny_world / 'annotations' / 'instances_val.json').read_text())
-    dataset = _coco_dataset(tiny_world, 'val', [dict(type='LoadImageFromFile'),
-                                                dict(type='LoadAnnotations', with_bbox=True, with_mask=True)])
+    dataset = _coco_dataset(
+        tiny_world,
+        'val',
+        [dict(type='LoadImageFromFile'), dict(type='LoadAnnotations', with_bbox=True, with_mask=True)],
+    )
     assert len(dataset) == TINY['val'] and dataset.metainfo['classes'] == CLASSES
     sample = dataset[0]
     anns = [a for a in coco['annotations'] if a['image_id'] == sample['img_id']]
     assert sample['img'].shape == (*IMAGE_SIZE, 3)
-    assert [CLASSES[label] for label in sample['gt_bboxes_labels']] == \
-        [CLASSES[a['category_id'] - 1] for a in anns]
-    np.testing.assert_array_equal(sample['gt_masks'].to_ndarray(),
-                                  np.stack([mask_utils.decode(a['segmentation']) for a in anns]))
+    assert [CLASSES[label] for label in sample['gt_bboxes_labels']] == [CLASSES[a['category_id'] - 1] for a in anns]
+    np.testing.assert_array_equal(
+        sample['gt_masks'].to_ndarray(), np.stack([mask_utils.decode(a['segmentation']) for a in anns])
+    )
     x, y, w, h = anns[0]['bbox']
     np.testing.assert_allclose(sample['gt_bboxes'].tensor[0].numpy(), [x, y, x + w, y + h])
 
@@ -121,16 +137,24 @@ def test_mmdet_coco_dataset_loads_boxes_and_masks(tiny_world):
 def test_ground_truth_scores_ap_one_with_mmdet_coco_metric(tiny_world):
     from mmdet.evaluation import CocoMetric
     from mmdet.utils import register_all_modules
+
     register_all_modules()
-    dataset = _coco_dataset(tiny_world, 'val', [dict(type='LoadImageFromFile'),
-                                                dict(type='LoadAnnotations', with_bbox=True, with_mask=True)])
+    dataset = _coco_dataset(
+        tiny_world,
+        'val',
+        [dict(type='LoadImageFromFile'), dict(type='LoadAnnotations', with_bbox=True, with_mask=True)],
+    )
     metric = CocoMetric(ann_file=str(tiny_world / 'annotations' / 'instances_val.json'), metric=['bbox', 'segm'])
     metric.dataset_meta = dataset.metainfo
     for i in range(len(dataset)):
         sample = dataset[i]
         boxes = torch.as_tensor(sample['gt_bboxes'].tensor)
-        pred = dict(bboxes=boxes, scores=torch.ones(len(boxes)), labels=torch.as_tensor(sample['gt_bboxes_labels']),
-                    masks=torch.as_tensor(sample['gt_masks'].to_ndarray()).bool())
+        pred = dict(
+            bboxes=boxes,
+            scores=torch.ones(len(boxes)),
+            labels=torch.as_tensor(sample['gt_bboxes_labels']),
+            masks=torch.as_tensor(sample['gt_masks'].to_ndarray()).bool(),
+        )
         metric.process({}, [dict(img_id=sample['img_id'], ori_shape=sample['ori_shape'], pred_instances=pred)])
     results = metric.evaluate(len(dataset))
     assert results['coco/bbox_mAP'] == 1.0 and results['coco/segm_mAP'] == 1.0
@@ -138,18 +162,21 @@ def test_ground_truth_scores_ap_one_with_mmdet_coco_metric(tiny_world):
 
 # ---------------------------------------------------------------- classifier -> detector backbone
 
+
 def test_classifier_conversion_initializes_the_detector_backbone(tmp_path):
     """The configs' Pretrained init really loads the converted classifier (mmdet ignores unprefixed keys)."""
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
     from mmengine.config import Config
+
     register_all_modules()
     train_classifier = _load_tool('train_classifier')
     classifier = train_classifier.build_classifier(len(CLASSES))
     meta = dict(model_kwargs=dict(train_classifier.MODEL_KWARGS, num_classes=len(CLASSES)), val_accuracy=0.0)
     torch.save(dict(state_dict=classifier.state_dict(), meta=meta), tmp_path / 'cls.pth')
-    converted = _load_tool('convert_classifier').convert_classifier(str(tmp_path / 'cls.pth'),
-                                                                    str(tmp_path / 'backbone.pth'))
+    converted = _load_tool('convert_classifier').convert_classifier(
+        str(tmp_path / 'cls.pth'), str(tmp_path / 'backbone.pth')
+    )
     cfg = Config.fromfile(str(CONFIG_DIR / 'mask_rcnn_swin_mini.py'))
     cfg.model.backbone.init_cfg.checkpoint = str(tmp_path / 'backbone.pth')
     backbone = MODELS.build(cfg.model.backbone)
@@ -157,7 +184,7 @@ def test_classifier_conversion_initializes_the_detector_backbone(tmp_path):
     own = backbone.state_dict()
     assert len(converted) == len([k for k in own if not k.startswith('norm') and 'relative_position_index' not in k])
     for key, value in converted.items():
-        torch.testing.assert_close(own[key[len('backbone.'):]], value, rtol=0, atol=0)
+        torch.testing.assert_close(own[key[len('backbone.') :]], value, rtol=0, atol=0)
 
 
 def test_feature_hints_regress_the_rms_normalized_teacher_block():
@@ -187,6 +214,7 @@ def test_feature_hints_regress_the_rms_normalized_teacher_block():
 @pytest.mark.parametrize('text', ['', '1', '4:2', '1:5', 'a:b', '1:2:3'])
 def test_hint_pairs_are_validated(text):
     import argparse
+
     with pytest.raises(argparse.ArgumentTypeError, match='SWIN_STAGE:CNN_BLOCK'):
         _load_tool('train_classifier').parse_pairs(text)
 
@@ -218,6 +246,7 @@ def test_train_all_runs_the_teacher_before_the_guided_classifier(tmp_path, tiny_
     the teacher stage trains the ConvNet, the classifier stage reads it and trains the Swin with the
     recipe of the README (hints 0:1,1:2,2:3, batch 32, 6 epochs, warm-up 50, no drop path)."""
     import argparse
+
     train_all, train_classifier = _load_tool('train_all'), _load_tool('train_classifier')
     assert train_all.STAGES.index('teacher') < train_all.STAGES.index('classifier') < train_all.STAGES.index('convert')
     args = argparse.Namespace(data_root=str(tiny_world), seed=0, seq_threads=1)
@@ -230,7 +259,9 @@ def test_train_all_runs_the_teacher_before_the_guided_classifier(tmp_path, tiny_
     meta = torch.load(swin_path, map_location='cpu', weights_only=True)['meta']
     assert meta['arch'].endswith('SwinTransformer') and meta['teacher'] == str(teacher_path)
     assert meta['hint_pairs'] == [[0, 1], [1, 2], [2, 3]] and meta['iters'] == 2
-    assert meta['command'].startswith('python tools/miniworld/train_classifier.py --teacher ')  # main(argv), not pytest's
+    assert meta['command'].startswith(
+        'python tools/miniworld/train_classifier.py --teacher '
+    )  # main(argv), not pytest's
 
 
 def test_train_all_detector_command_trains_follows_its_threads_file_and_records_provenance(tmp_path, tiny_world):
@@ -241,6 +272,7 @@ def test_train_all_detector_command_trains_follows_its_threads_file_and_records_
     converted classifier the backbone started from."""
     import argparse
     import hashlib
+
     train_all, train_detector = _load_tool('train_all'), _load_tool('train_detector')
     args = argparse.Namespace(data_root=str(tiny_world), seed=0, threads=1)
     command = train_all.stage_command('mask_rcnn_swin_mini', args)
@@ -255,17 +287,31 @@ def test_train_all_detector_command_trains_follows_its_threads_file_and_records_
     threads_file.write_text('2\n')
     before = torch.get_num_threads()
     try:
-        train_detector.main([*command[1:], '--out', str(out), '--work-dir', str(tmp_path / 'work'),
-                             '--threads-file', str(threads_file),
-                             '--cfg-options', 'train_cfg.max_iters=3', 'train_cfg.val_interval=100',
-                             'default_hooks.checkpoint.interval=3', f'model.backbone.init_cfg.checkpoint={backbone}'])
+        train_detector.main(
+            [
+                *command[1:],
+                '--out',
+                str(out),
+                '--work-dir',
+                str(tmp_path / 'work'),
+                '--threads-file',
+                str(threads_file),
+                '--cfg-options',
+                'train_cfg.max_iters=3',
+                'train_cfg.val_interval=100',
+                'default_hooks.checkpoint.interval=3',
+                f'model.backbone.init_cfg.checkpoint={backbone}',
+            ]
+        )
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
     meta = torch.load(out, map_location='cpu', weights_only=True)['meta']
     assert meta['iter'] == 3 and meta['threads'] == 1 and list(map(tuple, meta['thread_changes'])) == [(0, 2)]
     assert meta['backbone_init_sha256'] == hashlib.sha256(backbone.read_bytes()).hexdigest()
-    assert meta['command'].startswith('python tools/miniworld/train_detector.py configs/miniworld/mask_rcnn_swin_mini.py')
+    assert meta['command'].startswith(
+        'python tools/miniworld/train_detector.py configs/miniworld/mask_rcnn_swin_mini.py'
+    )
     assert 0.0 <= meta['final_val_metrics']['coco/bbox_mAP'] <= 1.0
 
 
@@ -281,18 +327,30 @@ def test_train_all_gives_a_finished_detectors_cores_to_the_one_still_training(tm
         'deadline = time.time() + (60 if expected else 0)\n'
         'while time.time() < deadline and open(threads_file).read().strip() != expected:\n'
         '    time.sleep(0.1)\n'
-        'open(seen, "w").write(open(threads_file).read())\n')
-    assert train_all.share_cores(['cascade_mask_rcnn_swin_mini'], floor=1, cores=2) == {'cascade_mask_rcnn_swin_mini': 2}
+        'open(seen, "w").write(open(threads_file).read())\n'
+    )
+    assert train_all.share_cores(['cascade_mask_rcnn_swin_mini'], floor=1, cores=2) == {
+        'cascade_mask_rcnn_swin_mini': 2
+    }
     assert train_all.share_cores(['a', 'b'], floor=1, cores=2) == {'a': 1, 'b': 1}
     cores = train_all.share_cores(['cascade_mask_rcnn_swin_mini'], floor=1)['cascade_mask_rcnn_swin_mini']
     waits = {'mask_rcnn_swin_mini': '', 'cascade_mask_rcnn_swin_mini': str(cores)}
     monkeypatch.setattr(train_all, 'WORK_DIR', str(tmp_path / 'work'))
-    monkeypatch.setattr(train_all, 'stage_command', lambda stage, args: [
-        str(stand_in), train_all.threads_file(stage), waits[stage], str(tmp_path / f'{stage}.seen')])
+    monkeypatch.setattr(
+        train_all,
+        'stage_command',
+        lambda stage, args: [
+            str(stand_in),
+            train_all.threads_file(stage),
+            waits[stage],
+            str(tmp_path / f'{stage}.seen'),
+        ],
+    )
     monkeypatch.setattr(train_all, 'stage_results', lambda stage: {'described': stage})
     monkeypatch.chdir(tmp_path)  # main() changes into the repository; restored afterwards
-    train_all.main(['--from', 'mask_rcnn_swin_mini', '--jobs', '2', '--threads', '1',
-                    '--summary', str(tmp_path / 'summary.json')])
+    train_all.main(
+        ['--from', 'mask_rcnn_swin_mini', '--jobs', '2', '--threads', '1', '--summary', str(tmp_path / 'summary.json')]
+    )
     assert (tmp_path / 'mask_rcnn_swin_mini.seen').read_text() == '1\n'  # started at --threads
     assert (tmp_path / 'cascade_mask_rcnn_swin_mini.seen').read_text() == f'{cores}\n'
     assert f'===== [cascade_mask_rcnn_swin_mini] now {cores} threads' in capsys.readouterr().out
@@ -311,8 +369,9 @@ def test_train_all_replaces_a_summary_entry_whose_checkpoint_changed():
     train_all.refresh_entry(entries, 'classifier', described)
     assert entries['classifier'] == stored
     train_all.refresh_entry(entries, 'classifier', dict(described, val_accuracy=0.71))
-    assert entries['classifier'] == dict(recorded_command='train_classifier.py --seed 0', val_accuracy=0.71,
-                                         hint_pairs=[[0, 1], [1, 2]])
+    assert entries['classifier'] == dict(
+        recorded_command='train_classifier.py --seed 0', val_accuracy=0.71, hint_pairs=[[0, 1], [1, 2]]
+    )
     train_all.refresh_entry(entries, 'teacher', dict(val_accuracy=0.9))  # no entry yet
     assert entries['teacher'] == dict(val_accuracy=0.9)
     assert train_all.checkpoint_path('classifier') == train_all.CLASSIFIER
@@ -321,13 +380,22 @@ def test_train_all_replaces_a_summary_entry_whose_checkpoint_changed():
 
 # ---------------------------------------------------------------- AP benchmark tables
 
+
 def _load_bench():
     return importlib.import_module('bench.ap_benchmark')
 
 
 def _bench_row(setting, method=None, box=0.0, mask=0.0, allocator=None, weight_mb=1.0, **extra):
-    return dict(detector='mask_rcnn', setting=setting, method=method, allocator=allocator, box_ap=box, mask_ap=mask,
-                weight_mb=weight_mb, **extra)
+    return dict(
+        detector='mask_rcnn',
+        setting=setting,
+        method=method,
+        allocator=allocator,
+        box_ap=box,
+        mask_ap=mask,
+        weight_mb=weight_mb,
+        **extra,
+    )
 
 
 def test_ap_benchmark_judges_each_target_on_the_ladder_rows():
@@ -335,14 +403,19 @@ def test_ap_benchmark_judges_each_target_on_the_ladder_rows():
     values (a 0.5 drop still meets 'within 0.5'), sweep points (crl_k, calib.image_ids) and other
     allocators never stand in for ladder rows, and an MP4 plan with more weight memory misses."""
     bench = _load_bench()
-    rows = [_bench_row('FP', box=60.0, weight_mb=13.0),
-            _bench_row('W8A8', 'repq', 59.5, weight_mb=3.3), _bench_row('W8A8', 'crl', 59.4, weight_mb=3.3),
-            _bench_row('W6A6', 'repq', 58.0, weight_mb=2.5), _bench_row('W6A6', 'crl', 59.0, weight_mb=2.5),
-            _bench_row('W4A4', 'repq', 50.3, 48.0, weight_mb=1.64), _bench_row('W4A4', 'crl', 50.1, 48.2, weight_mb=1.64),
-            _bench_row('W4A4', 'crl', 99.0, weight_mb=1.64, crl_k=1.0),
-            _bench_row('W4A4', 'crl', 99.0, weight_mb=1.64, **{'calib.image_ids': [2]}),
-            _bench_row('MP4', 'crl', 50.4, 48.5, allocator='lrp_qvit', weight_mb=1.61),
-            _bench_row('MP4', 'crl', 10.0, allocator='uniform', weight_mb=1.64)]
+    rows = [
+        _bench_row('FP', box=60.0, weight_mb=13.0),
+        _bench_row('W8A8', 'repq', 59.5, weight_mb=3.3),
+        _bench_row('W8A8', 'crl', 59.4, weight_mb=3.3),
+        _bench_row('W6A6', 'repq', 58.0, weight_mb=2.5),
+        _bench_row('W6A6', 'crl', 59.0, weight_mb=2.5),
+        _bench_row('W4A4', 'repq', 50.3, 48.0, weight_mb=1.64),
+        _bench_row('W4A4', 'crl', 50.1, 48.2, weight_mb=1.64),
+        _bench_row('W4A4', 'crl', 99.0, weight_mb=1.64, crl_k=1.0),
+        _bench_row('W4A4', 'crl', 99.0, weight_mb=1.64, **{'calib.image_ids': [2]}),
+        _bench_row('MP4', 'crl', 50.4, 48.5, allocator='lrp_qvit', weight_mb=1.61),
+        _bench_row('MP4', 'crl', 10.0, allocator='uniform', weight_mb=1.64),
+    ]
     checks = {name: (figures, verdict) for name, figures, verdict in bench.target_checks(rows, 'mask_rcnn')}
     assert checks['float box AP >= 50'] == ('60.0', 'met')
     assert checks['W8A8 within 0.5 AP of float'] == ('-0.5 (RepQ), -0.6 (CRL)', '**missed** by 0.1')
@@ -363,12 +436,15 @@ def test_committed_ap_benchmark_tables_are_generated_from_its_json():
     if not results.is_file():
         pytest.skip(f'{results} not present (python bench/ap_benchmark.py)')
     markdown = bench.tables(json.load(open(results))['rows'])
-    assert (REPO / 'results' / 'ap_benchmark.md').read_text() == f'<!-- generated by `{bench.COMMAND}` -->\n\n{markdown}\n'
+    assert (
+        REPO / 'results' / 'ap_benchmark.md'
+    ).read_text() == f'<!-- generated by `{bench.COMMAND}` -->\n\n{markdown}\n'
     assert f'\n\n{markdown}\n{bench.MARKERS[1]}' in (REPO / bench.DOC).read_text()
     assert bench.MARKERS[0] not in (REPO / 'README.md').read_text()  # one copy of the tables, in the docs
 
 
 # ---------------------------------------------------------------- committed checkpoints
+
 
 def _committed(name: str) -> Path:
     path = CKPT_DIR / name
@@ -382,6 +458,7 @@ def test_committed_classifier_reproduces_its_recorded_accuracy():
     split rendered afresh, scores exactly the validation accuracy its training recorded (the number
     the README and training_summary.json report, whatever it is)."""
     from mmdet_lrpq.miniworld import DEFAULT_SIZES, render_classification_image
+
     train_classifier = _load_tool('train_classifier')
     ckpt = torch.load(_committed('swin_mini_cls.pth'), map_location='cpu', weights_only=True)
     meta = ckpt['meta']
@@ -391,9 +468,11 @@ def test_committed_classifier_reproduces_its_recorded_accuracy():
     import io
 
     from PIL import Image
+
     rendered = [render_classification_image(0, 'cls_val', i) for i in range(1, DEFAULT_SIZES['cls_val'] + 1)]
-    images = torch.stack([torch.from_numpy(np.asarray(Image.open(io.BytesIO(jpeg)))).permute(2, 0, 1)
-                          for jpeg, _, _ in rendered])
+    images = torch.stack(
+        [torch.from_numpy(np.asarray(Image.open(io.BytesIO(jpeg)))).permute(2, 0, 1) for jpeg, _, _ in rendered]
+    )
     labels = torch.tensor([label for _, label, _ in rendered])
     assert train_classifier.accuracy(model, images, labels) == pytest.approx(meta['val_accuracy'], abs=1e-9)
 
@@ -404,8 +483,10 @@ def test_committed_detector_loads_and_detects(name):
 
     from mmengine.config import Config
     from PIL import Image
+
     path = _committed(f'{name}.pth')
     from mmdet.apis import inference_detector, init_detector
+
     cfg = Config.fromfile(str(CONFIG_DIR / f'{name}.py'))
     cfg.model.backbone.init_cfg = None
     model = init_detector(cfg, None, device='cpu')
@@ -421,6 +502,7 @@ def test_committed_detector_loads_and_detects(name):
     assert len(pred) >= 1
     gt = np.array([[x, y, x + w, y + h] for x, y, w, h in (a['bbox'] for a in anns)])
     from mmdet.structures.bbox import bbox_overlaps
+
     iou = bbox_overlaps(pred.bboxes, torch.as_tensor(gt, dtype=torch.float32)).numpy()
     gt_labels = np.array([a['category_id'] - 1 for a in anns])
     matched = (iou.max(0) > 0.5) & (pred.labels.numpy()[iou.argmax(0)] == gt_labels)

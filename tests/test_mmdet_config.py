@@ -1,12 +1,13 @@
 """An mmdet:: config plus custom_imports resolves, and the detector builds on CPU."""
+
 import torch
 from mmengine.config import Config
 
-CONFIG = '''
+CONFIG = """
 _base_ = 'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py'
 custom_imports = dict(imports=['mmdet_lrpq'], allow_failed_imports=False)
 model = dict(backbone=dict(init_cfg=None))
-'''
+"""
 
 
 def test_mmdet_base_config_resolves_and_builds(tmp_path):
@@ -17,6 +18,7 @@ def test_mmdet_base_config_resolves_and_builds(tmp_path):
     assert cfg.model.backbone.type == 'SwinTransformer' and cfg.model.backbone.depths == [2, 2, 6, 2]
     from mmdet.registry import HOOKS, MODELS
     from mmdet.utils import register_all_modules
+
     register_all_modules()
     # custom_imports made the plugin's hook buildable from mmdet's registry (whatever was imported first)
     assert type(HOOKS.build(dict(type='QuantizationHook', w_bits=6, a_bits=6))).__name__ == 'QuantizationHook'

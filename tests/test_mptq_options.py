@@ -3,6 +3,7 @@
 SQ-b's fold is exact in float (the miniature world's classifier and a Swin with padded windows, alone
 and under CRL); its factors and the region-wise quantizer give the numbers their formulas say; the
 options are validated and refused where they cannot combine; with both off nothing of theirs runs."""
+
 from __future__ import annotations
 
 import copy
@@ -44,9 +45,21 @@ CKPT = REPO / 'checkpoints' / 'miniworld' / 'swin_mini_cls.pth'
 def tiny_timm_swin(seed: int = 0):
     """112 px: the last stage's 4x4 tokens are padded to 7x7 windows (the shift after padding matters)."""
     from timm.models.swin_transformer import SwinTransformer
+
     torch.manual_seed(seed)
-    return randomize_(SwinTransformer(img_size=112, embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8),
-                                      num_classes=10, always_partition=True, strict_img_size=False), seed, norm_std=0.3)
+    return randomize_(
+        SwinTransformer(
+            img_size=112,
+            embed_dim=32,
+            depths=(2, 2, 2, 2),
+            num_heads=(1, 2, 4, 8),
+            num_classes=10,
+            always_partition=True,
+            strict_img_size=False,
+        ),
+        seed,
+        norm_std=0.3,
+    )
 
 
 def images(n: int, seed: int = 0, size: int = 112) -> torch.Tensor:
@@ -69,12 +82,15 @@ def classifier():
 
     from mmdet_lrpq.lrp import eval_transform
     from mmdet_lrpq.miniworld import render_classification_image
+
     args = _tool('test_cls').parse_args(['--model', str(CKPT), '--checkpoint', str(CKPT), '--images', '-'])
     model, _ = _tool('lrp_plan').build_classifier(args)
     model.eval()
     transform = eval_transform(model)
-    imgs = [transform(Image.open(io.BytesIO(render_classification_image(0, 'cls_val', i)[0])).convert('RGB'))
-            for i in range(1, 9)]
+    imgs = [
+        transform(Image.open(io.BytesIO(render_classification_image(0, 'cls_val', i)[0])).convert('RGB'))
+        for i in range(1, 9)
+    ]
     return model, torch.stack(imgs)
 
 
@@ -95,9 +111,9 @@ def test_sqb_folded_classifier_gives_the_float_outputs(classifier, method):
         ref = model(x)
     smoothed = copy.deepcopy(model)
     q = smoothed_float(smoothed, QuantConfig(method=method, smooth='sq-b'), [x[:4], x[4:]])
-    assert len(q.smooth_pairs) == 2 * 8 + 3                       # norm1/norm2 of 8 blocks, 3 mergings
+    assert len(q.smooth_pairs) == 2 * 8 + 3  # norm1/norm2 of 8 blocks, 3 mergings
     norm1 = smoothed.layers[0].blocks[0].norm1
-    assert not torch.equal(norm1.weight, model.layers[0].blocks[0].norm1.weight)   # something was folded
+    assert not torch.equal(norm1.weight, model.layers[0].blocks[0].norm1.weight)  # something was folded
     with torch.no_grad():
         got = smoothed(x)
     assert (got - ref).abs().max() < 1e-5 * max(1.0, float(ref.abs().max()))
@@ -109,8 +125,9 @@ def test_sqb_then_crl_is_exact_in_float_with_padded_windows():
     x = images(2)
     with torch.no_grad():
         ref = model(x)
-    quantize_(model, QuantConfig(w_bits=8, a_bits=8, method='crl', smooth='sq-b', gelu_scales='opt-m'),
-              calib=[x[:1], x[1:]])
+    quantize_(
+        model, QuantConfig(w_bits=8, a_bits=8, method='crl', smooth='sq-b', gelu_scales='opt-m'), calib=[x[:1], x[1:]]
+    )
     set_quant_state(model, QuantState.FLOAT)
     with torch.no_grad():
         got = model(x)
@@ -120,13 +137,13 @@ def test_sqb_then_crl_is_exact_in_float_with_padded_windows():
 
 
 def test_sqb_factors_are_the_formula():
-    lo, hi = torch.tensor([-1.0, 0.0, 2.0]), torch.tensor([3.0, 4.0, 2.0])     # the last channel constant
-    weight = torch.tensor([[2.0, -0.5, 0.0], [-1.0, 0.25, 0.0]])                 # column maxima 2, 0.5, 0
+    lo, hi = torch.tensor([-1.0, 0.0, 2.0]), torch.tensor([3.0, 4.0, 2.0])  # the last channel constant
+    weight = torch.tensor([[2.0, -0.5, 0.0], [-1.0, 0.25, 0.0]])  # column maxima 2, 0.5, 0
     s, z = sqb_factors(lo, hi, weight, alpha=0.5)
     assert z.tolist() == [1.0, 2.0, 2.0]
     torch.testing.assert_close(s, torch.tensor([1.0, 2.0, 1.0]), rtol=1e-6, atol=0)  # sqrt(2/2), sqrt(2/.5), 1e-5/1e-5
     s1, _ = sqb_factors(lo, hi, weight, alpha=1.0)
-    torch.testing.assert_close(s1, torch.tensor([2.0, 2.0, 1e-5]))             # alpha=1: all on the weights
+    torch.testing.assert_close(s1, torch.tensor([2.0, 2.0, 1e-5]))  # alpha=1: all on the weights
     with pytest.raises(ValueError, match='alpha must be in'):
         sqb_factors(lo, hi, weight, alpha=1.5)
 
@@ -151,8 +168,8 @@ def test_sqb_centres_and_balances_the_smoothed_inputs():
         torch.testing.assert_close(layer(y), ref, atol=1e-5, rtol=1e-5)
     new_lo, new_hi = y.reshape(-1, 6).aminmax(dim=0)
     torch.testing.assert_close(new_lo, -new_hi, atol=1e-5, rtol=0)
-    torch.testing.assert_close(new_hi, ((hi - lo) / 2) ** 0.5 * w_max ** 0.5, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(res.b * res.r, (lo + hi) / 2)                   # b = z/s
+    torch.testing.assert_close(new_hi, ((hi - lo) / 2) ** 0.5 * w_max**0.5, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(res.b * res.r, (lo + hi) / 2)  # b = z/s
 
 
 # ------------------------------------------------------------------------------ OPT-m
@@ -160,11 +177,11 @@ def test_region_fake_quant_numbers():
     """4 bits, Δ = 0.5, zp = 3, m = 2: codes 0..2 below zero step by 0.125, codes 4..15 above by 0.5."""
     x = torch.tensor([-0.2, -1.0, 0.26, 10.0, 0.0, -0.0625, 4.4])
     qp = torch.tensor(0.5), torch.tensor(3.0), torch.tensor(2.0)
-    want = [-0.25, -0.375, 0.5, 6.0, 0.0, -0.0, 4.5]                            # -0.0625/0.125 rounds to even 0
+    want = [-0.25, -0.375, 0.5, 6.0, 0.0, -0.0, 4.5]  # -0.0625/0.125 rounds to even 0
     assert fake_quant_regions(x, *qp, bits=4).tolist() == want
     half = fake_quant_regions(x.to(torch.bfloat16), *qp, bits=4)
     assert half.dtype == torch.bfloat16 and half.float().tolist() == want
-    d, z = torch.tensor(0.3), torch.tensor(5.0)                                 # m = 0 is the uniform quantizer
+    d, z = torch.tensor(0.3), torch.tensor(5.0)  # m = 0 is the uniform quantizer
     assert torch.equal(fake_quant_regions(x, d, z, torch.tensor(0.0), 4), fake_quant_uniform(x, d, z, 4))
 
 
@@ -178,16 +195,16 @@ def test_opt_m_is_the_best_candidate_of_the_search_on_gelu_outputs(bits):
     delta, zp, m = region_qparams(x, bits)
     levels = (1 << bits) - 1
     scores = {}
-    for p in F.PERCENTILES:                                 # the candidates, from torch.quantile directly
+    for p in F.PERCENTILES:  # the candidates, from torch.quantile directly
         hi, lo = torch.quantile(x, p), torch.quantile(x, 1 - p)
         for e in F.OPT_M_EXPONENTS:
-            d = (hi - lo * 2.0 ** e) / levels
-            qp = (d, (-lo * 2.0 ** e / d).round(), torch.tensor(float(e)))
+            d = (hi - lo * 2.0**e) / levels
+            qp = (d, (-lo * 2.0**e / d).round(), torch.tensor(float(e)))
             scores[(p, e)] = (_sse(x, qp, bits), qp)
     best = min(scores, key=lambda key: scores[key][0])
-    assert float(m) == best[1] and best[1] >= 2                              # GELU's tail wants finer steps
+    assert float(m) == best[1] and best[1] >= 2  # GELU's tail wants finer steps
     torch.testing.assert_close(delta, scores[best][1][0]) and float(zp) == float(scores[best][1][1])
-    d_u, z_u = uniform_qparams(x, bits)                                        # m = 0: RepQ's own search
+    d_u, z_u = uniform_qparams(x, bits)  # m = 0: RepQ's own search
     uniform_sse = float(((x - fake_quant_uniform(x, d_u, z_u, bits)) ** 2).double().sum())
     assert uniform_sse == pytest.approx(min(scores[(p, 0)][0] for p in F.PERCENTILES), rel=1e-6)
     assert _sse(x, (delta, zp, m), bits) < 0.9 * uniform_sse
@@ -204,15 +221,15 @@ def test_opt_m_batches_combine_to_the_envelope_of_the_regions():
     a = nnf.gelu(torch.randn(1, 500, 8, generator=torch.Generator().manual_seed(1)))
     b = nnf.gelu(torch.randn(1, 500, 8, generator=torch.Generator().manual_seed(2)) * 4)
     per_batch = [region_qparams(t, 4) for t in (a, b)]
-    lo = min(float(-z * d * 2.0 ** -e) for d, z, e in per_batch)
+    lo = min(float(-z * d * 2.0**-e) for d, z, e in per_batch)
     hi = max(float((15 - z) * d) for d, z, e in per_batch)
     m = min(float(e) for _, _, e in per_batch)
     calibrate_stream(layer, [a, b], lambda mod, t: mod(t))
     q = layer.input_quantizer
     assert float(q.ratio_exp) == m
-    assert float(q.delta) == pytest.approx((hi - lo * 2 ** m) / 15, rel=1e-6)
-    assert float(q.zero_point) == round(-lo * 2 ** m / float(q.delta))
-    assert per_batch[0][2] != per_batch[1][2]                                  # the batches chose different ratios
+    assert float(q.delta) == pytest.approx((hi - lo * 2**m) / 15, rel=1e-6)
+    assert float(q.zero_point) == round(-lo * 2**m / float(q.delta))
+    assert per_batch[0][2] != per_batch[1][2]  # the batches chose different ratios
 
 
 def test_opt_m_quantizes_the_swin_fc2_inputs_and_survives_a_state_file(tmp_path):
@@ -220,8 +237,11 @@ def test_opt_m_quantizes_the_swin_fc2_inputs_and_survives_a_state_file(tmp_path)
     x = images(2)
     config = QuantConfig(w_bits=4, a_bits=4, method='none', smooth='sq-b', gelu_scales='opt-m')
     report = quantize_(model, config, calib=[x[:1], x[1:]], state_file=str(tmp_path / 's.pt'))
-    fc2 = [n for n, m in quant_modules(model).items() if isinstance(getattr(m, 'input_quantizer', None),
-                                                                      RegionUniformQuantizer)]
+    fc2 = [
+        n
+        for n, m in quant_modules(model).items()
+        if isinstance(getattr(m, 'input_quantizer', None), RegionUniformQuantizer)
+    ]
     assert fc2 == [f'layers.{i}.blocks.{j}.mlp.fc2' for i in range(4) for j in range(2)]
     assert report.granularity['layers.0.blocks.0.mlp.fc2'] == 'w:channel a:regions (opt-m)'
     assert report.reparameterized['layers.0.blocks.0.attn.qkv'] == 'sq-b(alpha=0.5)'
@@ -251,7 +271,7 @@ def test_options_are_validated_with_the_fix_named():
         QuantConfig(gelu_scales='opt-m', reconstruct=dict(iters=10))
     with pytest.raises(TypeError, match=r"unknown option\(s\) \['gelu_scale'\].*'gelu_scales'"):
         QuantConfig.from_options({'gelu_scale': 'opt-m'})
-    assert QuantConfig(method='crl', smooth='sq-b').smooth_alpha == 0.5         # CRL (finite k) composes
+    assert QuantConfig(method='crl', smooth='sq-b').smooth_alpha == 0.5  # CRL (finite k) composes
     assert QuantConfig(method='repq', gelu_scales='opt-m', smooth_alpha=1).smooth_alpha == 1.0
 
 
@@ -265,13 +285,24 @@ def test_sqb_refuses_a_one_shot_calibration_stream():
 def test_options_off_run_nothing_of_theirs_and_describe_as_before(monkeypatch):
     """Default identity keys are those of states made before the options existed; nothing of SQ-b or
     OPT-m runs, so the default protocol is the code path it was, bit for bit."""
-    assert list(QuantConfig().describe()) == ['w_bits', 'a_bits', 'method', 'crl_k', 'scope', 'round_zero_point',
-                                              'patch_embed_a_bits', 'reparam_output_norms', 'reconstruct', 'plan',
-                                              'plan_sha256']
+    assert list(QuantConfig().describe()) == [
+        'w_bits',
+        'a_bits',
+        'method',
+        'crl_k',
+        'scope',
+        'round_zero_point',
+        'patch_embed_a_bits',
+        'reparam_output_norms',
+        'reconstruct',
+        'plan',
+        'plan_sha256',
+    ]
     import mmdet_lrpq.models.quantizer as driver
 
     def never(*args, **kwargs):
         raise AssertionError('an MPTQ-ViT option ran with the options off')
+
     for name in ('smooth_', 'recording_ranges', 'RegionUniformQuantizer'):
         monkeypatch.setattr(driver, name, never)
     model, twin = tiny_timm_swin(), tiny_timm_swin()
@@ -289,6 +320,7 @@ def test_options_off_run_nothing_of_theirs_and_describe_as_before(monkeypatch):
 def test_onnx_export_refuses_the_region_quantizer_instead_of_dropping_it():
     pytest.importorskip('onnx')
     from mmdet_lrpq.export.onnx_export import ExportError, _forms
+
     layer = QuantLinear(8, 2)
     layer.input_quantizer = RegionUniformQuantizer(4)
     with pytest.raises(ExportError, match=r'no ONNX form .*fc2 \(RegionUniformQuantizer\)'):

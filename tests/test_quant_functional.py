@@ -1,4 +1,5 @@
 """Bit-exact parity of the vectorized quantizers with RepQ-ViT's semantics (tests/repq_reference.py)."""
+
 import math
 
 import numpy as np
@@ -33,7 +34,7 @@ def _data(kind, shape, seed):
         z = torch.randn(shape, generator=g)
         chi = torch.distributions.Chi2(torch.tensor(1.5)).sample(shape)
         return z / torch.sqrt(chi / 1.5)
-    if kind == 'relu':   # a spike of exact zeros plus a tail
+    if kind == 'relu':  # a spike of exact zeros plus a tail
         return torch.relu(torch.randn(shape, generator=g)) ** 2
     raise ValueError(kind)
 
@@ -85,8 +86,12 @@ def test_threshold_selection_with_massive_ties_is_exact(kind, quant_path):
     (values strictly beyond the threshold, then copies of it) must equal torch.quantile and topk."""
     g = torch.Generator().manual_seed(7)
     x = torch.randn(3_000_000, generator=g)
-    x = {'relu': torch.relu(x), 'neg_relu': -torch.relu(x), 'few_levels': (x * 2).round(),
-         'relu_with_negative_zeros': torch.where(x > 0, x, -0.0 * x.abs())}[kind]
+    x = {
+        'relu': torch.relu(x),
+        'neg_relu': -torch.relu(x),
+        'few_levels': (x * 2).round(),
+        'relu_with_negative_zeros': torch.where(x > 0, x, -0.0 * x.abs()),
+    }[kind]
     qs = [0.999, 0.001, 0.9999, 0.0001, 0.99999, 0.00001]
     ours = F.quantiles(x.reshape(1, -1), qs)[:, 0]
     theirs = torch.stack([torch.quantile(x, q) for q in qs])
@@ -112,7 +117,7 @@ def test_log_sqrt2_matches_repq(bits, quant_path):
     g = torch.Generator().manual_seed(bits)
     # small, and above one 2^20-element chunk for 4 bits
     attn = torch.softmax(torch.randn(360 if bits == 4 else 4, 3, 49, 49, generator=g) * 4, dim=-1)
-    attn[0, 0, :5] = 0.0   # exact zeros (masked positions)
+    attn[0, 0, :5] = 0.0  # exact zeros (masked positions)
     delta = F.log_sqrt2_qparams(attn, bits)
     assert torch.equal(delta, ref.log_sqrt2_delta(attn, bits))
     assert torch.equal(F.fake_quant_log_sqrt2(attn, delta, bits), ref.log_sqrt2_quantize(attn, delta, bits))
@@ -145,7 +150,7 @@ def test_log2_shift_integer_matmul_is_exact():
     codes = F.log_sqrt2_codes(attn, delta, bits)
     even, odd, s_max = F.log2_shift_matmul_int(codes, v_int, bits)
     scales = F.log2_shift_scales(delta).double()
-    via_shifts = (scales[0] * even.double() + scales[1] * odd.double()) * 2.0 ** -s_max
+    via_shifts = (scales[0] * even.double() + scales[1] * odd.double()) * 2.0**-s_max
     reference = F.fake_quant_log_sqrt2(attn, delta, bits).double() @ v_int.double()
     assert torch.equal(via_shifts, reference)  # float64 holds both sides exactly at these sizes
     with pytest.raises(ValueError, match='62'):
@@ -184,8 +189,11 @@ def test_bad_input_raises_clear_errors(quant_path):
         F.uniform_qparams(torch.tensor([1.0, float('nan'), float('inf')]), 4)
     # one bad value anywhere, in every path (per tensor, per channel, the large-tensor select path)
     big = torch.randn(1 << 21)
-    for bad, match in ((float('nan'), '1 NaN and 0 Inf'), (float('inf'), '0 NaN and 1 Inf'),
-                       (-float('inf'), '0 NaN and 1 Inf')):
+    for bad, match in (
+        (float('nan'), '1 NaN and 0 Inf'),
+        (float('inf'), '0 NaN and 1 Inf'),
+        (-float('inf'), '0 NaN and 1 Inf'),
+    ):
         for x, axis in ((torch.randn(4, 50, 8), None), (torch.randn(4, 50, 8), -1), (big.clone(), None)):
             x.view(-1)[x.numel() // 3] = bad
             with pytest.raises(ValueError, match=match):
@@ -195,11 +203,12 @@ def test_bad_input_raises_clear_errors(quant_path):
     with pytest.raises(ValueError, match='non-negative'):
         F.log_sqrt2_qparams(torch.randn(100), 4)
     assert F.check_bits(np.int64(3)) == 3
-    assert math.isclose(F.SQRT2 ** 2, 2.0)
+    assert math.isclose(F.SQRT2**2, 2.0)
 
 
-@pytest.mark.parametrize('layout', ['per-tensor', 'per-last-axis', 'per-first-axis', 'per-middle-axis',
-                                    'non-contiguous'])
+@pytest.mark.parametrize(
+    'layout', ['per-tensor', 'per-last-axis', 'per-first-axis', 'per-middle-axis', 'non-contiguous']
+)
 def test_fused_kernels_compute_the_pytorch_floats(layout, monkeypatch):
     """The fused kernels do the PyTorch path's float operations: fake-quant bit for bit (exact
     .5 ties, values past both clamps, ±Inf, NaN), squared-error sums to summation-order rounding."""
@@ -228,8 +237,12 @@ def test_fused_kernels_compute_the_pytorch_floats(layout, monkeypatch):
     d = torch.rand(3, 96, generator=g) * 0.2 + 0.01
     z = torch.randint(0, 16, (3, 96), generator=g).float()
     fused = F.kernels().uniform_sq_err(rows, d, z, 15)
-    plain = torch.stack([F._sum_sq_err(rows, lambda t, dd=dd[:, None], zz=zz[:, None]: F._uniform_error(t, dd, zz, 15))
-                         for dd, zz in zip(d, z)])
+    plain = torch.stack(
+        [
+            F._sum_sq_err(rows, lambda t, dd=dd[:, None], zz=zz[:, None]: F._uniform_error(t, dd, zz, 15))
+            for dd, zz in zip(d, z)
+        ]
+    )
     torch.testing.assert_close(fused, plain, rtol=1e-6, atol=0)
 
 
@@ -259,13 +272,14 @@ def test_fused_log_sqrt2_codes_from_float_bits_are_exact_at_every_code_boundary(
     offsets = np.array([0, 1, 2, 3, 5, 8, 40, 100, 200, 255, 256, 257, 258, 300, 1000, 1 << 15])
     offsets = np.concatenate([offsets, -offsets[1:]]).astype(np.int32)
     ks = np.arange((1 << bits) + 6)
-    bounds = (2.0 ** (-(ks + 0.5) / 2)).astype(np.float32)                     # float32 nearest boundary
+    bounds = (2.0 ** (-(ks + 0.5) / 2)).astype(np.float32)  # float32 nearest boundary
     t = (bounds.view(np.int32)[:, None] + offsets[None, :]).view(np.float32).reshape(-1)
-    special = np.array([0.0, -0.0, 1e-40, 1e-45, 2.0 ** -126, 1.0, 2.0, 1e30, -0.5, -1e-40,
-                        np.inf, -np.inf, np.nan], dtype=np.float32)
+    special = np.array(
+        [0.0, -0.0, 1e-40, 1e-45, 2.0**-126, 1.0, 2.0, 1e30, -0.5, -1e-40, np.inf, -np.inf, np.nan], dtype=np.float32
+    )
     values = np.concatenate([t, special, 2.0 ** -np.arange(0, 150, 0.5, dtype=np.float32)])
     perm = np.random.default_rng(bits).permutation(values.size)
-    x = torch.from_numpy(values[perm] * np.float32(delta))                      # ragged length: tails too
+    x = torch.from_numpy(values[perm] * np.float32(delta))  # ragged length: tails too
     d = torch.tensor(delta)
     fused = F.fake_quant_log_sqrt2(x, d, bits)
     finite = x[x.isfinite() & (x >= 0)].contiguous()
@@ -309,8 +323,13 @@ def test_fused_fake_quant_of_attention_operands_matches_values_and_layout(operan
     assert F.kernels() is not None, 'the fused CPU kernels did not build (see the warning above)'
     g = torch.Generator().manual_seed(3)
     qkv = (torch.randn(6, 49, 3, 3, 32, generator=g) * 2).permute(2, 0, 3, 1, 4)  # [3, B, heads, N, d]
-    x = {'q': qkv[0], 'k_transposed': qkv[1].transpose(-2, -1), 'v': qkv[2], 'scaled_q': qkv[0] * 0.17,
-         'expanded': qkv[0][:, :1].expand(-1, 3, -1, -1)}[operand]
+    x = {
+        'q': qkv[0],
+        'k_transposed': qkv[1].transpose(-2, -1),
+        'v': qkv[2],
+        'scaled_q': qkv[0] * 0.17,
+        'expanded': qkv[0][:, :1].expand(-1, 3, -1, -1),
+    }[operand]
     delta, zp = torch.tensor(0.21), torch.tensor(8.0)
     scratch = torch.full((x.numel() + 5,), float('nan'))
     fused = F.fake_quant_uniform(x, delta, zp, 4, scratch)
@@ -328,13 +347,14 @@ def test_fused_kernels_build_dir_is_keyed_by_everything_the_build_depends_on(tmp
     so never recompile over, or load) one another's build: the directory hashes the source's
     path and content, the torch installation, the Python headers and the flags."""
     from mmdet_lrpq.quant import _ext
+
     monkeypatch.setenv('MMDET_LRPQ_EXT_DIR', str(tmp_path))
     base = _ext.build_dir()
     assert base == _ext.build_dir() and base.startswith(str(tmp_path))
     src = tmp_path / 'fused_quant.cpp'
     src.write_bytes(open(_ext._SOURCE, 'rb').read())
     monkeypatch.setattr(_ext, '_SOURCE', str(src))
-    other_checkout = _ext.build_dir()                     # same content, another path (in the ninja command)
+    other_checkout = _ext.build_dir()  # same content, another path (in the ninja command)
     src.write_bytes(src.read_bytes() + b'\n// edited\n')
     edited = _ext.build_dir()
     assert len({base, other_checkout, edited}) == 3
@@ -349,7 +369,8 @@ def test_fused_kernels_build_dir_is_the_same_after_loading(monkeypatch):
     """torch's ``load`` appends its link flags to the lists it is given: the build key's own flags
     must not change with it (the directory named after loading was another one)."""
     from mmdet_lrpq.quant import _ext
+
     before = _ext.build_dir()
-    monkeypatch.setattr(_ext, '_state', {})               # load again (from the existing build)
+    monkeypatch.setattr(_ext, '_state', {})  # load again (from the existing build)
     assert _ext.kernels() is not None, 'the fused CPU kernels did not build (see the warning above)'
     assert _ext.build_dir() == before

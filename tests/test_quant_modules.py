@@ -1,4 +1,5 @@
 """Fake-quant modules: states, weight cache, the generic wrapper, reparameterization, CRL."""
+
 import math
 
 import pytest
@@ -36,7 +37,7 @@ class TinyBlock(nn.Module):
         self.matmul = QuantMatMul(a_bits=8, log_sqrt2_a=True)
 
     def forward(self, img):
-        x = self.stem(img).flatten(2).transpose(1, 2)           # [B, N, 16]
+        x = self.stem(img).flatten(2).transpose(1, 2)  # [B, N, 16]
         h = self.fc2(torch.nn.functional.gelu(self.fc1(self.norm(x))))
         attn = torch.softmax(h @ h.transpose(1, 2) / 4, dim=-1)
         return self.matmul(attn, h)
@@ -98,10 +99,10 @@ def test_state_transitions_and_calibration_protocol():
     calib_out = calibrate(model, lambda m: m(img))
     assert all(m.state is QuantState.QUANTIZED and m.calibrated for m in quant_modules(model).values())
     quant_out = model(img)
-    assert torch.equal(calib_out, quant_out)          # the calibration forward is already quantized
+    assert torch.equal(calib_out, quant_out)  # the calibration forward is already quantized
     assert not torch.equal(quant_out, float_out)
-    assert model.fc1.input_quantizer.delta.shape == (1, 1, 16)   # per channel
-    assert model.stem.input_quantizer.delta.shape == ()          # per tensor
+    assert model.fc1.input_quantizer.delta.shape == (1, 1, 16)  # per channel
+    assert model.stem.input_quantizer.delta.shape == ()  # per tensor
     # sequential calibration: fc1's input quantizer saw LayerNorm(quantized stem output)
     x = model.norm(model.stem(img).flatten(2).transpose(1, 2)).detach()
     expected = uniform_qparams(x, 4, channel_axis=-1)
@@ -110,12 +111,12 @@ def test_state_transitions_and_calibration_protocol():
 
 def test_uncalibrated_layers_are_reported_not_silently_float():
     model = _wrapped()
-    with pytest.raises(RuntimeError, match=r"3 quantized layer\(s\) received no input.*stem"):
+    with pytest.raises(RuntimeError, match=r'3 quantized layer\(s\) received no input.*stem'):
         with calibrating(model):
             model.fc1(torch.randn(1, 5, 16))
     assert all(m.state is QuantState.FLOAT for m in quant_modules(model).values())
     model = _wrapped()
-    with calibrating(model):   # empty input (no RoIs): the layer stays uncalibrated, no crash
+    with calibrating(model):  # empty input (no RoIs): the layer stays uncalibrated, no crash
         assert model.fc1(torch.empty(0, 16)).shape == (0, 32)
         model(torch.randn(1, 3, 32, 32))
 
@@ -125,20 +126,21 @@ def test_weights_quantized_once_and_requantized_when_they_change(monkeypatch):
     calibrate(model, lambda m: m(torch.randn(2, 3, 32, 32)))
     calls = []
     original = type(model.fc1.weight_quantizer).calibrate
-    monkeypatch.setattr(type(model.fc1.weight_quantizer), 'calibrate',
-                        lambda self, w: (calls.append(1), original(self, w))[1])
+    monkeypatch.setattr(
+        type(model.fc1.weight_quantizer), 'calibrate', lambda self, w: (calls.append(1), original(self, w))[1]
+    )
     x = torch.randn(2, 10, 16)
     y1 = model.fc1(x)
     model.fc1(x)
-    assert calls == []                         # cached since calibration
+    assert calls == []  # cached since calibration
     w_q = model.fc1.quantized_weight()
     d, z = uniform_qparams(model.fc1.weight, 4, channel_axis=0)
     assert torch.equal(w_q, ref.uniform_fake_quant(model.fc1.weight.detach(), d, z, 4))
     with torch.no_grad():
-        model.fc1.weight.mul_(2)               # in-place change invalidates
+        model.fc1.weight.mul_(2)  # in-place change invalidates
     y2 = model.fc1(x)
     assert calls == [1] and not torch.equal(y1, y2)
-    model.fc1.weight.data = model.fc1.weight.data / 2   # replacing the tensor invalidates too
+    model.fc1.weight.data = model.fc1.weight.data / 2  # replacing the tensor invalidates too
     model.fc1(x)
     assert calls == [1, 1]
 
@@ -163,11 +165,16 @@ def test_repq_reparam_is_exact_with_an_integer_zero_point():
     got = torch.nn.functional.linear(x_hat, q.weight, q.bias)
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
     # the quantization grid is literally the same: r·(x̂' + b) == per-channel x̂
-    torch.testing.assert_close(x_hat * res.r + res.b * res.r, fake_quant_uniform(ln_out, d_c, z_c, 4),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        x_hat * res.r + res.b * res.r, fake_quant_uniform(ln_out, d_c, z_c, 4), atol=1e-5, rtol=1e-5
+    )
     # float path is an identity too
-    torch.testing.assert_close(torch.nn.functional.linear(ln_new, q.weight, q.bias),
-                               torch.nn.functional.linear(ln_out, w0, b0), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(
+        torch.nn.functional.linear(ln_new, q.weight, q.bias),
+        torch.nn.functional.linear(ln_out, w0, b0),
+        atol=1e-4,
+        rtol=1e-5,
+    )
 
 
 def test_repq_fractional_zero_point_is_not_exact_but_matches_repq_formula():
@@ -179,7 +186,7 @@ def test_repq_fractional_zero_point_is_not_exact_but_matches_repq_formula():
     q.input_quantizer.calibrate(norm(x).detach())
     d, z = q.input_quantizer.delta.reshape(-1).clone(), q.input_quantizer.zero_point.reshape(-1).clone()
     gamma, beta, w = norm.weight.detach().clone(), norm.bias.detach().clone(), fc.weight.detach().clone()
-    res = reparameterize_(norm, q)   # RepQ-ViT as published: z̃ = mean(zp) unrounded
+    res = reparameterize_(norm, q)  # RepQ-ViT as published: z̃ = mean(zp) unrounded
     # RepQ-ViT's formulas, written out
     td, tz = d.mean(), z.mean()
     r = d / td
@@ -188,7 +195,7 @@ def test_repq_fractional_zero_point_is_not_exact_but_matches_repq_formula():
     torch.testing.assert_close(norm.weight, gamma / r)
     torch.testing.assert_close(norm.bias, beta / r - b)
     torch.testing.assert_close(q.weight, w * r)
-    torch.testing.assert_close(q.bias, (w * r) @ b)   # bias created where there was none
+    torch.testing.assert_close(q.bias, (w * r) @ b)  # bias created where there was none
 
 
 def test_crl_infinity_is_repq_and_finite_k_clips_outliers():
@@ -206,14 +213,14 @@ def test_crl_infinity_is_repq_and_finite_k_clips_outliers():
         results[k] = (reparameterize_(norm, q, k=k), q.weight.detach().clone(), norm.weight.detach().clone())
     repq, crl = results[math.inf][0], results[2.0][0]
     assert repq.n_clipped == 0 and crl.n_clipped > 0
-    assert crl.r.max() < repq.r.max()                     # the migrated scale is bounded
+    assert crl.r.max() < repq.r.max()  # the migrated scale is bounded
     assert q.weight.abs().max() < results[math.inf][1].abs().max()
     d = torch.rand(40) + 0.1
     z = torch.randint(-20, 200, (40,)).float()
     for k in (math.inf,):
         dd, zz, n = crl_clip(d, z, k)
         assert dd is d and zz is z and n == 0
-    dd, zz, n = crl_clip(d, z, 1e6)   # huge but finite k: nothing clipped, zp recomputed identically
+    dd, zz, n = crl_clip(d, z, 1e6)  # huge but finite k: nothing clipped, zp recomputed identically
     assert torch.equal(dd, d) and torch.equal(zz, z) and n == 0
     with pytest.raises(ValueError, match='k > 0'):
         crl_clip(d, z, 0.0)
@@ -245,7 +252,9 @@ def test_reparam_through_a_1x1_conv():
     conv.input_quantizer.calibrate(before)
     expected = torch.nn.functional.conv2d(
         fake_quant_uniform(before, conv.input_quantizer.delta, conv.input_quantizer.zero_point, 4),
-        conv.weight, conv.bias).detach()
+        conv.weight,
+        conv.bias,
+    ).detach()
     reparameterize_(norm, conv, round_zero_point=True)
     got = torch.nn.functional.conv2d(conv.input_quantizer(feats()), conv.weight, conv.bias)
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-5)
@@ -256,11 +265,11 @@ def test_calibrated_state_round_trip():
     img = torch.randn(2, 3, 32, 32)
     calibrate(model, lambda m: m(img))
     reparameterize_(model.norm, model.fc1, k=3.0)
-    model.fc2.input_quantizer.reset()               # re-calibrate one layer on a reparam'd flow:
-    model.fc2.input_quantizer.channel_axis = -1     # per channel, so that fc2 can be reparam'd too
+    model.fc2.input_quantizer.reset()  # re-calibrate one layer on a reparam'd flow:
+    model.fc2.input_quantizer.channel_axis = -1  # per channel, so that fc2 can be reparam'd too
     with calibrating(model):
         model(img)
-    reparameterize_(nn.LayerNorm(32), model.fc2)    # creates the bias fc2 never had
+    reparameterize_(nn.LayerNorm(32), model.fc2)  # creates the bias fc2 never had
     assert model.fc2.bias is not None
     out = model(img)
     state = model.state_dict()
@@ -268,7 +277,7 @@ def test_calibrated_state_round_trip():
     fresh.load_state_dict(state)
     set_quant_state(fresh, QuantState.QUANTIZED)
     assert torch.equal(fresh(img), out)
-    assert fresh.fc1.input_quantizer.granularity == 'tensor'      # reparameterized: per tensor now
+    assert fresh.fc1.input_quantizer.granularity == 'tensor'  # reparameterized: per tensor now
     assert fresh.fc1.input_quantizer.delta.shape == ()
 
 
@@ -277,6 +286,7 @@ def test_scratch_buffers_give_the_same_output_and_never_leak_into_results():
     autograd path's bit for bit, earlier outputs are not overwritten by later forwards, and a
     quantizer with a forward hook gets fresh memory."""
     from mmdet_lrpq.quant import modules as qm
+
     model = _wrapped()
     img1, img2 = torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
     with torch.no_grad():

@@ -1,4 +1,5 @@
 """The README's Python examples run as written (the detector one on the miniature world's data)."""
+
 from __future__ import annotations
 
 import re
@@ -24,11 +25,13 @@ def test_readme_has_the_two_api_examples():
 
 @pytest.mark.parametrize('index', [0, 1], ids=['quantize_', 'init_quantized_detector'])
 def test_readme_python_example_runs(index):
-    if index == 1:          # the data `make demo` generates (seeded, about a minute the first time)
+    if index == 1:  # the data `make demo` generates (seeded, about a minute the first time)
         from mmdet_lrpq.miniworld import experiments
+
         experiments.ensure_data(log=lambda msg: None)
-    proc = subprocess.run([sys.executable, '-c', _api_examples()[index]], capture_output=True, text=True, cwd=REPO,
-                          timeout=900)
+    proc = subprocess.run(
+        [sys.executable, '-c', _api_examples()[index]], capture_output=True, text=True, cwd=REPO, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     if index == 0:
         assert proc.stdout.split() == ['4.0', '4']

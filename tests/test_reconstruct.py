@@ -4,6 +4,7 @@ It must lower the error it optimizes (measured on a block, independently of its 
 be deterministic, live in the state file like any calibrated state and be part of its identity,
 and leave the default path (no reconstruction) exactly as it was.
 """
+
 from __future__ import annotations
 
 import copy
@@ -37,8 +38,10 @@ def block_error(model: nn.Module, reference: nn.Module, path: str, xs: list[torc
     on the same images: the error reconstruction minimizes (it learns each block on the quantized
     model's inputs towards the float model's outputs)."""
     outputs: dict[str, list] = {'got': [], 'want': []}
-    handles = [m.get_submodule(path).register_forward_hook(lambda mod, args, out, key=key: outputs[key].append(out))
-               for m, key in ((model, 'got'), (reference, 'want'))]
+    handles = [
+        m.get_submodule(path).register_forward_hook(lambda mod, args, out, key=key: outputs[key].append(out))
+        for m, key in ((model, 'got'), (reference, 'want'))
+    ]
     with torch.no_grad():
         for x in xs:
             model(x)
@@ -53,10 +56,11 @@ def test_reconstruction_reduces_the_block_output_error():
     reference, xs = small_swin(), calib_images()
     plain, learned = copy.deepcopy(reference), copy.deepcopy(reference)
     quantize_(plain, QuantConfig(w_bits=4, a_bits=4), calib=xs)
-    report = quantize_(learned, QuantConfig(w_bits=4, a_bits=4, reconstruct=dict(FAST, iters=40, drop_prob=0.0)),
-                       calib=xs)
+    report = quantize_(
+        learned, QuantConfig(w_bits=4, a_bits=4, reconstruct=dict(FAST, iters=40, drop_prob=0.0)), calib=xs
+    )
     rec = report.calibration['reconstruction']
-    assert rec['blocks'] == 8 and rec['layers'] == 1 and rec['images'] == 4     # patch embed, 4 blocks, 3 mergings; head
+    assert rec['blocks'] == 8 and rec['layers'] == 1 and rec['images'] == 4  # patch embed, 4 blocks, 3 mergings; head
     for path in ('layers.1.blocks.0', 'layers.2.downsample'):
         before, after = block_error(plain, reference, path, xs), block_error(learned, reference, path, xs)
         assert after < 0.8 * before, (path, before, after)
@@ -75,8 +79,11 @@ def test_reconstruction_is_deterministic_and_seeded():
         quantize_(model, QuantConfig(w_bits=4, a_bits=4, reconstruct=dict(FAST, seed=seed)), calib=xs)
         states.append(model.state_dict())
     same = all(torch.equal(states[0][k], states[1][k]) for k in states[0] if torch.is_tensor(states[0][k]))
-    differ = any(not torch.equal(states[0][k], states[2][k]) for k in states[0]
-                 if torch.is_tensor(states[0][k]) and k.endswith(('rounding', 'delta')))
+    differ = any(
+        not torch.equal(states[0][k], states[2][k])
+        for k in states[0]
+        if torch.is_tensor(states[0][k]) and k.endswith(('rounding', 'delta'))
+    )
     assert same and differ
 
 
@@ -89,8 +96,13 @@ def test_reconstructed_state_round_trips_and_is_refused_without_reconstruction(t
     state = torch.load(path, weights_only=True)
     assert any(k.endswith('weight_quantizer.rounding') for k in state['state_dict'])
     assert state['identity']['config']['reconstruct'] == config.reconstruct.describe()
-    report = quantize_(twin, config, calib=lambda m: pytest.fail('the saved state must be loaded'), state_file=path,
-                       calib_id='four random images')
+    report = quantize_(
+        twin,
+        config,
+        calib=lambda m: pytest.fail('the saved state must be loaded'),
+        state_file=path,
+        calib_id='four random images',
+    )
     assert report.calibration['reconstruction']['blocks'] == 8
     with torch.no_grad():
         assert torch.equal(model(x_test), twin(x_test))
@@ -100,11 +112,17 @@ def test_reconstructed_state_round_trips_and_is_refused_without_reconstruction(t
     with pytest.raises(StateMismatchError, match='config.reconstruct'):
         quantize_(small_swin(), config, calib=xs, state_file=plain_path, calib_id='four')
     with pytest.raises(StateMismatchError, match='config.reconstruct'):
-        quantize_(small_swin(), QuantConfig(w_bits=4, a_bits=4), calib=xs, state_file=path,
-                  calib_id='four random images')
+        quantize_(
+            small_swin(), QuantConfig(w_bits=4, a_bits=4), calib=xs, state_file=path, calib_id='four random images'
+        )
     with pytest.raises(StateMismatchError, match='config.reconstruct'):
-        quantize_(small_swin(), QuantConfig(w_bits=4, a_bits=4, reconstruct=dict(FAST, iters=9)), calib=xs,
-                  state_file=path, calib_id='four random images')
+        quantize_(
+            small_swin(),
+            QuantConfig(w_bits=4, a_bits=4, reconstruct=dict(FAST, iters=9)),
+            calib=xs,
+            state_file=path,
+            calib_id='four random images',
+        )
 
 
 def test_default_path_is_unchanged():
@@ -117,6 +135,7 @@ def test_default_path_is_unchanged():
     quantizer = ModelQuantizer(by_hand, QuantConfig(w_bits=4, a_bits=4))
     quantizer.wrap()
     from mmdet_lrpq.quant import calibrate_stream
+
     calibrate_stream(by_hand, xs, lambda m, x: m(x))
     quantizer.reparameterize()
     quantizer.requantize_weights()
@@ -140,7 +159,7 @@ def test_differentiable_fake_quant_gives_the_no_grad_values(bits, axis):
     got.sum().backward()
     y = x / delta
     inside = (y.round() >= -zp) & (y.round() <= (1 << bits) - 1 - zp)
-    assert torch.equal(xg.grad, inside.float())                     # straight through, zero where clipped
+    assert torch.equal(xg.grad, inside.float())  # straight through, zero where clipped
     lsq = torch.where(inside, y.round() - y, y.round().clamp(-zp, (1 << bits) - 1 - zp))
     torch.testing.assert_close(dg.grad, lsq.sum_to_size(delta.shape) if delta.dim() else lsq.sum())
     attn = torch.softmax(torch.randn(2, 3, 7, 7, generator=g) * 4, dim=-1)
@@ -158,10 +177,10 @@ def test_learned_rounding_quantizer():
     q = UniformQuantizer(4, channel_axis=0)
     q.calibrate(x)
     t = x / q.delta
-    q.rounding = ((t - t.floor()) >= 0.5).to(torch.uint8)          # nearest, ties up
+    q.rounding = ((t - t.floor()) >= 0.5).to(torch.uint8)  # nearest, ties up
     nearest = F.fake_quant_uniform(x, q.delta, q.zero_point, 4)
     assert torch.equal(q(x), nearest)
-    q.rounding = torch.ones_like(x, dtype=torch.uint8)              # always up: one step above floor
+    q.rounding = torch.ones_like(x, dtype=torch.uint8)  # always up: one step above floor
     up = torch.clamp(t.floor() + 1, -q.zero_point, 15 - q.zero_point) * q.delta
     assert torch.equal(q(x), up)
     q.reset()
@@ -213,15 +232,18 @@ def test_heads_reconstruct_as_modules_or_layers(heads, device_audit):
         report = quantize_(model, QuantConfig(w_bits=4, a_bits=4, reconstruct=dict(FAST, heads=heads)), calib=xs)
     rec = report.calibration['reconstruction']
     assert (rec['heads'], rec['layers']) == ((2, 1) if heads == 'module' else (0, 4))
-    assert set(rec['relative_error']) == ({'neck', 'roi_head.bbox_head', 'backbone.0'} if heads == 'module' else
-                                          {'backbone.0', 'neck', 'roi_head.bbox_head.0', 'roi_head.bbox_head.2'})
+    assert set(rec['relative_error']) == (
+        {'neck', 'roi_head.bbox_head', 'backbone.0'}
+        if heads == 'module'
+        else {'backbone.0', 'neck', 'roi_head.bbox_head.0', 'roi_head.bbox_head.2'}
+    )
     with torch.no_grad():
         got = model(xs[0])
     assert (got - ref).pow(2).sum() < 0.1 * ref.pow(2).sum()
-    assert all(p.requires_grad for p in model.parameters())        # parameters as they were
+    assert all(p.requires_grad for p in model.parameters())  # parameters as they were
     set_quant_state(model, QuantState.FLOAT)
     with torch.no_grad():
-        assert torch.equal(model(xs[0]), ref)                      # weights, biases untouched
+        assert torch.equal(model(xs[0]), ref)  # weights, biases untouched
 
 
 def test_calibration_source_must_be_readable_twice():
@@ -230,8 +252,8 @@ def test_calibration_source_must_be_readable_twice():
         quantize_(small_swin(), config, calib=iter(calib_images()))
     model = small_swin()
     xs = calib_images()
-    report = quantize_(model, config, calib=lambda m: [m(x) for x in xs])      # a callable is called again
-    assert report.calibration['reconstruction']['images'] == 1                 # one calibration call
+    report = quantize_(model, config, calib=lambda m: [m(x) for x in xs])  # a callable is called again
+    assert report.calibration['reconstruction']['images'] == 1  # one calibration call
 
 
 def test_reconstruct_config_validation():

@@ -3,6 +3,7 @@
 The grid runs through the real tools (tools/lrp_plan.py, tools/test.py) on a few miniature-world val
 images; COCO paths are exercised up to the point where real checkpoints would be needed.
 """
+
 import importlib.util
 import json
 import re
@@ -28,8 +29,9 @@ DESIGN_TABLE = """
 
 
 def reproduce(*args, timeout=600):
-    return subprocess.run([sys.executable, str(TOOL), *map(str, args)], capture_output=True, text=True, cwd=REPO,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(TOOL), *map(str, args)], capture_output=True, text=True, cwd=REPO, timeout=timeout
+    )
 
 
 def tool_module():
@@ -62,8 +64,10 @@ def test_paper_results_hold_every_design_cell():
     arxiv = {k: s.get('arxiv') for k, s in paper['sources'].items()}
     assert arxiv['lrp_qvit'] == '2401.11243' and arxiv['repq_vit'] == '2212.08254'
     assert 'CVPR 2025' in paper['sources']['aphq_vit']['venue'] and 'ICCV 2023' in paper['sources']['repq_vit']['venue']
-    assert {c['timm'] for c in paper['classifiers'].values()} == {'swin_tiny_patch4_window7_224',
-                                                                   'swin_small_patch4_window7_224'}
+    assert {c['timm'] for c in paper['classifiers'].values()} == {
+        'swin_tiny_patch4_window7_224',
+        'swin_small_patch4_window7_224',
+    }
 
 
 def test_paper_checkpoints_are_recorded_honestly():
@@ -76,7 +80,7 @@ def test_paper_checkpoints_are_recorded_honestly():
             assert e['url'].startswith('https://') and e['url'].endswith('/' + e['file'])
             assert e['sha256'] is None or re.fullmatch(r'[0-9a-f]{64}', e['sha256'])
             if e['sha256_prefix'] is not None:  # OpenMMLab's publish_model: <name>-<sha256[:8]>.pth
-                assert e['file'].endswith(f"-{e['sha256_prefix']}.pth")
+                assert e['file'].endswith(f'-{e["sha256_prefix"]}.pth')
             assert e['layout'] in ('original', 'mmdet')
 
 
@@ -92,12 +96,16 @@ def test_print_paper_names_every_config_with_its_expected_numbers():
 # ----------------------------------------------------------------------------- checkpoint checks
 def test_checkpoint_layout_and_verification(tmp_path):
     import torch
+
     tool = tool_module()
     original, mmdet = tmp_path / 'a.pth', tmp_path / 'b.pth'
     torch.save({'state_dict': {'backbone.layers.0.blocks.0.attn.qkv.weight': torch.zeros(2)}}, original)
     torch.save({'state_dict': {'backbone.stages.0.blocks.0.attn.w_msa.qkv.weight': torch.zeros(2)}}, mmdet)
-    torch.save({'backbone.layers.0.downsample.reduction.weight': torch.zeros(2)}, tmp_path / 'legacy.pth',
-               _use_new_zipfile_serialization=False)
+    torch.save(
+        {'backbone.layers.0.downsample.reduction.weight': torch.zeros(2)},
+        tmp_path / 'legacy.pth',
+        _use_new_zipfile_serialization=False,
+    )
     assert tool.checkpoint_layout(str(original)) == 'original'
     assert tool.checkpoint_layout(str(mmdet)) == 'mmdet'
     assert tool.checkpoint_layout(str(tmp_path / 'legacy.pth')) == 'original'
@@ -106,7 +114,7 @@ def test_checkpoint_layout_and_verification(tmp_path):
     with pytest.raises(tool.UserError, match='does not match the published abcdef12'):
         tool.verify('x.pth', '0' * 64, entry)
     assert 'not verifiable' in tool.verify('x.pth', '0' * 64, dict(entry, sha256_prefix=None))
-    fetched = tmp_path / 'cache' / 'b.pth'   # the download path, offline: a file:// URL
+    fetched = tmp_path / 'cache' / 'b.pth'  # the download path, offline: a file:// URL
     tool.download(mmdet.as_uri(), str(fetched), log=lambda msg: None)
     assert fetched.read_bytes() == mmdet.read_bytes() and not (tmp_path / 'cache' / 'b.pth.part').exists()
     with pytest.raises(tool.UserError, match='download it yourself and pass --checkpoint'):
@@ -116,11 +124,26 @@ def test_checkpoint_layout_and_verification(tmp_path):
 def test_official_layout_is_converted_once(tmp_path, fake_coco):
     """A checkpoint with Microsoft's Swin keys goes through tools/convert_checkpoint.py first (dry run)."""
     import torch
+
     ckpt = tmp_path / 'mask_rcnn_swin_tiny_patch4_window7.pth'
     torch.save({'state_dict': {'backbone.layers.0.blocks.0.attn.qkv.weight': torch.zeros(2)}}, ckpt)
-    proc = reproduce('--coco-root', fake_coco, '--detectors', 'mask_rcnn', '--backbones', 'swin_t', '--settings', 'FP',
-                     '--checkpoint', f'mask_rcnn_swin_t={ckpt}', '--cache-dir', tmp_path / 'cache',
-                     '--out-dir', tmp_path / 'o', '--dry-run')
+    proc = reproduce(
+        '--coco-root',
+        fake_coco,
+        '--detectors',
+        'mask_rcnn',
+        '--backbones',
+        'swin_t',
+        '--settings',
+        'FP',
+        '--checkpoint',
+        f'mask_rcnn_swin_t={ckpt}',
+        '--cache-dir',
+        tmp_path / 'cache',
+        '--out-dir',
+        tmp_path / 'o',
+        '--dry-run',
+    )
     assert proc.returncode == 0, proc.stderr
     assert 'no hash is published for mask_rcnn_swin_tiny_patch4_window7.pth: not verifiable' in proc.stdout
     converted = re.search(r'tools/convert_checkpoint.py \S+ (\S+)\.part', proc.stdout).group(1)
@@ -149,40 +172,78 @@ def _error(proc, *needles):
 
 def test_errors_name_the_option_and_the_fix(tmp_path, fake_coco):
     import torch
+
     _error(reproduce('--settings', 'FP'), '--coco-root is required', '--miniworld')
     _error(reproduce('--coco-root', tmp_path / 'nowhere', '--settings', 'FP'), f'--coco-root {tmp_path / "nowhere"}')
     (fake_coco / 'train2017').rmdir()
     _error(reproduce('--coco-root', fake_coco, '--settings', 'W4A4'), 'missing train2017', 'calibrate')
     (fake_coco / 'train2017').mkdir()
-    _error(reproduce('--coco-root', fake_coco, '--detectors', 'mask_rcnn', '--backbones', 'swin_t', '--settings', 'FP'),
-           'no checkpoint for mask_rcnn_swin_t', '--checkpoint mask_rcnn_swin_t=PATH', '--download',
-           'https://github.com/SwinTransformer/storage/releases/download/v1.0.2/mask_rcnn_swin_tiny_patch4_window7.pth')
+    _error(
+        reproduce('--coco-root', fake_coco, '--detectors', 'mask_rcnn', '--backbones', 'swin_t', '--settings', 'FP'),
+        'no checkpoint for mask_rcnn_swin_t',
+        '--checkpoint mask_rcnn_swin_t=PATH',
+        '--download',
+        'https://github.com/SwinTransformer/storage/releases/download/v1.0.2/mask_rcnn_swin_tiny_patch4_window7.pth',
+    )
     gone = tmp_path / 'gone.pth'
-    _error(reproduce('--miniworld', '--out-dir', tmp_path / 'o', '--checkpoint', f'mask_rcnn_swin_mini={gone}'),
-           f'--checkpoint mask_rcnn_swin_mini={gone}: file not found')
+    _error(
+        reproduce('--miniworld', '--out-dir', tmp_path / 'o', '--checkpoint', f'mask_rcnn_swin_mini={gone}'),
+        f'--checkpoint mask_rcnn_swin_mini={gone}: file not found',
+    )
     _error(reproduce('--miniworld', '--checkpoint', 'mask_rcnn_swin_t=x.pth'), 'unknown name', 'mask_rcnn_swin_mini')
     # a copy named like a recorded OpenMMLab file is checked against the hash in its name
     fake = tmp_path / 'mask_rcnn_swin-t-p4-w7_fpn_ms-crop-3x_coco_20210906_131725-bacf6f7b.pth'
     torch.save({'state_dict': {'backbone.stages.0.x': torch.zeros(1)}}, fake)
-    common = ('--coco-root', fake_coco, '--detectors', 'mask_rcnn', '--backbones', 'swin_t',
-              '--out-dir', tmp_path / 'o')
-    _error(reproduce(*common, '--settings', 'FP', '--checkpoint', f'mask_rcnn_swin_t={fake}'),
-           'does not match the published bacf6f7b')
+    common = (
+        '--coco-root',
+        fake_coco,
+        '--detectors',
+        'mask_rcnn',
+        '--backbones',
+        'swin_t',
+        '--out-dir',
+        tmp_path / 'o',
+    )
+    _error(
+        reproduce(*common, '--settings', 'FP', '--checkpoint', f'mask_rcnn_swin_t={fake}'),
+        'does not match the published bacf6f7b',
+    )
     ckpt = tmp_path / 'mine.pth'
     torch.save({'state_dict': {'backbone.stages.0.x': torch.zeros(1)}}, ckpt)
-    _error(reproduce(*common, '--settings', 'MP4', '--checkpoint', f'mask_rcnn_swin_t={ckpt}'),
-           'no weights were given for swin_t', '--classifier swin_t=PATH (swin_tiny_patch4_window7_224 weights)',
-           '--pretrained', '--imagenet DIR', '--plans-dir configs/plans --reuse-plans')
+    _error(
+        reproduce(*common, '--settings', 'MP4', '--checkpoint', f'mask_rcnn_swin_t={ckpt}'),
+        'no weights were given for swin_t',
+        '--classifier swin_t=PATH (swin_tiny_patch4_window7_224 weights)',
+        '--pretrained',
+        '--imagenet DIR',
+        '--plans-dir configs/plans --reuse-plans',
+    )
 
 
 def test_placeholder_plans_run_only_marked(tmp_path, fake_coco):
     """The shipped random-weight plans may be used, with a loud warning; --dry-run shows the command."""
     import torch
+
     ckpt = tmp_path / 'mine.pth'
     torch.save({'state_dict': {'backbone.stages.0.x': torch.zeros(1)}}, ckpt)
-    proc = reproduce('--coco-root', fake_coco, '--detectors', 'mask_rcnn', '--backbones', 'swin_t', '--settings', 'MP4',
-                     '--checkpoint', f'mask_rcnn_swin_t={ckpt}', '--plans-dir', REPO / 'configs' / 'plans',
-                     '--reuse-plans', '--out-dir', tmp_path / 'o', '--dry-run')
+    proc = reproduce(
+        '--coco-root',
+        fake_coco,
+        '--detectors',
+        'mask_rcnn',
+        '--backbones',
+        'swin_t',
+        '--settings',
+        'MP4',
+        '--checkpoint',
+        f'mask_rcnn_swin_t={ckpt}',
+        '--plans-dir',
+        REPO / 'configs' / 'plans',
+        '--reuse-plans',
+        '--out-dir',
+        tmp_path / 'o',
+        '--dry-run',
+    )
     assert proc.returncode == 0, proc.stderr
     assert 'RANDOM classifier weights' in proc.stdout and 'NOT a reproduction' in proc.stdout
     assert 'tools/test.py configs/mask_rcnn_swin_t_mp4.py' in proc.stdout
@@ -199,20 +260,33 @@ def _summary(stdout: str) -> tuple[int, int, int]:
 def test_miniworld_grid_table_and_resume(tmp_path):
     """FP and MP4 of the tiny Mask R-CNN on 4 val images: a real table, then resume and a plan change."""
     out = tmp_path / 'run'
-    args = ('--miniworld', '--detectors', 'mask_rcnn', '--settings', 'FP', 'MP4', '--val-images', '4',
-            '--lrp-images', '8', '--out-dir', out)
+    args = (
+        '--miniworld',
+        '--detectors',
+        'mask_rcnn',
+        '--settings',
+        'FP',
+        'MP4',
+        '--val-images',
+        '4',
+        '--lrp-images',
+        '8',
+        '--out-dir',
+        out,
+    )
     first = reproduce(*args)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert _summary(first.stdout) == (2, 0, 0)
     rows = {r['setting']: r for r in json.loads((out / 'results.json').read_text())['rows']}
     assert list(rows) == ['FP', 'MP4']
     assert rows['FP']['box_ap'] > 0 and rows['FP']['mask_ap'] > 0 and rows['MP4']['box_ap'] > 0
-    assert rows['FP']['avg_w_bits'] == 32.0 and rows['MP4']['avg_w_bits'] <= 4.0   # the plan's budget
+    assert rows['FP']['avg_w_bits'] == 32.0 and rows['MP4']['avg_w_bits'] <= 4.0  # the plan's budget
     assert rows['MP4']['plan']['weights'] == 'checkpoint' and not rows['MP4']['plan']['placeholder']
     assert all(r['paper'] is None for r in rows.values())  # no paper column for the miniature world
     for setting, r in rows.items():  # the printed table carries the recorded numbers
-        assert re.search(rf"\| Mask R-CNN Swin-mini \| {setting} \| {r['box_ap']:.1f} \| {r['mask_ap']:.1f} \|",
-                         first.stdout), setting
+        assert re.search(
+            rf'\| Mask R-CNN Swin-mini \| {setting} \| {r["box_ap"]:.1f} \| {r["mask_ap"]:.1f} \|', first.stdout
+        ), setting
     assert 'evaluated on the first 4 val images only' in first.stdout
     assert (out / 'results.md').read_text().count('| Mask R-CNN Swin-mini |') == 2
     assert (out / 'results.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
@@ -227,7 +301,7 @@ def test_miniworld_grid_table_and_resume(tmp_path):
     plan_file = out / 'plans' / 'swin_mini_mp4.json'
     plan = json.loads(plan_file.read_text())
     site = next(k for k, v in plan['bits'].items() if not k.startswith('re:') and v[0] > 3)
-    plan['bits'][site] = [v - 1 for v in plan['bits'][site]]   # fewer bits: still within the budget
+    plan['bits'][site] = [v - 1 for v in plan['bits'][site]]  # fewer bits: still within the budget
     plan_file.write_text(json.dumps(plan, indent=1))
     third = reproduce(*args, '--reuse-plans')
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
@@ -239,8 +313,10 @@ def test_miniworld_grid_table_and_resume(tmp_path):
     # the uniform settings go through the quant config with RepQ's options, as configs/*_w4a4.py say
     dry = reproduce(*args[:4], 'W4A4', *args[6:], '--dry-run')
     assert dry.returncode == 0, dry.stderr[-3000:]
-    assert ('tools/test.py configs/miniworld/mask_rcnn_swin_mini_quant.py checkpoints/miniworld/mask_rcnn_swin_mini.pth'
-            in dry.stdout)
+    assert (
+        'tools/test.py configs/miniworld/mask_rcnn_swin_mini_quant.py checkpoints/miniworld/mask_rcnn_swin_mini.pth'
+        in dry.stdout
+    )
     assert 'custom_hooks.0.w_bits=4 custom_hooks.0.a_bits=4 custom_hooks.0.method=repq' in dry.stdout
     assert 'dry run: 1 cells would run, 0 are finished' in dry.stdout
 
@@ -249,13 +325,37 @@ def test_coco_table_sets_ours_beside_the_paper(tmp_path):
     """Differences to the published cell, the re-run and APHQ-ViT notes, and † placeholder rows without one."""
     tool = tool_module()
     paper = json.loads(PAPER.read_text())
-    rows = [dict(detector='mask_rcnn', backbone='swin_s', model='mask_rcnn_swin_s', setting='W4A4', box_ap=42.0,
-                 mask_ap=40.1, avg_w_bits=4.0, avg_a_bits=4.0, scope='detector', plan=None),
-            dict(detector='mask_rcnn', backbone='swin_s', model='mask_rcnn_swin_s', setting='MP4', box_ap=40.0,
-                 mask_ap=39.0, avg_w_bits=3.99, avg_a_bits=4.07, scope='detector', plan={'placeholder': True})]
+    rows = [
+        dict(
+            detector='mask_rcnn',
+            backbone='swin_s',
+            model='mask_rcnn_swin_s',
+            setting='W4A4',
+            box_ap=42.0,
+            mask_ap=40.1,
+            avg_w_bits=4.0,
+            avg_a_bits=4.0,
+            scope='detector',
+            plan=None,
+        ),
+        dict(
+            detector='mask_rcnn',
+            backbone='swin_s',
+            model='mask_rcnn_swin_s',
+            setting='MP4',
+            box_ap=40.0,
+            mask_ap=39.0,
+            avg_w_bits=3.99,
+            avg_a_bits=4.07,
+            scope='detector',
+            plan={'placeholder': True},
+        ),
+    ]
     table = tool.markdown(rows, paper, val_images=None)
-    assert ('| Mask R-CNN Swin-S | W4A4 | 42.0 | 44.2 | -2.2 | 40.1 | 40.2 | -0.1 | 4.00 / 4.00 | '
-            'RepQ-ViT W4A4 (arXiv 2212.08254) |') in table
+    assert (
+        '| Mask R-CNN Swin-S | W4A4 | 42.0 | 44.2 | -2.2 | 40.1 | 40.2 | -0.1 | 4.00 / 4.00 | '
+        'RepQ-ViT W4A4 (arXiv 2212.08254) |'
+    ) in table
     assert '| Mask R-CNN Swin-S | MP4 † | 40.0 | 46.4 | — | 39.0 | 41.4 | — |' in table
     assert '42.7 / 40.0' in table and 'APHQ-ViT, CVPR 2025): 44.1 / 41.0' in table
     assert 'not a reproduction of the paper' in table and 'quantization scope: detector' in table
@@ -269,6 +369,7 @@ def test_cells_spread_over_gpus_one_gpu_per_process(monkeypatch):
     once, and every GPU is used; more jobs than GPUs share them round-robin."""
     import threading
     import time as _time
+
     tool = tool_module()
     running: dict[str, int] = {}
     seen: list[str] = []
@@ -330,12 +431,30 @@ def test_execute_pins_the_cell_process_to_its_gpu(monkeypatch, tmp_path):
 def test_a_dry_run_writes_nothing(tmp_path, fake_coco):
     """--dry-run prints what a run would do; it used to write <out-dir>/digests.json (and evaluation subsets)."""
     import torch
+
     ckpt = tmp_path / 'mine.pth'
     torch.save({'state_dict': {'backbone.stages.0.x': torch.zeros(1)}}, ckpt)
     out = tmp_path / 'o'
-    proc = reproduce('--coco-root', fake_coco, '--detectors', 'mask_rcnn', '--backbones', 'swin_t', '--settings', 'MP4',
-                     '--checkpoint', f'mask_rcnn_swin_t={ckpt}', '--plans-dir', REPO / 'configs' / 'plans',
-                     '--reuse-plans', '--val-images', '2', '--out-dir', out, '--dry-run')
+    proc = reproduce(
+        '--coco-root',
+        fake_coco,
+        '--detectors',
+        'mask_rcnn',
+        '--backbones',
+        'swin_t',
+        '--settings',
+        'MP4',
+        '--checkpoint',
+        f'mask_rcnn_swin_t={ckpt}',
+        '--plans-dir',
+        REPO / 'configs' / 'plans',
+        '--reuse-plans',
+        '--val-images',
+        '2',
+        '--out-dir',
+        out,
+        '--dry-run',
+    )
     assert proc.returncode == 0, proc.stderr
     assert 'dry run: 1 cells would run' in proc.stdout
     assert not out.exists(), sorted(str(p.relative_to(out)) for p in out.rglob('*'))

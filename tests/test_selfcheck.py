@@ -3,6 +3,7 @@
 On this machine's devices: the stack lines, one result line per device with real numbers, the JSON;
 and the failures a new machine meets, each a non-zero exit with its reason and no traceback.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,15 +16,23 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-RESULT = re.compile(r'^ *(?P<device>cpu|cuda): box AP +(?P<box>[\d.]+) \(float +(?P<float_box>[\d.]+)\) +'
-                    r'mask AP +(?P<mask>[\d.]+) \(float +(?P<float_mask>[\d.]+)\) +calibration (?P<calib>[\d.]+)s +'
-                    r'quantized/float forward (?P<ratio>[\d.]+)x +max diff vs cpu: (?P<diff>.+)$', re.M)
+RESULT = re.compile(
+    r'^ *(?P<device>cpu|cuda): box AP +(?P<box>[\d.]+) \(float +(?P<float_box>[\d.]+)\) +'
+    r'mask AP +(?P<mask>[\d.]+) \(float +(?P<float_mask>[\d.]+)\) +calibration (?P<calib>[\d.]+)s +'
+    r'quantized/float forward (?P<ratio>[\d.]+)x +max diff vs cpu: (?P<diff>.+)$',
+    re.M,
+)
 STACK = ('python', 'torch', 'timm', 'mmengine', 'mmcv', 'mmdet', 'lrpq kernels', 'devices')
 
 
 def selfcheck(*args: str) -> tuple[int, str]:
-    proc = subprocess.run([sys.executable, str(REPO / 'tools' / 'selfcheck.py'), *args], capture_output=True,
-                          text=True, cwd=REPO, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / 'tools' / 'selfcheck.py'), *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     return proc.returncode, proc.stdout + proc.stderr
 
 
@@ -34,6 +43,7 @@ def devices() -> list[str]:
 def cuda_ops() -> bool:
     """mmcv's ops run on CUDA: the torchvision backend always does, compiled ops when built with CUDA."""
     from mmdet_lrpq.env import stack_report
+
     report = stack_report()
     return report['mmcv_ops_backend'] == 'torchvision' or bool(report['mmcv_ops_cuda'])
 
@@ -62,13 +72,13 @@ def test_quick_check_prints_the_stack_and_a_result_per_device(tmp_path):
             assert m['diff'] == '-'
         else:
             assert re.match(r'scores [\d.e+-]+, features [\d.e+-]+ \(relative\)', m['diff']), m[0]
-    if 'cuda' not in working and 'cuda' in devices():   # a GPU, but mmcv's ops are CPU-only: said so, and why
+    if 'cuda' not in working and 'cuda' in devices():  # a GPU, but mmcv's ops are CPU-only: said so, and why
         assert re.search(r"cuda: FAILED: mmcv's ops were built for the CPU only", log), log[-3000:]
     data = json.loads(report.read_text())
     assert data['ok'] is (rc == 0) and data['stack']['mmdet']
     kernels = data['stack']['fused_kernels']
     state = 'on' if kernels['on'] else 'off'
-    assert f"lrpq kernels: fused CPU quantization kernels {state} ({kernels['why']})" in log
+    assert f'lrpq kernels: fused CPU quantization kernels {state} ({kernels["why"]})' in log
     by_device = {r['device']: r for r in data['results']}
     assert sorted(by_device) == devices()
     for device in working:
@@ -86,12 +96,17 @@ def test_missing_checkpoint_fails_with_its_path_and_the_fix(tmp_path):
 def test_a_failing_device_is_reported_with_its_reason(tmp_path):
     """Unreadable calibration images: calibration fails on the device, after the stack and the data checks."""
     from mmdet_lrpq.miniworld import generate
+
     generate(tmp_path, sizes=dict(train=0, val=4, calib=8, cls_train=0, cls_val=0))
     for image in (tmp_path / 'calib').glob('*.jpg'):
-        image.write_bytes(image.read_bytes()[:200])                # truncated JPEG files
+        image.write_bytes(image.read_bytes()[:200])  # truncated JPEG files
     rc, log = selfcheck('--quick', '--device', 'cpu', '--data', str(tmp_path))
-    assert_clean_failure(rc, log, r'cpu: FAILED: CalibrationDataError: calibration image \S+/calib/\d+\.jpg could not be '
-                                  r'loaded .*\(at \S+calib_data\.py:\d+ in _item\)')
+    assert_clean_failure(
+        rc,
+        log,
+        r'cpu: FAILED: CalibrationDataError: calibration image \S+/calib/\d+\.jpg could not be '
+        r'loaded .*\(at \S+calib_data\.py:\d+ in _item\)',
+    )
     assert 'selfcheck FAILED on cpu: see the reason' in log
 
 
@@ -104,6 +119,7 @@ def test_asking_for_cuda_without_a_gpu_says_so():
 def _tool():
     """tools/selfcheck.py as a module (its CUDA-only comparison must be right where no GPU checks it)."""
     import importlib.util
+
     spec = importlib.util.spec_from_file_location('selfcheck_tool', REPO / 'tools' / 'selfcheck.py')
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
@@ -113,17 +129,30 @@ def _tool():
 
 def test_difference_from_the_cpu_run_and_its_result_line():
     tool = _tool()
-    cpu = {'scores': [torch.tensor([0.9, 0.5, 0.2]), torch.tensor([])],
-           'features': [torch.tensor([[1.0, -4.0]]), torch.tensor([2.0])]}
+    cpu = {
+        'scores': [torch.tensor([0.9, 0.5, 0.2]), torch.tensor([])],
+        'features': [torch.tensor([[1.0, -4.0]]), torch.tensor([2.0])],
+    }
     assert tool.difference(cpu, cpu) == {'scores': 0.0, 'features': 0.0, 'same_counts': True}
     # another order, one score moved by 0.01, one more detection; features off by 0.1 of 4
-    cuda = {'scores': [torch.tensor([0.2, 0.91, 0.5, 0.1]), torch.tensor([])],
-            'features': [torch.tensor([[1.0, -3.9]]), torch.tensor([2.0])]}
+    cuda = {
+        'scores': [torch.tensor([0.2, 0.91, 0.5, 0.1]), torch.tensor([])],
+        'features': [torch.tensor([[1.0, -3.9]]), torch.tensor([2.0])],
+    }
     diff = tool.difference(cuda, cpu)
     assert diff['scores'] == pytest.approx(0.01, rel=1e-5) and diff['features'] == pytest.approx(0.025, rel=1e-5)
     assert diff['same_counts'] is False
-    result = tool.DeviceResult('cuda', ok=True, box_ap=50.0, mask_ap=40.0, float_box_ap=60.0, float_mask_ap=50.0,
-                               calibration_seconds=0.5, forward_ratio=1.5, diff_vs_cpu=diff)
+    result = tool.DeviceResult(
+        'cuda',
+        ok=True,
+        box_ap=50.0,
+        mask_ap=40.0,
+        float_box_ap=60.0,
+        float_mask_ap=50.0,
+        calibration_seconds=0.5,
+        forward_ratio=1.5,
+        diff_vs_cpu=diff,
+    )
     m = RESULT.match(result.line())
     assert m and m['device'] == 'cuda' and m['diff'].startswith('scores 1.0e-02, features 2.5e-02 (relative)')
     assert m['diff'].endswith('detection counts differ')

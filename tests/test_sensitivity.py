@@ -1,4 +1,5 @@
 """The measured-sensitivity allocator: the integer program behind it, the Fisher measurement, the tool."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -57,7 +58,7 @@ def test_sensitivity_allocator_meets_the_budget_exactly(budget_bits):
     # every cost falls with bits, so nothing affordable is left to raise
     assert all(bits[s.name][0] == 5 or s.params > check.margin_bits for s in sites if s.has_weights)
     assert {w for n, (w, a) in bits.items() if n != 'mm'} <= {3, 4, 5} and all(w == a for w, a in bits.values())
-    assert bits['mm'] == (5, 5)                                      # matmuls: the shared rule (block 0: k+1)
+    assert bits['mm'] == (5, 5)  # matmuls: the shared rule (block 0: k+1)
     assert plan.allocator == 'sensitivity' and plan.scores == {n: c[4] for n, c in table.items()}
 
 
@@ -66,9 +67,11 @@ def test_sensitivity_allocator_is_optimal_on_a_small_case():
     weighted = [s for s in sites if s.has_weights]
     plan = allocate('sensitivity', sites, sensitivity=table, target_bits=4)
     limit = 4 * sum(s.params for s in weighted)
-    best = min((sum(table[s.name][b] for s, b in zip(weighted, combo)), combo)
-               for combo in itertools.product((3, 4, 5), repeat=len(weighted))
-               if sum(s.params * b for s, b in zip(weighted, combo)) <= limit)
+    best = min(
+        (sum(table[s.name][b] for s, b in zip(weighted, combo)), combo)
+        for combo in itertools.product((3, 4, 5), repeat=len(weighted))
+        if sum(s.params * b for s, b in zip(weighted, combo)) <= limit
+    )
     got = sum(table[s.name][plan.bits[s.name][0]] for s in weighted)
     assert got == pytest.approx(best[0])
 
@@ -87,21 +90,32 @@ def bops_problem(n: int, seed: int) -> tuple[list[Site], dict]:
     """A random problem whose sites also have MACs, unrelated to their weight counts (conv vs linear)."""
     sites, table = random_problem(n, seed)
     g = torch.Generator().manual_seed(seed + 1)
-    return [Site(s.name, s.kind, s.layer_type, s.block, s.stage, s.params,
-                 int(torch.randint(1000, 90000, (1,), generator=g))) for s in sites], table
+    return [
+        Site(
+            s.name, s.kind, s.layer_type, s.block, s.stage, s.params, int(torch.randint(1000, 90000, (1,), generator=g))
+        )
+        for s in sites
+    ], table
 
 
 def test_a_bops_budget_is_met_exactly_and_solved_optimally():
     from mmdet_lrpq.plan import account, uniform_bops
+
     sites, table = bops_problem(6, seed=7)
-    pins = {'s0': 8}                                    # e.g. the patch embedding's 8-bit image input
+    pins = {'s0': 8}  # e.g. the patch embedding's 8-bit image input
     limit = uniform_bops(sites, 4, pins)
     assert limit == account(sites, {s.name: (4, 8 if s.name == 's0' else 4) for s in sites}).bops
     weight_only = allocate('sensitivity', sites, sensitivity=table, target_bits=4, act_bits=pins)
-    plan = allocate('sensitivity', sites, sensitivity=table, target_bits=4, act_bits=pins,
-                    budget=Budget(weight_bits=4, max_bops=limit))
+    plan = allocate(
+        'sensitivity',
+        sites,
+        sensitivity=table,
+        target_bits=4,
+        act_bits=pins,
+        budget=Budget(weight_bits=4, max_bops=limit),
+    )
     bits = plan.resolve(sites)
-    assert bits['s0'][1] == 8 and weight_only.bits['s0'][1] == 8          # the pinned input, in the plan
+    assert bits['s0'][1] == 8 and weight_only.bits['s0'][1] == 8  # the pinned input, in the plan
     used = account(sites, bits).bops
     assert used <= limit and plan.budget['used_bops'] == used and plan.budget['limit_bops'] == limit
     assert plan.budget['max_bops'] == limit and plan.budget['holds']
@@ -120,6 +134,7 @@ def test_a_bops_budget_is_met_exactly_and_solved_optimally():
 
 def test_bops_budgets_that_cannot_be_honoured_are_errors():
     from mmdet_lrpq.plan import uniform_bops
+
     sites, table = bops_problem(6, seed=2)
     scores = {n: c[4] for n, c in table.items()}
     limit = uniform_bops(sites, 4)
@@ -128,8 +143,13 @@ def test_bops_budgets_that_cannot_be_honoured_are_errors():
             allocate(name, sites, scores, target_bits=4, budget=Budget(weight_bits=4, max_bops=limit))
     assert allocate('ilp', sites, scores, target_bits=4, budget=Budget(weight_bits=4, max_bops=limit)).budget['holds']
     with pytest.raises(ValueError, match=r'impossible budget .* max_bops=\d+ BOPs per image'):
-        allocate('sensitivity', sites, sensitivity=table, target_bits=4,
-                 budget=Budget(weight_bits=4, max_bops=uniform_bops(sites, 3) - 1))
+        allocate(
+            'sensitivity',
+            sites,
+            sensitivity=table,
+            target_bits=4,
+            budget=Budget(weight_bits=4, max_bops=uniform_bops(sites, 3) - 1),
+        )
     unmeasured, _ = random_problem(6, seed=2)
     with pytest.raises(ValueError, match=r'needs the sites\' MACs'):
         allocate('sensitivity', unmeasured, sensitivity=table, target_bits=4, budget=Budget(weight_bits=4, max_bops=10))
@@ -146,7 +166,7 @@ def test_impossible_budget_and_bad_tables_are_errors():
     sites, table = random_problem(6, seed=1)
     with pytest.raises(ValueError, match='impossible budget'):
         allocate('sensitivity', sites, sensitivity=table, target_bits=4, budget=Budget(weight_bits=2.9))
-    with pytest.raises(ValueError, match=r"no cost for \[5\] bits"):
+    with pytest.raises(ValueError, match=r'no cost for \[5\] bits'):
         allocate('sensitivity', sites, sensitivity={**table, 's0': {3: 1.0, 4: 0.5}}, target_bits=4)
     with pytest.raises(ValueError, match='finite'):
         allocate('sensitivity', sites, sensitivity={**table, 's0': {3: math.nan, 4: 1.0, 5: 0.5}}, target_bits=4)
@@ -154,9 +174,9 @@ def test_impossible_budget_and_bad_tables_are_errors():
         allocate('sensitivity', sites, sensitivity={**table, 'mm': {3: 1, 4: 1, 5: 1}}, target_bits=4)
     with pytest.raises(ValueError, match='not in the site list'):
         allocate('sensitivity', sites, sensitivity={**table, 'nope': {3: 1, 4: 1, 5: 1}}, target_bits=4)
-    with pytest.raises(ValueError, match="takes sensitivity="):
+    with pytest.raises(ValueError, match='takes sensitivity='):
         allocate('sensitivity', sites, {'s0': 1.0}, target_bits=4)
-    with pytest.raises(ValueError, match="takes sensitivity="):
+    with pytest.raises(ValueError, match='takes sensitivity='):
         allocate('ilp', sites, {'s0': 1.0}, sensitivity=table, target_bits=4)
 
 
@@ -184,20 +204,23 @@ def small_regression():
     def loss(m, batch):
         x, target = batch
         return (m(x) - target).pow(2).mean()
+
     return model, sites, batches, loss
 
 
 def test_fisher_sensitivity_falls_with_bits_and_is_deterministic():
     model, sites, batches, loss = small_regression()
 
-    table = fisher_sensitivity(model, sites, [3, 4, 5], batches, loss, per_channel_inputs=frozenset({'fc'}),
-                               fixed_a_bits={'conv': 8})
+    table = fisher_sensitivity(
+        model, sites, [3, 4, 5], batches, loss, per_channel_inputs=frozenset({'fc'}), fixed_a_bits={'conv': 8}
+    )
     assert set(table) == {'conv', 'fc', 'unused'}
     for name in ('conv', 'fc'):
         assert table[name][3] > table[name][4] > table[name][5] > 0
-    assert table['unused'] == {3: 0.0, 4: 0.0, 5: 0.0}              # no gradient reaches it
-    assert table == fisher_sensitivity(model, sites, [3, 4, 5], batches, loss, per_channel_inputs=frozenset({'fc'}),
-                                       fixed_a_bits={'conv': 8})
+    assert table['unused'] == {3: 0.0, 4: 0.0, 5: 0.0}  # no gradient reaches it
+    assert table == fisher_sensitivity(
+        model, sites, [3, 4, 5], batches, loss, per_channel_inputs=frozenset({'fc'}), fixed_a_bits={'conv': 8}
+    )
     assert all(p.grad is None for p in model.parameters())
     # the pinned input contributes the same at every bit-width: only the weight term moves
     free = fisher_sensitivity(model, sites, [3, 4, 5], batches, loss)
@@ -208,24 +231,37 @@ def test_sensitivity_plan_tool_on_the_miniature_detector(tmp_path, capsys):
     """The whole detector's sites, the budget over all of them, the cache, a plan the hook accepts."""
     sensitivity_plan, data = _miniworld_tool()
     out = tmp_path / 'plan.json'
-    argv = ['configs/miniworld/mask_rcnn_swin_mini_quant.py', 'checkpoints/miniworld/mask_rcnn_swin_mini.pth',
-            '--target', 'mp4', '--calib', f'data_root={data}/', 'ann_file=annotations/instances_calib.json',
-            'img_prefix=calib/', 'image_ids=[1,2]', '--out', str(out), '--no-progress']
+    argv = [
+        'configs/miniworld/mask_rcnn_swin_mini_quant.py',
+        'checkpoints/miniworld/mask_rcnn_swin_mini.pth',
+        '--target',
+        'mp4',
+        '--calib',
+        f'data_root={data}/',
+        'ann_file=annotations/instances_calib.json',
+        'img_prefix=calib/',
+        'image_ids=[1,2]',
+        '--out',
+        str(out),
+        '--no-progress',
+    ]
     plan = sensitivity_plan.main([str(REPO / a) if a.startswith(('configs', 'checkpoints')) else a for a in argv])
-    cfg, model, _ = sensitivity_plan.build_detector(sensitivity_plan.parse_args(
-        [str(REPO / argv[0]), str(REPO / argv[1]), '--target', 'mp4', '--out', str(out)]))
+    cfg, model, _ = sensitivity_plan.build_detector(
+        sensitivity_plan.parse_args([str(REPO / argv[0]), str(REPO / argv[1]), '--target', 'mp4', '--out', str(out)])
+    )
     quantizer = ModelQuantizer(model, QuantConfig(plan=str(out)))
     sites = quantizer.sites()
     assert set(plan.scores) == {s.name for s in sites if s.has_weights}
     assert any(n.startswith('roi_head.') for n in plan.scores) and any(n.startswith('neck.') for n in plan.scores)
-    bits = quantizer.resolve_bits(sites)                     # validates and checks the architecture
+    bits = quantizer.resolve_bits(sites)  # validates and checks the architecture
     assert Budget(weight_bits=4).check(sites, bits).holds
     saved = json.loads(out.read_text())
     assert saved['allocator'] == 'sensitivity' and saved['source']['image_ids'] == [1, 2]
     assert saved['architecture'] and saved['command'].startswith('python tools/sensitivity_plan.py')
     capsys.readouterr()
-    sensitivity_plan.main([str(REPO / a) if a.startswith(('configs', 'checkpoints')) else a for a in argv]
-                          + ['--budget-bits', '3.8'])
+    sensitivity_plan.main(
+        [str(REPO / a) if a.startswith(('configs', 'checkpoints')) else a for a in argv] + ['--budget-bits', '3.8']
+    )
     assert 'sensitivity from cache' in capsys.readouterr().out
     # the patch embedding's input stays at 8 bits in the plan, as the quantizer will run it
     assert [n for n in plan.bits if 'patch_embed' in n] == ['backbone.patch_embed.projection']
@@ -236,13 +272,17 @@ def test_sensitivity_plan_tool_on_the_miniature_detector(tmp_path, capsys):
     from mmdet_lrpq.engine.quantize import quantize_detector
     from mmdet_lrpq.engine.sensitivity import measure_macs
     from mmdet_lrpq.plan import account, uniform_bops
+
     bops_out = tmp_path / 'bops.json'
-    bops_plan = sensitivity_plan.main([str(REPO / a) if a.startswith(('configs', 'checkpoints')) else a for a in argv]
-                                      + ['--bops-bits', '4', '--out', str(bops_out), '--scores-cache', f'{out}.scores.json'])
+    bops_plan = sensitivity_plan.main(
+        [str(REPO / a) if a.startswith(('configs', 'checkpoints')) else a for a in argv]
+        + ['--bops-bits', '4', '--out', str(bops_out), '--scores-cache', f'{out}.scores.json']
+    )
     printed = capsys.readouterr().out
     assert 'sensitivity from cache' in printed and 'BOPs' in printed
-    calib = CalibSettings.from_options(dict(data_root=f'{data}/', ann_file='annotations/instances_calib.json',
-                                            img_prefix='calib/', image_ids=[1, 2]))
+    calib = CalibSettings.from_options(
+        dict(data_root=f'{data}/', ann_file='annotations/instances_calib.json', img_prefix='calib/', image_ids=[1, 2])
+    )
     measured = measure_macs(model, cfg, quantizer.config, calib)
     limit = uniform_bops(measured, 4, {'backbone.patch_embed.projection': 8})
     b = bops_plan.budget
@@ -253,26 +293,35 @@ def test_sensitivity_plan_tool_on_the_miniature_detector(tmp_path, capsys):
     report = quantize_detector(model, cfg, QuantConfig(method='crl', w_bits=4, a_bits=4), calib, progress=False)
     reported = {s.name: s.macs for s in report.sites}
     assert all(s.macs > 0 for s in measured)
-    assert {s.name: s.macs for s in measured if 'mask_head' not in s.name} == \
-        {n: m for n, m in reported.items() if 'mask_head' not in n}
+    assert {s.name: s.macs for s in measured if 'mask_head' not in s.name} == {
+        n: m for n, m in reported.items() if 'mask_head' not in n
+    }
 
 
 def test_calib_option_overrides_one_field_of_the_hooks_calibration_settings():
     """--calib num_images=2 used to replace the config's calib (its ann_file and img_prefix lost)."""
     import argparse
+
     sensitivity_plan = _sensitivity_plan_tool()
-    hook = {'method': 'repq', 'calib': {'ann_file': 'annotations/instances_calib.json', 'img_prefix': 'calib/',
-                                        'num_images': 8, 'seed': 3}}
+    hook = {
+        'method': 'repq',
+        'calib': {'ann_file': 'annotations/instances_calib.json', 'img_prefix': 'calib/', 'num_images': 8, 'seed': 3},
+    }
     args = argparse.Namespace(calib={'num_images': 2}, scope=None, method=None)
     config, calib = sensitivity_plan.settings(args, hook)
-    assert (calib.ann_file, calib.img_prefix, calib.num_images, calib.seed) == \
-        ('annotations/instances_calib.json', 'calib/', 2, 3)
+    assert (calib.ann_file, calib.img_prefix, calib.num_images, calib.seed) == (
+        'annotations/instances_calib.json',
+        'calib/',
+        2,
+        3,
+    )
     assert config.method == 'repq'
     _, calib = sensitivity_plan.settings(argparse.Namespace(calib=None, scope=None, method=None), hook)
     assert calib.num_images == 8
 
 
 # ---------------------------------------------------------------- LampQ's options
+
 
 def swin_like_problem(seed: int) -> tuple[list[Site], dict]:
     """Sites of six component types whose raw cost scales differ by orders of magnitude."""
@@ -281,14 +330,17 @@ def swin_like_problem(seed: int) -> tuple[list[Site], dict]:
     sites, table = [], {}
     for block in range(4):
         for lt, params in (('qkv', 300), ('proj', 100), ('fc1', 400), ('fc2', 400)):
-            sites.append(Site(f'backbone.blocks.{block}.{lt}', 'linear', lt, block=block, params=params,
-                              macs=params * 49))
+            sites.append(
+                Site(f'backbone.blocks.{block}.{lt}', 'linear', lt, block=block, params=params, macs=params * 49)
+            )
         if block == 1:
             sites.append(Site('backbone.blocks.1.matmul1', 'matmul', 'matmul1', block=1, macs=5000))
     sites.append(Site('backbone.downsample.reduction', 'linear', 'reduction', params=800, macs=800 * 49))
-    sites += [Site('neck.lateral_convs.0.conv', 'conv', params=200, macs=200 * 196),
-              Site('roi_head.bbox_head.shared_fcs.0', 'linear', params=900, macs=900 * 20),
-              Site('roi_head.bbox_head.fc_cls', 'linear', params=60, macs=60 * 20)]
+    sites += [
+        Site('neck.lateral_convs.0.conv', 'conv', params=200, macs=200 * 196),
+        Site('roi_head.bbox_head.shared_fcs.0', 'linear', params=900, macs=900 * 20),
+        Site('roi_head.bbox_head.fc_cls', 'linear', params=60, macs=60 * 20),
+    ]
     for s in sites:
         if s.has_weights:
             m = magnitude.get(s.layer_type, magnitude['other']) * (0.5 + float(torch.rand(1, generator=g)))
@@ -299,19 +351,21 @@ def swin_like_problem(seed: int) -> tuple[list[Site], dict]:
 
 def test_component_types_of_backbone_neck_and_heads():
     from mmdet_lrpq.plan import component_type
+
     assert component_type(Site('backbone.stages.0.blocks.0.attn.w_msa.qkv', 'linear', 'qkv', 0)) == 'qkv'
     assert component_type(Site('backbone.stages.0.downsample.reduction', 'linear', 'reduction')) == 'reduction'
     assert component_type(Site('backbone.patch_embed.projection', 'conv', 'patch_embed')) == 'patch_embed'
     assert component_type(Site('neck.fpn_convs.2.conv', 'conv')) == 'neck'
     assert component_type(Site('rpn_head.rpn_cls', 'conv')) == 'rpn_head'
     assert component_type(Site('roi_head.bbox_head.shared_fcs.0', 'linear')) == 'roi_head.bbox_head'
-    assert component_type(Site('roi_head.bbox_head.2.fc_reg', 'linear')) == 'roi_head.bbox_head'   # Cascade
+    assert component_type(Site('roi_head.bbox_head.2.fc_reg', 'linear')) == 'roi_head.bbox_head'  # Cascade
     assert component_type(Site('roi_head.mask_head.convs.0.conv', 'conv')) == 'roi_head.mask_head'
     assert component_type(Site('head.fc', 'linear')) == 'head'
 
 
 def test_type_aware_normalisation_puts_every_type_on_one_scale():
     from mmdet_lrpq.plan import component_type, type_normalize
+
     sites, table = swin_like_problem(seed=0)
     normalized, scale = type_normalize(table, sites, 4)
     by_name = {s.name: s for s in sites}
@@ -319,8 +373,8 @@ def test_type_aware_normalisation_puts_every_type_on_one_scale():
     assert set(scale) == types == {'qkv', 'proj', 'fc1', 'fc2', 'reduction', 'neck', 'roi_head.bbox_head'}
     for t in types:
         members = [n for n in table if component_type(by_name[n]) == t]
-        assert sum(normalized[n][4] for n in members) / len(members) == pytest.approx(1.0)   # mean at k is 1
-        for n in members:                      # one factor per type: curve shapes and ranking unchanged
+        assert sum(normalized[n][4] for n in members) / len(members) == pytest.approx(1.0)  # mean at k is 1
+        for n in members:  # one factor per type: curve shapes and ranking unchanged
             assert all(normalized[n][b] == pytest.approx(scale[t] * table[n][b]) for b in (3, 4, 5))
     # the raw scales differ by 1e5 (qkv vs fc1); normalised, the types' means are equal
     raw_mean = {t: sum(table[n][4] for n in table if component_type(by_name[n]) == t) for t in ('qkv', 'fc1')}
@@ -352,6 +406,7 @@ def context_measure(base: dict, sites: list[Site], gamma: float = 0.6, calls: li
             lost = sum(max(0, 4 - assignment[m][0]) for m in base if m != name and block[m] == block[name])
             out[name] = {b: c * (1 + gamma * lost) * (1.5 if b == 3 and lost else 1.0) for b, c in costs.items()}
         return out
+
     return measure
 
 
@@ -359,16 +414,25 @@ def context_measure(base: dict, sites: list[Site], gamma: float = 0.6, calls: li
 @pytest.mark.parametrize('bops', [False, True])
 def test_iterative_ilp_meets_its_budget_and_never_does_worse_than_one_pass(seed, bops):
     from mmdet_lrpq.plan import account, allocate_lampq, plan_cost, type_normalize, uniform_bops
+
     sites, table = swin_like_problem(seed)
     pins = {'backbone.blocks.0.qkv': 8}
     budget = Budget(weight_bits=4, max_bops=uniform_bops(sites, 4, pins) if bops else None)
     calls = []
-    comparable = type_normalize(table, sites, 4)[0]     # raw scales this far apart leave the raw loop nothing to move
+    comparable = type_normalize(table, sites, 4)[0]  # raw scales this far apart leave the raw loop nothing to move
     for type_aware in (False, True):
         calls.clear()
         measure = context_measure(table if type_aware else comparable, sites, calls=calls)
-        plan = allocate_lampq(sites, table if type_aware else comparable, target_bits=4, budget=budget,
-                              act_bits=pins, type_aware=type_aware, iterations=3, measure=measure)
+        plan = allocate_lampq(
+            sites,
+            table if type_aware else comparable,
+            target_bits=4,
+            budget=budget,
+            act_bits=pins,
+            type_aware=type_aware,
+            iterations=3,
+            measure=measure,
+        )
         bits = plan.resolve(sites)
         check = budget.check(sites, bits)
         assert check.holds and plan.budget['holds'] and bits['backbone.blocks.0.qkv'][1] == 8
@@ -394,26 +458,31 @@ def test_iterative_ilp_meets_its_budget_and_never_does_worse_than_one_pass(seed,
 def test_the_synthetic_iterations_do_move_plans():
     """The cases above are not all fixed points: in both modes the loop changes plans and finds cheaper ones."""
     from mmdet_lrpq.plan import allocate_lampq, type_normalize
+
     moved, gained = {False: 0, True: 0}, {False: 0.0, True: 0.0}
     for seed in range(6):
         sites, table = swin_like_problem(seed)
         for type_aware in (False, True):
             base = table if type_aware else type_normalize(table, sites, 4)[0]
-            record = allocate_lampq(sites, base, target_bits=4, type_aware=type_aware, iterations=3,
-                                    measure=context_measure(base, sites)).source['lampq']
+            record = allocate_lampq(
+                sites, base, target_bits=4, type_aware=type_aware, iterations=3, measure=context_measure(base, sites)
+            ).source['lampq']
             moved[type_aware] += sum(step['changed_sites'] for step in record['history'][1:])
-            gained[type_aware] += record['objective_on_last_table']['one_pass'] - \
-                record['objective_on_last_table']['chosen']
+            gained[type_aware] += (
+                record['objective_on_last_table']['one_pass'] - record['objective_on_last_table']['chosen']
+            )
     assert moved[False] > 0 and moved[True] > 0 and gained[False] > 0 and gained[True] > 0
 
 
 def test_iterative_ilp_is_never_worse_even_when_the_solver_stops_early():
     """With a loose gap a re-solve may be worse than an earlier plan: the best on the last table is kept."""
     from mmdet_lrpq.plan import allocate_lampq, plan_cost
+
     sites, table = swin_like_problem(seed=4)
     calls = []
-    plan = allocate_lampq(sites, table, target_bits=4, iterations=2, measure=context_measure(table, sites, calls=calls),
-                          mip_rel_gap=0.5)
+    plan = allocate_lampq(
+        sites, table, target_bits=4, iterations=2, measure=context_measure(table, sites, calls=calls), mip_rel_gap=0.5
+    )
     last = context_measure(table, sites)(calls[-1])
     one_pass = allocate('sensitivity', sites, sensitivity=table, target_bits=4, mip_rel_gap=0.5)
     assert plan_cost(last, plan.resolve(sites)) <= plan_cost(last, one_pass.resolve(sites)) + 1e-9
@@ -422,19 +491,22 @@ def test_iterative_ilp_is_never_worse_even_when_the_solver_stops_early():
 
 def test_lampq_options_off_are_the_one_pass_planner_and_a_fixed_point_stops_early():
     from mmdet_lrpq.plan import allocate_lampq
+
     sites, table = swin_like_problem(seed=1)
     one_pass = allocate('sensitivity', sites, sensitivity=table, target_bits=4)
     off = allocate_lampq(sites, table, target_bits=4)
     assert off == one_pass and off.source == {} and off.scores == one_pass.scores
     calls = []
-    same = allocate_lampq(sites, table, target_bits=4, iterations=5,
-                          measure=lambda a: calls.append(a) or table)     # nothing depends on the assignment
+    same = allocate_lampq(
+        sites, table, target_bits=4, iterations=5, measure=lambda a: calls.append(a) or table
+    )  # nothing depends on the assignment
     assert len(calls) == 1 and same.bits == one_pass.bits
     assert same.source['lampq']['history'][1]['changed_sites'] == 0
 
 
 def test_lampq_options_are_validated_naming_the_option():
     from mmdet_lrpq.plan import allocate_lampq, type_normalize
+
     sites, table = swin_like_problem(seed=2)
     for bad in (-1, 11, 1.5, True, '2'):
         with pytest.raises(ValueError, match=r'iterations must be an integer in 0\.\.10'):
@@ -454,7 +526,7 @@ def test_lampq_options_are_validated_naming_the_option():
         type_normalize({**table, 'nope': {3: 1, 4: 1, 5: 1}}, sites, 4)
     broken = {n: c for n, c in table.items() if n != 'backbone.blocks.2.fc1'}
     broken['backbone.blocks.2.fc1'] = {3: 1.0, 4: 0.5}
-    with pytest.raises(ValueError, match=r"iteration 1: the re-measured sensitivity .* no cost for \[5\] bits"):
+    with pytest.raises(ValueError, match=r'iteration 1: the re-measured sensitivity .* no cost for \[5\] bits'):
         allocate_lampq(sites, table, target_bits=4, iterations=1, measure=lambda a: broken)
 
 
@@ -465,9 +537,10 @@ def test_tool_refuses_bad_iterations_naming_the_option(capsys):
             sensitivity_plan.parse_args(['c.py', 'w.pth', '--target', 'mp4', '--out', 'x.json', '--iterations', bad])
         assert '--iterations' in capsys.readouterr().err
     args = sensitivity_plan.parse_args(['c.py', 'w.pth', '--target', 'mp4', '--out', 'x.json'])
-    assert args.iterations == 0 and args.type_aware is False                  # off by default
-    args = sensitivity_plan.parse_args(['c.py', 'w.pth', '--target', 'mp4', '--out', 'x.json', '--type-aware',
-                                        '--iterations', '2'])
+    assert args.iterations == 0 and args.type_aware is False  # off by default
+    args = sensitivity_plan.parse_args(
+        ['c.py', 'w.pth', '--target', 'mp4', '--out', 'x.json', '--type-aware', '--iterations', '2']
+    )
     assert args.iterations == 2 and args.type_aware is True
 
 
@@ -477,7 +550,7 @@ def test_fisher_sensitivity_given_an_assignment_measures_at_the_quantized_model(
     before = {k: v.clone() for k, v in model.state_dict().items()}
     float_table = fisher_sensitivity(model, sites, [3, 4, 5], batches, loss)
     at_plan = fisher_sensitivity(model, sites, [3, 4, 5], batches, loss, assignment={'conv': (3, 3), 'fc': (3, 3)})
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())     # weights restored
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # weights restored
     assert all(p.grad is None for p in model.parameters())
     assert at_plan != float_table and at_plan['unused'] == {3: 0.0, 4: 0.0, 5: 0.0}
     for name in ('conv', 'fc'):
@@ -492,16 +565,33 @@ def test_sensitivity_plan_tool_with_lampq_options_on_the_miniature_detector(tmp_
     """--type-aware --iterations 1 on the real detector: re-measured at the plan, within both budgets."""
     sensitivity_plan, data = _miniworld_tool()
     out = tmp_path / 'plan.json'
-    argv = [str(REPO / 'configs/miniworld/mask_rcnn_swin_mini_quant.py'),
-            str(REPO / 'checkpoints/miniworld/mask_rcnn_swin_mini.pth'), '--target', 'mp4',
-            '--calib', f'data_root={data}/', 'ann_file=annotations/instances_calib.json', 'img_prefix=calib/',
-            'image_ids=[1]', '--out', str(out), '--no-progress', '--bops-bits', '4', '--type-aware', '--iterations', '1']
+    argv = [
+        str(REPO / 'configs/miniworld/mask_rcnn_swin_mini_quant.py'),
+        str(REPO / 'checkpoints/miniworld/mask_rcnn_swin_mini.pth'),
+        '--target',
+        'mp4',
+        '--calib',
+        f'data_root={data}/',
+        'ann_file=annotations/instances_calib.json',
+        'img_prefix=calib/',
+        'image_ids=[1]',
+        '--out',
+        str(out),
+        '--no-progress',
+        '--bops-bits',
+        '4',
+        '--type-aware',
+        '--iterations',
+        '1',
+    ]
     plan = sensitivity_plan.main(argv)
     printed = capsys.readouterr().out
     assert 're-measuring with the detector quantized by the current plan' in printed and 'LampQ: type-aware' in printed
     record = json.loads(out.read_text())['source']['lampq']
     assert record['type_aware'] and record['iterations'] == 1 and len(record['history']) == 2
-    assert {'qkv', 'proj', 'fc1', 'fc2', 'reduction', 'neck', 'rpn_head', 'roi_head.bbox_head'} <= set(record['type_scales'])
+    assert {'qkv', 'proj', 'fc1', 'fc2', 'reduction', 'neck', 'rpn_head', 'roi_head.bbox_head'} <= set(
+        record['type_scales']
+    )
     assert record['objective_on_last_table']['chosen'] <= record['objective_on_last_table']['one_pass'] + 1e-9
     b = plan.budget
     assert b['holds'] and b['used_bits'] <= b['limit_bits'] and b['used_bops'] <= b['limit_bops']

@@ -7,6 +7,7 @@ original Swin backbone code's parameter names; mmdet 3.x's SwinTransformer names
 differently (see mmdet_lrpq/models/swin_names.py). Neck and heads are unchanged. The class names
 in the old ``meta['CLASSES']`` become ``meta['dataset_meta']['classes']``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,15 +26,17 @@ def check_paths(src: str, dst: str) -> None:
         raise ValueError(f'output {dst} is a directory; give a file name, e.g. {osp.join(dst, osp.basename(src))}')
     same = osp.realpath(src) == osp.realpath(dst) or (osp.exists(dst) and osp.samefile(src, dst))
     if same:
-        raise ValueError(f'output {dst} is the input file {src}: converting in place would destroy the original; '
-                         f'write to another file, e.g. {osp.splitext(dst)[0]}_mmdet3.pth')
+        raise ValueError(
+            f'output {dst} is the input file {src}: converting in place would destroy the original; '
+            f'write to another file, e.g. {osp.splitext(dst)[0]}_mmdet3.pth'
+        )
 
 
 def torch_file_kind(path: str) -> str | None:
     """'zip' or 'legacy' for the two formats torch.save writes, else None (not a PyTorch checkpoint)."""
     with open(path, 'rb') as f:
         head = f.read(4)
-    if head == b'PK\x03\x04' or zipfile.is_zipfile(path):   # the header alone: a truncated archive still is one
+    if head == b'PK\x03\x04' or zipfile.is_zipfile(path):  # the header alone: a truncated archive still is one
         return 'zip'
     return 'legacy' if head[:1] == b'\x80' and head[1:2] in (b'\x02', b'\x03', b'\x04', b'\x05') else None
 
@@ -45,26 +48,35 @@ def load_checkpoint_file(src: str, trust: bool) -> Any:
     if kind is None:
         with open(src, 'rb') as f:
             head = f.read(16)
-        raise ValueError(f'{src} is not a PyTorch checkpoint: it is neither a torch zip archive nor a pickle '
-                         f'(it starts with {head!r}); give the .pth file of an mmdet-2.x Swin detector')
+        raise ValueError(
+            f'{src} is not a PyTorch checkpoint: it is neither a torch zip archive nor a pickle '
+            f'(it starts with {head!r}); give the .pth file of an mmdet-2.x Swin detector'
+        )
     try:
         return torch.load(src, map_location='cpu', weights_only=not trust)
     except pickle.UnpicklingError as err:
-        if trust or 'Unsupported global' not in str(err):   # a refused class names its GLOBAL; else bad data
-            raise ValueError(f'{src} could not be unpickled ({str(err).strip().splitlines()[-1][:200]}); it is '
-                             f'corrupt or not a checkpoint (--trust would not help)') from None
+        if trust or 'Unsupported global' not in str(err):  # a refused class names its GLOBAL; else bad data
+            raise ValueError(
+                f'{src} could not be unpickled ({str(err).strip().splitlines()[-1][:200]}); it is '
+                f'corrupt or not a checkpoint (--trust would not help)'
+            ) from None
         refused = next(line for line in str(err).splitlines() if 'Unsupported global' in line)
-        raise ValueError(f'{src} holds Python objects that weights-only loading refuses '
-                         f'({refused.strip()[:200]}); if you trust the file, rerun with --trust') from None
+        raise ValueError(
+            f'{src} holds Python objects that weights-only loading refuses '
+            f'({refused.strip()[:200]}); if you trust the file, rerun with --trust'
+        ) from None
     except Exception as err:
-        raise ValueError(f'{src} looks like a PyTorch checkpoint ({kind} format) but cannot be read '
-                         f'({type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else "no detail"}); '
-                         f'it is truncated or corrupt: download or copy it again') from None
+        raise ValueError(
+            f'{src} looks like a PyTorch checkpoint ({kind} format) but cannot be read '
+            f'({type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else "no detail"}); '
+            f'it is truncated or corrupt: download or copy it again'
+        ) from None
 
 
 def convert(src: str, dst: str, trust: bool = False) -> int:
     from mmdet_lrpq.models.swin_names import convert_mmdet2_detector_state_dict
     from mmdet_lrpq.safe_load import allow_mmengine_checkpoints, require_checkpoint, save_atomic
+
     allow_mmengine_checkpoints()
     require_checkpoint(src)
     check_paths(src, dst)
@@ -77,7 +89,7 @@ def convert(src: str, dst: str, trust: bool = False) -> int:
     if 'CLASSES' in meta:
         meta.setdefault('dataset_meta', {})['classes'] = tuple(meta.pop('CLASSES'))
     meta['converted_from'] = osp.basename(src)
-    save_atomic({'meta': meta, 'state_dict': new_state}, dst)   # a killed write leaves no partial file
+    save_atomic({'meta': meta, 'state_dict': new_state}, dst)  # a killed write leaves no partial file
     return n
 
 
@@ -85,8 +97,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('src', help='official mmdet-2.x Swin detector checkpoint')
     parser.add_argument('dst', help='output checkpoint for mmdet 3.x')
-    parser.add_argument('--trust', action='store_true',
-                        help='load with weights_only=False (only for files from a trusted source)')
+    parser.add_argument(
+        '--trust', action='store_true', help='load with weights_only=False (only for files from a trusted source)'
+    )
     args = parser.parse_args(argv)
     try:
         n = convert(args.src, args.dst, args.trust)

@@ -32,6 +32,7 @@ The GPU check asks ``torch.cuda`` only where an NVIDIA device node or ``nvidia-s
 on a machine without one the plan takes a fraction of a second (torch is not imported).
 ``--torch-cuda`` and ``--gpus`` replace the detection (what-if questions, tests).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,22 @@ KEYS = ('ops', 'reason', 'torch_cuda', 'nvcc', 'nvcc_cuda', 'cuda_home', 'gpus',
 ARCH_EXAMPLES = 'e.g. TORCH_CUDA_ARCH_LIST=9.0 for H100/H200, 8.9 for L4/RTX 40xx, 8.6 for A10/RTX 30xx, 8.0 for A100'
 DEFAULT_CUDA_HOME = '/usr/local/cuda'  # torch's last guess too
 _ARCH = re.compile(r'^(\d+)\.(\d+)([a-z]?)(\+PTX)?$')
-_NAMED_ARCHS = {'kepler+tesla', 'kepler', 'maxwell+tegra', 'maxwell', 'pascal', 'volta+tegra', 'volta',
-                'turing', 'ampere+tegra', 'ampere', 'ada', 'hopper', 'blackwell+tegra', 'blackwell'}
+_NAMED_ARCHS = {
+    'kepler+tesla',
+    'kepler',
+    'maxwell+tegra',
+    'maxwell',
+    'pascal',
+    'volta+tegra',
+    'volta',
+    'turing',
+    'ampere+tegra',
+    'ampere',
+    'ada',
+    'hopper',
+    'blackwell+tegra',
+    'blackwell',
+}
 
 
 class PlanError(Exception):
@@ -68,18 +83,19 @@ class Gpu:
 @dataclass
 class Facts:
     """Everything the decision depends on (collected by :func:`collect`, or given by a test)."""
+
     torch_version: str
     torch_cuda: str | None
-    nvcc: str | None            # path of the nvcc the build would use, None if there is none
-    nvcc_cuda: str | None       # its 'major.minor', None if `nvcc --version` did not say
-    nvcc_problem: str           # why there is no usable nvcc ('' if there is one)
+    nvcc: str | None  # path of the nvcc the build would use, None if there is none
+    nvcc_cuda: str | None  # its 'major.minor', None if `nvcc --version` did not say
+    nvcc_problem: str  # why there is no usable nvcc ('' if there is one)
     cuda_home: str | None
-    toolkit_problem: str = ''   # what the CUDA home lacks for building ('' if complete)
+    toolkit_problem: str = ''  # what the CUDA home lacks for building ('' if complete)
     nvcc_archs: list[str] = field(default_factory=list)  # `nvcc --list-gpu-arch` as '9.0', ... ([]: unknown)
     gpus: list[Gpu] = field(default_factory=list)
-    gpu_note: str = ''          # e.g. nvidia-smi sees GPUs that torch cannot use
-    mode: str = ''              # MMDET_LRPQ_CUDA: '' (auto), '0' or '1'
-    arch_env: str = ''          # TORCH_CUDA_ARCH_LIST from the environment
+    gpu_note: str = ''  # e.g. nvidia-smi sees GPUs that torch cannot use
+    mode: str = ''  # MMDET_LRPQ_CUDA: '' (auto), '0' or '1'
+    arch_env: str = ''  # TORCH_CUDA_ARCH_LIST from the environment
 
 
 # ----------------------------------------------------------------------------------- detection
@@ -96,6 +112,7 @@ def torch_cuda_version() -> tuple[str, str | None]:
         return str(namespace['__version__']), namespace.get('cuda')
     except (OSError, KeyError, SyntaxError, ImportError):
         import torch
+
         return torch.__version__, torch.version.cuda
 
 
@@ -135,7 +152,9 @@ def nvcc_archs(nvcc: str, env: dict) -> list[str]:
         out = subprocess.run([nvcc, '--list-gpu-arch'], capture_output=True, text=True, timeout=60, env=env)
     except (OSError, subprocess.TimeoutExpired):
         return []
-    return [f'{int(m[:-1])}.{m[-1]}' for m in re.findall(r'\bcompute_(\d+)\b', out.stdout)] if out.returncode == 0 else []
+    return (
+        [f'{int(m[:-1])}.{m[-1]}' for m in re.findall(r'\bcompute_(\d+)\b', out.stdout)] if out.returncode == 0 else []
+    )
 
 
 def _has_headers(home: str | None) -> bool:
@@ -155,8 +174,13 @@ def resolve_cuda_home(nvcc: str, home: str, env: dict) -> str:
     if _has_headers(real):
         return real
     try:
-        out = subprocess.run([nvcc, '-dryrun', '-c', '-x', 'cu', os.devnull, '-o', os.devnull],
-                             capture_output=True, text=True, timeout=60, env=env)
+        out = subprocess.run(
+            [nvcc, '-dryrun', '-c', '-x', 'cu', os.devnull, '-o', os.devnull],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
         top = re.search(r'^#\$ TOP=(.+)$', out.stdout + out.stderr, re.M)
     except (OSError, subprocess.TimeoutExpired):
         top = None
@@ -172,7 +196,7 @@ def toolkit_problem(home: str) -> str:
     libs = [os.path.join(home, d, 'libcudart.so') for d in ('lib64', 'lib')]
     if not any(os.path.exists(lib) for lib in libs):
         versioned = sorted(glob.glob(os.path.join(home, 'lib*', 'libcudart.so.*')))
-        hint = (f' (it has {versioned[0]}: link libcudart.so to it)' if versioned else '')
+        hint = f' (it has {versioned[0]}: link libcudart.so to it)' if versioned else ''
         return f'the CUDA toolkit at {home} has no lib64/libcudart.so to link against{hint}'
     return ''
 
@@ -185,6 +209,7 @@ def detect_gpus(env: dict) -> tuple[list[Gpu], str]:
     gpus: list[Gpu] = []
     try:
         import torch
+
         if torch.cuda.is_available():
             for i in range(torch.cuda.device_count()):
                 major, minor = torch.cuda.get_device_capability(i)
@@ -194,14 +219,17 @@ def detect_gpus(env: dict) -> tuple[list[Gpu], str]:
     if gpus or not smi:
         return gpus, ''
     try:
-        out = subprocess.run([smi, '--query-gpu=name,compute_cap', '--format=csv,noheader'],
-                             capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            [smi, '--query-gpu=name,compute_cap', '--format=csv,noheader'], capture_output=True, text=True, timeout=60
+        )
         seen = [line.strip() for line in out.stdout.splitlines() if line.strip()] if out.returncode == 0 else []
     except (OSError, subprocess.TimeoutExpired):
         seen = []
     if seen:
-        return [], (f'nvidia-smi lists {len(seen)} GPU(s) ({"; ".join(seen)}) but torch cannot use them '
-                    f'(is the driver too old for torch\'s CUDA?)')
+        return [], (
+            f'nvidia-smi lists {len(seen)} GPU(s) ({"; ".join(seen)}) but torch cannot use them '
+            f"(is the driver too old for torch's CUDA?)"
+        )
     return [], ''
 
 
@@ -233,15 +261,26 @@ def collect(env: dict, torch_cuda: str | None = None, gpus: str | None = None) -
         gpu_list, note = detect_gpus(env)
     else:
         gpu_list, note = parse_gpus(gpus), ''
-    return Facts(torch_version=torch_version, torch_cuda=cuda, nvcc=nvcc, nvcc_cuda=nvcc_cuda,
-                 nvcc_problem=problem, cuda_home=cuda_home, toolkit_problem=missing, nvcc_archs=archs,
-                 gpus=gpu_list, gpu_note=note, mode=env.get('MMDET_LRPQ_CUDA', '').strip(),
-                 arch_env=env.get('TORCH_CUDA_ARCH_LIST', '').strip())
+    return Facts(
+        torch_version=torch_version,
+        torch_cuda=cuda,
+        nvcc=nvcc,
+        nvcc_cuda=nvcc_cuda,
+        nvcc_problem=problem,
+        cuda_home=cuda_home,
+        toolkit_problem=missing,
+        nvcc_archs=archs,
+        gpus=gpu_list,
+        gpu_note=note,
+        mode=env.get('MMDET_LRPQ_CUDA', '').strip(),
+        arch_env=env.get('TORCH_CUDA_ARCH_LIST', '').strip(),
+    )
 
 
 # ------------------------------------------------------------------------------------ decision
 def normalize_arch_list(text: str) -> list[str]:
     """'8.6;9.0+PTX' / '8.6 9.0' -> ['8.6', '9.0+PTX'], sorted and unique; PlanError if malformed."""
+
     def order(arch: str) -> tuple:
         m = _ARCH.match(arch)
         return (int(m.group(1)), int(m.group(2)), arch) if m else (1000, 0, arch)
@@ -249,8 +288,9 @@ def normalize_arch_list(text: str) -> list[str]:
     archs = sorted({a for a in re.split(r'[;\s,]+', text.strip()) if a}, key=order)
     bad = [a for a in archs if not _ARCH.match(a) and a.lower() not in _NAMED_ARCHS]
     if bad or not archs:
-        raise PlanError(f'TORCH_CUDA_ARCH_LIST={text!r} is not a list of compute capabilities '
-                        f'({ARCH_EXAMPLES}; several: "8.6;9.0")')
+        raise PlanError(
+            f'TORCH_CUDA_ARCH_LIST={text!r} is not a list of compute capabilities ({ARCH_EXAMPLES}; several: "8.6;9.0")'
+        )
     return archs
 
 
@@ -259,16 +299,27 @@ def cache_key(cuda: str, archs: list[str]) -> str:
     tags = []
     for arch in archs:
         m = _ARCH.match(arch)
-        tags.append(f'sm{m.group(1)}{m.group(2)}{m.group(3)}{"+ptx" if m.group(4) else ""}' if m
-                    else re.sub(r'[^a-z0-9+]', '', arch.lower()))
+        tags.append(
+            f'sm{m.group(1)}{m.group(2)}{m.group(3)}{"+ptx" if m.group(4) else ""}'
+            if m
+            else re.sub(r'[^a-z0-9+]', '', arch.lower())
+        )
     return f'cu{cuda.replace(".", "")}-' + '-'.join(tags)
 
 
 def decide(f: Facts) -> dict:
     """The plan for facts ``f`` (a dict with :data:`KEYS`), or PlanError when MMDET_LRPQ_CUDA=1 cannot be met."""
-    plan = dict(ops='cpu', reason='', torch_cuda=f.torch_cuda or '', nvcc=f.nvcc or '',
-                nvcc_cuda=f.nvcc_cuda or '', cuda_home=f.cuda_home or '',
-                gpus='; '.join(map(str, f.gpus)), arch_list='', cache_key='cpu')
+    plan = dict(
+        ops='cpu',
+        reason='',
+        torch_cuda=f.torch_cuda or '',
+        nvcc=f.nvcc or '',
+        nvcc_cuda=f.nvcc_cuda or '',
+        cuda_home=f.cuda_home or '',
+        gpus='; '.join(map(str, f.gpus)),
+        arch_list='',
+        cache_key='cpu',
+    )
     if f.mode not in ('', '0', '1'):
         raise PlanError(f'MMDET_LRPQ_CUDA={f.mode!r}: use 1 (build CUDA ops), 0 (CPU ops) or leave it unset (detect)')
     forced = f.mode == '1'
@@ -285,21 +336,27 @@ def decide(f: Facts) -> dict:
         return cpu('MMDET_LRPQ_CUDA=0')
     if not f.torch_cuda:
         if forced:
-            raise PlanError(f'MMDET_LRPQ_CUDA=1, but torch {f.torch_version} is a CPU-only build: '
-                            f'install a CUDA build of torch to compile mmcv\'s CUDA ops')
+            raise PlanError(
+                f'MMDET_LRPQ_CUDA=1, but torch {f.torch_version} is a CPU-only build: '
+                f"install a CUDA build of torch to compile mmcv's CUDA ops"
+            )
         return cpu(f'torch {f.torch_version} is a CPU-only build')
     if not f.nvcc_cuda:
         if forced:
-            raise PlanError(f'MMDET_LRPQ_CUDA=1, but {f.nvcc_problem}: install the CUDA toolkit '
-                            f'{f.torch_cuda} (the version torch was built with) and put its bin/ on PATH '
-                            f'or set CUDA_HOME to it')
+            raise PlanError(
+                f'MMDET_LRPQ_CUDA=1, but {f.nvcc_problem}: install the CUDA toolkit '
+                f'{f.torch_cuda} (the version torch was built with) and put its bin/ on PATH '
+                f'or set CUDA_HOME to it'
+            )
         return cpu(f'{f.nvcc_problem}; {gpu_text}')
     if f.nvcc_cuda != f.torch_cuda:
         why = f'nvcc {f.nvcc_cuda} ({f.nvcc}) != torch CUDA {f.torch_cuda}'
         if forced:
-            raise PlanError(f'MMDET_LRPQ_CUDA=1, but {why}: mmcv\'s CUDA ops must be compiled with the '
-                            f'CUDA version torch was built with; install CUDA toolkit {f.torch_cuda} and '
-                            f'point CUDA_HOME (or PATH) at it')
+            raise PlanError(
+                f"MMDET_LRPQ_CUDA=1, but {why}: mmcv's CUDA ops must be compiled with the "
+                f'CUDA version torch was built with; install CUDA toolkit {f.torch_cuda} and '
+                f'point CUDA_HOME (or PATH) at it'
+            )
         return cpu(why)
     match_text = f'nvcc {f.nvcc_cuda} matches torch CUDA {f.torch_cuda}'
     if f.toolkit_problem:
@@ -307,36 +364,46 @@ def decide(f: Facts) -> dict:
             raise PlanError(f'MMDET_LRPQ_CUDA=1 and {match_text}, but {f.toolkit_problem}')
         return cpu(f'{match_text}, but {f.toolkit_problem}')
     if not f.gpus and not forced:
-        return cpu(f'{match_text} but {gpu_text} (set MMDET_LRPQ_CUDA=1 and TORCH_CUDA_ARCH_LIST to '
-                   f'build CUDA ops anyway)')
+        return cpu(
+            f'{match_text} but {gpu_text} (set MMDET_LRPQ_CUDA=1 and TORCH_CUDA_ARCH_LIST to build CUDA ops anyway)'
+        )
     if f.arch_env:
         archs, arch_source = normalize_arch_list(f.arch_env), 'TORCH_CUDA_ARCH_LIST'
     elif f.gpus:
         archs, arch_source = normalize_arch_list(';'.join(g.capability for g in f.gpus)), 'the visible GPUs'
     else:
-        raise PlanError(f'MMDET_LRPQ_CUDA=1 and {match_text}, but no GPU is visible to take the '
-                        f'architecture from: set TORCH_CUDA_ARCH_LIST ({ARCH_EXAMPLES})')
-    unsupported = [a for a in archs if _ARCH.match(a) and f.nvcc_archs
-                   and '.'.join(_ARCH.match(a).groups()[:2]) not in f.nvcc_archs]
+        raise PlanError(
+            f'MMDET_LRPQ_CUDA=1 and {match_text}, but no GPU is visible to take the '
+            f'architecture from: set TORCH_CUDA_ARCH_LIST ({ARCH_EXAMPLES})'
+        )
+    unsupported = [
+        a
+        for a in archs
+        if _ARCH.match(a) and f.nvcc_archs and '.'.join(_ARCH.match(a).groups()[:2]) not in f.nvcc_archs
+    ]
     if unsupported:
-        why = (f'nvcc {f.nvcc_cuda} cannot compile for {";".join(unsupported)} (from {arch_source}; it '
-               f'supports {" ".join(f.nvcc_archs)})')
+        why = (
+            f'nvcc {f.nvcc_cuda} cannot compile for {";".join(unsupported)} (from {arch_source}; it '
+            f'supports {" ".join(f.nvcc_archs)})'
+        )
         if forced or f.arch_env:
             raise PlanError(f'{why}: set TORCH_CUDA_ARCH_LIST to supported architectures')
         return cpu(why)
     plan.update(ops='cuda', arch_list=';'.join(archs), cache_key=cache_key(f.torch_cuda, archs))
     why = 'MMDET_LRPQ_CUDA=1' if forced else gpu_text
-    plan['reason'] = (f'{match_text}, {why}: building CUDA ops for {plan["arch_list"]} '
-                      f'(from {arch_source})')
+    plan['reason'] = f'{match_text}, {why}: building CUDA ops for {plan["arch_list"]} (from {arch_source})'
     return plan
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--torch-cuda', help="use this as torch's CUDA version instead of the installed "
-                                             "torch's ('none': a CPU-only torch)")
-    parser.add_argument('--gpus', help="use these GPUs instead of detecting them: '9.0,8.6' or "
-                                       "'NAME=9.0,...' ('none': no GPU)")
+    parser.add_argument(
+        '--torch-cuda',
+        help="use this as torch's CUDA version instead of the installed torch's ('none': a CPU-only torch)",
+    )
+    parser.add_argument(
+        '--gpus', help="use these GPUs instead of detecting them: '9.0,8.6' or 'NAME=9.0,...' ('none': no GPU)"
+    )
     args = parser.parse_args(argv)
     try:
         plan = decide(collect(dict(os.environ), torch_cuda=args.torch_cuda, gpus=args.gpus))

@@ -8,6 +8,7 @@
 
 Results go to work_dirs/demo/ (logs, metrics, plans, results.md). No network is used.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,14 @@ import time
 
 from mmdet_lrpq.miniworld import experiments as ex
 
-SETTINGS = [ex.Setting('FP'), ex.Setting('W8A8', bits=8), ex.Setting('W6A6', bits=6), ex.Setting('MP6', plan_k=6),
-            ex.Setting('W4A4', bits=4), ex.Setting('MP4', plan_k=4)]
+SETTINGS = [
+    ex.Setting('FP'),
+    ex.Setting('W8A8', bits=8),
+    ex.Setting('W6A6', bits=6),
+    ex.Setting('MP6', plan_k=6),
+    ex.Setting('W4A4', bits=4),
+    ex.Setting('MP4', plan_k=4),
+]
 
 
 def main() -> None:
@@ -36,11 +43,14 @@ def main() -> None:
     for i, setting in enumerate(SETTINGS, 1):
         row = ex.evaluate('mask_rcnn', setting, plans, work)
         rows.append(row)
-        log(f'  {i}/{len(SETTINGS)} {setting.name:5s} box AP {row["box_ap"]:5.1f}  mask AP {row["mask_ap"]:5.1f}'
-            f'  ({row["seconds"]:.0f}s)')
+        log(
+            f'  {i}/{len(SETTINGS)} {setting.name:5s} box AP {row["box_ap"]:5.1f}  mask AP {row["mask_ap"]:5.1f}'
+            f'  ({row["seconds"]:.0f}s)'
+        )
     ex.fill_float_costs(rows)
-    table = ex.markdown_table(rows, columns=('setting', 'box_ap', 'mask_ap', 'avg_w_bits', 'avg_a_bits',
-                                             'weight_mb', 'seconds'))
+    table = ex.markdown_table(
+        rows, columns=('setting', 'box_ap', 'mask_ap', 'avg_w_bits', 'avg_a_bits', 'weight_mb', 'seconds')
+    )
     with open(osp.join(work, 'results.md'), 'w') as f:
         f.write(table + '\n')
     with open(osp.join(work, 'results.json'), 'w') as f:

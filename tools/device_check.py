@@ -17,6 +17,7 @@ Steps, each timed and recorded (a failing step is reported; the others still run
 One summary at the end; everything in ``--json``. Targets on a GPU (the issue tracker's): calibration
 <= 1.5x a float forward, quantized forward <= 1.10x float, |AP(cuda) - AP(cpu)| <= 0.3.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,14 +31,19 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = {'calib_over_fp': 1.5, 'quant_over_fp': 1.10, 'ap_diff': 0.3}
-COCO_IMAGE = Path(os.environ.get('MMDET_LRPQ_SHARED_DATA', REPO.parent / 'shared' / 'data')) / 'coco_mini' / \
-    'val2017' / '000000397133.jpg'
+COCO_IMAGE = (
+    Path(os.environ.get('MMDET_LRPQ_SHARED_DATA', REPO.parent / 'shared' / 'data'))
+    / 'coco_mini'
+    / 'val2017'
+    / '000000397133.jpg'
+)
 
 
 def _run(cmd: list[str], timeout: float, env: dict | None = None) -> tuple[int, str]:
     try:
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                              env=dict(os.environ, **(env or {})))
+        proc = subprocess.run(
+            cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=dict(os.environ, **(env or {}))
+        )
         return proc.returncode, proc.stdout + proc.stderr
     except subprocess.TimeoutExpired as err:
         out = (err.stdout or b'').decode() if isinstance(err.stdout, bytes) else (err.stdout or '')
@@ -48,12 +54,27 @@ def step_stack(device: str) -> dict:
     import torch
 
     from mmdet_lrpq.env import check_openmmlab_stack, stack_report
+
     report = stack_report()
     check_openmmlab_stack(report)
     if device == 'cuda' and not torch.cuda.is_available():
         raise RuntimeError('--device cuda, but torch sees no GPU (torch.cuda.is_available() is False)')
-    return {k: report.get(k) for k in ('python', 'torch', 'torch_cuda', 'cuda_devices', 'torchvision', 'timm',
-                                       'mmengine', 'mmcv', 'mmcv_dist', 'mmcv_ops_backend', 'mmdet')}
+    return {
+        k: report.get(k)
+        for k in (
+            'python',
+            'torch',
+            'torch_cuda',
+            'cuda_devices',
+            'torchvision',
+            'timm',
+            'mmengine',
+            'mmcv',
+            'mmcv_dist',
+            'mmcv_ops_backend',
+            'mmdet',
+        )
+    }
 
 
 def step_selfcheck(device: str, quick: bool, work: Path) -> dict:
@@ -65,8 +86,11 @@ def step_selfcheck(device: str, quick: bool, work: Path) -> dict:
     results = {r['device']: r for r in json.load(open(out))['results']}
     summary: dict = {'exit': code, 'results': results}
     if 'cuda' in results and 'cpu' in results and results['cuda'].get('ok') and results['cpu'].get('ok'):
-        summary['ap_diff'] = max(abs(results['cuda'][k] - results['cpu'][k]) for k in ('box_ap', 'mask_ap')
-                                 if results['cuda'].get(k) is not None)
+        summary['ap_diff'] = max(
+            abs(results['cuda'][k] - results['cpu'][k])
+            for k in ('box_ap', 'mask_ap')
+            if results['cuda'].get(k) is not None
+        )
     if code != 0:
         raise RuntimeError(f'selfcheck failed (exit {code}):\n{log[-1500:]}')
     return summary
@@ -93,13 +117,33 @@ def step_speed(device: str, quick: bool, work: Path, image: Path) -> dict:
     # A CPU takes seconds per 1333x800 forward: its smoke run uses a small input (the figures are then
     # not the GPU's targets' figures, and the summary says so).
     scale = ['--scale', '448', '256'] if device == 'cpu' else []
-    code, log = _run([sys.executable, 'bench/calibration_speed.py', '--image', str(image), '--device', device,
-                      '--out', str(out), *repeats, *scale], timeout=600)
+    code, log = _run(
+        [
+            sys.executable,
+            'bench/calibration_speed.py',
+            '--image',
+            str(image),
+            '--device',
+            device,
+            '--out',
+            str(out),
+            *repeats,
+            *scale,
+        ],
+        timeout=600,
+    )
     if code != 0 or not out.exists():
         raise RuntimeError(f'calibration_speed failed (exit {code}):\n{log[-1500:]}')
     data = json.load(open(out))
-    keys = ('calib_over_fp', 'quant_over_fp', 'float_forward_s', 'quantized_forward_s', 'calibration_forward_s',
-            'wrap_calib_reparam_over_fp', 'input_hw')
+    keys = (
+        'calib_over_fp',
+        'quant_over_fp',
+        'float_forward_s',
+        'quantized_forward_s',
+        'calibration_forward_s',
+        'wrap_calib_reparam_over_fp',
+        'input_hw',
+    )
     found = {k: data[k] for k in keys if k in data}
     return found or {'raw': {k: v for k, v in data.items() if not isinstance(v, (list, dict))}}
 
@@ -110,6 +154,7 @@ def step_reconstruct(device: str, quick: bool) -> dict:
     import torch
 
     from mmdet_lrpq import QuantConfig, quantize_
+
     torch.manual_seed(0)
     dev = torch.device(device)
     images = [torch.randn(1, 3, 224, 224, device=dev) for _ in range(2)]
@@ -119,8 +164,9 @@ def step_reconstruct(device: str, quick: bool) -> dict:
     depths = dict(depths=(1, 1, 1, 1)) if dev.type == 'cpu' else {}
 
     def make():
-        return timm.create_model('swin_tiny_patch4_window7_224', pretrained=False, num_classes=10,
-                                 **depths).to(dev).eval()
+        return (
+            timm.create_model('swin_tiny_patch4_window7_224', pretrained=False, num_classes=10, **depths).to(dev).eval()
+        )
 
     def run(reconstruct) -> float:
         model = make()
@@ -133,10 +179,19 @@ def step_reconstruct(device: str, quick: bool) -> dict:
     plain = run(None)
     rec = run(dict(iters=iters, batch_size=1, num_images=2))
     stages = make().layers
-    units = 1 + sum(len(stage.blocks) for stage in stages) + sum(
-        not isinstance(stage.downsample, torch.nn.Identity) for stage in stages)   # patch embed, blocks, mergings
-    return {'model': 'swin_tiny' + (' (1 block per stage)' if depths else ''), 'units': units,'calibration_s': round(plain, 2), 'with_reconstruction_s': round(rec, 2), 'iters_per_unit': iters,
-            'seconds_per_step_per_unit': round((rec - plain) / (units * iters), 4)}
+    units = (
+        1
+        + sum(len(stage.blocks) for stage in stages)
+        + sum(not isinstance(stage.downsample, torch.nn.Identity) for stage in stages)
+    )  # patch embed, blocks, mergings
+    return {
+        'model': 'swin_tiny' + (' (1 block per stage)' if depths else ''),
+        'units': units,
+        'calibration_s': round(plain, 2),
+        'with_reconstruction_s': round(rec, 2),
+        'iters_per_unit': iters,
+        'seconds_per_step_per_unit': round((rec - plain) / (units * iters), 4),
+    }
 
 
 def summary_lines(record: dict, device: str) -> list[str]:
@@ -147,8 +202,10 @@ def summary_lines(record: dict, device: str) -> list[str]:
     sc = record['steps'].get('selfcheck', {}).get('result') or {}
     for dev, r in (sc.get('results') or {}).items():
         if r.get('ok'):
-            lines.append(f'{"AP " + dev:>12}: box {r.get("box_ap"):.1f} mask {r.get("mask_ap"):.1f} '
-                         f'(float {r.get("float_box_ap", float("nan")):.1f})')
+            lines.append(
+                f'{"AP " + dev:>12}: box {r.get("box_ap"):.1f} mask {r.get("mask_ap"):.1f} '
+                f'(float {r.get("float_box_ap", float("nan")):.1f})'
+            )
     checks = []
     if 'ap_diff' in sc:
         checks.append(('|AP cuda - AP cpu|', sc['ap_diff'], TARGETS['ap_diff']))
@@ -158,8 +215,10 @@ def summary_lines(record: dict, device: str) -> list[str]:
             checks.append((key.replace('_over_', '/'), speed[key], TARGETS[key]))
     for what, value, target in checks:
         verdict = 'meets' if value <= target else 'MISSES'
-        lines.append(f'{what:>12}: {value:.3f} ({verdict} the GPU target <= {target}'
-                     f'{"" if device == "cuda" else "; targets are for GPUs"})')
+        lines.append(
+            f'{what:>12}: {value:.3f} ({verdict} the GPU target <= {target}'
+            f'{"" if device == "cuda" else "; targets are for GPUs"})'
+        )
     rec = record['steps'].get('reconstruct', {}).get('result') or {}
     if rec:
         lines.append(f'{"recon step":>12}: {rec["seconds_per_step_per_unit"] * 1000:.1f} ms per Adam step per unit')
@@ -170,8 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--device', choices=['cuda', 'cpu'], default='cuda')
     parser.add_argument('--quick', action='store_true', help='fewest repeats (CI-sized; default with --device cpu)')
-    parser.add_argument('--steps', default='stack,selfcheck,tests,speed,reconstruct',
-                        help='comma-separated subset of the steps')
+    parser.add_argument(
+        '--steps', default='stack,selfcheck,tests,speed,reconstruct', help='comma-separated subset of the steps'
+    )
     parser.add_argument('--image', type=Path, default=COCO_IMAGE, help='the COCO image of the speed step')
     parser.add_argument('--json', default=str(REPO / 'work_dirs' / 'device_check' / 'device_check.json'))
     args = parser.parse_args(argv)
@@ -184,9 +244,13 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix='mmdet_lrpq_device_check_') as tmp:
         work = Path(tmp)
-        runners = {'stack': lambda: step_stack(args.device), 'selfcheck': lambda: step_selfcheck(args.device, quick, work),
-                   'tests': lambda: step_tests(args.device, quick), 'speed': lambda: step_speed(args.device, quick, work, args.image),
-                   'reconstruct': lambda: step_reconstruct(args.device, quick)}
+        runners = {
+            'stack': lambda: step_stack(args.device),
+            'selfcheck': lambda: step_selfcheck(args.device, quick, work),
+            'tests': lambda: step_tests(args.device, quick),
+            'speed': lambda: step_speed(args.device, quick, work, args.image),
+            'reconstruct': lambda: step_reconstruct(args.device, quick),
+        }
         for name in steps:
             t0 = time.perf_counter()
             print(f'[device_check] {name} ...', flush=True)

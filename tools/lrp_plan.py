@@ -16,6 +16,7 @@ again with another ``--target``/``--allocator`` re-allocates without recomputing
 or under ``state_dict``/``model``); ``--pretrained`` lets timm download its weights (network);
 ``--random-init SEED`` states explicitly that random weights are used (the plan says so).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,18 +52,31 @@ def recorded_command(argv: list[str]) -> str:
 
 def parse_args(argv=None):
     from mmdet_lrpq.plan import ALLOCATORS
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split('\n', 2)[2])
-    add_classifier_args(p, 'use seeded random weights (recorded in the plan); the default, with a warning, '
-                           'when no weights are given')
+
+    p = argparse.ArgumentParser(
+        description=__doc__.split('\n')[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split('\n', 2)[2],
+    )
+    add_classifier_args(
+        p, 'use seeded random weights (recorded in the plan); the default, with a warning, when no weights are given'
+    )
     p.add_argument('--images', required=True, help='ImageNet-style class folders or a flat folder of images')
     p.add_argument('--num-images', type=int, default=None, help='first N images in a stable, class-spread order')
-    p.add_argument('--explain', choices=['predicted', 'label'], default='predicted',
-                   help='relevance of the predicted class, or of the folder label (needs wnids.txt)')
+    p.add_argument(
+        '--explain',
+        choices=['predicted', 'label'],
+        default='predicted',
+        help='relevance of the predicted class, or of the folder label (needs wnids.txt)',
+    )
     p.add_argument('--batch-size', type=int, default=8)
     p.add_argument('--target', required=True, help='mp4, mp6, ... or an integer k: the average bit-width')
-    p.add_argument('--budget-bits', type=float, default=None,
-                   help='weight-memory budget in average bits (default: k, i.e. no more than uniform k-bit)')
+    p.add_argument(
+        '--budget-bits',
+        type=float,
+        default=None,
+        help='weight-memory budget in average bits (default: k, i.e. no more than uniform k-bit)',
+    )
     p.add_argument('--allocator', default='lrp_qvit', choices=sorted(ALLOCATORS))
     p.add_argument('--out', required=True, help='plan JSON to write')
     p.add_argument('--plot', help='PNG heatmap of importance and bits per block')
@@ -73,9 +87,12 @@ def parse_args(argv=None):
     args.k = target_bits(p, args.target)
     if args.checkpoint is None and not args.pretrained and args.random_init is None:
         # offline and no weights named: say loudly that the plan comes from random weights (recorded)
-        print('WARNING: no --checkpoint/--pretrained given: using seeded random weights (--random-init 0). '
-              'The plan is structurally valid but its layer ranking is not meaningful; pass the '
-              'classifier weights for a real plan.', file=sys.stderr)
+        print(
+            'WARNING: no --checkpoint/--pretrained given: using seeded random weights (--random-init 0). '
+            'The plan is structurally valid but its layer ranking is not meaningful; pass the '
+            'classifier weights for a real plan.',
+            file=sys.stderr,
+        )
         args.random_init = 0
     return args
 
@@ -83,10 +100,15 @@ def parse_args(argv=None):
 def lrp_scores(args, model, weights: dict) -> tuple[dict, dict]:
     """Raw LRP scores (from the cache when it was made with the same model, weights and images)."""
     from mmdet_lrpq.lrp import eval_transform, iter_images, list_images, lrp_site_scores
+
     items = list_images(args.images, args.num_images)
     image_list = [osp.relpath(str(i.path), args.images) for i in items]
-    images = {'folder': recorded_path(args.images), 'num_images': len(items), 'explain': args.explain,
-              'list_sha256_16': hashlib.sha256('\n'.join(image_list).encode()).hexdigest()[:16]}
+    images = {
+        'folder': recorded_path(args.images),
+        'num_images': len(items),
+        'explain': args.explain,
+        'list_sha256_16': hashlib.sha256('\n'.join(image_list).encode()).hexdigest()[:16],
+    }
     key = {'model': args.model, 'weights': weights, **{k: v for k, v in images.items() if k != 'folder'}}
     cache = args.scores_cache or args.out + '.scores.json'
     if osp.isfile(cache):
@@ -102,10 +124,12 @@ def lrp_scores(args, model, weights: dict) -> tuple[dict, dict]:
     progress = None
     if not args.no_progress:
         from tqdm import tqdm
+
         bar = tqdm(total=len(items), desc='LRP', unit='img')
         progress = lambda done: bar.update(done - bar.n)  # noqa: E731
-    scores = lrp_site_scores(model, iter_images(items, eval_transform(model)), targets=targets,
-                             batch_size=args.batch_size, progress=progress)
+    scores = lrp_site_scores(
+        model, iter_images(items, eval_transform(model)), targets=targets, batch_size=args.batch_size, progress=progress
+    )
     if progress is not None:
         bar.close()
     os.makedirs(osp.dirname(osp.abspath(cache)), exist_ok=True)
@@ -119,6 +143,7 @@ def make_plan(args, model, weights, raw, images) -> BitPlan:  # noqa: F821
     from mmdet_lrpq.models.swin_names import swin_name_to_mmdet
     from mmdet_lrpq.models.timm_swin import TimmSwinAdapter
     from mmdet_lrpq.plan import Budget, allocate, plot_plan
+
     sites = swin_sites(model)
     importance = relative_importance(raw)
     budget = Budget(weight_bits=args.budget_bits if args.budget_bits is not None else args.k)
@@ -128,9 +153,13 @@ def make_plan(args, model, weights, raw, images) -> BitPlan:  # noqa: F821
     detector_plan = plan.rename(lambda n: 'backbone.' + swin_name_to_mmdet(n, 'timm')).with_default(args.k, args.k)
     # the backbone the plan fits: refused on a Swin of another size (whose extra blocks would fall to re:.*)
     detector_plan.architecture = TimmSwinAdapter(model, '').architecture()
-    detector_plan.source = {'model': args.model, 'weights': weights, 'images': images,
-                            'note': 'sites are mmdet backbone names (timm -> mmdet mapping of '
-                                    'mmdet_lrpq.models.swin_names); the rest of the detector: re:.* at k bits'}
+    detector_plan.source = {
+        'model': args.model,
+        'weights': weights,
+        'images': images,
+        'note': 'sites are mmdet backbone names (timm -> mmdet mapping of '
+        'mmdet_lrpq.models.swin_names); the rest of the detector: re:.* at k bits',
+    }
     detector_plan.command = recorded_command(args.argv)
     return detector_plan, plan, sites
 
@@ -141,9 +170,11 @@ def summary(plan, sites, k: int) -> str:
     dropped = [s.name for s in sites if s.has_weights and bits[s.name][0] < k]
     budget = plan.budget
     acc = budget['accounting']
-    return (f"{plan.allocator}: blocks 0-1 at {first} bits, {len(dropped)} later sites at {k - 1} bits; "
-            f"weight memory {budget['used_bits']} <= {budget['limit_bits']} bits "
-            f"(uniform {k}-bit); avg W {acc['avg_weight_bits']:.3f}, avg A {acc['avg_act_bits']:.3f} bits")
+    return (
+        f'{plan.allocator}: blocks 0-1 at {first} bits, {len(dropped)} later sites at {k - 1} bits; '
+        f'weight memory {budget["used_bits"]} <= {budget["limit_bits"]} bits '
+        f'(uniform {k}-bit); avg W {acc["avg_weight_bits"]:.3f}, avg A {acc["avg_act_bits"]:.3f} bits'
+    )
 
 
 def main(argv: list | None = None) -> None:

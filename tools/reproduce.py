@@ -17,6 +17,7 @@ their keys. Every cell is one tools/test.py process with its own work dir; its r
 checkpoint, plan content, evaluation annotations), so a rerun skips finished cells and reruns exactly
 those whose inputs changed (--force: all). Writes results.md, results.json and results.png to --out-dir.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,13 @@ DETECTORS = ('mask_rcnn', 'cascade_mask_rcnn')
 DETECTOR_ALIASES = {'cascade': 'cascade_mask_rcnn'}
 COCO_BACKBONES = ('swin_t', 'swin_s')
 MINI_BACKBONE = 'swin_mini'
-LABELS = {'mask_rcnn': 'Mask R-CNN', 'cascade_mask_rcnn': 'Cascade Mask R-CNN',
-          'swin_t': 'Swin-T', 'swin_s': 'Swin-S', 'swin_mini': 'Swin-mini'}
+LABELS = {
+    'mask_rcnn': 'Mask R-CNN',
+    'cascade_mask_rcnn': 'Cascade Mask R-CNN',
+    'swin_t': 'Swin-T',
+    'swin_s': 'Swin-S',
+    'swin_mini': 'Swin-mini',
+}
 
 
 class UserError(Exception):
@@ -78,6 +84,7 @@ class Cell:
 @dataclass(frozen=True)
 class Checkpoint:
     """The file tools/test.py loads, and the digest of the file the user gave (what a cell depends on)."""
+
     path: str
     sha256: str
 
@@ -107,7 +114,7 @@ class Digests:
 
     def __init__(self, path: str, remember: bool = True):
         self.path = path
-        self.remember = remember      # False (a dry run): digests are computed, nothing is written
+        self.remember = remember  # False (a dry run): digests are computed, nothing is written
         try:
             self.known = json.load(open(path))
         except (OSError, ValueError):
@@ -147,8 +154,10 @@ def checkpoint_layout(path: str) -> str:
         return 'original'
     if b'backbone.stages.' in blob:
         return 'mmdet'
-    raise UserError(f'{path} has no Swin backbone keys (backbone.layers.* or backbone.stages.*): '
-                    f'is it a Swin Mask R-CNN / Cascade Mask R-CNN checkpoint?')
+    raise UserError(
+        f'{path} has no Swin backbone keys (backbone.layers.* or backbone.stages.*): '
+        f'is it a Swin Mask R-CNN / Cascade Mask R-CNN checkpoint?'
+    )
 
 
 def run_tool(cmd: list[str], log_path: str | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -175,9 +184,10 @@ def coco_config(cell: Cell) -> str:
 # ----------------------------------------------------------------------------- the two worlds
 class World:
     """Where one grid's inputs come from; subclasses: COCO with the official detectors, the miniature world."""
+
     name: str
     data_root: str
-    val_ann: str                       # evaluation annotations, relative to data_root
+    val_ann: str  # evaluation annotations, relative to data_root
     backbones: tuple[str, ...]
     paper: dict | None = None
 
@@ -206,8 +216,10 @@ class CocoWorld(World):
 
     def __init__(self, root: str | None):
         if root is None:
-            raise UserError('--coco-root is required: a COCO 2017 root with annotations/, val2017/ and train2017/ '
-                            '(or run --miniworld for the offline miniature version)')
+            raise UserError(
+                '--coco-root is required: a COCO 2017 root with annotations/, val2017/ and train2017/ '
+                '(or run --miniworld for the offline miniature version)'
+            )
         self.data_root = osp.abspath(root)
         self.paper = json.load(open(PAPER))
 
@@ -221,16 +233,20 @@ class CocoWorld(World):
 
     def check_data(self, cells):
         if not osp.isdir(self.data_root):
-            raise UserError(f'--coco-root {self.data_root} is not a directory; pass the root of COCO 2017 '
-                            f'(annotations/, val2017/, train2017/)')
+            raise UserError(
+                f'--coco-root {self.data_root} is not a directory; pass the root of COCO 2017 '
+                f'(annotations/, val2017/, train2017/)'
+            )
         need = [self.val_ann, 'val2017']
         if any(c.setting != 'FP' for c in cells):  # quantized cells calibrate on one train2017 image
             need += ['annotations/instances_train2017.json', 'train2017']
         missing = [p for p in need if not osp.exists(osp.join(self.data_root, p))]
         if missing:
-            raise UserError(f'--coco-root {self.data_root}: missing {", ".join(missing)}. Pass the root of COCO 2017 '
-                            f'(annotations/instances_val2017.json, annotations/instances_train2017.json, val2017/, '
-                            f'train2017/; quantized cells calibrate on one train2017 image)')
+            raise UserError(
+                f'--coco-root {self.data_root}: missing {", ".join(missing)}. Pass the root of COCO 2017 '
+                f'(annotations/instances_val2017.json, annotations/instances_train2017.json, val2017/, '
+                f'train2017/; quantized cells calibrate on one train2017 image)'
+            )
 
 
 class MiniWorld(World):
@@ -240,8 +256,12 @@ class MiniWorld(World):
     backbones = (MINI_BACKBONE,)
 
     # What configs/<model>_<setting>.py set on COCO, given to the miniature world's *_quant.py configs.
-    SETTING_OPTIONS = {'W4A4': ['w_bits=4', 'a_bits=4', 'method=repq'], 'W6A6': ['w_bits=6', 'a_bits=6', 'method=repq'],
-                       'MP4': ['method=crl'], 'MP6': ['method=crl']}
+    SETTING_OPTIONS = {
+        'W4A4': ['w_bits=4', 'a_bits=4', 'method=repq'],
+        'W6A6': ['w_bits=6', 'a_bits=6', 'method=repq'],
+        'MP4': ['method=crl'],
+        'MP6': ['method=crl'],
+    }
 
     def config(self, cell):
         float_cfg, quant_cfg, _ = mini.DETECTORS[cell.detector]
@@ -254,7 +274,7 @@ class MiniWorld(World):
         return ['--model', mini.CLASSIFIER, '--checkpoint', mini.CLASSIFIER, '--images', osp.join(mini.DATA, 'cls_val')]
 
     def default_checkpoint(self, model):
-        detector = model[:-len('_' + MINI_BACKBONE)]
+        detector = model[: -len('_' + MINI_BACKBONE)]
         return mini.DETECTORS[detector][2] if detector in mini.DETECTORS else None
 
 
@@ -275,47 +295,101 @@ def parse_pairs(values: list[str] | None, option: str, valid: tuple[str, ...]) -
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], epilog=__doc__.split('\n', 2)[2],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split('\n')[0],
+        epilog=__doc__.split('\n', 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     world = p.add_mutually_exclusive_group()
     world.add_argument('--coco-root', help='COCO 2017 root: annotations/, val2017/, train2017/')
     world.add_argument('--miniworld', action='store_true', help='the offline miniature world (no paper column)')
     world.add_argument('--print-paper', action='store_true', help='print the expected numbers per config and exit')
-    p.add_argument('--detectors', nargs='+', default=list(DETECTORS), metavar='D',
-                   help=f'subset of {", ".join(DETECTORS)} ("cascade" for short)')
-    p.add_argument('--backbones', nargs='+', default=None, metavar='B',
-                   help=f'subset of {", ".join(COCO_BACKBONES)} (the miniature world has {MINI_BACKBONE})')
-    p.add_argument('--settings', nargs='+', default=list(SETTINGS), choices=SETTINGS, metavar='S',
-                   help=f'subset of {" ".join(SETTINGS)}')
-    p.add_argument('--checkpoint', action='append', metavar='MODEL=PATH',
-                   help='detector checkpoint, e.g. mask_rcnn_swin_t=PATH (official mmdet-2.x files are converted)')
-    p.add_argument('--download', nargs='?', const='official', choices=('official', 'mmdet'),
-                   help='fetch the checkpoints not given with --checkpoint into --cache-dir and verify them: '
-                        'official (Swin-Transformer-Object-Detection, the default) or mmdet (the OpenMMLab zoo, '
-                        'Mask R-CNN only)')
-    p.add_argument('--cache-dir', default=osp.expanduser('~/.cache/mmdet-lrpq/checkpoints'),
-                   help='downloaded and converted checkpoints (default: %(default)s)')
-    p.add_argument('--trust-checkpoints', action='store_true',
-                   help='let tools/convert_checkpoint.py load with weights_only=False (trusted files only)')
+    p.add_argument(
+        '--detectors',
+        nargs='+',
+        default=list(DETECTORS),
+        metavar='D',
+        help=f'subset of {", ".join(DETECTORS)} ("cascade" for short)',
+    )
+    p.add_argument(
+        '--backbones',
+        nargs='+',
+        default=None,
+        metavar='B',
+        help=f'subset of {", ".join(COCO_BACKBONES)} (the miniature world has {MINI_BACKBONE})',
+    )
+    p.add_argument(
+        '--settings',
+        nargs='+',
+        default=list(SETTINGS),
+        choices=SETTINGS,
+        metavar='S',
+        help=f'subset of {" ".join(SETTINGS)}',
+    )
+    p.add_argument(
+        '--checkpoint',
+        action='append',
+        metavar='MODEL=PATH',
+        help='detector checkpoint, e.g. mask_rcnn_swin_t=PATH (official mmdet-2.x files are converted)',
+    )
+    p.add_argument(
+        '--download',
+        nargs='?',
+        const='official',
+        choices=('official', 'mmdet'),
+        help='fetch the checkpoints not given with --checkpoint into --cache-dir and verify them: '
+        'official (Swin-Transformer-Object-Detection, the default) or mmdet (the OpenMMLab zoo, '
+        'Mask R-CNN only)',
+    )
+    p.add_argument(
+        '--cache-dir',
+        default=osp.expanduser('~/.cache/mmdet-lrpq/checkpoints'),
+        help='downloaded and converted checkpoints (default: %(default)s)',
+    )
+    p.add_argument(
+        '--trust-checkpoints',
+        action='store_true',
+        help='let tools/convert_checkpoint.py load with weights_only=False (trusted files only)',
+    )
     p.add_argument('--imagenet', help='ImageNet images for the LRP plans (class folders or a flat folder)')
-    p.add_argument('--classifier', action='append', metavar='BACKBONE=PATH',
-                   help='ImageNet classifier weights for a plan, a timm state dict: swin_t=PATH, swin_s=PATH')
+    p.add_argument(
+        '--classifier',
+        action='append',
+        metavar='BACKBONE=PATH',
+        help='ImageNet classifier weights for a plan, a timm state dict: swin_t=PATH, swin_s=PATH',
+    )
     p.add_argument('--pretrained', action='store_true', help="timm's pretrained classifier weights (downloads)")
     p.add_argument('--lrp-images', type=int, default=64, help='classifier images for the LRP scores (default 64)')
     p.add_argument('--plans-dir', help='where the MP plans are made (default: <out-dir>/plans)')
-    p.add_argument('--reuse-plans', action='store_true',
-                   help='use the plans already in --plans-dir (<backbone>_mp<k>.json) instead of making them; '
-                        'random-weight plans (e.g. --plans-dir configs/plans) run marked as placeholders')
-    p.add_argument('--val-images', type=int, metavar='N',
-                   help='evaluate on the first N val images only (a quick check; not comparable with the paper)')
-    p.add_argument('--out-dir', help='results, per-cell records and work dirs '
-                                     '(default: work_dirs/reproduce or work_dirs/reproduce_miniworld)')
-    p.add_argument('--jobs', type=int, default=None,
-                   help='tools/test.py processes side by side (default: one per visible GPU, else 1)')
-    p.add_argument('--gpus', metavar='IDS',
-                   help='comma-separated GPUs to spread the cells over, one GPU per process (default: '
-                        'CUDA_VISIBLE_DEVICES, else every GPU torch sees; "none" keeps every process on the CPU '
-                        'or its own default)')
+    p.add_argument(
+        '--reuse-plans',
+        action='store_true',
+        help='use the plans already in --plans-dir (<backbone>_mp<k>.json) instead of making them; '
+        'random-weight plans (e.g. --plans-dir configs/plans) run marked as placeholders',
+    )
+    p.add_argument(
+        '--val-images',
+        type=int,
+        metavar='N',
+        help='evaluate on the first N val images only (a quick check; not comparable with the paper)',
+    )
+    p.add_argument(
+        '--out-dir',
+        help='results, per-cell records and work dirs (default: work_dirs/reproduce or work_dirs/reproduce_miniworld)',
+    )
+    p.add_argument(
+        '--jobs',
+        type=int,
+        default=None,
+        help='tools/test.py processes side by side (default: one per visible GPU, else 1)',
+    )
+    p.add_argument(
+        '--gpus',
+        metavar='IDS',
+        help='comma-separated GPUs to spread the cells over, one GPU per process (default: '
+        'CUDA_VISIBLE_DEVICES, else every GPU torch sees; "none" keeps every process on the CPU '
+        'or its own default)',
+    )
     p.add_argument('--force', action='store_true', help='rerun finished cells too')
     p.add_argument('--dry-run', action='store_true', help='print the commands a run would execute, run nothing')
     args = p.parse_args(argv)
@@ -325,8 +399,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f'--detectors: unknown {bad}; choose from {", ".join(DETECTORS)} (or "cascade")')
     if args.val_images is not None and args.val_images < 1:
         p.error('--val-images must be a positive integer')
-    args.gpus = ([] if args.gpus.strip().lower() == 'none' else [g.strip() for g in args.gpus.split(',') if g.strip()]
-                 ) if args.gpus is not None else visible_gpus()
+    args.gpus = (
+        ([] if args.gpus.strip().lower() == 'none' else [g.strip() for g in args.gpus.split(',') if g.strip()])
+        if args.gpus is not None
+        else visible_gpus()
+    )
     if args.jobs is None:
         args.jobs = max(1, len(args.gpus))
     if args.lrp_images < 1 or args.jobs < 1:
@@ -334,10 +411,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.pretrained and args.classifier:
         p.error('give either --pretrained or --classifier, not both')
     if args.miniworld and (args.download or args.classifier or args.pretrained or args.imagenet):
-        p.error('--miniworld brings its own detectors, classifier and images: drop --download, --classifier, '
-                '--pretrained and --imagenet')
-    args.out_dir = osp.abspath(args.out_dir or osp.join(REPO, 'work_dirs', 'reproduce_miniworld' if args.miniworld
-                                                        else 'reproduce'))
+        p.error(
+            '--miniworld brings its own detectors, classifier and images: drop --download, --classifier, '
+            '--pretrained and --imagenet'
+        )
+    args.out_dir = osp.abspath(
+        args.out_dir or osp.join(REPO, 'work_dirs', 'reproduce_miniworld' if args.miniworld else 'reproduce')
+    )
     args.plans_dir = osp.abspath(args.plans_dir or osp.join(args.out_dir, 'plans'))
     return args
 
@@ -366,9 +446,11 @@ def verify(path: str, digest: str, entry: dict | None) -> str:
     if not expected:
         return f'sha256 {digest} (no hash is published for {entry["file"]}: not verifiable, recorded in the cell)'
     if not digest.startswith(expected):
-        raise UserError(f'{path}: sha256 {digest} does not match the published {expected} of {entry["file"]} '
-                        f'({entry["url"]}); the file is damaged or different: download it again (or rename it if '
-                        f'it is intentionally another file)')
+        raise UserError(
+            f'{path}: sha256 {digest} does not match the published {expected} of {entry["file"]} '
+            f'({entry["url"]}); the file is damaged or different: download it again (or rename it if '
+            f'it is intentionally another file)'
+        )
     return f'sha256 verified ({"full digest" if entry.get("sha256") else "prefix " + expected} of {entry["url"]})'
 
 
@@ -389,13 +471,13 @@ def download(url: str, dest: str, log) -> None:
         if total and done != total:
             raise OSError(f'got {done} of {total} bytes')
     except OSError as err:
-        raise UserError(f'downloading {url} failed ({err}); download it yourself and pass --checkpoint '
-                        f'MODEL={osp.basename(dest)}') from None
+        raise UserError(
+            f'downloading {url} failed ({err}); download it yourself and pass --checkpoint MODEL={osp.basename(dest)}'
+        ) from None
     os.replace(tmp, dest)  # only a complete file gets the final name
 
 
-def checkpoint_sources(args: argparse.Namespace, world: World,
-                       models: list[str]) -> dict[str, tuple[str, dict | None]]:
+def checkpoint_sources(args: argparse.Namespace, world: World, models: list[str]) -> dict[str, tuple[str, dict | None]]:
     """Each model's file (given, bundled, or where --download puts it) and its recorded entry, or the error."""
     given = parse_pairs(args.checkpoint, '--checkpoint', tuple(f'{d}_{b}' for d in DETECTORS for b in world.backbones))
     entries = recorded_entries(world.paper)
@@ -409,19 +491,23 @@ def checkpoint_sources(args: argparse.Namespace, world: World,
         elif args.download and world.paper is not None:
             choices = world.paper['checkpoints'][model]
             entry = next((e for e in choices if e['source'] == args.download), None) or next(
-                e for e in choices if e['default'])  # Cascade Swin exists only as the official files
+                e for e in choices if e['default']
+            )  # Cascade Swin exists only as the official files
             out[model] = (osp.join(args.cache_dir, entry['file']), entry)
         else:
             urls = ', '.join(e['url'] for e in world.paper['checkpoints'][model]) if world.paper else ''
-            raise UserError(f'no checkpoint for {model}: pass --checkpoint {model}=PATH' +
-                            (f' (official files: {urls}) or --download' if urls else ''))
+            raise UserError(
+                f'no checkpoint for {model}: pass --checkpoint {model}=PATH'
+                + (f' (official files: {urls}) or --download' if urls else '')
+            )
     return out
 
 
-def resolve_checkpoints(args: argparse.Namespace, world: World, models: list[str], digests: Digests,
-                        log) -> tuple[dict[str, Checkpoint], list[list[str]]]:
+def resolve_checkpoints(
+    args: argparse.Namespace, world: World, models: list[str], digests: Digests, log
+) -> tuple[dict[str, Checkpoint], list[list[str]]]:
     """Each model's checkpoint, downloaded, verified and converted as needed; and the commands (dry run)."""
-    sources = checkpoint_sources(args, world, models)   # all of them known before the first download
+    sources = checkpoint_sources(args, world, models)  # all of them known before the first download
     out, commands = {}, []
     for model, (path, entry) in sources.items():
         if not osp.isfile(path):
@@ -440,17 +526,23 @@ def resolve_checkpoints(args: argparse.Namespace, world: World, models: list[str
             stem = osp.splitext(osp.basename(path))[0]
             converted = osp.join(args.cache_dir, 'converted', f'{stem}.mmdet3-{digest[:12]}.pth')  # per content
             if not osp.isfile(converted):
-                cmd = [sys.executable, osp.join(REPO, 'tools', 'convert_checkpoint.py'), path, converted + '.part',
-                       *(['--trust'] if args.trust_checkpoints else [])]
+                cmd = [
+                    sys.executable,
+                    osp.join(REPO, 'tools', 'convert_checkpoint.py'),
+                    path,
+                    converted + '.part',
+                    *(['--trust'] if args.trust_checkpoints else []),
+                ]
                 if args.dry_run:
                     commands.append(cmd)
                 else:
                     log(f'{model}: converting the mmdet-2.x Swin keys once: {show(cmd)}')
                     proc = run_tool(cmd)
                     if proc.returncode != 0:
-                        raise UserError(f'converting {path} failed: {(proc.stderr or proc.stdout).strip()[-1500:]}'
-                                        + ('' if args.trust_checkpoints else
-                                           ' (if you trust the file, add --trust-checkpoints)'))
+                        raise UserError(
+                            f'converting {path} failed: {(proc.stderr or proc.stdout).strip()[-1500:]}'
+                            + ('' if args.trust_checkpoints else ' (if you trust the file, add --trust-checkpoints)')
+                        )
                     os.replace(converted + '.part', converted)
             path = converted
         out[model] = Checkpoint(path=path, sha256=digest)
@@ -472,30 +564,48 @@ def plan_commands(args: argparse.Namespace, world: World, cells: list[Cell]) -> 
     if args.reuse_plans:
         missing = [plan_path(args, b, k) for b, k in needed if not osp.isfile(plan_path(args, b, k))]
         if missing:
-            raise UserError(f'--reuse-plans: {", ".join(missing)} not found; make them (drop --reuse-plans and give '
-                            f'the classifier) or point --plans-dir at the folder that holds <backbone>_mp<k>.json')
+            raise UserError(
+                f'--reuse-plans: {", ".join(missing)} not found; make them (drop --reuse-plans and give '
+                f'the classifier) or point --plans-dir at the folder that holds <backbone>_mp<k>.json'
+            )
         return {}
     classifiers = parse_pairs(args.classifier, '--classifier', COCO_BACKBONES)
     if isinstance(world, CocoWorld) and needed:
         lacking = sorted({b for b, _ in needed if not args.pretrained and b not in classifiers})
         if lacking:
-            names = ', '.join(f'--classifier {b}=PATH ({world.paper["classifiers"][b]["timm"]} weights)'
-                              for b in lacking)
-            raise UserError(f'MP4/MP6 need LRP plans made from the ImageNet classifier, and no weights were given for '
-                            f'{", ".join(lacking)}: pass {names}, or --pretrained (timm downloads them), with '
-                            f'--imagenet DIR. Without them: leave MP4/MP6 out of --settings, or run the random-weight '
-                            f'placeholder plans, marked as such, with --plans-dir configs/plans --reuse-plans')
+            names = ', '.join(
+                f'--classifier {b}=PATH ({world.paper["classifiers"][b]["timm"]} weights)' for b in lacking
+            )
+            raise UserError(
+                f'MP4/MP6 need LRP plans made from the ImageNet classifier, and no weights were given for '
+                f'{", ".join(lacking)}: pass {names}, or --pretrained (timm downloads them), with '
+                f'--imagenet DIR. Without them: leave MP4/MP6 out of --settings, or run the random-weight '
+                f'placeholder plans, marked as such, with --plans-dir configs/plans --reuse-plans'
+            )
         if not args.imagenet or not osp.isdir(args.imagenet):
-            raise UserError(f'--imagenet {args.imagenet or "(not given)"}: the LRP plans need a folder of ImageNet '
-                            f'images (e.g. the val split, class folders or flat); pass --imagenet DIR')
+            raise UserError(
+                f'--imagenet {args.imagenet or "(not given)"}: the LRP plans need a folder of ImageNet '
+                f'images (e.g. the val split, class folders or flat); pass --imagenet DIR'
+            )
     commands = {}
     for backbone, k in needed:
         out = plan_path(args, backbone, k)
         commands[(backbone, k)] = [
-            sys.executable, osp.join(REPO, 'tools', 'lrp_plan.py'), *world.plan_inputs(backbone, classifiers, args),
-            '--num-images', str(args.lrp_images), '--target', f'mp{k}',
-            '--out', out, '--plot', osp.splitext(out)[0] + '.png',
-            '--scores-cache', osp.join(args.plans_dir, f'{backbone}.scores.json'), '--no-progress']
+            sys.executable,
+            osp.join(REPO, 'tools', 'lrp_plan.py'),
+            *world.plan_inputs(backbone, classifiers, args),
+            '--num-images',
+            str(args.lrp_images),
+            '--target',
+            f'mp{k}',
+            '--out',
+            out,
+            '--plot',
+            osp.splitext(out)[0] + '.png',
+            '--scores-cache',
+            osp.join(args.plans_dir, f'{backbone}.scores.json'),
+            '--no-progress',
+        ]
     return commands
 
 
@@ -503,9 +613,14 @@ def plan_info(path: str, digests: Digests) -> dict:
     """What a cell records about its plan; ``placeholder``: made from random weights, not a reproduction."""
     plan = json.load(open(path))
     weights = (plan.get('source') or {}).get('weights') or {}
-    return {'file': rel(path), 'sha256': digests(path), 'weights': weights.get('kind', 'unknown'),
-            'placeholder': weights.get('kind') == 'random-init', 'command': plan.get('command'),
-            'budget': {k: (plan.get('budget') or {}).get(k) for k in ('used_bits', 'limit_bits', 'holds')}}
+    return {
+        'file': rel(path),
+        'sha256': digests(path),
+        'weights': weights.get('kind', 'unknown'),
+        'placeholder': weights.get('kind') == 'random-init',
+        'command': plan.get('command'),
+        'budget': {k: (plan.get('budget') or {}).get(k) for k in ('used_bits', 'limit_bits', 'holds')},
+    }
 
 
 # ----------------------------------------------------------------------------- cells
@@ -515,6 +630,7 @@ def config_digest(path: str) -> str:
         with warnings.catch_warnings():  # mmengine's pkg_resources deprecation notice, once per config
             warnings.simplefilter('ignore', UserWarning)
             from mmengine.config import Config
+
             cfg = Config.fromfile(path, import_custom_modules=False)
     except ImportError:
         raise
@@ -548,13 +664,21 @@ class Job:
     cell: Cell
     command: list[str]
     key: dict
-    record: str          # <out-dir>/cells/<cell>.json
+    record: str  # <out-dir>/cells/<cell>.json
     work_dir: str
     plan: dict | None
 
 
-def prepare(cell: Cell, args: argparse.Namespace, world: World, ckpt: Checkpoint, plans: dict,
-            val_ann: str, digests: Digests, configs: dict) -> Job:
+def prepare(
+    cell: Cell,
+    args: argparse.Namespace,
+    world: World,
+    ckpt: Checkpoint,
+    plans: dict,
+    val_ann: str,
+    digests: Digests,
+    configs: dict,
+) -> Job:
     """The cell's test.py command and the digest of everything its result depends on."""
     config = world.config(cell)
     if config not in configs:
@@ -569,11 +693,25 @@ def prepare(cell: Cell, args: argparse.Namespace, world: World, ckpt: Checkpoint
         options.append(f'custom_hooks.0.plan={path}')
     if args.val_images:
         options += [f'test_dataloader.dataset.ann_file={val_ann}', f'test_evaluator.ann_file={val_ann}']
-    command = [sys.executable, osp.join(REPO, 'tools', 'test.py'), config, ckpt.path, '--work-dir', work_dir,
-               '--data-root', world.data_root, *(['--cfg-options', *options] if options else [])]
-    key = {'config': configs[config], 'options': hook, 'checkpoint': ckpt.sha256,
-           'plan': plan and plan['sha256'], 'annotations': digests(val_ann) if osp.isfile(val_ann) else None,
-           'val_images': args.val_images}
+    command = [
+        sys.executable,
+        osp.join(REPO, 'tools', 'test.py'),
+        config,
+        ckpt.path,
+        '--work-dir',
+        work_dir,
+        '--data-root',
+        world.data_root,
+        *(['--cfg-options', *options] if options else []),
+    ]
+    key = {
+        'config': configs[config],
+        'options': hook,
+        'checkpoint': ckpt.sha256,
+        'plan': plan and plan['sha256'],
+        'annotations': digests(val_ann) if osp.isfile(val_ann) else None,
+        'val_images': args.val_images,
+    }
     return Job(cell, command, key, osp.join(args.out_dir, 'cells', f'{cell.name}.json'), work_dir, plan)
 
 
@@ -608,20 +746,33 @@ def execute(job: Job, threads: int | None, gpu: str | None = None) -> dict:
     result = json.load(open(metrics_file))
     m, q = result['metrics'], result.get('quantization') or {}
     if 'coco/bbox_mAP' not in m or 'coco/segm_mAP' not in m:
-        raise RuntimeError(f'{rel(metrics_file)} has no coco/bbox_mAP and coco/segm_mAP (got {sorted(m)}); '
-                           f'log: {rel(log)}')
+        raise RuntimeError(
+            f'{rel(metrics_file)} has no coco/bbox_mAP and coco/segm_mAP (got {sorted(m)}); log: {rel(log)}'
+        )
     totals = q.get('totals') or {}
     record = {
-        'cell': job.cell.name, 'model': job.cell.model, 'detector': job.cell.detector, 'backbone': job.cell.backbone,
-        'setting': job.cell.setting, 'box_ap': 100 * m['coco/bbox_mAP'], 'mask_ap': 100 * m['coco/segm_mAP'],
+        'cell': job.cell.name,
+        'model': job.cell.model,
+        'detector': job.cell.detector,
+        'backbone': job.cell.backbone,
+        'setting': job.cell.setting,
+        'box_ap': 100 * m['coco/bbox_mAP'],
+        'mask_ap': 100 * m['coco/segm_mAP'],
         'avg_w_bits': totals.get('avg_weight_bits', 32.0 if not q else None),
         'avg_a_bits': totals.get('avg_act_bits', 32.0 if not q else None),
-        'weight_mb': totals.get('weight_mb'), 'gbops': totals['bops'] / 1e9 if 'bops' in totals else None,
-        'scope': (q.get('settings') or {}).get('scope'), 'calibration_ids': q.get('calibration_ids'),
-        'plan': job.plan, 'val_images': job.key['val_images'], 'seconds': round(time.time() - t0, 1),
+        'weight_mb': totals.get('weight_mb'),
+        'gbops': totals['bops'] / 1e9 if 'bops' in totals else None,
+        'scope': (q.get('settings') or {}).get('scope'),
+        'calibration_ids': q.get('calibration_ids'),
+        'plan': job.plan,
+        'val_images': job.key['val_images'],
+        'seconds': round(time.time() - t0, 1),
         'gpu': gpu,
-        'command': show(job.command), 'metrics': m, 'key': job.key,
-        'finished': time.strftime('%Y-%m-%d %H:%M:%S')}
+        'command': show(job.command),
+        'metrics': m,
+        'key': job.key,
+        'finished': time.strftime('%Y-%m-%d %H:%M:%S'),
+    }
     write_atomic(job.record, json.dumps(record, indent=1))
     return record
 
@@ -634,8 +785,13 @@ def paper_reference(paper: dict | None, cell: Cell) -> dict | None:
     column = next(c for c in paper['columns'] if c['setting'] == cell.setting)
     ref = paper['models'][cell.model]['results'][column['key']]
     source = paper['sources'][column['source']]
-    return {'label': column['label'], 'arxiv': source.get('arxiv'), 'box': ref['box'], 'mask': ref['mask'],
-            'reruns': ref.get('reruns')}
+    return {
+        'label': column['label'],
+        'arxiv': source.get('arxiv'),
+        'box': ref['box'],
+        'mask': ref['mask'],
+        'reruns': ref.get('reruns'),
+    }
 
 
 def fmt(value: float | None, digits: int = 1, signed: bool = False) -> str:
@@ -659,34 +815,54 @@ def markdown(rows: list[dict], paper: dict | None, val_images: int | None) -> st
             setting += ' (failed)'
         if (r.get('plan') or {}).get('placeholder'):
             setting += ' †'
-        bits = f"{fmt(r.get('avg_w_bits'), 2)} / {fmt(r.get('avg_a_bits'), 2)}"
+        bits = f'{fmt(r.get("avg_w_bits"), 2)} / {fmt(r.get("avg_a_bits"), 2)}'
         if paper is None:
-            cols = [fmt(r.get('box_ap')), fmt(r.get('mask_ap')), bits, fmt(r.get('weight_mb'), 2),
-                    fmt(r.get('seconds'), 0)]
+            cols = [
+                fmt(r.get('box_ap')),
+                fmt(r.get('mask_ap')),
+                bits,
+                fmt(r.get('weight_mb'), 2),
+                fmt(r.get('seconds'), 0),
+            ]
         else:
             ref = paper_reference(paper, cell)
             comparable = ref is not None and r.get('box_ap') is not None and '†' not in setting
             delta = {k: r[f'{k}_ap'] - ref[k] if comparable else None for k in ('box', 'mask')}
-            cols = [fmt(r.get('box_ap')), fmt(ref and ref['box']), fmt(delta['box'], signed=True),
-                    fmt(r.get('mask_ap')), fmt(ref and ref['mask']), fmt(delta['mask'], signed=True), bits,
-                    f"{ref['label']} (arXiv {ref['arxiv']})" if ref else '—']
+            cols = [
+                fmt(r.get('box_ap')),
+                fmt(ref and ref['box']),
+                fmt(delta['box'], signed=True),
+                fmt(r.get('mask_ap')),
+                fmt(ref and ref['mask']),
+                fmt(delta['mask'], signed=True),
+                bits,
+                f'{ref["label"]} (arXiv {ref["arxiv"]})' if ref else '—',
+            ]
             if ref and ref['reruns']:
-                notes.append(f"{cell.label} {cell.setting}: {ref['label']} published {ref['box']} / {ref['mask']}; "
-                             f"{ref['reruns']['note']}")
+                notes.append(
+                    f'{cell.label} {cell.setting}: {ref["label"]} published {ref["box"]} / {ref["mask"]}; '
+                    f'{ref["reruns"]["note"]}'
+                )
             if cell.setting == 'W4A4' and ref:
                 best = paper['models'][cell.model]['results']['APHQ-ViT W4A4']
-                notes.append(f"{cell.label} W4A4: best uniform W4A4 in the literature (APHQ-ViT, CVPR 2025): "
-                             f"{best['box']} / {best['mask']}")
+                notes.append(
+                    f'{cell.label} W4A4: best uniform W4A4 in the literature (APHQ-ViT, CVPR 2025): '
+                    f'{best["box"]} / {best["mask"]}'
+                )
         lines.append(f'| {cell.label} | {setting} | ' + ' | '.join(cols) + ' |')
     if any((r.get('plan') or {}).get('placeholder') for r in rows):
-        notes.append('† MP plan made from random classifier weights (a placeholder, e.g. configs/plans/): '
-                     'not a reproduction of the paper; no difference is shown')
+        notes.append(
+            '† MP plan made from random classifier weights (a placeholder, e.g. configs/plans/): '
+            'not a reproduction of the paper; no difference is shown'
+        )
     scopes = sorted({r['scope'] for r in rows if r.get('scope')})
     if scopes:
         notes.append(f'quantization scope: {", ".join(scopes)}')
     if val_images:
-        notes.append(f'evaluated on the first {val_images} val images only'
-                     + (': not comparable with the paper\'s full val2017' if paper is not None else ''))
+        notes.append(
+            f'evaluated on the first {val_images} val images only'
+            + (": not comparable with the paper's full val2017" if paper is not None else '')
+        )
     return '\n'.join(lines + [''] + [f'- {n}' for n in notes])
 
 
@@ -695,6 +871,7 @@ def plot(rows: list[dict], paper: dict | None, path: str) -> None:
     import numpy as np
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+
     fig = Figure(figsize=(max(6.0, 0.55 * len(rows) + 2), 6.5))
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, 1, sharex=True)
@@ -702,15 +879,21 @@ def plot(rows: list[dict], paper: dict | None, path: str) -> None:
     refs = [paper_reference(paper, Cell(r['detector'], r['backbone'], r['setting'])) for r in rows]
     for ax, kind in zip(axes, ('box', 'mask')):
         ours = [r.get(f'{kind}_ap') if r.get(f'{kind}_ap') is not None else np.nan for r in rows]
-        ax.bar_label(ax.bar(x - (width / 2 if paper is not None else 0), ours, width, label='ours'),
-                     fmt='%.1f', fontsize=6)
+        ax.bar_label(
+            ax.bar(x - (width / 2 if paper is not None else 0), ours, width, label='ours'), fmt='%.1f', fontsize=6
+        )
         if paper is not None:
-            ax.bar_label(ax.bar(x + width / 2, [ref[kind] if ref else np.nan for ref in refs], width, label='paper',
-                                color='0.6'), fmt='%.1f', fontsize=6)
+            ax.bar_label(
+                ax.bar(
+                    x + width / 2, [ref[kind] if ref else np.nan for ref in refs], width, label='paper', color='0.6'
+                ),
+                fmt='%.1f',
+                fontsize=6,
+            )
             ax.legend(loc='lower left', fontsize=8)
         ax.set_ylabel(f'{kind} AP')
         ax.grid(axis='y', alpha=0.3)
-    axes[-1].set_xticks(x, [f"{r['model']} {r['setting']}" for r in rows], rotation=45, ha='right', fontsize=7)
+    axes[-1].set_xticks(x, [f'{r["model"]} {r["setting"]}' for r in rows], rotation=45, ha='right', fontsize=7)
     fig.suptitle('COCO val2017: ours vs paper' if paper is not None else 'miniature world', fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -724,9 +907,10 @@ def paper_table(paper: dict) -> str:
             cell = Cell(model['detector'], model['backbone'], setting)
             ref = paper_reference(paper, cell)
             config = rel(coco_config(cell))
-            rerun = f" (re-runs: {ref['reruns']['box']} / {ref['reruns']['mask']})" if ref['reruns'] else ''
-            lines.append(f"| `{config}` | {ref['box']} / {ref['mask']}{rerun} | "
-                         f"{ref['label']} (arXiv {ref['arxiv']}) |")
+            rerun = f' (re-runs: {ref["reruns"]["box"]} / {ref["reruns"]["mask"]})' if ref['reruns'] else ''
+            lines.append(
+                f'| `{config}` | {ref["box"]} / {ref["mask"]}{rerun} | {ref["label"]} (arXiv {ref["arxiv"]}) |'
+            )
     return '\n'.join(lines)
 
 
@@ -737,8 +921,9 @@ def make_plans(makers: dict[tuple[str, int], list[str]], log) -> None:
         log(f'plan {backbone} MP{k}: {show(cmd)}')
         proc = run_tool(cmd)
         if proc.returncode != 0:
-            raise UserError(f'tools/lrp_plan.py failed for {backbone} MP{k}: '
-                            f'{(proc.stderr or proc.stdout).strip()[-1500:]}')
+            raise UserError(
+                f'tools/lrp_plan.py failed for {backbone} MP{k}: {(proc.stderr or proc.stdout).strip()[-1500:]}'
+            )
         log(f'  {proc.stdout.strip().splitlines()[-2] if proc.stdout.strip() else "done"}')
 
 
@@ -747,9 +932,11 @@ def warn_placeholders(plans: dict[tuple[str, int], str], digests: Digests, log) 
     placeholders = [p for p in dict.fromkeys(plans.values()) if osp.isfile(p) and plan_info(p, digests)['placeholder']]
     if placeholders:
         bar = '!' * 100
-        log(f'{bar}\nWARNING: {", ".join(rel(p) for p in placeholders)} come from RANDOM classifier weights '
+        log(
+            f'{bar}\nWARNING: {", ".join(rel(p) for p in placeholders)} come from RANDOM classifier weights '
             f'(placeholders).\nTheir MP cells run, but are marked † and are NOT a reproduction of the paper; make '
-            f'real plans with --classifier/--pretrained and --imagenet.\n{bar}')
+            f'real plans with --classifier/--pretrained and --imagenet.\n{bar}'
+        )
 
 
 def visible_gpus() -> list[str]:
@@ -759,6 +946,7 @@ def visible_gpus() -> list[str]:
         return [g.strip() for g in listed.split(',') if g.strip() and not g.strip().startswith('-')]
     try:
         import torch
+
         return [str(i) for i in range(torch.cuda.device_count())]
     except Exception:  # no torch or no driver: no GPU to spread over
         return []
@@ -789,9 +977,16 @@ def run_cells(todo: list[tuple[Job, str]], jobs: int, rows: dict, log, gpus: lis
             row = rows[job.cell] = dict(execute(job, threads, gpu), reused=False)
             log(f'done {job.cell.name}: box {row["box_ap"]:.1f} mask {row["mask_ap"]:.1f} ({row["seconds"]:.0f}s)')
         except RuntimeError as err:
-            rows[job.cell] = {'cell': job.cell.name, 'model': job.cell.model, 'detector': job.cell.detector,
-                              'backbone': job.cell.backbone, 'setting': job.cell.setting, 'failed': str(err),
-                              'plan': job.plan, 'reused': False}
+            rows[job.cell] = {
+                'cell': job.cell.name,
+                'model': job.cell.model,
+                'detector': job.cell.detector,
+                'backbone': job.cell.backbone,
+                'setting': job.cell.setting,
+                'failed': str(err),
+                'plan': job.plan,
+                'reused': False,
+            }
             log(f'FAILED {job.cell.name}: {err}')
         finally:
             slots.put(gpu)
@@ -803,12 +998,18 @@ def run_cells(todo: list[tuple[Job, str]], jobs: int, rows: dict, log, gpus: lis
 def write_results(args: argparse.Namespace, world: World, rows: list[dict], seconds: float) -> str:
     """results.md / .json / .png under --out-dir; returns the markdown table."""
     table = markdown(rows, world.paper, args.val_images)
-    write_atomic(osp.join(args.out_dir, 'results.md'), f'<!-- generated by tools/reproduce.py ({world.name}) -->\n\n'
-                                                         f'{table}\n')
-    report = {'world': world.name, 'command': shlex.join(['python', 'tools/reproduce.py', *args.argv]),
-              'paper': rel(PAPER) if world.paper else None, 'seconds': round(seconds, 1),
-              'rows': [dict(r, paper=paper_reference(world.paper, Cell(r['detector'], r['backbone'], r['setting'])))
-                       for r in rows]}
+    write_atomic(
+        osp.join(args.out_dir, 'results.md'), f'<!-- generated by tools/reproduce.py ({world.name}) -->\n\n{table}\n'
+    )
+    report = {
+        'world': world.name,
+        'command': shlex.join(['python', 'tools/reproduce.py', *args.argv]),
+        'paper': rel(PAPER) if world.paper else None,
+        'seconds': round(seconds, 1),
+        'rows': [
+            dict(r, paper=paper_reference(world.paper, Cell(r['detector'], r['backbone'], r['setting']))) for r in rows
+        ],
+    }
     write_atomic(osp.join(args.out_dir, 'results.json'), json.dumps(report, indent=1))
     plot(rows, world.paper, osp.join(args.out_dir, 'results.png'))
     return table
@@ -822,12 +1023,13 @@ def reproduce(args: argparse.Namespace) -> int:
 
     world: World = MiniWorld() if args.miniworld else CocoWorld(args.coco_root)
     cells = grid(args, world)
-    digests = Digests(osp.join(args.out_dir, 'digests.json'), remember=not args.dry_run)   # a dry run writes nothing
+    digests = Digests(osp.join(args.out_dir, 'digests.json'), remember=not args.dry_run)  # a dry run writes nothing
     # every input is checked before anything slow happens (a download, the data generation, a plan)
     world.check_data(cells)
     makers = plan_commands(args, world, cells)
-    checkpoints, prep_commands = resolve_checkpoints(args, world, list(dict.fromkeys(c.model for c in cells)),
-                                                     digests, log)
+    checkpoints, prep_commands = resolve_checkpoints(
+        args, world, list(dict.fromkeys(c.model for c in cells)), digests, log
+    )
     if args.dry_run:
         if args.miniworld and not osp.isdir(mini.DATA):
             print(f'# {rel(mini.DATA)} is missing: a run generates it first (tools/miniworld/generate.py)')
@@ -845,8 +1047,11 @@ def reproduce(args: argparse.Namespace) -> int:
     if args.val_images:
         val_ann = evaluation_subset(world, args.val_images, args.out_dir, write=not args.dry_run)
     configs: dict[str, str] = {}
-    jobs = [prepare(c, args, world, checkpoints[c.model], plans, val_ann, digests, configs)
-            for c in cells if c.model in checkpoints]
+    jobs = [
+        prepare(c, args, world, checkpoints[c.model], plans, val_ann, digests, configs)
+        for c in cells
+        if c.model in checkpoints
+    ]
     todo, rows = [], {}
     for job in jobs:
         record, why = (None, 'forced') if args.force else finished(job)
@@ -861,16 +1066,20 @@ def reproduce(args: argparse.Namespace) -> int:
         pending = [c.name for c in cells if c.model not in checkpoints]
         if pending:
             print(f'# after the downloads: {", ".join(pending)}')
-        print(f'dry run: {len(todo) + len(pending)} cells would run, {len(rows)} are finished; {args.jobs} at a time'
-              + (f', one GPU each from {",".join(args.gpus)}' if args.gpus else ''))
+        print(
+            f'dry run: {len(todo) + len(pending)} cells would run, {len(rows)} are finished; {args.jobs} at a time'
+            + (f', one GPU each from {",".join(args.gpus)}' if args.gpus else '')
+        )
         return 0
     run_cells(todo, args.jobs, rows, log, args.gpus)
     ordered = [rows[j.cell] for j in jobs]
     table = write_results(args, world, ordered, time.time() - start)
     failed = [r['cell'] for r in ordered if r.get('failed')]
     ran = sum(not r['reused'] for r in ordered) - len(failed)
-    print(f'\n{table}\n\ncells: {ran} ran, {sum(r["reused"] for r in ordered)} reused, {len(failed)} failed; '
-          f'results.md, results.json and results.png in {rel(args.out_dir)}/ ({time.time() - start:.0f}s)')
+    print(
+        f'\n{table}\n\ncells: {ran} ran, {sum(r["reused"] for r in ordered)} reused, {len(failed)} failed; '
+        f'results.md, results.json and results.png in {rel(args.out_dir)}/ ({time.time() - start:.0f}s)'
+    )
     if failed:
         print(f'failed cells (rerun to retry them): {", ".join(failed)}', file=sys.stderr)
     return 1 if failed else 0
@@ -889,8 +1098,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f'error: {err}', file=sys.stderr)
         return 2
     except ImportError as err:  # mmengine/matplotlib live in the project's environment
-        print(f'error: {err}; run with the project environment: .venv/bin/python tools/reproduce.py (make install)',
-              file=sys.stderr)
+        print(
+            f'error: {err}; run with the project environment: .venv/bin/python tools/reproduce.py (make install)',
+            file=sys.stderr,
+        )
         return 2
 
 

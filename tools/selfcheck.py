@@ -16,6 +16,7 @@ settings, as evaluation runs: cuDNN convolutions may use TF32). The data is gene
 folder (seconds) unless ``--data`` points at a miniature world. Exit status 1 on any failure, with
 its reason: a broken stack, a missing or unfitting checkpoint, missing data, a device that fails.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,14 +43,15 @@ REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 QUANT_CONFIG = osp.join(REPO, 'configs', 'miniworld', 'mask_rcnn_swin_mini_quant.py')
 FLOAT_CONFIG = osp.join(REPO, 'configs', 'miniworld', 'mask_rcnn_swin_mini.py')
 CHECKPOINT = osp.join(REPO, 'checkpoints', 'miniworld', 'mask_rcnn_swin_mini.pth')
-CALIB_IMAGES = 8   # the calib split's size in the full world: the seeded calibration pick is the same image
+CALIB_IMAGES = 8  # the calib split's size in the full world: the seeded calibration pick is the same image
 
 
 @dataclass(frozen=True)
 class Effort:
     """How much work one device's check does."""
+
     val_images: int
-    timed_forwards: int   # of each model, interleaved, after one warm-up forward each
+    timed_forwards: int  # of each model, interleaved, after one warm-up forward each
 
 
 FULL, QUICK = Effort(val_images=16, timed_forwards=5), Effort(val_images=4, timed_forwards=3)
@@ -69,7 +71,7 @@ class DeviceResult:
     float_box_ap: float | None = None
     float_mask_ap: float | None = None
     calibration_seconds: float | None = None
-    quantize_seconds: float | None = None     # init_quantized_detector: build, load, calibrate, reparameterize
+    quantize_seconds: float | None = None  # init_quantized_detector: build, load, calibrate, reparameterize
     forward_ratio: float | None = None
     forward_ms: dict = field(default_factory=dict)
     diff_vs_cpu: dict | None = None
@@ -77,21 +79,29 @@ class DeviceResult:
     def line(self) -> str:
         if not self.ok:
             return f'{self.device:>4}: FAILED: {self.error}'
-        diff = '-' if self.diff_vs_cpu is None else (
-            f"scores {self.diff_vs_cpu['scores']:.1e}, features {self.diff_vs_cpu['features']:.1e} (relative)"
-            + ('' if self.diff_vs_cpu['same_counts'] else ', detection counts differ'))
-        return (f'{self.device:>4}: box AP {self.box_ap:5.1f} (float {self.float_box_ap:5.1f})  '
-                f'mask AP {self.mask_ap:5.1f} (float {self.float_mask_ap:5.1f})  '
-                f'calibration {self.calibration_seconds:.1f}s  quantized/float forward {self.forward_ratio:.2f}x  '
-                f'max diff vs cpu: {diff}')
+        diff = (
+            '-'
+            if self.diff_vs_cpu is None
+            else (
+                f'scores {self.diff_vs_cpu["scores"]:.1e}, features {self.diff_vs_cpu["features"]:.1e} (relative)'
+                + ('' if self.diff_vs_cpu['same_counts'] else ', detection counts differ')
+            )
+        )
+        return (
+            f'{self.device:>4}: box AP {self.box_ap:5.1f} (float {self.float_box_ap:5.1f})  '
+            f'mask AP {self.mask_ap:5.1f} (float {self.float_mask_ap:5.1f})  '
+            f'calibration {self.calibration_seconds:.1f}s  quantized/float forward {self.forward_ratio:.2f}x  '
+            f'max diff vs cpu: {diff}'
+        )
 
 
 # ----------------------------------------------------------------------------------------- stack
 def fused_kernels_status() -> dict:
     """Whether the fused CPU kernels load, and why not (compiling them on first use takes a minute)."""
     from mmdet_lrpq.quant import _ext
+
     if os.environ.get('MMDET_LRPQ_NO_EXT', '') not in ('', '0'):
-        return dict(on=False, why=f"MMDET_LRPQ_NO_EXT={os.environ['MMDET_LRPQ_NO_EXT']} forces the PyTorch path")
+        return dict(on=False, why=f'MMDET_LRPQ_NO_EXT={os.environ["MMDET_LRPQ_NO_EXT"]} forces the PyTorch path')
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
@@ -107,6 +117,7 @@ def fused_kernels_status() -> dict:
 def check_stack() -> dict:
     """Print the stack; raise :class:`CheckError` when it cannot run mmdet-lrpq."""
     from mmdet_lrpq.env import OpenMMLabStackError, check_openmmlab_stack, format_report, stack_report
+
     report = stack_report()
     print(format_report(report))
     try:
@@ -114,20 +125,25 @@ def check_stack() -> dict:
     except OpenMMLabStackError as err:
         raise CheckError(str(err)) from None
     kernels = fused_kernels_status()
-    print(f"{'lrpq kernels':>12}: fused CPU quantization kernels {'on' if kernels['on'] else 'off'} "
-          f"({kernels['why']}); other devices take the PyTorch path")
+    print(
+        f'{"lrpq kernels":>12}: fused CPU quantization kernels {"on" if kernels["on"] else "off"} '
+        f'({kernels["why"]}); other devices take the PyTorch path'
+    )
     return dict(report, fused_kernels=kernels)
 
 
 def devices_to_check(choice: str, stack: dict) -> list[str]:
     import torch
+
     if choice == 'cpu':
         return ['cpu']
     if not torch.cuda.is_available():
         if choice == 'cuda':
-            raise CheckError(f"--device cuda: torch {torch.__version__} sees no CUDA device "
-                             f"({stack.get('cuda_error') or 'torch.cuda.is_available() is False'}); check nvidia-smi "
-                             f'and that the driver supports CUDA {torch.version.cuda or "(CPU-only torch build)"}')
+            raise CheckError(
+                f'--device cuda: torch {torch.__version__} sees no CUDA device '
+                f'({stack.get("cuda_error") or "torch.cuda.is_available() is False"}); check nvidia-smi '
+                f'and that the driver supports CUDA {torch.version.cuda or "(CPU-only torch build)"}'
+            )
         return ['cpu']
     return ['cuda'] if choice == 'cuda' else ['cpu', 'cuda']
 
@@ -137,14 +153,19 @@ def prepare_data(data: str | None, work: str, n_val: int) -> tuple[str, str]:
     """(data root, annotation file of exactly the first ``n_val`` val images, written under ``work``)."""
     if data is None:
         from mmdet_lrpq.miniworld import generate
+
         data = osp.join(work, 'world')
         generate(data, seed=0, sizes=dict(train=0, val=n_val, calib=CALIB_IMAGES, cls_train=0, cls_val=0))
-    needed = [osp.join(data, p) for p in ('annotations/instances_val.json', 'val', 'annotations/instances_calib.json',
-                                          'calib')]
+    needed = [
+        osp.join(data, p)
+        for p in ('annotations/instances_val.json', 'val', 'annotations/instances_calib.json', 'calib')
+    ]
     missing = [p for p in needed if not osp.exists(p)]
     if missing:
-        raise CheckError(f'--data {data} is not a miniature world: {", ".join(missing)} missing (make one with '
-                         f'`python tools/miniworld/generate.py --out DIR`, or omit --data to generate one)')
+        raise CheckError(
+            f'--data {data} is not a miniature world: {", ".join(missing)} missing (make one with '
+            f'`python tools/miniworld/generate.py --out DIR`, or omit --data to generate one)'
+        )
     with open(osp.join(data, 'annotations', 'instances_val.json')) as f:
         coco = json.load(f)
     images = sorted(coco['images'], key=lambda image: image['id'])[:n_val]
@@ -160,9 +181,13 @@ def prepare_data(data: str | None, work: str, n_val: int) -> tuple[str, str]:
 
 def data_options(root: str, ann_file: str) -> dict:
     """The test set and its evaluator on exactly the chosen images, loaded in this process."""
-    return {'test_dataloader.dataset.data_root': root.rstrip('/') + '/', 'test_dataloader.dataset.ann_file': ann_file,
-            'test_dataloader.num_workers': 0, 'test_dataloader.persistent_workers': False,
-            'test_evaluator.ann_file': ann_file}
+    return {
+        'test_dataloader.dataset.data_root': root.rstrip('/') + '/',
+        'test_dataloader.dataset.ann_file': ann_file,
+        'test_dataloader.num_workers': 0,
+        'test_dataloader.persistent_workers': False,
+        'test_evaluator.ann_file': ann_file,
+    }
 
 
 # ---------------------------------------------------------------------------------------- models
@@ -174,6 +199,7 @@ def load_float_model(checkpoint: str, options: dict):
 
     import mmdet_lrpq
     from mmdet_lrpq.engine import check_checkpoint_fits
+
     mmdet_lrpq.register_all_modules()
     cfg = Config.fromfile(FLOAT_CONFIG)
     cfg.merge_from_dict(options)
@@ -201,6 +227,7 @@ def relayed_warnings() -> Iterator[None]:
 
 def synchronize(device: str) -> None:
     import torch
+
     if device == 'cuda':
         torch.cuda.synchronize()
 
@@ -226,15 +253,17 @@ def evaluate(model, cfg) -> tuple[dict, list]:
 
 def first_batch(cfg) -> dict:
     from mmengine.runner import Runner
+
     return next(iter(Runner.build_dataloader(cfg.test_dataloader)))
 
 
 def forward_times(float_model, quant_model, batch: dict, device: str, n: int) -> dict[str, list[float]]:
     """Seconds per ``test_step`` of each model, interleaved (so that load from other jobs hits both alike)."""
     import torch
+
     times: dict[str, list[float]] = {'float': [], 'quantized': []}
     with torch.no_grad():
-        for model in (float_model, quant_model):   # warm-up: lazy initialization, cuDNN's choices
+        for model in (float_model, quant_model):  # warm-up: lazy initialization, cuDNN's choices
             model.test_step(batch)
         for _ in range(n):
             for name, model in (('float', float_model), ('quantized', quant_model)):
@@ -248,6 +277,7 @@ def forward_times(float_model, quant_model, batch: dict, device: str, n: int) ->
 
 def fpn_features(model, batch: dict) -> list:
     import torch
+
     with torch.no_grad():
         data = model.data_preprocessor(batch, False)
         return [f.cpu() for f in model.extract_feat(data['inputs'])]
@@ -266,8 +296,9 @@ def difference(got: dict, want: dict) -> dict:
     return {'scores': scores, 'features': features, 'same_counts': same}
 
 
-def check_device(device: str, float_cpu, checkpoint: str, options: dict, effort: Effort,
-                 cpu_outputs: dict | None) -> tuple[DeviceResult, dict]:
+def check_device(
+    device: str, float_cpu, checkpoint: str, options: dict, effort: Effort, cpu_outputs: dict | None
+) -> tuple[DeviceResult, dict]:
     """Quantize, evaluate and time on ``device``; returns the result and the quantized model's outputs."""
     import copy
 
@@ -275,13 +306,16 @@ def check_device(device: str, float_cpu, checkpoint: str, options: dict, effort:
 
     from mmdet_lrpq.apis import init_quantized_detector
     from mmdet_lrpq.env import stack_report
+
     result = DeviceResult(device)
     stack = stack_report()
     if device == 'cuda' and stack.get('mmcv_ops_backend') == 'compiled' and not stack.get('mmcv_ops_cuda'):
-        raise CheckError("mmcv's ops were built for the CPU only, so RoIAlign and NMS cannot run on CUDA tensors: "
-                         'use the torchvision backend (MMDET_LRPQ_MMCV_OPS=torchvision, or mmcv-lite: '
-                         'docs/install.md, section 2), rebuild mmcv with CUDA ops (section 3), or check with '
-                         '--device cpu')
+        raise CheckError(
+            "mmcv's ops were built for the CPU only, so RoIAlign and NMS cannot run on CUDA tensors: "
+            'use the torchvision backend (MMDET_LRPQ_MMCV_OPS=torchvision, or mmcv-lite: '
+            'docs/install.md, section 2), rebuild mmcv with CUDA ops (section 3), or check with '
+            '--device cpu'
+        )
     cfg = Config.fromfile(QUANT_CONFIG)
     cfg.merge_from_dict(options)
     float_model = copy.deepcopy(float_cpu).to(device)
@@ -292,8 +326,10 @@ def check_device(device: str, float_cpu, checkpoint: str, options: dict, effort:
     result.calibration_seconds = quant_model.quantization_report.calibration['seconds']
     (fp, _), (q, scores) = evaluate(float_model, cfg), evaluate(quant_model, cfg)
     if not fp['box'] > 0:
-        raise CheckError(f'the float model scored box AP {fp["box"]:.1f} on {device}: its checkpoint or the data '
-                         f'is broken (the trained miniature-world detector scores well above 0)')
+        raise CheckError(
+            f'the float model scored box AP {fp["box"]:.1f} on {device}: its checkpoint or the data '
+            f'is broken (the trained miniature-world detector scores well above 0)'
+        )
     result.float_box_ap, result.float_mask_ap = fp['box'], fp['mask']
     result.box_ap, result.mask_ap = q['box'], q['mask']
     batch = first_batch(cfg)
@@ -318,18 +354,30 @@ def describe_failure(err: BaseException) -> str:
 
 # ------------------------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--quick', action='store_true',
-                        help=f'{QUICK.val_images} val images and {QUICK.timed_forwards} timed forwards per model '
-                             f'(default {FULL.val_images} and {FULL.timed_forwards}): under a minute on 2 CPU cores')
-    parser.add_argument('--device', choices=['cpu', 'cuda', 'all'], default='all',
-                        help='where to check (default: every available device)')
+    parser = argparse.ArgumentParser(
+        description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        '--quick',
+        action='store_true',
+        help=f'{QUICK.val_images} val images and {QUICK.timed_forwards} timed forwards per model '
+        f'(default {FULL.val_images} and {FULL.timed_forwards}): under a minute on 2 CPU cores',
+    )
+    parser.add_argument(
+        '--device',
+        choices=['cpu', 'cuda', 'all'],
+        default='all',
+        help='where to check (default: every available device)',
+    )
     parser.add_argument('--data', help='an existing miniature world (default: generate one in a temporary folder)')
     parser.add_argument('--checkpoint', default=CHECKPOINT, help='the miniature-world Mask R-CNN checkpoint')
-    parser.add_argument('--threads', type=int, help='torch CPU threads (default: 1 with --quick, else torch\'s own): '
-                        'on cores that other jobs keep busy, multi-threaded kernels wait for each other and one '
-                        'thread is several times faster')
+    parser.add_argument(
+        '--threads',
+        type=int,
+        help="torch CPU threads (default: 1 with --quick, else torch's own): "
+        'on cores that other jobs keep busy, multi-threaded kernels wait for each other and one '
+        'thread is several times faster',
+    )
     parser.add_argument('--json', help='write the stack and the results there')
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
@@ -340,22 +388,25 @@ def parse_args(argv=None) -> argparse.Namespace:
 def quiet_logs() -> None:
     """The check's lines only: mmengine's logger (CocoMetric, the quantization table) at warnings."""
     from mmengine.logging import MMLogger
-    MMLogger.get_instance('mmdet_lrpq_selfcheck', log_level='WARNING')   # the current instance from now on
+
+    MMLogger.get_instance('mmdet_lrpq_selfcheck', log_level='WARNING')  # the current instance from now on
     logging.getLogger('mmdet_lrpq').setLevel(logging.WARNING)
 
 
 def run(args: argparse.Namespace, out: dict) -> bool:
     from mmdet_lrpq.safe_load import require_checkpoint
+
     effort = QUICK if args.quick else FULL
     out['stack'] = check_stack()
     devices = devices_to_check(args.device, out['stack'])
     import torch
+
     threads = args.threads if args.threads is not None else (1 if args.quick else None)
     if threads is not None:
         torch.set_num_threads(threads)
-    print(f"{'devices':>12}: {', '.join(devices)} (CPU threads: {torch.get_num_threads()})")
+    print(f'{"devices":>12}: {", ".join(devices)} (CPU threads: {torch.get_num_threads()})')
     try:
-        require_checkpoint(args.checkpoint)    # before anything slow
+        require_checkpoint(args.checkpoint)  # before anything slow
     except FileNotFoundError as err:
         raise CheckError(str(err)) from None
     quiet_logs()
@@ -363,13 +414,15 @@ def run(args: argparse.Namespace, out: dict) -> bool:
         root, ann_file = prepare_data(args.data, work, effort.val_images)
         options = data_options(root, ann_file)
         float_cpu = load_float_model(args.checkpoint, options)
-        print(f'\nminiature-world Mask R-CNN, CRL W4A4, 1 calibration image; {effort.val_images} val images '
-              f'of {root}; AP in %, float in brackets')
+        print(
+            f'\nminiature-world Mask R-CNN, CRL W4A4, 1 calibration image; {effort.val_images} val images '
+            f'of {root}; AP in %, float in brackets'
+        )
         results: list[DeviceResult] = []
         cpu_outputs: dict | None = None
         for device in devices:
             try:
-                with contextlib.redirect_stdout(io.StringIO()):   # pycocotools' progress at every annotation load
+                with contextlib.redirect_stdout(io.StringIO()):  # pycocotools' progress at every annotation load
                     result, outputs = check_device(device, float_cpu, args.checkpoint, options, effort, cpu_outputs)
                 if device == 'cpu':
                     cpu_outputs = outputs
@@ -384,7 +437,7 @@ def run(args: argparse.Namespace, out: dict) -> bool:
 def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
-    warnings.filterwarnings('ignore', 'pkg_resources is deprecated')   # mmengine's import, harmless
+    warnings.filterwarnings('ignore', 'pkg_resources is deprecated')  # mmengine's import, harmless
     out: dict[str, Any] = {'args': vars(args)}
     try:
         ok = run(args, out)
@@ -396,7 +449,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, 'w') as f:
             json.dump(out, f, indent=1, default=str)
-    sys.stdout.flush()   # the lines above come first, also when both streams go to one pipe
+    sys.stdout.flush()  # the lines above come first, also when both streams go to one pipe
     print(f'\nselfcheck {verdict} ({out["seconds"]:.0f}s)', file=sys.stdout if ok else sys.stderr)
     return 0 if ok else 1
 

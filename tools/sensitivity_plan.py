@@ -28,6 +28,7 @@ detector quantized by the current plan and re-solves, keeping the plan with the 
 last measured table (each iteration is one more forward/backward per calibration image; re-measured
 tables are not cached). Both under the same weight (and ``--bops-bits``) budget.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,30 +45,60 @@ def parse_args(argv=None):
 
     from mmdet_lrpq.cli import target_bits
     from mmdet_lrpq.plan.lampq import MAX_ITERATIONS
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split('\n', 2)[2])
+
+    p = argparse.ArgumentParser(
+        description=__doc__.split('\n')[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split('\n', 2)[2],
+    )
     p.add_argument('config', help='detector config (a QuantizationHook in it supplies calib/scope/method defaults)')
     p.add_argument('checkpoint', help='float detector checkpoint')
     p.add_argument('--target', required=True, help='mp4, mp6, ... or an integer k: the average bit-width')
-    p.add_argument('--budget-bits', type=float, default=None,
-                   help='weight-memory budget in average bits over the sites in scope (default: k)')
-    p.add_argument('--bops-bits', type=int, default=None, metavar='K',
-                   help='also limit the BOPs to those of uniform K bits (weights and activations) over the same '
-                        'sites, their MACs counted on the calibration images; default: weight memory only')
+    p.add_argument(
+        '--budget-bits',
+        type=float,
+        default=None,
+        help='weight-memory budget in average bits over the sites in scope (default: k)',
+    )
+    p.add_argument(
+        '--bops-bits',
+        type=int,
+        default=None,
+        metavar='K',
+        help='also limit the BOPs to those of uniform K bits (weights and activations) over the same '
+        'sites, their MACs counted on the calibration images; default: weight memory only',
+    )
     p.add_argument('--out', required=True, help='plan JSON to write')
-    p.add_argument('--calib', nargs='+', action=DictAction, default=None,
-                   help="calibration images as the hook's calib options, e.g. num_images=16 seed=0; each given "
-                        "field overrides the config hook's, the others are kept")
+    p.add_argument(
+        '--calib',
+        nargs='+',
+        action=DictAction,
+        default=None,
+        help="calibration images as the hook's calib options, e.g. num_images=16 seed=0; each given "
+        "field overrides the config hook's, the others are kept",
+    )
     p.add_argument('--scope', choices=['detector', 'backbone'], default=None)
-    p.add_argument('--method', choices=['repq', 'crl', 'none'], default=None,
-                   help='decides which inputs are calibrated per channel (default: the hook\'s)')
-    p.add_argument('--type-aware', action='store_true',
-                   help="LampQ's type-aware metric: each site's costs divided by its component type's mean cost "
-                        'at k bits (default: the raw Fisher costs)')
-    p.add_argument('--iterations', type=int, default=0, metavar='N',
-                   help="LampQ's iterative update: re-measure the sensitivity with the detector quantized by the "
-                        f'current plan and re-solve, N times (0..{MAX_ITERATIONS}; each costs one more pass over the '
-                        'calibration images; default 0: one ILP pass)')
+    p.add_argument(
+        '--method',
+        choices=['repq', 'crl', 'none'],
+        default=None,
+        help="decides which inputs are calibrated per channel (default: the hook's)",
+    )
+    p.add_argument(
+        '--type-aware',
+        action='store_true',
+        help="LampQ's type-aware metric: each site's costs divided by its component type's mean cost "
+        'at k bits (default: the raw Fisher costs)',
+    )
+    p.add_argument(
+        '--iterations',
+        type=int,
+        default=0,
+        metavar='N',
+        help="LampQ's iterative update: re-measure the sensitivity with the detector quantized by the "
+        f'current plan and re-solve, N times (0..{MAX_ITERATIONS}; each costs one more pass over the '
+        'calibration images; default 0: one ILP pass)',
+    )
     p.add_argument('--seed', type=int, default=0, help='seed of the RoI sampling inside the loss')
     p.add_argument('--scores-cache', help='sensitivity cache (default: <out>.scores.json)')
     p.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config settings, key=value')
@@ -76,8 +107,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.k = target_bits(p, args.target)
     if not 0 <= args.iterations <= MAX_ITERATIONS:
-        p.error(f'--iterations must be in 0..{MAX_ITERATIONS} (each iteration re-measures the sensitivity on the '
-                f'calibration images), got {args.iterations}')
+        p.error(
+            f'--iterations must be in 0..{MAX_ITERATIONS} (each iteration re-measures the sensitivity on the '
+            f'calibration images), got {args.iterations}'
+        )
     return args
 
 
@@ -115,10 +148,11 @@ def settings(args, hook: dict):
     """The QuantConfig (what is quantized: scope, per-channel inputs, pinned bits) and the calib settings."""
     from mmdet_lrpq.config import QuantConfig
     from mmdet_lrpq.engine.calib_data import CalibSettings
+
     keep = ('method', 'crl_k', 'scope', 'patch_embed_a_bits', 'reparam_output_norms')
     options = {k: v for k, v in hook.items() if k in keep}
     options.update({k: v for k, v in (('scope', args.scope), ('method', args.method)) if v is not None})
-    calib = {**(hook.get('calib') or {}), **(args.calib or {})}   # --calib overrides the hook's fields one by one
+    calib = {**(hook.get('calib') or {}), **(args.calib or {})}  # --calib overrides the hook's fields one by one
     return QuantConfig(**options), CalibSettings.from_options(calib)
 
 
@@ -126,13 +160,21 @@ def sensitivity_table(args, cfg, model, config, calib, levels: list[int]) -> tup
     """(table, sites, key): measured, or from the cache when made from the same inputs with these bits."""
     from mmdet_lrpq.engine.sensitivity import detector_sensitivity
     from mmdet_lrpq.models.quantizer import ModelQuantizer
-    key = {'config': osp.relpath(args.config), 'config_sha256_16': _sha16(args.config),
-           'cfg_options': args.cfg_options and dict(args.cfg_options),
-           'checkpoint': {'path': args.checkpoint, 'sha256_16': _sha16(args.checkpoint)},
-           'calib': calib.describe(), 'seed': args.seed,
-           'quant': {k: v for k, v in config.describe().items()
-                     if k in ('method', 'crl_k', 'scope', 'patch_embed_a_bits', 'reparam_output_norms')},
-           'measure': 'fisher-diagonal, detector training loss (model.loss)'}
+
+    key = {
+        'config': osp.relpath(args.config),
+        'config_sha256_16': _sha16(args.config),
+        'cfg_options': args.cfg_options and dict(args.cfg_options),
+        'checkpoint': {'path': args.checkpoint, 'sha256_16': _sha16(args.checkpoint)},
+        'calib': calib.describe(),
+        'seed': args.seed,
+        'quant': {
+            k: v
+            for k, v in config.describe().items()
+            if k in ('method', 'crl_k', 'scope', 'patch_embed_a_bits', 'reparam_output_norms')
+        },
+        'measure': 'fisher-diagonal, detector training loss (model.loss)',
+    }
     cache = args.scores_cache or args.out + '.scores.json'
     if osp.isfile(cache):
         cached = json.load(open(cache))
@@ -141,9 +183,11 @@ def sensitivity_table(args, cfg, model, config, calib, levels: list[int]) -> tup
             print(f'sensitivity from cache {cache}')
             return table, ModelQuantizer(model, config).sites(), {**key, 'image_ids': cached['image_ids']}
     import torch
+
     model.to(torch.device(args.device))
-    table, sites, ids = detector_sensitivity(model, cfg, config, calib, levels, seed=args.seed,
-                                             progress=not args.no_progress)
+    table, sites, ids = detector_sensitivity(
+        model, cfg, config, calib, levels, seed=args.seed, progress=not args.no_progress
+    )
     os.makedirs(osp.dirname(osp.abspath(cache)), exist_ok=True)
     with open(cache, 'w') as f:
         json.dump({'key': key, 'image_ids': ids, 'sensitivity': table}, f, indent=1)
@@ -152,42 +196,59 @@ def sensitivity_table(args, cfg, model, config, calib, levels: list[int]) -> tup
 
 def remeasure(args, cfg, model, config, calib, levels: list[int]):
     """``measure(assignment)`` for LampQ's iterations: the Fisher table with the detector quantized by it."""
+
     def measure(assignment):
         import torch
 
         from mmdet_lrpq.engine.sensitivity import detector_sensitivity
+
         model.to(torch.device(args.device))
         print('sensitivity: re-measuring with the detector quantized by the current plan')
-        table, _, _ = detector_sensitivity(model, cfg, config, calib, levels, seed=args.seed,
-                                           progress=not args.no_progress, assignment=assignment)
+        table, _, _ = detector_sensitivity(
+            model, cfg, config, calib, levels, seed=args.seed, progress=not args.no_progress, assignment=assignment
+        )
         return table
+
     return measure
 
 
 def make_plan(args, cfg, model, config, calib, table, sites, source: dict):
     from mmdet_lrpq.models.quantizer import ModelQuantizer
     from mmdet_lrpq.plan import Budget, allocate, allocate_lampq, uniform_bops
-    pins = config.pinned_act_bits(sites)     # as the quantizer will run them, whatever the plan says
+
+    pins = config.pinned_act_bits(sites)  # as the quantizer will run them, whatever the plan says
     max_bops = None
     if args.bops_bits is not None:
         from mmdet_lrpq.engine.sensitivity import measure_macs
+
         sites = measure_macs(model, cfg, config, calib)
         max_bops = uniform_bops(sites, args.bops_bits, pins)
     budget = Budget(weight_bits=args.budget_bits if args.budget_bits is not None else args.k, max_bops=max_bops)
     if not (args.type_aware or args.iterations):
         plan = allocate('sensitivity', sites, sensitivity=table, target_bits=args.k, budget=budget, act_bits=pins)
     else:
-        plan = allocate_lampq(sites, table, target_bits=args.k, budget=budget, act_bits=pins,
-                              type_aware=args.type_aware, iterations=args.iterations,
-                              measure=remeasure(args, cfg, model, config, calib, sorted(next(iter(table.values())))))
+        plan = allocate_lampq(
+            sites,
+            table,
+            target_bits=args.k,
+            budget=budget,
+            act_bits=pins,
+            type_aware=args.type_aware,
+            iterations=args.iterations,
+            measure=remeasure(args, cfg, model, config, calib, sorted(next(iter(table.values())))),
+        )
     if max_bops is not None:
         plan.budget['bops_reference'] = f'uniform {args.bops_bits} bits over the same sites (MACs per image, test mode)'
     plan = plan.with_default(args.k, args.k)
     backbones = [a.architecture() for a in ModelQuantizer(model, config).adapters if a.is_backbone]
     plan.architecture = next((arch for arch in backbones if arch is not None), None)
-    plan.source = {**plan.source, **source, 'levels': sorted(next(iter(table.values()))),
-                   'sensitivity': {site: {str(b): v for b, v in costs.items()} for site, costs in table.items()},
-                   'note': f'every site of scope={config.scope} by its model path; the budget covers them all'}
+    plan.source = {
+        **plan.source,
+        **source,
+        'levels': sorted(next(iter(table.values()))),
+        'sensitivity': {site: {str(b): v for b, v in costs.items()} for site, costs in table.items()},
+        'note': f'every site of scope={config.scope} by its model path; the budget covers them all',
+    }
     plan.command = 'python tools/sensitivity_plan.py ' + ' '.join(shlex.quote(a) for a in args.argv)
     return plan
 
@@ -197,19 +258,26 @@ def summary(plan, k: int) -> str:
     weighted = {n: w for n, (w, _) in plan.bits.items() if n in plan.scores}
     counts = {bits: sum(1 for w in weighted.values() if w == bits) for bits in sorted(set(weighted.values()))}
     acc = b['accounting']
-    bops = (f"; BOPs {b['used_bops'] / 1e9:.3f} <= {b['limit_bops'] / 1e9:.3f} G per image ({b['bops_reference']})"
-            if 'limit_bops' in b else '')
+    bops = (
+        f'; BOPs {b["used_bops"] / 1e9:.3f} <= {b["limit_bops"] / 1e9:.3f} G per image ({b["bops_reference"]})'
+        if 'limit_bops' in b
+        else ''
+    )
     lampq = plan.source.get('lampq')
     options = ''
     if lampq:
         done = len(lampq['history']) - 1
-        options = (f"; LampQ: {'type-aware metric, ' if lampq['type_aware'] else ''}{done} re-measurement(s), plan of "
-                   f"iteration {lampq['chosen_iteration']} (cost on the last table "
-                   f"{lampq['objective_on_last_table']['chosen']:.4g} vs one pass "
-                   f"{lampq['objective_on_last_table']['one_pass']:.4g})")
-    return (f"sensitivity: {', '.join(f'{n} site(s) at {bits}' for bits, n in counts.items())} bits; weight memory "
-            f"{b['used_bits']} <= {b['limit_bits']} bits (uniform {k}-bit over the same sites); avg W "
-            f"{acc['avg_weight_bits']:.3f}, avg A {acc['avg_act_bits']:.3f} bits{bops}{options}")
+        options = (
+            f'; LampQ: {"type-aware metric, " if lampq["type_aware"] else ""}{done} re-measurement(s), plan of '
+            f'iteration {lampq["chosen_iteration"]} (cost on the last table '
+            f'{lampq["objective_on_last_table"]["chosen"]:.4g} vs one pass '
+            f'{lampq["objective_on_last_table"]["one_pass"]:.4g})'
+        )
+    return (
+        f'sensitivity: {", ".join(f"{n} site(s) at {bits}" for bits, n in counts.items())} bits; weight memory '
+        f'{b["used_bits"]} <= {b["limit_bits"]} bits (uniform {k}-bit over the same sites); avg W '
+        f'{acc["avg_weight_bits"]:.3f}, avg A {acc["avg_act_bits"]:.3f} bits{bops}{options}'
+    )
 
 
 def main(argv: list | None = None):
@@ -221,8 +289,9 @@ def main(argv: list | None = None):
         config, calib = settings(args, hook)
         levels = sorted({max(2, args.k - 1), args.k, min(8, args.k + 1)})
         table, sites, source = sensitivity_table(args, cfg, model, config, calib, levels)
-        plan = make_plan(args, cfg, model, config, calib, {s: {b: c[b] for b in levels} for s, c in table.items()},
-                         sites, source)
+        plan = make_plan(
+            args, cfg, model, config, calib, {s: {b: c[b] for b in levels} for s, c in table.items()}, sites, source
+        )
     except (FileNotFoundError, ValueError, TypeError) as err:
         sys.exit(f'error: {err}')
     os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)

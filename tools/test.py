@@ -11,6 +11,7 @@ checkpoints under torch's ``weights_only`` loading, runs distributed tests on CP
 ``--data-root`` to move datasets and evaluator annotation files together, and writes
 ``<work_dir>/metrics.json`` (metrics plus the quantization report, when the hook ran).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,6 +24,7 @@ import torch
 
 def parse_args(argv=None):
     from mmengine.config import DictAction
+
     parser = argparse.ArgumentParser(description='MMDet test (and eval) a (quantized) model')
     parser.add_argument('config', help='test config file path')
     parser.add_argument('checkpoint', help='checkpoint file')
@@ -31,12 +33,23 @@ def parse_args(argv=None):
     parser.add_argument('--show', action='store_true', help='show prediction results')
     parser.add_argument('--show-dir', help='save painted images under work_dir/timestamp/show_dir')
     parser.add_argument('--wait-time', type=float, default=2, help='the interval of show (s)')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override config settings, key=value (e.g. test_dataloader.dataset.data_root=...)')
-    parser.add_argument('--data-root', help='COCO root (annotations/, val2017/, train2017/): moves the test/val '
-                        'datasets and the evaluators\' annotation files there together')
-    parser.add_argument('--tta', action='store_true', help='test-time augmentation (the config\'s tta_model and '
-                        'tta_pipeline, else horizontal flip); the hook quantizes the detector inside the TTA wrapper')
+    parser.add_argument(
+        '--cfg-options',
+        nargs='+',
+        action=DictAction,
+        help='override config settings, key=value (e.g. test_dataloader.dataset.data_root=...)',
+    )
+    parser.add_argument(
+        '--data-root',
+        help='COCO root (annotations/, val2017/, train2017/): moves the test/val '
+        "datasets and the evaluators' annotation files there together",
+    )
+    parser.add_argument(
+        '--tta',
+        action='store_true',
+        help="test-time augmentation (the config's tta_model and "
+        'tta_pipeline, else horizontal flip); the hook quantizes the detector inside the TTA wrapper',
+    )
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
     args = parser.parse_args(argv)
@@ -57,10 +70,13 @@ def enable_tta(cfg) -> None:
     import copy
 
     from mmengine.config import ConfigDict
+
     if _has_mask_head(cfg.model):
-        raise ValueError("--tta: mmdet's DetTTAModel merges boxes only (instance masks are not supported by "
-                         "MMDetection's test-time augmentation); run this mask detector without --tta, or a "
-                         "box-only detector with it")
+        raise ValueError(
+            "--tta: mmdet's DetTTAModel merges boxes only (instance masks are not supported by "
+            "MMDetection's test-time augmentation); run this mask detector without --tta, or a "
+            'box-only detector with it'
+        )
     if 'tta_model' not in cfg:
         cfg.tta_model = dict(type='DetTTAModel', tta_cfg=dict(nms=dict(type='nms', iou_threshold=0.5), max_per_img=100))
     if 'tta_pipeline' not in cfg:
@@ -69,11 +85,13 @@ def enable_tta(cfg) -> None:
             dataset = dataset['dataset']
         pipeline = copy.deepcopy(dataset.pipeline)
         pack = dict(pipeline[-1])
-        if 'meta_keys' in pack:     # the flip must reach the TTA merge
+        if 'meta_keys' in pack:  # the flip must reach the TTA merge
             pack['meta_keys'] = tuple(pack['meta_keys']) + ('flip', 'flip_direction')
         # unflipped first: calibration takes the first variant of each TestTimeAug stage
-        pipeline[-1] = dict(type='TestTimeAug', transforms=[
-            [dict(type='RandomFlip', prob=0.), dict(type='RandomFlip', prob=1.)], [pack]])
+        pipeline[-1] = dict(
+            type='TestTimeAug',
+            transforms=[[dict(type='RandomFlip', prob=0.0), dict(type='RandomFlip', prob=1.0)], [pack]],
+        )
         cfg.tta_pipeline = pipeline
     cfg.model = ConfigDict(**cfg.tta_model, module=cfg.model)
     cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
@@ -81,12 +99,14 @@ def enable_tta(cfg) -> None:
 
 def build_cfg(args):
     from mmengine.config import Config
+
     if not osp.isfile(args.config):
         sys.exit(f'error: config file not found: {args.config}')
     cfg = Config.fromfile(args.config)
     cfg.launcher = args.launcher
     if args.data_root is not None:
         from mmdet_lrpq.cli import set_data_root
+
         set_data_root(cfg, args.data_root)
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)
@@ -99,6 +119,7 @@ def build_cfg(args):
         enable_tta(cfg)
     if args.show or args.show_dir:
         from mmdet.engine.hooks.utils import trigger_visualization_hook
+
         cfg = trigger_visualization_hook(cfg, args)
     if args.launcher != 'none' and not torch.cuda.is_available():
         # mmengine's pytorch launcher assumes CUDA (torch.cuda.set_device, DDP device_ids):
@@ -117,6 +138,7 @@ def main(argv=None) -> dict:
     import mmdet_lrpq
     from mmdet_lrpq.engine.checkpoint_check import check_checkpoint_fits
     from mmdet_lrpq.safe_load import require_checkpoint
+
     register_all_modules(init_default_scope=True)
     mmdet_lrpq.register_all_modules()
 
@@ -124,16 +146,17 @@ def main(argv=None) -> dict:
     cfg = build_cfg(args)
     if 'runner_type' in cfg:
         from mmdet.registry import RUNNERS
+
         runner = RUNNERS.build(cfg)
     else:
         runner = Runner.from_cfg(cfg)
-    check_plans(runner)       # a plan that does not fit stops the run before the checkpoint and data load
-    check_checkpoint_fits(runner.model.module if hasattr(runner.model, 'module') else runner.model,
-                          args.checkpoint)
+    check_plans(runner)  # a plan that does not fit stops the run before the checkpoint and data load
+    check_checkpoint_fits(runner.model.module if hasattr(runner.model, 'module') else runner.model, args.checkpoint)
     if args.out is not None:
         if not args.out.endswith(('.pkl', '.pickle')):
             sys.exit('error: --out must be a .pkl file')
         from mmdet.evaluation import DumpDetResults
+
         runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
     metrics = runner.test()
     save_metrics(runner, metrics)
@@ -144,6 +167,7 @@ def check_plans(runner) -> None:
     """Each QuantizationHook's bit plan against the built model (no weights or data needed)."""
     from mmdet_lrpq.engine.hook import QuantizationHook
     from mmdet_lrpq.engine.quantize import detector_of
+
     for hook in runner.hooks:
         if isinstance(hook, QuantizationHook):
             hook.check_plan(detector_of(runner.model))
@@ -154,15 +178,19 @@ def save_metrics(runner, metrics: dict) -> None:
     import json
 
     from mmengine.dist import is_main_process
+
     if not is_main_process():
         return
     report = runner.message_hub.get_info('quantization_report')  # set by the hook
-    record = {'metrics': {k: float(v) for k, v in (metrics or {}).items()}, 'quantization': report,
-              # e.g. a placeholder bit plan: these numbers are not what the config's name promises
-              'warnings': list((report or {}).get('warnings') or [])}
+    record = {
+        'metrics': {k: float(v) for k, v in (metrics or {}).items()},
+        'quantization': report,
+        # e.g. a placeholder bit plan: these numbers are not what the config's name promises
+        'warnings': list((report or {}).get('warnings') or []),
+    }
     with open(osp.join(runner.work_dir, 'metrics.json'), 'w') as f:
         json.dump(record, f, indent=1)
-    for warning in record['warnings']:     # again after the numbers, where they are read
+    for warning in record['warnings']:  # again after the numbers, where they are read
         runner.logger.warning(warning)
 
 

@@ -15,6 +15,7 @@ RepQ-ViT's ImageNet protocol: one batch of 32), and evaluated again.
 Labels: class folders with a ``wnids.txt`` (ImageNet layout), or ``--labels FILE`` with
 ``<path relative to --images> <class index>`` per line (the miniature world's layout).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,11 @@ from mmdet_lrpq.cli import add_classifier_args, build_classifier, resolve_device
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split('\n', 2)[2])
+    p = argparse.ArgumentParser(
+        description=__doc__.split('\n')[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split('\n', 2)[2],
+    )
     add_classifier_args(p, 'seeded random weights (top-1 is then chance)')
     p.add_argument('--images', required=True, help='evaluation images: class folders (+ wnids.txt) or a flat folder')
     p.add_argument('--labels', help="'<relative path> <label>' per line, for a flat folder")
@@ -62,6 +66,7 @@ def parse_args(argv=None):
 def labelled_items(root: str, labels: str | None, num: int | None = None) -> list:
     """Images with their class index, in the stable order of mmdet_lrpq.lrp.list_images."""
     from mmdet_lrpq.lrp import ImageItem, list_images
+
     items = list_images(root)
     if labels is not None:
         # paths relative to the image folder, or to its parent (the folder's own name first)
@@ -71,7 +76,7 @@ def labelled_items(root: str, labels: str | None, num: int | None = None) -> lis
             if line.strip():
                 rel, label = line.rsplit(maxsplit=1)
                 rel = osp.normpath(rel)
-                table[rel[len(base):] if rel.startswith(base) else rel] = int(label)
+                table[rel[len(base) :] if rel.startswith(base) else rel] = int(label)
         keys = [osp.relpath(i.path, root) for i in items]
         missing = [k for k in keys if k not in table]
         if missing:
@@ -79,18 +84,22 @@ def labelled_items(root: str, labels: str | None, num: int | None = None) -> lis
         items = [ImageItem(i.path, table[k]) for i, k in zip(items, keys)]
     unlabelled = [i.path for i in items if i.label is None]
     if unlabelled:
-        raise ValueError(f'no class label for {len(unlabelled)} image(s) of {root} (e.g. {unlabelled[0]}): give class '
-                         f'folders with a wnids.txt, or --labels FILE')
+        raise ValueError(
+            f'no class label for {len(unlabelled)} image(s) of {root} (e.g. {unlabelled[0]}): give class '
+            f'folders with a wnids.txt, or --labels FILE'
+        )
     return items[:num] if num is not None else items
 
 
 @torch.no_grad()
 def top1(model, items: list, transform, batch_size: int, device, desc: str, progress: bool) -> float:
     from mmdet_lrpq.lrp import iter_batches
+
     correct = 0
     bar = None
     if progress:
         from tqdm import tqdm
+
         bar = tqdm(total=len(items), desc=desc, unit='img', leave=False)
     for images, batch in iter_batches(items, transform, batch_size):
         pred = model(images.to(device)).argmax(1).cpu()
@@ -116,38 +125,60 @@ def main(argv=None) -> dict:
     calib_root = args.calib_images or args.images
     calib_items = list_images(calib_root, args.num_calib)
     items = labelled_items(args.images, args.labels)
-    if calib_root == args.images:   # never evaluate on the calibration images
+    if calib_root == args.images:  # never evaluate on the calibration images
         used = {str(i.path) for i in calib_items}
         items = [i for i in items if str(i.path) not in used]
     if args.num_images is not None:
-        items = items[:args.num_images]
+        items = items[: args.num_images]
     if not items:
         raise ValueError(f'no evaluation images left in {args.images} after the {len(calib_items)} calibration images')
 
     t0 = time.time()
     fp = top1(model, items, transform, args.batch_size, device, 'float', not args.no_progress)
-    config = QuantConfig(plan=args.plan, w_bits=args.bits or 4, a_bits=args.bits or 4, method=args.method,
-                         crl_k=args.crl_k, smooth=args.smooth, smooth_alpha=args.smooth_alpha,
-                         gelu_scales=args.gelu_scales)
+    config = QuantConfig(
+        plan=args.plan,
+        w_bits=args.bits or 4,
+        a_bits=args.bits or 4,
+        method=args.method,
+        crl_k=args.crl_k,
+        smooth=args.smooth,
+        smooth_alpha=args.smooth_alpha,
+        gelu_scales=args.gelu_scales,
+    )
     calib = (images.to(device) for images, _ in iter_batches(calib_items, transform, args.calib_batch_size))
-    if args.smooth:   # SQ-b reads the calibration images twice
+    if args.smooth:  # SQ-b reads the calibration images twice
         calib = list(calib)
     t1 = time.time()
     report = quantize_(model, config, calib=calib)
     t2 = time.time()
     quant = top1(model, items, transform, args.batch_size, device, 'quantized', not args.no_progress)
     totals = report.totals
-    result = {'model': args.model, 'weights': weights, 'plan': args.plan, 'bits': None if args.plan else (args.bits or 4),
-              'method': args.method, **{k: getattr(args, k) for k in ('smooth', 'gelu_scales') if getattr(args, k)},
-              **({'smooth_alpha': args.smooth_alpha} if args.smooth else {}), 'num_eval_images': len(items), 'num_calib_images': len(calib_items),
-              'calib_batch_size': args.calib_batch_size, 'top1_float': fp, 'top1_quantized': quant,
-              'avg_weight_bits': totals['avg_weight_bits'], 'avg_act_bits': totals['avg_act_bits'],
-              'weight_mb': totals['weight_mb'], 'calibration_seconds': round(t2 - t1, 2),
-              **({'smoothing_seconds': report.calibration['smoothing']['seconds']} if args.smooth else {}),
-              'seconds': round(time.time() - t0, 1), 'command': 'python tools/test_cls.py ' + ' '.join(argv or sys.argv[1:])}
+    result = {
+        'model': args.model,
+        'weights': weights,
+        'plan': args.plan,
+        'bits': None if args.plan else (args.bits or 4),
+        'method': args.method,
+        **{k: getattr(args, k) for k in ('smooth', 'gelu_scales') if getattr(args, k)},
+        **({'smooth_alpha': args.smooth_alpha} if args.smooth else {}),
+        'num_eval_images': len(items),
+        'num_calib_images': len(calib_items),
+        'calib_batch_size': args.calib_batch_size,
+        'top1_float': fp,
+        'top1_quantized': quant,
+        'avg_weight_bits': totals['avg_weight_bits'],
+        'avg_act_bits': totals['avg_act_bits'],
+        'weight_mb': totals['weight_mb'],
+        'calibration_seconds': round(t2 - t1, 2),
+        **({'smoothing_seconds': report.calibration['smoothing']['seconds']} if args.smooth else {}),
+        'seconds': round(time.time() - t0, 1),
+        'command': 'python tools/test_cls.py ' + ' '.join(argv or sys.argv[1:]),
+    }
     print(report.table().splitlines()[-1])
-    print(f"top-1 on {len(items)} images: float {fp:.2f}%, quantized {quant:.2f}% ({quant - fp:+.2f}); "
-          f"calibration {result['calibration_seconds']:.1f}s on {len(calib_items)} image(s)")
+    print(
+        f'top-1 on {len(items)} images: float {fp:.2f}%, quantized {quant:.2f}% ({quant - fp:+.2f}); '
+        f'calibration {result["calibration_seconds"]:.1f}s on {len(calib_items)} image(s)'
+    )
     if args.out:
         os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
         with open(args.out, 'w') as f:

@@ -10,6 +10,7 @@ config is used (same resize as evaluation; under test-time augmentation, its fir
 Images are loaded lazily and go through the model ``batch_size`` at a time (default 1), so memory
 does not grow with ``num_images`` (see :mod:`mmdet_lrpq.quant.calibrate` for how batches combine).
 """
+
 from __future__ import annotations
 
 import copy
@@ -36,14 +37,15 @@ class CalibrationDataError(ValueError):
 @dataclass(frozen=True)
 class CalibSettings:
     """Which images calibrate, from where, and how many per forward (the hook's ``calib=dict(...)``)."""
+
     source: str = 'train'
     num_images: int = 1
     seed: int = 0
-    ann_file: str | None = None     # relative to data_root, or absolute
-    img_prefix: str | None = None   # relative to data_root, or absolute
-    data_root: str | None = None    # default: the test dataset's data_root
+    ann_file: str | None = None  # relative to data_root, or absolute
+    img_prefix: str | None = None  # relative to data_root, or absolute
+    data_root: str | None = None  # default: the test dataset's data_root
     image_ids: tuple | None = None  # exact COCO image ids to use (overrides num_images/seed)
-    batch_size: int = 1                # images per calibration forward (peak memory grows with it)
+    batch_size: int = 1  # images per calibration forward (peak memory grows with it)
 
     def __post_init__(self):
         if self.source not in SOURCES:
@@ -54,8 +56,10 @@ class CalibSettings:
             object.__setattr__(self, 'image_ids', tuple(self.image_ids))
             object.__setattr__(self, 'num_images', len(self.image_ids))
         if isinstance(self.num_images, bool) or not isinstance(self.num_images, int) or self.num_images < 1:
-            raise ValueError(f'calib.num_images must be a positive integer, got {self.num_images!r} '
-                             f'(calibration needs at least one image)')
+            raise ValueError(
+                f'calib.num_images must be a positive integer, got {self.num_images!r} '
+                f'(calibration needs at least one image)'
+            )
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f'calib.batch_size must be a positive integer, got {self.batch_size!r}')
 
@@ -95,7 +99,7 @@ def _dataset_cfg(test_dataset_cfg: Any, calib: CalibSettings) -> dict:
     if 'pipeline' in cfg:
         cfg['pipeline'] = plain_pipeline(cfg['pipeline'])
     cfg['test_mode'] = True
-    cfg.pop('indices', None)   # an evaluation subset does not restrict where calibration images come from
+    cfg.pop('indices', None)  # an evaluation subset does not restrict where calibration images come from
     return cfg
 
 
@@ -109,8 +113,11 @@ def _check_paths(cfg: dict, calib: CalibSettings) -> None:
     root = cfg.get('data_root') or ''
     ann = osp.join(root, cfg['ann_file'])
     img_dir = osp.join(root, cfg.get('data_prefix', {}).get('img', ''))
-    hint = ("set custom_hooks' calib=dict(ann_file=..., img_prefix=...) or data_root, or use "
-            "calib=dict(source='test')" if calib.source == 'train' else 'check test_dataloader.dataset')
+    hint = (
+        "set custom_hooks' calib=dict(ann_file=..., img_prefix=...) or data_root, or use calib=dict(source='test')"
+        if calib.source == 'train'
+        else 'check test_dataloader.dataset'
+    )
     if not osp.isfile(ann):
         raise FileNotFoundError(f'calibration annotation file not found: {ann} ({calib.source} source); {hint}')
     if not osp.isdir(img_dir):
@@ -152,8 +159,9 @@ class CalibrationImages:
             self.dataset = DATASETS.build(cfg)
         except ValueError as err:  # mmengine serializes the data list with np.concatenate
             if 'need at least one array' in str(err):
-                raise ValueError(f"the calibration dataset has zero images ({cfg['ann_file']}); check its "
-                                 f"annotation file") from err
+                raise ValueError(
+                    f'the calibration dataset has zero images ({cfg["ann_file"]}); check its annotation file'
+                ) from err
             raise
         self.indices = pick_indices(self.dataset, calib)
         infos = [self.dataset.get_data_info(i) for i in self.indices]
@@ -171,43 +179,60 @@ class CalibrationImages:
         be named; not compared, so a moved copy of the same images still matches), the sha256 of their
         bytes in order, and the sha256 of the pipeline that preprocesses them."""
         from ..models.state import file_digest
+
         digests = [file_digest(p) for p in self.paths]
-        return {'image_paths': [osp.realpath(p) for p in self.paths],
-                'image_sha256': hashlib.sha256('\n'.join(digests).encode()).hexdigest(),
-                'pipeline_sha256': pipeline_digest(self.test_dataset_cfg, self.calib)}
+        return {
+            'image_paths': [osp.realpath(p) for p in self.paths],
+            'image_sha256': hashlib.sha256('\n'.join(digests).encode()).hexdigest(),
+            'pipeline_sha256': pipeline_digest(self.test_dataset_cfg, self.calib),
+        }
 
     def _item(self, index: int, path: str, image_id: Any) -> dict:
         try:
             item = self.dataset[index]
         except Exception as err:  # decoding errors surface from deep inside mmcv: name the file instead
-            raise CalibrationDataError(f'calibration image {path} could not be loaded ({type(err).__name__}: '
-                                       f'{err}); is it a valid image file? Replace it, or choose other images '
-                                       f'(calib.image_ids or calib.seed)') from err
+            raise CalibrationDataError(
+                f'calibration image {path} could not be loaded ({type(err).__name__}: '
+                f'{err}); is it a valid image file? Replace it, or choose other images '
+                f'(calib.image_ids or calib.seed)'
+            ) from err
         image = item['inputs']
         if image.dim() == 3 and image.numel() and bool((image.amax((-2, -1)) == image.amin((-2, -1))).all()):
             self.constant.append(path)
-            self.logger.warning(f'calibration image {image_id} ({path}) is constant (one colour everywhere): it '
-                                f'carries no information for the activation ranges; prefer real images')
-        elif image.dim() == 3 and image.shape[0] == 3 and bool((image[0] == image[1]).all() and (image[1] == image[2]).all()):
-            self.logger.warning(f'calibration image {image_id} ({path}) is greyscale: its three channels are equal, '
-                                f'unlike the colour images the detector sees; a greyscale calibration image can cost '
-                                f'many AP points at low bits. Prefer colour images (calib.image_ids or calib.seed).')
+            self.logger.warning(
+                f'calibration image {image_id} ({path}) is constant (one colour everywhere): it '
+                f'carries no information for the activation ranges; prefer real images'
+            )
+        elif (
+            image.dim() == 3
+            and image.shape[0] == 3
+            and bool((image[0] == image[1]).all() and (image[1] == image[2]).all())
+        ):
+            self.logger.warning(
+                f'calibration image {image_id} ({path}) is greyscale: its three channels are equal, '
+                f'unlike the colour images the detector sees; a greyscale calibration image can cost '
+                f'many AP points at low bits. Prefer colour images (calib.image_ids or calib.seed).'
+            )
         return item
 
     def batches(self) -> Iterator[dict]:
         """Collated batches of ``batch_size`` images, loaded as they are consumed."""
         from mmengine.dataset import pseudo_collate
+
         step = self.calib.batch_size
         self.constant = []
         for start in range(0, len(self.indices), step):
-            chunk = zip(self.indices[start:start + step], self.paths[start:start + step], self.ids[start:start + step])
+            chunk = zip(
+                self.indices[start : start + step], self.paths[start : start + step], self.ids[start : start + step]
+            )
             yield pseudo_collate([self._item(i, p, image_id) for i, p, image_id in chunk])
         if self.constant and len(self.constant) == len(self.indices):
             raise CalibrationDataError(
                 f'every calibration image is constant ({", ".join(self.constant[:3])}'
                 f'{", ..." if len(self.constant) > 3 else ""}): the activation ranges collapse and the quantized '
                 f'model would be meaningless (a classifier drops to chance). Calibrate on real images '
-                f'(calib.image_ids, calib.seed, or another calib.ann_file)')
+                f'(calib.image_ids, calib.seed, or another calib.ann_file)'
+            )
 
 
 def batch_input_hw(model, batch: dict) -> tuple[int, int]:

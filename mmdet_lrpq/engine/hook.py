@@ -12,6 +12,7 @@ same code as :func:`mmdet_lrpq.apis.init_quantized_detector` — logs the per-la
 totals and writes them to ``<work_dir>/<report_file>``; then the normal test loop evaluates the
 quantized model on whatever device the runner put it.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,17 +46,23 @@ class QuantizationHook(Hook):
     ``report_file``: the per-site report, in the work dir.
     """
 
-    priority = 'VERY_HIGH'   # before any other before_test work looks at the model
+    priority = 'VERY_HIGH'  # before any other before_test work looks at the model
 
-    def __init__(self, calib: dict | None = None, state_file: str | None = None, state_mismatch: str = 'error',
-                 report_file: str = 'quantization_report.json', **options):
+    def __init__(
+        self,
+        calib: dict | None = None,
+        state_file: str | None = None,
+        state_mismatch: str = 'error',
+        report_file: str = 'quantization_report.json',
+        **options,
+    ):
         # One option surface: every other keyword is a QuantConfig field, forwarded as written. "Given" means
         # given: an option written in the config counts even when it equals the default.
         self.given = dict(options)
         self.explicit = sorted(self.given)
-        self.config = QuantConfig.from_options(self.given, 'QuantizationHook')   # validates at config build time
+        self.config = QuantConfig.from_options(self.given, 'QuantizationHook')  # validates at config build time
         if isinstance(self.config.plan, str):
-            self.config.load_plan()                        # a malformed plan file is refused now, not after loading data
+            self.config.load_plan()  # a malformed plan file is refused now, not after loading data
         self.calib = CalibSettings.from_options(calib)
         if state_mismatch not in STATE_MISMATCH:
             raise ValueError(f'state_mismatch must be one of {STATE_MISMATCH}, got {state_mismatch!r}')
@@ -85,10 +92,12 @@ class QuantizationHook(Hook):
             return self.config
         if self.explicit:
             values = ', '.join(f'{k}: hook {self.given[k]!r}, backbone {getattr(declared, k)!r}' for k in self.explicit)
-            raise ValueError('quantization options are given both in the QuantSwinTransformer backbone '
-                             f'(model.backbone.quant) and in QuantizationHook ({values}); the backbone\'s would '
-                             f'be used. Keep them in one place: remove {self.explicit} from the hook, or make '
-                             f'the backbone a plain SwinTransformer')
+            raise ValueError(
+                'quantization options are given both in the QuantSwinTransformer backbone '
+                f"(model.backbone.quant) and in QuantizationHook ({values}); the backbone's would "
+                f'be used. Keep them in one place: remove {self.explicit} from the hook, or make '
+                f'the backbone a plain SwinTransformer'
+            )
         return declared
 
     def check_plan(self, model) -> None:
@@ -97,15 +106,24 @@ class QuantizationHook(Hook):
         import logging
 
         from ..models.quantizer import ModelQuantizer
+
         quiet = logging.getLogger('mmdet_lrpq.precheck')
-        quiet.propagate, quiet.disabled = False, True     # the real run logs the adapters' warnings
+        quiet.propagate, quiet.disabled = False, True  # the real run logs the adapters' warnings
         quantizer = ModelQuantizer(model, self.config_for(model), logger=quiet)
         quantizer.resolve_bits(quantizer.sites())
 
     def quantize_model(self, model, cfg, logger, progress: bool = True) -> QuantReport:
         """Quantize a built detector with this hook's settings (also what init_quantized_detector runs)."""
-        return quantize_detector(model, cfg, self.config_for(model), self.calib, state_file=self.state_file,
-                                 state_mismatch=self.state_mismatch, logger=logger, progress=progress)
+        return quantize_detector(
+            model,
+            cfg,
+            self.config_for(model),
+            self.calib,
+            state_file=self.state_file,
+            state_mismatch=self.state_mismatch,
+            logger=logger,
+            progress=progress,
+        )
 
     def _quantize(self, runner) -> None:
         if self.report is not None:

@@ -7,6 +7,7 @@ other weights, options, calibration settings or calibration images — their con
 Under distributed testing rank 0 calibrates (or loads) and every rank receives the same state, so
 every rank evaluates the quantized model.
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,16 +26,25 @@ from .calib_data import CalibrationImages, CalibSettings, pipeline_digest
 def detector_of(model: nn.Module) -> nn.Module:
     """The detector inside the runner's model: unwraps DDP and test-time augmentation wrappers."""
     from mmengine.model import BaseTTAModel, is_model_wrapper
+
     if is_model_wrapper(model):
         model = model.module
     if isinstance(model, BaseTTAModel):
-        model = model.module   # calibrated on the plain (first) variant of the TTA pipeline
+        model = model.module  # calibrated on the plain (first) variant of the TTA pipeline
     return model
 
 
-def quantize_detector(model: nn.Module, cfg: Any, config: QuantConfig, calib: CalibSettings, *,
-                      state_file: str | None = None, state_mismatch: str = 'error',
-                      logger: logging.Logger | None = None, progress: bool = True) -> QuantReport:
+def quantize_detector(
+    model: nn.Module,
+    cfg: Any,
+    config: QuantConfig,
+    calib: CalibSettings,
+    *,
+    state_file: str | None = None,
+    state_mismatch: str = 'error',
+    logger: logging.Logger | None = None,
+    progress: bool = True,
+) -> QuantReport:
     """Quantize ``model`` (a built detector with its weights) in place; returns the report."""
     from mmengine.dist import broadcast_object_list, get_dist_info
 
@@ -47,24 +57,37 @@ def quantize_detector(model: nn.Module, cfg: Any, config: QuantConfig, calib: Ca
     identity = calibration_identity(cfg, calib, found)
 
     def calibrate() -> QuantReport:
-        images = found if isinstance(found, CalibrationImages) else CalibrationImages(cfg.test_dataloader.dataset,
-                                                                                      calib, logger)
+        images = (
+            found
+            if isinstance(found, CalibrationImages)
+            else CalibrationImages(cfg.test_dataloader.dataset, calib, logger)
+        )
         where = calib.source + (f' ({calib.ann_file})' if calib.ann_file else '')
         how = 'as given by calib.image_ids' if calib.image_ids is not None else f'seed {calib.seed}'
-        logger.info(f'calibrating on {len(images)} image(s) of {where}, ids {images.ids} ({how}), '
-                    f'{calib.batch_size} per forward')
+        logger.info(
+            f'calibrating on {len(images)} image(s) of {where}, ids {images.ids} ({how}), '
+            f'{calib.batch_size} per forward'
+        )
         model.eval()
         shape: list = []
         # the padded network input of the first batch, as the data preprocessor makes it (for BOPs)
         handle = model.data_preprocessor.register_forward_hook(
-            lambda module, args, out: shape.append(tuple(out['inputs'].shape[-2:])))
+            lambda module, args, out: shape.append(tuple(out['inputs'].shape[-2:]))
+        )
 
         bar = _progress_bar(len(images)) if progress else None
         try:
-            report = quantizer.calibrate(images.batches(), lambda m, batch: m.test_step(batch), images_in=images_in,
-                                         image_ids=images.ids, calibration=identity, batch_size=calib.batch_size,
-                                         progress=None if bar is None else bar.update_to,
-                                         reconstruct_batches=images.batches, reconstruct_progress=progress)
+            report = quantizer.calibrate(
+                images.batches(),
+                lambda m, batch: m.test_step(batch),
+                images_in=images_in,
+                image_ids=images.ids,
+                calibration=identity,
+                batch_size=calib.batch_size,
+                progress=None if bar is None else bar.update_to,
+                reconstruct_batches=images.batches,
+                reconstruct_progress=progress,
+            )
         finally:
             handle.remove()
             if bar is not None:
@@ -74,12 +97,14 @@ def quantize_detector(model: nn.Module, cfg: Any, config: QuantConfig, calib: Ca
 
     rank, world_size = get_dist_info()
     if world_size == 1:
-        return calibrate_or_load(quantizer, calibrate, state_file=state_file, state_mismatch=state_mismatch,
-                                 calibration=identity)
+        return calibrate_or_load(
+            quantizer, calibrate, state_file=state_file, state_mismatch=state_mismatch, calibration=identity
+        )
     state = [None]
     if rank == 0:
-        calibrate_or_load(quantizer, calibrate, state_file=state_file, state_mismatch=state_mismatch,
-                          calibration=identity)
+        calibrate_or_load(
+            quantizer, calibrate, state_file=state_file, state_mismatch=state_mismatch, calibration=identity
+        )
         state = [quantizer.state()]
     broadcast_object_list(state, src=0)
     if rank != 0:
@@ -87,8 +112,9 @@ def quantize_detector(model: nn.Module, cfg: Any, config: QuantConfig, calib: Ca
     return quantizer.report
 
 
-def calibration_images(cfg: Any, calib: CalibSettings, logger: logging.Logger,
-                       state_file: str | None = None) -> CalibrationImages | FileNotFoundError:
+def calibration_images(
+    cfg: Any, calib: CalibSettings, logger: logging.Logger, state_file: str | None = None
+) -> CalibrationImages | FileNotFoundError:
     """The chosen calibration images; or, when they are missing here but a state file exists (it may
     have been calibrated elsewhere), the error saying why (the state is then used unverified, with a warning)."""
     try:
@@ -104,9 +130,14 @@ def calibration_identity(cfg: Any, calib: CalibSettings, images: CalibrationImag
     images' resolved paths and content digest, the pipeline's digest), compared when a state is loaded."""
     if isinstance(images, CalibrationImages):
         return {**calib.describe(), **images.identity()}
-    return {**calib.describe(), 'pipeline_sha256': pipeline_digest(cfg.test_dataloader.dataset, calib),
-            'unverifiable': {'fields': ['image_paths', 'image_sha256'],
-                             'reason': f'calibration images not found here: {images}'}}
+    return {
+        **calib.describe(),
+        'pipeline_sha256': pipeline_digest(cfg.test_dataloader.dataset, calib),
+        'unverifiable': {
+            'fields': ['image_paths', 'image_sha256'],
+            'reason': f'calibration images not found here: {images}',
+        },
+    }
 
 
 class _progress_bar:
@@ -114,6 +145,7 @@ class _progress_bar:
 
     def __init__(self, total: int):
         from tqdm import tqdm
+
         self._bar = tqdm(total=total, desc='calibration', unit='img', leave=False)
 
     def update_to(self, done: float) -> None:

@@ -6,6 +6,7 @@ on the calibration images and their annotations — the same images, chosen the 
 ``QuantizationHook`` calibrates on. The sites, the per-channel inputs and the pinned patch-embedding
 bits come from the same driver that quantizes, so the table names exactly the sites a plan must cover.
 """
+
 from __future__ import annotations
 
 import copy
@@ -34,13 +35,22 @@ def detector_loss(seed: int):
         data = model.data_preprocessor(batch, True)
         total, _ = model.parse_losses(model(**data, mode='loss'))
         return total
+
     return loss
 
 
-def detector_sensitivity(model: nn.Module, cfg: Any, config: QuantConfig, calib: CalibSettings,
-                         levels: list[int], *, seed: int = 0, logger: logging.Logger | None = None,
-                         progress: bool = True, assignment: dict[str, tuple[int, int]] | None = None
-                         ) -> tuple[dict[str, dict[int, float]], list[Site], list]:
+def detector_sensitivity(
+    model: nn.Module,
+    cfg: Any,
+    config: QuantConfig,
+    calib: CalibSettings,
+    levels: list[int],
+    *,
+    seed: int = 0,
+    logger: logging.Logger | None = None,
+    progress: bool = True,
+    assignment: dict[str, tuple[int, int]] | None = None,
+) -> tuple[dict[str, dict[int, float]], list[Site], list]:
     """``(sensitivity table, sites in scope, calibration image ids)`` of a float detector.
 
     ``config`` says what would be quantized (scope, method: which inputs are per channel, the pinned
@@ -60,20 +70,29 @@ def detector_sensitivity(model: nn.Module, cfg: Any, config: QuantConfig, calib:
     bar = None
     if progress:
         from tqdm import tqdm
+
         bar = tqdm(total=len(images), desc='sensitivity', unit='img', leave=False)
     try:
-        table = fisher_sensitivity(model, sites, levels, images.batches(), detector_loss(seed),
-                                   per_channel_inputs=frozenset(p.layer for p in quantizer.pairs), fixed_a_bits=fixed,
-                                   progress=None if bar is None else (lambda n: bar.update(n - bar.n)),
-                                   assignment=assignment)
+        table = fisher_sensitivity(
+            model,
+            sites,
+            levels,
+            images.batches(),
+            detector_loss(seed),
+            per_channel_inputs=frozenset(p.layer for p in quantizer.pairs),
+            fixed_a_bits=fixed,
+            progress=None if bar is None else (lambda n: bar.update(n - bar.n)),
+            assignment=assignment,
+        )
     finally:
         if bar is not None:
             bar.close()
     return table, sites, images.ids
 
 
-def measure_macs(model: nn.Module, cfg: Any, config: QuantConfig, calib: CalibSettings,
-                 logger: logging.Logger | None = None) -> list[Site]:
+def measure_macs(
+    model: nn.Module, cfg: Any, config: QuantConfig, calib: CalibSettings, logger: logging.Logger | None = None
+) -> list[Site]:
     """The sites in scope with their MACs per image, counted on the calibration images in test mode.
 
     Counted as the quantization report counts them (:func:`mmdet_lrpq.quant.macs.count_macs` on the
@@ -81,6 +100,7 @@ def measure_macs(model: nn.Module, cfg: Any, config: QuantConfig, calib: CalibSe
     budgeted with are the BOPs the report of the quantized detector will print.
     """
     from ..quant.macs import count_macs
+
     logger = logger or logging.getLogger('mmdet_lrpq')
     work = copy.deepcopy(model).eval()
     quantizer = ModelQuantizer(work, config, logger=logger)

@@ -9,9 +9,22 @@ Needs ``onnx`` and ``onnxruntime`` (pinned in ``requirements/runtime.txt``); ``i
 never imports this package. :mod:`.detector` exports a detector's backbone + neck and evaluates the
 detector with ONNX Runtime computing them.
 """
+
 from .forms import ExportError
 from .onnx_export import MAX_OPSET, MIN_OPSET, ExportResult, check_quantized, export_onnx
 from .runtime import census, code_parity, output_parity, profile_log_sqrt2, run, session
 
-__all__ = ['export_onnx', 'ExportResult', 'ExportError', 'check_quantized', 'session', 'run', 'output_parity',
-           'code_parity', 'census', 'profile_log_sqrt2', 'MIN_OPSET', 'MAX_OPSET']
+__all__ = [
+    'export_onnx',
+    'ExportResult',
+    'ExportError',
+    'check_quantized',
+    'session',
+    'run',
+    'output_parity',
+    'code_parity',
+    'census',
+    'profile_log_sqrt2',
+    'MIN_OPSET',
+    'MAX_OPSET',
+]

@@ -7,6 +7,7 @@ would need custom operators. :func:`onnx_features` swaps the detector's ``extrac
 Runtime session, so ``test_step`` / mmdet's evaluator run the whole detector with ONNX Runtime
 computing the features: :func:`evaluate_ap` scores both side by side on the same batches.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -22,9 +23,18 @@ from .forms import ExportError
 from .runtime import run
 
 # the Swin + FPN products by the part of the model they belong to, matched on ONNX node names
-KINDS = (('patch_embed', r'patch_embed'), ('qkv', r'[/.]qkv[/.]'), ('q@k^T', r'matmul1'), ('attn@v', r'matmul2'),
-         ('proj', r'[/.]proj[/.]'), ('fc1', r'layers\.0\.0'), ('fc2', r'ffn[/.]layers[/.](layers\.)?1[/.]'),
-         ('reduction', r'reduction'), ('fpn lateral', r'lateral_convs'), ('fpn output', r'fpn_convs'))
+KINDS = (
+    ('patch_embed', r'patch_embed'),
+    ('qkv', r'[/.]qkv[/.]'),
+    ('q@k^T', r'matmul1'),
+    ('attn@v', r'matmul2'),
+    ('proj', r'[/.]proj[/.]'),
+    ('fc1', r'layers\.0\.0'),
+    ('fc2', r'ffn[/.]layers[/.](layers\.)?1[/.]'),
+    ('reduction', r'reduction'),
+    ('fpn lateral', r'lateral_convs'),
+    ('fpn output', r'fpn_convs'),
+)
 
 
 def kind_of(name: str) -> str:
@@ -48,7 +58,7 @@ class BackboneNeck(nn.Module):
             raise ExportError(f'{type(detector).__name__} has no backbone: export the module itself with export_onnx')
         self.backbone = detector.backbone
         self.neck = getattr(detector, 'neck', None) if getattr(detector, 'with_neck', True) else None
-        self.training = detector.training          # a new module starts in train mode: mirror the detector
+        self.training = detector.training  # a new module starts in train mode: mirror the detector
 
     def forward(self, x: Tensor) -> tuple[Tensor, ...]:
         feats = self.backbone(x)
@@ -60,6 +70,7 @@ class BackboneNeck(nn.Module):
 def batch_from_image(cfg, image: str, img_id: int = 0) -> dict:
     """A one-image data batch through the config's test pipeline (annotations not loaded)."""
     from mmengine.dataset import Compose, pseudo_collate
+
     pipeline = [t for t in cfg.test_dataloader.dataset.pipeline if t['type'] != 'LoadAnnotations']
     return pseudo_collate([Compose(pipeline)(dict(img_path=image, img_id=img_id))])
 
@@ -79,8 +90,10 @@ def onnx_features(detector: nn.Module, sess, output_count: int | None = None) ->
     def extract_feat(batch_inputs: Tensor) -> tuple[Tensor, ...]:
         x = batch_inputs.detach().float().cpu().numpy()
         if list(x.shape) != list(shape):
-            raise ExportError(f'the exported graph takes input {shape}, this batch is {list(x.shape)}: export '
-                              f'with an example input of this shape (Swin window padding depends on it)')
+            raise ExportError(
+                f'the exported graph takes input {shape}, this batch is {list(x.shape)}: export '
+                f'with an example input of this shape (Swin window padding depends on it)'
+            )
         outs = run(sess, x)
         return tuple(torch.from_numpy(o).to(batch_inputs.device) for o in outs)
 
@@ -95,6 +108,7 @@ def test_dataloader(cfg, data_root: str | None = None, limit: int | None = None)
     """The config's test dataloader in this process (no workers), first ``limit`` images, with
     ``data_root`` moving the images and the evaluator's annotation file together."""
     from mmengine.runner import Runner
+
     cfg = copy.deepcopy(cfg)
     loader = cfg.test_dataloader
     if data_root is not None:
@@ -102,7 +116,7 @@ def test_dataloader(cfg, data_root: str | None = None, limit: int | None = None)
         loader.dataset.data_root = data_root
         ann = cfg.test_evaluator.get('ann_file')
         if ann and old and ann.startswith(old):
-            cfg.test_evaluator.ann_file = osp.join(data_root, ann[len(old):].lstrip('/'))
+            cfg.test_evaluator.ann_file = osp.join(data_root, ann[len(old) :].lstrip('/'))
     loader.num_workers, loader.persistent_workers = 0, False
     if limit is not None:
         loader.dataset.indices = int(limit)
@@ -139,14 +153,22 @@ def rounding_noise(module: nn.Module, seed: int, ulps: int = 1, kinds=FLOAT_OPS)
             h.remove()
 
 
-def evaluate_ap(detector: nn.Module, cfg, sess=None, data_root: str | None = None, limit: int | None = None,
-                metrics: Sequence[str] = ('coco/bbox_mAP', 'coco/segm_mAP'), variants: dict | None = None) -> dict:
+def evaluate_ap(
+    detector: nn.Module,
+    cfg,
+    sess=None,
+    data_root: str | None = None,
+    limit: int | None = None,
+    metrics: Sequence[str] = ('coco/bbox_mAP', 'coco/segm_mAP'),
+    variants: dict | None = None,
+) -> dict:
     """mmdet's evaluator on the test set (first ``limit`` images): the PyTorch detector, and with ``sess``
     also the same detector with ONNX Runtime computing backbone + neck, batch by batch side by side.
     ``variants``: further runs of the PyTorch detector by name, each a zero-argument callable that returns
     the context manager to run it in (e.g. ``lambda: rounding_noise(detector.backbone, 0)``).
     Returns ``{'torch': {...}, 'onnx': {...}, name: {...}}`` with the requested metrics in percent."""
     from mmengine.evaluator import Evaluator
+
     loader, evaluator_cfg = test_dataloader(cfg, data_root, limit)
     variants = dict(variants or {})
     evaluators = {'torch': Evaluator(copy.deepcopy(evaluator_cfg))}
@@ -160,7 +182,7 @@ def evaluate_ap(detector: nn.Module, cfg, sess=None, data_root: str | None = Non
     for ev in evaluators.values():
         ev.dataset_meta = loader.dataset.metainfo
         for metric in ev.metrics:
-            if hasattr(metric, 'img_ids'):      # CocoMetric scores every image of its file unless told which
+            if hasattr(metric, 'img_ids'):  # CocoMetric scores every image of its file unless told which
                 metric.img_ids = ids
     detector.eval()
     with torch.no_grad():
@@ -180,5 +202,12 @@ def evaluate_ap(detector: nn.Module, cfg, sess=None, data_root: str | None = Non
     return out
 
 
-__all__ = ['BackboneNeck', 'batch_from_image', 'preprocessed_input', 'onnx_features', 'evaluate_ap',
-           'rounding_noise', 'test_dataloader']
+__all__ = [
+    'BackboneNeck',
+    'batch_from_image',
+    'preprocessed_input',
+    'onnx_features',
+    'evaluate_ap',
+    'rounding_noise',
+    'test_dataloader',
+]

@@ -22,6 +22,7 @@ the model is an error here instead of a silently different graph:
   table, so the graph reproduces PyTorch's codes exactly, including at code boundaries where a
   different ``log`` implementation would round the other way.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,6 +42,7 @@ class ExportError(ValueError):
 @dataclass(frozen=True)
 class Carrier:
     """An ONNX integer element type that holds quantized codes."""
+
     name: str
     lo: int
     hi: int
@@ -52,10 +54,17 @@ class Carrier:
         return int(math.log2(self.hi - self.lo + 1))
 
 
-CARRIERS = {c.name: c for c in (
-    Carrier('uint8', 0, 255, 10, False), Carrier('int8', -128, 127, 10, True),
-    Carrier('uint4', 0, 15, 21, False), Carrier('int4', -8, 7, 21, True),
-    Carrier('uint16', 0, 65535, 21, False), Carrier('int16', -32768, 32767, 21, True))}
+CARRIERS = {
+    c.name: c
+    for c in (
+        Carrier('uint8', 0, 255, 10, False),
+        Carrier('int8', -128, 127, 10, True),
+        Carrier('uint4', 0, 15, 21, False),
+        Carrier('int4', -8, 7, 21, True),
+        Carrier('uint16', 0, 65535, 21, False),
+        Carrier('int16', -32768, 32767, 21, True),
+    )
+}
 INT4_OPSET = 21
 
 
@@ -68,11 +77,12 @@ def _plural(items: list[str], limit: int = 6) -> str:
 @dataclass
 class WeightForm:
     """``w = (stored - stored_zp) · scale`` per output channel (axis 0 of the weight)."""
+
     site: str
     bits: int
-    stored: np.ndarray          # integer values in the carrier's range (int64 here)
-    scale: np.ndarray           # float32 [out]
-    stored_zp: np.ndarray       # int64 [out]
+    stored: np.ndarray  # integer values in the carrier's range (int64 here)
+    scale: np.ndarray  # float32 [out]
+    stored_zp: np.ndarray  # int64 [out]
     carrier: Carrier
 
     @property
@@ -93,16 +103,20 @@ def weight_form(site: str, quantizer, fq_weight: Tensor, opset: int) -> WeightFo
     if delta.numel() == 1 and out > 1:
         delta, zp = delta.expand(out), zp.expand(out)
     if delta.numel() != out:
-        raise ExportError(f'{site}: weight quantizer has {delta.numel()} scales for {out} output channels; only '
-                          f'per-output-channel (axis 0) or per-tensor weights can be exported')
+        raise ExportError(
+            f'{site}: weight quantizer has {delta.numel()} scales for {out} output channels; only '
+            f'per-output-channel (axis 0) or per-tensor weights can be exported'
+        )
     if not bool((zp == zp.round()).all()):
         raise ExportError(f'{site}: weight zero point is not an integer; recalibrate the weights')
     shape = (-1,) + (1,) * (w.dim() - 1)
     k = torch.round(w / delta.view(shape))
-    if not torch.equal(k * delta.view(shape), w):      # the stored codes must give the model's weight exactly
+    if not torch.equal(k * delta.view(shape), w):  # the stored codes must give the model's weight exactly
         bad = int((k * delta.view(shape) != w).sum())
-        raise ExportError(f'{site}: {bad} weight values are not integer multiples of their scale, so no integer '
-                          f'form reproduces them; is this weight fake-quantized by its own quantizer?')
+        raise ExportError(
+            f'{site}: {bad} weight values are not integer multiples of their scale, so no integer '
+            f'form reproduces them; is this weight fake-quantized by its own quantizer?'
+        )
     codes = (k + zp.view(shape)).to(torch.int64)
     if int(codes.min()) < 0 or int(codes.max()) > levels:
         raise ExportError(f'{site}: weight codes outside 0..{levels} for {bits} bits')
@@ -122,24 +136,26 @@ def weight_form(site: str, quantizer, fq_weight: Tensor, opset: int) -> WeightFo
         if s_lo > s_hi:
             continue
         s = min(max(-c.lo, s_lo), s_hi)
-        return WeightForm(site, bits, (codes - s).numpy(), delta.numpy().astype(np.float32),
-                          (zp_i - s).numpy(), c)
-    raise ExportError(f'{site}: the weight codes and zero points span {lo}..{hi}, which no integer carrier at '
-                      f'opset {opset} holds; export with opset={INT4_OPSET} or recalibrate the weights')
+        return WeightForm(site, bits, (codes - s).numpy(), delta.numpy().astype(np.float32), (zp_i - s).numpy(), c)
+    raise ExportError(
+        f'{site}: the weight codes and zero points span {lo}..{hi}, which no integer carrier at '
+        f'opset {opset} holds; export with opset={INT4_OPSET} or recalibrate the weights'
+    )
 
 
 # ----------------------------------------------------------------------------- uniform activations
 @dataclass
 class UniformActForm:
     """``clamp(round(x/Δ), -zp, L-zp)·Δ``; ``carrier`` None means exact float ops (fractional zp)."""
+
     site: str
     bits: int
-    scale: np.ndarray            # float32, scalar or [C]
-    zero_point: np.ndarray       # float32 as calibrated, scalar or [C]
-    axis: int | None          # channel axis of per-channel input quantizers
+    scale: np.ndarray  # float32, scalar or [C]
+    zero_point: np.ndarray  # float32 as calibrated, scalar or [C]
+    axis: int | None  # channel axis of per-channel input quantizers
     carrier: Carrier | None = None
-    carrier_zp: np.ndarray | None = None     # int64, the zero point in the carrier
-    clip: tuple[np.ndarray, np.ndarray] | None = None   # carrier-range clip that enforces 2^b levels
+    carrier_zp: np.ndarray | None = None  # int64, the zero point in the carrier
+    clip: tuple[np.ndarray, np.ndarray] | None = None  # carrier-range clip that enforces 2^b levels
     note: str = ''
 
     @property
@@ -154,8 +170,9 @@ class UniformActForm:
 FRACTIONAL_POLICIES = ('exact', 'round', 'error')
 
 
-def uniform_act_form(site: str, quantizer, opset: int, fractional: str = 'exact',
-                     int4_activations: bool = False) -> UniformActForm:
+def uniform_act_form(
+    site: str, quantizer, opset: int, fractional: str = 'exact', int4_activations: bool = False
+) -> UniformActForm:
     """The QDQ form of an activation quantizer (see module docstring for ``fractional``)."""
     if fractional not in FRACTIONAL_POLICIES:
         raise ValueError(f'fractional_zero_point must be one of {FRACTIONAL_POLICIES}, got {fractional!r}')
@@ -168,13 +185,17 @@ def uniform_act_form(site: str, quantizer, opset: int, fractional: str = 'exact'
     z = zp.astype(np.float64)
     if not np.all(z == np.round(z)):
         if fractional == 'exact':
-            form.note = ('fractional zero point: 2^b+1 output levels, exported exactly in float ops '
-                         '(quantize with round_zero_point=True for an integer form)')
+            form.note = (
+                'fractional zero point: 2^b+1 output levels, exported exactly in float ops '
+                '(quantize with round_zero_point=True for an integer form)'
+            )
             return form
         if fractional == 'error':
-            raise ExportError(f'{site}: fractional zero point {float(np.ravel(z)[0]):.4f} (RepQ reparameterization without '
-                              f'round_zero_point): no {bits}-bit integer carrier reproduces it; quantize with '
-                              f"round_zero_point=True, or export with fractional_zero_point='exact' or 'round'")
+            raise ExportError(
+                f'{site}: fractional zero point {float(np.ravel(z)[0]):.4f} (RepQ reparameterization without '
+                f'round_zero_point): no {bits}-bit integer carrier reproduces it; quantize with '
+                f"round_zero_point=True, or export with fractional_zero_point='exact' or 'round'"
+            )
         z = np.round(z)
         form.note = 'fractional zero point rounded (not the evaluated model: see the parity figures)'
     levels = form.levels
@@ -195,20 +216,23 @@ def uniform_act_form(site: str, quantizer, opset: int, fractional: str = 'exact'
         if np.any(lo_b > c.lo) or np.any(hi_b < c.hi):
             form.clip = (lo_b, hi_b)
         return form
-    raise ExportError(f'{site}: activation zero point {int(np.ravel(zi)[0])} with {bits} bits fits no integer carrier '
-                      f'at opset {opset} (its codes must stay inside the carrier around it); export with '
-                      f'opset={INT4_OPSET} (16-bit carriers) or recalibrate this quantizer')
+    raise ExportError(
+        f'{site}: activation zero point {int(np.ravel(zi)[0])} with {bits} bits fits no integer carrier '
+        f'at opset {opset} (its codes must stay inside the carrier around it); export with '
+        f'opset={INT4_OPSET} (16-bit carriers) or recalibrate this quantizer'
+    )
 
 
 # ----------------------------------------------------------------------------- log-sqrt2
 @dataclass
 class LogSqrt2Form:
     """Code ``q = #{k : x < X_k}`` (``X`` decreasing), value ``table[q]``; ``q = 2^b`` is zero."""
+
     site: str
     bits: int
     delta: float
-    thresholds: np.ndarray       # float32 [2^b]
-    table: np.ndarray            # float32 [2^b + 1]
+    thresholds: np.ndarray  # float32 [2^b]
+    table: np.ndarray  # float32 [2^b + 1]
     note: str = 'log-sqrt2: exact, in standard float ops (no ONNX operator)'
 
 
@@ -225,16 +249,16 @@ def log_sqrt2_form(site: str, quantizer) -> LogSqrt2Form:
     bits = quantizer.bits
     delta = quantizer.delta.detach().float().cpu().reshape(())
     levels = 1 << bits
-    table = log_sqrt2_table(delta, bits)                          # [levels + 1], last entry 0
+    table = log_sqrt2_table(delta, bits)  # [levels + 1], last entry 0
 
     def code(bits_i32: Tensor) -> Tensor:
         x = bits_i32.to(torch.int32).view(torch.float32).contiguous()
         return _codes_from_values(fake_quant_log_sqrt2(x, delta, bits), table)
 
     k = torch.arange(levels, dtype=torch.int64)
-    lo = torch.zeros(levels, dtype=torch.int64)                       # x = 0: code 2^b > k
+    lo = torch.zeros(levels, dtype=torch.int64)  # x = 0: code 2^b > k
     top = torch.tensor([float(delta) * 4.0], dtype=torch.float32).view(torch.int32).to(torch.int64)
-    hi = top.expand(levels).clone()                                    # x = 4Δ: code 0 <= k
+    hi = top.expand(levels).clone()  # x = 4Δ: code 0 <= k
     if bool((code(lo) <= k).any()) or bool((code(hi) > k).any()):
         raise ExportError(f'{site}: log-sqrt2 codes are not monotone at the search bounds')
     while bool(((hi - lo) > 1).any()):
@@ -256,6 +280,7 @@ def log_sqrt2_reference_codes(form: LogSqrt2Form, x: np.ndarray) -> np.ndarray:
 @dataclass
 class Forms:
     """Every quantizer's form in one exported module, by site, plus what could not be integer."""
+
     weights: dict[str, WeightForm] = field(default_factory=dict)
     acts: dict[str, UniformActForm] = field(default_factory=dict)
     logs: dict[str, LogSqrt2Form] = field(default_factory=dict)

@@ -19,6 +19,7 @@ it reads (``input_tensors``): the parity check compares the codes with PyTorch's
 quantizer's graph input to the PyTorch quantizer, which isolates the quantizer's own form from
 differences its input inherited from earlier ops.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,26 +36,38 @@ MARKER_DOMAIN = 'lrpq'
 MARKER_OP = 'Marker'
 # δ of the log-sqrt2 code estimate: float32 log2 errors are ~1e-5 codes at most, far below it
 _LOG_MARGIN = 0.01
-_NP = {'uint8': np.uint8, 'int8': np.int8, 'uint16': np.uint16, 'int16': np.int16,
-       'uint4': ml_dtypes.uint4, 'int4': ml_dtypes.int4}
+_NP = {
+    'uint8': np.uint8,
+    'int8': np.int8,
+    'uint16': np.uint16,
+    'int16': np.int16,
+    'uint4': ml_dtypes.uint4,
+    'int4': ml_dtypes.int4,
+}
 Form = WeightForm | UniformActForm | LogSqrt2Form
 
 
 @dataclass
 class Lowered:
     """Where each quantizer ended up in the graph (by marker id)."""
-    code_tensors: dict[int, list[str]] = field(default_factory=dict)   # marker id -> code tensor per call
-    input_tensors: dict[int, list[str]] = field(default_factory=dict)  # marker id -> the float tensor it reads, per call
-    order: list[tuple[int, int]] = field(default_factory=list)         # (marker id, call) in graph order
-    nodes: dict[str, int] = field(default_factory=dict)               # op type -> count added
+
+    code_tensors: dict[int, list[str]] = field(default_factory=dict)  # marker id -> code tensor per call
+    input_tensors: dict[int, list[str]] = field(
+        default_factory=dict
+    )  # marker id -> the float tensor it reads, per call
+    order: list[tuple[int, int]] = field(default_factory=list)  # (marker id, call) in graph order
+    nodes: dict[str, int] = field(default_factory=dict)  # op type -> count added
 
 
 class _Graph:
     def __init__(self, model: onnx.ModelProto):
         self.model = model
         self.graph = model.graph
-        self.names: set[str] = {i.name for i in self.graph.initializer} | {o for n in self.graph.node for o in n.output} | \
-            {i.name for i in self.graph.input}
+        self.names: set[str] = (
+            {i.name for i in self.graph.initializer}
+            | {o for n in self.graph.node for o in n.output}
+            | {i.name for i in self.graph.input}
+        )
         self.added: dict[str, int] = {}
 
     def unique(self, base: str) -> str:
@@ -82,18 +95,23 @@ def _carrier_array(values: np.ndarray, carrier: Carrier) -> np.ndarray:
     return v.astype(_NP[carrier.name])
 
 
-def _lower_weight(g: _Graph, marker: onnx.NodeProto, form: WeightForm, consumers: dict[str, list[onnx.NodeProto]],
-                  removed: set[int]) -> tuple[list[onnx.NodeProto], str]:
+def _lower_weight(
+    g: _Graph, marker: onnx.NodeProto, form: WeightForm, consumers: dict[str, list[onnx.NodeProto]], removed: set[int]
+) -> tuple[list[onnx.NodeProto], str]:
     out = marker.output[0]
     stored, axis = form.stored, 0
     users = consumers.get(out, [])
     target = out
-    if (len(users) == 1 and users[0].op_type == 'Transpose' and stored.ndim == 2
-            and [a.ints for a in users[0].attribute if a.name == 'perm'] in ([[1, 0]], [])):
-        stored, axis = stored.T, 1                  # fold W^T into the stored codes: DQ feeds MatMul
+    if (
+        len(users) == 1
+        and users[0].op_type == 'Transpose'
+        and stored.ndim == 2
+        and [a.ints for a in users[0].attribute if a.name == 'perm'] in ([[1, 0]], [])
+    ):
+        stored, axis = stored.T, 1  # fold W^T into the stored codes: DQ feeds MatMul
         removed.add(id(users[0]))
         target = users[0].output[0]
-    base = form.site                                   # '<layer>.weight'
+    base = form.site  # '<layer>.weight'
     codes = g.const(f'{base}_quantized', _carrier_array(np.ascontiguousarray(stored), form.carrier))
     scale = g.const(f'{base}_scale', form.scale.astype(np.float32))
     zp = g.const(f'{base}_zero_point', _carrier_array(form.stored_zp, form.carrier))
@@ -115,15 +133,19 @@ def _bound(g: _Graph, base: str, value: np.ndarray, carrier: Carrier, axis: int 
 def _lower_uniform(g: _Graph, marker: onnx.NodeProto, form: UniformActForm, rank: int | None) -> tuple[list, str]:
     x, out = marker.input[0], marker.output[0]
     site = form.site
-    if not form.integer:                                # fractional zero point, exact in float
+    if not form.integer:  # fractional zero point, exact in float
         scale = g.const(f'{site}.scale', form.scale.astype(np.float32))
         lo = g.const(f'{site}.clip_min', (-form.zero_point).astype(np.float32))
         hi = g.const(f'{site}.clip_max', (np.float32(form.levels) - form.zero_point).astype(np.float32))
         t, r, c = (g.unique(f'{site}.{s}') for s in ('div', 'round', 'clip'))
         if form.axis is not None:
             raise ExportError(f'{site}: per-channel input quantizer with a fractional zero point cannot be exported')
-        nodes = [g.node('Div', [x, scale], [t], f'{site}/fq/Div'), g.node('Round', [t], [r], f'{site}/fq/Round'),
-                 g.node('Clip', [r, lo, hi], [c], f'{site}/fq/Clip'), g.node('Mul', [c, scale], [out], f'{site}/fq/Mul')]
+        nodes = [
+            g.node('Div', [x, scale], [t], f'{site}/fq/Div'),
+            g.node('Round', [t], [r], f'{site}/fq/Round'),
+            g.node('Clip', [r, lo, hi], [c], f'{site}/fq/Clip'),
+            g.node('Mul', [c, scale], [out], f'{site}/fq/Mul'),
+        ]
         return nodes, c
     c = form.carrier
     per_axis = form.axis is not None
@@ -144,7 +166,10 @@ def _lower_uniform(g: _Graph, marker: onnx.NodeProto, form: UniformActForm, rank
             lo = _bound(g, f'{site}.clip_min', lo_v, c, form.axis, rank)
             hi = _bound(g, f'{site}.clip_max', hi_v, c, form.axis, rank)
             mid = g.unique(f'{site}.clip_low')
-            nodes += [g.node('Max', [q, lo], [mid], f'{site}/ClipMin'), g.node('Min', [mid, hi], [clipped], f'{site}/ClipMax')]
+            nodes += [
+                g.node('Max', [q, lo], [mid], f'{site}/ClipMin'),
+                g.node('Min', [mid, hi], [clipped], f'{site}/ClipMax'),
+            ]
         code = clipped
     nodes.append(g.node('DequantizeLinear', [code, scale, zp], [out], f'{site}/DequantizeLinear', **attrs))
     return nodes, code
@@ -161,10 +186,14 @@ def _lower_log_sqrt2(g: _Graph, marker: onnx.NodeProto, form: LogSqrt2Form) -> t
     offset = g.const(f'{site}.offset', np.float32(2.0 * math.log2(form.delta) + 0.5 + _LOG_MARGIN))
     zero = g.const(f'{site}.code_min', np.float32(0))
     top = g.const(f'{site}.code_max', np.float32(levels))
-    down = g.const(f'{site}.thresholds', np.concatenate([[np.inf], form.thresholds]).astype(np.float32))  # [c] = X_{c-1}
+    down = g.const(
+        f'{site}.thresholds', np.concatenate([[np.inf], form.thresholds]).astype(np.float32)
+    )  # [c] = X_{c-1}
     table = g.const(f'{site}.table', form.table.astype(np.float32))
-    t = [g.unique(f'{site}.{s}') for s in ('ln', 'scaled', 'shifted', 'floor', 'clipped', 'upper', 'bound', 'ge',
-                                            'step', 'code')]
+    t = [
+        g.unique(f'{site}.{s}')
+        for s in ('ln', 'scaled', 'shifted', 'floor', 'clipped', 'upper', 'bound', 'ge', 'step', 'code')
+    ]
     nodes = [
         g.node('Log', [x], [t[0]], f'{p}/Log'),
         g.node('Mul', [t[0], k], [t[1]], f'{p}/Mul'),
@@ -191,12 +220,12 @@ def strip_prefix(model: onnx.ModelProto, prefix: str) -> None:
     renamed = {}
     for t in model.graph.initializer:
         if t.name.startswith(prefix + '.'):
-            renamed[t.name] = t.name[len(prefix) + 1:]
+            renamed[t.name] = t.name[len(prefix) + 1 :]
             t.name = renamed[t.name]
     for n in model.graph.node:
         n.input[:] = [renamed.get(i, i) for i in n.input]
         if n.name.startswith(f'/{prefix}/'):
-            n.name = n.name[len(prefix) + 1:]
+            n.name = n.name[len(prefix) + 1 :]
     for i in model.graph.input:
         i.name = renamed.get(i.name, i.name)
 
@@ -252,7 +281,6 @@ def _drop_unused_initializers(model: onnx.ModelProto) -> None:
     keep = [t for t in model.graph.initializer if t.name not in dropped]
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
-    inputs = [i for i in model.graph.input if i.name not in dropped]   # (initializers listed as inputs)
+    inputs = [i for i in model.graph.input if i.name not in dropped]  # (initializers listed as inputs)
     del model.graph.input[:]
     model.graph.input.extend(inputs)
-

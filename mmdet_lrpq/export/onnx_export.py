@@ -13,6 +13,7 @@ Everything else is exported as the model runs it: LayerNorms with their reparame
 the reparameterization shift added after window padding, softmax, GELU, residual adds, biases and
 relative position biases in float.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -51,9 +52,9 @@ from .forms import (
 )
 from .lower import MARKER_DOMAIN, MARKER_OP, Form, Lowered, lower, strip_prefix
 
-MIN_OPSET, MAX_OPSET = 17, 21          # LayerNormalization is an op from 17; 4-bit types from 21
+MIN_OPSET, MAX_OPSET = 17, 21  # LayerNormalization is an op from 17; 4-bit types from 21
 TORCHSCRIPT_MAX_OPSET = 20
-_ACTIVE: dict[int, Any] = {}           # marker id -> the PyTorch computation it stands for (during export)
+_ACTIVE: dict[int, Any] = {}  # marker id -> the PyTorch computation it stands for (during export)
 
 
 class _Marker(torch.autograd.Function):
@@ -61,8 +62,8 @@ class _Marker(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, idx: int) -> Tensor:
-        state = torch._C._get_tracing_state()      # the quantizer's own ops (fused kernels) are not traced:
-        torch._C._set_tracing_state(None)           # the marker node stands for them
+        state = torch._C._get_tracing_state()  # the quantizer's own ops (fused kernels) are not traced:
+        torch._C._set_tracing_state(None)  # the marker node stands for them
         try:
             return _ACTIVE[idx](x).clone()
         finally:
@@ -78,6 +79,7 @@ class _Marker(torch.autograd.Function):
 @dataclass
 class Site:
     """One quantizer of the exported module: its form and the module that runs it in PyTorch."""
+
     name: str
     form: Form
     quantizer: nn.Module
@@ -86,6 +88,7 @@ class Site:
 @dataclass
 class ExportResult:
     """What :func:`export_onnx` wrote, how each quantizer is represented, and PyTorch's outputs."""
+
     path: str
     opset: int
     sites: dict[int, Site]
@@ -114,18 +117,27 @@ class ExportResult:
             key = f.carrier.name + ('+Clip' if f.clip is not None else '') if f.integer else 'float (fractional zp)'
             act_carriers[key] = act_carriers.get(key, 0) + 1
         return {
-            'file': self.path, 'file_mb': round(self.file_bytes / 2 ** 20, 3), 'opset': self.opset,
+            'file': self.path,
+            'file_mb': round(self.file_bytes / 2**20, 3),
+            'opset': self.opset,
             'options': self.options,
-            'weights': {'count': len(weights), 'carriers': by_carrier,
-                        'params': int(sum(f.stored.size for f in weights)),
-                        'bits': {str(b): sum(f.bits == b for f in weights) for b in sorted({f.bits for f in weights})}},
-            'activations': {'count': len(acts), 'qdq': sum(f.integer for f in acts), 'carriers': act_carriers,
-                            'float_sites': [f.site for f in acts if not f.integer],
-                            'rounded_zero_point_sites': [f.site for f in acts if 'rounded' in f.note]},
+            'weights': {
+                'count': len(weights),
+                'carriers': by_carrier,
+                'params': int(sum(f.stored.size for f in weights)),
+                'bits': {str(b): sum(f.bits == b for f in weights) for b in sorted({f.bits for f in weights})},
+            },
+            'activations': {
+                'count': len(acts),
+                'qdq': sum(f.integer for f in acts),
+                'carriers': act_carriers,
+                'float_sites': [f.site for f in acts if not f.integer],
+                'rounded_zero_point_sites': [f.site for f in acts if 'rounded' in f.note],
+            },
             'log_sqrt2': {'count': len(logs), 'exact': True},
             'nodes_added': self.lowered.nodes,
             'float_ops': 'LayerNorm, softmax, GELU, residual adds, biases, relative position bias; attn@v (its '
-                         'log-sqrt2 operand is not uniform); fractional-zero-point sites',
+            'log-sqrt2 operand is not uniform); fractional-zero-point sites',
         }
 
 
@@ -133,13 +145,17 @@ def check_quantized(module: nn.Module, what: str = 'the model') -> dict[str, Qua
     """Every quantized module of ``module``, or an error saying why it cannot be exported."""
     mods = quant_modules(module)
     if not mods:
-        raise ExportError(f'{what} was never quantized (it has no quantized layers): quantize it first with '
-                          f'mmdet_lrpq.quantize_(model, config, calib=...) or init_quantized_detector(config, '
-                          f'checkpoint), or pass the calibrated state (tools/export_onnx.py --state STATE)')
+        raise ExportError(
+            f'{what} was never quantized (it has no quantized layers): quantize it first with '
+            f'mmdet_lrpq.quantize_(model, config, calib=...) or init_quantized_detector(config, '
+            f'checkpoint), or pass the calibrated state (tools/export_onnx.py --state STATE)'
+        )
     not_ready = [n for n, m in mods.items() if m.state is not QuantState.QUANTIZED or not m.calibrated]
     if not_ready:
-        raise ExportError(f'{len(not_ready)} quantized layer(s) are not calibrated/in the QUANTIZED state: '
-                          f'{_plural(not_ready)}; finish calibration (quantize_ does it) before exporting')
+        raise ExportError(
+            f'{len(not_ready)} quantized layer(s) are not calibrated/in the QUANTIZED state: '
+            f'{_plural(not_ready)}; finish calibration (quantize_ does it) before exporting'
+        )
     return mods
 
 
@@ -153,22 +169,31 @@ def _forms(mods: dict[str, QuantModule], opset: int, fractional: str, int4_activ
         elif not isinstance(m, QuantMatMul):
             unsupported.append(f'{name} ({type(m).__name__})')
             continue
-        other = [type(q).__name__ for q in m.input_quantizers() if not isinstance(q, (UniformQuantizer, LogSqrt2Quantizer))]
-        if other:   # (e.g. OPT-m's region-wise post-GELU quantizer) never exported as if it were absent
-            unsupported.append(f"{name} ({', '.join(other)})")
+        other = [
+            type(q).__name__ for q in m.input_quantizers() if not isinstance(q, (UniformQuantizer, LogSqrt2Quantizer))
+        ]
+        if other:  # (e.g. OPT-m's region-wise post-GELU quantizer) never exported as if it were absent
+            unsupported.append(f'{name} ({", ".join(other)})')
             continue
         for qname, q in m.named_children():
             if isinstance(q, (UniformQuantizer, LogSqrt2Quantizer)) and q in m.input_quantizers():
                 out[f'{name}.{qname}'] = ('act', m, q)
     if unsupported:
-        raise ExportError(f'no ONNX form for these quantized modules yet: {_plural(unsupported)}; export a part of the '
-                          f'model without them (e.g. the backbone and neck)')
-    low = [f'{s} ({m.weight_quantizer.bits}-bit)' for s, (kind, m, _) in out.items()
-           if kind == 'weight' and m.weight_quantizer.bits <= 4]
+        raise ExportError(
+            f'no ONNX form for these quantized modules yet: {_plural(unsupported)}; export a part of the '
+            f'model without them (e.g. the backbone and neck)'
+        )
+    low = [
+        f'{s} ({m.weight_quantizer.bits}-bit)'
+        for s, (kind, m, _) in out.items()
+        if kind == 'weight' and m.weight_quantizer.bits <= 4
+    ]
     if low and opset < INT4_OPSET:
-        raise ExportError(f'opset {opset} has no 4-bit integer type, but {len(low)} weight site(s) have <= 4 bits: '
-                          f'{_plural(low)}; export with opset={INT4_OPSET} (int4 weights), or quantize those sites '
-                          f'with more bits')
+        raise ExportError(
+            f'opset {opset} has no 4-bit integer type, but {len(low)} weight site(s) have <= 4 bits: '
+            f'{_plural(low)}; export with opset={INT4_OPSET} (int4 weights), or quantize those sites '
+            f'with more bits'
+        )
     forms = {}
     for site, (kind, m, q) in out.items():
         if kind == 'weight':
@@ -223,7 +248,7 @@ class _Traced(nn.Module):
         return self.model(x)
 
     def state_dict(self, *args, **kwargs):
-        state = super().state_dict(*args, **kwargs)     # (the destination a parent module passed in)
+        state = super().state_dict(*args, **kwargs)  # (the destination a parent module passed in)
         for key in [k for k, v in state.items() if not isinstance(v, Tensor)]:
             del state[key]
         return state
@@ -239,9 +264,16 @@ def _flatten(out: Any) -> list[Tensor]:
     raise ExportError(f'cannot export an output of type {type(out).__name__} (tensors, tuples, lists, dicts only)')
 
 
-def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Tensor, *, opset: int = INT4_OPSET,
-                fractional_zero_point: str = 'exact', int4_activations: bool = False,
-                output_names: Sequence[str] | None = None) -> ExportResult:
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike,
+    example_input: Tensor,
+    *,
+    opset: int = INT4_OPSET,
+    fractional_zero_point: str = 'exact',
+    int4_activations: bool = False,
+    output_names: Sequence[str] | None = None,
+) -> ExportResult:
     """Export quantized ``model`` (called as ``model(example_input)``) to ``path`` as an ONNX QDQ graph.
 
     ``opset``: 17..21; 4-bit weights need 21 (int4/uint4). ``fractional_zero_point``: ``'exact'``
@@ -252,17 +284,23 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Tensor
     shift masks depend on it). Returns the :class:`ExportResult`; raises :class:`ExportError`.
     """
     if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise ExportError(f'opset {opset} is not supported: use {MIN_OPSET}..{MAX_OPSET} ({INT4_OPSET} for 4-bit weights)')
+        raise ExportError(
+            f'opset {opset} is not supported: use {MIN_OPSET}..{MAX_OPSET} ({INT4_OPSET} for 4-bit weights)'
+        )
     if fractional_zero_point not in FRACTIONAL_POLICIES:
         raise ExportError(f'fractional_zero_point must be one of {FRACTIONAL_POLICIES}')
     if int4_activations and opset < INT4_OPSET:
         raise ExportError(f'int4_activations needs opset {INT4_OPSET}')
     mods = check_quantized(model)
-    if not isinstance(example_input, Tensor) or example_input.dtype != torch.float32 or example_input.device.type != 'cpu':
+    if (
+        not isinstance(example_input, Tensor)
+        or example_input.dtype != torch.float32
+        or example_input.device.type != 'cpu'
+    ):
         raise ExportError('example_input must be a float32 CPU tensor (move the model and input to the CPU to export)')
     if any(p.device.type != 'cpu' for p in model.parameters()):
         raise ExportError('the model has parameters off the CPU: call model.cpu() before exporting')
-    modes = {m: m.training for m in model.modules()}     # restored module by module (train() would recurse)
+    modes = {m: m.training for m in model.modules()}  # restored module by module (train() would recurse)
     model.eval()
     forms = _forms(mods, opset, fractional_zero_point, int4_activations)
     with torch.no_grad():
@@ -276,14 +314,24 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Tensor
             warnings.filterwarnings('ignore', message='.*legacy TorchScript-based ONNX export.*')
             warnings.filterwarnings('ignore', message='.*The feature will be removed.*')
             warnings.filterwarnings('ignore', category=torch.jit.TracerWarning)
-            torch.onnx.export(_Traced(model), (example_input,), buf, dynamo=False, opset_version=min(opset, TORCHSCRIPT_MAX_OPSET),
-                              input_names=['input'], output_names=names, custom_opsets={MARKER_DOMAIN: 1})
+            torch.onnx.export(
+                _Traced(model),
+                (example_input,),
+                buf,
+                dynamo=False,
+                opset_version=min(opset, TORCHSCRIPT_MAX_OPSET),
+                input_names=['input'],
+                output_names=names,
+                custom_opsets={MARKER_DOMAIN: 1},
+            )
     except ExportError:
         raise
-    except Exception as err:   # the exporter names the op it could not express
-        raise ExportError(f'the ONNX exporter could not express an op of {type(model).__name__}: {err}\n'
-                          f'fix: export only the part of the model whose ops ONNX has (the backbone and neck of a '
-                          f'detector), or replace that op') from err
+    except Exception as err:  # the exporter names the op it could not express
+        raise ExportError(
+            f'the ONNX exporter could not express an op of {type(model).__name__}: {err}\n'
+            f'fix: export only the part of the model whose ops ONNX has (the backbone and neck of a '
+            f'detector), or replace that op'
+        ) from err
     finally:
         for m, training in modes.items():
             m.training = training
@@ -292,8 +340,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Tensor
     lowered = lower(proto, {i: s.form for i, s in sites.items()}, opset)
     missing = [s.name for i, s in sites.items() if i not in lowered.code_tensors and not isinstance(s.form, WeightForm)]
     if missing:
-        raise ExportError(f'these quantizers did not run in the traced forward: {_plural(missing)} (is '
-                          f'example_input reaching them?)')
+        raise ExportError(
+            f'these quantizers did not run in the traced forward: {_plural(missing)} (is example_input reaching them?)'
+        )
     try:
         onnx.checker.check_model(proto, full_check=True)
     except Exception as err:
@@ -301,8 +350,17 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: Tensor
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     onnx.save(proto, path)
-    return ExportResult(path, opset, sites, lowered, 'input', names, example_input.numpy().copy(), reference,
-                        {'fractional_zero_point': fractional_zero_point, 'int4_activations': int4_activations})
+    return ExportResult(
+        path,
+        opset,
+        sites,
+        lowered,
+        'input',
+        names,
+        example_input.numpy().copy(),
+        reference,
+        {'fractional_zero_point': fractional_zero_point, 'int4_activations': int4_activations},
+    )
 
 
 __all__ = ['export_onnx', 'ExportResult', 'ExportError', 'check_quantized', 'MIN_OPSET', 'MAX_OPSET']

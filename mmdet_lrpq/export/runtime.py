@@ -13,6 +13,7 @@
   model's own quantizer on the input ONNX Runtime gave each quantizer, which separates a wrong exported
   form from inherited rounding; :func:`disagreements` names the sites where the graph is not the model.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,17 +27,32 @@ from onnx import TensorProto, helper
 from .forms import LogSqrt2Form, UniformActForm, WeightForm, _codes_from_values
 from .onnx_export import ExportResult
 
-INTEGER_OPS = ('MatMulIntegerToFloat', 'QLinearMatMul', 'QLinearConv', 'QGemm', 'MatMulInteger', 'ConvInteger',
-               'DynamicQuantizeMatMul', 'QAttention')
+INTEGER_OPS = (
+    'MatMulIntegerToFloat',
+    'QLinearMatMul',
+    'QLinearConv',
+    'QGemm',
+    'MatMulInteger',
+    'ConvInteger',
+    'DynamicQuantizeMatMul',
+    'QAttention',
+)
 # float products; MatMulNBits (accuracy level 1) reads packed 4-bit weights but multiplies in float32
 PRODUCT_OPS = ('MatMul', 'Gemm', 'Conv', 'FusedConv', 'FusedMatMul', 'FusedGemm', 'NhwcFusedConv', 'MatMulNBits')
 DISABLED_OPTIMIZERS = ('MatMulAddFusion',)
 
 
-def session(path_or_bytes, threads: int | None = None, profile: bool = False,
-            optimized_path: str | None = None, disabled_optimizers=DISABLED_OPTIMIZERS, graph_optimization=None):
+def session(
+    path_or_bytes,
+    threads: int | None = None,
+    profile: bool = False,
+    optimized_path: str | None = None,
+    disabled_optimizers=DISABLED_OPTIMIZERS,
+    graph_optimization=None,
+):
     """An ONNX Runtime CPU session (``threads``: intra-op threads; None = ONNX Runtime's default)."""
     import onnxruntime as ort
+
     so = ort.SessionOptions()
     so.log_severity_level = 3
     # A float MatMul on a DequantizeLinear'd 4-bit weight becomes MatMulNBits, which by default (accuracy
@@ -52,8 +68,9 @@ def session(path_or_bytes, threads: int | None = None, profile: bool = False,
         so.optimized_model_filepath = optimized_path
     if graph_optimization is not None:
         so.graph_optimization_level = graph_optimization
-    return ort.InferenceSession(path_or_bytes, so, providers=['CPUExecutionProvider'],
-                                disabled_optimizers=list(disabled_optimizers))
+    return ort.InferenceSession(
+        path_or_bytes, so, providers=['CPUExecutionProvider'], disabled_optimizers=list(disabled_optimizers)
+    )
 
 
 def run(sess, x: np.ndarray) -> list[np.ndarray]:
@@ -67,10 +84,17 @@ def output_parity(reference: list[np.ndarray], outputs: list[np.ndarray], names:
     for name, ref, out in zip(names, reference, outputs):
         diff = np.abs(ref.astype(np.float64) - out.astype(np.float64))
         scale = float(np.abs(ref).max()) or 1.0
-        rows.append({'output': name, 'shape': list(ref.shape), 'max_abs_diff': float(diff.max()),
-                     'max_rel_diff': float(diff.max() / scale), 'max_abs_value': scale,
-                     'frac_differing': float((ref != out).mean()),
-                     'frac_beyond_1e-4': float((diff > 1e-4 * scale).mean())})
+        rows.append(
+            {
+                'output': name,
+                'shape': list(ref.shape),
+                'max_abs_diff': float(diff.max()),
+                'max_rel_diff': float(diff.max() / scale),
+                'max_abs_value': scale,
+                'frac_differing': float((ref != out).mean()),
+                'frac_beyond_1e-4': float((diff > 1e-4 * scale).mean()),
+            }
+        )
     return rows
 
 
@@ -84,6 +108,7 @@ def _code_dtype(form) -> int:
 
 def _np_carrier(name: str):
     from .lower import _NP
+
     return _NP[name]
 
 
@@ -92,7 +117,7 @@ def _steps_torch(form, values: np.ndarray, axis_shape) -> np.ndarray:
     if isinstance(form, LogSqrt2Form):
         return _codes_from_values(torch.from_numpy(values), torch.from_numpy(form.table)).numpy().astype(np.float64)
     steps = values.astype(np.float64) / form.scale.reshape(axis_shape).astype(np.float64)
-    return np.round(steps) if form.integer else steps       # k·Δ / Δ is k up to the product's rounding
+    return np.round(steps) if form.integer else steps  # k·Δ / Δ is k up to the product's rounding
 
 
 def _steps_onnx(form, codes: np.ndarray, axis_shape) -> np.ndarray:
@@ -100,7 +125,7 @@ def _steps_onnx(form, codes: np.ndarray, axis_shape) -> np.ndarray:
         return codes.astype(np.float64)
     if form.integer:
         return (codes.astype(np.int64) - form.carrier_zp.reshape(axis_shape)).astype(np.float64)
-    return codes.astype(np.float64)           # fractional zero point: the clipped x/Δ itself
+    return codes.astype(np.float64)  # fractional zero point: the clipped x/Δ itself
 
 
 def _axis_shape(form, ndim: int):
@@ -114,7 +139,7 @@ def _axis_shape(form, ndim: int):
 def _step_diff(form, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     d = np.abs(a - b)
     if not (isinstance(form, LogSqrt2Form) or form.integer):
-        d = np.where(d < 1e-3, 0.0, d)         # float x/Δ: the same floats, up to the division's rounding
+        d = np.where(d < 1e-3, 0.0, d)  # float x/Δ: the same floats, up to the division's rounding
     return d
 
 
@@ -177,11 +202,16 @@ def code_parity(result: ExportResult, model: torch.nn.Module, x: np.ndarray | No
     for idx, site in result.sites.items():
         if isinstance(site.form, WeightForm):
             continue
-        hooks.append(site.quantizer.register_forward_hook(
-            lambda mod, inp, out, idx=idx: captured.setdefault(idx, []).append(
-                (inp[0].detach().float().numpy().copy(), out.detach().float().numpy().copy())) and None))
+        hooks.append(
+            site.quantizer.register_forward_hook(
+                lambda mod, inp, out, idx=idx: captured.setdefault(idx, []).append(
+                    (inp[0].detach().float().numpy().copy(), out.detach().float().numpy().copy())
+                )
+                and None
+            )
+        )
     modes = {m: m.training for m in model.modules()}
-    model.eval()                                  # (dropout / drop path off, as in the exported graph)
+    model.eval()  # (dropout / drop path off, as in the exported graph)
     try:
         with torch.no_grad():
             model(torch.from_numpy(np.ascontiguousarray(x)))
@@ -202,25 +232,42 @@ def code_parity(result: ExportResult, model: torch.nn.Module, x: np.ndarray | No
         axis_shape = _axis_shape(form, ref_out.ndim)
         b = _steps_onnx(form, codes, axis_shape)
         d = _step_diff(form, _steps_torch(form, ref_out, axis_shape), b)
-        with torch.no_grad():                      # the model's own quantizer on ONNX Runtime's input
+        with torch.no_grad():  # the model's own quantizer on ONNX Runtime's input
             same = type(site.quantizer).forward(site.quantizer, torch.from_numpy(ort_in.copy())).float().numpy()
         ds = _step_diff(form, _steps_torch(form, same, axis_shape), b)
         di = np.abs(_input_steps(form, ref_in, axis_shape) - _input_steps(form, ort_in, axis_shape))
         n_diff, n_same = int((d > 0).sum()), int((ds > 0).sum())
-        rows.append({'site': site.name, 'call': call, 'bits': form.bits, 'elements': int(d.size),
-                     'differing': n_diff, 'frac_differing': n_diff / max(d.size, 1),
-                     'max_steps': float(d.max()) if d.size else 0.0,
-                     'same_input_differing': n_same, 'same_input_frac_differing': n_same / max(d.size, 1),
-                     'same_input_max_steps': float(ds.max()) if ds.size else 0.0,
-                     'input_max_steps': float(di.max()) if di.size else 0.0})
+        rows.append(
+            {
+                'site': site.name,
+                'call': call,
+                'bits': form.bits,
+                'elements': int(d.size),
+                'differing': n_diff,
+                'frac_differing': n_diff / max(d.size, 1),
+                'max_steps': float(d.max()) if d.size else 0.0,
+                'same_input_differing': n_same,
+                'same_input_frac_differing': n_same / max(d.size, 1),
+                'same_input_max_steps': float(ds.max()) if ds.size else 0.0,
+                'input_max_steps': float(di.max()) if di.size else 0.0,
+            }
+        )
         total += d.size
         differing += n_diff
         same_differing += n_same
         worst = max(worst, rows[-1]['max_steps'])
         same_worst = max(same_worst, rows[-1]['same_input_max_steps'])
-    return {'sites': rows, 'elements': total, 'differing': differing, 'frac_differing': differing / max(total, 1),
-            'max_steps': worst, 'sites_compared': len(rows), 'same_input_differing': same_differing,
-            'same_input_max_steps': same_worst, 'disagreements': disagreements(rows)}
+    return {
+        'sites': rows,
+        'elements': total,
+        'differing': differing,
+        'frac_differing': differing / max(total, 1),
+        'max_steps': worst,
+        'sites_compared': len(rows),
+        'same_input_differing': same_differing,
+        'same_input_max_steps': same_worst,
+        'disagreements': disagreements(rows),
+    }
 
 
 def disagreements(rows: list[dict], max_steps: float = 1.0, one_step_frac: float = 1e-4) -> list[str]:
@@ -238,17 +285,21 @@ def disagreements(rows: list[dict], max_steps: float = 1.0, one_step_frac: float
     layers' inputs by a whole step, so they grow with depth in a correct graph too.
     """
     out = []
-    clean = True                        # no code has differed yet, in graph order
+    clean = True  # no code has differed yet, in graph order
     for row in rows:
         where = row['site'] + (f' (call {row["call"] + 1})' if row.get('call') else '')
         if row['same_input_max_steps'] > max_steps or row['same_input_frac_differing'] > one_step_frac:
-            out.append(f"{where} ({row['bits']}-bit): {row['same_input_differing']} of {row['elements']} codes differ "
-                       f"from the model's quantizer on the same input, by up to {row['same_input_max_steps']:g} "
-                       f"step(s): the exported form is not this quantizer")
+            out.append(
+                f'{where} ({row["bits"]}-bit): {row["same_input_differing"]} of {row["elements"]} codes differ '
+                f"from the model's quantizer on the same input, by up to {row['same_input_max_steps']:g} "
+                f'step(s): the exported form is not this quantizer'
+            )
         elif clean and row['input_max_steps'] > max_steps:
-            out.append(f"{where} ({row['bits']}-bit): its input differs from the model's by "
-                       f"{row['input_max_steps']:.3g} steps although every earlier quantizer's codes agree: the "
-                       f"float ops before it are not exported as the model runs them")
+            out.append(
+                f"{where} ({row['bits']}-bit): its input differs from the model's by "
+                f"{row['input_max_steps']:.3g} steps although every earlier quantizer's codes agree: the "
+                f'float ops before it are not exported as the model runs them'
+            )
         clean = clean and row['differing'] == 0
     return out
 
@@ -259,6 +310,7 @@ def census(path: str, threads: int | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         opt = os.path.join(tmp, 'optimized.onnx')
         import onnxruntime as ort
+
         session(path, threads, optimized_path=opt, graph_optimization=ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
         g = onnx.load(opt).graph
     producers = {o: n for n in g.node for o in n.output}
@@ -269,15 +321,23 @@ def census(path: str, threads: int | None = None) -> dict:
         if n.op_type in INTEGER_OPS:
             integer.append(n.name)
         elif n.op_type in PRODUCT_OPS:
-            if n.op_type == 'MatMulNBits' or any(producers.get(i) is not None and producers[i].op_type == 'DequantizeLinear' for i in n.input):
+            if n.op_type == 'MatMulNBits' or any(
+                producers.get(i) is not None and producers[i].op_type == 'DequantizeLinear' for i in n.input
+            ):
                 dequantized.append(n.name)
-    return {'op_counts': dict(sorted(counts.items())), 'integer_kernels': len(integer),
-            'dequantized_products': len(dequantized), 'integer_nodes': integer, 'dequantized_nodes': dequantized}
+    return {
+        'op_counts': dict(sorted(counts.items())),
+        'integer_kernels': len(integer),
+        'dequantized_products': len(dequantized),
+        'integer_nodes': integer,
+        'dequantized_nodes': dequantized,
+    }
 
 
 def profile_log_sqrt2(path: str, x: np.ndarray, threads: int | None = None, runs: int = 3) -> dict:
     """Share of ONNX Runtime's node time spent in the exact log-√2 quantizer ops (nodes named lrpq_log_sqrt2/)."""
     import json
+
     sess = session(path, threads, profile=True)
     for _ in range(runs):
         run(sess, x)
@@ -294,5 +354,13 @@ def profile_log_sqrt2(path: str, x: np.ndarray, threads: int | None = None, runs
     return {'node_time_us': total / runs, 'log_sqrt2_us': log / runs, 'log_sqrt2_share': log / total if total else 0.0}
 
 
-__all__ = ['session', 'run', 'output_parity', 'code_parity', 'disagreements', 'census', 'profile_log_sqrt2',
-           'INTEGER_OPS']
+__all__ = [
+    'session',
+    'run',
+    'output_parity',
+    'code_parity',
+    'disagreements',
+    'census',
+    'profile_log_sqrt2',
+    'INTEGER_OPS',
+]

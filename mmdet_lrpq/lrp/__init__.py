@@ -6,21 +6,40 @@ Pure PyTorch + timm (no MMDetection). Typical use, what ``tools/lrp_plan.py`` do
     raw = lrp_site_scores(model, iter_images(items, eval_transform(model)))
     importance = relative_importance(raw)          # feeds an allocator with swin_sites(model)
 """
+
 from .data import (
-                   ImageItem,
-                   UnreadableImageError,
-                   eval_transform,
-                   iter_batches,
-                   iter_images,
-                   list_images,
-                   load_image,
-                   read_wnids,
+    ImageItem,
+    UnreadableImageError,
+    eval_transform,
+    iter_batches,
+    iter_images,
+    list_images,
+    load_image,
+    read_wnids,
 )
 from .rules import linear_relevance, matmul_relevance, mean_pool_relevance, residual_relevance, safe_divide
 from .scores import lrp_site_scores, relative_importance, site_layer_type, swin_sites
 from .swin import SwinRelevance, check_swin, swin_relevance
 
-__all__ = ['ImageItem', 'UnreadableImageError', 'eval_transform', 'iter_batches', 'iter_images', 'list_images',
-           'load_image', 'read_wnids', 'linear_relevance', 'matmul_relevance', 'mean_pool_relevance',
-           'residual_relevance', 'safe_divide', 'lrp_site_scores', 'relative_importance', 'site_layer_type',
-           'swin_sites', 'SwinRelevance', 'check_swin', 'swin_relevance']
+__all__ = [
+    'ImageItem',
+    'UnreadableImageError',
+    'eval_transform',
+    'iter_batches',
+    'iter_images',
+    'list_images',
+    'load_image',
+    'read_wnids',
+    'linear_relevance',
+    'matmul_relevance',
+    'mean_pool_relevance',
+    'residual_relevance',
+    'safe_divide',
+    'lrp_site_scores',
+    'relative_importance',
+    'site_layer_type',
+    'swin_sites',
+    'SwinRelevance',
+    'check_swin',
+    'swin_relevance',
+]

@@ -5,6 +5,7 @@ file; every image is converted to RGB and preprocessed with the model's own timm
 transform (shorter-side resize by ``crop_pct``, center crop to the model's input size,
 mean/std), and a file that cannot be decoded stops the run with its path in the message.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -29,6 +30,7 @@ class UnreadableImageError(ValueError):
 @dataclass(frozen=True)
 class ImageItem:
     """One image file and its class index (from ``wnids.txt``), ``None`` when unknown."""
+
     path: Path
     label: int | None = None
 
@@ -42,8 +44,7 @@ def read_wnids(path: PathLike) -> list[str]:
     return [line.split()[0] for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def list_images(root: PathLike, num_images: int | None = None,
-                wnids: PathLike | None = None) -> list[ImageItem]:
+def list_images(root: PathLike, num_images: int | None = None, wnids: PathLike | None = None) -> list[ImageItem]:
     """The images under ``root`` in a stable order, optionally only the first ``num_images``.
 
     A flat folder (images directly in ``root``): sorted by file name. Otherwise every immediate
@@ -64,14 +65,16 @@ def list_images(root: PathLike, num_images: int | None = None,
         if wnids is None:
             wnids = next((p for p in (root / 'wnids.txt', root.parent / 'wnids.txt') if p.is_file()), None)
         index = {wnid: i for i, wnid in enumerate(read_wnids(wnids))} if wnids is not None else {}
-        classes = [(d, sorted(p for p in d.iterdir() if _is_image(p)))
-                   for d in sorted(p for p in root.iterdir() if p.is_dir())]
+        classes = [
+            (d, sorted(p for p in d.iterdir() if _is_image(p))) for d in sorted(p for p in root.iterdir() if p.is_dir())
+        ]
         depth = max((len(files) for _, files in classes), default=0)
-        items = [ImageItem(files[k], index.get(d.name)) for k in range(depth)
-                 for d, files in classes if k < len(files)]
+        items = [ImageItem(files[k], index.get(d.name)) for k in range(depth) for d, files in classes if k < len(files)]
     if not items:
-        raise ValueError(f'no images found in {root} (looked for {", ".join(IMAGE_EXTENSIONS)} files '
-                         f'directly in it and in its immediate subfolders)')
+        raise ValueError(
+            f'no images found in {root} (looked for {", ".join(IMAGE_EXTENSIONS)} files '
+            f'directly in it and in its immediate subfolders)'
+        )
     if num_images is not None:
         if num_images > len(items):
             raise ValueError(f'asked for {num_images} images but {root} has only {len(items)}')
@@ -109,8 +112,9 @@ def iter_images(items: Iterable[ImageItem], transform: Callable[[Image.Image], T
         yield load_image(item.path, transform)
 
 
-def iter_batches(items: Iterable[ImageItem], transform: Callable[[Image.Image], Tensor],
-                 batch_size: int) -> Iterator[tuple[Tensor, list[ImageItem]]]:
+def iter_batches(
+    items: Iterable[ImageItem], transform: Callable[[Image.Image], Tensor], batch_size: int
+) -> Iterator[tuple[Tensor, list[ImageItem]]]:
     """``(B, 3, H, W)`` batches with the items they came from; the last batch may be smaller."""
     if batch_size < 1:
         raise ValueError(f'batch_size must be >= 1, got {batch_size}')

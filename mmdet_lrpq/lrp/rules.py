@@ -5,6 +5,7 @@ returns the relevance at its input(s). Each one conserves relevance exactly in e
 except where a denominator is exactly zero (the relevance there has no input to go to and is
 dropped, which is what :func:`safe_divide` encodes).
 """
+
 from __future__ import annotations
 
 import torch

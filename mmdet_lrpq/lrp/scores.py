@@ -4,6 +4,7 @@
 ``swin_sites``. Names are timm module paths (``layers.i.blocks.j.attn.qkv``, ...); map them onto
 the detector with ``mmdet_lrpq.models.swin_names.swin_name_to_mmdet(name, 'timm')``.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -20,9 +21,13 @@ from ..plan.sites import SWIN_LAYER_TYPES, Site
 from .swin import check_swin, swin_relevance
 
 
-def lrp_site_scores(model: SwinTransformer, images: Iterable[Tensor],
-                    targets: Iterable[int | None] | None = None, batch_size: int = 8,
-                    progress: Callable[[int], None] | None = None) -> dict[str, float]:
+def lrp_site_scores(
+    model: SwinTransformer,
+    images: Iterable[Tensor],
+    targets: Iterable[int | None] | None = None,
+    batch_size: int = 8,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, float]:
     """Raw LRP score of every site (DESIGN §3.4), averaged over the images.
 
     images:   single images ``(3, H, W)`` at the model's input size, streamed: only one batch of
@@ -51,22 +56,23 @@ def lrp_site_scores(model: SwinTransformer, images: Iterable[Tensor],
     return {site: float(total) / done for site, total in totals.items()}
 
 
-def _batches(images: Iterable[Tensor], targets: Iterable[int | None] | None,
-             batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
-    pairs = zip(images, itertools.repeat(None) if targets is None else targets,
-                strict=targets is not None)
+def _batches(
+    images: Iterable[Tensor], targets: Iterable[int | None] | None, batch_size: int
+) -> Iterator[tuple[Tensor, Tensor]]:
+    pairs = zip(images, itertools.repeat(None) if targets is None else targets, strict=targets is not None)
     while chunk := list(itertools.islice(pairs, batch_size)):
         batch = torch.stack([image for image, _ in chunk])
-        yield batch, torch.tensor([-1 if t is None else int(t) for _, t in chunk], dtype=torch.long,
-                                  device=batch.device)
+        yield (
+            batch,
+            torch.tensor([-1 if t is None else int(t) for _, t in chunk], dtype=torch.long, device=batch.device),
+        )
 
 
 def site_layer_type(name: str) -> str:
     """Layer type of a site name (its last component): ``qkv``, ``matmul1``, ..., ``reduction``."""
     layer_type = name.rsplit('.', 1)[-1]
     if layer_type not in SWIN_LAYER_TYPES:
-        raise ValueError(f'{name!r} is not a Swin site name (layer type {layer_type!r} '
-                         f'not in {SWIN_LAYER_TYPES})')
+        raise ValueError(f'{name!r} is not a Swin site name (layer type {layer_type!r} not in {SWIN_LAYER_TYPES})')
     return layer_type
 
 
@@ -84,8 +90,10 @@ def relative_importance(raw: Mapping[str, float]) -> dict[str, float]:
             raise ValueError(f'LRP score of {name!r} must be finite and >= 0, got {score}')
         by_type[site_layer_type(name)].append(score)
     means = {layer_type: sum(scores) / len(scores) for layer_type, scores in by_type.items()}
-    return {name: score / means[site_layer_type(name)] if means[site_layer_type(name)] > 0 else 1.0
-            for name, score in raw.items()}
+    return {
+        name: score / means[site_layer_type(name)] if means[site_layer_type(name)] > 0 else 1.0
+        for name, score in raw.items()
+    }
 
 
 def swin_sites(model: SwinTransformer) -> list[Site]:
@@ -105,8 +113,17 @@ def swin_sites(model: SwinTransformer) -> list[Site]:
         if isinstance(stage.downsample, PatchMerging):
             H, W = (H + 1) // 2, (W + 1) // 2
             red = stage.downsample.reduction
-            sites.append(Site(f'layers.{i}.downsample.reduction', 'linear', 'reduction', None, i,
-                              params=red.weight.numel(), macs=H * W * red.in_features * red.out_features))
+            sites.append(
+                Site(
+                    f'layers.{i}.downsample.reduction',
+                    'linear',
+                    'reduction',
+                    None,
+                    i,
+                    params=red.weight.numel(),
+                    macs=H * W * red.in_features * red.out_features,
+                )
+            )
         for j, block in enumerate(cast(Iterable[Any], stage.blocks)):
             (wh, ww), attn, mlp = block.window_size, block.attn, block.mlp
             padded_tokens = math.ceil(H / wh) * wh * math.ceil(W / ww) * ww
@@ -115,16 +132,44 @@ def swin_sites(model: SwinTransformer) -> list[Site]:
             matmul_macs = padded_tokens * n * attn_dim  # (tokens / n) windows x heads x n x n x head_dim
             p = f'layers.{i}.blocks.{j}'
             sites += [
-                Site(f'{p}.attn.qkv', 'linear', 'qkv', block_index, i, attn.qkv.weight.numel(),
-                     padded_tokens * attn.qkv.in_features * attn.qkv.out_features),
+                Site(
+                    f'{p}.attn.qkv',
+                    'linear',
+                    'qkv',
+                    block_index,
+                    i,
+                    attn.qkv.weight.numel(),
+                    padded_tokens * attn.qkv.in_features * attn.qkv.out_features,
+                ),
                 Site(f'{p}.attn.matmul1', 'matmul', 'matmul1', block_index, i, 0, matmul_macs),
                 Site(f'{p}.attn.matmul2', 'matmul', 'matmul2', block_index, i, 0, matmul_macs),
-                Site(f'{p}.attn.proj', 'linear', 'proj', block_index, i, attn.proj.weight.numel(),
-                     padded_tokens * attn.proj.in_features * attn.proj.out_features),
-                Site(f'{p}.mlp.fc1', 'linear', 'fc1', block_index, i, mlp.fc1.weight.numel(),
-                     H * W * mlp.fc1.in_features * mlp.fc1.out_features),
-                Site(f'{p}.mlp.fc2', 'linear', 'fc2', block_index, i, mlp.fc2.weight.numel(),
-                     H * W * mlp.fc2.in_features * mlp.fc2.out_features),
+                Site(
+                    f'{p}.attn.proj',
+                    'linear',
+                    'proj',
+                    block_index,
+                    i,
+                    attn.proj.weight.numel(),
+                    padded_tokens * attn.proj.in_features * attn.proj.out_features,
+                ),
+                Site(
+                    f'{p}.mlp.fc1',
+                    'linear',
+                    'fc1',
+                    block_index,
+                    i,
+                    mlp.fc1.weight.numel(),
+                    H * W * mlp.fc1.in_features * mlp.fc1.out_features,
+                ),
+                Site(
+                    f'{p}.mlp.fc2',
+                    'linear',
+                    'fc2',
+                    block_index,
+                    i,
+                    mlp.fc2.weight.numel(),
+                    H * W * mlp.fc2.in_features * mlp.fc2.out_features,
+                ),
             ]
             block_index += 1
     return sites

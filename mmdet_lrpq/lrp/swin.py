@@ -22,6 +22,7 @@ of the site output ``Y`` (a Linear's output includes its bias; ``qkv`` is the wh
 output). For ``matmul1``, ``Y`` is the post-softmax attention map (the operand ``matmul2``
 consumes and the log-√2 quantizer sees) and ``R_Y`` its half share from the ``attn@v`` z-rule.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,6 +53,7 @@ class SwinRelevance:
     padding_relevance: unit name -> ``(B,)`` float64 relevance that reached the zero padding
                        inside the unit and was dropped there (only units that pad).
     """
+
     logits: Tensor
     targets: Tensor
     site_scores: dict[str, Tensor]
@@ -64,9 +66,11 @@ def check_swin(model: nn.Module) -> None:
     if not isinstance(model, SwinTransformer):
         raise TypeError(f'LRP needs a timm SwinTransformer, got {type(model).__name__}')
     if model.global_pool != 'avg' or not isinstance(model.head.fc, nn.Linear):
-        raise ValueError(f"LRP needs the average-pool + Linear classifier head (global_pool='avg', "
-                         f"num_classes > 0); got global_pool={model.global_pool!r}, "
-                         f"head.fc={type(model.head.fc).__name__}")
+        raise ValueError(
+            f"LRP needs the average-pool + Linear classifier head (global_pool='avg', "
+            f'num_classes > 0); got global_pool={model.global_pool!r}, '
+            f'head.fc={type(model.head.fc).__name__}'
+        )
     for name, unit in _units(model):
         if isinstance(unit, SwinTransformerBlock):
             mlp = unit.mlp
@@ -99,6 +103,7 @@ def _per_image_sum(t: Tensor, batch: int) -> Tensor:
 
 # ----------------------------------------------------------------------------------- blocks
 
+
 @dataclass(frozen=True)
 class _Windows:
     """A block's cyclic shift + zero padding + window partition of an H x W map, as index maps.
@@ -107,6 +112,7 @@ class _Windows:
     relevance alike. ``to_windows[i]`` is the token (``H*W`` = a zero padding token) at windowed
     position ``i``; ``from_windows[t]`` is the windowed position of token ``t``.
     """
+
     to_windows: Tensor
     from_windows: Tensor
     padded_size: tuple[int, int]
@@ -120,7 +126,7 @@ class _Windows:
             tokens = torch.roll(tokens, shifts=(-sh, -sw), dims=(1, 2))
         tokens = F.pad(tokens, (0, 0, 0, Wp - W, 0, Hp - H), value=H * W)
         to_windows = window_partition(tokens, (wh, ww)).flatten()
-        return cls(to_windows, to_windows.argsort()[:H * W], (Hp, Wp))
+        return cls(to_windows, to_windows.argsort()[: H * W], (Hp, Wp))
 
     @property
     def padded(self) -> bool:
@@ -140,7 +146,7 @@ class _Windows:
         return windows.reshape(-1, self.to_windows.numel(), C).index_select(1, self.from_windows).view(-1, H, W, C)
 
 
-def _rel_pos_bias(attn: Any) -> Tensor:   # timm's WindowAttention: its buffers by name
+def _rel_pos_bias(attn: Any) -> Tensor:  # timm's WindowAttention: its buffers by name
     n = attn.window_area
     table = attn.relative_position_bias_table.detach()
     return table[attn.relative_position_index.view(-1)].view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
@@ -175,12 +181,14 @@ def _block_forward(name: str, block: SwinTransformerBlock, x: Tensor) -> dict:
     g = mlp.act(f1)
     f2 = _linear(g, mlp.fc2)
     sites = dict(zip((f'{name}.{s}' for s in BLOCK_SITE_SUFFIXES), (qkv, attn, o, p, f1, f2)))
-    return dict(x_in=x, out=x1 + f2, sites=sites, windows=windows, xw=xw, q=q, k=k, v=v, qk=qk,
-                branch=branch, x1=x1, h2=h2, g=g)
+    return dict(
+        x_in=x, out=x1 + f2, sites=sites, windows=windows, xw=xw, q=q, k=k, v=v, qk=qk, branch=branch, x1=x1, h2=h2, g=g
+    )
 
 
-def _block_relevance(name: str, block: SwinTransformerBlock, rec: dict, rel_out: Tensor
-                     ) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
+def _block_relevance(
+    name: str, block: SwinTransformerBlock, rec: dict, rel_out: Tensor
+) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
     """Relevance at the block input, at its sites, and what was dropped into window padding."""
     x, sites = rec['x_in'], rec['sites']
     B, H, W, C = x.shape
@@ -216,6 +224,7 @@ def _block_relevance(name: str, block: SwinTransformerBlock, rec: dict, rel_out:
 
 # ----------------------------------------------------------------------------- patch merging
 
+
 def _merge_forward(name: str, merge: PatchMerging, x: Tensor) -> dict:
     B, H, W, C = x.shape
     x_pad = F.pad(x, (0, 0, 0, W % 2, 0, H % 2)) if (H % 2 or W % 2) else x
@@ -226,8 +235,9 @@ def _merge_forward(name: str, merge: PatchMerging, x: Tensor) -> dict:
     return dict(x_in=x, out=y, sites={f'{name}.reduction': y}, h=h)
 
 
-def _merge_relevance(name: str, merge: PatchMerging, rec: dict, rel_out: Tensor
-                     ) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
+def _merge_relevance(
+    name: str, merge: PatchMerging, rec: dict, rel_out: Tensor
+) -> tuple[Tensor, dict[str, Tensor], Tensor | None]:
     B, H, W, C = rec['x_in'].shape
     y = rec['out']
     rel_h = _linear_relevance(rec['h'], merge.reduction, y, rel_out)
@@ -240,6 +250,7 @@ def _merge_relevance(name: str, merge: PatchMerging, rec: dict, rel_out: Tensor
 
 
 # ------------------------------------------------------------------------------------ model
+
 
 def _unit_fns(unit: nn.Module) -> tuple[Callable, Callable]:
     """(forward, relevance) functions of a unit."""
@@ -281,8 +292,9 @@ def swin_relevance(model: SwinTransformer, images: Tensor, targets: Tensor | Non
         targets = torch.full((B,), -1, dtype=torch.long, device=logits.device)
     targets = targets.to(device=logits.device, dtype=torch.long)
     if targets.shape != (B,) or (targets >= logits.shape[1]).any():
-        raise ValueError(f'targets must be {B} class indices < {logits.shape[1]} (negative = predicted), '
-                         f'got {targets.tolist()}')
+        raise ValueError(
+            f'targets must be {B} class indices < {logits.shape[1]} (negative = predicted), got {targets.tolist()}'
+        )
     targets = torch.where(targets < 0, logits.detach().argmax(1), targets)
     grad = torch.autograd.grad(logits.gather(1, targets[:, None]).sum(), x_last)[0]
 
@@ -293,8 +305,11 @@ def swin_relevance(model: SwinTransformer, images: Tensor, targets: Tensor | Non
         one_hot = F.one_hot(targets, logits.shape[1]).to(logits.dtype)
         rel_pooled = _linear_relevance(pooled.detach(), fc, logits, one_hot)
         rel = mean_pool_relevance(features.detach(), rel_pooled[:, None, None, :], (1, 2))
-        sums = {'logits': _per_image_sum(one_hot, B), 'pool': _per_image_sum(rel_pooled, B),
-                'norm': _per_image_sum(rel, B)}
+        sums = {
+            'logits': _per_image_sum(one_hot, B),
+            'pool': _per_image_sum(rel_pooled, B),
+            'norm': _per_image_sum(rel, B),
+        }
     del x, x_last, features, pooled
 
     while records:

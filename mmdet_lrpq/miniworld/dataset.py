@@ -12,6 +12,7 @@ Layout under ``root``::
 Image ``i`` of split ``s`` is rendered from ``SeedSequence([seed, index(s), i])``, so the output
 does not depend on the number of worker processes, and the splits are disjoint by construction.
 """
+
 from __future__ import annotations
 
 import io
@@ -51,10 +52,15 @@ def _coco_annotations(instances: list[Instance]) -> list[dict]:
     anns = []
     for inst in instances:
         rle = mask_utils.encode(np.asfortranarray(inst.mask.astype(np.uint8)))
-        anns.append(dict(category_id=inst.label + 1,
-                         segmentation=dict(size=[int(s) for s in rle['size']], counts=rle['counts'].decode('ascii')),
-                         area=float(mask_utils.area(rle)), bbox=[float(v) for v in mask_utils.toBbox(rle)],
-                         iscrowd=0))
+        anns.append(
+            dict(
+                category_id=inst.label + 1,
+                segmentation=dict(size=[int(s) for s in rle['size']], counts=rle['counts'].decode('ascii')),
+                area=float(mask_utils.area(rle)),
+                bbox=[float(v) for v in mask_utils.toBbox(rle)],
+                iscrowd=0,
+            )
+        )
     return anns
 
 
@@ -80,8 +86,9 @@ def _file_name(index: int) -> str:
     return f'{index:06d}.jpg'
 
 
-def _rendered(kind: str, seed: int, split: str, num_images: int, pool: multiprocessing.pool.Pool | None
-              ) -> Iterable[tuple]:
+def _rendered(
+    kind: str, seed: int, split: str, num_images: int, pool: multiprocessing.pool.Pool | None
+) -> Iterable[tuple]:
     """``(index, jpeg, ...)`` per image, in index order."""
     jobs = [(kind, seed, split, i) for i in range(1, num_images + 1)]
     results = pool.imap(_render_job, jobs, chunksize=16) if pool else map(_render_job, jobs)
@@ -94,11 +101,19 @@ def coco_categories() -> list[dict]:
 
 
 def _write_coco(root: Path, split: str, seed: int, images: list[dict], anns_per_image: list[list[dict]]) -> dict:
-    annotations = [dict(id=k + 1, image_id=image_id, **ann)
-                   for k, (image_id, ann) in enumerate((img['id'], ann) for img, anns in zip(images, anns_per_image)
-                                                       for ann in anns)]
-    coco = dict(info=dict(description=f'mmdet-lrpq miniature world, split {split}', version='1.0', seed=seed),
-                licenses=[], images=images, annotations=annotations, categories=coco_categories())
+    annotations = [
+        dict(id=k + 1, image_id=image_id, **ann)
+        for k, (image_id, ann) in enumerate(
+            (img['id'], ann) for img, anns in zip(images, anns_per_image) for ann in anns
+        )
+    ]
+    coco = dict(
+        info=dict(description=f'mmdet-lrpq miniature world, split {split}', version='1.0', seed=seed),
+        licenses=[],
+        images=images,
+        annotations=annotations,
+        categories=coco_categories(),
+    )
     (root / 'annotations').mkdir(parents=True, exist_ok=True)
     with open(root / 'annotations' / f'instances_{split}.json', 'w') as f:
         json.dump(coco, f, separators=(',', ':'))
@@ -109,8 +124,9 @@ def _image_entry(index: int) -> dict:
     return dict(id=index, file_name=_file_name(index), height=IMAGE_SIZE[0], width=IMAGE_SIZE[1])
 
 
-def write_detection_split(root: Path, split: str, num_images: int, seed: int,
-                          pool: multiprocessing.pool.Pool | None = None) -> dict:
+def write_detection_split(
+    root: Path, split: str, num_images: int, seed: int, pool: multiprocessing.pool.Pool | None = None
+) -> dict:
     """Render a COCO split into ``root/split`` and ``root/annotations/instances_split.json``."""
     image_dir = root / split
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -122,8 +138,9 @@ def write_detection_split(root: Path, split: str, num_images: int, seed: int,
     return _write_coco(root, split, seed, images, anns_per_image)
 
 
-def write_classification_split(root: Path, split: str, num_images: int, seed: int,
-                               pool: multiprocessing.pool.Pool | None = None) -> list[tuple[str, int]]:
+def write_classification_split(
+    root: Path, split: str, num_images: int, seed: int, pool: multiprocessing.pool.Pool | None = None
+) -> list[tuple[str, int]]:
     """Render a classification split into ``root/split``, its labels into ``root/annotations/split.txt``
     and its shapes' masks into ``root/annotations/instances_split.json`` (for token-level supervision)."""
     image_dir = root / split
@@ -140,8 +157,13 @@ def write_classification_split(root: Path, split: str, num_images: int, seed: in
     return entries
 
 
-def generate(root: str | os.PathLike, seed: int = 0, sizes: dict[str, int] | None = None,
-             workers: int = 1, log: Callable[[str], None] = lambda msg: None) -> dict[str, int]:
+def generate(
+    root: str | os.PathLike,
+    seed: int = 0,
+    sizes: dict[str, int] | None = None,
+    workers: int = 1,
+    log: Callable[[str], None] = lambda msg: None,
+) -> dict[str, int]:
     """Generate every split (``sizes`` overrides :data:`DEFAULT_SIZES` per split); returns image counts."""
     root = Path(root)
     sizes = {**DEFAULT_SIZES, **(sizes or {})}

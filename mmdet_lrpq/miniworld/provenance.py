@@ -1,4 +1,5 @@
 """How a miniature-world training script records the command that made a checkpoint."""
+
 from __future__ import annotations
 
 import os.path as osp

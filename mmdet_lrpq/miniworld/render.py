@@ -3,6 +3,7 @@
 Every function takes an explicit ``numpy.random.Generator`` so that an image is a pure function
 of its seed; nothing here loops over pixels.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -16,8 +17,16 @@ CLASSES: tuple[str, ...] = ('circle', 'square', 'triangle', 'pentagon', 'hexagon
 # for tens of thousands of images). With the patterns a small ConvNet learns the classification split
 # in minutes (README, `train_classifier.py --arch cnn`); the tiny Swin is still slow on it. Outlines
 # still decide boxes and masks.
-PATTERNS: dict[str, str] = dict(circle='rings', square='checker', triangle='stripes', pentagon='dots',
-                                hexagon='grid', star='speckle', cross='zigzag', ring='plain')
+PATTERNS: dict[str, str] = dict(
+    circle='rings',
+    square='checker',
+    triangle='stripes',
+    pentagon='dots',
+    hexagon='grid',
+    star='speckle',
+    cross='zigzag',
+    ring='plain',
+)
 
 _RING_INNER = 0.55  # inner/outer radius: a thick ring, so that its hole survives 224-px rendering
 _STAR_INNER = 0.45
@@ -41,8 +50,9 @@ def _star(radius: float) -> np.ndarray:
 
 def _cross(radius: float) -> np.ndarray:
     a, r = _CROSS_ARM * radius, radius
-    return np.array([[-a, -r], [a, -r], [a, -a], [r, -a], [r, a], [a, a],
-                     [a, r], [-a, r], [-a, a], [-r, a], [-r, -a], [-a, -a]])
+    return np.array(
+        [[-a, -r], [a, -r], [a, -a], [r, -a], [r, a], [a, a], [a, r], [-a, r], [-a, a], [-r, a], [-r, -a], [-a, -a]]
+    )
 
 
 def _rotation(theta: float) -> np.ndarray:
@@ -63,15 +73,16 @@ def _outline(name: str, radius: float) -> np.ndarray:
     raise KeyError(name)
 
 
-def shape_mask(name: str, center: tuple[float, float], radius: float, angle: float,
-               size: tuple[int, int]) -> np.ndarray:
+def shape_mask(
+    name: str, center: tuple[float, float], radius: float, angle: float, size: tuple[int, int]
+) -> np.ndarray:
     """Boolean (H, W) mask of one shape with circumradius ``radius`` rotated by ``angle`` radians."""
     height, width = size
     cx, cy = center
     if name in ('circle', 'ring'):
         yy, xx = np.ogrid[:height, :width]
         d2 = (xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2
-        mask = d2 <= radius ** 2
+        mask = d2 <= radius**2
         if name == 'ring':
             mask &= d2 > (_RING_INNER * radius) ** 2
         return mask
@@ -85,8 +96,10 @@ def _smooth_noise(rng: np.random.Generator, size: tuple[int, int], cells: int, c
     """Value noise in [0, 1]: a coarse random grid upsampled bicubically."""
     height, width = size
     coarse = (rng.random((cells, cells, channels)) * 255).astype(np.uint8)
-    planes = [np.asarray(Image.fromarray(coarse[..., c]).resize((width, height), Image.BICUBIC), dtype=np.float32)
-              for c in range(channels)]
+    planes = [
+        np.asarray(Image.fromarray(coarse[..., c]).resize((width, height), Image.BICUBIC), dtype=np.float32)
+        for c in range(channels)
+    ]
     return np.stack(planes, axis=-1) / 255.0
 
 
@@ -168,8 +181,14 @@ def surface_pattern(kind: str, u: np.ndarray, v: np.ndarray, rng: np.random.Gene
     raise KeyError(kind)
 
 
-def paint(image: np.ndarray, mask: np.ndarray, colour: np.ndarray, rng: np.random.Generator,
-          pattern: str = 'plain', center: tuple[float, float] = (0.0, 0.0)) -> None:
+def paint(
+    image: np.ndarray,
+    mask: np.ndarray,
+    colour: np.ndarray,
+    rng: np.random.Generator,
+    pattern: str = 'plain',
+    center: tuple[float, float] = (0.0, 0.0),
+) -> None:
     """Fill ``mask`` in place with ``colour`` under a gentle linear shading and the class' surface
     ``pattern`` (in the object's frame, centred at ``center``, randomly oriented)."""
     ys, xs = np.nonzero(mask)

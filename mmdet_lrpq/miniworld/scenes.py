@@ -1,5 +1,6 @@
 """Composing miniature-world images: several occluding shapes (detection) or one dominant shape
 (classification) on a procedural background. Each scene is a pure function of its RNG."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,14 +16,20 @@ IMAGE_SIZE = (224, 224)  # 224 = 4·56: every Swin stage (56, 28, 14, 7) is a wh
 class Instance:
     """One annotated object: its class index, its *visible* mask after occlusion, and the pixel area
     of the whole shape (so that occlusion can be measured)."""
+
     label: int
     mask: np.ndarray
     full_area: int
 
 
-def detection_scene(rng: np.random.Generator, size: tuple[int, int] = IMAGE_SIZE,
-                    num_objects: tuple[int, int] = (2, 6), radius: tuple[float, float] = (14.0, 42.0),
-                    min_visible: float = 0.5, attempts_per_object: int = 6) -> tuple[np.ndarray, list[Instance]]:
+def detection_scene(
+    rng: np.random.Generator,
+    size: tuple[int, int] = IMAGE_SIZE,
+    num_objects: tuple[int, int] = (2, 6),
+    radius: tuple[float, float] = (14.0, 42.0),
+    min_visible: float = 0.5,
+    attempts_per_object: int = 6,
+) -> tuple[np.ndarray, list[Instance]]:
     """An RGB uint8 image with 2-6 shapes, later ones occluding earlier ones.
 
     A placement is rejected when it would hide more than ``1 - min_visible`` of an object already
@@ -55,10 +62,14 @@ def detection_scene(rng: np.random.Generator, size: tuple[int, int] = IMAGE_SIZE
     return image.astype(np.uint8), instances
 
 
-def classification_scene(rng: np.random.Generator, size: tuple[int, int] = IMAGE_SIZE,
-                         radius: tuple[float, float] = (45.0, 95.0), max_offset: float = 25.0,
-                         distractors: tuple[int, int] = (0, 2), distractor_radius: tuple[float, float] = (8.0, 14.0)
-                         ) -> tuple[np.ndarray, list[Instance]]:
+def classification_scene(
+    rng: np.random.Generator,
+    size: tuple[int, int] = IMAGE_SIZE,
+    radius: tuple[float, float] = (45.0, 95.0),
+    max_offset: float = 25.0,
+    distractors: tuple[int, int] = (0, 2),
+    distractor_radius: tuple[float, float] = (8.0, 14.0),
+) -> tuple[np.ndarray, list[Instance]]:
     """An RGB uint8 image whose label is its one large, roughly centred shape (object-centric, like
     ImageNet), drawn over 0-2 small distractor shapes. Returns the image and its instances, the
     labelled (dominant) shape last."""
@@ -74,8 +85,9 @@ def classification_scene(rng: np.random.Generator, size: tuple[int, int] = IMAGE
             center = (float(rng.uniform(r, width - r)), float(rng.uniform(r, height - r)))
         else:
             r = float(rng.uniform(*radius))
-            center = tuple(float(np.clip(c / 2 + rng.uniform(-max_offset, max_offset), r, c - r))
-                           for c in (width, height))
+            center = tuple(
+                float(np.clip(c / 2 + rng.uniform(-max_offset, max_offset), r, c - r)) for c in (width, height)
+            )
         mask = shape_mask(CLASSES[label], center, r, float(rng.uniform(0, 2 * np.pi)), size)
         paint(image, mask, object_colour(rng, image[mask].mean(axis=0)), rng, PATTERNS[CLASSES[label]], center)
         owner[mask] = k

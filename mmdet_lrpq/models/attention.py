@@ -10,6 +10,7 @@ quantizer) as :class:`~mmdet_lrpq.quant.QuantMatMul`, and ``out_proj`` as a ``Qu
 Parameters and state-dict keys are unchanged. Configurations outside that path (separate
 q/k/v projection weights, ``bias_k``/``bias_v``, ``add_zero_attn``) stay float and are reported.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,15 +47,16 @@ class QuantInProjection(QuantModule):
     def _weight(self, weight: Tensor) -> Tensor:
         return weight if self.state is QuantState.FLOAT else self._weight_cache(self.weight_quantizer, weight)
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, weight: Tensor,
-                bias: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(
+        self, query: Tensor, key: Tensor, value: Tensor, weight: Tensor, bias: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         w = self._weight(weight).chunk(3)
         b = bias.chunk(3) if bias is not None else (None, None, None)
         out = []
         for x, quantizer, wi, bi in zip((query, key, value), self.input_quantizers(), w, b):
             if self.state is not QuantState.FLOAT:
                 x = self._quantize_input(quantizer, x)
-            out.append(F.linear(x, wi, bi))   # consumed before the next input reuses the scratch slot
+            out.append(F.linear(x, wi, bi))  # consumed before the next input reuses the scratch slot
         return out[0], out[1], out[2]
 
 
@@ -75,8 +77,9 @@ class QuantMultiheadAttention(nn.MultiheadAttention):
     matmul2: QuantMatMul
 
     @classmethod
-    def convert_(cls, mha: nn.MultiheadAttention, in_bits: Bits, bits1: int, bits2: int,
-                 out_bits: Bits) -> QuantMultiheadAttention:
+    def convert_(
+        cls, mha: nn.MultiheadAttention, in_bits: Bits, bits1: int, bits2: int, out_bits: Bits
+    ) -> QuantMultiheadAttention:
         mha.__class__ = cls
         mha.in_proj = QuantInProjection(*in_bits)
         mha.matmul1 = QuantMatMul(a_bits=bits1)
@@ -84,9 +87,17 @@ class QuantMultiheadAttention(nn.MultiheadAttention):
         mha.out_proj = QuantLinear.from_float(mha.out_proj, w_bits=out_bits[0], a_bits=out_bits[1])
         return mha
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
-                need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
-                is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
         if is_causal and attn_mask is None:
             raise RuntimeError('is_causal needs attn_mask (as in nn.MultiheadAttention)')
         batched = query.dim() == 3
@@ -155,15 +166,18 @@ class MultiheadAttentionAdapter(Adapter):
 
     def sites(self) -> list[Site]:
         p, m = self.prefix, self.module
-        return [Site(f'{p}in_proj', 'linear', 'other', params=m.in_proj_weight.numel()),
-                Site(f'{p}matmul1', 'matmul', 'matmul1'),
-                Site(f'{p}matmul2', 'matmul', 'matmul2'),
-                Site(f'{p}out_proj', 'linear', 'other', params=m.out_proj.weight.numel())]
+        return [
+            Site(f'{p}in_proj', 'linear', 'other', params=m.in_proj_weight.numel()),
+            Site(f'{p}matmul1', 'matmul', 'matmul1'),
+            Site(f'{p}matmul2', 'matmul', 'matmul2'),
+            Site(f'{p}out_proj', 'linear', 'other', params=m.out_proj.weight.numel()),
+        ]
 
     def wrapped_layers(self) -> set[str]:
-        return set()   # out_proj is swapped by convert_ (its forward only runs in the quantized module)
+        return set()  # out_proj is swapped by convert_ (its forward only runs in the quantized module)
 
     def convert_(self, bits: dict[str, Bits]) -> None:
         p = self.prefix
-        QuantMultiheadAttention.convert_(self.module, bits[f'{p}in_proj'], bits[f'{p}matmul1'][1],
-                                         bits[f'{p}matmul2'][1], bits[f'{p}out_proj'])
+        QuantMultiheadAttention.convert_(
+            self.module, bits[f'{p}in_proj'], bits[f'{p}matmul1'][1], bits[f'{p}matmul2'][1], bits[f'{p}out_proj']
+        )

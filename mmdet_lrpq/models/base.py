@@ -11,6 +11,7 @@ Families are looked up lazily: an adapter module is imported only when the libra
 its module type is already loaded (a model containing an mmdet Swin has imported mmdet), so
 quantizing a timm or plain PyTorch model never imports MMDetection.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -30,6 +31,7 @@ from ..quant.reconstruct import Unit
 @dataclass(frozen=True)
 class ReparamPair:
     """A LayerNorm feeding a quantized layer whose input is calibrated per channel (model paths)."""
+
     norm: str
     layer: str
     shift_owner: str | None = None  # module that applies -b after window padding (norm1 -> qkv)
@@ -39,8 +41,8 @@ class Adapter:
     """Base of the family adapters; ``module`` sits at ``prefix`` (``''`` or ``'backbone.'``) of the model."""
 
     family: ClassVar[str] = ''
-    is_backbone: ClassVar[bool] = False      # covered by scope='backbone'
-    claims_subtree: ClassVar[bool] = False   # no Conv2d/Linear below it is quantized generically
+    is_backbone: ClassVar[bool] = False  # covered by scope='backbone'
+    claims_subtree: ClassVar[bool] = False  # no Conv2d/Linear below it is quantized generically
 
     def __init__(self, module: nn.Module, prefix: str):
         self.module = module
@@ -107,8 +109,9 @@ class QuantWindowAttentionMixin:
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # a state saved after reparameterization has the shift a freshly converted attention lacks
         if self.input_shift is None and prefix + 'input_shift' in state_dict:
-            self.input_shift = torch.empty_like(state_dict[prefix + 'input_shift'], device=self.qkv.weight.device,
-                                                dtype=self.qkv.weight.dtype)
+            self.input_shift = torch.empty_like(
+                state_dict[prefix + 'input_shift'], device=self.qkv.weight.device, dtype=self.qkv.weight.dtype
+            )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
@@ -135,6 +138,7 @@ def active_adapter_classes() -> list[type[Adapter]]:
 @dataclass
 class Unsupported:
     """A module of a known family that stays float, and why (reported, excluded from the totals)."""
+
     name: str
     family: str
     reason: str
@@ -157,8 +161,9 @@ def find_adapters(model: nn.Module) -> tuple[list[Adapter], list[Unsupported]]:
                 if reason is None:
                     found.append(cls(module, prefix))
                 else:
-                    unsupported.append(Unsupported(name, cls.family, reason,
-                                                   sum(p.numel() for p in module.parameters())))
+                    unsupported.append(
+                        Unsupported(name, cls.family, reason, sum(p.numel() for p in module.parameters()))
+                    )
                 claimed.append(name)
                 break
     return found, unsupported
@@ -172,7 +177,7 @@ def apply_reparam_shift(owner: nn.Module, norm: nn.LayerNorm, result: ReparamRes
     quantized window attention) adds ``input_shift`` after the padding, before ``qkv``. A second
     fold on the same pair (CRL after SQ-b) divides the earlier shift by its ``r`` and adds its own.
     """
-    b = result.b.to(norm.bias.dtype)      # a half-precision model stays in half precision
+    b = result.b.to(norm.bias.dtype)  # a half-precision model stays in half precision
     with torch.no_grad():
         norm.bias.data = norm.bias.data + b
     earlier = owner.input_shift

@@ -5,6 +5,7 @@ the neck, and which heads reconstruction treats as units, is answered here, by s
 model that has ``neck.lateral_convs`` / ``rpn_head`` / ``roi_head`` (Mask R-CNN, Cascade, ...).
 A model without them gets nothing from here.
 """
+
 from __future__ import annotations
 
 from torch import nn
@@ -39,13 +40,21 @@ def head_units(model: nn.Module) -> list[Unit]:
     """A detector's heads as reconstruction units, in forward order: the neck and the RPN head
     (their inputs correspond image by image in the float and the quantized model), then every RoI
     box and mask head (their RoIs do not: learned on the quantized model's RoIs, sampled)."""
-    out = [Unit(name, module, lambda *args, module=module: module(*args))
-           for name in ('neck', 'rpn_head') if isinstance(module := getattr(model, name, None), nn.Module)]
+    out = [
+        Unit(name, module, lambda *args, module=module: module(*args))
+        for name in ('neck', 'rpn_head')
+        if isinstance(module := getattr(model, name, None), nn.Module)
+    ]
     roi = getattr(model, 'roi_head', None)
     for attr in ('bbox_head', 'mask_head'):
         heads = getattr(roi, attr, None)
-        named = ([(f'roi_head.{attr}.{i}', h) for i, h in enumerate(heads)] if isinstance(heads, nn.ModuleList)
-                 else [(f'roi_head.{attr}', heads)] if isinstance(heads, nn.Module) else [])
+        named = (
+            [(f'roi_head.{attr}.{i}', h) for i, h in enumerate(heads)]
+            if isinstance(heads, nn.ModuleList)
+            else [(f'roi_head.{attr}', heads)]
+            if isinstance(heads, nn.Module)
+            else []
+        )
         out += [Unit(name, h, lambda *args, h=h: h(*args), aligned=False, rows=True) for name, h in named]
     return [u for u in out if quant_modules(u.module)]
 

@@ -18,6 +18,7 @@ is applied inside :class:`QuantWindowMSA` (after padding, before ``qkv``'s quant
 of in ``norm1``'s bias; padded tokens then still stand for zeros and the reparameterized block
 equals the original one at any image size.
 """
+
 from __future__ import annotations
 
 from mmdet.models.backbones.swin import SwinTransformer, WindowMSA
@@ -33,7 +34,7 @@ class QuantWindowMSA(QuantWindowAttentionMixin, WindowMSA):
     """mmdet ``WindowMSA`` with ``q@kᵀ`` and ``attn@v`` routed through ``QuantMatMul`` modules."""
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        if self.input_shift is not None:        # -b of the norm1 -> qkv reparameterization
+        if self.input_shift is not None:  # -b of the norm1 -> qkv reparameterization
             x = x + self.input_shift
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
@@ -41,7 +42,8 @@ class QuantWindowMSA(QuantWindowAttentionMixin, WindowMSA):
         q = q * self.scale
         attn = self.matmul1(q, k.transpose(-2, -1))
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(
-            self.window_size[0] * self.window_size[1], self.window_size[0] * self.window_size[1], -1)
+            self.window_size[0] * self.window_size[1], self.window_size[0] * self.window_size[1], -1
+        )
         attn = attn + bias.permute(2, 0, 1).contiguous().unsqueeze(0)
         if mask is not None:
             nW = mask.shape[0]
@@ -88,8 +90,9 @@ class SwinAdapter(Adapter):
             ]
             stage = self.module.stages[s]
             if block is stage.blocks[-1] and stage.downsample is not None:
-                out.append(linear(f'{pre}stages.{s}.downsample.reduction', stage.downsample.reduction,
-                                  'reduction', None, s))
+                out.append(
+                    linear(f'{pre}stages.{s}.downsample.reduction', stage.downsample.reduction, 'reduction', None, s)
+                )
         return out
 
     def reparam_pairs(self) -> list[ReparamPair]:
@@ -99,8 +102,11 @@ class SwinAdapter(Adapter):
             pairs.append(ReparamPair(f'{p}.norm2', f'{p}.ffn.layers.0.0'))
             stage = self.module.stages[s]
             if block is stage.blocks[-1] and stage.downsample is not None:
-                pairs.append(ReparamPair(f'{self.prefix}stages.{s}.downsample.norm',
-                                         f'{self.prefix}stages.{s}.downsample.reduction'))
+                pairs.append(
+                    ReparamPair(
+                        f'{self.prefix}stages.{s}.downsample.norm', f'{self.prefix}stages.{s}.downsample.reduction'
+                    )
+                )
         return pairs
 
     def output_norms(self) -> dict[int, str]:
@@ -119,8 +125,13 @@ class SwinAdapter(Adapter):
         out = [Unit(f'{self.prefix}patch_embed', swin.patch_embed, embed)]
         for s, stage in enumerate(swin.stages):
             for j, block in enumerate(stage.blocks):
-                out.append(Unit(f'{self.prefix}stages.{s}.blocks.{j}', block,
-                                lambda x, hw_shape, block=block: (block(x, hw_shape), hw_shape)))
+                out.append(
+                    Unit(
+                        f'{self.prefix}stages.{s}.blocks.{j}',
+                        block,
+                        lambda x, hw_shape, block=block: (block(x, hw_shape), hw_shape),
+                    )
+                )
             if stage.downsample is not None:
                 out.append(Unit(f'{self.prefix}stages.{s}.downsample', stage.downsample, stage.downsample))
         return out
@@ -129,10 +140,14 @@ class SwinAdapter(Adapter):
         swin = self.module
         first = [stage.blocks[0] for stage in swin.stages]
         embed = swin.patch_embed.projection
-        return swin_architecture(embed.out_channels, [len(stage.blocks) for stage in swin.stages],
-                                 [b.attn.w_msa.num_heads for b in first], first[0].attn.w_msa.window_size[0],
-                                 embed.kernel_size[0],
-                                 first[0].ffn.layers[0][0].out_features / first[0].ffn.layers[0][0].in_features)
+        return swin_architecture(
+            embed.out_channels,
+            [len(stage.blocks) for stage in swin.stages],
+            [b.attn.w_msa.num_heads for b in first],
+            first[0].attn.w_msa.window_size[0],
+            embed.kernel_size[0],
+            first[0].ffn.layers[0][0].out_features / first[0].ffn.layers[0][0].in_features,
+        )
 
     def convert_(self, bits: dict[str, Bits]) -> None:
         """Swap every WindowMSA for QuantWindowMSA with the matmul bits of the plan."""

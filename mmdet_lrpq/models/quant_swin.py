@@ -9,6 +9,7 @@ configured, the hook quantizes it with these options and its calibration source.
 hook it quantizes itself on its first forward in eval mode, calibrating on that batch — the first
 test image, i.e. RepQ-ViT's protocol. Both paths run the same ``ModelQuantizer``.
 """
+
 from __future__ import annotations
 
 from mmdet.models.backbones.swin import SwinTransformer
@@ -30,13 +31,14 @@ class _BackboneOnly(nn.Module):
 
 @MODELS.register_module()
 class QuantSwinTransformer(SwinTransformer):
-
     def __init__(self, *args, quant: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         quant = dict(quant or {})
         if quant.get('scope', 'backbone') != 'backbone':
-            raise ValueError("QuantSwinTransformer quantizes the backbone only (scope='backbone'); "
-                             "use QuantizationHook for scope='detector'")
+            raise ValueError(
+                "QuantSwinTransformer quantizes the backbone only (scope='backbone'); "
+                "use QuantizationHook for scope='detector'"
+            )
         quant['scope'] = 'backbone'
         self.quant_config = QuantConfig.from_options(quant, where='QuantSwinTransformer quant')
         self._self_calibrate = True
@@ -49,9 +51,14 @@ class QuantSwinTransformer(SwinTransformer):
         if self._self_calibrate and not self.training:
             self._self_calibrate = False
             quantizer = ModelQuantizer(_BackboneOnly(self), self.quant_config, logger=MMLogger.get_current_instance())
-            report = quantizer.calibrate([x], lambda m, batch: super(QuantSwinTransformer, self).forward(batch),
-                                         images_in=lambda batch: batch.shape[0], image_ids=['first forward batch'],
-                                         input_shape=tuple(x.shape[-2:]), batch_size=x.shape[0],
-                                         reconstruct_batches=lambda: [x])
+            report = quantizer.calibrate(
+                [x],
+                lambda m, batch: super(QuantSwinTransformer, self).forward(batch),
+                images_in=lambda batch: batch.shape[0],
+                image_ids=['first forward batch'],
+                input_shape=tuple(x.shape[-2:]),
+                batch_size=x.shape[0],
+                reconstruct_batches=lambda: [x],
+            )
             quantizer.logger.info('QuantSwinTransformer calibrated on its first batch:\n' + report.table())
         return super().forward(x)

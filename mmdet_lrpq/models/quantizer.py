@@ -15,6 +15,7 @@ MPTQ-ViT's options: ``smooth='sq-b'`` folds SQ-b into the same LayerNorm pairs f
 over the calibration images before calibrating; ``gelu_scales='opt-m'`` gives the Swin MLPs' ``fc2``
 (post-GELU) inputs the region-wise quantizer at wrapping.
 """
+
 from __future__ import annotations
 
 import logging
@@ -75,7 +76,7 @@ def _peak_memory(device: torch.device) -> dict:
     except (OSError, StopIteration):
         pass
     if device.type == 'cuda':
-        out['peak_cuda_mb'] = round(torch.cuda.max_memory_allocated(device) / 2 ** 20, 1)
+        out['peak_cuda_mb'] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return out
 
 
@@ -104,20 +105,27 @@ class ModelQuantizer:
         backbones = [a for a in self.adapters if a.is_backbone]
         if config.scope == 'backbone' and not backbones:
             from .base import FAMILIES
-            raise TypeError(f"scope='backbone' needs a backbone with an adapter ({', '.join(c for _, _, c in FAMILIES)}); "
-                            f"this model has none ({self._backbone_kind()}). Use scope='detector' for the generic "
-                            f'Conv2d/Linear treatment.')
+
+            raise TypeError(
+                f"scope='backbone' needs a backbone with an adapter ({', '.join(c for _, _, c in FAMILIES)}); "
+                f"this model has none ({self._backbone_kind()}). Use scope='detector' for the generic "
+                f'Conv2d/Linear treatment.'
+            )
         if not backbones and hasattr(model, 'backbone'):
-            self.logger.warning(f'{self._backbone_kind()} has no quantization adapter: its Conv2d/Linear layers are '
-                                f'quantized generically (no attention matmuls, no LayerNorm reparameterization)')
+            self.logger.warning(
+                f'{self._backbone_kind()} has no quantization adapter: its Conv2d/Linear layers are '
+                f'quantized generically (no attention matmuls, no LayerNorm reparameterization)'
+            )
         for u in self.unsupported:
-            self.logger.warning(f'{u.name} ({u.family}) stays float: {u.reason}; it is listed as float in the '
-                                f'report and not counted in its totals')
+            self.logger.warning(
+                f'{u.name} ({u.family}) stays float: {u.reason}; it is listed as float in the '
+                f'report and not counted in its totals'
+            )
         norm_pairs = self._norm_pairs()
         self.pairs = [] if config.method == 'none' else norm_pairs
         self.smooth_pairs = norm_pairs if config.smooth is not None else []
         self.report: QuantReport | None = None
-        self.identity: dict | None = None        # of the calibrated state (set by calibrate/load_state)
+        self.identity: dict | None = None  # of the calibrated state (set by calibrate/load_state)
         self._float: dict | None = None
 
     def _backbone_kind(self) -> str:
@@ -158,11 +166,17 @@ class ModelQuantizer:
     # ------------------------------------------------------------------ bits + wrap
     def nothing_to_quantize(self) -> str:
         """Why the model has no site in scope (the message of that error)."""
-        floats = (f'; {len(self.unsupported)} module(s) of a known family stay float: '
-                  + ', '.join(f'{u.name} ({u.reason})' for u in self.unsupported[:3]) if self.unsupported else '')
-        return (f'nothing to quantize in {type(self.model).__name__}: it has no Conv2d or Linear layer and no '
-                f'attention of a supported family (scope={self.config.scope!r}){floats}. Quantization covers '
-                f'Conv2d/Linear layers (their weights and inputs) and the Swin / nn.MultiheadAttention matmuls.')
+        floats = (
+            f'; {len(self.unsupported)} module(s) of a known family stay float: '
+            + ', '.join(f'{u.name} ({u.reason})' for u in self.unsupported[:3])
+            if self.unsupported
+            else ''
+        )
+        return (
+            f'nothing to quantize in {type(self.model).__name__}: it has no Conv2d or Linear layer and no '
+            f'attention of a supported family (scope={self.config.scope!r}){floats}. Quantization covers '
+            f'Conv2d/Linear layers (their weights and inputs) and the Swin / nn.MultiheadAttention matmuls.'
+        )
 
     def resolve_bits(self, sites: list[Site]) -> dict[str, Bits]:
         if not sites:
@@ -190,21 +204,27 @@ class ModelQuantizer:
                 raise RuntimeError('this model is already quantized; build a fresh one to quantize again')
             # the rule that combines calibration batches is part of what a state was made by: a state of
             # the earlier rule (a mean of batch ranges) is refused rather than silently reused
-            self._float = new_identity(self.model, {**self.config.describe(), 'calibration_rule': CALIBRATION_RULE},
-                                       None)
+            self._float = new_identity(
+                self.model, {**self.config.describe(), 'calibration_rule': CALIBRATION_RULE}, None
+            )
         return {**self._float, 'calibration': calibration}
 
     def wrap(self) -> QuantReport:
         """Swap every site for its fake-quant module (FLOAT state: outputs unchanged)."""
-        self._float_identity(None)          # raises if the model is already quantized
+        self._float_identity(None)  # raises if the model is already quantized
         sites = self.sites()
         bits = self.resolve_bits(sites)
         per_channel = {p.layer for p in self.pairs}
-        self_converted = {s.name for a in self._active() for s in a.sites()} - \
-            {n for a in self._active() for n in a.wrapped_layers()}
+        self_converted = {s.name for a in self._active() for s in a.sites()} - {
+            n for a in self._active() for n in a.wrapped_layers()
+        }
         layer_names = {s.name for s in sites if s.kind != 'matmul' and s.name not in self_converted}
-        wrap_modules(self.model, lambda name, m: LayerQuantConfig(*bits[name], per_channel_input=name in per_channel)
-                     if name in layer_names else None)
+        wrap_modules(
+            self.model,
+            lambda name, m: LayerQuantConfig(*bits[name], per_channel_input=name in per_channel)
+            if name in layer_names
+            else None,
+        )
         for a in self._active():
             a.convert_(bits)
         granularity = {s.name: site_granularity(s, per_channel) for s in sites}
@@ -213,9 +233,12 @@ class ModelQuantizer:
             for name in self._post_gelu_layers(sites):
                 modules[name].input_quantizer = RegionUniformQuantizer(bits[name][1])
                 granularity[name] = f'w:channel a:regions ({self.config.gelu_scales})'
-        floats = [{'name': u.name, 'family': u.family, 'reason': u.reason, 'params': u.params} for u in self.unsupported]
-        self.report = QuantReport(self.config.describe(), sites, bits, granularity, float_modules=floats,
-                                  warnings=self._plan_warnings())
+        floats = [
+            {'name': u.name, 'family': u.family, 'reason': u.reason, 'params': u.params} for u in self.unsupported
+        ]
+        self.report = QuantReport(
+            self.config.describe(), sites, bits, granularity, float_modules=floats, warnings=self._plan_warnings()
+        )
         return self.report
 
     def _post_gelu_layers(self, sites: list[Site]) -> list[str]:
@@ -229,10 +252,12 @@ class ModelQuantizer:
         if reason is None:
             return []
         name = self.config.plan if isinstance(self.config.plan, str) else 'the bit plan'
-        message = (f'PLACEHOLDER BIT PLAN: {name}: {reason}. Its budget holds, but which layers get more or fewer '
-                   f'bits is not meaningful: results with it are NOT LRP-QViT mixed-precision results and must not '
-                   f'be reported as such. Make a real plan from the classifier\'s trained weights: '
-                   f'{plan_command(name)}')
+        message = (
+            f'PLACEHOLDER BIT PLAN: {name}: {reason}. Its budget holds, but which layers get more or fewer '
+            f'bits is not meaningful: results with it are NOT LRP-QViT mixed-precision results and must not '
+            f"be reported as such. Make a real plan from the classifier's trained weights: "
+            f'{plan_command(name)}'
+        )
         self.logger.warning(message)
         return [message]
 
@@ -250,22 +275,32 @@ class ModelQuantizer:
         fewest = thin[0][1]
         names = ', '.join(name for name, _ in thin[:3]) + (', ...' if len(thin) > 3 else '')
         n = int(n_images) if float(n_images).is_integer() else n_images
-        message = (f'THIN CALIBRATION: the per-channel ranges of {len(thin)} quantized layer input(s) ({names}) rest '
-                   f'on as few as {fewest} values per channel (from {n} calibration image(s)); with fewer than '
-                   f'{MIN_VALUES_PER_CHANNEL} they fit these images and clip others. On the miniature world this '
-                   f'costs the classifier 24 top-1 points at W8A8 with one image (none with four) and lets the '
-                   f'choice of the one image move a detector\'s W4A4 box AP over 4 points (0.9 with four). '
-                   f'Calibrate on more images (calib num_images, --num-calib).')
+        message = (
+            f'THIN CALIBRATION: the per-channel ranges of {len(thin)} quantized layer input(s) ({names}) rest '
+            f'on as few as {fewest} values per channel (from {n} calibration image(s)); with fewer than '
+            f'{MIN_VALUES_PER_CHANNEL} they fit these images and clip others. On the miniature world this '
+            f'costs the classifier 24 top-1 points at W8A8 with one image (none with four) and lets the '
+            f"choice of the one image move a detector's W4A4 box AP over 4 points (0.9 with four). "
+            f'Calibrate on more images (calib num_images, --num-calib).'
+        )
         self.logger.warning(message)
         return [message]
 
     # ------------------------------------------------------------------ calibrate + reparam
-    def calibrate(self, batches: Iterable, run: Callable[[nn.Module, Any], Any], *,
-                  images_in: Callable[[Any], float] = lambda batch: 1, image_ids: list | None = None,
-                  input_shape: tuple[int, int] | None = None, calibration: dict | None = None,
-                  batch_size: int = 1, progress: Callable[[float], None] | None = None,
-                  reconstruct_batches: Callable[[], Iterable] | None = None,
-                  reconstruct_progress: bool = False) -> QuantReport:
+    def calibrate(
+        self,
+        batches: Iterable,
+        run: Callable[[nn.Module, Any], Any],
+        *,
+        images_in: Callable[[Any], float] = lambda batch: 1,
+        image_ids: list | None = None,
+        input_shape: tuple[int, int] | None = None,
+        calibration: dict | None = None,
+        batch_size: int = 1,
+        progress: Callable[[float], None] | None = None,
+        reconstruct_batches: Callable[[], Iterable] | None = None,
+        reconstruct_progress: bool = False,
+    ) -> QuantReport:
         """Stream the calibration batches, reparameterize (RepQ/CRL), reconstruct if configured, and
         re-quantize the weights; with SQ-b, smooth first (a float pass over the calibration images).
 
@@ -275,8 +310,10 @@ class ModelQuantizer:
         """
         for option in ('reconstruct', 'smooth'):
             if getattr(self.config, option) is not None and reconstruct_batches is None:
-                raise ValueError(f'{option} reads the calibration images again: pass reconstruct_batches '
-                                 '(a callable returning a fresh iterable of the calibration batches)')
+                raise ValueError(
+                    f'{option} reads the calibration images again: pass reconstruct_batches '
+                    '(a callable returning a fresh iterable of the calibration batches)'
+                )
         self.identity = self._float_identity(calibration)
         if self.report is None:
             self.wrap()
@@ -291,10 +328,15 @@ class ModelQuantizer:
         r.warnings.extend(self._thin_range_warnings(n_images))
         r.sites = sites_with_macs(r.sites, macs, n_images)
         r.input_shape = input_shape
-        r.calibration = {'num_images': int(n_images) if float(n_images).is_integer() else n_images,
-                         'image_ids': list(image_ids or []), 'batch_size': batch_size, 'rule': CALIBRATION_RULE,
-                         'seconds': round(seconds, 2), **_peak_memory(device),
-                         'settings': calibration}
+        r.calibration = {
+            'num_images': int(n_images) if float(n_images).is_integer() else n_images,
+            'image_ids': list(image_ids or []),
+            'batch_size': batch_size,
+            'rule': CALIBRATION_RULE,
+            'seconds': round(seconds, 2),
+            **_peak_memory(device),
+            'settings': calibration,
+        }
         if smoothing is not None:
             r.calibration['smoothing'] = smoothing
         self.reparameterize()
@@ -305,16 +347,34 @@ class ModelQuantizer:
         self.requantize_weights()
         return r
 
-    def reconstruct(self, batches: Callable[[], Iterable], run: Callable[[nn.Module, Any], Any], *,
-                    images_in: Callable[[Any], float] = lambda batch: 1, progress: bool = False) -> dict:
+    def reconstruct(
+        self,
+        batches: Callable[[], Iterable],
+        run: Callable[[nn.Module, Any], Any],
+        *,
+        images_in: Callable[[Any], float] = lambda batch: 1,
+        progress: bool = False,
+    ) -> dict:
         """Learn rounding and step sizes (:mod:`mmdet_lrpq.quant.reconstruct`): the adapters' block
         chains whole, then the detector's heads, then every other quantized layer in scope alone."""
         chains = [units for a in self._active() if (units := a.units())]
         inside = {id(m) for chain in chains for u in chain for m in u.module.modules()}
-        layers = {name: m for name, m in quant_modules(self.model).items()
-                  if isinstance(m, (QuantConv2d, QuantLinear)) and id(m) not in inside}
-        return reconstruct_(self.model, chains, head_units(self.model) if self.config.scope == 'detector' else [], layers, batches, run, self.config.reconstruct,
-                            images_in=images_in, progress=progress)
+        layers = {
+            name: m
+            for name, m in quant_modules(self.model).items()
+            if isinstance(m, (QuantConv2d, QuantLinear)) and id(m) not in inside
+        }
+        return reconstruct_(
+            self.model,
+            chains,
+            head_units(self.model) if self.config.scope == 'detector' else [],
+            layers,
+            batches,
+            run,
+            self.config.reconstruct,
+            images_in=images_in,
+            progress=progress,
+        )
 
     def requantize_weights(self) -> None:
         """Re-calibrate and cache every weight quantizer now (reparameterization changed weights)."""
@@ -341,8 +401,12 @@ class ModelQuantizer:
             if pair.shift_owner is not None:
                 apply_reparam_shift(modules[pair.shift_owner], norm, res)
             self.report.reparameterized[pair.layer] = tag
-        return {'method': tag, 'pairs': len(self.smooth_pairs), 'batches': n_batches,
-                'seconds': round(time.perf_counter() - start, 2)}
+        return {
+            'method': tag,
+            'pairs': len(self.smooth_pairs),
+            'batches': n_batches,
+            'seconds': round(time.perf_counter() - start, 2),
+        }
 
     def reparameterize(self) -> None:
         modules = dict(self.model.named_modules())
@@ -361,11 +425,16 @@ class ModelQuantizer:
         """Everything needed to restore the calibrated model without recalibrating, and its identity."""
         if self.identity is None or self.report is None or not self.report.calibration:
             raise RuntimeError('nothing to save: the model is not calibrated yet')
-        return {'format': STATE_FORMAT, 'identity': self.identity, 'report': self.report.to_dict(),
-                'state_dict': host_state_dict(self.model)}
+        return {
+            'format': STATE_FORMAT,
+            'identity': self.identity,
+            'report': self.report.to_dict(),
+            'state_dict': host_state_dict(self.model),
+        }
 
-    def check_state(self, state: dict, calibration: dict | None, where: str = 'the calibrated state',
-                    path: str | None = None) -> None:
+    def check_state(
+        self, state: dict, calibration: dict | None, where: str = 'the calibrated state', path: str | None = None
+    ) -> None:
         """Raise :class:`StateMismatchError` unless ``state`` was made from this model and these inputs.
 
         ``path``: the state's file, named in the fix. Calibration inputs this run cannot see
@@ -378,26 +447,36 @@ class ModelQuantizer:
             diffs.pop('calibration', None)
             for key in [k for k in diffs if k.startswith('calibration.')]:
                 diffs.pop(key)
-            self.logger.warning(f'{where}: the calibration inputs cannot be compared (no calibration settings '
-                                f'recorded on one side); its weights, structure and options match')
+            self.logger.warning(
+                f'{where}: the calibration inputs cannot be compared (no calibration settings '
+                f'recorded on one side); its weights, structure and options match'
+            )
         else:
-            unverifiable = [side['calibration']['unverifiable'] for side in (saved, now)
-                            if isinstance(side['calibration'].get('unverifiable'), dict)]
+            unverifiable = [
+                side['calibration']['unverifiable']
+                for side in (saved, now)
+                if isinstance(side['calibration'].get('unverifiable'), dict)
+            ]
             fields = {f'calibration.{k}' for u in unverifiable for k in u['fields']}
             for key in fields | {'calibration.unverifiable'}:
                 diffs.pop(key, None)
             if unverifiable:
-                self.logger.warning(f"{where}: its calibration inputs cannot be compared with this run's "
-                                    f"({'; '.join(u['reason'] for u in unverifiable)}); the settings, weights, "
-                                    f"structure and options that can be compared match")
+                self.logger.warning(
+                    f"{where}: its calibration inputs cannot be compared with this run's "
+                    f'({"; ".join(u["reason"] for u in unverifiable)}); the settings, weights, '
+                    f'structure and options that can be compared match'
+                )
         if diffs:
             raise StateMismatchError(mismatch_message(where, diffs, path, saved, now), diffs)
         if saved.get('package_version') != now['package_version']:
-            self.logger.warning(f"{where} was made by mmdet-lrpq {saved.get('package_version')}, this is "
-                                f"{now['package_version']}; recalibrate if results look off")
+            self.logger.warning(
+                f'{where} was made by mmdet-lrpq {saved.get("package_version")}, this is '
+                f'{now["package_version"]}; recalibrate if results look off'
+            )
 
-    def load_state(self, state: dict, calibration: dict | None = None, where: str = 'the calibrated state',
-                   path: str | None = None) -> QuantReport:
+    def load_state(
+        self, state: dict, calibration: dict | None = None, where: str = 'the calibrated state', path: str | None = None
+    ) -> QuantReport:
         """Check ``state`` (see :meth:`check_state`), then restore it without recalibrating."""
         self.check_state(state, calibration, where, path)
         self.wrap()
@@ -406,8 +485,11 @@ class ModelQuantizer:
         tensors = {k: v.to(device) if torch.is_tensor(v) else v for k, v in state['state_dict'].items()}
         missing, unexpected = self.model.load_state_dict(tensors, strict=False)
         if missing or unexpected:
-            raise StateMismatchError(f'{where} does not fit this model: {len(missing)} missing, {len(unexpected)} '
-                                     f'unexpected tensors (e.g. {(missing + unexpected)[:3]})', {})
+            raise StateMismatchError(
+                f'{where} does not fit this model: {len(missing)} missing, {len(unexpected)} '
+                f'unexpected tensors (e.g. {(missing + unexpected)[:3]})',
+                {},
+            )
         set_quant_state(self.model, QuantState.QUANTIZED)
         saved = QuantReport.from_dict(state['report'])
         self.report.sites, self.report.calibration = saved.sites, saved.calibration

@@ -23,6 +23,7 @@ gradients are taken at the quantized model instead of the float one; ``Q_b(w) - 
 quantized) input at ``b``. A site's own assigned quantization is part of that operating point
 (measuring each site with only the others quantized would need one pass per site). Matmuls stay float.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -40,11 +41,18 @@ def _quant_error(x: Tensor, bits: int, channel_axis: int | None) -> Tensor:
     return fake_quant_uniform(x, delta, zero_point, bits) - x
 
 
-def fisher_sensitivity(model: nn.Module, sites: Sequence[Site], levels: Sequence[int], batches: Iterable,
-                       loss: Callable[[nn.Module, Any], Tensor], *, per_channel_inputs: frozenset = frozenset(),
-                       fixed_a_bits: Mapping[str, int] | None = None,
-                       progress: Callable[[int], None] | None = None,
-                       assignment: Mapping[str, tuple[int, int]] | None = None) -> dict[str, dict[int, float]]:
+def fisher_sensitivity(
+    model: nn.Module,
+    sites: Sequence[Site],
+    levels: Sequence[int],
+    batches: Iterable,
+    loss: Callable[[nn.Module, Any], Tensor],
+    *,
+    per_channel_inputs: frozenset = frozenset(),
+    fixed_a_bits: Mapping[str, int] | None = None,
+    progress: Callable[[int], None] | None = None,
+    assignment: Mapping[str, tuple[int, int]] | None = None,
+) -> dict[str, dict[int, float]]:
     """``S(site, bits)`` (module docstring) for every Conv2d/Linear site of the float ``model``.
 
     ``loss(model, batch)``: the scalar task loss of one calibration batch (one image per batch
@@ -72,18 +80,19 @@ def fisher_sensitivity(model: nn.Module, sites: Sequence[Site], levels: Sequence
             if x.grad_fn is not None:
                 x.retain_grad()
             inputs.setdefault(name, []).append(x)
-            if name in assignment and x.numel():     # run quantized at the assigned input bits (straight-through)
+            if name in assignment and x.numel():  # run quantized at the assigned input bits (straight-through)
                 a_bits = fixed_a_bits.get(name, assignment[name][1])
                 delta, zero_point = uniform_qparams(x.detach(), a_bits, input_axis(name))
                 return (x + (fake_quant_uniform(x.detach(), delta, zero_point, a_bits) - x.detach()), *args[1:])
             return (x, *args[1:])
+
         return hook
 
     float_weights: dict[str, Tensor] = {}
     handles = [modules[s.name].register_forward_pre_hook(capture(s.name)) for s in weighted]
     n = 0
     try:
-        with torch.no_grad():       # the assigned weights, restored below
+        with torch.no_grad():  # the assigned weights, restored below
             for name, (w_bits, _) in assignment.items():
                 w = modules[name].weight
                 float_weights[name] = w.detach().clone()
@@ -105,9 +114,15 @@ def fisher_sensitivity(model: nn.Module, sites: Sequence[Site], levels: Sequence
                         a_bits = fixed_a_bits.get(s.name, b)
                         # the first input fixes the quantizer (RepQ-ViT's protocol); later calls reuse it
                         delta, zero_point = uniform_qparams(xs[0].detach(), a_bits, axis)
-                        act[s.name][b] += float(sum(
-                            (x.grad.pow(2) * (fake_quant_uniform(x.detach(), delta, zero_point, a_bits)
-                                              - x.detach()).pow(2)).sum() for x in xs))
+                        act[s.name][b] += float(
+                            sum(
+                                (
+                                    x.grad.pow(2)
+                                    * (fake_quant_uniform(x.detach(), delta, zero_point, a_bits) - x.detach()).pow(2)
+                                ).sum()
+                                for x in xs
+                            )
+                        )
             n += 1
             if progress is not None:
                 progress(n)
@@ -125,8 +140,10 @@ def fisher_sensitivity(model: nn.Module, sites: Sequence[Site], levels: Sequence
     with torch.no_grad():
         for s in weighted:
             w = modules[s.name].weight.detach()
-            out[s.name] = {b: (float((grad_sq[s.name] * _quant_error(w, b, 0).pow(2)).sum()) + act[s.name][b]) / (2 * n)
-                           for b in levels}
+            out[s.name] = {
+                b: (float((grad_sq[s.name] * _quant_error(w, b, 0).pow(2)).sum()) + act[s.name][b]) / (2 * n)
+                for b in levels
+            }
     return out
 
 

@@ -11,6 +11,7 @@ another model. Files are written atomically (temporary file + rename), so an int
 leaves the previous file or none (the temporary file of a killed save is removed by the next save
 or load), and an unreadable file is an error naming it and the fix.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -96,13 +97,18 @@ def differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> dict[str, t
 _EXPLAIN = {
     'weights': 'the float weights differ (another checkpoint?)',
     'model_structure': 'the model is built differently (another config?)',
-    'config.plan_sha256': 'the bit plan\'s content changed (regenerated at the same path?)',
-    'calibration.image_sha256': 'the calibration images\' content differs (another data root, or edited files?)',
+    'config.plan_sha256': "the bit plan's content changed (regenerated at the same path?)",
+    'calibration.image_sha256': "the calibration images' content differs (another data root, or edited files?)",
     'calibration.pipeline_sha256': 'the calibration images are preprocessed differently (another test pipeline?)',
     'calibration.batches_sha256': 'other calibration inputs were given',
 }
-_DIGESTS = ('weights', 'model_structure', 'calibration.image_sha256', 'calibration.pipeline_sha256',
-            'calibration.batches_sha256')
+_DIGESTS = (
+    'weights',
+    'model_structure',
+    'calibration.image_sha256',
+    'calibration.pipeline_sha256',
+    'calibration.batches_sha256',
+)
 
 
 def _paths(paths: Any, limit: int = 3) -> str:
@@ -110,8 +116,9 @@ def _paths(paths: Any, limit: int = 3) -> str:
     return ', '.join(paths[:limit]) + (f', ... ({len(paths)} in all)' if len(paths) > limit else '') or 'none recorded'
 
 
-def mismatch_message(where: str, diffs: dict, path: str | None = None, saved: Mapping | None = None,
-                     now: Mapping | None = None) -> str:
+def mismatch_message(
+    where: str, diffs: dict, path: str | None = None, saved: Mapping | None = None, now: Mapping | None = None
+) -> str:
     """``where`` (e.g. ``'calibrated state x.pth'``) was made from other inputs: each difference, and the fix.
 
     ``path``: the state file, named in the fix; ``saved``/``now``: the identities (their calibration
@@ -127,10 +134,16 @@ def mismatch_message(where: str, diffs: dict, path: str | None = None, saved: Ma
         else:
             lines.append(f'{key}: saved {a!r}, now {b!r}' + (f' — {why}' if why else ''))
     if 'calibration.image_sha256' in diffs and saved is not None and now is not None:
-        lines.append(f"calibration images: saved from {_paths((saved.get('calibration') or {}).get('image_paths'))}; "
-                     f"now {_paths((now.get('calibration') or {}).get('image_paths'))}")
-    fix = (f"Delete {path} to recalibrate, point state_file elsewhere, or set state_mismatch='recalibrate' "
-           f'to recalibrate and overwrite it.' if path else 'Recalibrate (the state does not fit this run).')
+        lines.append(
+            f'calibration images: saved from {_paths((saved.get("calibration") or {}).get("image_paths"))}; '
+            f'now {_paths((now.get("calibration") or {}).get("image_paths"))}'
+        )
+    fix = (
+        f"Delete {path} to recalibrate, point state_file elsewhere, or set state_mismatch='recalibrate' "
+        f'to recalibrate and overwrite it.'
+        if path
+        else 'Recalibrate (the state does not fit this run).'
+    )
     return f'{where} was made from other inputs than this run:\n  - ' + '\n  - '.join(lines) + '\n' + fix
 
 
@@ -159,38 +172,48 @@ def save_state(path: str, state: dict) -> None:
 
 def load_state_file(path: str, map_location: Any = 'cpu') -> dict:
     """Read a state file, or raise :class:`StateFileError` naming the file and what to do."""
-    fix = f'Delete {path} to recalibrate (or set state_mismatch=\'recalibrate\').'
+    fix = f"Delete {path} to recalibrate (or set state_mismatch='recalibrate')."
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise
     except Exception as err:
-        raise StateFileError(f'calibrated state {path} is unreadable ({type(err).__name__}: '
-                             f'{str(err).strip().splitlines()[0][:200] if str(err).strip() else "no detail"}); '
-                             f'it is truncated, corrupt or not a state file. {fix}') from None
+        raise StateFileError(
+            f'calibrated state {path} is unreadable ({type(err).__name__}: '
+            f'{str(err).strip().splitlines()[0][:200] if str(err).strip() else "no detail"}); '
+            f'it is truncated, corrupt or not a state file. {fix}'
+        ) from None
     if not isinstance(state, dict) or state.get('format') != STATE_FORMAT:
         found = state.get('format') if isinstance(state, dict) else type(state).__name__
-        raise StateFileError(f'{path} is not an mmdet-lrpq calibrated state of this version (format {found!r}, '
-                             f'expected {STATE_FORMAT!r}). {fix}')
+        raise StateFileError(
+            f'{path} is not an mmdet-lrpq calibrated state of this version (format {found!r}, '
+            f'expected {STATE_FORMAT!r}). {fix}'
+        )
     return state
 
 
-def new_identity(model: nn.Module, config_description: dict,
-                 calibration: dict | None) -> dict:
+def new_identity(model: nn.Module, config_description: dict, calibration: dict | None) -> dict:
     """The identity of a state about to be made from ``model`` (call before wrapping it)."""
-    return {'package_version': __version__, 'model_structure': structure_fingerprint(model),
-            'weights': weights_fingerprint(model), 'config': config_description, 'calibration': calibration}
+    return {
+        'package_version': __version__,
+        'model_structure': structure_fingerprint(model),
+        'weights': weights_fingerprint(model),
+        'config': config_description,
+        'calibration': calibration,
+    }
 
 
-STATE_MISMATCH = ('error', 'recalibrate')   # what a state that does not fit does: stop, or recalibrate
+STATE_MISMATCH = ('error', 'recalibrate')  # what a state that does not fit does: stop, or recalibrate
 
 
 def check_state_path(state_file: str) -> None:
     """Refuse, before any calibration, a ``state_file`` that could never be written."""
     path = os.fspath(state_file)
     if os.path.isdir(path):
-        raise ValueError(f'state_file {path} is a directory; give the path of a file in it, e.g. '
-                         f'{os.path.join(path, "quant_state.pth")}')
+        raise ValueError(
+            f'state_file {path} is a directory; give the path of a file in it, e.g. '
+            f'{os.path.join(path, "quant_state.pth")}'
+        )
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
@@ -198,9 +221,14 @@ def check_state_path(state_file: str) -> None:
         raise ValueError(f'state_file {path} cannot be written: {parent} is a file, not a directory')
 
 
-def calibrate_or_load(quantizer: ModelQuantizer, calibrate: Callable[[], QuantReport], *,
-                      state_file: str | None = None, state_mismatch: str = 'error',
-                      calibration: dict | None = None) -> QuantReport:
+def calibrate_or_load(
+    quantizer: ModelQuantizer,
+    calibrate: Callable[[], QuantReport],
+    *,
+    state_file: str | None = None,
+    state_mismatch: str = 'error',
+    calibration: dict | None = None,
+) -> QuantReport:
     """Load ``state_file`` if it was made from these inputs, else calibrate (and save it).
 
     A mismatch or an unreadable file raises, naming the difference and the fix, unless

@@ -13,6 +13,7 @@ One rule table maps parameter keys and quantization-site names alike (a site nam
 path, and matmul sites live under the attention module), so the LRP plan, the converters and the
 adapters can never disagree. Pure PyTorch: no mmdet import.
 """
+
 from __future__ import annotations
 
 import re
@@ -36,12 +37,17 @@ _DOWNSAMPLE = re.compile(r'^layers\.(\d+)\.downsample\.(norm|reduction)(\.|$)(.*
 _NO_COUNTERPART = re.compile(r'^(head\.|norm\.|norm$|head$)|relative_position_index$|attn_mask$')
 
 
-def swin_architecture(embed_dims: int, depths, num_heads, window_size: int, patch_size: int,
-                      mlp_ratio: float) -> dict:
+def swin_architecture(embed_dims: int, depths, num_heads, window_size: int, patch_size: int, mlp_ratio: float) -> dict:
     """The fields a Swin bit plan records and is checked against (same keys for timm and mmdet)."""
-    return {'family': 'swin', 'embed_dims': int(embed_dims), 'depths': [int(d) for d in depths],
-            'num_heads': [int(h) for h in num_heads], 'window_size': int(window_size),
-            'patch_size': int(patch_size), 'mlp_ratio': float(mlp_ratio)}
+    return {
+        'family': 'swin',
+        'embed_dims': int(embed_dims),
+        'depths': [int(d) for d in depths],
+        'num_heads': [int(h) for h in num_heads],
+        'window_size': int(window_size),
+        'patch_size': int(patch_size),
+        'mlp_ratio': float(mlp_ratio),
+    }
 
 
 def swin_name_to_mmdet(name: str, layout: str = 'timm') -> str | None:
@@ -100,16 +106,21 @@ def load_mmdet_swin_from_timm(mmdet_swin: torch.nn.Module, timm_state_dict: Mapp
     wrong = [k for k, v in converted.items() if k in own and own[k].shape != v.shape]
     if wrong:
         k = wrong[0]
-        raise ValueError(f'timm -> mmdet Swin conversion mismatch: {len(wrong)} of {len(converted)} tensors '
-                         f'have a different shape (e.g. {k}: {tuple(converted[k].shape)} vs '
-                         f'{tuple(own[k].shape)}); are the two models the same size?')
+        raise ValueError(
+            f'timm -> mmdet Swin conversion mismatch: {len(wrong)} of {len(converted)} tensors '
+            f'have a different shape (e.g. {k}: {tuple(converted[k].shape)} vs '
+            f'{tuple(own[k].shape)}); are the two models the same size?'
+        )
     result = mmdet_swin.load_state_dict(converted, strict=False)
-    missing = [k for k in result.missing_keys
-               if not (k.endswith('relative_position_index') or re.match(r'^norm\d+\.', k))]
+    missing = [
+        k for k in result.missing_keys if not (k.endswith('relative_position_index') or re.match(r'^norm\d+\.', k))
+    ]
     if missing or result.unexpected_keys:
-        raise ValueError(f'timm -> mmdet Swin conversion mismatch: {len(missing)} missing '
-                         f'(e.g. {missing[:3]}), {len(result.unexpected_keys)} unexpected '
-                         f'(e.g. {result.unexpected_keys[:3]}); are the two models the same size?')
+        raise ValueError(
+            f'timm -> mmdet Swin conversion mismatch: {len(missing)} missing '
+            f'(e.g. {missing[:3]}), {len(result.unexpected_keys)} unexpected '
+            f'(e.g. {result.unexpected_keys[:3]}); are the two models the same size?'
+        )
 
 
 def convert_mmdet2_detector_state_dict(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], int]:
@@ -119,17 +130,20 @@ def convert_mmdet2_detector_state_dict(state_dict: Mapping[str, Tensor]) -> tupl
     'original' layout rules and the patch-merging reorder; neck and heads are unchanged. Returns
     the new state dict and the number of backbone tensors converted.
     """
-    backbone = {k[len('backbone.'):]: v for k, v in state_dict.items() if k.startswith('backbone.')}
+    backbone = {k[len('backbone.') :]: v for k, v in state_dict.items() if k.startswith('backbone.')}
     if not any(k.startswith('layers.') for k in backbone):
-        raise ValueError('no backbone.layers.* keys: this is not an mmdet-2.x (original-layout) Swin detector '
-                         'checkpoint (already converted?)')
+        raise ValueError(
+            'no backbone.layers.* keys: this is not an mmdet-2.x (original-layout) Swin detector '
+            'checkpoint (already converted?)'
+        )
     out = {k: v for k, v in state_dict.items() if not k.startswith('backbone.')}
     # norm0..3 (the detection outputs) keep their names in both layouts
     converted = {}
     for key, value in backbone.items():
         if re.match(r'^norm\d+\.', key):
             converted[key] = value
-    converted.update(convert_swin_to_mmdet(
-        {k: v for k, v in backbone.items() if not re.match(r'^norm\d+\.', k)}, layout='original'))
+    converted.update(
+        convert_swin_to_mmdet({k: v for k, v in backbone.items() if not re.match(r'^norm\d+\.', k)}, layout='original')
+    )
     out.update({'backbone.' + k: v for k, v in converted.items()})
     return out, len(converted)

@@ -11,6 +11,7 @@ classifier it was computed on. The head's Linear is quantized generically.
 as :class:`~mmdet_lrpq.quant.QuantMatMul` modules and, like the mmdet adapter, applies the
 ``-b`` of the ``norm1 -> qkv`` reparameterization after the window padding.
 """
+
 from __future__ import annotations
 
 from timm.models.swin_transformer import PatchMerging, SwinTransformer, WindowAttention
@@ -28,7 +29,7 @@ class QuantWindowAttention(QuantWindowAttentionMixin, WindowAttention):
     """timm ``WindowAttention`` with ``q@kᵀ`` and ``attn@v`` routed through ``QuantMatMul`` modules."""
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        if self.input_shift is not None:        # -b of the norm1 -> qkv reparameterization
+        if self.input_shift is not None:  # -b of the norm1 -> qkv reparameterization
             x = x + self.input_shift
         B_, N, _ = x.shape
         q, k, v = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
@@ -90,23 +91,29 @@ class TimmSwinAdapter(Adapter):
         out = [Unit(f'{self.prefix}patch_embed', self.module.patch_embed, lambda x: (self.module.patch_embed(x),))]
         for i, stage in enumerate(self.module.layers):
             if isinstance(stage.downsample, PatchMerging):
-                out.append(Unit(f'{self.prefix}layers.{i}.downsample', stage.downsample,
-                                lambda x, d=stage.downsample: (d(x),)))
+                out.append(
+                    Unit(f'{self.prefix}layers.{i}.downsample', stage.downsample, lambda x, d=stage.downsample: (d(x),))
+                )
             for j, block in enumerate(stage.blocks):
                 out.append(Unit(f'{self.prefix}layers.{i}.blocks.{j}', block, lambda x, b=block: (b(x),)))
         return out
 
     def plan_names(self) -> dict[str, str]:
         """Backbone sites by their mmdet names, as ``tools/lrp_plan.py`` writes detector plans."""
-        return {s.name: 'backbone.' + swin_name_to_mmdet(s.name[len(self.prefix):], 'timm') for s in self.sites()}
+        return {s.name: 'backbone.' + swin_name_to_mmdet(s.name[len(self.prefix) :], 'timm') for s in self.sites()}
 
     def architecture(self) -> dict:
         first = [stage.blocks[0] for stage in self.module.layers]
         proj = self.module.patch_embed.proj
         fc1 = first[0].mlp.fc1
-        return swin_architecture(proj.out_channels, [len(stage.blocks) for stage in self.module.layers],
-                                 [b.attn.num_heads for b in first], first[0].window_size[0], proj.kernel_size[0],
-                                 fc1.out_features / fc1.in_features)
+        return swin_architecture(
+            proj.out_channels,
+            [len(stage.blocks) for stage in self.module.layers],
+            [b.attn.num_heads for b in first],
+            first[0].window_size[0],
+            proj.kernel_size[0],
+            fc1.out_features / fc1.in_features,
+        )
 
     def convert_(self, bits: dict[str, Bits]) -> None:
         for _, p, block in self._blocks():

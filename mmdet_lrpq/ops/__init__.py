@@ -11,6 +11,7 @@ the fix. A compiled ``mmcv._ext`` that loads is always used as it is.
 
 :func:`backend` says which one is active (``python -m mmdet_lrpq.env`` prints it).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -18,7 +19,8 @@ import types
 from collections.abc import Callable
 
 # Every function of mmcv 2.1.0's extension that its Python layer loads (mmcv/ops/*.py).
-MMCV_EXT_FUNCTIONS = tuple('''
+MMCV_EXT_FUNCTIONS = tuple(
+    """
 active_rotated_filter_backward active_rotated_filter_forward assign_score_withk_backward
 assign_score_withk_forward ball_query_forward bbox_overlaps bezier_align_backward bezier_align_forward
 bias_act border_align_backward border_align_forward box_iou_quadri box_iou_rotated carafe_backward
@@ -45,24 +47,62 @@ softmax_focal_loss_backward softmax_focal_loss_forward softnms stack_ball_query_
 stack_group_points_backward stack_group_points_forward sync_bn_backward_data sync_bn_backward_param
 sync_bn_forward_mean sync_bn_forward_output sync_bn_forward_var three_interpolate_backward
 three_interpolate_forward three_nn_forward tin_shift_backward tin_shift_forward upfirdn2d
-'''.split())
+""".split()
+)
 
 # Which models need an op the backend does not provide (by name prefix; first match wins).
 _USED_BY = (
-    (('deform_conv', 'modulated_deform_conv'), 'deformable convolution (DCN / DCNv2 in backbones, necks or heads, '
-                                               'e.g. the *_dconv_* and *_mdconv_* configs)'),
+    (
+        ('deform_conv', 'modulated_deform_conv'),
+        'deformable convolution (DCN / DCNv2 in backbones, necks or heads, e.g. the *_dconv_* and *_mdconv_* configs)',
+    ),
     (('deform_roi_pool',), 'deformable RoI pooling'),
     (('roi_pool',), 'RoIPool extractors (Fast/Faster R-CNN configs with type=RoIPool)'),
     (('carafe',), 'the CARAFE upsampler (FPN_CARAFE, CARAFE mask heads)'),
     (('sync_bn',), "MMSyncBN normalisation (norm_cfg type='MMSyncBN')"),
-    (('masked_', ), 'guided anchoring (GA-RPN / GA-RetinaNet)'),
+    (('masked_',), 'guided anchoring (GA-RPN / GA-RetinaNet)'),
     (('softmax_focal_loss',), 'softmax focal loss'),
-    (('roi_align_rotated', 'riroi_align', 'nms_rotated', 'nms_quadri', 'box_iou_rotated', 'box_iou_quadri',
-      'rotated_feature_align', 'active_rotated_filter', 'convex_', 'min_area_polygons', 'diff_iou_rotated',
-      'points_in_polygons'), 'rotated-box detectors (MMRotate)'),
-    (('ball_query', 'knn', 'three_', 'gather_points', 'group_points', 'stack_', 'furthest_point', 'voxelize',
-      'hard_voxelize', 'dynamic_', 'roiaware', 'roipoint', 'points_in_boxes', 'iou3d', 'get_indice_pairs',
-      'indice_', 'fused_indice', 'assign_score', 'chamfer'), '3-D point-cloud models (MMDetection3D)'),
+    (
+        (
+            'roi_align_rotated',
+            'riroi_align',
+            'nms_rotated',
+            'nms_quadri',
+            'box_iou_rotated',
+            'box_iou_quadri',
+            'rotated_feature_align',
+            'active_rotated_filter',
+            'convex_',
+            'min_area_polygons',
+            'diff_iou_rotated',
+            'points_in_polygons',
+        ),
+        'rotated-box detectors (MMRotate)',
+    ),
+    (
+        (
+            'ball_query',
+            'knn',
+            'three_',
+            'gather_points',
+            'group_points',
+            'stack_',
+            'furthest_point',
+            'voxelize',
+            'hard_voxelize',
+            'dynamic_',
+            'roiaware',
+            'roipoint',
+            'points_in_boxes',
+            'iou3d',
+            'get_indice_pairs',
+            'indice_',
+            'fused_indice',
+            'assign_score',
+            'chamfer',
+        ),
+        '3-D point-cloud models (MMDetection3D)',
+    ),
     (('border_align',), 'BorderDet heads'),
     (('prroi_pool', 'bezier_align', 'pixel_group', 'contour_expand'), 'text detection / PrRoIPool models (MMOCR)'),
     (('bias_act', 'filtered_lrelu', 'fused_bias_leakyrelu', 'upfirdn2d'), 'StyleGAN-family generators (MMagic)'),
@@ -71,9 +111,11 @@ _USED_BY = (
     (('tin_shift',), 'temporal interlace shift (MMAction2)'),
 )
 
-INSTALL_COMPILED = ('install mmcv 2.1.0 with its compiled ops (in this repository: `make install MMCV=compiled`; '
-                    'elsewhere see docs/install.md); a compiled mmcv._ext that loads is always used instead of '
-                    'this backend')
+INSTALL_COMPILED = (
+    'install mmcv 2.1.0 with its compiled ops (in this repository: `make install MMCV=compiled`; '
+    'elsewhere see docs/install.md); a compiled mmcv._ext that loads is always used instead of '
+    'this backend'
+)
 
 
 class MissingMMCVOpError(NotImplementedError):
@@ -93,7 +135,9 @@ def _missing(name: str) -> Callable:
             f"mmcv op '{name}' is not available: mmcv has no compiled ops here (mmcv-lite, or an mmcv._ext built "
             f"for another torch), and mmdet-lrpq's torchvision backend provides only RoIAlign, NMS, soft-NMS, "
             f"NMS-match, bbox overlaps, sigmoid focal loss and multi-scale deformable attention. '{name}' is used by "
-            f"{used_by(name)}. To run this model, {INSTALL_COMPILED}.")
+            f'{used_by(name)}. To run this model, {INSTALL_COMPILED}.'
+        )
+
     missing.__name__ = name
     missing.__qualname__ = name
     return missing
@@ -131,6 +175,7 @@ def build_module(spec=None) -> types.ModuleType:
 def backend() -> dict:
     """Which ``mmcv._ext`` is (or would be) used: ``{'backend': 'compiled' | 'torchvision' | None, 'reason': str}``."""
     import _mmdet_lrpq_mmcv
+
     return _mmdet_lrpq_mmcv.backend()
 
 

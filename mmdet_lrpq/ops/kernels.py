@@ -9,6 +9,7 @@ order of mmcv's own ``scores.sort(0, descending=True)`` (so ties break as compil
 them), soft-NMS and NMS-match replay mmcv's sequential loops. The parity figures against compiled
 mmcv (bit-identical or the stated bound, per op) are pinned by ``tests/test_mmcv_ops.py``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,27 +22,67 @@ def _check_avg_pool(pool_mode: int) -> None:
     if pool_mode != 1:
         raise NotImplementedError(
             "RoIAlign with pool_mode='max' is not provided by mmdet-lrpq's torchvision backend for "
-            "mmcv ops (torchvision implements average pooling only; every MMDetection RoI extractor "
-            "uses 'avg'). Use pool_mode='avg', or install mmcv with compiled ops (docs/install.md)")
+            'mmcv ops (torchvision implements average pooling only; every MMDetection RoI extractor '
+            "uses 'avg'). Use pool_mode='avg', or install mmcv with compiled ops (docs/install.md)"
+        )
 
 
-def roi_align_forward(input: Tensor, rois: Tensor, output: Tensor, argmax_y: Tensor, argmax_x: Tensor, *,
-                      aligned_height: int, aligned_width: int, spatial_scale: float, sampling_ratio: int,
-                      pool_mode: int, aligned: bool) -> None:
+def roi_align_forward(
+    input: Tensor,
+    rois: Tensor,
+    output: Tensor,
+    argmax_y: Tensor,
+    argmax_x: Tensor,
+    *,
+    aligned_height: int,
+    aligned_width: int,
+    spatial_scale: float,
+    sampling_ratio: int,
+    pool_mode: int,
+    aligned: bool,
+) -> None:
     _check_avg_pool(pool_mode)
-    out = torch.ops.torchvision.roi_align(input, rois.to(input.dtype), float(spatial_scale), int(aligned_height),
-                                          int(aligned_width), int(sampling_ratio), bool(aligned))
+    out = torch.ops.torchvision.roi_align(
+        input,
+        rois.to(input.dtype),
+        float(spatial_scale),
+        int(aligned_height),
+        int(aligned_width),
+        int(sampling_ratio),
+        bool(aligned),
+    )
     output.copy_(out)
 
 
-def roi_align_backward(grad_output: Tensor, rois: Tensor, argmax_y: Tensor, argmax_x: Tensor, grad_input: Tensor, *,
-                       aligned_height: int, aligned_width: int, spatial_scale: float, sampling_ratio: int,
-                       pool_mode: int, aligned: bool) -> None:
+def roi_align_backward(
+    grad_output: Tensor,
+    rois: Tensor,
+    argmax_y: Tensor,
+    argmax_x: Tensor,
+    grad_input: Tensor,
+    *,
+    aligned_height: int,
+    aligned_width: int,
+    spatial_scale: float,
+    sampling_ratio: int,
+    pool_mode: int,
+    aligned: bool,
+) -> None:
     _check_avg_pool(pool_mode)
     n, c, h, w = grad_input.shape
     grad = torch.ops.torchvision._roi_align_backward(
-        grad_output, rois.to(grad_output.dtype), float(spatial_scale), int(aligned_height), int(aligned_width),
-        n, c, h, w, int(sampling_ratio), bool(aligned))
+        grad_output,
+        rois.to(grad_output.dtype),
+        float(spatial_scale),
+        int(aligned_height),
+        int(aligned_width),
+        n,
+        c,
+        h,
+        w,
+        int(sampling_ratio),
+        bool(aligned),
+    )
     grad_input.copy_(grad)
 
 
@@ -91,8 +132,17 @@ def nms(boxes: Tensor, scores: Tensor, *, iou_threshold: float, offset: int = 0)
     return order[alive]
 
 
-def softnms(boxes: Tensor, scores: Tensor, dets: Tensor, *, iou_threshold: float, sigma: float, min_score: float,
-            method: int, offset: int) -> Tensor:
+def softnms(
+    boxes: Tensor,
+    scores: Tensor,
+    dets: Tensor,
+    *,
+    iou_threshold: float,
+    sigma: float,
+    min_score: float,
+    method: int,
+    offset: int,
+) -> Tensor:
     """mmcv's soft-NMS (method 0 naive, 1 linear, 2 gaussian), CPU tensors as mmcv passes them.
 
     Writes the kept boxes with their decayed scores into ``dets[:k]`` and returns their input
@@ -109,7 +159,7 @@ def softnms(boxes: Tensor, scores: Tensor, dets: Tensor, *, iou_threshold: float
     for i in range(n):
         if i >= n:
             break
-        m = i + int(torch.argmax(sc[i:n]))                 # the first maximum, as mmcv's strict '<' scan
+        m = i + int(torch.argmax(sc[i:n]))  # the first maximum, as mmcv's strict '<' scan
         box, score, area, ind = b[m].clone(), sc[m].clone(), areas[m].clone(), inds[m].clone()
         b[m], sc[m], areas[m], inds[m] = b[i], sc[i], areas[i], inds[i]
         b[i], sc[i], areas[i], inds[i] = box, score, area, ind
@@ -136,7 +186,7 @@ def _drop_below(b: Tensor, sc: Tensor, areas: Tensor, inds: Tensor, start: int, 
     """mmcv's removal: scanning forward, a box below min_score is overwritten by the current last
     box (itself re-checked) and the list shrinks by one. Returns the new length."""
     low_list = low.tolist()
-    is_low = dict(enumerate(low_list, start))               # position -> below min_score (for this step)
+    is_low = dict(enumerate(low_list, start))  # position -> below min_score (for this step)
     pos, end = start, n
     while pos < end:
         if is_low[pos]:
@@ -160,7 +210,7 @@ def nms_match(dets: Tensor, *, iou_threshold: float) -> list[list[int]]:
     for pos, i in enumerate(order):
         if suppressed[i]:
             continue
-        later = order_t[pos + 1:]
+        later = order_t[pos + 1 :]
         later = later[~suppressed[later]]
         ovr = _iou_one_to_many(boxes[i], areas[i], boxes[later], areas[later], 0)
         hit = later[ovr >= iou_threshold]
@@ -206,19 +256,24 @@ def _focal_terms(input: Tensor, target: Tensor, weight: Tensor, gamma: float, al
     if weight.numel():
         # Background samples (target == num_classes) have no class weight; mmcv's kernel reads
         # past the end of `weight` there, so they keep weight 1 here.
-        per_sample = torch.where(target < num_classes, weight[target.clamp(max=num_classes - 1)],
-                                 torch.ones((), dtype=weight.dtype, device=weight.device))
+        per_sample = torch.where(
+            target < num_classes,
+            weight[target.clamp(max=num_classes - 1)],
+            torch.ones((), dtype=weight.dtype, device=weight.device),
+        )
         out = out * per_sample[:, None]
     return out
 
 
-def sigmoid_focal_loss_forward(input: Tensor, target: Tensor, weight: Tensor, output: Tensor, *,
-                               gamma: float, alpha: float) -> None:
+def sigmoid_focal_loss_forward(
+    input: Tensor, target: Tensor, weight: Tensor, output: Tensor, *, gamma: float, alpha: float
+) -> None:
     output.copy_(_focal_terms(input, target, weight, gamma, alpha, grad=False))
 
 
-def sigmoid_focal_loss_backward(input: Tensor, target: Tensor, weight: Tensor, grad_input: Tensor, *,
-                                gamma: float, alpha: float) -> None:
+def sigmoid_focal_loss_backward(
+    input: Tensor, target: Tensor, weight: Tensor, grad_input: Tensor, *, gamma: float, alpha: float
+) -> None:
     grad_input.copy_(_focal_terms(input, target, weight, gamma, alpha, grad=True))
 
 
@@ -239,22 +294,40 @@ def _ms_deform_attn(value: Tensor, spatial_shapes: Tensor, sampling_loc: Tensor,
         feat = chunk.permute(0, 2, 3, 1).reshape(bs * heads, dim, int(h), int(w))
         # (bs, queries, heads, points, 2) -> (bs*heads, queries, points, 2)
         grid = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
-        sampled.append(torch.nn.functional.grid_sample(feat, grid, mode='bilinear', padding_mode='zeros',
-                                                       align_corners=False))
+        sampled.append(
+            torch.nn.functional.grid_sample(feat, grid, mode='bilinear', padding_mode='zeros', align_corners=False)
+        )
     # (bs, queries, heads, levels, points) -> (bs*heads, 1, queries, levels*points)
     weights = attn_weight.transpose(1, 2).reshape(bs * heads, 1, queries, levels * points)
     out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)
     return out.view(bs, heads * dim, queries).transpose(1, 2).contiguous()
 
 
-def ms_deform_attn_forward(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_loc: Tensor,
-                           attn_weight: Tensor, *, im2col_step: int) -> Tensor:
+def ms_deform_attn_forward(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_loc: Tensor,
+    attn_weight: Tensor,
+    *,
+    im2col_step: int,
+) -> Tensor:
     return _ms_deform_attn(value, spatial_shapes, sampling_loc.to(value.dtype), attn_weight.to(value.dtype))
 
 
-def ms_deform_attn_backward(value: Tensor, spatial_shapes: Tensor, level_start_index: Tensor, sampling_loc: Tensor,
-                            attn_weight: Tensor, grad_output: Tensor, grad_value: Tensor, grad_sampling_loc: Tensor,
-                            grad_attn_weight: Tensor, *, im2col_step: int) -> None:
+def ms_deform_attn_backward(
+    value: Tensor,
+    spatial_shapes: Tensor,
+    level_start_index: Tensor,
+    sampling_loc: Tensor,
+    attn_weight: Tensor,
+    grad_output: Tensor,
+    grad_value: Tensor,
+    grad_sampling_loc: Tensor,
+    grad_attn_weight: Tensor,
+    *,
+    im2col_step: int,
+) -> None:
     with torch.enable_grad():
         inputs = [t.detach().requires_grad_(True) for t in (value, sampling_loc, attn_weight)]
         out = _ms_deform_attn(inputs[0], spatial_shapes, inputs[1], inputs[2])
@@ -272,6 +345,17 @@ def get_compiling_cuda_version() -> str:
     return 'not available'
 
 
-IMPLEMENTED = ('roi_align_forward', 'roi_align_backward', 'nms', 'softnms', 'nms_match', 'bbox_overlaps',
-               'sigmoid_focal_loss_forward', 'sigmoid_focal_loss_backward', 'ms_deform_attn_forward',
-               'ms_deform_attn_backward', 'get_compiler_version', 'get_compiling_cuda_version')
+IMPLEMENTED = (
+    'roi_align_forward',
+    'roi_align_backward',
+    'nms',
+    'softnms',
+    'nms_match',
+    'bbox_overlaps',
+    'sigmoid_focal_loss_forward',
+    'sigmoid_focal_loss_backward',
+    'ms_deform_attn_forward',
+    'ms_deform_attn_backward',
+    'get_compiler_version',
+    'get_compiling_cuda_version',
+)

@@ -26,6 +26,7 @@ row; only these two allocators take one (the rule-based ones budget weight memor
 LampQ's type-aware normalisation of the table and its iterative re-measure/re-solve loop are
 options around ``sensitivity``: :func:`mmdet_lrpq.plan.lampq.allocate_lampq`.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,7 +42,7 @@ from .bitplan import BitPlan, check_scores, format_names
 from .budget import Budget, account
 from .sites import Site
 
-EARLY_BLOCKS = (0, 1)   # LRP-QViT gives the first two transformer blocks k+1 bits
+EARLY_BLOCKS = (0, 1)  # LRP-QViT gives the first two transformer blocks k+1 bits
 
 
 def _clip(bits: int) -> int:
@@ -51,6 +52,7 @@ def _clip(bits: int) -> int:
 @dataclass
 class _Problem:
     """The validated inputs of one allocation."""
+
     sites: list[Site]
     scores: dict[str, float]
     k: int
@@ -98,25 +100,31 @@ class _Problem:
         check = self.budget.check(self.sites, self.pin(lowest))
         if check.holds:
             return
-        if check.margin_bits >= 0:      # the memory fits: the BOPs do not
+        if check.margin_bits >= 0:  # the memory fits: the BOPs do not
             assert check.used_bops is not None and check.limit_bops is not None
             raise ValueError(
                 f'impossible budget for allocator {self.allocator!r}: max_bops={check.limit_bops} BOPs per image, '
                 f'but even the cheapest plan the rule allows ({rule}) needs {check.used_bops} '
-                f'({check.used_bops / check.limit_bops:.3f}x). Raise Budget.max_bops or pin fewer sites high.')
+                f'({check.used_bops / check.limit_bops:.3f}x). Raise Budget.max_bops or pin fewer sites high.'
+            )
         pinned = sum(s.params * self.fixed[s.name][0] for s in self.sites if s.has_weights and s.name in self.fixed)
-        unscored = [s.name for s in self.sites if s.has_weights and s.name not in self.fixed
-                    and s.name not in self.scores]
+        unscored = [
+            s.name for s in self.sites if s.has_weights and s.name not in self.fixed and s.name not in self.scores
+        ]
         params = sum(s.params for s in self.sites if s.has_weights)
-        msg = (f'impossible budget for allocator {self.allocator!r}: Budget(weight_bits={self.budget.weight_bits}) '
-               f'allows {check.limit_bits} bits of weight memory over these {len(self.sites)} sites '
-               f'({params} weights), but even the cheapest plan the rule allows ({rule}) needs '
-               f'{check.used_bits} bits ({check.used_bits / max(params, 1):.3f} bits per weight). '
-               f'Pinned sites use {pinned} bits'
-               f'{", more than the whole budget" if pinned > check.limit_bits else ""}.')
+        msg = (
+            f'impossible budget for allocator {self.allocator!r}: Budget(weight_bits={self.budget.weight_bits}) '
+            f'allows {check.limit_bits} bits of weight memory over these {len(self.sites)} sites '
+            f'({params} weights), but even the cheapest plan the rule allows ({rule}) needs '
+            f'{check.used_bits} bits ({check.used_bits / max(params, 1):.3f} bits per weight). '
+            f'Pinned sites use {pinned} bits'
+            f'{", more than the whole budget" if pinned > check.limit_bits else ""}.'
+        )
         if unscored:
-            msg += (f' {len(unscored)} weighted site(s) have no score and are held at {self.k} bits: '
-                    f'{format_names(unscored)}.')
+            msg += (
+                f' {len(unscored)} weighted site(s) have no score and are held at {self.k} bits: '
+                f'{format_names(unscored)}.'
+            )
         raise ValueError(msg + ' Raise Budget.weight_bits, pin fewer sites or pin them lower, or score more sites.')
 
 
@@ -135,12 +143,19 @@ def _lrp_qvit(p: _Problem) -> dict[str, Bits]:
     for s in p.sites:
         if s.name not in p.fixed and s.block in EARLY_BLOCKS:
             bits[s.name] = (p.high, p.high)
-    droppable = sorted((s for s in p.adjustable()
-                        if (s.block is not None and s.block not in EARLY_BLOCKS) or s.layer_type == 'reduction'),
-                       key=lambda s: (p.scores[s.name], s.name))
-    p.require_feasible({**bits, **{s.name: (p.low, p.low) for s in droppable}},
-                       f'blocks {EARLY_BLOCKS[0]}-{EARLY_BLOCKS[-1]} at {p.high} bits, every scored site of the '
-                       f'later blocks and reductions at {p.low}, the rest at {p.k}')
+    droppable = sorted(
+        (
+            s
+            for s in p.adjustable()
+            if (s.block is not None and s.block not in EARLY_BLOCKS) or s.layer_type == 'reduction'
+        ),
+        key=lambda s: (p.scores[s.name], s.name),
+    )
+    p.require_feasible(
+        {**bits, **{s.name: (p.low, p.low) for s in droppable}},
+        f'blocks {EARLY_BLOCKS[0]}-{EARLY_BLOCKS[-1]} at {p.high} bits, every scored site of the '
+        f'later blocks and reductions at {p.low}, the rest at {p.k}',
+    )
     margin = p.budget.check(p.sites, bits).margin_bits
     for s in droppable:
         if margin >= 0:
@@ -169,8 +184,9 @@ def _greedy(p: _Problem) -> dict[str, Bits]:
     return bits
 
 
-def _choose_bits(p: _Problem, cost: Callable[[Site, int], float], time_limit: float | None = None,
-                 mip_rel_gap: float = 0.0) -> dict[str, Bits]:
+def _choose_bits(
+    p: _Problem, cost: Callable[[Site, int], float], time_limit: float | None = None, mip_rel_gap: float = 0.0
+) -> dict[str, Bits]:
     """Minimize ``Σ cost(site, bits)`` under the weight budget, one binary per (site, allowed bits).
 
     The budget row is divided by the gcd of the weight counts so its coefficients stay small
@@ -185,8 +201,9 @@ def _choose_bits(p: _Problem, cost: Callable[[Site, int], float], time_limit: fl
     if not adjustable:
         return bits
     moving = {s.name for s in adjustable}
-    free = p.budget.limit_bits(p.sites) - sum(s.params * bits[s.name][0] for s in p.sites
-                                              if s.has_weights and s.name not in moving)
+    free = p.budget.limit_bits(p.sites) - sum(
+        s.params * bits[s.name][0] for s in p.sites if s.has_weights and s.name not in moving
+    )
     g = math.gcd(*(s.params for s in adjustable)) or 1
     n, m = len(adjustable), len(levels)
     lv = np.asarray(levels, dtype=float)
@@ -202,12 +219,13 @@ def _choose_bits(p: _Problem, cost: Callable[[Site, int], float], time_limit: fl
         bops_row = np.asarray([s.macs // gb * b * p.act(s, b) for s in adjustable for b in levels], dtype=float)
         constraints.append(LinearConstraint(bops_row[None, :], -np.inf, (p.budget.max_bops - fixed_bops) // gb))
     options = {'mip_rel_gap': mip_rel_gap, **({'time_limit': time_limit} if time_limit is not None else {})}
-    res = milp(objective, integrality=np.ones(n * m), bounds=Bounds(0, 1), constraints=constraints,
-               options=options)
+    res = milp(objective, integrality=np.ones(n * m), bounds=Bounds(0, 1), constraints=constraints, options=options)
     if res.status != 0 or res.x is None:
-        raise RuntimeError(f'{p.allocator} allocator: scipy.optimize.milp did not return an optimal solution '
-                           f'(status {res.status}: {res.message}). For a time limit, pass a larger '
-                           f'time_limit= or a looser mip_rel_gap=.')
+        raise RuntimeError(
+            f'{p.allocator} allocator: scipy.optimize.milp did not return an optimal solution '
+            f'(status {res.status}: {res.message}). For a time limit, pass a larger '
+            f'time_limit= or a looser mip_rel_gap=.'
+        )
     choice = np.rint(res.x).reshape(n, m)
     if not np.all(choice.sum(axis=1) == 1):
         raise RuntimeError(f'{p.allocator} allocator: the solver returned a non-integral choice of bits')
@@ -216,8 +234,10 @@ def _choose_bits(p: _Problem, cost: Callable[[Site, int], float], time_limit: fl
         bits[s.name] = (b, b)
     check = p.budget.check(p.sites, p.pin(bits))
     if not check.holds:
-        raise RuntimeError(f'{p.allocator} allocator: after rounding, the solver\'s solution exceeds the budget '
-                           f'({check.to_dict()}: solver tolerance); nothing was returned')
+        raise RuntimeError(
+            f"{p.allocator} allocator: after rounding, the solver's solution exceeds the budget "
+            f'({check.to_dict()}: solver tolerance); nothing was returned'
+        )
     return bits
 
 
@@ -241,10 +261,18 @@ ALLOCATORS: dict[str, Callable[..., dict[str, Bits]]] = {
 }
 
 
-def allocate(name: str, sites: Sequence[Site], scores: Mapping[str, float] | None = None, *,
-             target_bits: int, budget: Budget | None = None, fixed: Mapping[str, Bits] | None = None,
-             sensitivity: Mapping[str, Mapping[int, float]] | None = None,
-             act_bits: Mapping[str, int] | None = None, **options: Any) -> BitPlan:
+def allocate(
+    name: str,
+    sites: Sequence[Site],
+    scores: Mapping[str, float] | None = None,
+    *,
+    target_bits: int,
+    budget: Budget | None = None,
+    fixed: Mapping[str, Bits] | None = None,
+    sensitivity: Mapping[str, Mapping[int, float]] | None = None,
+    act_bits: Mapping[str, int] | None = None,
+    **options: Any,
+) -> BitPlan:
     """Assign ``(w_bits, a_bits)`` to every site with allocator ``name`` (see module doc).
 
     ``scores``: site -> relative importance (higher = more important); ``sensitivity`` (the
@@ -258,21 +286,30 @@ def allocate(name: str, sites: Sequence[Site], scores: Mapping[str, float] | Non
     if name not in ALLOCATORS:
         raise ValueError(f'unknown allocator {name!r}; available: {format_names(ALLOCATORS)}')
     if (name == 'sensitivity') != (sensitivity is not None) or (name == 'sensitivity' and scores):
-        raise ValueError("the 'sensitivity' allocator takes sensitivity= (site -> {bits: cost}) and no scores; "
-                         'the other allocators take scores and no sensitivity')
+        raise ValueError(
+            "the 'sensitivity' allocator takes sensitivity= (site -> {bits: cost}) and no scores; "
+            'the other allocators take scores and no sensitivity'
+        )
     p = _problem(name, sites, scores or {}, target_bits, budget, fixed or {}, sensitivity, act_bits or {})
     bits = p.pin(ALLOCATORS[name](p, **options))
     check = p.budget.check(p.sites, bits)
-    if not check.holds:     # every allocator is built to fit; never hand out a plan that does not
+    if not check.holds:  # every allocator is built to fit; never hand out a plan that does not
         raise RuntimeError(f'allocator {name!r} produced a plan over budget: {check.to_dict()}')
-    record = {**p.budget.to_dict(), 'target_bits': p.k, **check.to_dict(),
-              'pinned': {n: list(b) for n, b in p.fixed.items()}, 'accounting': account(p.sites, bits).to_dict()}
-    return BitPlan(bits, scores={s.name: p.scores[s.name] for s in p.sites if s.name in p.scores},
-                   allocator=name, budget=record)
+    record = {
+        **p.budget.to_dict(),
+        'target_bits': p.k,
+        **check.to_dict(),
+        'pinned': {n: list(b) for n, b in p.fixed.items()},
+        'accounting': account(p.sites, bits).to_dict(),
+    }
+    return BitPlan(
+        bits, scores={s.name: p.scores[s.name] for s in p.sites if s.name in p.scores}, allocator=name, budget=record
+    )
 
 
-def _check_sensitivity(table: Mapping[str, Mapping[int, float]], levels: list[int],
-                       sites: Sequence[Site]) -> dict[str, dict[int, float]]:
+def _check_sensitivity(
+    table: Mapping[str, Mapping[int, float]], levels: list[int], sites: Sequence[Site]
+) -> dict[str, dict[int, float]]:
     """``{site: {bits: cost}}`` with a finite cost for every allowed bit-width of every listed site."""
     out: dict[str, dict[int, float]] = {}
     for name, costs in table.items():
@@ -286,15 +323,22 @@ def _check_sensitivity(table: Mapping[str, Mapping[int, float]], levels: list[in
         out[name] = {b: checked[f'{name}@{b}'] for b in levels}
     weightless = [s.name for s in sites if not s.has_weights and s.name in out]
     if weightless:
-        raise ValueError(f'sensitivity names sites without weights, which a weight budget cannot trade: '
-                         f'{format_names(weightless)}')
+        raise ValueError(
+            f'sensitivity names sites without weights, which a weight budget cannot trade: {format_names(weightless)}'
+        )
     return out
 
 
-def _problem(name: str, sites: Sequence[Site], scores: Mapping[str, float], k: int,
-             budget: Budget | None, fixed: Mapping[str, Bits],
-             sensitivity: Mapping[str, Mapping[int, float]] | None = None,
-             act_bits: Mapping[str, int] | None = None) -> _Problem:
+def _problem(
+    name: str,
+    sites: Sequence[Site],
+    scores: Mapping[str, float],
+    k: int,
+    budget: Budget | None,
+    fixed: Mapping[str, Bits],
+    sensitivity: Mapping[str, Mapping[int, float]] | None = None,
+    act_bits: Mapping[str, int] | None = None,
+) -> _Problem:
     sites = list(sites)
     names = [s.name for s in sites]
     known = set(names)
@@ -306,23 +350,30 @@ def _problem(name: str, sites: Sequence[Site], scores: Mapping[str, float], k: i
     table = {}
     if sensitivity is not None:
         table = _check_sensitivity(sensitivity, sorted({_clip(k - 1), k, _clip(k + 1)}), sites)
-        scores = {n: costs[k] for n, costs in table.items()}      # the record, and which sites can move
+        scores = {n: costs[k] for n, costs in table.items()}  # the record, and which sites can move
     for what, mapping in (('scores', scores), ('fixed', fixed), ('act_bits', act_bits or {})):
         unknown = [n for n in mapping if n not in known]
         if unknown:
-            raise ValueError(f'{what} name {len(unknown)} site(s) not in the site list: {format_names(unknown)}. '
-                             f'Map names to the model being planned first (e.g. BitPlan.rename for timm -> mmdet).')
+            raise ValueError(
+                f'{what} name {len(unknown)} site(s) not in the site list: {format_names(unknown)}. '
+                f'Map names to the model being planned first (e.g. BitPlan.rename for timm -> mmdet).'
+            )
     checked_scores = check_scores(scores)
     pinned = {n: check_bit_pair(f'fixed[{n!r}]', b) for n, b in fixed.items()}
     act_pins = {n: check_bit_pair(f'act_bits[{n!r}]', (MIN_BITS, a))[1] for n, a in (act_bits or {}).items()}
     budget = budget or Budget(weight_bits=k)
     if budget.max_bops is not None:
         if name not in ('ilp', 'sensitivity'):
-            raise ValueError(f'allocator {name!r} budgets weight memory only; a budget with max_bops is solved by '
-                             f"the integer-program allocators 'ilp' and 'sensitivity'")
+            raise ValueError(
+                f'allocator {name!r} budgets weight memory only; a budget with max_bops is solved by '
+                f"the integer-program allocators 'ilp' and 'sensitivity'"
+            )
         budget.require_macs(sites)
-    if name != 'uniform' and not any(s.has_weights and s.name not in pinned and s.name in checked_scores
-                                     for s in sites):
-        raise ValueError(f'allocator {name!r} ranks sites by score, but no unpinned site with weights has one '
-                         f'({len(checked_scores)} scores given)')
+    if name != 'uniform' and not any(
+        s.has_weights and s.name not in pinned and s.name in checked_scores for s in sites
+    ):
+        raise ValueError(
+            f'allocator {name!r} ranks sites by score, but no unpinned site with weights has one '
+            f'({len(checked_scores)} scores given)'
+        )
     return _Problem(sites, checked_scores, k, budget, pinned, name, table, act_pins)

@@ -12,6 +12,7 @@ A plan that cannot mean what it says is an error: duplicate keys in the JSON fil
 would silently win), patterns after the catch-all ``re:.*`` (never consulted), and, on a model,
 patterns whose every site an earlier pattern already decides.
 """
+
 from __future__ import annotations
 
 import copy
@@ -43,8 +44,11 @@ def format_names(names: Iterable[str], limit: int = 10) -> str:
 
 def check_scores(scores: Mapping[str, Any]) -> dict[str, float]:
     """``scores`` as ``{name: float}``; NaN/inf or non-numbers are rejected (they cannot rank sites)."""
-    bad = [f'{k}={v!r}' for k, v in scores.items()
-           if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v)]
+    bad = [
+        f'{k}={v!r}'
+        for k, v in scores.items()
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v)
+    ]
     if bad:
         raise ValueError(f'scores must be finite numbers; got {format_names(bad)}')
     return {str(k): float(v) for k, v in scores.items()}
@@ -60,9 +64,17 @@ class BitPlan:
     ``bits`` is exposed read-only; assign a new mapping to change it (it is re-checked).
     """
 
-    def __init__(self, bits: Mapping[str, Any] | None = None, *, scores: Mapping[str, float] | None = None,
-                 allocator: str = '', budget: dict | None = None, source: dict | None = None,
-                 command: str = '', architecture: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        bits: Mapping[str, Any] | None = None,
+        *,
+        scores: Mapping[str, float] | None = None,
+        allocator: str = '',
+        budget: dict | None = None,
+        source: dict | None = None,
+        command: str = '',
+        architecture: Mapping[str, Any] | None = None,
+    ):
         self.bits = bits or {}
         self.scores = scores or {}
         self.allocator = allocator
@@ -95,14 +107,16 @@ class BitPlan:
             checked[key] = check_bit_pair(key, value)
             if key.startswith(PATTERN_PREFIX):
                 try:
-                    patterns.append((key, re.compile(key[len(PATTERN_PREFIX):])))
+                    patterns.append((key, re.compile(key[len(PATTERN_PREFIX) :])))
                 except re.error as e:
                     raise ValueError(f'bit plan entry {key!r}: invalid regular expression ({e})') from None
         pattern_keys = [k for k, _ in patterns]
-        after_catch_all = pattern_keys[pattern_keys.index(CATCH_ALL) + 1:] if CATCH_ALL in pattern_keys else []
+        after_catch_all = pattern_keys[pattern_keys.index(CATCH_ALL) + 1 :] if CATCH_ALL in pattern_keys else []
         if after_catch_all:
-            raise ValueError(f'bit plan entries after the catch-all {CATCH_ALL!r} are never used (patterns are '
-                             f'tried in order): {format_names(after_catch_all)}. Move them before {CATCH_ALL!r}.')
+            raise ValueError(
+                f'bit plan entries after the catch-all {CATCH_ALL!r} are never used (patterns are '
+                f'tried in order): {format_names(after_catch_all)}. Move them before {CATCH_ALL!r}.'
+            )
         self._bits = checked
         self._bits_view = MappingProxyType(checked)
         self._patterns = patterns
@@ -124,9 +138,11 @@ class BitPlan:
         keys = {n: self._match(n) for n in names}
         unmatched = [n for n, k in keys.items() if k is None]
         if unmatched:
-            raise ValueError(f'the bit plan covers no entry for {len(unmatched)} site(s): '
-                             f'{format_names(unmatched)}. Add entries for them, or a fallback with '
-                             f'BitPlan.with_default(w_bits, a_bits).')
+            raise ValueError(
+                f'the bit plan covers no entry for {len(unmatched)} site(s): '
+                f'{format_names(unmatched)}. Add entries for them, or a fallback with '
+                f'BitPlan.with_default(w_bits, a_bits).'
+            )
         return {n: self._bits[k] for n, k in keys.items() if k is not None}
 
     def validate(self, sites: Iterable[Site | str]) -> None:
@@ -141,25 +157,35 @@ class BitPlan:
         problems = []
         unknown = [k for k in self._bits if not k.startswith(PATTERN_PREFIX) and k not in known]
         if unknown:
-            problems.append(f'{len(unknown)} exact key(s) name no site of this model: {format_names(unknown)}. '
-                            f'Is the plan for another model or naming scheme? Map its names with '
-                            f'BitPlan.rename (e.g. timm -> mmdet) or remove these entries.')
+            problems.append(
+                f'{len(unknown)} exact key(s) name no site of this model: {format_names(unknown)}. '
+                f'Is the plan for another model or naming scheme? Map its names with '
+                f'BitPlan.rename (e.g. timm -> mmdet) or remove these entries.'
+            )
         deciding = {n: self._match(n) for n in names}
         matched = {k: [n for n in names if pat.fullmatch(n)] for k, pat in self._patterns}
         unused = [k for k, hits in matched.items() if not hits]
         if unused:
-            problems.append(f'{len(unused)} pattern(s) match no site: {format_names(unused)}. '
-                            f'Patterns must match a whole site name; fix or remove them.')
-        shadowed = [f'{k} (by {format_names(sorted({str(deciding[n]) for n in hits if deciding[n] != n}), 3)})'
-                    for k, hits in matched.items()
-                    if hits and k not in deciding.values() and any(deciding[n] != n for n in hits)]
+            problems.append(
+                f'{len(unused)} pattern(s) match no site: {format_names(unused)}. '
+                f'Patterns must match a whole site name; fix or remove them.'
+            )
+        shadowed = [
+            f'{k} (by {format_names(sorted({str(deciding[n]) for n in hits if deciding[n] != n}), 3)})'
+            for k, hits in matched.items()
+            if hits and k not in deciding.values() and any(deciding[n] != n for n in hits)
+        ]
         if shadowed:
-            problems.append(f'{len(shadowed)} pattern(s) decide no site because an earlier pattern decides every '
-                            f'site they match: {", ".join(shadowed)}. Move them before that pattern or remove them.')
+            problems.append(
+                f'{len(shadowed)} pattern(s) decide no site because an earlier pattern decides every '
+                f'site they match: {", ".join(shadowed)}. Move them before that pattern or remove them.'
+            )
         uncovered = [n for n in names if deciding[n] is None]
         if uncovered:
-            problems.append(f'{len(uncovered)} site(s) are matched by no entry: {format_names(uncovered)}. '
-                            f'Add entries for them, or a fallback with BitPlan.with_default(w_bits, a_bits).')
+            problems.append(
+                f'{len(uncovered)} site(s) are matched by no entry: {format_names(uncovered)}. '
+                f'Add entries for them, or a fallback with BitPlan.with_default(w_bits, a_bits).'
+            )
         if problems:
             raise ValueError('bit plan does not fit this model:\n- ' + '\n- '.join(problems))
 
@@ -172,20 +198,27 @@ class BitPlan:
         """
         if not self.architecture:
             return
-        differ = {k: (self.architecture[k], architecture[k]) for k in self.architecture
-                  if k in architecture and _canonical(self.architecture[k]) != _canonical(architecture[k])}
+        differ = {
+            k: (self.architecture[k], architecture[k])
+            for k in self.architecture
+            if k in architecture and _canonical(self.architecture[k]) != _canonical(architecture[k])
+        }
         if differ:
             detail = ', '.join(f'{k}: plan {a!r} vs model {b!r}' for k, (a, b) in differ.items())
-            raise ValueError(f'the bit plan was made for another architecture than {where} ({detail}). '
-                             f'Make a plan for this backbone with tools/lrp_plan.py (its --model must be the '
-                             f'classifier of the same size).')
+            raise ValueError(
+                f'the bit plan was made for another architecture than {where} ({detail}). '
+                f'Make a plan for this backbone with tools/lrp_plan.py (its --model must be the '
+                f'classifier of the same size).'
+            )
 
     def placeholder_reason(self) -> str | None:
         """Why the plan's ranking of layers means nothing (it was made from random weights), else ``None``."""
         weights = self.source.get('weights')
         if isinstance(weights, Mapping) and weights.get('kind') == 'random-init':
-            return (f"it was computed from randomly initialised classifier weights (source.weights.kind = "
-                    f"'random-init', seed {weights.get('seed')!r})")
+            return (
+                f'it was computed from randomly initialised classifier weights (source.weights.kind = '
+                f"'random-init', seed {weights.get('seed')!r})"
+            )
         return None
 
     # ------------------------------------------------------------------ derived plans
@@ -194,6 +227,7 @@ class BitPlan:
 
         Patterns are kept as they are: they are written for the target naming already.
         """
+
         def mapped(items: Iterable[tuple[str, Any]], what: str, is_pattern: Callable[[str], bool]) -> dict:
             out: dict[str, Any] = {}
             origin: dict[str, str] = {}
@@ -206,8 +240,10 @@ class BitPlan:
                 out[new], origin[new] = value, key
             return out
 
-        return self._replace(bits=mapped(self._bits.items(), 'bit plan keys', lambda k: k.startswith(PATTERN_PREFIX)),
-                             scores=mapped(self.scores.items(), 'score keys', lambda k: False))
+        return self._replace(
+            bits=mapped(self._bits.items(), 'bit plan keys', lambda k: k.startswith(PATTERN_PREFIX)),
+            scores=mapped(self.scores.items(), 'score keys', lambda k: False),
+        )
 
     def with_default(self, w_bits: int, a_bits: int) -> BitPlan:
         """A copy whose last entry is the catch-all ``re:.*`` (replacing any earlier catch-all).
@@ -215,35 +251,57 @@ class BitPlan:
         Gives a backbone-only plan its bits for the rest of a detector (neck, heads). Adding sites
         at uniform ``k`` never breaks a ``Budget(weight_bits=k)`` that held without them.
         """
-        return self._replace(bits={**{k: v for k, v in self._bits.items() if k != CATCH_ALL},
-                                   CATCH_ALL: (w_bits, a_bits)})
+        return self._replace(
+            bits={**{k: v for k, v in self._bits.items() if k != CATCH_ALL}, CATCH_ALL: (w_bits, a_bits)}
+        )
 
     def _replace(self, **changes: Any) -> BitPlan:
-        fields = dict(bits=self._bits, scores=self.scores, allocator=self.allocator,
-                      budget=copy.deepcopy(self.budget), source=copy.deepcopy(self.source), command=self.command,
-                      architecture=copy.deepcopy(self.architecture))
+        fields = dict(
+            bits=self._bits,
+            scores=self.scores,
+            allocator=self.allocator,
+            budget=copy.deepcopy(self.budget),
+            source=copy.deepcopy(self.source),
+            command=self.command,
+            architecture=copy.deepcopy(self.architecture),
+        )
         return BitPlan(**{**fields, **changes})
 
     # ------------------------------------------------------------------ I/O
     def to_dict(self) -> dict:
-        return {'format': PLAN_FORMAT, 'allocator': self.allocator, 'command': self.command,
-                'source': copy.deepcopy(self.source), 'architecture': copy.deepcopy(self.architecture),
-                'budget': copy.deepcopy(self.budget),
-                'bits': {k: list(v) for k, v in self._bits.items()}, 'scores': dict(self.scores)}
+        return {
+            'format': PLAN_FORMAT,
+            'allocator': self.allocator,
+            'command': self.command,
+            'source': copy.deepcopy(self.source),
+            'architecture': copy.deepcopy(self.architecture),
+            'budget': copy.deepcopy(self.budget),
+            'bits': {k: list(v) for k, v in self._bits.items()},
+            'scores': dict(self.scores),
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str = 'bit plan') -> BitPlan:
         if not isinstance(data, Mapping) or data.get('format') != PLAN_FORMAT:
             found = data.get('format') if isinstance(data, Mapping) else type(data).__name__
-            raise ValueError(f'{where} is not an mmdet-lrpq bit plan: format is {found!r}, expected '
-                             f'{PLAN_FORMAT!r}. Make plans with tools/lrp_plan.py or BitPlan.save.')
+            raise ValueError(
+                f'{where} is not an mmdet-lrpq bit plan: format is {found!r}, expected '
+                f'{PLAN_FORMAT!r}. Make plans with tools/lrp_plan.py or BitPlan.save.'
+            )
         extra = sorted(set(data) - set(_FIELDS))
         if extra:
-            raise ValueError(f'{where}: unknown field(s) {format_names(extra)}; a {PLAN_FORMAT} plan has '
-                             f'{format_names(_FIELDS)}')
-        return cls(data.get('bits', {}), scores=data.get('scores'), allocator=data.get('allocator', ''),
-                   budget=data.get('budget'), source=data.get('source'), command=data.get('command', ''),
-                   architecture=data.get('architecture'))
+            raise ValueError(
+                f'{where}: unknown field(s) {format_names(extra)}; a {PLAN_FORMAT} plan has {format_names(_FIELDS)}'
+            )
+        return cls(
+            data.get('bits', {}),
+            scores=data.get('scores'),
+            allocator=data.get('allocator', ''),
+            budget=data.get('budget'),
+            source=data.get('source'),
+            command=data.get('command', ''),
+            architecture=data.get('architecture'),
+        )
 
     def save(self, path: str | Path) -> None:
         """Write human-readable JSON (indent 2, one ``"site": [w, a]`` per line)."""
@@ -262,11 +320,15 @@ class BitPlan:
         try:
             data = json.loads(text, object_pairs_hook=_no_duplicate_keys)
         except json.JSONDecodeError as e:
-            raise ValueError(f'{path}: not valid JSON ({e}); a truncated or hand-edited plan? Regenerate it with '
-                             f'the command recorded in it, or tools/lrp_plan.py') from None
+            raise ValueError(
+                f'{path}: not valid JSON ({e}); a truncated or hand-edited plan? Regenerate it with '
+                f'the command recorded in it, or tools/lrp_plan.py'
+            ) from None
         except _DuplicateKeys as e:
-            raise ValueError(f'{path}: duplicate JSON key(s) {format_names(e.keys)} (only the last of each would '
-                             f'count); keep one entry per key') from None
+            raise ValueError(
+                f'{path}: duplicate JSON key(s) {format_names(e.keys)} (only the last of each would '
+                f'count); keep one entry per key'
+            ) from None
         return cls.from_dict(data, where=str(path))
 
     def content_hash(self) -> str:
@@ -277,8 +339,9 @@ class BitPlan:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, BitPlan):
             return NotImplemented
-        return (list(self._bits.items()) == list(other._bits.items())
-                and _json_safe(self.to_dict()) == _json_safe(other.to_dict()))
+        return list(self._bits.items()) == list(other._bits.items()) and _json_safe(self.to_dict()) == _json_safe(
+            other.to_dict()
+        )
 
     def __repr__(self) -> str:
         return f'BitPlan({len(self._bits)} entries, allocator={self.allocator!r})'

@@ -4,6 +4,7 @@ Mixed-precision results are only comparable at equal cost (DESIGN §3.5), so the
 one way, here, and recorded next to every plan and result. Sums are Python ints (no overflow, no
 rounding); only the reported averages and megabytes are floats.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,6 +28,7 @@ class Accounting:
     two operands); ``bops`` counts ``macs·w·a`` for Linear/Conv and ``macs·a·a`` for matmuls, whose
     two operands are both activations. Averages with nothing to average over are NaN.
     """
+
     n_sites: int
     params: int
     total_weight_bits: int
@@ -42,7 +44,7 @@ class Accounting:
 
 
 def _ratio(num: int, den: int) -> float:
-    return num / den if den else math.nan     # int / int is correctly rounded
+    return num / den if den else math.nan  # int / int is correctly rounded
 
 
 def _lookup(sites: Sequence[Site], assignment: Assignment) -> list[tuple[Site, int, int]]:
@@ -62,7 +64,7 @@ def account(sites: Sequence[Site], assignment: Assignment) -> Accounting:
         n_sites=len(rows),
         params=params,
         total_weight_bits=weight_bits,
-        weight_mb=weight_bits / 8 / 2 ** 20,
+        weight_mb=weight_bits / 8 / 2**20,
         avg_weight_bits=_ratio(weight_bits, params),
         avg_act_bits=_ratio(sum(a for _, _, a in rows), len(rows)),
         avg_act_bits_mac_weighted=_ratio(sum(s.macs * a for s, _, a in rows), macs),
@@ -74,6 +76,7 @@ def account(sites: Sequence[Site], assignment: Assignment) -> Accounting:
 @dataclass(frozen=True)
 class BudgetCheck:
     """Outcome of :meth:`Budget.check`: weight memory in bits, and BOPs where the budget limits them."""
+
     holds: bool
     used_bits: int
     limit_bits: int
@@ -89,8 +92,12 @@ class BudgetCheck:
         return self.holds
 
     def to_dict(self) -> dict:
-        out: dict[str, Any] = {'holds': self.holds, 'used_bits': self.used_bits, 'limit_bits': self.limit_bits,
-                               'margin_bits': self.margin_bits}
+        out: dict[str, Any] = {
+            'holds': self.holds,
+            'used_bits': self.used_bits,
+            'limit_bits': self.limit_bits,
+            'margin_bits': self.margin_bits,
+        }
         if self.limit_bops is not None:
             out.update(used_bops=self.used_bops, limit_bops=self.limit_bops)
         return out
@@ -107,6 +114,7 @@ class Budget:
     :func:`account` counts them) of the sites' measured MACs; :func:`uniform_bops` gives the BOPs of
     a uniform plan, so "no more BOPs than uniform k bits" is ``max_bops=uniform_bops(sites, k)``.
     """
+
     weight_bits: float
     max_bops: int | None = None
 
@@ -144,15 +152,21 @@ class Budget:
     def require_macs(self, sites: Sequence[Site]) -> None:
         """With ``max_bops``: a ValueError unless some site has measured MACs (BOPs of 0 would pass any limit)."""
         if self.max_bops is not None and not any(s.macs for s in sites):
-            raise ValueError('Budget.max_bops needs the sites\' MACs (Site.macs), and every site has 0: measure them '
-                             'on a forward first (e.g. mmdet_lrpq.engine.sensitivity.measure_macs)')
+            raise ValueError(
+                "Budget.max_bops needs the sites' MACs (Site.macs), and every site has 0: measure them "
+                'on a forward first (e.g. mmdet_lrpq.engine.sensitivity.measure_macs)'
+            )
 
     def to_dict(self) -> dict:
-        out = {'weight_bits': self.weight_bits,
-               'constraint': 'sum(params * w_bits) <= weight_bits * sum(params), over sites with weights'}
+        out = {
+            'weight_bits': self.weight_bits,
+            'constraint': 'sum(params * w_bits) <= weight_bits * sum(params), over sites with weights',
+        }
         if self.max_bops is not None:
-            out.update(max_bops=self.max_bops, bops_constraint='sum(macs * w_bits * a_bits) <= max_bops '
-                                                               '(matmuls: macs * a_bits^2), per image')
+            out.update(
+                max_bops=self.max_bops,
+                bops_constraint='sum(macs * w_bits * a_bits) <= max_bops (matmuls: macs * a_bits^2), per image',
+            )
         return out
 
 

@@ -19,6 +19,7 @@ uniform random costs per (site, bits) from ``numpy.random.default_rng(seed)``: d
 seed, different seeds give (almost always) different plans. Site inputs pinned by the quantizer
 (``act_bits``) keep their pinned ``a_bits`` as in :func:`~mmdet_lrpq.plan.allocate`.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,10 +36,18 @@ from .sites import Site
 DEFAULT_TOLERANCE = 0.005
 
 
-def random_plan(sites: Sequence[Site], like: Mapping[str, Bits], *, budget: Budget, seed: int,
-                movable: Sequence[str] | None = None, levels: Sequence[int] | None = None,
-                match_counts: bool = True, tolerance: float = DEFAULT_TOLERANCE,
-                act_bits: Mapping[str, int] | None = None) -> BitPlan:
+def random_plan(
+    sites: Sequence[Site],
+    like: Mapping[str, Bits],
+    *,
+    budget: Budget,
+    seed: int,
+    movable: Sequence[str] | None = None,
+    levels: Sequence[int] | None = None,
+    match_counts: bool = True,
+    tolerance: float = DEFAULT_TOLERANCE,
+    act_bits: Mapping[str, int] | None = None,
+) -> BitPlan:
     """A random plan on ``sites`` controlling for ``like`` (site -> ``(w_bits, a_bits)``, every site).
 
     ``movable``: the site names whose bits are drawn (default: every weighted site); the others,
@@ -83,12 +92,14 @@ def random_plan(sites: Sequence[Site], like: Mapping[str, Bits], *, budget: Budg
     slack = math.floor(tolerance * limit)
     floor_bits = max(min(target.total_weight_bits, limit) - slack, 0)
     ceiling_bits = min(target.total_weight_bits + slack, limit)
-    rows = [LinearConstraint(np.kron(np.eye(n), np.ones(m)), 1, 1),
-            LinearConstraint(memory[None, :], math.ceil((floor_bits - fixed_bits) / g),
-                             (ceiling_bits - fixed_bits) // g)]
+    rows = [
+        LinearConstraint(np.kron(np.eye(n), np.ones(m)), 1, 1),
+        LinearConstraint(memory[None, :], math.ceil((floor_bits - fixed_bits) / g), (ceiling_bits - fixed_bits) // g),
+    ]
     if match_counts:
-        rows.append(LinearConstraint(np.kron(np.ones(n), np.eye(m)), [counts[b] for b in levels],
-                                     [counts[b] for b in levels]))
+        rows.append(
+            LinearConstraint(np.kron(np.ones(n), np.eye(m)), [counts[b] for b in levels], [counts[b] for b in levels])
+        )
     if budget.max_bops is not None:
         budget.require_macs(sites)
         fixed_bops = account([s for s in sites if s.name not in moving_names], bits).bops
@@ -97,8 +108,11 @@ def random_plan(sites: Sequence[Site], like: Mapping[str, Bits], *, budget: Budg
         slack_bops = math.floor(tolerance * budget.max_bops)
         floor_bops = max(min(target.bops, budget.max_bops) - slack_bops, 0)
         ceiling_bops = min(target.bops + slack_bops, budget.max_bops)
-        rows.append(LinearConstraint(bops[None, :], math.ceil((floor_bops - fixed_bops) / gb),
-                                     (ceiling_bops - fixed_bops) // gb))
+        rows.append(
+            LinearConstraint(
+                bops[None, :], math.ceil((floor_bops - fixed_bops) / gb), (ceiling_bops - fixed_bops) // gb
+            )
+        )
     cost = np.random.default_rng(seed).random(n * m)
     res = milp(cost, integrality=np.ones(n * m), bounds=Bounds(0, 1), constraints=rows)
     if res.status != 0 or res.x is None:
@@ -110,11 +124,21 @@ def random_plan(sites: Sequence[Site], like: Mapping[str, Bits], *, budget: Budg
     acc = account(sites, bits)
     if not check.holds or not floor_bits <= acc.total_weight_bits <= ceiling_bits:
         raise RuntimeError(f'random_plan: the rounded solution misses the budget window ({check.to_dict()})')
-    record = {**budget.to_dict(), **check.to_dict(), 'accounting': acc.to_dict(),
-              'control': {'seed': seed, 'levels': levels, 'match_counts': match_counts,
-                          'counts': {str(b): counts[b] for b in levels}, 'tolerance': tolerance,
-                          'controlled_weight_bits': target.total_weight_bits, 'controlled_bops': target.bops,
-                          'moved_sites': len(moving)}}
+    record = {
+        **budget.to_dict(),
+        **check.to_dict(),
+        'accounting': acc.to_dict(),
+        'control': {
+            'seed': seed,
+            'levels': levels,
+            'match_counts': match_counts,
+            'counts': {str(b): counts[b] for b in levels},
+            'tolerance': tolerance,
+            'controlled_weight_bits': target.total_weight_bits,
+            'controlled_bops': target.bops,
+            'moved_sites': len(moving),
+        },
+    }
     return BitPlan(bits, allocator='random', budget=record)
 
 

@@ -21,6 +21,7 @@ here, off by default (the ``sensitivity`` allocator alone is the existing one-pa
 
 Pure Python/NumPy/SciPy like the rest of ``mmdet_lrpq.plan``: the re-measurement is a callable.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -49,12 +50,12 @@ def component_type(site: Site) -> str:
         return site.layer_type
     parts = [p for p in site.name.split('.') if not p.isdigit()]
     heads = [i for i, p in enumerate(parts[:-1]) if p.endswith('head')]
-    return '.'.join(parts[:heads[-1] + 1]) if heads else parts[0]
+    return '.'.join(parts[: heads[-1] + 1]) if heads else parts[0]
 
 
-def type_normalize(sensitivity: Table, sites: Sequence[Site], target_bits: int,
-                   type_of: Callable[[Site], str] | None = None
-                   ) -> tuple[dict[str, dict[int, float]], dict[str, float]]:
+def type_normalize(
+    sensitivity: Table, sites: Sequence[Site], target_bits: int, type_of: Callable[[Site], str] | None = None
+) -> tuple[dict[str, dict[int, float]], dict[str, float]]:
     """``(table, scale)``: every site's costs times its type's ``α_t = 1 / mean S(·, k)`` (module doc).
 
     ``sensitivity``: site -> {bits: cost}, each with a cost at ``target_bits``; ``type_of``: site ->
@@ -66,8 +67,10 @@ def type_normalize(sensitivity: Table, sites: Sequence[Site], target_bits: int,
     by_name = {s.name: s for s in sites}
     unknown = [n for n in sensitivity if n not in by_name]
     if unknown:
-        raise ValueError(f'type_normalize: sensitivity names {len(unknown)} site(s) not in the site list: '
-                         f'{", ".join(map(repr, unknown[:10]))}')
+        raise ValueError(
+            f'type_normalize: sensitivity names {len(unknown)} site(s) not in the site list: '
+            f'{", ".join(map(repr, unknown[:10]))}'
+        )
     types: dict[str, str] = {}
     at_k: dict[str, list[float]] = {}
     for name, costs in sensitivity.items():
@@ -81,8 +84,9 @@ def type_normalize(sensitivity: Table, sites: Sequence[Site], target_bits: int,
         at_k.setdefault(t, []).append(float(costs[target_bits]))
     means = {t: sum(v) / len(v) for t, v in at_k.items()}
     scale = {t: 1.0 / m if m > 0 else 1.0 for t, m in means.items()}
-    table = {name: {int(b): float(v) * scale[types[name]] for b, v in costs.items()}
-             for name, costs in sensitivity.items()}
+    table = {
+        name: {int(b): float(v) * scale[types[name]] for b, v in costs.items()} for name, costs in sensitivity.items()
+    }
     return table, scale
 
 
@@ -94,20 +98,36 @@ def plan_cost(table: Table, bits: Mapping[str, Bits]) -> float:
 def _check_options(type_aware: Any, iterations: Any, measure: Any) -> None:
     if not isinstance(type_aware, bool):
         raise ValueError(f'type_aware must be True or False, got {type_aware!r}')
-    if isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral) \
-            or not 0 <= int(iterations) <= MAX_ITERATIONS:
-        raise ValueError(f'iterations must be an integer in 0..{MAX_ITERATIONS} (each one re-measures the '
-                         f'sensitivity and re-solves), got {iterations!r}')
+    if (
+        isinstance(iterations, bool)
+        or not isinstance(iterations, numbers.Integral)
+        or not 0 <= int(iterations) <= MAX_ITERATIONS
+    ):
+        raise ValueError(
+            f'iterations must be an integer in 0..{MAX_ITERATIONS} (each one re-measures the '
+            f'sensitivity and re-solves), got {iterations!r}'
+        )
     if iterations and not callable(measure):
-        raise ValueError(f'iterations={iterations} needs measure= (a callable assignment -> sensitivity table '
-                         f'that re-measures given the current bits), got {measure!r}')
+        raise ValueError(
+            f'iterations={iterations} needs measure= (a callable assignment -> sensitivity table '
+            f'that re-measures given the current bits), got {measure!r}'
+        )
 
 
-def allocate_lampq(sites: Sequence[Site], sensitivity: Table, *, target_bits: int, budget: Budget | None = None,
-                   fixed: Mapping[str, Bits] | None = None, act_bits: Mapping[str, int] | None = None,
-                   type_aware: bool = False, type_of: Callable[[Site], str] | None = None,
-                   iterations: int = 0, measure: Callable[[dict[str, Bits]], Table] | None = None,
-                   **options: Any) -> BitPlan:
+def allocate_lampq(
+    sites: Sequence[Site],
+    sensitivity: Table,
+    *,
+    target_bits: int,
+    budget: Budget | None = None,
+    fixed: Mapping[str, Bits] | None = None,
+    act_bits: Mapping[str, int] | None = None,
+    type_aware: bool = False,
+    type_of: Callable[[Site], str] | None = None,
+    iterations: int = 0,
+    measure: Callable[[dict[str, Bits]], Table] | None = None,
+    **options: Any,
+) -> BitPlan:
     """The ``sensitivity`` allocator with LampQ's options (module doc); a :class:`BitPlan`.
 
     ``sensitivity``: the first measured table (site -> {bits: cost}); ``measure(assignment)``: a
@@ -124,8 +144,16 @@ def allocate_lampq(sites: Sequence[Site], sensitivity: Table, *, target_bits: in
         return type_normalize(table, sites, target_bits, type_of) if type_aware else (table, None)
 
     def solve(table: Table) -> BitPlan:
-        return allocate('sensitivity', sites, sensitivity=table, target_bits=target_bits, budget=budget,
-                        fixed=fixed, act_bits=act_bits, **options)
+        return allocate(
+            'sensitivity',
+            sites,
+            sensitivity=table,
+            target_bits=target_bits,
+            budget=budget,
+            fixed=fixed,
+            act_bits=act_bits,
+            **options,
+        )
 
     table, scale = metric(sensitivity)
     plan = solve(table)
@@ -133,7 +161,7 @@ def allocate_lampq(sites: Sequence[Site], sensitivity: Table, *, target_bits: in
         return plan
     visited = [plan]
     history: list[dict] = [{'measured_at': 'float model', 'objective': plan_cost(table, plan.resolve(sites))}]
-    assert measure is not None          # _check_options: iterations need it
+    assert measure is not None  # _check_options: iterations need it
     for i in range(1, iterations + 1):
         current = plan.resolve(sites)
         try:
@@ -143,24 +171,39 @@ def allocate_lampq(sites: Sequence[Site], sensitivity: Table, *, target_bits: in
             raise ValueError(f'iteration {i}: the re-measured sensitivity cannot be allocated: {err}') from None
         proposed = new.resolve(sites)
         changed = sorted(n for n in current if current[n] != proposed[n])
-        history.append({'measured_at': f'plan of iteration {i - 1}', 'objective_before': plan_cost(table, current),
-                        'objective': plan_cost(table, proposed), 'changed_sites': len(changed)})
+        history.append(
+            {
+                'measured_at': f'plan of iteration {i - 1}',
+                'objective_before': plan_cost(table, current),
+                'objective': plan_cost(table, proposed),
+                'changed_sites': len(changed),
+            }
+        )
         visited.append(new)
         plan = new
-        if not changed:     # a fixed point: measuring again would give the same table
+        if not changed:  # a fixed point: measuring again would give the same table
             break
     # the best on the last table; ties go to the latest (the solver's own optimum on that table)
     costs = [plan_cost(table, p.resolve(sites)) for p in visited]
     best = min(range(len(visited)), key=lambda j: (costs[j], -j))
     chosen = visited[best]
-    chosen.source = {**chosen.source, 'lampq': {
-        'type_aware': type_aware, 'iterations': iterations,
-        'type_scales': None if scale is None else dict(sorted(scale.items())),
-        'type_rule': ('alpha_t = 1 / mean over the type of the cost at k bits; types: Swin layer type, '
-                      'else the module path up to its last *head component, else the top-level module')
-        if type_aware else None,
-        'history': history, 'chosen_iteration': best,
-        'objective_on_last_table': {'chosen': costs[best], 'one_pass': costs[0]}}}
+    chosen.source = {
+        **chosen.source,
+        'lampq': {
+            'type_aware': type_aware,
+            'iterations': iterations,
+            'type_scales': None if scale is None else dict(sorted(scale.items())),
+            'type_rule': (
+                'alpha_t = 1 / mean over the type of the cost at k bits; types: Swin layer type, '
+                'else the module path up to its last *head component, else the top-level module'
+            )
+            if type_aware
+            else None,
+            'history': history,
+            'chosen_iteration': best,
+            'objective_on_last_table': {'chosen': costs[best], 'one_pass': costs[0]},
+        },
+    }
     if chosen is not plan:
         chosen.scores = {n: c[target_bits] for n, c in table.items()}
     return chosen

@@ -1,4 +1,5 @@
 """Picture of a bit plan: importance and assigned bits per layer type and block (a PNG for reports)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -61,10 +62,16 @@ def plot_plan(plan: BitPlan, sites: Sequence[Site], path: str | Path) -> Path:
     fig = Figure(figsize=(max(6.0, 0.45 * len(columns) + 2.5), 6.5), layout='constrained')
     panels = fig.subplots(2, 1, sharex=True)
     for ax, data, title, cmap, limits in (
-            (panels[0], importance, 'relative importance', 'viridis', (None, None)),
-            (panels[1], assigned, 'assigned bits (W; A for matmuls)', 'RdYlGn', (MIN_BITS, MAX_BITS))):
-        image = ax.imshow(np.ma.masked_invalid(data), cmap=colormaps[cmap].with_extremes(bad='#dddddd'),
-                          vmin=limits[0], vmax=limits[1], aspect='auto')
+        (panels[0], importance, 'relative importance', 'viridis', (None, None)),
+        (panels[1], assigned, 'assigned bits (W; A for matmuls)', 'RdYlGn', (MIN_BITS, MAX_BITS)),
+    ):
+        image = ax.imshow(
+            np.ma.masked_invalid(data),
+            cmap=colormaps[cmap].with_extremes(bad='#dddddd'),
+            vmin=limits[0],
+            vmax=limits[1],
+            aspect='auto',
+        )
         fig.colorbar(image, ax=ax, fraction=0.03)
         ax.set_title(title)
         ax.set_yticks(range(len(ROWS)), ROWS)
@@ -74,8 +81,8 @@ def plot_plan(plan: BitPlan, sites: Sequence[Site], path: str | Path) -> Path:
         panels[1].text(c, r, str(int(assigned[r, c])), ha='center', va='center', fontsize=7)
     panels[1].set_xticks(range(len(columns)), labels, rotation=90, fontsize=7)
     acc = plan.budget.get('accounting', {})
-    summary = f", avg W bits {acc['avg_weight_bits']:.3f}" if acc.get('avg_weight_bits') is not None else ''
-    fig.suptitle(f"bit plan ({plan.allocator or 'unnamed'} allocator{summary}); M = patch merging")
+    summary = f', avg W bits {acc["avg_weight_bits"]:.3f}' if acc.get('avg_weight_bits') is not None else ''
+    fig.suptitle(f'bit plan ({plan.allocator or "unnamed"} allocator{summary}); M = patch merging')
     path = Path(path)
     fig.savefig(path, dpi=120)
     return path

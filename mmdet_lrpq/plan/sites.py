@@ -5,6 +5,7 @@ activation-activation matmul (both operands). Architecture adapters (``mmdet_lrp
 enumerate them; plans, budgets and allocators only ever see this description, so this package
 needs neither torch nor mmdet.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -29,6 +30,7 @@ class Site:
     params:     number of weight elements (0 for a matmul).
     macs:       multiply-accumulates per image at the reference input size (for BOPs), 0 if unknown.
     """
+
     name: str
     kind: str
     layer_type: str = 'other'

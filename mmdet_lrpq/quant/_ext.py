@@ -14,6 +14,7 @@ of compilation inside the next calibration), and an edited source never loads a 
 If they cannot be built (no compiler, ...), a warning says why once and the PyTorch path is used:
 same numbers, slower calibration. ``MMDET_LRPQ_NO_EXT=1`` forces the PyTorch path.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,8 +33,13 @@ _SOURCE = osp.join(osp.dirname(osp.abspath(__file__)), 'csrc', 'fused_quant.cpp'
 _state: dict = {}
 
 
-_CFLAGS = ['-O3', '-fopenmp', '-ffp-contract=off', '-fno-math-errno',
-           *(['-march=native'] if platform.machine() in ('x86_64', 'AMD64') else [])]
+_CFLAGS = [
+    '-O3',
+    '-fopenmp',
+    '-ffp-contract=off',
+    '-fno-math-errno',
+    *(['-march=native'] if platform.machine() in ('x86_64', 'AMD64') else []),
+]
 _LDFLAGS = ['-fopenmp']
 
 
@@ -46,8 +52,16 @@ def _build_key() -> str:
         cpu_flags = ''
     with open(_SOURCE, 'rb') as f:
         source = hashlib.sha1(f.read()).hexdigest()
-    parts = [platform.machine(), cpu_flags, _SOURCE, source, ' '.join(_CFLAGS + _LDFLAGS), osp.dirname(torch.__file__),
-             torch.__version__, sysconfig.get_paths().get('include', '')]
+    parts = [
+        platform.machine(),
+        cpu_flags,
+        _SOURCE,
+        source,
+        ' '.join(_CFLAGS + _LDFLAGS),
+        osp.dirname(torch.__file__),
+        torch.__version__,
+        sysconfig.get_paths().get('include', ''),
+    ]
     return hashlib.sha1('\n'.join(parts).encode()).hexdigest()[:12]
 
 
@@ -61,15 +75,17 @@ class FusedKernels(Protocol):
 
     def uniform_sq_err(self, rows: Tensor, delta: Tensor, zero_point: Tensor, levels: int) -> Tensor: ...
 
-    def fake_quant_uniform(self, x: Tensor, delta: Tensor, zero_point: Tensor, levels: int, inner: int,
-                           scratch: Tensor | None) -> Tensor: ...
+    def fake_quant_uniform(
+        self, x: Tensor, delta: Tensor, zero_point: Tensor, levels: int, inner: int, scratch: Tensor | None
+    ) -> Tensor: ...
 
     def row_tails(self, rows: Tensor, k_top: int, k_bot: int) -> tuple[Tensor, Tensor, Tensor]: ...
 
     def tails_beyond(self, flat: Tensor, hi: float, lo: float) -> tuple[Tensor, int, Tensor, int]: ...
 
-    def fake_quant_uniform_rows(self, x: Tensor, delta: Tensor, zero_point: Tensor, levels: int,
-                                scratch: Tensor | None) -> Tensor: ...
+    def fake_quant_uniform_rows(
+        self, x: Tensor, delta: Tensor, zero_point: Tensor, levels: int, scratch: Tensor | None
+    ) -> Tensor: ...
 
     def log_sqrt2_fake_quant(self, x: Tensor, delta: Tensor, table: Tensor, scratch: Tensor | None) -> Tensor: ...
 
@@ -85,16 +101,24 @@ def kernels(verbose: bool = False) -> FusedKernels | None:
             # (importing it logs a CUDA_HOME warning on CPU-only machines; irrelevant here)
             logging.getLogger('torch.utils.cpp_extension').setLevel(logging.ERROR)
             from torch.utils.cpp_extension import load
+
             directory = build_dir()
             os.makedirs(directory, exist_ok=True)
             _state['module'] = load(
-                name='mmdet_lrpq_fused_quant', sources=[_SOURCE], build_directory=directory,
-                extra_cflags=list(_CFLAGS), extra_ldflags=list(_LDFLAGS), verbose=verbose)  # load() appends to them
+                name='mmdet_lrpq_fused_quant',
+                sources=[_SOURCE],
+                build_directory=directory,
+                extra_cflags=list(_CFLAGS),
+                extra_ldflags=list(_LDFLAGS),
+                verbose=verbose,
+            )  # load() appends to them
         except Exception as exc:
-            warnings.warn(f'mmdet_lrpq: fused CPU quantization kernels unavailable ({type(exc).__name__}: '
-                          f'{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}); using the '
-                          'PyTorch path (same numbers, slower calibration). Build log: rerun with '
-                          'python -c "from mmdet_lrpq.quant._ext import kernels; kernels(verbose=True)"',
-                          stacklevel=2)
+            warnings.warn(
+                f'mmdet_lrpq: fused CPU quantization kernels unavailable ({type(exc).__name__}: '
+                f'{str(exc).strip().splitlines()[-1] if str(exc).strip() else exc!r}); using the '
+                'PyTorch path (same numbers, slower calibration). Build log: rerun with '
+                'python -c "from mmdet_lrpq.quant._ext import kernels; kernels(verbose=True)"',
+                stacklevel=2,
+            )
             _state['module'] = None
     return _state['module']

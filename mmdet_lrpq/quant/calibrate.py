@@ -35,6 +35,7 @@ the envelope errs on the side of covering every calibration image. (Envelope onl
 percentiles are its extremes, mean elsewhere, was tried: the classifier still lost 4 points at
 4 images.)
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
@@ -63,9 +64,9 @@ class _RangeEnvelope:
 
     def __init__(self) -> None:
         self.first: tuple[Tensor, ...] | None = None
-        self.bounds: list[Tensor] | None = None     # uniform: [lo, hi]; log-sqrt2: [delta]
+        self.bounds: list[Tensor] | None = None  # uniform: [lo, hi]; log-sqrt2: [delta]
         self.batches = 0
-        self.values = 0                                # per channel, over all batches
+        self.values = 0  # per channel, over all batches
 
     @staticmethod
     def _ranges(q: _Quantizer) -> list[Tensor]:
@@ -73,7 +74,7 @@ class _RangeEnvelope:
             delta, zp = q.delta.double(), q.zero_point.double()
             lo = -zp * delta
             return [lo, lo + ((1 << q.bits) - 1) * delta]
-        if isinstance(q, RegionUniformQuantizer):      # [lo, hi, m]: the regions' ends and the ratio
+        if isinstance(q, RegionUniformQuantizer):  # [lo, hi, m]: the regions' ends and the ratio
             delta, zp, m = q.delta.double(), q.zero_point.double(), q.ratio_exp.double()
             return [-zp * delta * torch.exp2(-m), (((1 << q.bits) - 1) - zp) * delta, m]
         return [q.delta.double()]
@@ -84,12 +85,15 @@ class _RangeEnvelope:
             self.first = tuple(getattr(q, n).clone() for n in q._qparam_names)
             self.bounds = ranges
         elif isinstance(q, UniformQuantizer):
-            assert self.bounds is not None                 # (set by the first batch)
+            assert self.bounds is not None  # (set by the first batch)
             self.bounds = [torch.minimum(self.bounds[0], ranges[0]), torch.maximum(self.bounds[1], ranges[1])]
         elif isinstance(q, RegionUniformQuantizer):
             assert self.bounds is not None
-            self.bounds = [torch.minimum(self.bounds[0], ranges[0]), torch.maximum(self.bounds[1], ranges[1]),
-                           torch.minimum(self.bounds[2], ranges[2])]
+            self.bounds = [
+                torch.minimum(self.bounds[0], ranges[0]),
+                torch.maximum(self.bounds[1], ranges[1]),
+                torch.minimum(self.bounds[2], ranges[2]),
+            ]
         else:
             assert self.bounds is not None
             self.bounds = [torch.maximum(self.bounds[0], ranges[0])]
@@ -100,9 +104,9 @@ class _RangeEnvelope:
         """Give ``q`` the combined parameters (nothing if no batch fed it)."""
         if self.batches == 0:
             return
-        assert self.first is not None and self.bounds is not None   # (set by the first batch)
+        assert self.first is not None and self.bounds is not None  # (set by the first batch)
         q.calib_values = self.values
-        if self.batches == 1:           # exactly that batch's parameters (RepQ-ViT's protocol)
+        if self.batches == 1:  # exactly that batch's parameters (RepQ-ViT's protocol)
             for name, value in zip(q._qparam_names, self.first):
                 setattr(q, name, value)
             return
@@ -127,9 +131,14 @@ def activation_quantizers(model: nn.Module) -> list[_Quantizer]:
     return [q for m in quant_modules(model).values() for q in m.input_quantizers()]
 
 
-def calibrate_stream(model: nn.Module, batches: Iterable[T], run: Callable[[nn.Module, T], Any], *,
-                     images_in: Callable[[T], float] = lambda batch: 1,
-                     progress: Callable[[float], None] | None = None) -> float:
+def calibrate_stream(
+    model: nn.Module,
+    batches: Iterable[T],
+    run: Callable[[nn.Module, T], Any],
+    *,
+    images_in: Callable[[T], float] = lambda batch: 1,
+    progress: Callable[[float], None] | None = None,
+) -> float:
     """Calibrate every quantized module of ``model`` on ``batches`` (see module docstring).
 
     ``run(model, batch)`` performs one calibration forward; ``images_in(batch)`` is its number of
@@ -161,9 +170,9 @@ def calibrate_stream(model: nn.Module, batches: Iterable[T], run: Callable[[nn.M
         for q, envelope in zip(quantizers, envelopes):
             q.reset()
             envelope.apply(q)
-        set_quant_state(model, QuantState.QUANTIZED)   # raises, naming them, if a layer was never fed
+        set_quant_state(model, QuantState.QUANTIZED)  # raises, naming them, if a layer was never fed
     except BaseException:
-        set_quant_state(model, QuantState.FLOAT)       # never leave a half-calibrated model behind
+        set_quant_state(model, QuantState.FLOAT)  # never leave a half-calibrated model behind
         raise
     return done
 

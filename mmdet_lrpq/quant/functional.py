@@ -22,6 +22,7 @@ operations as the PyTorch code below, which stays the reference and the fallback
 Where RepQ-ViT divides by zero (constant tensors or channels) we define the result instead; see
 :func:`uniform_qparams`. NaN/Inf input and bit-widths outside 2..8 raise ``ValueError``.
 """
+
 from __future__ import annotations
 
 import math
@@ -65,8 +66,10 @@ def _row_extremes(rows: Tensor, what: str) -> tuple[Tensor, Tensor]:
         lo, hi = torch.aminmax(rows, dim=1)
     if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
         n_nan, n_inf = int(torch.isnan(rows).sum()), int(torch.isinf(rows).sum())
-        raise ValueError(f'cannot calibrate {what}: input has {n_nan} NaN and {n_inf} Inf values '
-                         f'(shape {tuple(rows.shape)} as rows); check the model/input for overflow')
+        raise ValueError(
+            f'cannot calibrate {what}: input has {n_nan} NaN and {n_inf} Inf values '
+            f'(shape {tuple(rows.shape)} as rows); check the model/input for overflow'
+        )
     return lo, hi
 
 
@@ -200,8 +203,10 @@ def quantiles(rows: Tensor, qs: Sequence[float]) -> Tensor:
                 bot[bad] = _top_tail(rows[bad], k_bot, largest=False) if k_bot else bot[bad]
             tails = (top, bot)
         if tails is None:
-            tails = (_top_tail(rows, k_top, largest=True) if k_top else None,
-                     _top_tail(rows, k_bot, largest=False) if k_bot else None)
+            tails = (
+                _top_tail(rows, k_top, largest=True) if k_top else None,
+                _top_tail(rows, k_bot, largest=False) if k_bot else None,
+            )
         # top[:, j] = x_(n-1-j), bot[:, j] = x_(j); a tail is None only when its k is 0 and pick never reads it
         top, bot = cast(tuple[Tensor, Tensor], tails)
         pick = lambda i: top[:, n - 1 - i] if i >= n // 2 else bot[:, i]  # noqa: E731
@@ -221,7 +226,7 @@ def _sum_sq_err(rows: Tensor, error: Callable[..., Tensor]) -> Tensor:
     cols = max(1, _CHUNK_ELEMENTS // c)
     total = rows.new_zeros(c, dtype=torch.float64)
     for start in range(0, m, cols):
-        err = error(rows[:, start:start + cols])
+        err = error(rows[:, start : start + cols])
         total += torch.linalg.vecdot(err, err, dim=1).double()
     return total
 
@@ -250,8 +255,9 @@ def _select_best(scores: Tensor) -> Tensor:
     return torch.nan_to_num(scores, nan=math.inf).argmin(dim=0)
 
 
-def uniform_qparams(x: Tensor, bits: int, channel_axis: int | None = None,
-                    percentiles: Sequence[float] = PERCENTILES) -> tuple[Tensor, Tensor]:
+def uniform_qparams(
+    x: Tensor, bits: int, channel_axis: int | None = None, percentiles: Sequence[float] = PERCENTILES
+) -> tuple[Tensor, Tensor]:
     """RepQ-ViT's percentile/MSE calibration of an asymmetric uniform quantizer.
 
     For each pct, ``max = quantile(x, pct)``, ``min = quantile(x, 1 - pct)``,
@@ -271,8 +277,8 @@ def uniform_qparams(x: Tensor, bits: int, channel_axis: int | None = None,
     _check_nonempty(x, 'a uniform quantizer')
     rows = _rows(x, channel_axis)
     qs = [q for p in percentiles for q in (p, 1.0 - p)]
-    qv = quantiles(rows, qs).view(len(percentiles), 2, -1)              # [P, {max,min}, C]
-    deltas, zps = _uniform_candidate(qv[:, 1], qv[:, 0], levels)        # [P, C]
+    qv = quantiles(rows, qs).view(len(percentiles), 2, -1)  # [P, {max,min}, C]
+    deltas, zps = _uniform_candidate(qv[:, 1], qv[:, 0], levels)  # [P, C]
     regular = deltas > 0
     safe_d = torch.where(regular, deltas, torch.ones_like(deltas))
     safe_z = torch.where(regular, zps, torch.zeros_like(zps))
@@ -280,9 +286,12 @@ def uniform_qparams(x: Tensor, bits: int, channel_axis: int | None = None,
     if fused is not None:  # all candidates in one pass over the rows (same float ops per element)
         scores = fused.uniform_sq_err(rows, safe_d, safe_z, levels)
     else:
-        scores = torch.stack([
-            _sum_sq_err(rows, lambda t, d=d[:, None], z=z[:, None]: _uniform_error(t, d, z, levels))
-            for d, z in zip(safe_d, safe_z)])
+        scores = torch.stack(
+            [
+                _sum_sq_err(rows, lambda t, d=d[:, None], z=z[:, None]: _uniform_error(t, d, z, levels))
+                for d, z in zip(safe_d, safe_z)
+            ]
+        )
     # NaN/Inf input makes every candidate's error non-finite (each error pass reads every element),
     # so the full min/max check runs only then and raises with counts; finite input whose squared
     # error overflows passes it and proceeds (an infinite score simply never wins).
@@ -295,7 +304,7 @@ def uniform_qparams(x: Tensor, bits: int, channel_axis: int | None = None,
 
     const = ~regular.any(dim=0)
     if const.any():
-        v = qv[-1, 0, const]                                            # the (near-)constant value
+        v = qv[-1, 0, const]  # the (near-)constant value
         if (~const).any():
             d = delta[~const].mean().expand_as(v)
             z = (-v / d).round().clamp(0, levels)
@@ -322,7 +331,7 @@ def _fused_layout(x: Tensor, delta: Tensor) -> int | None:
     axes = [a for a, s in enumerate(shape) if s != 1]
     if len(axes) != 1 or shape[axes[0]] != x.shape[axes[0]]:
         return None
-    return math.prod(x.shape[axes[0] + 1:])
+    return math.prod(x.shape[axes[0] + 1 :])
 
 
 def _dense(x: Tensor) -> bool:
@@ -344,10 +353,10 @@ def _strided_rows(x: Tensor) -> tuple[Tensor, list[int]] | None:
     if not dims or dims[-1][1] != 1:
         return None
     inner = 1
-    while dims and dims[-1][1] == inner:        # the contiguous inner run
+    while dims and dims[-1][1] == inner:  # the contiguous inner run
         inner *= dims.pop()[0]
     rows, row_stride = 1, None
-    for size, stride in reversed(dims):         # the rest must be rows of one stride
+    for size, stride in reversed(dims):  # the rest must be rows of one stride
         if row_stride is None:
             row_stride = stride
         elif stride != row_stride * rows:
@@ -357,8 +366,9 @@ def _strided_rows(x: Tensor) -> tuple[Tensor, list[int]] | None:
     return view, order
 
 
-def fake_quant_uniform(x: Tensor, delta: Tensor, zero_point: Tensor, bits: int,
-                       scratch: Tensor | None = None) -> Tensor:
+def fake_quant_uniform(
+    x: Tensor, delta: Tensor, zero_point: Tensor, bits: int, scratch: Tensor | None = None
+) -> Tensor:
     """``(clamp(round(x/Δ) + zp, 0, 2^b-1) - zp) * Δ`` (round half to even), in ``x``'s dtype.
 
     One fused pass on CPU (per tensor or per channel, no autograd), else four passes in PyTorch;
@@ -465,11 +475,12 @@ def fake_quant_regions(x: Tensor, delta: Tensor, zero_point: Tensor, ratio_exp: 
 
 def _stretched_candidate(lo: Tensor, hi: Tensor, m: int, levels: int) -> tuple[Tensor, Tensor]:
     """RepQ's uniform candidate on the input with its negative part stretched by ``2^m``."""
-    return _uniform_candidate(torch.where(lo < 0, lo * 2.0 ** m, lo), hi, levels)
+    return _uniform_candidate(torch.where(lo < 0, lo * 2.0**m, lo), hi, levels)
 
 
-def region_qparams(x: Tensor, bits: int, percentiles: Sequence[float] = PERCENTILES,
-                   exponents: Sequence[int] = OPT_M_EXPONENTS) -> tuple[Tensor, Tensor, Tensor]:
+def region_qparams(
+    x: Tensor, bits: int, percentiles: Sequence[float] = PERCENTILES, exponents: Sequence[int] = OPT_M_EXPONENTS
+) -> tuple[Tensor, Tensor, Tensor]:
     """OPT-m: ``(Δ, zp, m)`` of :func:`fake_quant_regions` with the lowest squared error on ``x``
     (0-d float32 each).
 
@@ -486,10 +497,10 @@ def region_qparams(x: Tensor, bits: int, percentiles: Sequence[float] = PERCENTI
     rows = _rows(x, None)
     _row_extremes(rows, 'a region-wise quantizer')
     qs = [q for p in percentiles for q in (p, 1.0 - p)]
-    qv = quantiles(rows, qs).view(len(percentiles), 2)                         # [P, {max, min}]
+    qv = quantiles(rows, qs).view(len(percentiles), 2)  # [P, {max, min}]
     cands, regular = [], []
     for hi, lo in qv:
-        straddles = bool(lo < 0) and bool(hi > 0)        # else there is one region only: m = 0
+        straddles = bool(lo < 0) and bool(hi > 0)  # else there is one region only: m = 0
         for m in exponents:
             d, z = _stretched_candidate(lo, hi, m, levels)
             cands.append((d, z, m))
@@ -498,11 +509,16 @@ def region_qparams(x: Tensor, bits: int, percentiles: Sequence[float] = PERCENTI
         delta, zp = uniform_qparams(x, bits, None, percentiles)
         return delta, zp, torch.zeros_like(delta)
     flat = rows[0]
-    scores = torch.stack([
-        _sum_sq_err(flat.view(1, -1), lambda t, d=d, z=z, m=m: t - fake_quant_regions(
-            t, d, z, d.new_tensor(float(m)), bits))[0] if ok
-        else torch.full((), math.inf, dtype=torch.float64, device=rows.device)
-        for (d, z, m), ok in zip(cands, regular)])
+    scores = torch.stack(
+        [
+            _sum_sq_err(
+                flat.view(1, -1), lambda t, d=d, z=z, m=m: t - fake_quant_regions(t, d, z, d.new_tensor(float(m)), bits)
+            )[0]
+            if ok
+            else torch.full((), math.inf, dtype=torch.float64, device=rows.device)
+            for (d, z, m), ok in zip(cands, regular)
+        ]
+    )
     best = int(_select_best(scores[:, None])[0])
     d, z, m = cands[best]
     return d.reshape(()), z.reshape(()), d.new_tensor(float(m))
@@ -581,8 +597,9 @@ def _log_sqrt2_sq_err(flat: Tensor, delta: Tensor, bits: int) -> Tensor:
     fused = kernels() if flat.device.type == 'cpu' else None
     if fused is None:
         return _sum_sq_err(flat.view(1, -1), lambda t: fake_quant_log_sqrt2(t, delta, bits).sub_(t))
-    return torch.tensor([fused.log_sqrt2_sq_err(flat, delta, log_sqrt2_table(delta, bits))], dtype=torch.float64,
-                        device=flat.device)
+    return torch.tensor(
+        [fused.log_sqrt2_sq_err(flat, delta, log_sqrt2_table(delta, bits))], dtype=torch.float64, device=flat.device
+    )
 
 
 def log_sqrt2_qparams(x: Tensor, bits: int, percentiles: Sequence[float] = PERCENTILES) -> Tensor:
@@ -596,14 +613,19 @@ def log_sqrt2_qparams(x: Tensor, bits: int, percentiles: Sequence[float] = PERCE
     rows = _rows(x, None)
     lo, hi = _row_extremes(rows, 'a log-sqrt2 quantizer')
     if lo[0] < 0:
-        raise ValueError('the log-sqrt2 quantizer expects non-negative input (post-softmax '
-                         f'attention); got min {float(lo[0]):.4g}')
-    cands = quantiles(rows, percentiles)[:, 0]                          # [P]
+        raise ValueError(
+            f'the log-sqrt2 quantizer expects non-negative input (post-softmax attention); got min {float(lo[0]):.4g}'
+        )
+    cands = quantiles(rows, percentiles)[:, 0]  # [P]
     regular = cands > 0
-    scores = torch.stack([
-        _log_sqrt2_sq_err(rows[0], d, bits) if ok else
-        torch.full((1,), math.inf, dtype=torch.float64, device=rows.device)
-        for d, ok in zip(cands, regular.tolist())])[:, 0]
+    scores = torch.stack(
+        [
+            _log_sqrt2_sq_err(rows[0], d, bits)
+            if ok
+            else torch.full((1,), math.inf, dtype=torch.float64, device=rows.device)
+            for d, ok in zip(cands, regular.tolist())
+        ]
+    )[:, 0]
     if not regular.any():
         return hi[0] if hi[0] > 0 else rows.new_ones(())
     return cands[_select_best(scores[:, None])[0]].reshape(())
@@ -651,10 +673,11 @@ def log2_shift_matmul_int(codes: Tensor, v_int: Tensor, bits: int) -> tuple[Tens
     on_cpu = codes.device.type == 'cpu'
     limit = 62 if on_cpu else 53
     if headroom > limit:
-        raise ValueError(f'integer accumulation needs {headroom} bits (> {limit} on {codes.device.type}): '
-                         f'use fewer bits or log2_shift_dequant')
-    weights = torch.where(nonzero, torch.ones_like(shift) << (s_max - shift).clamp(min=0),
-                          torch.zeros_like(shift))
+        raise ValueError(
+            f'integer accumulation needs {headroom} bits (> {limit} on {codes.device.type}): '
+            f'use fewer bits or log2_shift_dequant'
+        )
+    weights = torch.where(nonzero, torch.ones_like(shift) << (s_max - shift).clamp(min=0), torch.zeros_like(shift))
     even_w, odd_w = weights * (1 - odd), weights * odd
     if on_cpu:
         return even_w @ v_int, odd_w @ v_int, s_max

@@ -4,6 +4,7 @@ Counted from the actual tensor shapes, so padding, window partition and the numb
 image produced are all reflected: Linear ``in_features · numel(out) / out_features · out_features``,
 Conv2d ``numel(out) · in/groups · kh · kw``, MatMul ``batch · M · K · N``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ from .modules import QuantConv2d, QuantLinear, QuantMatMul, quant_modules
 
 
 def _macs(module: nn.Module, inputs: tuple, output: Tensor) -> int:
-    own = getattr(module, 'macs', None)     # modules outside this package (e.g. a packed projection)
+    own = getattr(module, 'macs', None)  # modules outside this package (e.g. a packed projection)
     if callable(own):
         return own(inputs, output)
     if isinstance(module, QuantLinear):

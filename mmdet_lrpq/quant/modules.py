@@ -19,6 +19,7 @@ matmul has consumed it, and large fresh allocations cost page faults on every fo
 2 cores: 50 vs 18 ms for a 23 M-value activation). A quantizer with forward hooks (which might keep
 its output) always gets fresh memory.
 """
+
 from __future__ import annotations
 
 import enum
@@ -77,11 +78,12 @@ class _Quantizer(nn.Module):
 
     _qparam_names: tuple[str, ...] = ()
     _learned_names: tuple[str, ...] = ()
-    delta: Tensor                   # every quantizer's step (a buffer: None until calibrated)
-    calib_values: int               # values per channel calibrated on (set by calibration where known; not saved)
+    delta: Tensor  # every quantizer's step (a buffer: None until calibrated)
+    calib_values: int  # values per channel calibrated on (set by calibration where known; not saved)
 
     if TYPE_CHECKING:
-        def calibrate(self, x: Tensor) -> None: ...     # every subclass's: fix the qparams on ``x``
+
+        def calibrate(self, x: Tensor) -> None: ...  # every subclass's: fix the qparams on ``x``
 
     def __init__(self, bits: int):
         super().__init__()
@@ -114,16 +116,18 @@ class _Quantizer(nn.Module):
     def set_extra_state(self, state: dict) -> None:
         self.bits = check_bits(state['bits'])
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # Buffers that are still None are invisible to nn.Module's loader: give them the saved
         # tensor's shape first, then let the normal loader copy (and check) the values.
         for name in self._qparam_names + self._learned_names:
             key = prefix + name
             if key in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[key]))
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
 
 class UniformQuantizer(_Quantizer):
@@ -136,7 +140,7 @@ class UniformQuantizer(_Quantizer):
 
     _qparam_names = ('delta', 'zero_point')
     _learned_names = ('rounding',)
-    rounding: Tensor | None      # (a buffer: registered by _Quantizer)
+    rounding: Tensor | None  # (a buffer: registered by _Quantizer)
 
     def __init__(self, bits: int = 8, channel_axis: int | None = None):
         super().__init__(bits)
@@ -201,7 +205,7 @@ class RegionUniformQuantizer(_Quantizer):
     def calibrate(self, x: Tensor) -> None:
         self.delta, self.zero_point, self.ratio_exp = region_qparams(x, self.bits)
 
-    def forward(self, x: Tensor, scratch: Tensor | None = None) -> Tensor:   # scratch: not used
+    def forward(self, x: Tensor, scratch: Tensor | None = None) -> Tensor:  # scratch: not used
         self._follow(x)
         return fake_quant_regions(x, self.delta, self.zero_point, self.ratio_exp, self.bits)
 
@@ -220,14 +224,21 @@ class QuantModule(nn.Module):
     def _quantize_input(self, quantizer: _Quantizer, x: Tensor, slot: int = 0) -> Tensor:
         """The fake-quantized input; consumed by this module's own op before the slot is reused."""
         if self.state is QuantState.CALIBRATING and not quantizer.calibrated:
-            if x.numel() == 0:          # nothing to learn from (e.g. no RoIs): stay uncalibrated
+            if x.numel() == 0:  # nothing to learn from (e.g. no RoIs): stay uncalibrated
                 return x
             quantizer.calibrate(x)
         elif not quantizer.calibrated:
-            raise RuntimeError(f'{type(self).__name__} is in state {self.state.value} but its input '
-                               f'quantizer was never calibrated; run calibration first')
-        if (not torch.is_grad_enabled() and x.device.type == 'cpu' and x.dtype == torch.float32
-                and not quantizer._forward_hooks and not quantizer._forward_pre_hooks):
+            raise RuntimeError(
+                f'{type(self).__name__} is in state {self.state.value} but its input '
+                f'quantizer was never calibrated; run calibration first'
+            )
+        if (
+            not torch.is_grad_enabled()
+            and x.device.type == 'cpu'
+            and x.dtype == torch.float32
+            and not quantizer._forward_hooks
+            and not quantizer._forward_pre_hooks
+        ):
             return quantizer(x, _SCRATCH.get(slot, x.numel()))
         return quantizer(x)
 
@@ -252,8 +263,13 @@ class WeightCache:
         rounding = quantizer.rounding
         if rounding is not None and rounding.requires_grad:
             return quantizer(w.detach())
-        key = (w.data_ptr(), w._version, w.shape, quantizer.bits,
-               None if rounding is None else (rounding.data_ptr(), rounding._version))
+        key = (
+            w.data_ptr(),
+            w._version,
+            w.shape,
+            quantizer.bits,
+            None if rounding is None else (rounding.data_ptr(), rounding._version),
+        )
         if key != self.key:
             with torch.no_grad():
                 quantizer.calibrate(w)
@@ -296,8 +312,9 @@ class _WeightedQuantModule(QuantModule):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Scale reparameterization may have created a bias this (freshly wrapped) layer lacks.
         if self.bias is None and prefix + 'bias' in state_dict:
-            self.bias = nn.Parameter(torch.empty_like(state_dict[prefix + 'bias'], device=self.weight.device,
-                                                      dtype=self.weight.dtype))
+            self.bias = nn.Parameter(
+                torch.empty_like(state_dict[prefix + 'bias'], device=self.weight.device, dtype=self.weight.dtype)
+            )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -310,17 +327,25 @@ class _WeightedQuantModule(QuantModule):
 class QuantLinear(_WeightedQuantModule, nn.Linear):  # type: ignore[misc]
     """``nn.Linear`` with per-output-channel weight and per-tensor/per-channel input quantization."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, w_bits: int = 8,
-                 a_bits: int = 8, per_channel_input: bool = False, device: Any = None,
-                 dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        w_bits: int = 8,
+        a_bits: int = 8,
+        per_channel_input: bool = False,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self._init_quant(w_bits, a_bits, -1 if per_channel_input else None)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, **quant_kwargs: Any) -> QuantLinear:
         """Wrap ``linear``, sharing its parameters (the state-dict keys do not change)."""
-        q = cls(linear.in_features, linear.out_features, linear.bias is not None, device='meta',
-                **quant_kwargs)
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None, device='meta', **quant_kwargs)
         q.weight, q.bias = linear.weight, linear.bias
         q.train(linear.training)
         return q
@@ -332,16 +357,25 @@ class QuantLinear(_WeightedQuantModule, nn.Linear):  # type: ignore[misc]
 class QuantConv2d(_WeightedQuantModule, nn.Conv2d):
     """``nn.Conv2d`` with per-output-channel weight and per-tensor (or per-channel) input."""
 
-    def __init__(self, *args: Any, w_bits: int = 8, a_bits: int = 8, per_channel_input: bool = False,
-                 **kwargs: Any):
+    def __init__(self, *args: Any, w_bits: int = 8, a_bits: int = 8, per_channel_input: bool = False, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self._init_quant(w_bits, a_bits, 1 if per_channel_input else None)
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, **quant_kwargs: Any) -> QuantConv2d:
-        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-                padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-                bias=conv.bias is not None, padding_mode=conv.padding_mode, device='meta', **quant_kwargs)
+        q = cls(
+            conv.in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            stride=conv.stride,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            groups=conv.groups,
+            bias=conv.bias is not None,
+            padding_mode=conv.padding_mode,
+            device='meta',
+            **quant_kwargs,
+        )
         q.weight, q.bias = conv.weight, conv.bias
         q.train(conv.training)
         return q
@@ -387,6 +421,7 @@ def set_quant_state(model: nn.Module, state: QuantState) -> None:
             raise RuntimeError(
                 f'{len(missing)} quantized layer(s) received no input during calibration and have no '
                 f'quantization parameters: {shown}. Calibrate on more images (or images where the '
-                f'model detects something, so the RoI heads run).')
+                f'model detects something, so the RoI heads run).'
+            )
     for m in modules.values():
         m.state = state

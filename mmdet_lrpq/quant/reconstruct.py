@@ -35,6 +35,7 @@ Adam, ``iters`` steps per unit, ``batch_size`` calibration samples (blocks) or `
 Deterministic for a seed: batches are drawn by a seeded Python RNG, QDrop masks and row samples by
 a seeded generator on the model's device. Pure PyTorch.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,7 +51,7 @@ from torch import Tensor, nn
 from .modules import QuantConv2d, QuantLinear, QuantModule, QuantState, _Quantizer, set_quant_state
 from .options import from_options
 
-ZETA, GAMMA = 1.1, -0.1     # AdaRound's stretch of the sigmoid, so h reaches 0 and 1 exactly
+ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid, so h reaches 0 and 1 exactly
 HEAD_MODES = ('module', 'layer', 'none')
 
 
@@ -79,6 +80,7 @@ class ReconstructConfig:
     batch_rows:     rows per step of a lone layer.
     seed:           of every random choice.
     """
+
     iters: int = 300
     batch_size: int = 4
     num_images: int = 32
@@ -99,8 +101,10 @@ class ReconstructConfig:
         for name in ('iters', 'batch_size', 'num_images', 'max_rows', 'batch_rows', 'seed'):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == 'seed' else 1):
-                raise ValueError(f'reconstruct.{name} must be a {"non-negative" if name == "seed" else "positive"} '
-                                 f'integer, got {v!r}')
+                raise ValueError(
+                    f'reconstruct.{name} must be a {"non-negative" if name == "seed" else "positive"} '
+                    f'integer, got {v!r}'
+                )
         for name in ('lr_rounding', 'lr_step', 'round_weight'):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
@@ -139,6 +143,7 @@ class Unit:
              (RoI heads: other proposals) the float unit on the quantized inputs.
     rows:    its inputs are independent samples along dim 0 (RoIs): at most ``max_rows`` are kept.
     """
+
     name: str
     module: nn.Module
     forward: Callable[..., Any]
@@ -151,7 +156,7 @@ class _Rounding:
     """AdaRound's learned rounding of one layer's weights (``V``, with the layer's weight qparams fixed)."""
 
     def __init__(self, layer: QuantLinear | QuantConv2d):
-        layer.quantized_weight()            # weight qparams of the current (reparameterized) weights
+        layer.quantized_weight()  # weight qparams of the current (reparameterized) weights
         self.quantizer = layer.weight_quantizer
         with torch.no_grad():
             t = layer.weight.detach().to(self.quantizer.delta.dtype) / self.quantizer.delta
@@ -183,7 +188,7 @@ class _Step:
         self.quantizer.delta = self.d0 * self.s.exp()
 
     def harden(self) -> None:
-        self.quantizer.delta = (self.d0 * self.s.exp()).detach()   # s = 0 gives Δ₀ exactly
+        self.quantizer.delta = (self.d0 * self.s.exp()).detach()  # s = 0 gives Δ₀ exactly
 
 
 class _Learners:
@@ -192,13 +197,18 @@ class _Learners:
     def __init__(self, modules: Sequence[QuantModule], config: ReconstructConfig, rng: _Rng, drop_prob: float):
         self.config = config
         self.drop_prob = drop_prob
-        self.roundings = [_Rounding(m) for m in modules if isinstance(m, (QuantLinear, QuantConv2d))] \
-            if config.weight_rounding else []
+        self.roundings = (
+            [_Rounding(m) for m in modules if isinstance(m, (QuantLinear, QuantConv2d))]
+            if config.weight_rounding
+            else []
+        )
         self.quantizers = [q for m in modules for q in m.input_quantizers() if q.calibrated]
         self.steps = [_Step(q) for q in self.quantizers] if config.act_step else []
         self.n_weights = sum(r.v.numel() for r in self.roundings)
-        groups = [{'params': [r.v for r in self.roundings], 'lr': config.lr_rounding},
-                  {'params': [s.s for s in self.steps], 'lr': config.lr_step}]
+        groups = [
+            {'params': [r.v for r in self.roundings], 'lr': config.lr_rounding},
+            {'params': [s.s for s in self.steps], 'lr': config.lr_step},
+        ]
         self.optimizer = torch.optim.Adam([g for g in groups if g['params']])
         self.rng = rng
         self.hooks: list = []
@@ -261,7 +271,7 @@ class _Rng:
 
 
 # ------------------------------------------------------------------------------- blocks
-State = tuple    # a unit's positional inputs (tensors, possibly nested in tuples/lists, and plain values)
+State = tuple  # a unit's positional inputs (tensors, possibly nested in tuples/lists, and plain values)
 
 
 def _tensors(v: Any) -> list[Tensor]:
@@ -344,8 +354,15 @@ def _run_unit(unit: Unit, states: Sequence[State], state: QuantState) -> list[St
         set_quant_state(unit.module, QuantState.QUANTIZED)
 
 
-def _learn_block(unit: Unit, x_fp: list[State], x_q: list[State], y_fp: list[State],
-                 config: ReconstructConfig, rng: _Rng, tick: Callable[[], None]) -> None:
+def _learn_block(
+    unit: Unit,
+    x_fp: list[State],
+    x_q: list[State],
+    y_fp: list[State],
+    config: ReconstructConfig,
+    rng: _Rng,
+    tick: Callable[[], None],
+) -> None:
     # QDrop where the unit learns from the float model's inputs (asymmetric); on its own quantized
     # inputs dropping quantization only blurs the objective (measured: higher error)
     drop = config.drop_prob if x_fp is not x_q else 0.0
@@ -357,7 +374,7 @@ def _learn_block(unit: Unit, x_fp: list[State], x_q: list[State], y_fp: list[Sta
         for t in range(config.iters):
             chosen = rng.choose(len(x_q), config.batch_size)
             inputs = _collate(x_q, chosen)
-            if drop > 0:                   # QDrop at the block input as inside it
+            if drop > 0:  # QDrop at the block input as inside it
                 inputs = [_zip_map(mix, q, f) for q, f in zip(inputs, _collate(x_fp, chosen))]
             learners.apply()
             rec = _relative_error((unit.forward(*s), y) for s, y in zip(inputs, _collate(y_fp, chosen)))
@@ -365,14 +382,15 @@ def _learn_block(unit: Unit, x_fp: list[State], x_q: list[State], y_fp: list[Sta
             tick()
 
 
-def _reconstruct_unit(unit: Unit, x_fp: list[State], x_q: list[State], config: ReconstructConfig, rng: _Rng,
-                      tick: Callable[[], None]) -> tuple[list[State], list[State], list[float]]:
+def _reconstruct_unit(
+    unit: Unit, x_fp: list[State], x_q: list[State], config: ReconstructConfig, rng: _Rng, tick: Callable[[], None]
+) -> tuple[list[State], list[State], list[float]]:
     """Learn one unit; returns its float and quantized outputs (the next unit's inputs) and its
     relative output error before and after. ``x_q`` is consumed: replaced sample by sample."""
     y_fp = _run_unit(unit, x_fp, QuantState.FLOAT)
     err_before = float(_relative_error(zip(_run_unit(unit, x_q, QuantState.QUANTIZED), y_fp)))
     _learn_block(unit, x_fp, x_q, y_fp, config, rng, tick)
-    for i, s in enumerate(x_q):        # in place: one sample's output at a time
+    for i, s in enumerate(x_q):  # in place: one sample's output at a time
         x_q[i] = _run_unit(unit, [s], QuantState.QUANTIZED)[0]
     return y_fp, x_q, [err_before, float(_relative_error(zip(x_q, y_fp)))]
 
@@ -387,9 +405,16 @@ def _first_images(batches: Callable[[], Iterable], limit: int, images_in: Callab
         done += images_in(batch)
 
 
-def _capture_inputs(model: nn.Module, unit: Unit, batches: Callable[[], Iterable],
-                    run: Callable[[nn.Module, Any], Any], limit: int, images_in: Callable[[Any], float],
-                    rows_per_call: int, rng: _Rng) -> tuple[list[State], list[State]]:
+def _capture_inputs(
+    model: nn.Module,
+    unit: Unit,
+    batches: Callable[[], Iterable],
+    run: Callable[[nn.Module, Any], Any],
+    limit: int,
+    images_in: Callable[[Any], float],
+    rows_per_call: int,
+    rng: _Rng,
+) -> tuple[list[State], list[State]]:
     """The positional inputs ``unit.module`` receives on the first ``limit`` images: in the float and
     the quantized model for an aligned unit, else in the quantized model only (returned twice, the
     same list); a ``rows`` unit keeps ``rows_per_call`` sampled rows of each call."""
@@ -401,7 +426,7 @@ def _capture_inputs(model: nn.Module, unit: Unit, batches: Callable[[], Iterable
         args = _detach(args)
         if unit.rows:
             n = args[0].shape[0]
-            if n == 0:                 # no RoIs on this image
+            if n == 0:  # no RoIs on this image
                 return
             pick = rng.rows(n, rows_per_call, args[0].device)
             args = tuple(a[pick] if torch.is_tensor(a) and a.shape[:1] == (n,) else a for a in args)
@@ -422,8 +447,10 @@ def _capture_inputs(model: nn.Module, unit: Unit, batches: Callable[[], Iterable
     q = sinks[QuantState.QUANTIZED]
     fp = sinks.get(QuantState.FLOAT, q)
     if len(fp) != len(q) or (not q and not unit.rows):
-        raise RuntimeError(f'reconstruction: {unit.name} received {len(q)} quantized / {len(fp)} float inputs on '
-                           f'the calibration images; it needs the same non-zero number')
+        raise RuntimeError(
+            f'reconstruction: {unit.name} received {len(q)} quantized / {len(fp)} float inputs on '
+            f'the calibration images; it needs the same non-zero number'
+        )
     return fp, q
 
 
@@ -431,6 +458,7 @@ def _capture_inputs(model: nn.Module, unit: Unit, batches: Callable[[], Iterable
 @dataclass
 class _Rows:
     """Sampled input rows of one layer: ``x`` [R, in·k·k]; ``valid`` [R, k·k] (conv padding) or None."""
+
     x: list[Tensor]
     valid: list[Tensor | None]
 
@@ -443,17 +471,17 @@ def _linear_rows(x: Tensor, k: int, rng: _Rng) -> tuple[Tensor, None]:
 def _conv_rows(x: Tensor, conv: nn.Conv2d, k: int, rng: _Rng) -> tuple[Tensor, Tensor]:
     """``k`` sampled im2col patches of ``x`` (only those are gathered) and which taps are inside the image."""
     b, c, h, w = x.shape
-    assert not isinstance(conv.padding, str)    # (not reconstructible: see _reconstructible)
+    assert not isinstance(conv.padding, str)  # (not reconstructible: see _reconstructible)
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
     oh, ow = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     pick = rng.rows(b * oh * ow, k, x.device)
     n, rest = pick // (oh * ow), pick % (oh * ow)
     taps_h = torch.arange(kh, device=x.device).repeat_interleave(kw) * dh
     taps_w = torch.arange(kw, device=x.device).repeat(kh) * dw
-    hi = (rest // ow * sh)[:, None] + taps_h[None] - ph                       # [R, k·k] input rows
+    hi = (rest // ow * sh)[:, None] + taps_h[None] - ph  # [R, k·k] input rows
     wi = (rest % ow * sw)[:, None] + taps_w[None] - pw
     valid = (hi >= 0) & (hi < h) & (wi >= 0) & (wi < w)
-    patches = x[n[:, None], :, hi.clamp(0, h - 1), wi.clamp(0, w - 1)]        # [R, k·k, C]
+    patches = x[n[:, None], :, hi.clamp(0, h - 1), wi.clamp(0, w - 1)]  # [R, k·k, C]
     patches = patches * valid[..., None]
     return patches.permute(0, 2, 1).reshape(len(pick), c * kh * kw), valid
 
@@ -462,14 +490,25 @@ def _reconstructible(layer: QuantModule) -> bool:
     """Layers whose product is ``rows @ Wᵀ`` with a per-tensor input (after reparameterization, all
     are per tensor): Linear, and ungrouped zero-padded convolutions via their im2col patches."""
     if isinstance(layer, QuantConv2d):
-        return (layer.groups == 1 and layer.padding_mode == 'zeros' and not isinstance(layer.padding, str)
-                and layer.input_quantizer.channel_axis is None)
+        return (
+            layer.groups == 1
+            and layer.padding_mode == 'zeros'
+            and not isinstance(layer.padding, str)
+            and layer.input_quantizer.channel_axis is None
+        )
     return isinstance(layer, QuantLinear)
 
 
-def _capture_rows(model: nn.Module, layers: dict[str, QuantModule], batches: Callable[[], Iterable],
-                  run: Callable[[nn.Module, Any], Any], limit: int, images_in: Callable[[Any], float],
-                  per_call: int, rng: _Rng) -> dict[str, _Rows]:
+def _capture_rows(
+    model: nn.Module,
+    layers: dict[str, QuantModule],
+    batches: Callable[[], Iterable],
+    run: Callable[[nn.Module, Any], Any],
+    limit: int,
+    images_in: Callable[[Any], float],
+    per_call: int,
+    rng: _Rng,
+) -> dict[str, _Rows]:
     """Input rows of ``layers`` in the quantized model, ``per_call`` sampled per call of a layer."""
     rows = {name: _Rows([], []) for name in layers}
 
@@ -478,10 +517,14 @@ def _capture_rows(model: nn.Module, layers: dict[str, QuantModule], batches: Cal
             x = args[0].detach()
             if x.numel() == 0:
                 return
-            got = (_conv_rows(x, layer, per_call, rng) if isinstance(layer, QuantConv2d)
-                   else _linear_rows(x, per_call, rng))
+            got = (
+                _conv_rows(x, layer, per_call, rng)
+                if isinstance(layer, QuantConv2d)
+                else _linear_rows(x, per_call, rng)
+            )
             rows[name].x.append(got[0])
             rows[name].valid.append(got[1])
+
         return capture
 
     handles = [layer.register_forward_pre_hook(hook(name, layer)) for name, layer in layers.items()]
@@ -500,8 +543,8 @@ def _layer_output(layer: QuantLinear | QuantConv2d, x: Tensor, valid: Tensor | N
     weight = layer.quantized_weight() if quantized else layer.weight
     if quantized:
         x = layer.input_quantizer(x)
-        if valid is not None:          # padding taps are zeros after quantization, as in the conv
-            x = x * valid.repeat(1, x.shape[1] // valid.shape[1])   # patch columns are (channel, tap)
+        if valid is not None:  # padding taps are zeros after quantization, as in the conv
+            x = x * valid.repeat(1, x.shape[1] // valid.shape[1])  # patch columns are (channel, tap)
     out = x @ weight.reshape(weight.shape[0], -1).t()
     return out if layer.bias is None else out + layer.bias
 
@@ -515,16 +558,24 @@ def _cat_rows(r: _Rows) -> tuple[Tensor, Tensor | None]:
 
 def _layer_error(layer: QuantLinear | QuantConv2d, x: Tensor, valid: Tensor | None, chunk: int) -> float:
     """Relative output error of the quantized layer on all its rows (in chunks)."""
+
     def pairs():
         for i in range(0, x.shape[0], chunk):
-            rows, taps = x[i:i + chunk], None if valid is None else valid[i:i + chunk]
+            rows, taps = x[i : i + chunk], None if valid is None else valid[i : i + chunk]
             yield (_layer_output(layer, rows, taps, True),), (_layer_output(layer, rows, None, False),)
+
     with torch.no_grad():
         return float(_relative_error(pairs()))
 
 
-def _learn_layer(layer: QuantLinear | QuantConv2d, x: Tensor, valid: Tensor | None, config: ReconstructConfig,
-                 rng: _Rng, tick: Callable[[], None]) -> None:
+def _learn_layer(
+    layer: QuantLinear | QuantConv2d,
+    x: Tensor,
+    valid: Tensor | None,
+    config: ReconstructConfig,
+    rng: _Rng,
+    tick: Callable[[], None],
+) -> None:
     learners = _Learners([layer], config, rng, 0.0)
     with torch.no_grad():
         target = _layer_output(layer, x, None, False)
@@ -544,15 +595,24 @@ def _count(batches: Callable[[], Iterable], limit: int, images_in: Callable[[Any
     for batch in _first_images(batches, limit, images_in):
         n, done = n + 1, done + images_in(batch)
     if not n:
-        raise ValueError('reconstruction received no calibration batches (the calibration source was empty '
-                         'when read again)')
+        raise ValueError(
+            'reconstruction received no calibration batches (the calibration source was empty when read again)'
+        )
     return n, done
 
 
-def reconstruct_(model: nn.Module, chains: Sequence[Sequence[Unit]], heads: Sequence[Unit],
-                 layers: dict[str, QuantModule], batches: Callable[[], Iterable], run: Callable[[nn.Module, Any], Any],
-                 config: ReconstructConfig, *, images_in: Callable[[Any], float] = lambda batch: 1,
-                 progress: bool = False) -> dict:
+def reconstruct_(
+    model: nn.Module,
+    chains: Sequence[Sequence[Unit]],
+    heads: Sequence[Unit],
+    layers: dict[str, QuantModule],
+    batches: Callable[[], Iterable],
+    run: Callable[[nn.Module, Any], Any],
+    config: ReconstructConfig,
+    *,
+    images_in: Callable[[Any], float] = lambda batch: 1,
+    progress: bool = False,
+) -> dict:
     """Reconstruct a calibrated (QUANTIZED) model in place; returns what was done (for the report).
 
     ``chains``: block chains in forward order (an adapter's units: their inputs are captured once and
@@ -566,13 +626,21 @@ def reconstruct_(model: nn.Module, chains: Sequence[Sequence[Unit]], heads: Sequ
     rng = _Rng(config.seed)
     heads = list(heads) if config.heads == 'module' else []
     in_heads = {id(m) for u in heads for m in u.module.modules()}
-    layers = ({n: m for n, m in layers.items() if _reconstructible(m) and id(m) not in in_heads}
-              if config.heads != 'none' else {})
+    layers = (
+        {n: m for n, m in layers.items() if _reconstructible(m) and id(m) not in in_heads}
+        if config.heads != 'none'
+        else {}
+    )
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=config.iters * (sum(len(c) for c in chains) + len(heads) + len(layers)),
-                   desc='reconstruction', unit='step', leave=False)
+
+        bar = tqdm(
+            total=config.iters * (sum(len(c) for c in chains) + len(heads) + len(layers)),
+            desc='reconstruction',
+            unit='step',
+            leave=False,
+        )
     tick = (lambda: bar.update(1)) if bar is not None else (lambda: None)
 
     def named(name: str) -> None:
@@ -601,22 +669,24 @@ def reconstruct_(model: nn.Module, chains: Sequence[Sequence[Unit]], heads: Sequ
         # heads and groups of lone layers in module order (the order modules are defined, which is
         # the forward order of detectors): each is captured after everything before it is learned
         order = {id(m): i for i, m in enumerate(model.modules())}
-        work = [(order[id(u.module)], u) for u in heads] + [(order[id(next(iter(g.values())))], g) for g in groups.values()]
+        work = [(order[id(u.module)], u) for u in heads] + [
+            (order[id(next(iter(g.values())))], g) for g in groups.values()
+        ]
         for _, item in sorted(work, key=lambda w: w[0]):
             if isinstance(item, Unit):
                 named(item.name)
                 x_fp, x_q = _capture_inputs(model, item, batches, run, config.num_images, images_in, per_call, rng)
-                if x_q:                        # else never fed (no detections): left as calibrated
+                if x_q:  # else never fed (no detections): left as calibrated
                     errors[item.name] = _reconstruct_unit(item, x_fp, x_q, config, rng, tick)[2]
                 del x_fp, x_q
                 continue
             rows = _capture_rows(model, item, batches, run, config.num_images, images_in, per_call, rng)
             for name, layer in item.items():
                 named(name)
-                if not rows[name].x:       # never fed: left as calibrated
+                if not rows[name].x:  # never fed: left as calibrated
                     continue
                 x, valid = _cat_rows(rows.pop(name))
-                assert isinstance(layer, (QuantLinear, QuantConv2d))   # (kept by _reconstructible)
+                assert isinstance(layer, (QuantLinear, QuantConv2d))  # (kept by _reconstructible)
                 err_before = _layer_error(layer, x, valid, config.batch_rows * 8)
                 _learn_layer(layer, x, valid, config, rng, tick)
                 errors[name] = [err_before, _layer_error(layer, x, valid, config.batch_rows * 8)]
@@ -625,9 +695,15 @@ def reconstruct_(model: nn.Module, chains: Sequence[Sequence[Unit]], heads: Sequ
             p.requires_grad_(flag)
         if bar is not None:
             bar.close()
-    return {'blocks': sum(len(c) for c in chains), 'heads': len(heads), 'layers': len(layers), 'images': n_images,
-            'block_seconds': round(block_seconds, 2),
-            'head_seconds': round(time.perf_counter() - start - block_seconds, 2), 'relative_error': errors}
+    return {
+        'blocks': sum(len(c) for c in chains),
+        'heads': len(heads),
+        'layers': len(layers),
+        'images': n_images,
+        'block_seconds': round(block_seconds, 2),
+        'head_seconds': round(time.perf_counter() - start - block_seconds, 2),
+        'relative_error': errors,
+    }
 
 
 __all__ = ['ReconstructConfig', 'Unit', 'reconstruct_', 'HEAD_MODES']

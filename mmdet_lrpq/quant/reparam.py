@@ -32,6 +32,7 @@ so outlier channels are quantized with a clipped range (they saturate rather tha
 other channel weight resolution), and ``r_c`` stays within ``(μ_Δ + kσ_Δ)/Δ̃``. ``k = ∞`` leaves the
 parameters untouched and is exactly RepQ.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,10 +51,11 @@ class ReparamResult:
     The scalars stay 0-d tensors on the layer's device until read, so that reparameterizing a model
     on an accelerator does not wait for the device after every layer.
     """
-    r: Tensor                 # per-channel scale migrated into the next layer
-    b: Tensor                 # per-channel shift: the new LayerNorm outputs x/r - b
+
+    r: Tensor  # per-channel scale migrated into the next layer
+    b: Tensor  # per-channel shift: the new LayerNorm outputs x/r - b
     target: tuple[Tensor, Tensor]  # (Δ̃, z̃) of the per-tensor input quantizer
-    clipped: Tensor           # number of channels whose parameters CRL clipped (int64)
+    clipped: Tensor  # number of channels whose parameters CRL clipped (int64)
 
     @property
     def target_delta(self) -> float:
@@ -97,8 +99,9 @@ def check_foldable(norm: nn.LayerNorm, layer: nn.Module, what: str) -> None:
 
 
 @torch.no_grad()
-def reparameterize_(norm: nn.LayerNorm, layer: QuantLinear | QuantConv2d, k: float = math.inf,
-                    round_zero_point: bool = False) -> ReparamResult:
+def reparameterize_(
+    norm: nn.LayerNorm, layer: QuantLinear | QuantConv2d, k: float = math.inf, round_zero_point: bool = False
+) -> ReparamResult:
     """Apply RepQ (``k = inf``) or CRL(k) to ``norm -> layer`` in place (see module docstring).
 
     ``layer.input_quantizer`` must hold per-channel parameters (calibrated); afterwards it is
@@ -138,7 +141,7 @@ def fold_scale_shift_(norm: nn.LayerNorm, layer: QuantLinear | QuantConv2d, r: T
     w = layer.weight.data
     r_cols = r.view(1, -1, *([1] * (w.dim() - 2)))
     layer.weight.data = (w * r_cols).to(w.dtype)
-    w_new = layer.weight.data.float()   # the weights the layer now has, whatever their dtype
+    w_new = layer.weight.data.float()  # the weights the layer now has, whatever their dtype
     shift = (w_new.flatten(2).sum(-1) if w.dim() > 2 else w_new) @ b
     if layer.bias is None:
         layer.bias = nn.Parameter(shift.to(w.dtype))

@@ -17,6 +17,7 @@ way. Only the statistics differ: float ranges over all calibration images, not c
 parameters, and ``α`` shares the range between activations and weights. ``a_c`` and ``w_c`` are
 clamped at ``1e-5`` (SmoothQuant's guard against an empty channel).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -36,6 +37,7 @@ _MIN_RANGE = 1e-5
 @dataclass
 class SmoothResult:
     """What one SQ-b fold did: the norm now emits ``x/r - b`` (``r = s``, ``b = z/s``)."""
+
     r: Tensor
     b: Tensor
 
@@ -55,13 +57,12 @@ class ChannelRanges:
         self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
         self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
 
-
     def check(self, where: str) -> None:
         """Raise ``ValueError`` if no input was recorded or it held NaN/Inf (reads the values: once,
         after the pass, not per batch)."""
         if self.lo is None:
             raise ValueError(f'SQ-b: {where} received no input in the float pass over the calibration images')
-        assert self.hi is not None      # (recorded together with lo)
+        assert self.hi is not None  # (recorded together with lo)
         if not bool(torch.isfinite(self.lo).all() & torch.isfinite(self.hi).all()):
             raise ValueError(f'SQ-b: the input of {where} has NaN or Inf values; check the model/input for overflow')
 
@@ -73,8 +74,9 @@ def recording_ranges(layers: dict[str, nn.Module]) -> Iterator[dict[str, Channel
     handles = []
     for name, layer in layers.items():
         axis = 1 if isinstance(layer, nn.Conv2d) else -1
-        handles.append(layer.register_forward_pre_hook(
-            lambda _m, args, r=ranges[name], axis=axis: r.add(args[0], axis)))
+        handles.append(
+            layer.register_forward_pre_hook(lambda _m, args, r=ranges[name], axis=axis: r.add(args[0], axis))
+        )
     try:
         yield ranges
     finally:
@@ -94,15 +96,16 @@ def sqb_factors(lo: Tensor, hi: Tensor, weight: Tensor, alpha: float = DEFAULT_A
 
 
 @torch.no_grad()
-def smooth_(norm: nn.LayerNorm, layer: QuantLinear | QuantConv2d, ranges: ChannelRanges,
-            alpha: float = DEFAULT_ALPHA) -> SmoothResult:
+def smooth_(
+    norm: nn.LayerNorm, layer: QuantLinear | QuantConv2d, ranges: ChannelRanges, alpha: float = DEFAULT_ALPHA
+) -> SmoothResult:
     """Fold SQ-b into ``norm -> layer`` in place from ``layer``'s recorded input ranges."""
     check_foldable(norm, layer, 'SQ-b')
     if ranges.lo is None:
         raise ValueError('SQ-b needs the layer input ranges: the layer received no input in the float pass')
     if ranges.lo.numel() != norm.weight.numel():
         raise ValueError(f'LayerNorm has {norm.weight.numel()} channels, the layer input {ranges.lo.numel()}')
-    assert ranges.hi is not None        # (recorded together with lo)
+    assert ranges.hi is not None  # (recorded together with lo)
     s, z = sqb_factors(ranges.lo, ranges.hi, layer.weight, alpha)
     b = z / s
     fold_scale_shift_(norm, layer, s, b)

@@ -6,6 +6,7 @@
 :class:`LayerQuantConfig`, or ``None`` to leave the layer in float. Architecture adapters use the
 same function for their backbone sites; a bit plan is one way to build ``config_for``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -24,6 +25,7 @@ _WEIGHT_ONLY_LINEARS = (nn.modules.linear.NonDynamicallyQuantizableLinear,)
 @dataclass(frozen=True)
 class LayerQuantConfig:
     """How one layer is quantized: weight bits, input-activation bits, input granularity."""
+
     w_bits: int = 8
     a_bits: int = 8
     per_channel_input: bool = False
@@ -38,8 +40,11 @@ ConfigFn = Callable[[str, nn.Module], LayerQuantConfig | None]
 
 def quantizable_layers(model: nn.Module) -> dict[str, nn.Conv2d | nn.Linear]:
     """The float Conv2d/Linear layers a wrapper can quantize, by qualified name."""
-    return {name: m for name, m in model.named_modules()
-            if isinstance(m, (nn.Conv2d, nn.Linear)) and not isinstance(m, (QuantModule, *_WEIGHT_ONLY_LINEARS))}
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and not isinstance(m, (QuantModule, *_WEIGHT_ONLY_LINEARS))
+    }
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -55,8 +60,11 @@ def wrap_modules(model: nn.Module, config_for: ConfigFn) -> dict[str, QuantModul
         if cfg is None:
             continue
         options = dict(w_bits=cfg.w_bits, a_bits=cfg.a_bits, per_channel_input=cfg.per_channel_input)
-        q: QuantModule = (QuantConv2d.from_float(layer, **options) if isinstance(layer, nn.Conv2d)
-                          else QuantLinear.from_float(layer, **options))
+        q: QuantModule = (
+            QuantConv2d.from_float(layer, **options)
+            if isinstance(layer, nn.Conv2d)
+            else QuantLinear.from_float(layer, **options)
+        )
         set_submodule(model, name, q)
         wrapped[name] = q
     return wrapped

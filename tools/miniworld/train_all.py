@@ -12,6 +12,7 @@ the wall-clock time and the final validation numbers (read back from the checkpo
 what the training scripts measured: the classifier's accuracy, mmdet CocoMetric's bbox/segm AP).
 Stages not run in this invocation keep their previous entry.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,22 +50,55 @@ def stage_command(stage: str, args: argparse.Namespace) -> list[str]:
     if stage == 'generate':
         return [tool('generate'), '--out', args.data_root, '--seed', str(args.seed)]
     if stage in CLASSIFIERS:  # one at a time, so they get --seq-threads
-        common = ['--data-root', args.data_root, '--out', checkpoint_path(stage), '--seed', str(args.seed),
-                  '--threads', str(args.seq_threads)]
+        common = [
+            '--data-root',
+            args.data_root,
+            '--out',
+            checkpoint_path(stage),
+            '--seed',
+            str(args.seed),
+            '--threads',
+            str(args.seq_threads),
+        ]
         if stage == 'teacher':
             return [tool('train_classifier'), '--arch', 'cnn', *common]
         # a tiny Swin from scratch sits at chance on this data; the ConvNet's hints get it learning (docs/miniworld.md)
-        return [tool('train_classifier'), '--teacher', TEACHER, '--hint-pairs', '0:1,1:2,2:3', '--batch-size', '32',
-                '--epochs', '6', '--warmup-iters', '50', '--drop-path-rate', '0', *common]
+        return [
+            tool('train_classifier'),
+            '--teacher',
+            TEACHER,
+            '--hint-pairs',
+            '0:1,1:2,2:3',
+            '--batch-size',
+            '32',
+            '--epochs',
+            '6',
+            '--warmup-iters',
+            '50',
+            '--drop-path-rate',
+            '0',
+            *common,
+        ]
     if stage == 'convert':
         return [tool('convert_classifier'), CLASSIFIER, '--out', BACKBONE_INIT]
     data_root = args.data_root.rstrip('/') + '/'
-    return [tool('train_detector'), f'configs/miniworld/{stage}.py', '--out', checkpoint_path(stage),
-            '--threads', str(args.threads), '--threads-file', threads_file(stage), '--cfg-options', f'randomness.seed={args.seed}',
-            f'train_dataloader.dataset.data_root={data_root}', f'val_dataloader.dataset.data_root={data_root}',
-            f'test_dataloader.dataset.data_root={data_root}',
-            f'val_evaluator.ann_file={data_root}annotations/instances_val.json',
-            f'test_evaluator.ann_file={data_root}annotations/instances_val.json']
+    return [
+        tool('train_detector'),
+        f'configs/miniworld/{stage}.py',
+        '--out',
+        checkpoint_path(stage),
+        '--threads',
+        str(args.threads),
+        '--threads-file',
+        threads_file(stage),
+        '--cfg-options',
+        f'randomness.seed={args.seed}',
+        f'train_dataloader.dataset.data_root={data_root}',
+        f'val_dataloader.dataset.data_root={data_root}',
+        f'test_dataloader.dataset.data_root={data_root}',
+        f'val_evaluator.ann_file={data_root}annotations/instances_val.json',
+        f'test_evaluator.ann_file={data_root}annotations/instances_val.json',
+    ]
 
 
 def threads_file(stage: str) -> str:
@@ -90,20 +124,35 @@ def stage_results(stage: str) -> dict:
     path = checkpoint_path(stage)
     if stage in CLASSIFIERS:
         meta = torch.load(path, map_location='cpu', weights_only=True)['meta']
-        return dict(recorded_command=meta['command'], checkpoint=path, size_bytes=os.path.getsize(path),
-                    arch=meta['arch'], val_accuracy=meta['val_accuracy'], history=meta['history'],
-                    train_seconds=meta['train_seconds'], model_kwargs=meta['model_kwargs'],
-                    **({'teacher': meta['teacher'], 'hint_pairs': meta['hint_pairs']} if 'teacher' in meta else {}))
+        return dict(
+            recorded_command=meta['command'],
+            checkpoint=path,
+            size_bytes=os.path.getsize(path),
+            arch=meta['arch'],
+            val_accuracy=meta['val_accuracy'],
+            history=meta['history'],
+            train_seconds=meta['train_seconds'],
+            model_kwargs=meta['model_kwargs'],
+            **({'teacher': meta['teacher'], 'hint_pairs': meta['hint_pairs']} if 'teacher' in meta else {}),
+        )
     if stage in DETECTORS:
         import mmengine  # noqa: F401  (mmdet_lrpq then allow-lists MMEngine's checkpoint metadata)
 
         import mmdet_lrpq  # noqa: F401
+
         meta = torch.load(path, map_location='cpu', weights_only=True)['meta']
         coco = meta['final_val_metrics']
-        return dict(recorded_command=meta['command'], checkpoint=path, size_bytes=os.path.getsize(path),
-                    iters=meta.get('iter'), train_seconds=meta['train_seconds'], final_val_metrics=coco,
-                    **{k: meta[k] for k in ('thread_changes', 'backbone_init_sha256') if k in meta},
-                    box_ap=round(100 * coco['coco/bbox_mAP'], 1), mask_ap=round(100 * coco['coco/segm_mAP'], 1))
+        return dict(
+            recorded_command=meta['command'],
+            checkpoint=path,
+            size_bytes=os.path.getsize(path),
+            iters=meta.get('iter'),
+            train_seconds=meta['train_seconds'],
+            final_val_metrics=coco,
+            **{k: meta[k] for k in ('thread_changes', 'backbone_init_sha256') if k in meta},
+            box_ap=round(100 * coco['coco/bbox_mAP'], 1),
+            mask_ap=round(100 * coco['coco/segm_mAP'], 1),
+        )
     return {}
 
 
@@ -124,24 +173,40 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--data-root', default='data/miniworld')
     parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--threads', type=int, default=1,
-                        help='torch threads per detector (they train side by side; 1 is several times faster '
-                             'than 2 on shared cores)')
-    parser.add_argument('--seq-threads', type=int, default=min(2, os.cpu_count() or 1),
-                        help='torch threads for the classifiers, trained one at a time (default: 2 where there are 2)')
+    parser.add_argument(
+        '--threads',
+        type=int,
+        default=1,
+        help='torch threads per detector (they train side by side; 1 is several times faster than 2 on shared cores)',
+    )
+    parser.add_argument(
+        '--seq-threads',
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help='torch threads for the classifiers, trained one at a time (default: 2 where there are 2)',
+    )
     parser.add_argument('--from', dest='start', choices=STAGES, default=STAGES[0], help='first stage to run')
     parser.add_argument('--only', choices=STAGES, help='run just this stage')
-    parser.add_argument('--jobs', type=int, default=min(2, os.cpu_count() or 1),
-                        help='detectors trained side by side (default: 2 where there are 2 cores)')
+    parser.add_argument(
+        '--jobs',
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help='detectors trained side by side (default: 2 where there are 2 cores)',
+    )
     parser.add_argument('--summary', default=f'{CKPT_DIR}/training_summary.json')
     args = parser.parse_args(argv)
     os.chdir(REPO)
-    stages = [args.only] if args.only else list(STAGES[STAGES.index(args.start):])
+    stages = [args.only] if args.only else list(STAGES[STAGES.index(args.start) :])
     summary = json.load(open(args.summary)) if osp.isfile(args.summary) else {}
-    summary.update(reproduce='python tools/miniworld/train_all.py', seed=args.seed, threads=args.threads,
-                   seq_threads=args.seq_threads,
-                   environment=dict(python=platform.python_version(), torch=torch.__version__,
-                                    machine=platform.machine(), cpus=os.cpu_count()))
+    summary.update(
+        reproduce='python tools/miniworld/train_all.py',
+        seed=args.seed,
+        threads=args.threads,
+        seq_threads=args.seq_threads,
+        environment=dict(
+            python=platform.python_version(), torch=torch.__version__, machine=platform.machine(), cpus=os.cpu_count()
+        ),
+    )
     summary.setdefault('stages', {})
     total = time.time()
 
@@ -152,8 +217,9 @@ def main(argv: list[str] | None = None) -> None:
 
     def record(stage: str, command: list[str], seconds: float) -> None:
         print(f'===== [{stage}] done in {seconds / 60:.1f} min', flush=True)
-        summary['stages'][stage] = dict(command=shlex.join(command), wall_seconds=round(seconds, 1),
-                                        **stage_results(stage))
+        summary['stages'][stage] = dict(
+            command=shlex.join(command), wall_seconds=round(seconds, 1), **stage_results(stage)
+        )
         save()
 
     sequential = [s for s in stages if s not in DETECTORS or args.jobs == 1]
@@ -171,8 +237,11 @@ def main(argv: list[str] | None = None) -> None:
         write_threads(stage, args.threads)
         print(f'\n===== [{stage}] {shlex.join(command)}  (log: {log_path})', flush=True)
         with open(log_path, 'w') as log:  # the child keeps its own copy of the descriptor
-            running[stage] = (command, time.time(), subprocess.Popen([sys.executable, *command[1:]], stdout=log,
-                                                                     stderr=subprocess.STDOUT))
+            running[stage] = (
+                command,
+                time.time(),
+                subprocess.Popen([sys.executable, *command[1:]], stdout=log, stderr=subprocess.STDOUT),
+            )
     failed = []
     while running:  # a detector that finishes hands its cores to those still training
         finished = [stage for stage, (_, _, proc) in running.items() if proc.poll() is not None]

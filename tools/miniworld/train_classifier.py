@@ -18,6 +18,7 @@ names, normalization, validation accuracy per epoch, the command; for a guided S
 teacher and hint pairs), so that LRP and the timm -> mmdet conversion can rebuild the exact model.
 Plain PyTorch loop, CPU by default.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,21 +38,33 @@ from mmdet_lrpq.miniworld import command_line
 
 # Same layout as the mmdet backbone in configs/miniworld/ (embed_dims, depths, num_heads, window_size);
 # always_partition makes timm's windows identical to mmdet's, 224 px makes every stage 7-divisible.
-MODEL_KWARGS: dict = dict(img_size=224, patch_size=4, embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8),
-                          window_size=7, mlp_ratio=4.0, always_partition=True, strict_img_size=False)
+MODEL_KWARGS: dict = dict(
+    img_size=224,
+    patch_size=4,
+    embed_dim=32,
+    depths=(2, 2, 2, 2),
+    num_heads=(1, 2, 4, 8),
+    window_size=7,
+    mlp_ratio=4.0,
+    always_partition=True,
+    strict_img_size=False,
+)
 # mmdet's DetDataPreprocessor normalization (ImageNet statistics, RGB), so detector and classifier see
 # the same input distribution.
 MEAN_RGB = (123.675, 116.28, 103.53)
 TOKEN_CELL = 32  # pixels per final-stage token (patch 4, three 2x patch mergings)
 IGNORE = -100
 # Training defaults per --arch (explicit flags override them).
-ARCH_DEFAULTS = dict(swin=dict(epochs=4, batch_size=64, weight_decay=0.05, warmup_iters=100),
-                     cnn=dict(epochs=3, batch_size=32, weight_decay=0.0, warmup_iters=0))
+ARCH_DEFAULTS = dict(
+    swin=dict(epochs=4, batch_size=64, weight_decay=0.05, warmup_iters=100),
+    cnn=dict(epochs=3, batch_size=32, weight_decay=0.0, warmup_iters=0),
+)
 STD_RGB = (58.395, 57.12, 57.375)
 
 
 def build_classifier(num_classes: int, drop_path_rate: float = 0.0) -> torch.nn.Module:
     from timm.models.swin_transformer import SwinTransformer
+
     return SwinTransformer(num_classes=num_classes, drop_path_rate=drop_path_rate, **MODEL_KWARGS)
 
 
@@ -66,8 +79,14 @@ class ConvNet(torch.nn.Module):
         super().__init__()
         nn, blocks, c_in = torch.nn, [], 3
         for c in self.WIDTHS:
-            blocks.append(nn.Sequential(nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c),
-                                        nn.ReLU(inplace=True), nn.MaxPool2d(2)))
+            blocks.append(
+                nn.Sequential(
+                    nn.Conv2d(c_in, c, 3, padding=1, bias=False),
+                    nn.BatchNorm2d(c),
+                    nn.ReLU(inplace=True),
+                    nn.MaxPool2d(2),
+                )
+            )
             c_in = c
         self.blocks = nn.ModuleList(blocks)
         self.fc = nn.Linear(c_in, num_classes)
@@ -106,6 +125,7 @@ def load_token_targets(root: Path, split: str, labels: torch.Tensor, cell: int =
     """(N, H/cell, W/cell) token labels: the image label where the labelled shape (the largest
     instance) covers at least half of the cell, else ``IGNORE``."""
     from pycocotools import mask as mask_utils
+
     coco = json.loads((root / 'annotations' / f'instances_{split}.json').read_text())
     largest: dict[int, dict] = {}
     for ann in coco['annotations']:
@@ -129,13 +149,16 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 100) -> float:
     model.eval()
-    correct = sum(int((model(normalize(images[i:i + batch_size])).argmax(1) == labels[i:i + batch_size]).sum())
-                  for i in range(0, len(images), batch_size))
+    correct = sum(
+        int((model(normalize(images[i : i + batch_size])).argmax(1) == labels[i : i + batch_size]).sum())
+        for i in range(0, len(images), batch_size)
+    )
     return correct / len(images)
 
 
-def augment(images: torch.Tensor, tokens: torch.Tensor, generator: torch.Generator
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+def augment(
+    images: torch.Tensor, tokens: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Random horizontal/vertical flips and transposition (every class is invariant to them), applied
     alike to the (N, 3, H, W) images and their (N, h, w) token labels."""
     flip_h = torch.rand(len(images), generator=generator) < 0.5
@@ -168,16 +191,23 @@ class FeatureHints(torch.nn.Module):
         for (s, t), regressor in zip(self.pairs, self.regressors):
             target = teacher[t].permute(0, 2, 3, 1)  # NCHW -> NHWC like timm's stages
             if target.shape[1:3] != swin[s].shape[1:3]:
-                raise ValueError(f'hint pair {s}:{t}: Swin stage {s} is {tuple(swin[s].shape[1:3])} but teacher '
-                                 f'block {t} is {tuple(target.shape[1:3])}; pair stages of equal stride')
+                raise ValueError(
+                    f'hint pair {s}:{t}: Swin stage {s} is {tuple(swin[s].shape[1:3])} but teacher '
+                    f'block {t} is {tuple(target.shape[1:3])}; pair stages of equal stride'
+                )
             target = target / target.pow(2).mean((0, 1, 2), keepdim=True).add(1e-6).sqrt()
             losses.append(F.mse_loss(regressor(swin[s]), target))
         return torch.stack(losses).sum()
 
 
-def classification_losses(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, tokens: torch.Tensor,
-                          teacher: torch.nn.Module | None = None, hints: FeatureHints | None = None
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def classification_losses(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    tokens: torch.Tensor,
+    teacher: torch.nn.Module | None = None,
+    hints: FeatureHints | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Image-level and token-level cross-entropy (tokens go through the same head as the pooled
     feature) and, with a teacher, the feature-hint loss."""
     x = normalize(images)
@@ -196,8 +226,10 @@ def classification_losses(model: torch.nn.Module, images: torch.Tensor, labels: 
 
 def load_teacher(path: str, num_classes: int) -> torch.nn.Module:
     if not osp.isfile(path):
-        raise FileNotFoundError(f'--teacher {path} does not exist; train it with '
-                                f'`python tools/miniworld/train_classifier.py --arch cnn --out {path}`')
+        raise FileNotFoundError(
+            f'--teacher {path} does not exist; train it with '
+            f'`python tools/miniworld/train_classifier.py --arch cnn --out {path}`'
+        )
     ckpt = torch.load(path, map_location='cpu', weights_only=True)
     arch = ckpt.get('meta', {}).get('arch')
     if arch != 'ConvNet':
@@ -213,23 +245,35 @@ def parse_pairs(text: str) -> tuple[tuple[int, int], ...]:
     except ValueError:
         pairs = ((),)
     if not pairs or any(len(p) != 2 or not 0 <= p[0] < 4 or not 0 <= p[1] < 5 for p in pairs):
-        raise argparse.ArgumentTypeError(f'--hint-pairs wants SWIN_STAGE:CNN_BLOCK[,...] with stages 0..3 and '
-                                         f'blocks 0..4, e.g. 1:2; got {text!r}')
+        raise argparse.ArgumentTypeError(
+            f'--hint-pairs wants SWIN_STAGE:CNN_BLOCK[,...] with stages 0..3 and blocks 0..4, e.g. 1:2; got {text!r}'
+        )
     return pairs
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--data-root', default='data/miniworld')
-    parser.add_argument('--arch', choices=('swin', 'cnn'), default='swin',
-                        help='swin: the tiny timm Swin (the classifier the detectors start from); cnn: the '
-                             'ConvNet baseline / feature teacher (image loss only)')
-    parser.add_argument('--teacher', help='ConvNet checkpoint (--arch cnn) whose features guide the Swin (FitNets hints)')
+    parser.add_argument(
+        '--arch',
+        choices=('swin', 'cnn'),
+        default='swin',
+        help='swin: the tiny timm Swin (the classifier the detectors start from); cnn: the '
+        'ConvNet baseline / feature teacher (image loss only)',
+    )
+    parser.add_argument(
+        '--teacher', help='ConvNet checkpoint (--arch cnn) whose features guide the Swin (FitNets hints)'
+    )
     parser.add_argument('--hint-weight', type=float, default=1.0)
-    parser.add_argument('--hint-pairs', type=parse_pairs, default=((0, 1), (1, 2), (2, 3)),
-                        help='SWIN_STAGE:CNN_BLOCK pairs of equal stride (default 0:1,1:2,2:3: Swin stages '
-                             '1-3 learn from ConvNet blocks 2-4, strides 4, 8, 16)')
+    parser.add_argument(
+        '--hint-pairs',
+        type=parse_pairs,
+        default=((0, 1), (1, 2), (2, 3)),
+        help='SWIN_STAGE:CNN_BLOCK pairs of equal stride (default 0:1,1:2,2:3: Swin stages '
+        '1-3 learn from ConvNet blocks 2-4, strides 4, 8, 16)',
+    )
     parser.add_argument('--out', default='checkpoints/miniworld/swin_mini_cls.pth')
+
     def per_arch(key: str) -> str:
         return 'default: ' + ', '.join(f'{d[key]} ({arch})' for arch, d in ARCH_DEFAULTS.items())
 
@@ -241,8 +285,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--drop-path-rate', type=float, default=0.1)
     parser.add_argument('--token-loss-weight', type=float, default=1.0)
     parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--threads', type=int, default=1,
-                        help='torch threads; 1 is several times faster than 2 when the cores are shared')
+    parser.add_argument(
+        '--threads',
+        type=int,
+        default=1,
+        help='torch threads; 1 is several times faster than 2 when the cores are shared',
+    )
     parser.add_argument('--max-iters', type=int, default=None, help='stop early (smoke tests)')
     args = parser.parse_args(argv)
     for key, value in ARCH_DEFAULTS[args.arch].items():
@@ -267,16 +315,20 @@ def main(argv: list[str] | None = None) -> None:
         model = build_classifier(len(classes), args.drop_path_rate)
         if args.teacher:
             teacher = load_teacher(args.teacher, len(classes))
-            hints = FeatureHints(args.hint_pairs, [model.embed_dim * 2 ** i for i in range(4)], ConvNet.WIDTHS)
+            hints = FeatureHints(args.hint_pairs, [model.embed_dim * 2**i for i in range(4)], ConvNet.WIDTHS)
     trained = list(model.named_parameters()) + (list(hints.named_parameters()) if hints is not None else [])
     decayed = {True: [], False: []}  # weight decay on matrices only, not on norms, biases, position tables
     for name, param in trained:
         decayed[param.ndim > 1 and 'relative_position_bias_table' not in name].append(param)
-    optimizer = torch.optim.AdamW([dict(params=decayed[True], weight_decay=args.weight_decay),
-                                   dict(params=decayed[False], weight_decay=0.0)], lr=args.lr)
+    optimizer = torch.optim.AdamW(
+        [dict(params=decayed[True], weight_decay=args.weight_decay), dict(params=decayed[False], weight_decay=0.0)],
+        lr=args.lr,
+    )
     iters_per_epoch = len(train_x) // args.batch_size
-    total = iters_per_epoch * args.epochs if args.max_iters is None else min(args.max_iters,
-                                                                             iters_per_epoch * args.epochs)
+    total = (
+        iters_per_epoch * args.epochs if args.max_iters is None else min(args.max_iters, iters_per_epoch * args.epochs)
+    )
+
     def schedule(it: int) -> float:
         return min(1.0, (it + 1) / max(args.warmup_iters, 1)) * 0.5 * (1 + math.cos(math.pi * it / total))
 
@@ -290,14 +342,15 @@ def main(argv: list[str] | None = None) -> None:
         for b in range(iters_per_epoch):
             if it >= total:
                 break
-            idx = order[b * args.batch_size:(b + 1) * args.batch_size]
+            idx = order[b * args.batch_size : (b + 1) * args.batch_size]
             images, tokens = augment(train_x[idx], train_tokens[idx], generator)
             if args.arch == 'cnn':
                 image_loss = F.cross_entropy(model(normalize(images)), train_y[idx])
                 token_loss = hint_loss = image_loss.new_zeros(())
             else:
-                image_loss, token_loss, hint_loss = classification_losses(model, images, train_y[idx], tokens,
-                                                                          teacher, hints)
+                image_loss, token_loss, hint_loss = classification_losses(
+                    model, images, train_y[idx], tokens, teacher, hints
+                )
             loss = image_loss + args.token_loss_weight * token_loss + args.hint_weight * hint_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -306,25 +359,47 @@ def main(argv: list[str] | None = None) -> None:
             it += 1
             if it % 20 == 0 or it == total:
                 elapsed = time.time() - train_start
-                print(f'epoch {epoch + 1}/{args.epochs} iter {it}/{total} loss {image_loss.item():.4f} '
-                      f'token loss {token_loss.item():.4f} hint loss {hint_loss.item():.4f} '
-                      f'lr {scheduler.get_last_lr()[0]:.2e} {elapsed / it:.2f}s/iter '
-                      f'eta {elapsed / it * (total - it) / 60:.1f}min', flush=True)
+                print(
+                    f'epoch {epoch + 1}/{args.epochs} iter {it}/{total} loss {image_loss.item():.4f} '
+                    f'token loss {token_loss.item():.4f} hint loss {hint_loss.item():.4f} '
+                    f'lr {scheduler.get_last_lr()[0]:.2e} {elapsed / it:.2f}s/iter '
+                    f'eta {elapsed / it * (total - it) / 60:.1f}min',
+                    flush=True,
+                )
         val_acc = accuracy(model, val_x, val_y)
         history.append(dict(epoch=epoch + 1, iter=it, val_acc=val_acc))
         print(f'epoch {epoch + 1}: val accuracy {val_acc:.4f}', flush=True)
         if it >= total:
             break
     train_seconds = time.time() - train_start
-    arch = dict(swin=dict(arch='timm.models.swin_transformer.SwinTransformer',
-                          model_kwargs=dict(MODEL_KWARGS, num_classes=len(classes))),
-                cnn=dict(arch='ConvNet', model_kwargs=dict(num_classes=len(classes))))[args.arch]
-    guidance = dict(teacher=args.teacher, hint_weight=args.hint_weight,
-                    hint_pairs=[list(p) for p in args.hint_pairs]) if args.teacher else {}
-    meta = dict(**arch, classes=classes, **guidance,
-                mean_rgb=MEAN_RGB, std_rgb=STD_RGB, val_accuracy=history[-1]['val_acc'], history=history,
-                iters=it, batch_size=args.batch_size, lr=args.lr, token_loss_weight=args.token_loss_weight, seed=args.seed, train_seconds=round(train_seconds, 1),
-                command=command_line(__file__, argv))
+    arch = dict(
+        swin=dict(
+            arch='timm.models.swin_transformer.SwinTransformer',
+            model_kwargs=dict(MODEL_KWARGS, num_classes=len(classes)),
+        ),
+        cnn=dict(arch='ConvNet', model_kwargs=dict(num_classes=len(classes))),
+    )[args.arch]
+    guidance = (
+        dict(teacher=args.teacher, hint_weight=args.hint_weight, hint_pairs=[list(p) for p in args.hint_pairs])
+        if args.teacher
+        else {}
+    )
+    meta = dict(
+        **arch,
+        classes=classes,
+        **guidance,
+        mean_rgb=MEAN_RGB,
+        std_rgb=STD_RGB,
+        val_accuracy=history[-1]['val_acc'],
+        history=history,
+        iters=it,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        token_loss_weight=args.token_loss_weight,
+        seed=args.seed,
+        train_seconds=round(train_seconds, 1),
+        command=command_line(__file__, argv),
+    )
     os.makedirs(osp.dirname(osp.abspath(args.out)), exist_ok=True)
     torch.save(dict(state_dict=model.state_dict(), meta=meta), args.out)
     print(json.dumps(dict(out=args.out, val_accuracy=meta['val_accuracy'], train_seconds=meta['train_seconds'])))

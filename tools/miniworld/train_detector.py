@@ -13,6 +13,7 @@ commit.
 iterations); ``train_all.py`` writes it to hand a finished detector's core to the one still
 training. The changes are logged and recorded in the checkpoint's meta (``thread_changes``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,6 +56,7 @@ def measure(cfg, checkpoint: str) -> dict[str, float]:
     """CocoMetric of the saved ``checkpoint`` on the config's test split (the val split), from the
     evaluator's own return value: the number is measured on exactly the file that is committed."""
     from mmengine.runner import Runner
+
     cfg = cfg.copy()
     cfg.load_from = checkpoint
     cfg.model.backbone.init_cfg = None
@@ -75,15 +77,23 @@ def slim_checkpoint(path: str, out: str, extra_meta: dict) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     from mmengine.config import Config, DictAction
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('config')
     parser.add_argument('--out', required=True, help='slim final checkpoint to write')
     parser.add_argument('--work-dir', help='default: work_dirs/miniworld/<config name>')
-    parser.add_argument('--threads', type=int, default=1,
-                        help='torch threads; 1 is several times faster than 2 when the cores are shared')
+    parser.add_argument(
+        '--threads',
+        type=int,
+        default=1,
+        help='torch threads; 1 is several times faster than 2 when the cores are shared',
+    )
     parser.add_argument('--threads-file', help='follow the thread count written in this file while training')
-    parser.add_argument('--measure-only', action='store_true',
-                        help='do not train: evaluate --out on the val split and record the metrics in it')
+    parser.add_argument(
+        '--measure-only',
+        action='store_true',
+        help='do not train: evaluate --out on the val split and record the metrics in it',
+    )
     parser.add_argument('--cfg-options', nargs='+', action=DictAction, help='override config settings, key=value')
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -91,6 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     from mmengine.runner import Runner
 
     import mmdet_lrpq
+
     mmdet_lrpq.register_all_modules()
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
@@ -99,8 +110,10 @@ def main(argv: list[str] | None = None) -> None:
     cfg.work_dir = args.work_dir or osp.join('work_dirs', 'miniworld', osp.splitext(osp.basename(args.config))[0])
     init = cfg.model.backbone.get('init_cfg') or {}
     if not args.measure_only and init.get('type') == 'Pretrained' and not osp.isfile(init['checkpoint']):
-        sys.exit(f'error: backbone init checkpoint {init["checkpoint"]} not found; make it with '
-                 f'`python tools/miniworld/convert_classifier.py` (after training the classifier)')
+        sys.exit(
+            f'error: backbone init checkpoint {init["checkpoint"]} not found; make it with '
+            f'`python tools/miniworld/convert_classifier.py` (after training the classifier)'
+        )
 
     if not args.measure_only:
         runner = Runner.from_cfg(cfg)
@@ -111,18 +124,25 @@ def main(argv: list[str] | None = None) -> None:
         start = time.time()
         runner.train()
         train_seconds = time.time() - start
-        extra = dict(train_seconds=round(train_seconds, 1), command=command_line(__file__, argv),
-                     threads=args.threads, thread_changes=threads_hook.changes if threads_hook else [])
+        extra = dict(
+            train_seconds=round(train_seconds, 1),
+            command=command_line(__file__, argv),
+            threads=args.threads,
+            thread_changes=threads_hook.changes if threads_hook else [],
+        )
         if init.get('type') == 'Pretrained':  # which converted classifier the backbone started from
             with open(init['checkpoint'], 'rb') as f:
                 extra['backbone_init_sha256'] = hashlib.sha256(f.read()).hexdigest()
         size = slim_checkpoint(osp.join(cfg.work_dir, f'iter_{runner.iter}.pth'), args.out, extra)
-        print(f'trained {runner.iter} iterations in {train_seconds / 60:.1f} min; wrote {args.out} '
-              f'({size / 2**20:.1f} MiB)')
+        print(
+            f'trained {runner.iter} iterations in {train_seconds / 60:.1f} min; wrote {args.out} '
+            f'({size / 2**20:.1f} MiB)'
+        )
     # measured on the saved file itself (also what --measure-only re-records in an existing one)
     metrics = measure(cfg, args.out)
     slim_checkpoint(args.out, args.out, dict(final_val_metrics=metrics))
     print(f'final val metrics: {metrics}')
+
 
 if __name__ == '__main__':
     main()
