@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
 
-.PHONY: install test demo clean-venv
+.PHONY: install lint test demo clean-venv
 
 MMCV   ?= lite
 
@@ -14,8 +14,15 @@ MMCV   ?= lite
 install:
 	@PYTHON=$(PYTHON) VENV=$(CURDIR)/$(VENV) MMDET_LRPQ_MMCV=$(MMCV) bash tools/install.sh
 
-## test: install if needed, then run the test suite
-test: install
+## lint: ruff (lint + format check) and mypy (pure layers and public API), settings in pyproject.toml
+LINT_PATHS := mmdet_lrpq tools bench tests _mmdet_lrpq_mmcv.py setup.py
+lint: install
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+	$(VENV)/bin/mypy
+
+## test: install if needed, then the lint and type gates, then the test suite
+test: lint
 	$(PY) -m pytest tests
 
 ## demo: install if needed, then run the main job on the miniature world (offline)
