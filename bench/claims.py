@@ -1096,7 +1096,8 @@ def parse_args(argv=None):
     p.add_argument('--classifier-checkpoint', default=None, help='its weights (default: --classifier)')
     p.add_argument('--imagenet', default=osp.join(MINI, 'cls_val'), help='classifier evaluation images')
     p.add_argument('--imagenet-labels', default=None, help="'<path> <label>' lines (default: class folders)")
-    p.add_argument('--imagenet-calib', default=osp.join(MINI, 'cls_train'), help='classifier calibration images')
+    p.add_argument('--imagenet-calib', default=osp.join(MINI, 'cls_train'),
+                   help='classifier calibration images (with another --imagenet: the first images of it, not evaluated)')
     p.add_argument('--imagenet-calib-labels', default=None)
     p.add_argument('--lrp-images', default=None, help='LRP images (default: --imagenet)')
     p.add_argument('--config', default=None, help="detector config of the 'detector' model")
@@ -1115,6 +1116,8 @@ def parse_args(argv=None):
     mini_cls = args.imagenet == osp.join(MINI, 'cls_val')
     if mini_cls:
         args.imagenet_labels = args.imagenet_labels or osp.join(MINI, 'annotations', 'cls_val.txt')
+    if not mini_cls and args.imagenet_calib == osp.join(MINI, 'cls_train'):
+        args.imagenet_calib = args.imagenet      # real images: calibrate on the first ones, not evaluated
     if args.imagenet_calib == osp.join(MINI, 'cls_train'):
         args.imagenet_calib_labels = args.imagenet_calib_labels or osp.join(MINI, 'annotations', 'cls_train.txt')
     args.lrp_images = args.lrp_images or args.imagenet
