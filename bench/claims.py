@@ -1035,7 +1035,10 @@ def saved_rows(work_dir: str) -> list[dict]:
 
 
 def write_report(rows: list[dict], args, grid_commands: list[str]) -> None:
-    from doc_blocks import publish  # bench/doc_blocks.py (this script's folder)
+    try:
+        from bench.common import publish
+    except ImportError:  # run as a script: bench/ is sys.path[0]
+        from common import publish
 
     context = {'grid': grid_commands}
     report = dict(
@@ -1096,8 +1099,11 @@ def parse_args(argv=None):
     p.add_argument('--classifier-checkpoint', default=None, help='its weights (default: --classifier)')
     p.add_argument('--imagenet', default=osp.join(MINI, 'cls_val'), help='classifier evaluation images')
     p.add_argument('--imagenet-labels', default=None, help="'<path> <label>' lines (default: class folders)")
-    p.add_argument('--imagenet-calib', default=osp.join(MINI, 'cls_train'),
-                   help='classifier calibration images (with another --imagenet: the first images of it, not evaluated)')
+    p.add_argument(
+        '--imagenet-calib',
+        default=osp.join(MINI, 'cls_train'),
+        help='classifier calibration images (with another --imagenet: the first images of it, not evaluated)',
+    )
     p.add_argument('--imagenet-calib-labels', default=None)
     p.add_argument('--lrp-images', default=None, help='LRP images (default: --imagenet)')
     p.add_argument('--config', default=None, help="detector config of the 'detector' model")
@@ -1117,7 +1123,7 @@ def parse_args(argv=None):
     if mini_cls:
         args.imagenet_labels = args.imagenet_labels or osp.join(MINI, 'annotations', 'cls_val.txt')
     if not mini_cls and args.imagenet_calib == osp.join(MINI, 'cls_train'):
-        args.imagenet_calib = args.imagenet      # real images: calibrate on the first ones, not evaluated
+        args.imagenet_calib = args.imagenet  # real images: calibrate on the first ones, not evaluated
     if args.imagenet_calib == osp.join(MINI, 'cls_train'):
         args.imagenet_calib_labels = args.imagenet_calib_labels or osp.join(MINI, 'annotations', 'cls_train.txt')
     args.lrp_images = args.lrp_images or args.imagenet
@@ -1134,7 +1140,11 @@ def main(argv=None) -> None:
     history = osp.join(args.work_dir, 'commands.json')
     commands = json.load(open(history)) if osp.isfile(history) else []
     if args.tables_only:
-        return write_report(saved_rows(args.work_dir), args, commands)
+        rows = saved_rows(args.work_dir)
+        if not rows and osp.isfile(args.out):  # no saved cells here: the rows the results file holds
+            saved = json.load(open(args.out))
+            rows, commands = saved['rows'], saved['grid']
+        return write_report(rows, args, commands)
     sets = args.only_sets if args.only_sets is not None else list(range(args.sets))
     cells = grid(
         args.models, args.methods, args.random_methods, sets, args.seeds, args.budgets, args.audit, args.audit_methods
