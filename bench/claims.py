@@ -1034,7 +1034,24 @@ def saved_rows(work_dir: str) -> list[dict]:
     return rows
 
 
-def write_report(rows: list[dict], args, grid_commands: list[str]) -> None:
+def row_key(row: dict) -> tuple:
+    """What identifies a cell's row: model, plan, method, calibration set, random seed."""
+    return row['model'], row['plan'], row['method'], row.get('set'), row.get('seed')
+
+
+def with_published(rows: list[dict], commands: list[str], out: str) -> tuple[list[dict], list[str]]:
+    """``rows`` plus the rows of the results file ``out`` that no saved cell replaces, and the grid commands
+    of both: a run in a fresh work dir (or --tables-only without one) adds to the published results instead
+    of rewriting them with its own cells alone."""
+    if not osp.isfile(out):
+        return rows, commands
+    published = json.load(open(out))
+    mine = {row_key(r) for r in rows}
+    kept = [r for r in published.get('rows', []) if row_key(r) not in mine]
+    return kept + rows, list(dict.fromkeys([*published.get('grid', []), *commands]))
+
+
+def write_report(rows: list[dict], grid_commands: list[str], args) -> None:
     try:
         from bench.common import publish
     except ImportError:  # run as a script: bench/ is sys.path[0]
@@ -1140,11 +1157,7 @@ def main(argv=None) -> None:
     history = osp.join(args.work_dir, 'commands.json')
     commands = json.load(open(history)) if osp.isfile(history) else []
     if args.tables_only:
-        rows = saved_rows(args.work_dir)
-        if not rows and osp.isfile(args.out):  # no saved cells here: the rows the results file holds
-            saved = json.load(open(args.out))
-            rows, commands = saved['rows'], saved['grid']
-        return write_report(rows, args, commands)
+        return write_report(*with_published(saved_rows(args.work_dir), commands, args.out), args)
     sets = args.only_sets if args.only_sets is not None else list(range(args.sets))
     cells = grid(
         args.models, args.methods, args.random_methods, sets, args.seeds, args.budgets, args.audit, args.audit_methods
@@ -1169,7 +1182,7 @@ def main(argv=None) -> None:
         for cell in (c for c in cells if c.model == model):
             run_cell(cell, world, plans, args, log)
         del world
-    write_report(saved_rows(args.work_dir), args, json.load(open(history)))
+    write_report(*with_published(saved_rows(args.work_dir), json.load(open(history)), args.out), args)
     log(f'done; {args.out}')
 
 

@@ -188,3 +188,25 @@ def test_committed_docs_block_is_generated_from_the_results(claims):
     doc = (REPO / claims.DOC).read_text()
     assert f'\n\n{markdown}\n{claims.MARKERS[1]}' in doc
     assert report['verdicts'] == claims.json_safe(claims.claim_verdicts(report['rows']))
+
+
+def test_a_run_adds_to_the_published_rows_instead_of_replacing_them(claims, tmp_path):
+    """A fresh work dir (its per-cell files gone) must not rewrite results/claims.json with its new cells alone."""
+
+    def row(plan, method, s, top1):
+        return {'model': 'classifier', 'plan': plan, 'method': method, 'set': s, 'seed': None, 'top1': top1}
+
+    out = tmp_path / 'claims.json'
+    out.write_text(
+        json.dumps({'grid': ['old command'], 'rows': [row('uniform', 'crl', 0, 66.0), row('lrp', 'crl', 0, 66.4)]})
+    )
+    rows, grid = claims.with_published(
+        [row('lrp', 'crl', 0, 67.0), row('uniform', 'sqb', 0, 68.2)], ['new command'], str(out)
+    )
+    assert sorted((r['plan'], r['method'], r['top1']) for r in rows) == [
+        ('lrp', 'crl', 67.0),
+        ('uniform', 'crl', 66.0),
+        ('uniform', 'sqb', 68.2),
+    ]
+    assert grid == ['old command', 'new command']
+    assert claims.with_published([], [], str(tmp_path / 'absent.json')) == ([], [])
