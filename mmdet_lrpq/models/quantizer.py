@@ -57,27 +57,18 @@ MIN_VALUES_PER_CHANNEL = 128
 
 
 def _peak_memory_reset(device: torch.device) -> None:
-    """Start a fresh peak-memory measurement (Linux: the process's resident high-water mark)."""
-    try:
-        with open('/proc/self/clear_refs', 'w') as f:
-            f.write('5')
-    except OSError:
-        pass
+    """Start a fresh measurement of the calibration's peak GPU memory (PyTorch's allocator statistics).
+
+    The process's resident high-water mark is not touched: resetting it (``/proc/self/clear_refs``)
+    would disturb any other profiler of the process; ``bench/calibration_memory.py`` measures RSS."""
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
 
 
 def _peak_memory(device: torch.device) -> dict:
-    out: dict = {}
-    try:
-        with open('/proc/self/status') as f:
-            hwm = next(line for line in f if line.startswith('VmHWM'))
-        out['peak_rss_mb'] = round(int(hwm.split()[1]) / 1024, 1)
-    except (OSError, StopIteration):
-        pass
     if device.type == 'cuda':
-        out['peak_cuda_mb'] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    return out
+        return {'peak_cuda_mb': round(torch.cuda.max_memory_allocated(device) / 2**20, 1)}
+    return {}
 
 
 def images_in(batch: Any) -> int:
