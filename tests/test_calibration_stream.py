@@ -12,47 +12,21 @@ pinned within a point; calibration says so instead (docs/method.md, calibration 
 from __future__ import annotations
 
 import copy
-import importlib.util
-import io
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-CKPT = REPO / 'checkpoints' / 'miniworld' / 'swin_mini_cls.pth'
 NUM_CALIB = 32  # cls_val images 1..32 calibrate
 NUM_EVAL = 200  # cls_val images 33..232 are evaluated (float: 69.0 %)
-
-
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f'{name}_tool', REPO / 'tools' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope='module')
 def classifier():
     """The committed classifier as tools/test_cls.py builds it, its calibration and evaluation images."""
-    if not CKPT.is_file():
-        pytest.skip(f'{CKPT} not present (train with tools/miniworld/train_all.py)')
-    from PIL import Image
+    from miniworld_classifier import classifier_and_images
 
-    from mmdet_lrpq.lrp import eval_transform
-    from mmdet_lrpq.miniworld import render_classification_image
-
-    args = _tool('test_cls').parse_args(['--model', str(CKPT), '--checkpoint', str(CKPT), '--images', '-'])
-    model, _ = _tool('lrp_plan').build_classifier(args)
-    model.eval()
-    transform = eval_transform(model)
-    images, labels = [], []
-    for i in range(1, NUM_CALIB + NUM_EVAL + 1):
-        jpeg, label, _ = render_classification_image(0, 'cls_val', i)
-        images.append(transform(Image.open(io.BytesIO(jpeg)).convert('RGB')))
-        labels.append(label)
-    images, labels = torch.stack(images), torch.tensor(labels)
-    return model, images[:NUM_CALIB], images[NUM_CALIB:], labels[NUM_CALIB:]
+    model, images, labels = classifier_and_images(1, NUM_CALIB + NUM_EVAL)
+    return model, images[:NUM_CALIB], images[NUM_CALIB:], torch.tensor(labels[NUM_CALIB:])
 
 
 @torch.no_grad()

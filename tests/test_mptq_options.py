@@ -7,10 +7,7 @@ options are validated and refused where they cannot combine; with both off nothi
 from __future__ import annotations
 
 import copy
-import importlib.util
-import io
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -38,9 +35,6 @@ from mmdet_lrpq.quant import (
 from mmdet_lrpq.quant import functional as F
 from mmdet_lrpq.quant.smooth import sqb_factors
 
-REPO = Path(__file__).resolve().parents[1]
-CKPT = REPO / 'checkpoints' / 'miniworld' / 'swin_mini_cls.pth'
-
 
 def tiny_timm_swin(seed: int = 0):
     """112 px: the last stage's 4x4 tokens are padded to 7x7 windows (the shift after padding matters)."""
@@ -66,32 +60,13 @@ def images(n: int, seed: int = 0, size: int = 112) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def _tool(name: str):
-    spec = importlib.util.spec_from_file_location(f'{name}_tool', REPO / 'tools' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope='module')
 def classifier():
     """The committed miniature-world classifier as tools/test_cls.py builds it, and 8 of its images."""
-    if not CKPT.is_file():
-        pytest.skip(f'{CKPT} not present (train with tools/miniworld/train_all.py)')
-    from PIL import Image
+    from miniworld_classifier import classifier_and_images
 
-    from mmdet_lrpq.lrp import eval_transform
-    from mmdet_lrpq.miniworld import render_classification_image
-
-    args = _tool('test_cls').parse_args(['--model', str(CKPT), '--checkpoint', str(CKPT), '--images', '-'])
-    model, _ = _tool('lrp_plan').build_classifier(args)
-    model.eval()
-    transform = eval_transform(model)
-    imgs = [
-        transform(Image.open(io.BytesIO(render_classification_image(0, 'cls_val', i)[0])).convert('RGB'))
-        for i in range(1, 9)
-    ]
-    return model, torch.stack(imgs)
+    model, images, _ = classifier_and_images(1, 8)
+    return model, images
 
 
 def smoothed_float(model: nn.Module, config: QuantConfig, calib: list) -> ModelQuantizer:
