@@ -96,6 +96,12 @@ def relative_importance(raw: Mapping[str, float]) -> dict[str, float]:
     }
 
 
+def _linear_site(name: str, layer: Any, tokens: int, block: int, stage: int) -> Site:
+    """A block's Linear as a site: its kind is the last part of its name; MACs over ``tokens`` positions."""
+    macs = tokens * layer.in_features * layer.out_features
+    return Site(name, 'linear', name.rsplit('.', 1)[-1], block, stage, layer.weight.numel(), macs)
+
+
 def swin_sites(model: SwinTransformer) -> list[Site]:
     """The scored sites of a timm Swin, in forward order, with params and MACs per image.
 
@@ -131,45 +137,14 @@ def swin_sites(model: SwinTransformer) -> list[Site]:
             attn_dim = attn.qkv.out_features // 3
             matmul_macs = padded_tokens * n * attn_dim  # (tokens / n) windows x heads x n x n x head_dim
             p = f'layers.{i}.blocks.{j}'
+            where = (block_index, i)
             sites += [
-                Site(
-                    f'{p}.attn.qkv',
-                    'linear',
-                    'qkv',
-                    block_index,
-                    i,
-                    attn.qkv.weight.numel(),
-                    padded_tokens * attn.qkv.in_features * attn.qkv.out_features,
-                ),
+                _linear_site(f'{p}.attn.qkv', attn.qkv, padded_tokens, *where),
                 Site(f'{p}.attn.matmul1', 'matmul', 'matmul1', block_index, i, 0, matmul_macs),
                 Site(f'{p}.attn.matmul2', 'matmul', 'matmul2', block_index, i, 0, matmul_macs),
-                Site(
-                    f'{p}.attn.proj',
-                    'linear',
-                    'proj',
-                    block_index,
-                    i,
-                    attn.proj.weight.numel(),
-                    padded_tokens * attn.proj.in_features * attn.proj.out_features,
-                ),
-                Site(
-                    f'{p}.mlp.fc1',
-                    'linear',
-                    'fc1',
-                    block_index,
-                    i,
-                    mlp.fc1.weight.numel(),
-                    H * W * mlp.fc1.in_features * mlp.fc1.out_features,
-                ),
-                Site(
-                    f'{p}.mlp.fc2',
-                    'linear',
-                    'fc2',
-                    block_index,
-                    i,
-                    mlp.fc2.weight.numel(),
-                    H * W * mlp.fc2.in_features * mlp.fc2.out_features,
-                ),
+                _linear_site(f'{p}.attn.proj', attn.proj, padded_tokens, *where),
+                _linear_site(f'{p}.mlp.fc1', mlp.fc1, H * W, *where),
+                _linear_site(f'{p}.mlp.fc2', mlp.fc2, H * W, *where),
             ]
             block_index += 1
     return sites
