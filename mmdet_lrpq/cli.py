@@ -39,7 +39,7 @@ def target_bits(p: argparse.ArgumentParser, target: str) -> int:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``--device`` as a torch device, refusing a CUDA device this machine does not have."""
+    """``--device`` as a torch device, refusing a CUDA device that is not available."""
     try:
         device = torch.device(name)
     except RuntimeError as err:
