@@ -515,13 +515,14 @@ class Classifier:
     def __init__(self, args, log):
         import torch
 
+        from mmdet_lrpq.cli import labelled_items
         from mmdet_lrpq.lrp import eval_transform, iter_batches
 
         self.args = args
         self.model = build_classifier(args.classifier, args.classifier_checkpoint).to(args.device).eval()
         transform = eval_transform(self.model)
-        self.items = labelled(args.imagenet, args.imagenet_labels)
-        calib_items = labelled(args.imagenet_calib, args.imagenet_calib_labels)
+        self.items = labelled_items(args.imagenet, args.imagenet_labels)
+        calib_items = labelled_items(args.imagenet_calib, args.imagenet_calib_labels)
         if osp.abspath(args.imagenet_calib) == osp.abspath(args.imagenet):  # never evaluate on calibration images
             calib_items, self.items = (
                 self.items[: args.sets * args.cls_set_size],
@@ -574,26 +575,6 @@ class Classifier:
         return {'top1': top1, 'eval_images': len(self.items)}, dict(
             report.totals, quant_seconds=round(t1 - t0, 1), eval_seconds=round(time.time() - t1, 1)
         )
-
-
-def labelled(root: str, labels: str | None) -> list:
-    """Images with class indices: ``<path> <label>`` lines (relative to ``root`` or its parent), or class folders."""
-    from mmdet_lrpq.lrp import ImageItem, list_images
-
-    items = list_images(root)
-    if labels is None:
-        missing = [i for i in items if i.label is None]
-        if missing:
-            raise ValueError(f'no class labels for {root}: give class folders with a wnids.txt, or a labels file')
-        return items
-    base = osp.basename(osp.normpath(root)) + os.sep
-    table = {}
-    for line in open(labels).read().splitlines():
-        if line.strip():
-            rel, label = line.rsplit(maxsplit=1)
-            rel = osp.normpath(rel)
-            table[rel[len(base) :] if rel.startswith(base) else rel] = int(label)
-    return [ImageItem(i.path, table[osp.relpath(str(i.path), root)]) for i in items]
 
 
 def build_classifier(name: str, checkpoint: str):

@@ -141,3 +141,31 @@ def build_classifier(args):
             digest = hashlib.sha256(f.read()).hexdigest()[:16]
         weights = {'kind': 'checkpoint', 'path': recorded_path(args.checkpoint), 'sha256_16': digest}
     return model.eval(), weights
+
+
+def labelled_items(root: str, labels: str | None, num: int | None = None) -> list:
+    """Images with their class index, in the stable order of mmdet_lrpq.lrp.list_images."""
+    from mmdet_lrpq.lrp import ImageItem, list_images
+
+    items = list_images(root)
+    if labels is not None:
+        # paths relative to the image folder, or to its parent (the folder's own name first)
+        base = osp.basename(osp.normpath(root)) + os.sep
+        table = {}
+        for line in open(labels).read().splitlines():
+            if line.strip():
+                rel, label = line.rsplit(maxsplit=1)
+                rel = osp.normpath(rel)
+                table[rel[len(base) :] if rel.startswith(base) else rel] = int(label)
+        keys = [osp.relpath(i.path, root) for i in items]
+        missing = [k for k in keys if k not in table]
+        if missing:
+            raise ValueError(f'--labels {labels} has no label for {len(missing)} image(s) of {root}, e.g. {missing[0]}')
+        items = [ImageItem(i.path, table[k]) for i, k in zip(items, keys)]
+    unlabelled = [i.path for i in items if i.label is None]
+    if unlabelled:
+        raise ValueError(
+            f'no class label for {len(unlabelled)} image(s) of {root} (e.g. {unlabelled[0]}): give class '
+            f'folders with a wnids.txt, or --labels FILE'
+        )
+    return items[:num] if num is not None else items

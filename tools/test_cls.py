@@ -24,11 +24,10 @@ import os
 import os.path as osp
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-from mmdet_lrpq.cli import add_classifier_args, build_classifier, resolve_device
+from mmdet_lrpq.cli import add_classifier_args, build_classifier, labelled_items, resolve_device
 
 
 def parse_args(argv=None):
@@ -61,34 +60,6 @@ def parse_args(argv=None):
         if getattr(args, name) < 1:
             p.error(f'--{name.replace("_", "-")} must be >= 1')
     return args
-
-
-def labelled_items(root: str, labels: str | None, num: int | None = None) -> list:
-    """Images with their class index, in the stable order of mmdet_lrpq.lrp.list_images."""
-    from mmdet_lrpq.lrp import ImageItem, list_images
-
-    items = list_images(root)
-    if labels is not None:
-        # paths relative to the image folder, or to its parent (the folder's own name first)
-        base = osp.basename(osp.normpath(root)) + os.sep
-        table = {}
-        for line in Path(labels).read_text().splitlines():
-            if line.strip():
-                rel, label = line.rsplit(maxsplit=1)
-                rel = osp.normpath(rel)
-                table[rel[len(base) :] if rel.startswith(base) else rel] = int(label)
-        keys = [osp.relpath(i.path, root) for i in items]
-        missing = [k for k in keys if k not in table]
-        if missing:
-            raise ValueError(f'--labels {labels} has no label for {len(missing)} image(s) of {root}, e.g. {missing[0]}')
-        items = [ImageItem(i.path, table[k]) for i, k in zip(items, keys)]
-    unlabelled = [i.path for i in items if i.label is None]
-    if unlabelled:
-        raise ValueError(
-            f'no class label for {len(unlabelled)} image(s) of {root} (e.g. {unlabelled[0]}): give class '
-            f'folders with a wnids.txt, or --labels FILE'
-        )
-    return items[:num] if num is not None else items
 
 
 @torch.no_grad()
