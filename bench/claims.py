@@ -58,6 +58,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+from mmdet_lrpq.plan.bitplan import json_safe
+
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 COMMAND = 'python bench/claims.py'
 MARKERS = ('<!-- claims:begin -->', '<!-- claims:end -->')
@@ -301,22 +303,14 @@ def claim_verdicts(rows: list[dict]) -> list[dict]:
         for plan in dict.fromkeys(r['plan'] for r in rows if r['model'] == model and r['plan'] != 'float'):
             seeds = {r.get('seed') for r in rows if r['model'] == model and r['plan'] == plan}
             for seed in seeds:
-                a = {
-                    r['set']: r[metric_of(model)]
-                    for r in rows
-                    if r['model'] == model
-                    and r['plan'] == plan
-                    and r.get('seed') == seed
-                    and r['method'] == PAPER_METHOD
-                }
-                b = {
-                    r['set']: r[metric_of(model)]
-                    for r in rows
-                    if r['model'] == model
-                    and r['plan'] == plan
-                    and r.get('seed') == seed
-                    and r['method'] == BASELINE_METHOD
-                }
+                a, b = (
+                    {
+                        r['set']: r[metric_of(model)]
+                        for r in rows
+                        if r['model'] == model and r['plan'] == plan and r.get('seed') == seed and r['method'] == m
+                    }
+                    for m in (PAPER_METHOD, BASELINE_METHOD)
+                )
                 pairs += [(a[s], b[s]) for s in sorted(set(a) & set(b))]
         out.append(
             dict(
@@ -347,17 +341,6 @@ def claim_verdicts(rows: list[dict]) -> list[dict]:
     return out
 
 
-def json_safe(value):
-    """NaN (a statistic with too few sets) as null, so the JSON is strict and compares equal to itself."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
-
 def _pm(values: list[float]) -> str:
     if not values:
         return '—'
@@ -370,6 +353,54 @@ def _signed(v: float, se: float = math.nan) -> str:
     if math.isnan(v):
         return '—'
     return f'{round(v, 1) + 0.0:+.1f}' + ('' if math.isnan(se) else f' ± {se:.1f}')
+
+
+# What each option is, as the side-by-side table names it: quantizer options at uniform 4 bits, planners
+# (with the paper's method) at the LRP plan's weight memory.
+SIDE_BY_SIDE = (
+    ('repq', 'uniform', "RepQ-ViT's reparameterization", "method='repq'"),
+    ('crl', 'uniform', "LRP-QViT's clipped reparameterization (CRL)", "method='crl' (default)"),
+    ('sqb', 'uniform', "MPTQ-ViT's SQ-b (SmoothQuant with a bias term)", "method='none', smooth='sq-b'"),
+    ('crl_optm', 'uniform', "MPTQ-ViT's OPT-m (region-wise post-GELU scales) on CRL", "gelu_scales='opt-m'"),
+    ('crl', 'lrp', "LRP-QViT's plan (relevance, the paper's allocation rule)", 'tools/lrp_plan.py'),
+    ('crl', 'sensitivity', 'measured Fisher sensitivity, one ILP', 'tools/sensitivity_plan.py'),
+    (
+        'crl',
+        'lampq',
+        "LampQ's type-aware metric, iterative ILP",
+        'tools/sensitivity_plan.py --type-aware --iterations 1',
+    ),
+)
+
+
+def methods_side_by_side(rows: list[dict]) -> list[str]:
+    """One row per option (where any model ran it): its metric per model (mean ± std over the calibration
+    sets) and the median seconds a cell spent calibrating and quantizing (planning time not included)."""
+    models = list(dict.fromkeys(r['model'] for r in rows))
+    label = {m: 'top-1 %' if m == 'classifier' else 'box AP' for m in models}
+    table = []
+    for method, plan, what, how in SIDE_BY_SIDE:
+        per_model = [
+            [r for r in rows if r['model'] == m and r['method'] == method and r['plan'] == plan] for m in models
+        ]
+        if not any(per_model):
+            continue
+        value = [_pm([r[metric_of(m)] for r in cells]) for m, cells in zip(models, per_model)]
+        seconds = [[r['quant_seconds'] for r in cells if r.get('quant_seconds') is not None] for cells in per_model]
+        cost = [f'{statistics.median(t):.1f}' if t else '—' for t in seconds]
+        table.append(f'| {what} | `{how}` | {plan} | ' + ' | '.join(value) + ' | ' + ' / '.join(cost) + ' |')
+    if not table:
+        return []
+    return [
+        "**Methods side by side** (quantizer options at uniform W4A4; planners at the LRP plan's weight memory "
+        f'with {LABELS[PAPER_METHOD]}; the cost is the median seconds per cell of calibration and quantization, '
+        'planning not included, models in the order of the columns)',
+        '',
+        '| option | how | plan | ' + ' | '.join(f'{m} {label[m]}' for m in models) + ' | calibration s |',
+        '|---|---|---|' + '---|' * len(models) + '---|',
+        *table,
+        '',
+    ]
 
 
 def tables(rows: list[dict], context: dict | None = None) -> str:
@@ -473,6 +504,7 @@ def tables(rows: list[dict], context: dict | None = None) -> str:
                     f'{statistics.mean(r["gbops"] for r in cells):.2f} |'
                 )
         out.append('')
+    out += methods_side_by_side(rows)
     out += [
         '**Verdicts** (computed by `claim_verdicts` from the rows above: "beats uniform" = the paired '
         "difference over the calibration sets is above 2 standard errors and the metric's resolution; "
@@ -578,28 +610,11 @@ class Classifier:
 
 
 def build_classifier(name: str, checkpoint: str):
-    """The timm Swin (``always_partition=True``: windows as mmdet's) from a timm name or a checkpoint
-    recording its kwargs (``meta['model_kwargs']``), with ``checkpoint``'s weights (every key must fit)."""
-    import timm
-    import torch
-    from timm.models.swin_transformer import SwinTransformer
+    """The classifier as the tools build it (:func:`mmdet_lrpq.cli.build_classifier`): a timm Swin name or a
+    checkpoint recording its kwargs, with ``checkpoint``'s weights (every key must fit)."""
+    from mmdet_lrpq.cli import build_classifier as build
 
-    from mmdet_lrpq.safe_load import require_checkpoint
-
-    kwargs = dict(always_partition=True, strict_img_size=False)
-    if osp.isfile(name):
-        meta = torch.load(name, map_location='cpu', weights_only=True).get('meta', {})
-        model = SwinTransformer(**{**meta['model_kwargs'], **kwargs})
-    else:
-        model = timm.create_model(name, pretrained=False, **kwargs)
-    require_checkpoint(checkpoint)
-    ckpt = torch.load(checkpoint, map_location='cpu', weights_only=True)
-    state = next((ckpt[k] for k in ('state_dict', 'model') if isinstance(ckpt.get(k), dict)), ckpt)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith(('relative_position_index', 'attn_mask'))]
-    if missing or unexpected:
-        raise ValueError(f'{checkpoint} does not fit {name}: missing {missing[:3]}, unexpected {unexpected[:3]}')
-    return model
+    return build(argparse.Namespace(model=name, checkpoint=checkpoint, pretrained=False, random_init=None))[0]
 
 
 class Detector:

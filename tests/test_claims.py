@@ -179,6 +179,30 @@ def test_verdicts_and_tables_follow_the_rows(claims):
     ].startswith('reversed')
 
 
+def test_methods_side_by_side_follows_the_rows(claims):
+    """One line per option any model ran, its metric per model and the median calibration seconds."""
+    rows = []
+    for s, seconds in enumerate((4.0, 6.0, 20.0)):
+        rows += [
+            dict(_row('classifier', 'uniform', 'repq', s, 60.0 + s), quant_seconds=seconds),
+            dict(_row('classifier', 'uniform', 'sqb', s, 62.0), quant_seconds=2 * seconds),
+            dict(_row('mask_rcnn', 'uniform', 'repq', s, 50.0), quant_seconds=30.0),
+            dict(_row('mask_rcnn', 'lampq', 'crl', s, 52.0 + s), quant_seconds=40.0 + s),
+        ]
+    lines = claims.methods_side_by_side(rows)
+    assert lines[2] == '| option | how | plan | classifier top-1 % | mask_rcnn box AP | calibration s |'
+    body = [line for line in lines[4:] if line]
+    assert body == [
+        "| RepQ-ViT's reparameterization | `method='repq'` | uniform | 61.0 ± 0.8 | 50.0 ± 0.0 | 6.0 / 30.0 |",
+        "| MPTQ-ViT's SQ-b (SmoothQuant with a bias term) | `method='none', smooth='sq-b'` | uniform | 62.0 ± 0.0 | — "
+        '| 12.0 / — |',
+        "| LampQ's type-aware metric, iterative ILP | `tools/sensitivity_plan.py --type-aware --iterations 1` | lampq "
+        '| — | 53.0 ± 0.8 | — / 41.0 |',
+    ]
+    assert claims.methods_side_by_side([_row('classifier', 'float', None, None, 70.0)]) == []
+    assert lines[0].startswith('**Methods side by side**') and '\n'.join(lines) in claims.tables(rows)
+
+
 def test_committed_docs_block_is_generated_from_the_results(claims):
     results = REPO / 'results' / 'claims.json'
     if not results.is_file():

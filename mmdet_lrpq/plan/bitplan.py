@@ -305,7 +305,7 @@ class BitPlan:
 
     def save(self, path: str | Path) -> None:
         """Write human-readable JSON (indent 2, one ``"site": [w, a]`` per line)."""
-        text = json.dumps(_json_safe(self.to_dict()), indent=2, allow_nan=False)
+        text = json.dumps(json_safe(self.to_dict()), indent=2, allow_nan=False)
         text = re.sub(r'\[\s+(-?\d+),\s+(-?\d+)\s+\]', r'[\1, \2]', text)
         Path(path).write_text(text + '\n')
 
@@ -333,13 +333,13 @@ class BitPlan:
 
     def content_hash(self) -> str:
         """sha256 of what the plan says (bits, scores, provenance), independent of file formatting."""
-        text = json.dumps(_json_safe(self.to_dict()), sort_keys=True, separators=(',', ':'), allow_nan=False)
+        text = json.dumps(json_safe(self.to_dict()), sort_keys=True, separators=(',', ':'), allow_nan=False)
         return hashlib.sha256(text.encode()).hexdigest()
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, BitPlan):
             return NotImplemented
-        return list(self._bits.items()) == list(other._bits.items()) and _json_safe(self.to_dict()) == _json_safe(
+        return list(self._bits.items()) == list(other._bits.items()) and json_safe(self.to_dict()) == json_safe(
             other.to_dict()
         )
 
@@ -372,12 +372,12 @@ def _canonical(value: Any) -> Any:
     return value
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """Non-finite floats (e.g. a MAC-weighted average with no MACs known) become ``null`` in JSON."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, Mapping):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
