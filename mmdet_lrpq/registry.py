@@ -87,18 +87,21 @@ def register_all_modules() -> None:
     _warn_if_inside_init_detector()
 
 
+def names_ours(type_: Any, name: str) -> bool:
+    """Does a config ``type`` (the plain or the ``mmdet_lrpq.``-scoped name, or the class) name our class ``name``?"""
+    if isinstance(type_, str):
+        return type_ in (name, f'{SCOPE}.{name}')
+    return getattr(type_, '__name__', None) == name
+
+
 def is_quantization_hook(hook_type: Any) -> bool:
-    """Does a ``custom_hooks`` entry's ``type`` name our hook (plain or scoped name, or the class)?"""
-    if isinstance(hook_type, str):
-        return hook_type in ('QuantizationHook', f'{SCOPE}.QuantizationHook')
-    return getattr(hook_type, '__name__', None) == 'QuantizationHook'
+    """Does a ``custom_hooks`` entry's ``type`` name our hook?"""
+    return names_ours(hook_type, 'QuantizationHook')
 
 
 def is_quant_backbone(backbone_type: Any) -> bool:
     """Does a backbone ``type`` name :class:`~.models.quant_swin.QuantSwinTransformer`?"""
-    if isinstance(backbone_type, str):
-        return backbone_type in ('QuantSwinTransformer', f'{SCOPE}.QuantSwinTransformer')
-    return getattr(backbone_type, '__name__', None) == 'QuantSwinTransformer'
+    return names_ours(backbone_type, 'QuantSwinTransformer')
 
 
 def has_quantization_hook(cfg: Any) -> bool:

@@ -46,7 +46,8 @@ def _image(world: Path) -> np.ndarray:
 
 
 def test_init_quantized_detector_then_inference_detector_runs_the_quantized_model(world):
-    from mmdet.apis import inference_detector, init_detector
+    import mmdet.apis
+    from mmdet.apis import inference_detector
 
     from mmdet_lrpq.apis import init_quantized_detector
     from mmdet_lrpq.quant import QuantState, quant_modules
@@ -60,7 +61,8 @@ def test_init_quantized_detector_then_inference_detector_runs_the_quantized_mode
     image = _image(world)
     quantized = inference_detector(model, image).pred_instances
     with pytest.warns(UserWarning, match='FLOAT model.*init_quantized_detector'):
-        float_model = init_detector(str(QUANT_CFG), ckpt, device='cpu', cfg_options=_options(world))
+        # through the module: a name bound before registration (as the import above could be) is mmdet's own
+        float_model = mmdet.apis.init_detector(str(QUANT_CFG), ckpt, device='cpu', cfg_options=_options(world))
     assert not quant_modules(float_model)
     reference = inference_detector(float_model, image).pred_instances
     assert len(quantized) and len(reference)
