@@ -53,7 +53,24 @@ def add_outputs(
     p.add_argument('--tables-only', action='store_true', help=tables_help)
 
 
+def add_device(p: argparse.ArgumentParser, name: str, device_help: str) -> None:
+    """``--device`` (the CPU by default) and ``--out``, whose default depends on the device
+    (:func:`device_results`)."""
+    p.add_argument('--device', default='cpu', help=device_help)
+    p.add_argument(
+        '--out',
+        default=None,
+        help=f'JSON output (default: results/{name}.json on the CPU, results/{name}_<device>.json on another device)',
+    )
+
+
 # ---------------------------------------------------------------------------------- results
+def device_results(name: str, device_type: str) -> str:
+    """The default results JSON of a benchmark run on ``device_type``: ``results/<name>.json`` on the
+    CPU, ``results/<name>_<device type>.json`` elsewhere, so that a GPU run keeps the CPU's figures."""
+    return osp.join(REPO, 'results', f'{name}.json' if device_type == 'cpu' else f'{name}_{device_type}.json')
+
+
 def saved_results(path: str, command: str) -> dict:
     """``--tables-only``'s input: the results JSON at ``path``, or exit saying how to make it."""
     if not osp.isfile(path):
