@@ -526,8 +526,7 @@ def write_tables(rows: list[dict], args, skipped: dict | None = None) -> None:
 
 
 def main(argv=None) -> None:
-    parser = common.parser(__doc__)
-    common.add_detectors(parser)
+    parser = common.parser(__doc__, detectors=True)
     parser.add_argument('--sets', type=int, default=4, help='disjoint calibration sets')
     parser.add_argument('--set-size', type=int, default=16, help='images per calibration set')
     parser.add_argument(
