@@ -286,6 +286,38 @@ def part_at_8_bits(part: str, plan_dir: str) -> str:
     return path
 
 
+def quantized_runs(det: Detector, args, sets: list[list[int]], plan_dir: str, lrp_plan: str, recon: dict, log):
+    """The quantized runs of one detector, in order, as ``(tag, hook options, row fields)``: the settings
+    on each chosen set, then the ablations and the breakdown. A generator, so that a set's sensitivity
+    plans (and a breakdown's plan) are made just before its runs."""
+    order = args.only_sets if args.only_sets is not None else range(len(sets))
+    for s in order:
+        image_ids = sets[s]
+        plans = {
+            'uniform': None,
+            'lrp_qvit': lrp_plan,
+            'sensitivity': sensitivity_plan(det, image_ids, s, plan_dir, log),
+            'sensitivity_bops': sensitivity_plan(det, image_ids, s, plan_dir, log, bops=True),
+        }
+        for setting, allocator, recs in SETTINGS:
+            for rec in (r for r in recs if not (r and allocator in args.skip_reconstruction)):
+                tag = f'set{s}_{setting}_{allocator}{"_rec" if rec else ""}'
+                options = hook_options(setting, plans[allocator], recon if rec else None, image_ids)
+                yield tag, options, dict(setting=setting, allocator=allocator, reconstruct=rec, set=s)
+    if args.ablations is not None and det.name == 'mask_rcnn':
+        chosen = [a for a in ABLATIONS if not args.ablations or a.replace(' ', '_') in args.ablations]
+        for variant, change in ((a, ABLATIONS[a](recon)) for a in chosen):
+            tag = 'set0_W4A4_uniform_rec_' + '_'.join(variant.split())
+            options = hook_options('W4A4', None, dict(recon, **change), sets[0])
+            yield tag, options, dict(setting='W4A4', allocator='uniform', reconstruct=True, set=0, variant=variant)
+    if args.breakdown and det.name == 'mask_rcnn':
+        for part in BREAKDOWN_PARTS:
+            tag = f'set0_W4A4_uniform_{part}_w8a8'
+            options = hook_options('W4A4', part_at_8_bits(part, plan_dir), None, sets[0])
+            variant = f'{part} at W8A8'
+            yield tag, options, dict(setting='W4A4', allocator='uniform', reconstruct=False, set=0, variant=variant)
+
+
 def aggregate(rows: list[dict]) -> list[dict]:
     """One line per (detector, setting, allocator, reconstruction, variant): mean/std/range over the sets."""
     groups: dict[tuple, list[dict]] = {}
@@ -494,8 +526,7 @@ def write_tables(rows: list[dict], args, skipped: dict | None = None) -> None:
 
 
 def main(argv=None) -> None:
-    parser = common.parser(__doc__)
-    common.add_detectors(parser)
+    parser = common.parser(__doc__, detectors=True)
     parser.add_argument('--sets', type=int, default=4, help='disjoint calibration sets')
     parser.add_argument('--set-size', type=int, default=16, help='images per calibration set')
     parser.add_argument(
@@ -578,58 +609,8 @@ def main(argv=None) -> None:
             json.dump(fp, open(fp_path, 'w'), indent=1)
             log(f'{name:18s} FP box {box:5.1f} mask {mask:5.1f}')
         rows.append(fp)
-        order = args.only_sets if args.only_sets is not None else range(len(sets))
-        for s in order:
-            image_ids = sets[s]
-            plans = {
-                'uniform': None,
-                'lrp_qvit': lrp_plan,
-                'sensitivity': sensitivity_plan(det, image_ids, s, plan_dir, log),
-                'sensitivity_bops': sensitivity_plan(det, image_ids, s, plan_dir, log, bops=True),
-            }
-            for setting, allocator, recs in SETTINGS:
-                for rec in (r for r in recs if not (r and allocator in args.skip_reconstruction)):
-                    tag = f'set{s}_{setting}_{allocator}{"_rec" if rec else ""}'
-                    options = hook_options(setting, plans[allocator], recon if rec else None, image_ids)
-                    rows.append(
-                        run_one(
-                            det,
-                            tag,
-                            options,
-                            osp.join(runs, tag + '.json'),
-                            dict(setting=setting, allocator=allocator, reconstruct=rec, set=s),
-                            log,
-                        )
-                    )
-        if args.ablations is not None and name == 'mask_rcnn':
-            chosen = [a for a in ABLATIONS if not args.ablations or a.replace(' ', '_') in args.ablations]
-            for variant, change in ((a, ABLATIONS[a](recon)) for a in chosen):
-                tag = 'set0_W4A4_uniform_rec_' + '_'.join(variant.split())
-                options = hook_options('W4A4', None, dict(recon, **change), sets[0])
-                rows.append(
-                    run_one(
-                        det,
-                        tag,
-                        options,
-                        osp.join(runs, tag + '.json'),
-                        dict(setting='W4A4', allocator='uniform', reconstruct=True, set=0, variant=variant),
-                        log,
-                    )
-                )
-        if args.breakdown and name == 'mask_rcnn':
-            for part in BREAKDOWN_PARTS:
-                tag = f'set0_W4A4_uniform_{part}_w8a8'
-                options = hook_options('W4A4', part_at_8_bits(part, plan_dir), None, sets[0])
-                rows.append(
-                    run_one(
-                        det,
-                        tag,
-                        options,
-                        osp.join(runs, tag + '.json'),
-                        dict(setting='W4A4', allocator='uniform', reconstruct=False, set=0, variant=f'{part} at W8A8'),
-                        log,
-                    )
-                )
+        for tag, options, extra in quantized_runs(det, args, sets, plan_dir, lrp_plan, recon, log):
+            rows.append(run_one(det, tag, options, osp.join(runs, tag + '.json'), extra, log))
     if args.only_sets is not None:
         log(f'sets {args.only_sets} done; run without --only-sets to write {args.out} and the tables')
         return

@@ -220,15 +220,10 @@ def tables(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> None:
-    parser = common.parser(__doc__)
-    common.add_detectors(parser)
+    parser = common.parser(__doc__, detectors=True)
     parser.add_argument('--jobs', type=int, default=2, help='tools/test.py processes side by side (1 thread each)')
-    parser.add_argument('--lrp-images', type=int, default=64, help='classifier images for the LRP scores')
-    common.add_outputs(
-        parser,
-        'ap_benchmark',
-        tables_help=f'run nothing: rewrite the tables (.md next to --out, {DOC} block) from the rows already in --out',
-    )
+    common.add_lrp_images(parser)
+    common.add_outputs(parser, 'ap_benchmark')
     args = parser.parse_args(argv)
     if args.tables_only:
         return write_tables(common.saved_results(args.out, COMMAND)['rows'], args)

@@ -553,9 +553,7 @@ def main(argv: list[str] | None = None) -> None:
         default=list(ONE_BATCH_NS),
         help='one-batch rows (batch_size = N); skipped when they would not fit in memory',
     )
-    common.add_outputs(
-        parser, 'calibration_memory', block='table', tables_help=f'run nothing: rewrite the {DOC} block from --out'
-    )
+    common.add_outputs(parser, 'calibration_memory', block='table')
     parser.add_argument(
         '--no-profile', action='store_true', help='skip the profile of one calibration forward (where its time goes)'
     )

@@ -158,19 +158,13 @@ def main(argv=None) -> dict:
         help="the test pipeline's Resize scale (default: the config's, 1333 800); a smaller one "
         'only for quick smoke runs (tools/device_check.py on a CPU)',
     )
-    parser.add_argument('--device', default='cpu', help="'cpu' (fused kernels) or 'cuda' (the PyTorch path)")
-    parser.add_argument(
-        '--out',
-        default=None,
-        help='JSON output (default: results/calibration_speed.json, or calibration_speed_<device>.json off the CPU)',
-    )
+    common.add_device(parser, 'calibration_speed', "'cpu' (fused kernels) or 'cuda' (the PyTorch path)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == 'cuda' and not torch.cuda.is_available():
         parser.error('--device cuda: no CUDA device is available here')
     if args.out is None:
-        suffix = '' if device.type == 'cpu' else f'_{device.type}'
-        args.out = osp.join(REPO, 'results', f'calibration_speed{suffix}.json')
+        args.out = common.device_results('calibration_speed', device.type)
     if args.repeats < 1 or args.calib_repeats < 1:
         parser.error('--repeats and --calib-repeats must be at least 1')
     if not osp.isfile(args.image):

@@ -535,8 +535,7 @@ def cached_range_ratios(args: argparse.Namespace) -> dict:
 
 # ---------------------------------------------------------------------------------- driver
 def main(argv: list[str] | None = None) -> None:
-    parser = common.parser(__doc__)
-    common.add_detectors(parser)
+    parser = common.parser(__doc__, detectors=True)
     parser.add_argument('--phases', nargs='+', default=list(PHASES), choices=PHASES)
     parser.add_argument(
         '--ns', type=int, nargs='+', default=list(NS), choices=NS, help='set sizes of phase main (default: all)'
@@ -550,12 +549,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument('--jobs', type=int, default=2, help='worker processes claiming runs side by side')
     parser.add_argument('--threads', type=int, default=1, help='torch threads per worker')
-    parser.add_argument('--lrp-images', type=int, default=64, help='classifier images for the LRP scores')
-    common.add_outputs(
-        parser,
-        'calibration_variance',
-        tables_help=f'run nothing: rewrite the {DOC} block from the rows already in --out',
-    )
+    common.add_lrp_images(parser)
+    common.add_outputs(parser, 'calibration_variance')
     parser.add_argument('--worker', type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.tables_only:

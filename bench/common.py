@@ -25,35 +25,50 @@ BENCHMARKS_PAGE = osp.join('docs', 'benchmarks.md')  # the page whose marked blo
 
 
 # ---------------------------------------------------------------------------------- command line
-def parser(doc: str) -> argparse.ArgumentParser:
-    """A benchmark's parser: its module docstring's first line as the description, the rest as the epilog."""
-    return argparse.ArgumentParser(
+def parser(doc: str, detectors: bool = False) -> argparse.ArgumentParser:
+    """A benchmark's parser: its module docstring's first line as the description, the rest as the
+    epilog; with ``detectors``, ``--detectors`` (the miniature world's tiny detectors, all by default)."""
+    p = argparse.ArgumentParser(
         description=doc.split('\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc
     )
+    if detectors:
+        from mmdet_lrpq.miniworld.experiments import DETECTORS
+
+        p.add_argument('--detectors', nargs='+', default=list(DETECTORS), choices=list(DETECTORS))
+    return p
 
 
-def add_detectors(p: argparse.ArgumentParser) -> None:
-    """``--detectors``: the miniature world's tiny detectors, all by default."""
-    from mmdet_lrpq.miniworld.experiments import DETECTORS
-
-    p.add_argument('--detectors', nargs='+', default=list(DETECTORS), choices=list(DETECTORS))
+def add_lrp_images(p: argparse.ArgumentParser) -> None:
+    """``--lrp-images``: how many of the classifier's images score the layers for the LRP plans."""
+    p.add_argument('--lrp-images', type=int, default=64, help='classifier images for the LRP scores')
 
 
-def add_outputs(
-    p: argparse.ArgumentParser,
-    name: str,
-    page: str = BENCHMARKS_PAGE,
-    block: str = 'tables',
-    tables_help: str = 'run nothing: rewrite the tables from --out',
-) -> None:
+def add_outputs(p: argparse.ArgumentParser, name: str, page: str = BENCHMARKS_PAGE, block: str = 'tables') -> None:
     """``--work-dir``, ``--out`` (``results/<name>.json``), ``--no-doc`` and ``--tables-only``."""
     p.add_argument('--work-dir', default=osp.join(REPO, 'work_dirs', name))
     p.add_argument('--out', default=osp.join(REPO, 'results', f'{name}.json'))
     p.add_argument('--no-doc', action='store_true', help=f'do not update the {block} block of {page}')
-    p.add_argument('--tables-only', action='store_true', help=tables_help)
+    p.add_argument('--tables-only', action='store_true', help=f'run nothing: rewrite the {block} from --out')
+
+
+def add_device(p: argparse.ArgumentParser, name: str, device_help: str) -> None:
+    """``--device`` (the CPU by default) and ``--out``, whose default depends on the device
+    (:func:`device_results`)."""
+    p.add_argument('--device', default='cpu', help=device_help)
+    p.add_argument(
+        '--out',
+        default=None,
+        help=f'JSON output (default: results/{name}.json on the CPU, results/{name}_<device>.json on another device)',
+    )
 
 
 # ---------------------------------------------------------------------------------- results
+def device_results(name: str, device_type: str) -> str:
+    """The default results JSON of a benchmark run on ``device_type``: ``results/<name>.json`` on the
+    CPU, ``results/<name>_<device type>.json`` elsewhere, so that a GPU run keeps the CPU's figures."""
+    return osp.join(REPO, 'results', f'{name}.json' if device_type == 'cpu' else f'{name}_{device_type}.json')
+
+
 def saved_results(path: str, command: str) -> dict:
     """``--tables-only``'s input: the results JSON at ``path``, or exit saying how to make it."""
     if not osp.isfile(path):

@@ -19,7 +19,6 @@ with the device synchronized) and its results go to ``results/kernel_speed_<devi
 from __future__ import annotations
 
 import argparse
-import os.path as osp
 import platform
 import statistics
 import sys
@@ -33,8 +32,6 @@ try:
     from bench import common
 except ImportError:  # python bench/kernel_speed.py: bench/ is sys.path[0]
     import common
-
-REPO = common.REPO
 
 
 def inputs(device: torch.device) -> dict:
@@ -92,17 +89,10 @@ def same(a, b) -> bool:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--repeats', type=int, default=5)
-    parser.add_argument('--device', default='cpu', help='cpu (fused vs PyTorch) or e.g. cuda (PyTorch path alone)')
-    parser.add_argument(
-        '--out',
-        default=None,
-        help='default: results/kernel_speed.json (cpu), results/kernel_speed_<device>.json (other devices)',
-    )
+    common.add_device(parser, 'kernel_speed', 'cpu (fused vs PyTorch) or e.g. cuda (PyTorch path alone)')
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    out_path = args.out or osp.join(
-        REPO, 'results', 'kernel_speed.json' if device.type == 'cpu' else f'kernel_speed_{device.type}.json'
-    )
+    out_path = args.out or common.device_results('kernel_speed', device.type)
     torch.set_grad_enabled(False)
     command = 'python bench/kernel_speed.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
     if device.type != 'cpu':

@@ -58,12 +58,9 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = common.parser(__doc__)
-    common.add_detectors(parser)
+    parser = common.parser(__doc__, detectors=True)
     parser.add_argument('--jobs', type=int, default=2)
-    common.add_outputs(
-        parser, 'mmcv_ops_parity', block='table', tables_help='rewrite the table from --out, run nothing'
-    )
+    common.add_outputs(parser, 'mmcv_ops_parity', block='table')
     args = parser.parse_args(argv)
     if args.tables_only:
         result = common.saved_results(args.out, 'python bench/mmcv_ops_parity.py')

@@ -24,6 +24,16 @@ test_pipeline = [
     dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
     dict(type='PackDetInputs', meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
 ]
+
+
+def _split(name, **fields):
+    # One split of the world as a dataset: annotations/instances_<name>.json, images in <name>/.
+    # A function, not a variable, so that it stays out of the resolved config.
+    return dict(type=dataset_type, data_root=data_root, metainfo=metainfo,
+                ann_file=f'annotations/instances_{name}.json', data_prefix=dict(img=f'{name}/'),
+                **fields, backend_args=backend_args)
+
+
 # Training loads in the main process: the detectors train side by side, one core each, and a loader
 # worker only competes for those cores (measured: 5-8 % slower per iteration with num_workers=1).
 train_dataloader = dict(
@@ -32,30 +42,14 @@ train_dataloader = dict(
     persistent_workers=False,
     sampler=dict(type='DefaultSampler', shuffle=True),
     batch_sampler=dict(type='AspectRatioBatchSampler'),
-    dataset=dict(
-        type=dataset_type,
-        data_root=data_root,
-        metainfo=metainfo,
-        ann_file='annotations/instances_train.json',
-        data_prefix=dict(img='train/'),
-        filter_cfg=dict(filter_empty_gt=True, min_size=32),
-        pipeline=train_pipeline,
-        backend_args=backend_args))
+    dataset=_split('train', filter_cfg=dict(filter_empty_gt=True, min_size=32), pipeline=train_pipeline))
 val_dataloader = dict(
     batch_size=1,
     num_workers=1,
     persistent_workers=True,
     drop_last=False,
     sampler=dict(type='DefaultSampler', shuffle=False),
-    dataset=dict(
-        type=dataset_type,
-        data_root=data_root,
-        metainfo=metainfo,
-        ann_file='annotations/instances_val.json',
-        data_prefix=dict(img='val/'),
-        test_mode=True,
-        pipeline=test_pipeline,
-        backend_args=backend_args))
+    dataset=_split('val', test_mode=True, pipeline=test_pipeline))
 test_dataloader = val_dataloader
 
 val_evaluator = dict(
