@@ -752,6 +752,10 @@ class Plans:
         out.architecture = lrp.architecture
         return out
 
+    def _plan_tool_options(self, out: str) -> list[str]:
+        """What every planning tool this benchmark runs is given: MP4, the plan file, the device."""
+        return ['--target', f'mp{K}', '--out', out, '--no-progress', '--device', self.args.device]
+
     def lrp(self, images: int = LRP_IMAGES) -> str:
         out = osp.join(self.dir, f'lrp_{images}img.json')
         if not osp.isfile(out):
@@ -768,13 +772,7 @@ class Plans:
                     self.args.lrp_images,
                     '--num-images',
                     str(images),
-                    '--target',
-                    f'mp{K}',
-                    '--out',
-                    out,
-                    '--no-progress',
-                    '--device',
-                    self.args.device,
+                    *self._plan_tool_options(out),
                 ],
                 'tools/lrp_plan.py',
             )
@@ -907,13 +905,7 @@ class Plans:
             osp.join(REPO, 'tools', 'sensitivity_plan.py'),
             osp.join(REPO, det.config),
             det.checkpoint,
-            '--target',
-            f'mp{K}',
-            '--out',
-            out,
-            '--no-progress',
-            '--device',
-            self.args.device,
+            *self._plan_tool_options(out),
             '--scores-cache',
             osp.join(self.dir, f'{det.name}_set{s}_fisher.json'),
             '--method',
