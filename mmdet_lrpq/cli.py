@@ -30,6 +30,12 @@ def recorded_path(path: str) -> str:
     return '<outside-repo>/' + '/'.join(full.rstrip(os.sep).split(os.sep)[-2:])
 
 
+def add_target_args(p: argparse.ArgumentParser, budget_help: str) -> None:
+    """--target (the average bit-width k, read by :func:`target_bits`) and --budget-bits (default: k)."""
+    p.add_argument('--target', required=True, help='mp4, mp6, ... or an integer k: the average bit-width')
+    p.add_argument('--budget-bits', type=float, default=None, help=budget_help)
+
+
 def target_bits(p: argparse.ArgumentParser, target: str) -> int:
     """k of ``--target`` (``mp4``, ``MP6``, ``4``, ...), or the parser's usage error."""
     m = TARGET.match(target.lower())
