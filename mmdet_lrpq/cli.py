@@ -44,6 +44,13 @@ def target_bits(p: argparse.ArgumentParser, target: str) -> int:
     return int(m.group(1))
 
 
+def add_threads_arg(
+    p: argparse.ArgumentParser, help: str = 'torch threads; 1 is several times faster than 2 when the cores are shared'
+) -> None:
+    """--threads, torch's thread count for the program (default 1: programs here often share the cores)."""
+    p.add_argument('--threads', type=int, default=1, help=help)
+
+
 def resolve_device(name: str) -> torch.device:
     """``--device`` as a torch device, refusing a CUDA device that is not available."""
     try:
