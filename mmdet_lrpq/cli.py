@@ -2,7 +2,9 @@
 ``tools/lrp_plan.py`` plans on and ``tools/test_cls.py`` checks a plan on, how a plan records the
 paths it was made from, and ``--data-root``.
 
-Kept here rather than in one of the scripts so that a script never imports another one.
+Kept here rather than in one of the scripts so that a script never imports another one. Importing
+this module does not load torch (the functions that use it import it): ``tools/reproduce.py`` takes
+its option helpers from here and runs the programs that need torch as processes.
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ import os
 import os.path as osp
 import re
 import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 TARGET = re.compile(r'^(?:mp)?([2-8])$')
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -44,6 +49,11 @@ def target_bits(p: argparse.ArgumentParser, target: str) -> int:
     return int(m.group(1))
 
 
+def add_subset_arg(p: argparse.ArgumentParser, flag: str, choices: Sequence, **kwargs: Any) -> None:
+    """``flag`` names one or more of ``choices``; all of them when it is not given."""
+    p.add_argument(flag, nargs='+', default=list(choices), choices=choices, **kwargs)
+
+
 def add_threads_arg(
     p: argparse.ArgumentParser, help: str = 'torch threads; 1 is several times faster than 2 when the cores are shared'
 ) -> None:
@@ -53,6 +63,8 @@ def add_threads_arg(
 
 def resolve_device(name: str) -> torch.device:
     """``--device`` as a torch device, refusing a CUDA device that is not available."""
+    import torch
+
     try:
         device = torch.device(name)
     except RuntimeError as err:
@@ -95,6 +107,7 @@ def add_classifier_args(p: argparse.ArgumentParser, random_init_help: str) -> No
 def build_classifier(args):
     """The timm Swin (always_partition=True so its windows match mmdet's) and a description of its weights."""
     import timm
+    import torch
     from timm.models.swin_transformer import SwinTransformer
 
     kwargs = dict(always_partition=True, strict_img_size=False)

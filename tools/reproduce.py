@@ -25,6 +25,7 @@ import json
 import os.path as osp
 import sys
 
+from mmdet_lrpq.cli import add_subset_arg
 from mmdet_lrpq.reproduce.common import PAPER, REPO, UserError
 from mmdet_lrpq.reproduce.driver import reproduce
 from mmdet_lrpq.reproduce.grid import COCO_BACKBONES, DETECTOR_ALIASES, DETECTORS, MINI_BACKBONE, SETTINGS
@@ -56,14 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar='B',
         help=f'subset of {", ".join(COCO_BACKBONES)} (the miniature world has {MINI_BACKBONE})',
     )
-    p.add_argument(
-        '--settings',
-        nargs='+',
-        default=list(SETTINGS),
-        choices=SETTINGS,
-        metavar='S',
-        help=f'subset of {" ".join(SETTINGS)}',
-    )
+    add_subset_arg(p, '--settings', SETTINGS, metavar='S', help=f'subset of {" ".join(SETTINGS)}')
     p.add_argument(
         '--checkpoint',
         action='append',
