@@ -2,7 +2,9 @@
 ``tools/lrp_plan.py`` plans on and ``tools/test_cls.py`` checks a plan on, how a plan records the
 paths it was made from, and ``--data-root``.
 
-Kept here rather than in one of the scripts so that a script never imports another one.
+Kept here rather than in one of the scripts so that a script never imports another one. Importing
+this module does not load torch (the functions that use it import it): ``tools/reproduce.py`` takes
+its option helpers from here and runs the programs that need torch as processes.
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ import os
 import os.path as osp
 import re
 import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 TARGET = re.compile(r'^(?:mp)?([2-8])$')
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -30,6 +35,12 @@ def recorded_path(path: str) -> str:
     return '<outside-repo>/' + '/'.join(full.rstrip(os.sep).split(os.sep)[-2:])
 
 
+def add_target_args(p: argparse.ArgumentParser, budget_help: str) -> None:
+    """--target (the average bit-width k, read by :func:`target_bits`) and --budget-bits (default: k)."""
+    p.add_argument('--target', required=True, help='mp4, mp6, ... or an integer k: the average bit-width')
+    p.add_argument('--budget-bits', type=float, default=None, help=budget_help)
+
+
 def target_bits(p: argparse.ArgumentParser, target: str) -> int:
     """k of ``--target`` (``mp4``, ``MP6``, ``4``, ...), or the parser's usage error."""
     m = TARGET.match(target.lower())
@@ -38,8 +49,22 @@ def target_bits(p: argparse.ArgumentParser, target: str) -> int:
     return int(m.group(1))
 
 
+def add_subset_arg(p: argparse.ArgumentParser, flag: str, choices: Sequence, **kwargs: Any) -> None:
+    """``flag`` names one or more of ``choices``; all of them when it is not given."""
+    p.add_argument(flag, nargs='+', default=list(choices), choices=choices, **kwargs)
+
+
+def add_threads_arg(
+    p: argparse.ArgumentParser, help: str = 'torch threads; 1 is several times faster than 2 when the cores are shared'
+) -> None:
+    """--threads, torch's thread count for the program (default 1: programs here often share the cores)."""
+    p.add_argument('--threads', type=int, default=1, help=help)
+
+
 def resolve_device(name: str) -> torch.device:
     """``--device`` as a torch device, refusing a CUDA device that is not available."""
+    import torch
+
     try:
         device = torch.device(name)
     except RuntimeError as err:
@@ -82,6 +107,7 @@ def add_classifier_args(p: argparse.ArgumentParser, random_init_help: str) -> No
 def build_classifier(args):
     """The timm Swin (always_partition=True so its windows match mmdet's) and a description of its weights."""
     import timm
+    import torch
     from timm.models.swin_transformer import SwinTransformer
 
     kwargs = dict(always_partition=True, strict_img_size=False)

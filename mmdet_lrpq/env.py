@@ -103,17 +103,20 @@ def _version_of(module: str, dists: tuple[str, ...]) -> tuple[str | None, str | 
     return (version, None) if version else (None, None)
 
 
+def _no_mmcv_ops() -> dict:
+    """The report's mmcv-ops keys before anything is known: no ops, and nothing about them."""
+    return dict(
+        mmcv_ops=False,
+        **dict.fromkeys(
+            ('mmcv_ops_backend', 'mmcv_ops_reason', 'mmcv_ops_cuda', 'mmcv_ops_compiler', 'mmcv_ops_error')
+        ),
+    )
+
+
 def _mmcv_ops_info() -> dict:
     """Which ``mmcv._ext`` loads — compiled mmcv's, or mmdet-lrpq's torchvision backend
     (:mod:`mmdet_lrpq.ops`) — and, for compiled ops, what they were compiled with."""
-    info = dict(
-        mmcv_ops=False,
-        mmcv_ops_backend=None,
-        mmcv_ops_reason=None,
-        mmcv_ops_cuda=None,
-        mmcv_ops_compiler=None,
-        mmcv_ops_error=None,
-    )
+    info = _no_mmcv_ops()
     import _mmdet_lrpq_mmcv  # its finder is in place: importing this package (mmdet_lrpq/__init__) installed it
 
     try:
@@ -177,17 +180,7 @@ def stack_report() -> dict:
     report['timm'], _ = _version_of('timm', ('timm',))
     report['mmengine'], _ = _version_of('mmengine', ('mmengine', 'mmengine-lite'))
     report['mmcv'], report['mmcv_dist'] = _version_of('mmcv', ('mmcv', 'mmcv-full', 'mmcv-lite'))
-    if report['mmcv'] is not None:
-        report.update(_mmcv_ops_info())
-    else:
-        report.update(
-            mmcv_ops=False,
-            mmcv_ops_backend=None,
-            mmcv_ops_reason=None,
-            mmcv_ops_cuda=None,
-            mmcv_ops_compiler=None,
-            mmcv_ops_error=None,
-        )
+    report.update(_mmcv_ops_info() if report['mmcv'] is not None else _no_mmcv_ops())
     report['mmdet'], _ = _version_of('mmdet', ('mmdet',))
     return report
 
@@ -222,6 +215,28 @@ def format_report(report: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------- check
+def _version_problem(
+    name: str,
+    version: str | None,
+    lo: str,
+    hi: str | None = None,
+    *,
+    fix: str,
+    why: str = '',
+    missing_fix: str | None = None,
+    missing_why: str = '',
+    verb: str = 'needs',
+) -> list[str]:
+    """The problem of a package that is not installed (``missing_why``, ``missing_fix``) or outside
+    [lo, hi) (``why``, ``fix``): none, or one message naming the version found and the range needed."""
+    need = f'{name} >= {lo}' if hi is None else f'{name} >={lo},<{hi}'
+    if version is None:
+        return [f'{name} is not installed; mmdet-lrpq needs {need}{missing_why}: {missing_fix or fix}']
+    if not _in_range(version, lo, hi):
+        return [f'{name} {version} is installed, mmdet-lrpq {verb} {need}{why}: {fix}']
+    return []
+
+
 def _problems(r: dict, require_cuda_ops: bool) -> list[str]:
     problems: list[str] = []
     py = parse_version(r['python'])[:2]
@@ -232,38 +247,23 @@ def _problems(r: dict, require_cuda_ops: bool) -> list[str]:
         )
 
     torch = r.get('torch')
-    if torch is None:
-        problems.append(
-            f'torch is not installed; mmdet-lrpq needs torch >= {TORCH_MIN}: install the torch build '
-            f'for your CUDA version (or the CPU build), e.g. `pip install "torch>={TORCH_MIN}"`'
-        )
-    elif not _in_range(torch, TORCH_MIN):
-        problems.append(
-            f'torch {torch} is installed, mmdet-lrpq needs torch >= {TORCH_MIN} (safe weights-only '
-            f'checkpoint loading with an allow-list): upgrade torch (the build matching your CUDA '
-            f"version), then rebuild mmcv's ops against it"
-        )
-
-    timm = r.get('timm')
-    if timm is None:
-        problems.append(f'timm is not installed; mmdet-lrpq needs timm >= {TIMM_MIN}: `pip install "timm>={TIMM_MIN}"`')
-    elif not _in_range(timm, TIMM_MIN):
-        problems.append(
-            f'timm {timm} is installed, mmdet-lrpq needs timm >= {TIMM_MIN} (its Swin with '
-            f'always_partition): `pip install "timm>={TIMM_MIN}"`'
-        )
-
+    problems += _version_problem(
+        'torch',
+        torch,
+        TORCH_MIN,
+        why=' (safe weights-only checkpoint loading with an allow-list)',
+        fix="upgrade torch (the build matching your CUDA version), then rebuild mmcv's ops against it",
+        missing_fix=f'install the torch build for your CUDA version (or the CPU build), e.g. `pip install "torch>={TORCH_MIN}"`',
+    )
+    problems += _version_problem(
+        'timm',
+        r.get('timm'),
+        TIMM_MIN,
+        why=' (its Swin with always_partition)',
+        fix=f'`pip install "timm>={TIMM_MIN}"`',
+    )
     lo, hi = MMENGINE_RANGE
-    mmengine = r.get('mmengine')
-    if mmengine is None:
-        problems.append(
-            f'mmengine is not installed; mmdet-lrpq needs mmengine >={lo},<{hi}: `pip install "mmengine>={lo},<{hi}"`'
-        )
-    elif not _in_range(mmengine, lo, hi):
-        problems.append(
-            f'mmengine {mmengine} is installed, mmdet-lrpq needs mmengine >={lo},<{hi}: '
-            f'`pip install "mmengine>={lo},<{hi}"`'
-        )
+    problems += _version_problem('mmengine', r.get('mmengine'), lo, hi, fix=f'`pip install "mmengine>={lo},<{hi}"`')
 
     lo, hi = MMCV_RANGE
     mmcv, dist = r.get('mmcv'), r.get('mmcv_dist')
@@ -318,22 +318,22 @@ def _problems(r: dict, require_cuda_ops: bool) -> list[str]:
 
     lo, hi = MMDET_RANGE
     mmdet = r.get('mmdet')
-    if mmdet is None:
-        problems.append(
-            f'mmdet is not installed; mmdet-lrpq needs mmdet >={lo},<{hi} (MMDetection 3): '
-            f'`pip install --no-deps "mmdet>={lo},<{hi}"` once mmcv with ops is installed '
-            f'(without --no-deps pip may try to rebuild mmcv)'
-        )
-    elif not _in_range(mmdet, '3.0.0a0'):
+    pip = f'`pip install --no-deps "mmdet>={lo},<{hi}"`'
+    if mmdet is not None and not _in_range(mmdet, '3.0.0a0'):
         problems.append(
             f'mmdet {mmdet} is installed: that is MMDetection 2 (mmcv-full 1.x); mmdet-lrpq is a '
-            f'plugin for MMDetection 3: `pip install --no-deps "mmdet>={lo},<{hi}"` together with '
-            f'mmengine and mmcv 2.x with ops'
+            f'plugin for MMDetection 3: {pip} together with mmengine and mmcv 2.x with ops'
         )
-    elif not _in_range(mmdet, lo, hi):
-        problems.append(
-            f'mmdet {mmdet} is installed, mmdet-lrpq supports mmdet >={lo},<{hi}: '
-            f'`pip install --no-deps "mmdet>={lo},<{hi}"`'
+    else:
+        problems += _version_problem(
+            'mmdet',
+            mmdet,
+            lo,
+            hi,
+            verb='supports',
+            fix=pip,
+            missing_why=' (MMDetection 3)',
+            missing_fix=f'{pip} once mmcv with ops is installed (without --no-deps pip may try to rebuild mmcv)',
         )
     return problems
 
@@ -378,13 +378,22 @@ def check_openmmlab_stack(report: dict | None = None, require_cuda_ops: bool = F
     return r
 
 
-def main() -> int:
+def print_and_check() -> tuple[dict, OpenMMLabStackError | None]:
+    """Print the installed stack, then check it: the report, and the error that says why it cannot
+    run mmdet-lrpq (None when it can)."""
     report = stack_report()
     print(format_report(report))
     try:
         check_openmmlab_stack(report)
     except OpenMMLabStackError as err:
-        print(f'\n{err}', file=sys.stderr)
+        return report, err
+    return report, None
+
+
+def main() -> int:
+    _, error = print_and_check()
+    if error is not None:
+        print(f'\n{error}', file=sys.stderr)
         return 1
     print('\nstack ok for mmdet-lrpq')
     return 0

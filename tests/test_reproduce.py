@@ -1,10 +1,10 @@
-"""tools/reproduce.py: the paper's reference data, its offline miniature-world run, resume, and its errors.
+"""tools/reproduce.py and mmdet_lrpq.reproduce: the paper's reference data, the offline miniature-world
+run, resume, and the errors.
 
 The grid runs through the real tools (tools/lrp_plan.py, tools/test.py) on a few miniature-world val
 images; COCO paths are exercised up to the point where real checkpoints would be needed.
 """
 
-import importlib.util
 import json
 import re
 import subprocess
@@ -12,6 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from mmdet_lrpq.reproduce import checkpoints, processes, tables
+from mmdet_lrpq.reproduce.common import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / 'tools' / 'reproduce.py'
@@ -34,12 +37,31 @@ def reproduce(*args, timeout=600):
     )
 
 
-def tool_module():
-    spec = importlib.util.spec_from_file_location('reproduce_tool', TOOL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up while being defined
-    spec.loader.exec_module(module)
-    return module
+def coco_cell(coco_root, out_dir, setting, checkpoint, *more):
+    """tools/reproduce.py on ``coco_root`` for the one cell Mask R-CNN Swin-T ``setting``."""
+    return reproduce(
+        '--coco-root',
+        coco_root,
+        '--detectors',
+        'mask_rcnn',
+        '--backbones',
+        'swin_t',
+        '--settings',
+        setting,
+        '--checkpoint',
+        f'mask_rcnn_swin_t={checkpoint}',
+        '--out-dir',
+        out_dir,
+        *more,
+    )
+
+
+def mmdet_checkpoint(path):
+    """A file with mmdet-3.x Swin backbone keys: all that is read of a checkpoint before its cell runs."""
+    import torch
+
+    torch.save({'state_dict': {'backbone.stages.0.x': torch.zeros(1)}}, path)
+    return path
 
 
 # ----------------------------------------------------------------------------- the paper's numbers as data
@@ -97,7 +119,6 @@ def test_print_paper_names_every_config_with_its_expected_numbers():
 def test_checkpoint_layout_and_verification(tmp_path):
     import torch
 
-    tool = tool_module()
     original, mmdet = tmp_path / 'a.pth', tmp_path / 'b.pth'
     torch.save({'state_dict': {'backbone.layers.0.blocks.0.attn.qkv.weight': torch.zeros(2)}}, original)
     torch.save({'state_dict': {'backbone.stages.0.blocks.0.attn.w_msa.qkv.weight': torch.zeros(2)}}, mmdet)
@@ -106,19 +127,21 @@ def test_checkpoint_layout_and_verification(tmp_path):
         tmp_path / 'legacy.pth',
         _use_new_zipfile_serialization=False,
     )
-    assert tool.checkpoint_layout(str(original)) == 'original'
-    assert tool.checkpoint_layout(str(mmdet)) == 'mmdet'
-    assert tool.checkpoint_layout(str(tmp_path / 'legacy.pth')) == 'original'
+    assert checkpoints.checkpoint_layout(str(original)) == 'original'
+    assert checkpoints.checkpoint_layout(str(mmdet)) == 'mmdet'
+    assert checkpoints.checkpoint_layout(str(tmp_path / 'legacy.pth')) == 'original'
     entry = {'file': 'x.pth', 'url': 'https://example/x.pth', 'sha256': None, 'sha256_prefix': 'abcdef12'}
-    assert 'verified' in tool.verify('x.pth', 'abcdef12' + '0' * 56, entry)
-    with pytest.raises(tool.UserError, match='does not match the published abcdef12'):
-        tool.verify('x.pth', '0' * 64, entry)
-    assert 'not verifiable' in tool.verify('x.pth', '0' * 64, dict(entry, sha256_prefix=None))
+    assert 'verified' in checkpoints.verify('x.pth', 'abcdef12' + '0' * 56, entry)
+    with pytest.raises(UserError, match='does not match the published abcdef12'):
+        checkpoints.verify('x.pth', '0' * 64, entry)
+    assert 'not verifiable' in checkpoints.verify('x.pth', '0' * 64, dict(entry, sha256_prefix=None))
     fetched = tmp_path / 'cache' / 'b.pth'  # the download path, offline: a file:// URL
-    tool.download(mmdet.as_uri(), str(fetched), log=lambda msg: None)
+    checkpoints.download(mmdet.as_uri(), str(fetched), log=lambda msg: None)
     assert fetched.read_bytes() == mmdet.read_bytes() and not (tmp_path / 'cache' / 'b.pth.part').exists()
-    with pytest.raises(tool.UserError, match='download it yourself and pass --checkpoint'):
-        tool.download((tmp_path / 'missing.pth').as_uri(), str(tmp_path / 'cache' / 'c.pth'), log=lambda msg: None)
+    with pytest.raises(UserError, match='download it yourself and pass --checkpoint'):
+        checkpoints.download(
+            (tmp_path / 'missing.pth').as_uri(), str(tmp_path / 'cache' / 'c.pth'), log=lambda msg: None
+        )
 
 
 def test_official_layout_is_converted_once(tmp_path, fake_coco):
@@ -127,23 +150,7 @@ def test_official_layout_is_converted_once(tmp_path, fake_coco):
 
     ckpt = tmp_path / 'mask_rcnn_swin_tiny_patch4_window7.pth'
     torch.save({'state_dict': {'backbone.layers.0.blocks.0.attn.qkv.weight': torch.zeros(2)}}, ckpt)
-    proc = reproduce(
-        '--coco-root',
-        fake_coco,
-        '--detectors',
-        'mask_rcnn',
-        '--backbones',
-        'swin_t',
-        '--settings',
-        'FP',
-        '--checkpoint',
-        f'mask_rcnn_swin_t={ckpt}',
-        '--cache-dir',
-        tmp_path / 'cache',
-        '--out-dir',
-        tmp_path / 'o',
-        '--dry-run',
-    )
+    proc = coco_cell(fake_coco, tmp_path / 'o', 'FP', ckpt, '--cache-dir', tmp_path / 'cache', '--dry-run')
     assert proc.returncode == 0, proc.stderr
     assert 'no hash is published for mask_rcnn_swin_tiny_patch4_window7.pth: not verifiable' in proc.stdout
     converted = re.search(r'tools/convert_checkpoint.py \S+ (\S+)\.part', proc.stdout).group(1)
@@ -171,8 +178,6 @@ def _error(proc, *needles):
 
 
 def test_errors_name_the_option_and_the_fix(tmp_path, fake_coco):
-    import torch
-
     _error(reproduce('--settings', 'FP'), '--coco-root is required', '--miniworld')
     _error(reproduce('--coco-root', tmp_path / 'nowhere', '--settings', 'FP'), f'--coco-root {tmp_path / "nowhere"}')
     (fake_coco / 'train2017').rmdir()
@@ -192,26 +197,10 @@ def test_errors_name_the_option_and_the_fix(tmp_path, fake_coco):
     )
     _error(reproduce('--miniworld', '--checkpoint', 'mask_rcnn_swin_t=x.pth'), 'unknown name', 'mask_rcnn_swin_mini')
     # a copy named like a recorded OpenMMLab file is checked against the hash in its name
-    fake = tmp_path / 'mask_rcnn_swin-t-p4-w7_fpn_ms-crop-3x_coco_20210906_131725-bacf6f7b.pth'
-    torch.save({'state_dict': {'backbone.stages.0.x': torch.zeros(1)}}, fake)
-    common = (
-        '--coco-root',
-        fake_coco,
-        '--detectors',
-        'mask_rcnn',
-        '--backbones',
-        'swin_t',
-        '--out-dir',
-        tmp_path / 'o',
-    )
+    fake = mmdet_checkpoint(tmp_path / 'mask_rcnn_swin-t-p4-w7_fpn_ms-crop-3x_coco_20210906_131725-bacf6f7b.pth')
+    _error(coco_cell(fake_coco, tmp_path / 'o', 'FP', fake), 'does not match the published bacf6f7b')
     _error(
-        reproduce(*common, '--settings', 'FP', '--checkpoint', f'mask_rcnn_swin_t={fake}'),
-        'does not match the published bacf6f7b',
-    )
-    ckpt = tmp_path / 'mine.pth'
-    torch.save({'state_dict': {'backbone.stages.0.x': torch.zeros(1)}}, ckpt)
-    _error(
-        reproduce(*common, '--settings', 'MP4', '--checkpoint', f'mask_rcnn_swin_t={ckpt}'),
+        coco_cell(fake_coco, tmp_path / 'o', 'MP4', mmdet_checkpoint(tmp_path / 'mine.pth')),
         'no weights were given for swin_t',
         '--classifier swin_t=PATH (swin_tiny_patch4_window7_224 weights)',
         '--pretrained',
@@ -222,27 +211,9 @@ def test_errors_name_the_option_and_the_fix(tmp_path, fake_coco):
 
 def test_placeholder_plans_run_only_marked(tmp_path, fake_coco):
     """The shipped random-weight plans may be used, with a loud warning; --dry-run shows the command."""
-    import torch
-
-    ckpt = tmp_path / 'mine.pth'
-    torch.save({'state_dict': {'backbone.stages.0.x': torch.zeros(1)}}, ckpt)
-    proc = reproduce(
-        '--coco-root',
-        fake_coco,
-        '--detectors',
-        'mask_rcnn',
-        '--backbones',
-        'swin_t',
-        '--settings',
-        'MP4',
-        '--checkpoint',
-        f'mask_rcnn_swin_t={ckpt}',
-        '--plans-dir',
-        REPO / 'configs' / 'plans',
-        '--reuse-plans',
-        '--out-dir',
-        tmp_path / 'o',
-        '--dry-run',
+    ckpt = mmdet_checkpoint(tmp_path / 'mine.pth')
+    proc = coco_cell(
+        fake_coco, tmp_path / 'o', 'MP4', ckpt, '--plans-dir', REPO / 'configs' / 'plans', '--reuse-plans', '--dry-run'
     )
     assert proc.returncode == 0, proc.stderr
     assert 'RANDOM classifier weights' in proc.stdout and 'NOT a reproduction' in proc.stdout
@@ -323,35 +294,21 @@ def test_miniworld_grid_table_and_resume(tmp_path):
 
 def test_coco_table_sets_ours_beside_the_paper(tmp_path):
     """Differences to the published cell, the re-run and APHQ-ViT notes, and † placeholder rows without one."""
-    tool = tool_module()
     paper = json.loads(PAPER.read_text())
+    model = dict(detector='mask_rcnn', backbone='swin_s', model='mask_rcnn_swin_s', scope='detector')
     rows = [
+        dict(model, setting='W4A4', box_ap=42.0, mask_ap=40.1, avg_w_bits=4.0, avg_a_bits=4.0, plan=None),
         dict(
-            detector='mask_rcnn',
-            backbone='swin_s',
-            model='mask_rcnn_swin_s',
-            setting='W4A4',
-            box_ap=42.0,
-            mask_ap=40.1,
-            avg_w_bits=4.0,
-            avg_a_bits=4.0,
-            scope='detector',
-            plan=None,
-        ),
-        dict(
-            detector='mask_rcnn',
-            backbone='swin_s',
-            model='mask_rcnn_swin_s',
+            model,
             setting='MP4',
             box_ap=40.0,
             mask_ap=39.0,
             avg_w_bits=3.99,
             avg_a_bits=4.07,
-            scope='detector',
             plan={'placeholder': True},
         ),
     ]
-    table = tool.markdown(rows, paper, val_images=None)
+    table = tables.markdown(rows, paper, val_images=None)
     assert (
         '| Mask R-CNN Swin-S | W4A4 | 42.0 | 44.2 | -2.2 | 40.1 | 40.2 | -0.1 | 4.00 / 4.00 | '
         'RepQ-ViT W4A4 (arXiv 2212.08254) |'
@@ -359,7 +316,7 @@ def test_coco_table_sets_ours_beside_the_paper(tmp_path):
     assert '| Mask R-CNN Swin-S | MP4 † | 40.0 | 46.4 | — | 39.0 | 41.4 | — |' in table
     assert '42.7 / 40.0' in table and 'APHQ-ViT, CVPR 2025): 44.1 / 41.0' in table
     assert 'not a reproduction of the paper' in table and 'quantization scope: detector' in table
-    tool.plot(rows, paper, str(tmp_path / 'p.png'))
+    tables.plot(rows, paper, str(tmp_path / 'p.png'))
     assert (tmp_path / 'p.png').read_bytes()[:4] == b'\x89PNG'
 
 
@@ -370,7 +327,6 @@ def test_cells_spread_over_gpus_one_gpu_per_process(monkeypatch):
     import threading
     import time as _time
 
-    tool = tool_module()
     running: dict[str, int] = {}
     seen: list[str] = []
     overlap: list[str] = []
@@ -395,22 +351,21 @@ def test_cells_spread_over_gpus_one_gpu_per_process(monkeypatch):
         def __init__(self, i):
             self.cell, self.command = Cell(i), ['true']
 
-    monkeypatch.setattr(tool, 'execute', fake_execute)
+    monkeypatch.setattr(processes, 'execute', fake_execute)
     rows: dict = {}
     gpus = [str(i) for i in range(8)]
-    tool.run_cells([(Job(i), 'not run yet') for i in range(20)], 8, rows, lambda msg: None, gpus)
+    processes.run_cells([(Job(i), 'not run yet') for i in range(20)], 8, rows, lambda msg: None, gpus)
     assert len(rows) == 20 and not overlap
     assert sorted(set(seen)) == gpus and all(g is not None and ',' not in g for g in seen)
-    assert tool.gpu_slots(['0', '1'], 5) == ['0', '1', '0', '1', '0']
-    assert tool.gpu_slots([], 3) == [None, None, None]
+    assert processes.gpu_slots(['0', '1'], 5) == ['0', '1', '0', '1', '0']
+    assert processes.gpu_slots([], 3) == [None, None, None]
     monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '3,5')
-    assert tool.visible_gpus() == ['3', '5']
+    assert processes.visible_gpus() == ['3', '5']
     monkeypatch.setenv('CUDA_VISIBLE_DEVICES', '')
-    assert tool.visible_gpus() == []
+    assert processes.visible_gpus() == []
 
 
 def test_execute_pins_the_cell_process_to_its_gpu(monkeypatch, tmp_path):
-    tool = tool_module()
     seen = {}
 
     def fake_run_tool(cmd, log_path=None, env=None):
@@ -418,41 +373,30 @@ def test_execute_pins_the_cell_process_to_its_gpu(monkeypatch, tmp_path):
         open(log_path, 'w').close()
         return subprocess.CompletedProcess(cmd, 1)
 
-    monkeypatch.setattr(tool, 'run_tool', fake_run_tool)
+    monkeypatch.setattr(processes, 'run_tool', fake_run_tool)
 
     class Job:
         work_dir, command = str(tmp_path), ['true']
 
     with pytest.raises(RuntimeError):
-        tool.execute(Job(), None, '6')
+        processes.execute(Job(), None, '6')
     assert seen['env']['CUDA_VISIBLE_DEVICES'] == '6'
 
 
 def test_a_dry_run_writes_nothing(tmp_path, fake_coco):
-    """--dry-run prints what a run would do; it used to write <out-dir>/digests.json (and evaluation subsets)."""
-    import torch
-
-    ckpt = tmp_path / 'mine.pth'
-    torch.save({'state_dict': {'backbone.stages.0.x': torch.zeros(1)}}, ckpt)
+    """--dry-run prints what a run would do, and writes nothing: no <out-dir>/digests.json, no evaluation subset."""
+    ckpt = mmdet_checkpoint(tmp_path / 'mine.pth')
     out = tmp_path / 'o'
-    proc = reproduce(
-        '--coco-root',
+    proc = coco_cell(
         fake_coco,
-        '--detectors',
-        'mask_rcnn',
-        '--backbones',
-        'swin_t',
-        '--settings',
+        out,
         'MP4',
-        '--checkpoint',
-        f'mask_rcnn_swin_t={ckpt}',
+        ckpt,
         '--plans-dir',
         REPO / 'configs' / 'plans',
         '--reuse-plans',
         '--val-images',
         '2',
-        '--out-dir',
-        out,
         '--dry-run',
     )
     assert proc.returncode == 0, proc.stderr

@@ -14,7 +14,7 @@ Steps, each timed and recorded (a failing step is reported; the others still run
                   COCO image): calibration / float forward and quantized / float forward.
 5. ``reconstruct`` one reconstruction step of one Swin block (seconds per Adam step per unit).
 
-One summary at the end; everything in ``--json``. Targets on a GPU (the issue tracker's): calibration
+One summary at the end; everything in ``--json``. The targets a GPU node must meet: calibration
 <= 1.5x a float forward, quantized forward <= 1.10x float, |AP(cuda) - AP(cpu)| <= 0.3.
 """
 

@@ -27,7 +27,14 @@ import os.path as osp
 import shlex
 import sys
 
-from mmdet_lrpq.cli import add_classifier_args, build_classifier, recorded_path, resolve_device, target_bits
+from mmdet_lrpq.cli import (
+    add_classifier_args,
+    add_target_args,
+    build_classifier,
+    recorded_path,
+    resolve_device,
+    target_bits,
+)
 
 PATH_OPTIONS = ('--images', '--checkpoint', '--model', '--out', '--plot', '--scores-cache')
 
@@ -70,13 +77,7 @@ def parse_args(argv=None):
         help='relevance of the predicted class, or of the folder label (needs wnids.txt)',
     )
     p.add_argument('--batch-size', type=int, default=8)
-    p.add_argument('--target', required=True, help='mp4, mp6, ... or an integer k: the average bit-width')
-    p.add_argument(
-        '--budget-bits',
-        type=float,
-        default=None,
-        help='weight-memory budget in average bits (default: k, i.e. no more than uniform k-bit)',
-    )
+    add_target_args(p, 'weight-memory budget in average bits (default: k, i.e. no more than uniform k-bit)')
     p.add_argument('--allocator', default='lrp_qvit', choices=sorted(ALLOCATORS))
     p.add_argument('--out', required=True, help='plan JSON to write')
     p.add_argument('--plot', help='PNG heatmap of importance and bits per block')

@@ -116,14 +116,11 @@ def fused_kernels_status() -> dict:
 
 def check_stack() -> dict:
     """Print the stack; raise :class:`CheckError` when it cannot run mmdet-lrpq."""
-    from mmdet_lrpq.env import OpenMMLabStackError, check_openmmlab_stack, format_report, stack_report
+    from mmdet_lrpq.env import print_and_check
 
-    report = stack_report()
-    print(format_report(report))
-    try:
-        check_openmmlab_stack(report)
-    except OpenMMLabStackError as err:
-        raise CheckError(str(err)) from None
+    report, error = print_and_check()
+    if error is not None:
+        raise CheckError(str(error)) from None
     kernels = fused_kernels_status()
     print(
         f'{"lrpq kernels":>12}: fused CPU quantization kernels {"on" if kernels["on"] else "off"} '

@@ -43,7 +43,7 @@ import sys
 def parse_args(argv=None):
     from mmengine.config import DictAction
 
-    from mmdet_lrpq.cli import target_bits
+    from mmdet_lrpq.cli import add_target_args, target_bits
     from mmdet_lrpq.plan.lampq import MAX_ITERATIONS
 
     p = argparse.ArgumentParser(
@@ -53,13 +53,7 @@ def parse_args(argv=None):
     )
     p.add_argument('config', help='detector config (a QuantizationHook in it supplies calib/scope/method defaults)')
     p.add_argument('checkpoint', help='float detector checkpoint')
-    p.add_argument('--target', required=True, help='mp4, mp6, ... or an integer k: the average bit-width')
-    p.add_argument(
-        '--budget-bits',
-        type=float,
-        default=None,
-        help='weight-memory budget in average bits over the sites in scope (default: k)',
-    )
+    add_target_args(p, 'weight-memory budget in average bits over the sites in scope (default: k)')
     p.add_argument(
         '--bops-bits',
         type=int,

@@ -27,6 +27,9 @@ import time
 
 import torch
 
+from mmdet_lrpq import register_all_modules
+from mmdet_lrpq.cli import add_threads_arg
+
 REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 CKPT_DIR = 'checkpoints/miniworld'
 TEACHER = f'{CKPT_DIR}/cnn_teacher.pth'  # ConvNet whose feature maps guide the Swin (FitNets hints)
@@ -136,10 +139,8 @@ def stage_results(stage: str) -> dict:
             **({'teacher': meta['teacher'], 'hint_pairs': meta['hint_pairs']} if 'teacher' in meta else {}),
         )
     if stage in DETECTORS:
-        import mmengine  # noqa: F401  (mmdet_lrpq then allow-lists MMEngine's checkpoint metadata)
-
-        import mmdet_lrpq  # noqa: F401
-
+        # a detector's meta holds MMEngine objects: the registration allow-lists them for weights_only
+        register_all_modules()
         meta = torch.load(path, map_location='cpu', weights_only=True)['meta']
         coco = meta['final_val_metrics']
         return dict(
@@ -173,11 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--data-root', default='data/miniworld')
     parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument(
-        '--threads',
-        type=int,
-        default=1,
-        help='torch threads per detector (they train side by side; 1 is several times faster than 2 on shared cores)',
+    add_threads_arg(
+        parser, 'torch threads per detector (they train side by side; 1 is several times faster than 2 on shared cores)'
     )
     parser.add_argument(
         '--seq-threads',

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from mmdet_lrpq.cli import add_threads_arg
 from mmdet_lrpq.miniworld import command_line
 
 # Same layout as the mmdet backbone in configs/miniworld/ (embed_dims, depths, num_heads, window_size);
@@ -285,12 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--drop-path-rate', type=float, default=0.1)
     parser.add_argument('--token-loss-weight', type=float, default=1.0)
     parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument(
-        '--threads',
-        type=int,
-        default=1,
-        help='torch threads; 1 is several times faster than 2 when the cores are shared',
-    )
+    add_threads_arg(parser)
     parser.add_argument('--max-iters', type=int, default=None, help='stop early (smoke tests)')
     args = parser.parse_args(argv)
     for key, value in ARCH_DEFAULTS[args.arch].items():

@@ -26,7 +26,8 @@ import time
 import torch
 from mmengine.hooks import Hook
 
-from mmdet_lrpq.miniworld import command_line  # (mmengine is loaded: also registers mmdet_lrpq)
+from mmdet_lrpq.cli import add_threads_arg  # (mmengine is loaded: also registers mmdet_lrpq)
+from mmdet_lrpq.miniworld import command_line
 
 
 class ThreadsFileHook(Hook):
@@ -82,12 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('config')
     parser.add_argument('--out', required=True, help='slim final checkpoint to write')
     parser.add_argument('--work-dir', help='default: work_dirs/miniworld/<config name>')
-    parser.add_argument(
-        '--threads',
-        type=int,
-        default=1,
-        help='torch threads; 1 is several times faster than 2 when the cores are shared',
-    )
+    add_threads_arg(parser)
     parser.add_argument('--threads-file', help='follow the thread count written in this file while training')
     parser.add_argument(
         '--measure-only',
