@@ -7,6 +7,7 @@ Pure PyTorch + timm (no MMDetection). Typical use, what ``tools/lrp_plan.py`` do
     importance = relative_importance(raw)          # feeds an allocator with swin_sites(model)
 """
 
+from ..swin import check_swin
 from .data import (
     ImageItem,
     UnreadableImageError,
@@ -19,7 +20,7 @@ from .data import (
 )
 from .rules import linear_relevance, matmul_relevance, mean_pool_relevance, residual_relevance, safe_divide
 from .scores import lrp_site_scores, relative_importance, site_layer_type, swin_sites
-from .swin import SwinRelevance, check_swin, swin_relevance
+from .swin import SwinRelevance, swin_relevance
 
 __all__ = [
     'ImageItem',

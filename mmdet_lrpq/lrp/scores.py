@@ -18,7 +18,8 @@ from timm.models.swin_transformer import PatchMerging, SwinTransformer
 from torch import Tensor
 
 from ..plan.sites import SWIN_LAYER_TYPES, Site
-from .swin import check_swin, swin_relevance
+from ..swin import check_swin
+from .swin import swin_relevance
 
 
 def lrp_site_scores(

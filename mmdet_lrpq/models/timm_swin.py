@@ -14,13 +14,14 @@ as :class:`~mmdet_lrpq.quant.QuantMatMul` modules and, like the mmdet adapter, a
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from timm.models.swin_transformer import PatchMerging, SwinTransformer, WindowAttention
 from torch import Tensor, nn
 
-from ..lrp.scores import swin_sites
-from ..lrp.swin import check_swin
 from ..plan.sites import Site
 from ..quant.reconstruct import Unit
+from ..swin import check_swin, swin_site_layout, swin_units
 from .base import Adapter, Bits, QuantWindowAttentionMixin, ReparamPair
 from .swin_names import swin_architecture, swin_name_to_mmdet
 
@@ -66,22 +67,16 @@ class TimmSwinAdapter(Adapter):
         proj = self.module.patch_embed.proj
         pre = self.prefix
         out = [Site(f'{pre}patch_embed.proj', 'conv', 'patch_embed', params=proj.weight.numel())]
-        out += [Site(pre + s.name, s.kind, s.layer_type, s.block, s.stage, s.params) for s in swin_sites(self.module)]
+        out += [replace(s, name=pre + s.name) for s in swin_site_layout(self.module)]
         return out
-
-    def _blocks(self):
-        for i, stage in enumerate(self.module.layers):
-            for j, block in enumerate(stage.blocks):
-                yield i, f'{self.prefix}layers.{i}.blocks.{j}', block
 
     def reparam_pairs(self) -> list[ReparamPair]:
         pairs = []
-        for i, stage in enumerate(self.module.layers):
-            if isinstance(stage.downsample, PatchMerging):
-                p = f'{self.prefix}layers.{i}.downsample'
+        for name, unit in swin_units(self.module):
+            p = self.prefix + name
+            if isinstance(unit, PatchMerging):
                 pairs.append(ReparamPair(f'{p}.norm', f'{p}.reduction'))
-            for j in range(len(stage.blocks)):
-                p = f'{self.prefix}layers.{i}.blocks.{j}'
+            else:
                 pairs.append(ReparamPair(f'{p}.norm1', f'{p}.attn.qkv', shift_owner=f'{p}.attn'))
                 pairs.append(ReparamPair(f'{p}.norm2', f'{p}.mlp.fc1'))
         return pairs
@@ -89,13 +84,7 @@ class TimmSwinAdapter(Adapter):
     def units(self) -> list[Unit]:
         """Patch embedding, then per stage its patch merging and blocks; the state is ``(NHWC tokens,)``."""
         out = [Unit(f'{self.prefix}patch_embed', self.module.patch_embed, lambda x: (self.module.patch_embed(x),))]
-        for i, stage in enumerate(self.module.layers):
-            if isinstance(stage.downsample, PatchMerging):
-                out.append(
-                    Unit(f'{self.prefix}layers.{i}.downsample', stage.downsample, lambda x, d=stage.downsample: (d(x),))
-                )
-            for j, block in enumerate(stage.blocks):
-                out.append(Unit(f'{self.prefix}layers.{i}.blocks.{j}', block, lambda x, b=block: (b(x),)))
+        out += [Unit(self.prefix + name, unit, lambda x, u=unit: (u(x),)) for name, unit in swin_units(self.module)]
         return out
 
     def plan_names(self) -> dict[str, str]:
@@ -116,5 +105,7 @@ class TimmSwinAdapter(Adapter):
         )
 
     def convert_(self, bits: dict[str, Bits]) -> None:
-        for _, p, block in self._blocks():
-            QuantWindowAttention.convert_(block.attn, bits[f'{p}.attn.matmul1'][1], bits[f'{p}.attn.matmul2'][1])
+        for name, unit in swin_units(self.module):
+            if not isinstance(unit, PatchMerging):
+                p = self.prefix + name
+                QuantWindowAttention.convert_(unit.attn, bits[f'{p}.attn.matmul1'][1], bits[f'{p}.attn.matmul2'][1])
