@@ -4,7 +4,8 @@ The same sites as mmdet's Swin (DESIGN §3.1), named by timm's module paths
 (``layers.i.blocks.j.attn.qkv``, ``mlp.fc1``, patch merging ``layers.i.downsample`` at the start of
 stage ``i``). In bit plans they go by their mmdet names (``backbone.stages...``, the mapping of
 :mod:`.swin_names`), so the plan ``tools/lrp_plan.py`` writes for a detector can be checked on the
-classifier it was computed on. The head's Linear is quantized generically.
+classifier it was computed on. The head's Linear is quantized generically. :func:`swin_sites` lists
+the sites LRP scores with the MACs a forward measures, for the plans made from those scores.
 
 ``WindowAttention`` computes both matmuls inline; its class is swapped for
 :class:`QuantWindowAttention`, which runs timm's explicit (non-fused) attention with the matmuls
@@ -14,15 +15,20 @@ as :class:`~mmdet_lrpq.quant.QuantMatMul` modules and, like the mmdet adapter, a
 
 from __future__ import annotations
 
+import copy
 from dataclasses import replace
 
+import torch
 from timm.models.swin_transformer import PatchMerging, SwinTransformer, WindowAttention
 from torch import Tensor, nn
 
 from ..plan.sites import Site
+from ..quant import LayerQuantConfig, wrap_modules
+from ..quant.macs import count_macs
 from ..quant.reconstruct import Unit
 from ..swin import check_swin, swin_site_layout, swin_units
 from .base import Adapter, Bits, QuantWindowAttentionMixin, ReparamPair
+from .report import sites_with_macs
 from .swin_names import swin_architecture, swin_name_to_mmdet
 
 
@@ -109,3 +115,24 @@ class TimmSwinAdapter(Adapter):
             if not isinstance(unit, PatchMerging):
                 p = self.prefix + name
                 QuantWindowAttention.convert_(unit.attn, bits[f'{p}.attn.matmul1'][1], bits[f'{p}.attn.matmul2'][1])
+
+
+def swin_sites(model: SwinTransformer) -> list[Site]:
+    """The sites LRP scores on a timm Swin (all but the patch embedding), in forward order, with their
+    params and their MACs per image at the model's input size (``model.patch_embed.img_size``).
+
+    The MACs are counted as a quantization report counts them (:func:`mmdet_lrpq.quant.macs.count_macs`
+    on the wrapped modules of a copy in FLOAT state), so the BOPs a plan is budgeted with are the BOPs
+    the report of the quantized model prints, zero-padded windows included.
+    """
+    layout = swin_site_layout(model)
+    work = copy.deepcopy(model).eval()
+    adapter = TimmSwinAdapter(work, '')
+    layers = adapter.wrapped_layers()
+    wrap_modules(work, lambda name, _: LayerQuantConfig() if name in layers else None)
+    adapter.convert_({s.name: (8, 8) for s in adapter.sites() if s.kind == 'matmul'})
+    proj = work.patch_embed.proj
+    image = proj.weight.new_zeros(1, proj.in_channels, *model.patch_embed.img_size)
+    with torch.no_grad(), count_macs(work) as macs:
+        work(image)
+    return sites_with_macs(layout, macs, 1)
