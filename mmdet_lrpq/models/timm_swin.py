@@ -20,14 +20,14 @@ from dataclasses import replace
 
 import torch
 from timm.models.swin_transformer import PatchMerging, SwinTransformer, WindowAttention
-from torch import Tensor, nn
+from torch import nn
 
 from ..plan.sites import Site
 from ..quant import LayerQuantConfig, wrap_modules
 from ..quant.macs import count_macs
 from ..quant.reconstruct import Unit
 from ..swin import check_swin, swin_site_layout, swin_units
-from .base import Adapter, Bits, QuantWindowAttentionMixin, ReparamPair
+from .base import QuantWindowAttentionMixin, ReparamPair, SwinFamilyAdapter
 from .report import sites_with_macs
 from .swin_names import swin_architecture, swin_name_to_mmdet
 
@@ -35,31 +35,13 @@ from .swin_names import swin_architecture, swin_name_to_mmdet
 class QuantWindowAttention(QuantWindowAttentionMixin, WindowAttention):
     """timm ``WindowAttention`` with ``q@kᵀ`` and ``attn@v`` routed through ``QuantMatMul`` modules."""
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        if self.input_shift is not None:  # -b of the norm1 -> qkv reparameterization
-            x = x + self.input_shift
-        B_, N, _ = x.shape
-        q, k, v = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        attn = self.matmul1(q * self.scale, k.transpose(-2, -1))
-        attn = attn + self._get_rel_pos_bias()
-        if mask is not None:
-            num_win = mask.shape[0]
-            attn = attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
-            attn = attn.view(-1, self.num_heads, N, N)
-        attn = self.attn_drop(self.softmax(attn))
-        x = self.matmul2(attn, v).transpose(1, 2).reshape(B_, N, -1)
-        return self.proj_drop(self.proj(x))
 
-
-class TimmSwinAdapter(Adapter):
+class TimmSwinAdapter(SwinFamilyAdapter):
     """Where the quantization sites of a timm ``SwinTransformer`` are (its head is generic)."""
 
     family = 'timm SwinTransformer'
-    is_backbone = True
-
-    @classmethod
-    def module_types(cls) -> tuple[type, ...]:
-        return (SwinTransformer,)
+    swin = SwinTransformer
+    attention = QuantWindowAttention
 
     @classmethod
     def supports(cls, module: nn.Module) -> str | None:
@@ -110,11 +92,10 @@ class TimmSwinAdapter(Adapter):
             fc1.out_features / fc1.in_features,
         )
 
-    def convert_(self, bits: dict[str, Bits]) -> None:
+    def window_attentions(self):
         for name, unit in swin_units(self.module):
             if not isinstance(unit, PatchMerging):
-                p = self.prefix + name
-                QuantWindowAttention.convert_(unit.attn, bits[f'{p}.attn.matmul1'][1], bits[f'{p}.attn.matmul2'][1])
+                yield f'{self.prefix}{name}.attn', unit.attn
 
 
 def swin_sites(model: SwinTransformer) -> list[Site]:
