@@ -724,8 +724,8 @@ class Plans:
         return self._classifier
 
     def sites(self, named: str = 'mmdet'):
-        from mmdet_lrpq.lrp import swin_sites
         from mmdet_lrpq.models.swin_names import swin_name_to_mmdet
+        from mmdet_lrpq.models.timm_swin import swin_sites
         from mmdet_lrpq.plan import Site
 
         sites = swin_sites(self.classifier)

@@ -54,8 +54,8 @@ def images(n: int, seed: int = 0, size: int = 112) -> torch.Tensor:
 
 def swin_plan(model: SwinTransformer, k: int = 4) -> BitPlan:
     """A plan as tools/lrp_plan.py writes it: mmdet backbone names, the architecture, re:.* last."""
-    from mmdet_lrpq.lrp import swin_sites
     from mmdet_lrpq.models.swin_names import swin_name_to_mmdet
+    from mmdet_lrpq.models.timm_swin import swin_sites
 
     bits = {s.name: (k + 1, k + 1) if s.block in (0, 1) else (k, k) for s in swin_sites(model)}
     plan = BitPlan(bits).rename(lambda n: 'backbone.' + swin_name_to_mmdet(n, 'timm')).with_default(k, k)

@@ -61,6 +61,7 @@ from mmdet_lrpq.quant import (
     wrap_modules,
 )
 from mmdet_lrpq.quant import functional as F
+from mmdet_lrpq.swin import swin_units
 
 # the tiny detector and its prediction on a tensor batch, as the MMDetection integration tests run them
 from test_mmdet_integration import TINY_CFG
@@ -420,7 +421,7 @@ def test_swin_lrp_units_on_fake_cuda(fake_cuda):
     with fake_cuda, torch.no_grad():
         x = model.patch_embed(torch.randn(2, 3, 36, 36, device='cuda'))
         records = []
-        for name, unit in lrp_swin._units(model):
+        for name, unit in swin_units(model):
             rec = lrp_swin._unit_fns(unit)[0](name, unit, x)
             records.append((name, unit, rec))
             x = rec['out']

@@ -24,9 +24,10 @@ from mmdet_lrpq.lrp import (
     relative_importance,
     residual_relevance,
     swin_relevance,
-    swin_sites,
 )
+from mmdet_lrpq.models.timm_swin import swin_sites
 from mmdet_lrpq.plan.sites import SWIN_LAYER_TYPES
+from mmdet_lrpq.swin import swin_site_layout
 
 TOL = 1e-4  # conservation tolerance in float32 (total relevance is 1; the measured error is < 1e-6)
 
@@ -163,7 +164,7 @@ def test_padding_drops_exactly_the_relevance_it_receives(tiny112_result):
 
 
 def test_scores_cover_every_site_and_are_finite_nonnegative_deterministic(tiny112, tiny112_result):
-    names = [s.name for s in swin_sites(tiny112)]
+    names = [s.name for s in swin_site_layout(tiny112)]
     assert list(tiny112_result.site_scores) == names and len(names) == 8 * 6 + 3
     scores = torch.stack(list(tiny112_result.site_scores.values()))
     assert torch.isfinite(scores).all() and (scores >= 0).all() and (scores > 0).float().mean() > 0.9
@@ -274,6 +275,40 @@ def test_swin_t_at_224_forward_conservation_sites_and_mmdet_names():
     assert mapped['layers.2.blocks.5.attn.matmul1'] == 'stages.2.blocks.5.attn.w_msa.matmul1'
     assert mapped['layers.3.blocks.1.mlp.fc1'] == 'stages.3.blocks.1.ffn.layers.0.0'
     assert len(set(mapped.values())) == len(sites) and None not in mapped.values()
+
+
+# MACs per image the sites' plans are budgeted with: forward hooks on the wrapped modules must give the
+# numbers the closed-form count (window padding included) gave, or every plan's BOPs would move.
+SWIN_T_MACS = {
+    'layers.0.blocks.0.attn.qkv': 86_704_128,
+    'layers.0.blocks.0.attn.matmul1': 14_751_744,
+    'layers.0.blocks.0.attn.matmul2': 14_751_744,
+    'layers.0.blocks.0.attn.proj': 28_901_376,
+    'layers.0.blocks.0.mlp.fc1': 115_605_504,
+    'layers.0.blocks.0.mlp.fc2': 115_605_504,
+    'layers.1.downsample.reduction': 57_802_752,
+    'layers.2.blocks.5.attn.qkv': 86_704_128,
+    'layers.3.downsample.reduction': 57_802_752,
+    'layers.3.blocks.1.attn.matmul2': 1_843_968,
+    'layers.3.blocks.1.mlp.fc2': 115_605_504,
+}
+# Stage 3 of the 112-px tiny Swin is 4x4 tokens in a 7x7 window: attention runs on the padded window.
+TINY112_MACS = {
+    'layers.3.downsample.reduction': 16 * 512 * 256,
+    'layers.3.blocks.0.attn.qkv': 49 * 256 * 768,
+    'layers.3.blocks.0.attn.matmul1': 49 * 49 * 256,
+    'layers.3.blocks.0.mlp.fc1': 16 * 256 * 1024,
+}
+
+
+def test_site_macs_are_the_ones_plans_were_budgeted_with(tiny112):
+    swin_t = timm.create_model('swin_tiny_patch4_window7_224', pretrained=False)
+    sites = {s.name: s.macs for s in swin_sites(swin_t)}
+    assert {name: sites[name] for name in SWIN_T_MACS} == SWIN_T_MACS
+    assert sum(sites.values()) == 4_475_347_968
+    sites = {s.name: s.macs for s in swin_sites(tiny112)}
+    assert {name: sites[name] for name in TINY112_MACS} == TINY112_MACS
+    assert sum(sites.values()) == 116_642_304
 
 
 def test_rejects_models_it_does_not_cover():

@@ -140,9 +140,9 @@ def lrp_scores(args, model, weights: dict) -> tuple[dict, dict]:
 
 
 def make_plan(args, model, weights, raw, images) -> BitPlan:  # noqa: F821
-    from mmdet_lrpq.lrp import relative_importance, swin_sites
+    from mmdet_lrpq.lrp import relative_importance
     from mmdet_lrpq.models.swin_names import swin_name_to_mmdet
-    from mmdet_lrpq.models.timm_swin import TimmSwinAdapter
+    from mmdet_lrpq.models.timm_swin import TimmSwinAdapter, swin_sites
     from mmdet_lrpq.plan import Budget, allocate, plot_plan
 
     sites = swin_sites(model)

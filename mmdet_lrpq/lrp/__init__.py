@@ -4,9 +4,10 @@ Pure PyTorch + timm (no MMDetection). Typical use, what ``tools/lrp_plan.py`` do
 
     items = list_images(folder, num_images=64)
     raw = lrp_site_scores(model, iter_images(items, eval_transform(model)))
-    importance = relative_importance(raw)          # feeds an allocator with swin_sites(model)
+    importance = relative_importance(raw)  # an allocator's input, with models.timm_swin.swin_sites(model)
 """
 
+from ..swin import check_swin
 from .data import (
     ImageItem,
     UnreadableImageError,
@@ -18,8 +19,8 @@ from .data import (
     read_wnids,
 )
 from .rules import linear_relevance, matmul_relevance, mean_pool_relevance, residual_relevance, safe_divide
-from .scores import lrp_site_scores, relative_importance, site_layer_type, swin_sites
-from .swin import SwinRelevance, check_swin, swin_relevance
+from .scores import lrp_site_scores, relative_importance, site_layer_type
+from .swin import SwinRelevance, swin_relevance
 
 __all__ = [
     'ImageItem',
@@ -38,7 +39,6 @@ __all__ = [
     'lrp_site_scores',
     'relative_importance',
     'site_layer_type',
-    'swin_sites',
     'SwinRelevance',
     'check_swin',
     'swin_relevance',

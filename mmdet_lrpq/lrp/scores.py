@@ -1,8 +1,9 @@
-"""LRP layer scores of a timm Swin over many images, their normalisation, and the sites they rank.
+"""LRP layer scores of a timm Swin over many images, and their normalisation.
 
 ``lrp_site_scores`` -> ``relative_importance`` -> an allocator in ``mmdet_lrpq.plan`` together with
-``swin_sites``. Names are timm module paths (``layers.i.blocks.j.attn.qkv``, ...); map them onto
-the detector with ``mmdet_lrpq.models.swin_names.swin_name_to_mmdet(name, 'timm')``.
+the sites they rank (``mmdet_lrpq.models.timm_swin.swin_sites``: params and measured MACs). Names
+are timm module paths (``layers.i.blocks.j.attn.qkv``, ...); map them onto the detector with
+``mmdet_lrpq.models.swin_names.swin_name_to_mmdet(name, 'timm')``.
 """
 
 from __future__ import annotations
@@ -11,14 +12,14 @@ import itertools
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any, cast
 
 import torch
-from timm.models.swin_transformer import PatchMerging, SwinTransformer
+from timm.models.swin_transformer import SwinTransformer
 from torch import Tensor
 
-from ..plan.sites import SWIN_LAYER_TYPES, Site
-from .swin import check_swin, swin_relevance
+from ..plan.sites import SWIN_LAYER_TYPES
+from ..swin import check_swin
+from .swin import swin_relevance
 
 
 def lrp_site_scores(
@@ -37,7 +38,7 @@ def lrp_site_scores(
     progress: called with the number of images done after each batch.
 
     Deterministic for a given image order and batch size; any batch size gives the same scores
-    up to float rounding. Keys are in forward order, those of :func:`swin_sites`.
+    up to float rounding. Keys are the sites of :func:`mmdet_lrpq.swin.swin_site_layout`, in forward order.
     """
     check_swin(model)
     if batch_size < 1:
@@ -94,57 +95,3 @@ def relative_importance(raw: Mapping[str, float]) -> dict[str, float]:
         name: score / means[site_layer_type(name)] if means[site_layer_type(name)] > 0 else 1.0
         for name, score in raw.items()
     }
-
-
-def _linear_site(name: str, layer: Any, tokens: int, block: int, stage: int) -> Site:
-    """A block's Linear as a site: its kind is the last part of its name; MACs over ``tokens`` positions."""
-    macs = tokens * layer.in_features * layer.out_features
-    return Site(name, 'linear', name.rsplit('.', 1)[-1], block, stage, layer.weight.numel(), macs)
-
-
-def swin_sites(model: SwinTransformer) -> list[Site]:
-    """The scored sites of a timm Swin, in forward order, with params and MACs per image.
-
-    MACs are at the model's input size (``model.patch_embed.img_size``), counted as
-    ``mmdet_lrpq.quant.macs`` does (Linear: output elements x in_features, over the zero-padded
-    windows where the block pads; matmul: windows x heads x N x N x head_dim). ``block`` is the
-    global block index; patch merging has ``block=None`` and the *timm* stage it opens (mmdet
-    puts it at the end of stage ``i - 1``). The patch embedding is not scored, so not listed.
-    """
-    check_swin(model)
-    H, W = cast(tuple[int, int], model.patch_embed.grid_size)
-    sites: list[Site] = []
-    block_index = 0
-    for i, stage in enumerate(cast(Iterable[Any], model.layers)):
-        if isinstance(stage.downsample, PatchMerging):
-            H, W = (H + 1) // 2, (W + 1) // 2
-            red = stage.downsample.reduction
-            sites.append(
-                Site(
-                    f'layers.{i}.downsample.reduction',
-                    'linear',
-                    'reduction',
-                    None,
-                    i,
-                    params=red.weight.numel(),
-                    macs=H * W * red.in_features * red.out_features,
-                )
-            )
-        for j, block in enumerate(cast(Iterable[Any], stage.blocks)):
-            (wh, ww), attn, mlp = block.window_size, block.attn, block.mlp
-            padded_tokens = math.ceil(H / wh) * wh * math.ceil(W / ww) * ww
-            n = wh * ww
-            attn_dim = attn.qkv.out_features // 3
-            matmul_macs = padded_tokens * n * attn_dim  # (tokens / n) windows x heads x n x n x head_dim
-            p = f'layers.{i}.blocks.{j}'
-            where = (block_index, i)
-            sites += [
-                _linear_site(f'{p}.attn.qkv', attn.qkv, padded_tokens, *where),
-                Site(f'{p}.attn.matmul1', 'matmul', 'matmul1', block_index, i, 0, matmul_macs),
-                Site(f'{p}.attn.matmul2', 'matmul', 'matmul2', block_index, i, 0, matmul_macs),
-                _linear_site(f'{p}.attn.proj', attn.proj, padded_tokens, *where),
-                _linear_site(f'{p}.mlp.fc1', mlp.fc1, H * W, *where),
-                _linear_site(f'{p}.mlp.fc2', mlp.fc2, H * W, *where),
-            ]
-            block_index += 1
-    return sites

@@ -26,7 +26,7 @@ consumes and the log-√2 quantizer sees) and ``R_Y`` its half share from the ``
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -35,9 +35,8 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import PatchMerging, SwinTransformer, SwinTransformerBlock, window_partition
 from torch import Tensor, nn
 
+from ..swin import check_swin, swin_units, unit_sites
 from .rules import linear_relevance, matmul_relevance, mean_pool_relevance, residual_relevance
-
-BLOCK_SITE_SUFFIXES = ('attn.qkv', 'attn.matmul1', 'attn.matmul2', 'attn.proj', 'mlp.fc1', 'mlp.fc2')
 
 
 @dataclass
@@ -59,32 +58,6 @@ class SwinRelevance:
     site_scores: dict[str, Tensor]
     relevance_sums: dict[str, Tensor]
     padding_relevance: dict[str, Tensor]
-
-
-def check_swin(model: nn.Module) -> None:
-    """Fail early, saying why, on a model whose computation the explicit forward does not cover."""
-    if not isinstance(model, SwinTransformer):
-        raise TypeError(f'LRP needs a timm SwinTransformer, got {type(model).__name__}')
-    if model.global_pool != 'avg' or not isinstance(model.head.fc, nn.Linear):
-        raise ValueError(
-            f"LRP needs the average-pool + Linear classifier head (global_pool='avg', "
-            f'num_classes > 0); got global_pool={model.global_pool!r}, '
-            f'head.fc={type(model.head.fc).__name__}'
-        )
-    for name, unit in _units(model):
-        if isinstance(unit, SwinTransformerBlock):
-            mlp = unit.mlp
-            if not (hasattr(mlp, 'fc1') and hasattr(mlp, 'fc2') and isinstance(mlp.norm, nn.Identity)):
-                raise ValueError(f'{name}.mlp: only timm Mlp (fc1 -> act -> fc2) is supported')
-
-
-def _units(model: SwinTransformer) -> Iterator[tuple[str, nn.Module]]:
-    """(name, module) of every patch merging and block, in forward order."""
-    for i, stage in enumerate(cast(Iterable[Any], model.layers)):
-        if isinstance(stage.downsample, PatchMerging):
-            yield f'layers.{i}.downsample', stage.downsample
-        for j, block in enumerate(cast(Iterable[Any], stage.blocks)):
-            yield f'layers.{i}.blocks.{j}', block
 
 
 def _linear(x: Tensor, layer: nn.Linear | nn.Conv2d) -> Tensor:
@@ -180,7 +153,7 @@ def _block_forward(name: str, block: SwinTransformerBlock, x: Tensor) -> dict:
     f1 = _linear(h2, mlp.fc1)
     g = mlp.act(f1)
     f2 = _linear(g, mlp.fc2)
-    sites = dict(zip((f'{name}.{s}' for s in BLOCK_SITE_SUFFIXES), (qkv, attn, o, p, f1, f2)))
+    sites = dict(zip(unit_sites(name), (qkv, attn, o, p, f1, f2)))
     return dict(
         x_in=x, out=x1 + f2, sites=sites, windows=windows, xw=xw, q=q, k=k, v=v, qk=qk, branch=branch, x1=x1, h2=h2, g=g
     )
@@ -279,7 +252,7 @@ def swin_relevance(model: SwinTransformer, images: Tensor, targets: Tensor | Non
         x = model.patch_embed(images)
     records = []
     with torch.enable_grad():
-        for name, unit in _units(model):
+        for name, unit in swin_units(model):
             rec = _unit_fns(unit)[0](name, unit, x.detach().requires_grad_())
             records.append((name, unit, rec))
             x = rec['out']
@@ -327,11 +300,5 @@ def swin_relevance(model: SwinTransformer, images: Tensor, targets: Tensor | Non
             grad = grads[-1]
         del rec, grads, site_rels
 
-    order = [site for name, _ in _units(model) for site in _site_names(name)]
+    order = [site for name, _ in swin_units(model) for site in unit_sites(name)]
     return SwinRelevance(logits, targets, {s: scores[s] for s in order}, sums, padding)
-
-
-def _site_names(unit_name: str) -> list[str]:
-    if unit_name.endswith('downsample'):
-        return [f'{unit_name}.reduction']
-    return [f'{unit_name}.{s}' for s in BLOCK_SITE_SUFFIXES]

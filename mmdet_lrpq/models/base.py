@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -91,11 +92,37 @@ class Adapter:
 class QuantWindowAttentionMixin:
     """Shared by the Swin families' window attentions: ``q@kᵀ`` and ``attn@v`` as ``QuantMatMul``
     modules and the ``input_shift`` buffer that reparameterizing ``norm1`` into ``qkv`` creates.
-    A subclass lists this mixin first, then the family's attention class."""
+    A subclass lists this mixin first, then the family's attention class, and gives the relative
+    position bias as ``_get_rel_pos_bias()`` (timm's name for it)."""
 
     matmul1: QuantMatMul
     matmul2: QuantMatMul
     input_shift: torch.Tensor | None
+    qkv: nn.Linear
+    proj: nn.Linear
+    num_heads: int
+    scale: float
+    softmax: nn.Module
+    attn_drop: nn.Module
+    proj_drop: nn.Module
+    _get_rel_pos_bias: Callable[[], torch.Tensor]  # declared only: a definition here would hide timm's
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The family's own attention, operation for operation, with the two matmuls quantized: in the
+        FLOAT state it is bit-identical to the stock module."""
+        if self.input_shift is not None:  # -b of the norm1 -> qkv reparameterization, after the padding
+            x = x + self.input_shift
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = self.matmul1(q * self.scale, k.transpose(-2, -1))
+        attn = attn + self._get_rel_pos_bias()
+        if mask is not None:
+            num_win = mask.shape[0]
+            attn = attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, self.num_heads, N, N)
+        attn = self.attn_drop(self.softmax(attn))
+        x = self.matmul2(attn, v).transpose(1, 2).reshape(B, N, -1)
+        return self.proj_drop(self.proj(x))
 
     @classmethod
     def convert_(cls, attn: nn.Module, bits1: int, bits2: int) -> nn.Module:
@@ -113,6 +140,28 @@ class QuantWindowAttentionMixin:
                 state_dict[prefix + 'input_shift'], device=self.qkv.weight.device, dtype=self.qkv.weight.dtype
             )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class SwinFamilyAdapter(Adapter):
+    """What the adapters of both Swin families share: the backbone type ``swin`` is a backbone whose
+    window attentions compute their two matmuls inline, so each is turned into ``attention``."""
+
+    is_backbone = True
+    swin: ClassVar[type]
+    attention: ClassVar[type[QuantWindowAttentionMixin]]
+
+    @classmethod
+    def module_types(cls) -> tuple[type, ...]:
+        return (cls.swin,)
+
+    def window_attentions(self) -> Iterator[tuple[str, nn.Module]]:
+        """(model path, module) of every window attention, in forward order."""
+        raise NotImplementedError
+
+    def convert_(self, bits: dict[str, Bits]) -> None:
+        """Turn every window attention into ``attention``, with its matmuls at the plan's bits."""
+        for path, attn in self.window_attentions():
+            self.attention.convert_(attn, bits[f'{path}.matmul1'][1], bits[f'{path}.matmul2'][1])
 
 
 def site_granularity(site: Site, per_channel: set[str]) -> str:

@@ -26,43 +26,25 @@ from torch import Tensor, nn
 
 from ..plan.sites import Site
 from ..quant.reconstruct import Unit
-from .base import Adapter, Bits, QuantWindowAttentionMixin, ReparamPair
+from .base import QuantWindowAttentionMixin, ReparamPair, SwinFamilyAdapter
 from .swin_names import swin_architecture
 
 
 class QuantWindowMSA(QuantWindowAttentionMixin, WindowMSA):
     """mmdet ``WindowMSA`` with ``q@kᵀ`` and ``attn@v`` routed through ``QuantMatMul`` modules."""
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        if self.input_shift is not None:  # -b of the norm1 -> qkv reparameterization
-            x = x + self.input_shift
-        B, N, C = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
-        q = q * self.scale
-        attn = self.matmul1(q, k.transpose(-2, -1))
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(
-            self.window_size[0] * self.window_size[1], self.window_size[0] * self.window_size[1], -1
-        )
-        attn = attn + bias.permute(2, 0, 1).contiguous().unsqueeze(0)
-        if mask is not None:
-            nW = mask.shape[0]
-            attn = attn.view(B // nW, nW, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
-            attn = attn.view(-1, self.num_heads, N, N)
-        attn = self.attn_drop(self.softmax(attn))
-        x = self.matmul2(attn, v).transpose(1, 2).reshape(B, N, C)
-        return self.proj_drop(self.proj(x))
+    def _get_rel_pos_bias(self) -> Tensor:
+        area = self.window_size[0] * self.window_size[1]
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(area, area, -1)
+        return bias.permute(2, 0, 1).contiguous().unsqueeze(0)
 
 
-class SwinAdapter(Adapter):
+class SwinAdapter(SwinFamilyAdapter):
     """Where the quantization sites of an mmdet ``SwinTransformer`` are."""
 
     family = 'mmdet SwinTransformer'
-    is_backbone = True
-
-    @classmethod
-    def module_types(cls) -> tuple[type, ...]:
-        return (SwinTransformer,)
+    swin = SwinTransformer
+    attention = QuantWindowMSA
 
     def blocks(self):
         """(stage index, global block index, block path, block) in forward order."""
@@ -149,8 +131,6 @@ class SwinAdapter(Adapter):
             first[0].ffn.layers[0][0].out_features / first[0].ffn.layers[0][0].in_features,
         )
 
-    def convert_(self, bits: dict[str, Bits]) -> None:
-        """Swap every WindowMSA for QuantWindowMSA with the matmul bits of the plan."""
+    def window_attentions(self):
         for _, _, p, block in self.blocks():
-            name = f'{p}.attn.w_msa'
-            QuantWindowMSA.convert_(block.attn.w_msa, bits[f'{name}.matmul1'][1], bits[f'{name}.matmul2'][1])
+            yield f'{p}.attn.w_msa', block.attn.w_msa

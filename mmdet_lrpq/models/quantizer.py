@@ -50,7 +50,7 @@ from ..quant.macs import count_macs
 from .base import Adapter, Bits, ReparamPair, apply_reparam_shift, find_adapters, site_granularity
 from .detector import head_units, neck_pairs
 from .report import QuantReport, sites_with_macs
-from .state import STATE_FORMAT, StateMismatchError, differences, host_state_dict, mismatch_message, new_identity
+from .state import check_identity, load_tensors, make_state, new_identity
 
 # Fewest values per channel a per-channel activation range should rest on before calibration warns.
 MIN_VALUES_PER_CHANNEL = 128
@@ -414,56 +414,14 @@ class ModelQuantizer:
     # ------------------------------------------------------------------ state
     def state(self) -> dict:
         """Everything needed to restore the calibrated model without recalibrating, and its identity."""
-        if self.identity is None or self.report is None or not self.report.calibration:
-            raise RuntimeError('nothing to save: the model is not calibrated yet')
-        return {
-            'format': STATE_FORMAT,
-            'identity': self.identity,
-            'report': self.report.to_dict(),
-            'state_dict': host_state_dict(self.model),
-        }
+        return make_state(self.identity, self.report, self.model)
 
     def check_state(
         self, state: dict, calibration: dict | None, where: str = 'the calibrated state', path: str | None = None
     ) -> None:
-        """Raise :class:`StateMismatchError` unless ``state`` was made from this model and these inputs.
-
-        ``path``: the state's file, named in the fix. Calibration inputs this run cannot see
-        (``calibration['unverifiable']`` names the fields and says why) are not compared: a warning says so.
-        """
-        now = self._float_identity(calibration)
-        saved = state.get('identity', {})
-        diffs = differences(saved, now)
-        if saved.get('calibration') is None or now.get('calibration') is None:
-            diffs.pop('calibration', None)
-            for key in [k for k in diffs if k.startswith('calibration.')]:
-                diffs.pop(key)
-            self.logger.warning(
-                f'{where}: the calibration inputs cannot be compared (no calibration settings '
-                f'recorded on one side); its weights, structure and options match'
-            )
-        else:
-            unverifiable = [
-                side['calibration']['unverifiable']
-                for side in (saved, now)
-                if isinstance(side['calibration'].get('unverifiable'), dict)
-            ]
-            fields = {f'calibration.{k}' for u in unverifiable for k in u['fields']}
-            for key in fields | {'calibration.unverifiable'}:
-                diffs.pop(key, None)
-            if unverifiable:
-                self.logger.warning(
-                    f"{where}: its calibration inputs cannot be compared with this run's "
-                    f'({"; ".join(u["reason"] for u in unverifiable)}); the settings, weights, '
-                    f'structure and options that can be compared match'
-                )
-        if diffs:
-            raise StateMismatchError(mismatch_message(where, diffs, path, saved, now), diffs)
-        if saved.get('package_version') != now['package_version']:
-            self.logger.warning(
-                f'{where} was made by mmdet-lrpq {saved.get("package_version")}, this is '
-                f'{now["package_version"]}; recalibrate if results look off'
-            )
+        """Raise :class:`.state.StateMismatchError` unless ``state`` was made from this model and these inputs
+        (:func:`.state.check_identity`; ``path``: the state's file, named in the fix)."""
+        check_identity(state.get('identity', {}), self._float_identity(calibration), where, path, self.logger)
 
     def load_state(
         self, state: dict, calibration: dict | None = None, where: str = 'the calibrated state', path: str | None = None
@@ -472,15 +430,7 @@ class ModelQuantizer:
         self.check_state(state, calibration, where, path)
         self.wrap()
         self.identity = state['identity']
-        device = model_device(self.model)
-        tensors = {k: v.to(device) if torch.is_tensor(v) else v for k, v in state['state_dict'].items()}
-        missing, unexpected = self.model.load_state_dict(tensors, strict=False)
-        if missing or unexpected:
-            raise StateMismatchError(
-                f'{where} does not fit this model: {len(missing)} missing, {len(unexpected)} '
-                f'unexpected tensors (e.g. {(missing + unexpected)[:3]})',
-                {},
-            )
+        load_tensors(self.model, state['state_dict'], model_device(self.model), where)
         set_quant_state(self.model, QuantState.QUANTIZED)
         saved = QuantReport.from_dict(state['report'])
         self.report.sites, self.report.calibration = saved.sites, saved.calibration

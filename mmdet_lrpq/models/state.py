@@ -15,6 +15,7 @@ or load), and an unreadable file is an error naming it and the fix.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -147,6 +148,45 @@ def mismatch_message(
     return f'{where} was made from other inputs than this run:\n  - ' + '\n  - '.join(lines) + '\n' + fix
 
 
+def check_identity(saved: Mapping, now: Mapping, where: str, path: str | None, logger: logging.Logger) -> None:
+    """Raise :class:`StateMismatchError` unless a state of identity ``saved`` fits ``now`` (this run's).
+
+    ``path``: the state's file, named in the fix. Calibration inputs this run cannot see
+    (``calibration['unverifiable']`` names the fields and says why) are not compared: a warning says so.
+    """
+    diffs = differences(saved, now)
+    if saved.get('calibration') is None or now.get('calibration') is None:
+        diffs.pop('calibration', None)
+        for key in [k for k in diffs if k.startswith('calibration.')]:
+            diffs.pop(key)
+        logger.warning(
+            f'{where}: the calibration inputs cannot be compared (no calibration settings '
+            f'recorded on one side); its weights, structure and options match'
+        )
+    else:
+        unverifiable = [
+            side['calibration']['unverifiable']
+            for side in (saved, now)
+            if isinstance(side['calibration'].get('unverifiable'), dict)
+        ]
+        fields = {f'calibration.{k}' for u in unverifiable for k in u['fields']}
+        for key in fields | {'calibration.unverifiable'}:
+            diffs.pop(key, None)
+        if unverifiable:
+            logger.warning(
+                f"{where}: its calibration inputs cannot be compared with this run's "
+                f'({"; ".join(u["reason"] for u in unverifiable)}); the settings, weights, '
+                f'structure and options that can be compared match'
+            )
+    if diffs:
+        raise StateMismatchError(mismatch_message(where, diffs, path, saved, now), diffs)
+    if saved.get('package_version') != now['package_version']:
+        logger.warning(
+            f'{where} was made by mmdet-lrpq {saved.get("package_version")}, this is '
+            f'{now["package_version"]}; recalibrate if results look off'
+        )
+
+
 def file_digest(path: str) -> str:
     """sha256 of a file's bytes (read in blocks)."""
     h = hashlib.sha256()
@@ -163,6 +203,30 @@ def host_state_dict(model: nn.Module) -> dict:
     for key, value in model.state_dict().items():
         out[key] = value.detach().cpu() if torch.is_tensor(value) else value
     return out
+
+
+def make_state(identity: dict | None, report: QuantReport | None, model: nn.Module) -> dict:
+    """What a state file holds: ``identity``, the report and the calibrated ``model``'s tensors."""
+    if identity is None or report is None or not report.calibration:
+        raise RuntimeError('nothing to save: the model is not calibrated yet')
+    return {
+        'format': STATE_FORMAT,
+        'identity': identity,
+        'report': report.to_dict(),
+        'state_dict': host_state_dict(model),
+    }
+
+
+def load_tensors(model: nn.Module, state_dict: Mapping[str, Any], device: torch.device, where: str) -> None:
+    """Load a state's tensors into the wrapped ``model`` on ``device``: every one of them, or an error."""
+    tensors = {k: v.to(device) if torch.is_tensor(v) else v for k, v in state_dict.items()}
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise StateMismatchError(
+            f'{where} does not fit this model: {len(missing)} missing, {len(unexpected)} '
+            f'unexpected tensors (e.g. {(missing + unexpected)[:3]})',
+            {},
+        )
 
 
 def save_state(path: str, state: dict) -> None:

@@ -4,7 +4,8 @@ The same sites as mmdet's Swin (DESIGN §3.1), named by timm's module paths
 (``layers.i.blocks.j.attn.qkv``, ``mlp.fc1``, patch merging ``layers.i.downsample`` at the start of
 stage ``i``). In bit plans they go by their mmdet names (``backbone.stages...``, the mapping of
 :mod:`.swin_names`), so the plan ``tools/lrp_plan.py`` writes for a detector can be checked on the
-classifier it was computed on. The head's Linear is quantized generically.
+classifier it was computed on. The head's Linear is quantized generically. :func:`swin_sites` lists
+the sites LRP scores with the MACs a forward measures, for the plans made from those scores.
 
 ``WindowAttention`` computes both matmuls inline; its class is swapped for
 :class:`QuantWindowAttention`, which runs timm's explicit (non-fused) attention with the matmuls
@@ -14,45 +15,33 @@ as :class:`~mmdet_lrpq.quant.QuantMatMul` modules and, like the mmdet adapter, a
 
 from __future__ import annotations
 
-from timm.models.swin_transformer import PatchMerging, SwinTransformer, WindowAttention
-from torch import Tensor, nn
+import copy
+from dataclasses import replace
 
-from ..lrp.scores import swin_sites
-from ..lrp.swin import check_swin
+import torch
+from timm.models.swin_transformer import PatchMerging, SwinTransformer, WindowAttention
+from torch import nn
+
 from ..plan.sites import Site
+from ..quant import LayerQuantConfig, wrap_modules
+from ..quant.macs import count_macs
 from ..quant.reconstruct import Unit
-from .base import Adapter, Bits, QuantWindowAttentionMixin, ReparamPair
+from ..swin import check_swin, swin_site_layout, swin_units
+from .base import QuantWindowAttentionMixin, ReparamPair, SwinFamilyAdapter
+from .report import sites_with_macs
 from .swin_names import swin_architecture, swin_name_to_mmdet
 
 
 class QuantWindowAttention(QuantWindowAttentionMixin, WindowAttention):
     """timm ``WindowAttention`` with ``q@kᵀ`` and ``attn@v`` routed through ``QuantMatMul`` modules."""
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        if self.input_shift is not None:  # -b of the norm1 -> qkv reparameterization
-            x = x + self.input_shift
-        B_, N, _ = x.shape
-        q, k, v = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        attn = self.matmul1(q * self.scale, k.transpose(-2, -1))
-        attn = attn + self._get_rel_pos_bias()
-        if mask is not None:
-            num_win = mask.shape[0]
-            attn = attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
-            attn = attn.view(-1, self.num_heads, N, N)
-        attn = self.attn_drop(self.softmax(attn))
-        x = self.matmul2(attn, v).transpose(1, 2).reshape(B_, N, -1)
-        return self.proj_drop(self.proj(x))
 
-
-class TimmSwinAdapter(Adapter):
+class TimmSwinAdapter(SwinFamilyAdapter):
     """Where the quantization sites of a timm ``SwinTransformer`` are (its head is generic)."""
 
     family = 'timm SwinTransformer'
-    is_backbone = True
-
-    @classmethod
-    def module_types(cls) -> tuple[type, ...]:
-        return (SwinTransformer,)
+    swin = SwinTransformer
+    attention = QuantWindowAttention
 
     @classmethod
     def supports(cls, module: nn.Module) -> str | None:
@@ -66,22 +55,16 @@ class TimmSwinAdapter(Adapter):
         proj = self.module.patch_embed.proj
         pre = self.prefix
         out = [Site(f'{pre}patch_embed.proj', 'conv', 'patch_embed', params=proj.weight.numel())]
-        out += [Site(pre + s.name, s.kind, s.layer_type, s.block, s.stage, s.params) for s in swin_sites(self.module)]
+        out += [replace(s, name=pre + s.name) for s in swin_site_layout(self.module)]
         return out
-
-    def _blocks(self):
-        for i, stage in enumerate(self.module.layers):
-            for j, block in enumerate(stage.blocks):
-                yield i, f'{self.prefix}layers.{i}.blocks.{j}', block
 
     def reparam_pairs(self) -> list[ReparamPair]:
         pairs = []
-        for i, stage in enumerate(self.module.layers):
-            if isinstance(stage.downsample, PatchMerging):
-                p = f'{self.prefix}layers.{i}.downsample'
+        for name, unit in swin_units(self.module):
+            p = self.prefix + name
+            if isinstance(unit, PatchMerging):
                 pairs.append(ReparamPair(f'{p}.norm', f'{p}.reduction'))
-            for j in range(len(stage.blocks)):
-                p = f'{self.prefix}layers.{i}.blocks.{j}'
+            else:
                 pairs.append(ReparamPair(f'{p}.norm1', f'{p}.attn.qkv', shift_owner=f'{p}.attn'))
                 pairs.append(ReparamPair(f'{p}.norm2', f'{p}.mlp.fc1'))
         return pairs
@@ -89,13 +72,7 @@ class TimmSwinAdapter(Adapter):
     def units(self) -> list[Unit]:
         """Patch embedding, then per stage its patch merging and blocks; the state is ``(NHWC tokens,)``."""
         out = [Unit(f'{self.prefix}patch_embed', self.module.patch_embed, lambda x: (self.module.patch_embed(x),))]
-        for i, stage in enumerate(self.module.layers):
-            if isinstance(stage.downsample, PatchMerging):
-                out.append(
-                    Unit(f'{self.prefix}layers.{i}.downsample', stage.downsample, lambda x, d=stage.downsample: (d(x),))
-                )
-            for j, block in enumerate(stage.blocks):
-                out.append(Unit(f'{self.prefix}layers.{i}.blocks.{j}', block, lambda x, b=block: (b(x),)))
+        out += [Unit(self.prefix + name, unit, lambda x, u=unit: (u(x),)) for name, unit in swin_units(self.module)]
         return out
 
     def plan_names(self) -> dict[str, str]:
@@ -115,6 +92,28 @@ class TimmSwinAdapter(Adapter):
             fc1.out_features / fc1.in_features,
         )
 
-    def convert_(self, bits: dict[str, Bits]) -> None:
-        for _, p, block in self._blocks():
-            QuantWindowAttention.convert_(block.attn, bits[f'{p}.attn.matmul1'][1], bits[f'{p}.attn.matmul2'][1])
+    def window_attentions(self):
+        for name, unit in swin_units(self.module):
+            if not isinstance(unit, PatchMerging):
+                yield f'{self.prefix}{name}.attn', unit.attn
+
+
+def swin_sites(model: SwinTransformer) -> list[Site]:
+    """The sites LRP scores on a timm Swin (all but the patch embedding), in forward order, with their
+    params and their MACs per image at the model's input size (``model.patch_embed.img_size``).
+
+    The MACs are counted as a quantization report counts them (:func:`mmdet_lrpq.quant.macs.count_macs`
+    on the wrapped modules of a copy in FLOAT state), so the BOPs a plan is budgeted with are the BOPs
+    the report of the quantized model prints, zero-padded windows included.
+    """
+    layout = swin_site_layout(model)
+    work = copy.deepcopy(model).eval()
+    adapter = TimmSwinAdapter(work, '')
+    layers = adapter.wrapped_layers()
+    wrap_modules(work, lambda name, _: LayerQuantConfig() if name in layers else None)
+    adapter.convert_({s.name: (8, 8) for s in adapter.sites() if s.kind == 'matmul'})
+    proj = work.patch_embed.proj
+    image = proj.weight.new_zeros(1, proj.in_channels, *model.patch_embed.img_size)
+    with torch.no_grad(), count_macs(work) as macs:
+        work(image)
+    return sites_with_macs(layout, macs, 1)
