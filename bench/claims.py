@@ -844,7 +844,7 @@ class Plans:
         import torch
         import torch.nn.functional as F
 
-        from mmdet_lrpq.models.sensitivity import fisher_sensitivity
+        from mmdet_lrpq.models.fisher import fisher_sensitivity
         from mmdet_lrpq.plan import BitPlan, Budget, allocate, allocate_lampq, uniform_bops
 
         t0 = time.time()

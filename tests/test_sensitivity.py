@@ -14,7 +14,7 @@ from torch import nn
 
 from mmdet_lrpq import QuantConfig
 from mmdet_lrpq.models import ModelQuantizer
-from mmdet_lrpq.models.sensitivity import fisher_sensitivity
+from mmdet_lrpq.models.fisher import fisher_sensitivity
 from mmdet_lrpq.plan import Budget, Site, allocate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -269,8 +269,8 @@ def test_sensitivity_plan_tool_on_the_miniature_detector(tmp_path, capsys):
 
     # a BOPs budget: no more BOPs than uniform 4 bits on the MACs counted on the calibration images
     from mmdet_lrpq.engine.calib_data import CalibSettings
+    from mmdet_lrpq.engine.detector_sensitivity import measure_macs
     from mmdet_lrpq.engine.quantize import quantize_detector
-    from mmdet_lrpq.engine.sensitivity import measure_macs
     from mmdet_lrpq.plan import account, uniform_bops
 
     bops_out = tmp_path / 'bops.json'

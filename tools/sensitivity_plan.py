@@ -6,7 +6,7 @@
 For every Conv2d/Linear site in scope (the whole detector by default: backbone, neck, RPN, RoI
 heads) and every allowed bit-width (k-1, k, k+1), the detector's training loss on the calibration
 images estimates what quantizing that site alone costs (Fisher-diagonal proxy,
-``mmdet_lrpq.models.sensitivity``); an integer program then picks one bit-width per site that
+``mmdet_lrpq.models.fisher``); an integer program then picks one bit-width per site that
 minimizes the summed cost under the weight-memory budget (``sensitivity`` allocator, checked
 exactly). The plan names every site of the scope; matmuls follow the shared allocator rule.
 
@@ -152,7 +152,7 @@ def settings(args, hook: dict):
 
 def sensitivity_table(args, cfg, model, config, calib, levels: list[int]) -> tuple[dict, list, dict]:
     """(table, sites, key): measured, or from the cache when made from the same inputs with these bits."""
-    from mmdet_lrpq.engine.sensitivity import detector_sensitivity
+    from mmdet_lrpq.engine.detector_sensitivity import detector_sensitivity
     from mmdet_lrpq.models.quantizer import ModelQuantizer
 
     key = {
@@ -194,7 +194,7 @@ def remeasure(args, cfg, model, config, calib, levels: list[int]):
     def measure(assignment):
         import torch
 
-        from mmdet_lrpq.engine.sensitivity import detector_sensitivity
+        from mmdet_lrpq.engine.detector_sensitivity import detector_sensitivity
 
         model.to(torch.device(args.device))
         print('sensitivity: re-measuring with the detector quantized by the current plan')
@@ -213,7 +213,7 @@ def make_plan(args, cfg, model, config, calib, table, sites, source: dict):
     pins = config.pinned_act_bits(sites)  # as the quantizer will run them, whatever the plan says
     max_bops = None
     if args.bops_bits is not None:
-        from mmdet_lrpq.engine.sensitivity import measure_macs
+        from mmdet_lrpq.engine.detector_sensitivity import measure_macs
 
         sites = measure_macs(model, cfg, config, calib)
         max_bops = uniform_bops(sites, args.bops_bits, pins)

@@ -20,7 +20,7 @@ for every given site, in site order. Rules shared by every allocator:
 
 ``ilp`` and ``sensitivity`` share one integer program (one binary per site and allowed bits, the
 budget as one integer row): ``ilp`` maximizes ``Σ score·bits``; ``sensitivity`` minimizes the
-measured ``Σ sensitivity(site, bits)`` (e.g. :func:`mmdet_lrpq.models.sensitivity.fisher_sensitivity`),
+measured ``Σ sensitivity(site, bits)`` (e.g. :func:`mmdet_lrpq.models.fisher.fisher_sensitivity`),
 given as ``sensitivity=`` instead of scores. A budget with ``max_bops`` adds the BOPs as a second
 row; only these two allocators take one (the rule-based ones budget weight memory only).
 LampQ's type-aware normalisation of the table and its iterative re-measure/re-solve loop are

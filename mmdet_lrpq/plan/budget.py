@@ -154,7 +154,7 @@ class Budget:
         if self.max_bops is not None and not any(s.macs for s in sites):
             raise ValueError(
                 "Budget.max_bops needs the sites' MACs (Site.macs), and every site has 0: measure them "
-                'on a forward first (e.g. mmdet_lrpq.engine.sensitivity.measure_macs)'
+                'on a forward first (e.g. mmdet_lrpq.engine.detector_sensitivity.measure_macs)'
             )
 
     def to_dict(self) -> dict:

@@ -3,7 +3,7 @@
 Counted from the actual tensor shapes, so padding, window partition and the number of RoIs an
 image produced are all reflected: Linear ``in_features · numel(out) / out_features · out_features``,
 Conv2d ``numel(out) · in/groups · kh · kw``, MatMul ``batch · M · K · N``. The one MAC count: the
-report, the detector plans (``engine.sensitivity.measure_macs``) and the LRP plans
+report, the detector plans (``engine.detector_sensitivity.measure_macs``) and the LRP plans
 (``models.timm_swin.swin_sites``) all take theirs from here, so a plan's BOPs are its report's.
 """
 

@@ -1,6 +1,6 @@
 """The detector side of the measured-sensitivity allocator: its own task loss on the calibration images.
 
-:func:`mmdet_lrpq.models.sensitivity.fisher_sensitivity` needs a loss; for an mmdet detector it is
+:func:`mmdet_lrpq.models.fisher.fisher_sensitivity` needs a loss; for an mmdet detector it is
 the detector's training loss (``model.loss``: RPN and RoI-head classification, box and mask terms)
 on the calibration images and their annotations — the same images, chosen the same way, as the
 ``QuantizationHook`` calibrates on. The sites, the per-channel inputs and the pinned patch-embedding
@@ -17,9 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from ..config import QuantConfig
+from ..models.fisher import fisher_sensitivity
 from ..models.quantizer import ModelQuantizer
 from ..models.report import sites_with_macs
-from ..models.sensitivity import fisher_sensitivity
 from ..plan import Site
 from .calib_data import CalibrationImages, CalibSettings
 
@@ -56,7 +56,7 @@ def detector_sensitivity(
     ``config`` says what would be quantized (scope, method: which inputs are per channel, the pinned
     patch-embedding bits); its bit-widths are not used. ``assignment`` (site -> ``(w_bits, a_bits)``,
     e.g. a plan resolved on the sites) measures with those sites quantized instead of float
-    (LampQ's iterative update; :func:`mmdet_lrpq.models.sensitivity.fisher_sensitivity`).
+    (LampQ's iterative update; :func:`mmdet_lrpq.models.fisher.fisher_sensitivity`).
     """
     logger = logger or logging.getLogger('mmdet_lrpq')
     model.eval()
