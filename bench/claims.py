@@ -375,7 +375,8 @@ SIDE_BY_SIDE = (
 
 def methods_side_by_side(rows: list[dict]) -> list[str]:
     """One row per option (where any model ran it): its metric per model (mean ± std over the calibration
-    sets) and the median seconds a cell spent calibrating and quantizing (planning time not included)."""
+    sets) and the median seconds a cell spent calibrating and quantizing (planning time not included): over
+    every cell of a quantizer option (it costs the same under any plan), over the plan's cells of a planner."""
     models = list(dict.fromkeys(r['model'] for r in rows))
     label = {m: 'top-1 %' if m == 'classifier' else 'box AP' for m in models}
     table = []
@@ -386,15 +387,23 @@ def methods_side_by_side(rows: list[dict]) -> list[str]:
         if not any(per_model):
             continue
         value = [_pm([r[metric_of(m)] for r in cells]) for m, cells in zip(models, per_model)]
-        seconds = [[r['quant_seconds'] for r in cells if r.get('quant_seconds') is not None] for cells in per_model]
+        # a quantizer option costs the same whatever the plan: its cost is the median over all its cells
+        timed = [
+            [r for r in rows if r['model'] == m and r['method'] == method and r['plan'] != 'float']
+            if plan == 'uniform'
+            else cells
+            for m, cells in zip(models, per_model)
+        ]
+        seconds = [[r['quant_seconds'] for r in cells if r.get('quant_seconds') is not None] for cells in timed]
         cost = [f'{statistics.median(t):.1f}' if t else '—' for t in seconds]
         table.append(f'| {what} | `{how}` | {plan} | ' + ' | '.join(value) + ' | ' + ' / '.join(cost) + ' |')
     if not table:
         return []
     return [
         "**Methods side by side** (quantizer options at uniform W4A4; planners at the LRP plan's weight memory "
-        f'with {LABELS[PAPER_METHOD]}; the cost is the median seconds per cell of calibration and quantization, '
-        'planning not included, models in the order of the columns)',
+        f'with {LABELS[PAPER_METHOD]}; calibration s: the median seconds a cell spent calibrating and quantizing, '
+        "models in the order of the columns, over every cell of a quantizer option and the plan's cells of a "
+        'planner; planning not included)',
         '',
         '| option | how | plan | ' + ' | '.join(f'{m} {label[m]}' for m in models) + ' | calibration s |',
         '|---|---|---|' + '---|' * len(models) + '---|',
