@@ -13,13 +13,11 @@ from .functional import (
     fake_quant_log_sqrt2,
     fake_quant_regions,
     fake_quant_uniform,
-    log2_shift_dequant,
-    log2_shift_form,
-    log2_shift_matmul_int,
     log_sqrt2_qparams,
     region_qparams,
     uniform_qparams,
 )
+from .integer_form import log2_shift_dequant, log2_shift_form, log2_shift_matmul_int
 from .modules import (
     LogSqrt2Quantizer,
     QuantConv2d,
