@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..quant import quant_modules
-from ..quant.reconstruct import Unit
+from ..quant.reconstruct_units import Unit
 from .base import Adapter, ReparamPair
 
 

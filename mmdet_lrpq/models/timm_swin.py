@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..lrp.scores import swin_sites
 from ..lrp.swin import check_swin
 from ..plan.sites import Site
-from ..quant.reconstruct import Unit
+from ..quant.reconstruct_units import Unit
 from .base import Adapter, Bits, QuantWindowAttentionMixin, ReparamPair
 from .swin_names import swin_architecture, swin_name_to_mmdet
 

@@ -30,7 +30,9 @@ from .modules import (
     quant_modules,
     set_quant_state,
 )
-from .reconstruct import ReconstructConfig, Unit, reconstruct_
+from .reconstruct import reconstruct_
+from .reconstruct_config import ReconstructConfig
+from .reconstruct_units import Unit
 from .reparam import ReparamResult, crl_clip, reparameterize_
 from .smooth import SmoothResult, recording_ranges, smooth_
 from .wrap import LayerQuantConfig, quantizable_layers, set_submodule, wrap_modules
