@@ -52,7 +52,7 @@ from torch import nn
 from .modules import QuantConv2d, QuantLinear, QuantModule
 from .reconstruct_config import ReconstructConfig
 from .reconstruct_learning import _layer_error, _learn_layer, _reconstruct_unit
-from .reconstruct_units import Unit, _capture_inputs, _capture_rows, _cat_rows, _count, _reconstructible, _Rng
+from .reconstruct_units import Unit, _capture_inputs, _capture_rows, _cat_rows, _Feed, _reconstructible, _Rng
 
 
 def reconstruct_(
@@ -105,13 +105,14 @@ def reconstruct_(
     for p, _ in flags:
         p.requires_grad_(False)
     errors: dict[str, list[float]] = {}
-    n_batches, n_images = _count(batches, config.num_images, images_in)
+    feed = _Feed(model, batches, run, config.num_images, images_in)
+    n_batches, n_images = feed.count()
     per_call = max(1, math.ceil(config.max_rows / n_batches))
     start = time.perf_counter()
     block_seconds = 0.0
     try:
         for chain in chains:
-            x_fp, x_q = _capture_inputs(model, chain[0], batches, run, config.num_images, images_in, per_call, rng)
+            x_fp, x_q = _capture_inputs(feed, chain[0], per_call, rng)
             for unit in chain:
                 named(unit.name)
                 x_fp, x_q, errors[unit.name] = _reconstruct_unit(unit, x_fp, x_q, config, rng, tick)
@@ -129,12 +130,12 @@ def reconstruct_(
         for _, item in sorted(work, key=lambda w: w[0]):
             if isinstance(item, Unit):
                 named(item.name)
-                x_fp, x_q = _capture_inputs(model, item, batches, run, config.num_images, images_in, per_call, rng)
+                x_fp, x_q = _capture_inputs(feed, item, per_call, rng)
                 if x_q:  # else never fed (no detections): left as calibrated
                     errors[item.name] = _reconstruct_unit(item, x_fp, x_q, config, rng, tick)[2]
                 del x_fp, x_q
                 continue
-            rows = _capture_rows(model, item, batches, run, config.num_images, images_in, per_call, rng)
+            rows = _capture_rows(feed, item, per_call, rng)
             for name, layer in item.items():
                 named(name)
                 if not rows[name].x:  # never fed: left as calibrated

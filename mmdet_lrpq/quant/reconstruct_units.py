@@ -9,7 +9,8 @@ quantized model, captured once and batched for learning; sampled input rows of t
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -119,27 +120,58 @@ def _collate(states: Sequence[State], indices: Sequence[int]) -> list[State]:
     return [_stack(group) for group in groups.values()]
 
 
-def _first_images(batches: Callable[[], Iterable], limit: int, images_in: Callable[[Any], float]) -> Iterable:
-    """A fresh pass over the calibration batches, stopping once ``limit`` images have been given."""
-    done = 0.0
-    for batch in batches():
-        if done >= limit:
-            return
-        yield batch
-        done += images_in(batch)
+_PreHook = Callable[[nn.Module, tuple[Any, ...]], None]
 
 
-def _capture_inputs(
-    model: nn.Module,
-    unit: Unit,
-    batches: Callable[[], Iterable],
-    run: Callable[[nn.Module, Any], Any],
-    limit: int,
-    images_in: Callable[[Any], float],
-    rows_per_call: int,
-    rng: _Rng,
-) -> tuple[list[State], list[State]]:
-    """The positional inputs ``unit.module`` receives on the first ``limit`` images: in the float and
+@dataclass(frozen=True)
+class _Feed:
+    """The model and the calibration images every capture runs it on: ``batches()`` a fresh iterable
+    of batches (the images are read again for each capture), ``run(model, batch)`` one forward, and
+    only the first batches up to ``limit`` images (``images_in(batch)`` in a batch) are used."""
+
+    model: nn.Module
+    batches: Callable[[], Iterable]
+    run: Callable[[nn.Module, Any], Any]
+    limit: int
+    images_in: Callable[[Any], float]
+
+    def used_batches(self) -> Iterator[Any]:
+        """A fresh pass over the calibration batches, stopping once ``limit`` images have been given."""
+        done = 0.0
+        for batch in self.batches():
+            if done >= self.limit:
+                return
+            yield batch
+            done += self.images_in(batch)
+
+    def forward(self, batch: Any) -> None:
+        self.run(self.model, batch)
+
+    def count(self) -> tuple[int, float]:
+        """(batches, images) reconstruction uses (loads them, runs no forward)."""
+        n, done = 0, 0.0
+        for batch in self.used_batches():
+            n, done = n + 1, done + self.images_in(batch)
+        if not n:
+            raise ValueError(
+                'reconstruction received no calibration batches (the calibration source was empty when read again)'
+            )
+        return n, done
+
+
+@contextmanager
+def _pre_hooks(hooks: Iterable[tuple[nn.Module, _PreHook]]) -> Iterator[None]:
+    """Forward pre-hooks on modules, removed on leaving."""
+    handles = [module.register_forward_pre_hook(hook) for module, hook in hooks]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _capture_inputs(feed: _Feed, unit: Unit, rows_per_call: int, rng: _Rng) -> tuple[list[State], list[State]]:
+    """The positional inputs ``unit.module`` receives on the used images: in the float and
     the quantized model for an aligned unit, else in the quantized model only (returned twice, the
     same list); a ``rows`` unit keeps ``rows_per_call`` sampled rows of each call."""
     states = (QuantState.FLOAT, QuantState.QUANTIZED) if unit.aligned else (QuantState.QUANTIZED,)
@@ -156,18 +188,16 @@ def _capture_inputs(
             args = tuple(a[pick] if torch.is_tensor(a) and a.shape[:1] == (n,) else a for a in args)
         current.append(args)
 
-    handle = unit.module.register_forward_pre_hook(capture)
     try:
-        with torch.no_grad():
-            for batch in _first_images(batches, limit, images_in):
+        with _pre_hooks([(unit.module, capture)]), torch.no_grad():
+            for batch in feed.used_batches():
                 for state, sink in sinks.items():
-                    set_quant_state(model, state)
+                    set_quant_state(feed.model, state)
                     current.clear()
-                    run(model, batch)
+                    feed.forward(batch)
                     sink.extend(current)
     finally:
-        handle.remove()
-        set_quant_state(model, QuantState.QUANTIZED)
+        set_quant_state(feed.model, QuantState.QUANTIZED)
     q = sinks[QuantState.QUANTIZED]
     fp = sinks.get(QuantState.FLOAT, q)
     if len(fp) != len(q) or (not q and not unit.rows):
@@ -223,42 +253,28 @@ def _reconstructible(layer: QuantModule) -> bool:
     return isinstance(layer, QuantLinear)
 
 
-def _capture_rows(
-    model: nn.Module,
-    layers: dict[str, QuantModule],
-    batches: Callable[[], Iterable],
-    run: Callable[[nn.Module, Any], Any],
-    limit: int,
-    images_in: Callable[[Any], float],
-    per_call: int,
-    rng: _Rng,
-) -> dict[str, _Rows]:
-    """Input rows of ``layers`` in the quantized model, ``per_call`` sampled per call of a layer."""
+def _capture_rows(feed: _Feed, layers: dict[str, QuantModule], rows_per_call: int, rng: _Rng) -> dict[str, _Rows]:
+    """Input rows of ``layers`` in the quantized model, ``rows_per_call`` sampled per call of a layer."""
     rows = {name: _Rows([], []) for name in layers}
 
-    def hook(name: str, layer: QuantModule) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+    def hook(name: str, layer: QuantModule) -> _PreHook:
         def capture(module: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0].detach()
             if x.numel() == 0:
                 return
             got = (
-                _conv_rows(x, layer, per_call, rng)
+                _conv_rows(x, layer, rows_per_call, rng)
                 if isinstance(layer, QuantConv2d)
-                else _linear_rows(x, per_call, rng)
+                else _linear_rows(x, rows_per_call, rng)
             )
             rows[name].x.append(got[0])
             rows[name].valid.append(got[1])
 
         return capture
 
-    handles = [layer.register_forward_pre_hook(hook(name, layer)) for name, layer in layers.items()]
-    try:
-        with torch.no_grad():
-            for batch in _first_images(batches, limit, images_in):
-                run(model, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    with _pre_hooks((layer, hook(name, layer)) for name, layer in layers.items()), torch.no_grad():
+        for batch in feed.used_batches():
+            feed.forward(batch)
     return rows
 
 
@@ -267,15 +283,3 @@ def _cat_rows(r: _Rows) -> tuple[Tensor, Tensor | None]:
     # (one layer's rows: every call gave a conv's tap mask, or none did)
     valid = None if r.valid[0] is None else torch.cat(cast(list[Tensor], r.valid))
     return x, valid
-
-
-def _count(batches: Callable[[], Iterable], limit: int, images_in: Callable[[Any], float]) -> tuple[int, float]:
-    """(batches, images) reconstruction uses: the first batches up to ``limit`` images (loads, no forward)."""
-    n, done = 0, 0.0
-    for batch in _first_images(batches, limit, images_in):
-        n, done = n + 1, done + images_in(batch)
-    if not n:
-        raise ValueError(
-            'reconstruction received no calibration batches (the calibration source was empty when read again)'
-        )
-    return n, done
