@@ -55,7 +55,7 @@ def head_units(model: nn.Module) -> list[Unit]:
             if isinstance(heads, nn.Module)
             else []
         )
-        out += [Unit(name, h, lambda *args, h=h: h(*args), aligned=False, rows=True) for name, h in named]
+        out += [Unit(name, h, lambda *args, h=h: h(*args), aligned=False, sample_rows=True) for name, h in named]
     return [u for u in out if quant_modules(u.module)]
 
 

@@ -26,17 +26,19 @@ class Unit:
     input state, a tuple); a unit's input state is the positional arguments its ``module`` is called
     with (captured in a forward of the model; in a chain, only the first unit's).
 
-    aligned: its inputs in the float model correspond one to one to those in the quantized model (same
-             images, same shapes), so the target is the float unit on the *float* inputs; otherwise
-             (RoI heads: other proposals) the float unit on the quantized inputs.
-    rows:    its inputs are independent samples along dim 0 (RoIs): at most ``max_rows`` are kept.
+    aligned:     its inputs in the float model correspond one to one to those in the quantized model
+                 (same images, same shapes), so the target is the float unit on the *float* inputs;
+                 otherwise (RoI heads: other proposals) the float unit on the quantized inputs.
+    sample_rows: dim 0 of its inputs indexes independent samples (RoIs), of which a random sample is
+                 kept (at most ``max_rows``); a call without any is skipped, and a unit never fed is
+                 left as calibrated.
     """
 
     name: str
     module: nn.Module
     forward: Callable[..., Any]
     aligned: bool = True
-    rows: bool = False
+    sample_rows: bool = False
 
 
 class _Rng:
@@ -173,14 +175,14 @@ def _pre_hooks(hooks: Iterable[tuple[nn.Module, _PreHook]]) -> Iterator[None]:
 def _capture_inputs(feed: _Feed, unit: Unit, rows_per_call: int, rng: _Rng) -> tuple[list[State], list[State]]:
     """The positional inputs ``unit.module`` receives on the used images: in the float and
     the quantized model for an aligned unit, else in the quantized model only (returned twice, the
-    same list); a ``rows`` unit keeps ``rows_per_call`` sampled rows of each call."""
+    same list); a ``sample_rows`` unit keeps ``rows_per_call`` sampled rows of each call."""
     states = (QuantState.FLOAT, QuantState.QUANTIZED) if unit.aligned else (QuantState.QUANTIZED,)
     sinks: dict[QuantState, list[State]] = {s: [] for s in states}
     current: list[State] = []
 
     def capture(module: nn.Module, args: tuple) -> None:
         args = _detach(args)
-        if unit.rows:
+        if unit.sample_rows:
             n = args[0].shape[0]
             if n == 0:  # no RoIs on this image
                 return
@@ -200,7 +202,7 @@ def _capture_inputs(feed: _Feed, unit: Unit, rows_per_call: int, rng: _Rng) -> t
         set_quant_state(feed.model, QuantState.QUANTIZED)
     q = sinks[QuantState.QUANTIZED]
     fp = sinks.get(QuantState.FLOAT, q)
-    if len(fp) != len(q) or (not q and not unit.rows):
+    if len(fp) != len(q) or (not q and not unit.sample_rows):
         raise RuntimeError(
             f'reconstruction: {unit.name} received {len(q)} quantized / {len(fp)} float inputs on '
             f'the calibration images; it needs the same non-zero number'
