@@ -16,7 +16,7 @@ HEAD_MODES = ('module', 'layer', 'none')
 
 @dataclass(frozen=True)
 class ReconstructConfig:
-    """How reconstruction runs (see the module docstring for the loss).
+    """How reconstruction runs (see :mod:`.reconstruct` for the loss).
 
     iters:          optimizer steps per unit (block or layer).
     batch_size:     calibration samples (images, or calibration batches) per step of a block.
