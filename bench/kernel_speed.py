@@ -26,6 +26,7 @@ import time
 
 import torch
 
+from mmdet_lrpq.quant import _ext
 from mmdet_lrpq.quant import functional as F
 
 try:
@@ -97,7 +98,7 @@ def main(argv=None) -> dict:
     command = 'python bench/kernel_speed.py ' + ' '.join(argv if argv is not None else sys.argv[1:])
     if device.type != 'cpu':
         return device_only(args.repeats, device, command, out_path)
-    fused_kernels = F.kernels()
+    fused_kernels = _ext.kernels()
     if fused_kernels is None:
         sys.exit('the fused kernels are not available (see the warning above); nothing to compare')
     x = inputs(device)
@@ -108,12 +109,12 @@ def main(argv=None) -> dict:
         results, times = {}, {'fused': [], 'pytorch': []}
         for _ in range(args.repeats):
             for path in ('fused', 'pytorch'):
-                F.kernels = (lambda: fused_kernels) if path == 'fused' else pytorch_path
+                _ext.kernels = (lambda: fused_kernels) if path == 'fused' else pytorch_path
                 t0 = time.perf_counter()
                 out = op()
                 times[path].append(time.perf_counter() - t0)
                 results[path] = out.clone() if isinstance(out, torch.Tensor) else out
-        F.kernels = lambda: fused_kernels
+        _ext.kernels = lambda: fused_kernels
         if not same(results['fused'], results['pytorch']):
             sys.exit(f'{name}: the fused and PyTorch paths disagree; not reporting timings')
         fused, plain = statistics.median(times['fused']), statistics.median(times['pytorch'])

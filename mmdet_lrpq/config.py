@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from .plan import BitPlan, Site
 from .quant.functional import check_bits
 from .quant.options import from_options
-from .quant.reconstruct import ReconstructConfig
+from .quant.reconstruct_config import ReconstructConfig
 from .quant.smooth import DEFAULT_ALPHA
 
 METHODS = ('repq', 'crl', 'none')

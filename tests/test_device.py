@@ -51,8 +51,10 @@ from mmdet_lrpq.quant import (
     QuantState,
     RegionUniformQuantizer,
     UniformQuantizer,
+    _ext,
     calibrate,
     crl_clip,
+    integer_form,
     quant_modules,
     recording_ranges,
     reparameterize_,
@@ -61,6 +63,7 @@ from mmdet_lrpq.quant import (
     wrap_modules,
 )
 from mmdet_lrpq.quant import functional as F
+from mmdet_lrpq.quant.quantiles import quantiles
 from mmdet_lrpq.swin import swin_units
 
 # the tiny detector and its prediction on a tensor batch, as the MMDetection integration tests run them
@@ -180,18 +183,18 @@ def fake_quantizer_outputs(dtype: torch.dtype) -> dict[str, Callable[[], tuple[t
     z_c = torch.randint(0, 16, (1, 1, 16), device='cuda').float()
     attn = torch.rand(2, 4, 8, 8, device='cuda', dtype=dtype)
     d_a = torch.full((), 0.5, device='cuda')
-    codes = F.log_sqrt2_codes(attn, d_a, BITS)
+    codes = integer_form.log_sqrt2_codes(attn, d_a, BITS)
     return {
         'fake_quant_uniform per tensor': lambda: (F.fake_quant_uniform(x, d_t, z_t, BITS), dtype),
         'fake_quant_uniform per channel': lambda: (F.fake_quant_uniform(x, d_c, z_c, BITS), dtype),
-        'uniform_codes': lambda: (F.uniform_codes(x, d_c, z_c, BITS), torch.float32),
-        'quantiles': lambda: (F.quantiles(torch.randn(3, 1000, device='cuda'), F.PERCENTILES), torch.float32),
+        'uniform_codes': lambda: (integer_form.uniform_codes(x, d_c, z_c, BITS), torch.float32),
+        'quantiles': lambda: (quantiles(torch.randn(3, 1000, device='cuda'), F.PERCENTILES), torch.float32),
         'log_sqrt2_codes': lambda: (codes, torch.int64),
         'log_sqrt2_table': lambda: (F.log_sqrt2_table(d_a, BITS), torch.float32),
         'fake_quant_log_sqrt2': lambda: (F.fake_quant_log_sqrt2(attn, d_a, BITS), dtype),
-        'log2_shift_form': lambda: (F.log2_shift_form(codes, BITS)[0], torch.int64),
-        'log2_shift_scales': lambda: (F.log2_shift_scales(d_a), torch.float32),
-        'log2_shift_dequant': lambda: (F.log2_shift_dequant(codes, d_a, BITS), torch.float32),
+        'log2_shift_form': lambda: (integer_form.log2_shift_form(codes, BITS)[0], torch.int64),
+        'log2_shift_scales': lambda: (integer_form.log2_shift_scales(d_a), torch.float32),
+        'log2_shift_dequant': lambda: (integer_form.log2_shift_dequant(codes, d_a, BITS), torch.float32),
         'fake_quant_regions': lambda: (
             F.fake_quant_regions(x, d_t, torch.full((), 3.0, device='cuda'), torch.full((), 2.0, device='cuda'), BITS),
             dtype,
@@ -449,7 +452,7 @@ def quant_path(request, monkeypatch):
     if request.param == 'torch':
         monkeypatch.setenv('MMDET_LRPQ_NO_EXT', '1')
     else:
-        assert F.kernels() is not None, 'the fused CPU kernels did not build (see the warning above)'
+        assert _ext.kernels() is not None, 'the fused CPU kernels did not build (see the warning above)'
     return request.param
 
 
@@ -499,10 +502,10 @@ def test_calibration_reparam_and_forward_follow_the_input_device(quant_path, dev
         with torch.no_grad():
             model(x)
         delta = model.matmul.quantizer_a.delta  # the integer inference form of attn @ v
-        codes = F.log_sqrt2_codes(attn, delta, BITS)
-        F.log2_shift_dequant(codes, delta, BITS)
-        F.log2_shift_matmul_int(codes, v_int, BITS)
-        F.uniform_codes(x, *F.uniform_qparams(x, BITS), BITS)
+        codes = integer_form.log_sqrt2_codes(attn, delta, BITS)
+        integer_form.log2_shift_dequant(codes, delta, BITS)
+        integer_form.log2_shift_matmul_int(codes, v_int, BITS)
+        integer_form.uniform_codes(x, *F.uniform_qparams(x, BITS), BITS)
         F.uniform_qparams(big, BITS)
         F.uniform_qparams(long_rows, BITS, channel_axis=0)
         F.log_sqrt2_qparams(big_attn, BITS)
@@ -684,15 +687,15 @@ def test_element_wise_quantizers_are_bit_exact_on_device(device, monkeypatch):
 
     def run(dev):
         xd, dt, zt, dc, zc, ad, da, vd = (t.to(dev) for t in (x, d_t, z_t, d_c, z_c, attn, d_a, v_int))
-        codes = F.log_sqrt2_codes(ad, da, BITS)
+        codes = integer_form.log_sqrt2_codes(ad, da, BITS)
         return [
             F.fake_quant_uniform(xd, dt, zt, BITS),
             F.fake_quant_uniform(xd, dc, zc, BITS),
-            F.uniform_codes(xd, dc, zc, BITS),
+            integer_form.uniform_codes(xd, dc, zc, BITS),
             codes,
             F.fake_quant_log_sqrt2(ad, da, BITS),
-            F.log2_shift_dequant(codes, da, BITS),
-            *F.log2_shift_matmul_int(codes, vd, BITS)[:2],
+            integer_form.log2_shift_dequant(codes, da, BITS),
+            *integer_form.log2_shift_matmul_int(codes, vd, BITS)[:2],
         ]
 
     expected = cpu_reference(monkeypatch, lambda: run('cpu'))

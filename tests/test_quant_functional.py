@@ -7,7 +7,9 @@ import pytest
 import torch
 
 import repq_reference as ref
+from mmdet_lrpq.quant import _ext, integer_form
 from mmdet_lrpq.quant import functional as F
+from mmdet_lrpq.quant.quantiles import _top_tail, quantiles
 
 SHAPES = {  # (shape, channel axis as RepQ-ViT uses it)
     'linear-weight': ((96, 384), 0),
@@ -20,9 +22,9 @@ SHAPES = {  # (shape, channel axis as RepQ-ViT uses it)
 def quant_path(request, monkeypatch):
     """Run a test through the fused CPU kernels and through the PyTorch path: same answers."""
     if request.param == 'torch':
-        monkeypatch.setattr(F, 'kernels', lambda: None)
+        monkeypatch.setattr(_ext, 'kernels', lambda: None)
     else:
-        assert F.kernels() is not None, 'the fused CPU kernels did not build (see the warning above)'
+        assert _ext.kernels() is not None, 'the fused CPU kernels did not build (see the warning above)'
     return request.param
 
 
@@ -61,7 +63,7 @@ def test_uniform_qparams_match_repq_per_tensor_and_per_channel(layout, kind, bit
 def test_quantiles_bit_identical_to_torch_quantile(n):
     x = _data('heavy', (n,), seed=n)
     qs = [0.999, 0.001, 0.9999, 0.0001, 0.99999, 0.00001, 0.5, 0.25]
-    ours = F.quantiles(x.reshape(1, -1), qs)[:, 0]
+    ours = quantiles(x.reshape(1, -1), qs)[:, 0]
     theirs = torch.stack([torch.quantile(x, q) for q in qs])
     assert torch.equal(ours, theirs)
 
@@ -76,8 +78,8 @@ def test_large_tensor_above_2_pow_24(quant_path):
     # the strided-threshold path equals topk over everything
     rows = x.reshape(1, -1)
     k = 2000
-    assert torch.equal(F._top_tail(rows, k, largest=True), rows.topk(k, dim=1).values)
-    assert torch.equal(F._top_tail(rows, k, largest=False), rows.topk(k, dim=1, largest=False).values)
+    assert torch.equal(_top_tail(rows, k, largest=True), rows.topk(k, dim=1).values)
+    assert torch.equal(_top_tail(rows, k, largest=False), rows.topk(k, dim=1, largest=False).values)
 
 
 @pytest.mark.parametrize('kind', ['relu', 'neg_relu', 'few_levels', 'relu_with_negative_zeros'])
@@ -93,13 +95,13 @@ def test_threshold_selection_with_massive_ties_is_exact(kind, quant_path):
         'relu_with_negative_zeros': torch.where(x > 0, x, -0.0 * x.abs()),
     }[kind]
     qs = [0.999, 0.001, 0.9999, 0.0001, 0.99999, 0.00001]
-    ours = F.quantiles(x.reshape(1, -1), qs)[:, 0]
+    ours = quantiles(x.reshape(1, -1), qs)[:, 0]
     theirs = torch.stack([torch.quantile(x, q) for q in qs])
     assert torch.equal(ours, theirs)
     rows = x.reshape(1, -1)
     for k in (10, 3000, 30_000):
         for largest in (True, False):
-            assert torch.equal(F._top_tail(rows, k, largest), rows.topk(k, dim=1, largest=largest).values)
+            assert torch.equal(_top_tail(rows, k, largest), rows.topk(k, dim=1, largest=largest).values)
     delta, zp = F.uniform_qparams(x, 4)
     r_delta, r_zp = ref.uniform_per_tensor(x, 4)
     assert torch.equal(delta, r_delta) and torch.equal(zp, r_zp)
@@ -109,7 +111,7 @@ def test_threshold_selection_survives_adversarial_order():
     """Sorted data defeats a strided sample's estimate; the exact fallback must still be right."""
     x = torch.cat([torch.zeros(3_000_000), torch.linspace(1, 2, 50_000)]).reshape(1, -1)
     k = 3_100
-    assert torch.equal(F._top_tail(x, k, largest=True), x.topk(k, dim=1).values)
+    assert torch.equal(_top_tail(x, k, largest=True), x.topk(k, dim=1).values)
 
 
 @pytest.mark.parametrize('bits', [3, 4, 6, 8])
@@ -129,13 +131,13 @@ def test_log2_shift_form_equals_log_sqrt2(bits):
     g = torch.Generator().manual_seed(10 + bits)
     attn = torch.softmax(torch.randn(2, 3, 49, 49, generator=g) * 3, dim=-1)
     delta = F.log_sqrt2_qparams(attn, bits)
-    codes = F.log_sqrt2_codes(attn, delta, bits)
+    codes = integer_form.log_sqrt2_codes(attn, delta, bits)
     fq = F.fake_quant_log_sqrt2(attn, delta, bits)
-    shifted = F.log2_shift_dequant(codes, delta, bits)
+    shifted = integer_form.log2_shift_dequant(codes, delta, bits)
     normal = (fq == 0) | (fq.abs() >= torch.finfo(torch.float32).tiny)
     assert normal.float().mean() > 0.99
     assert torch.equal(shifted[normal], fq[normal])
-    shift, odd, nonzero = F.log2_shift_form(codes, bits)
+    shift, odd, nonzero = integer_form.log2_shift_form(codes, bits)
     assert shift.max() <= 2 ** (bits - 1) and set(odd.unique().tolist()) <= {0, 1}
     assert torch.equal(nonzero, fq != 0)
 
@@ -147,14 +149,14 @@ def test_log2_shift_integer_matmul_is_exact():
     attn = torch.softmax(torch.randn(3, 49, 49, generator=g) * 2, dim=-1)
     v_int = torch.randint(-8, 8, (3, 49, 32), generator=g)
     delta = F.log_sqrt2_qparams(attn, bits)
-    codes = F.log_sqrt2_codes(attn, delta, bits)
-    even, odd, s_max = F.log2_shift_matmul_int(codes, v_int, bits)
-    scales = F.log2_shift_scales(delta).double()
+    codes = integer_form.log_sqrt2_codes(attn, delta, bits)
+    even, odd, s_max = integer_form.log2_shift_matmul_int(codes, v_int, bits)
+    scales = integer_form.log2_shift_scales(delta).double()
     via_shifts = (scales[0] * even.double() + scales[1] * odd.double()) * 2.0**-s_max
     reference = F.fake_quant_log_sqrt2(attn, delta, bits).double() @ v_int.double()
     assert torch.equal(via_shifts, reference)  # float64 holds both sides exactly at these sizes
     with pytest.raises(ValueError, match='62'):
-        F.log2_shift_matmul_int(codes + 120, v_int, 8)  # shifts up to ~68
+        integer_form.log2_shift_matmul_int(codes + 120, v_int, 8)  # shifts up to ~68
 
 
 def test_constant_and_zero_tensors_do_not_divide_by_zero(quant_path):
@@ -212,7 +214,7 @@ def test_bad_input_raises_clear_errors(quant_path):
 def test_fused_kernels_compute_the_pytorch_floats(layout, monkeypatch):
     """The fused kernels do the PyTorch path's float operations: fake-quant bit for bit (exact
     .5 ties, values past both clamps, ±Inf, NaN), squared-error sums to summation-order rounding."""
-    assert F.kernels() is not None, 'the fused CPU kernels did not build (see the warning above)'
+    assert _ext.kernels() is not None, 'the fused CPU kernels did not build (see the warning above)'
     g = torch.Generator().manual_seed(11)
     x = torch.randn(4, 257, 48, generator=g) * 3
     shape = {'per-last-axis': (48,), 'per-first-axis': (4, 1, 1), 'per-middle-axis': (257, 1)}.get(layout, ())
@@ -224,7 +226,7 @@ def test_fused_kernels_compute_the_pytorch_floats(layout, monkeypatch):
     if layout == 'non-contiguous':
         x = x.transpose(0, 1)
     fused = F.fake_quant_uniform(x, delta, zp, 4)
-    monkeypatch.setattr(F, 'kernels', lambda: None)
+    monkeypatch.setattr(_ext, 'kernels', lambda: None)
     plain = F.fake_quant_uniform(x, delta, zp, 4)
     assert torch.equal(fused.isnan(), plain.isnan()) and int(plain.isnan().sum()) == 1
     assert torch.equal(fused.nan_to_num(), plain.nan_to_num()) and fused.stride() == plain.stride()
@@ -236,7 +238,7 @@ def test_fused_kernels_compute_the_pytorch_floats(layout, monkeypatch):
     rows = torch.randn(96, 50_001, generator=g) * torch.rand(96, 1, generator=g) * 4
     d = torch.rand(3, 96, generator=g) * 0.2 + 0.01
     z = torch.randint(0, 16, (3, 96), generator=g).float()
-    fused = F.kernels().uniform_sq_err(rows, d, z, 15)
+    fused = _ext.kernels().uniform_sq_err(rows, d, z, 15)
     plain = torch.stack(
         [
             F._sum_sq_err(rows, lambda t, dd=dd[:, None], zz=zz[:, None]: F._uniform_error(t, dd, zz, 15))
@@ -249,14 +251,14 @@ def test_fused_kernels_compute_the_pytorch_floats(layout, monkeypatch):
 def test_fused_log_sqrt2_computes_the_pytorch_floats(monkeypatch):
     """Codes from PyTorch's log2, then clamp/round/lookup fused: bit for bit the PyTorch path,
     including exact zeros (code 2^b), values above Δ (code 0), NaN and a ragged last chunk."""
-    assert F.kernels() is not None, 'the fused CPU kernels did not build (see the warning above)'
+    assert _ext.kernels() is not None, 'the fused CPU kernels did not build (see the warning above)'
     g = torch.Generator().manual_seed(5)
     attn = torch.softmax(torch.randn((1 << 20) + 4097, generator=g) * 6, dim=0) * 3e3
     attn[:3] = torch.tensor([0.0, 10.0, float('nan')])
     delta = torch.tensor(0.37)
     fused = F.fake_quant_log_sqrt2(attn, delta, 4)
     err = F._log_sqrt2_sq_err(attn[3:].contiguous(), delta, 4)
-    monkeypatch.setattr(F, 'kernels', lambda: None)
+    monkeypatch.setattr(_ext, 'kernels', lambda: None)
     plain = F.fake_quant_log_sqrt2(attn[3:], delta, 4)
     assert torch.equal(fused[3:], plain) and fused[0] == 0 and fused[1] == delta and fused[2].isnan()
     torch.testing.assert_close(err, F._log_sqrt2_sq_err(attn[3:].contiguous(), delta, 4), rtol=1e-6, atol=0)
@@ -268,7 +270,7 @@ def test_fused_log_sqrt2_codes_from_float_bits_are_exact_at_every_code_boundary(
     near a boundary 2^(-(k+1/2)/2): around every boundary (0 to ±2^15 ulps: inside, at the edge of and
     beyond the guard band), at subnormals, ±0, negatives, ±Inf and NaN, in vector lanes and in the
     ragged tail, its values equal the PyTorch path and RepQ-ViT's formula bit for bit."""
-    assert F.kernels() is not None, 'the fused CPU kernels did not build (see the warning above)'
+    assert _ext.kernels() is not None, 'the fused CPU kernels did not build (see the warning above)'
     offsets = np.array([0, 1, 2, 3, 5, 8, 40, 100, 200, 255, 256, 257, 258, 300, 1000, 1 << 15])
     offsets = np.concatenate([offsets, -offsets[1:]]).astype(np.int32)
     ks = np.arange((1 << bits) + 6)
@@ -284,7 +286,7 @@ def test_fused_log_sqrt2_codes_from_float_bits_are_exact_at_every_code_boundary(
     fused = F.fake_quant_log_sqrt2(x, d, bits)
     finite = x[x.isfinite() & (x >= 0)].contiguous()
     err = F._log_sqrt2_sq_err(finite, d, bits)
-    monkeypatch.setattr(F, 'kernels', lambda: None)
+    monkeypatch.setattr(_ext, 'kernels', lambda: None)
     plain = F.fake_quant_log_sqrt2(x, d, bits)
     assert torch.equal(fused.isnan(), plain.isnan()) and plain[x.isnan() | (x < 0)].isnan().all()
     ok = ~plain.isnan()
@@ -296,7 +298,7 @@ def test_fused_log_sqrt2_codes_from_float_bits_are_exact_at_every_code_boundary(
 def test_fused_row_tails_are_exact_including_ties_and_tight_samples():
     """Per-channel tails: every row's k largest/smallest equal topk's, for heavy-tailed rows, rows of
     post-ReLU ties, constant rows, and sorted rows that defeat the strided sample (topk fallback)."""
-    fused = F.kernels()
+    fused = _ext.kernels()
     assert fused is not None, 'the fused CPU kernels did not build (see the warning above)'
     g = torch.Generator().manual_seed(9)
     m = 40_000
@@ -313,14 +315,14 @@ def test_fused_row_tails_are_exact_including_ties_and_tight_samples():
     assert torch.equal(top[good], rows[good].topk(k_top, dim=1).values)
     assert torch.equal(bot[good], rows[good].topk(k_bot, dim=1, largest=False).values)
     qs = [0.999, 0.001, 0.9999, 0.0001, 0.99999, 0.00001]
-    assert torch.equal(F.quantiles(rows, qs), torch.stack([torch.quantile(rows, q, dim=1) for q in qs]))
+    assert torch.equal(quantiles(rows, qs), torch.stack([torch.quantile(rows, q, dim=1) for q in qs]))
 
 
 @pytest.mark.parametrize('operand', ['q', 'k_transposed', 'v', 'scaled_q', 'expanded'])
 def test_fused_fake_quant_of_attention_operands_matches_values_and_layout(operand, monkeypatch):
     """q/k/v sliced out of a fused qkv output are not dense: the fused path reads them as strided
     rows and lays the result out as PyTorch's element-wise ops do (dims by decreasing stride)."""
-    assert F.kernels() is not None, 'the fused CPU kernels did not build (see the warning above)'
+    assert _ext.kernels() is not None, 'the fused CPU kernels did not build (see the warning above)'
     g = torch.Generator().manual_seed(3)
     qkv = (torch.randn(6, 49, 3, 3, 32, generator=g) * 2).permute(2, 0, 3, 1, 4)  # [3, B, heads, N, d]
     x = {
@@ -334,7 +336,7 @@ def test_fused_fake_quant_of_attention_operands_matches_values_and_layout(operan
     scratch = torch.full((x.numel() + 5,), float('nan'))
     fused = F.fake_quant_uniform(x, delta, zp, 4, scratch)
     fresh = F.fake_quant_uniform(x, delta, zp, 4)
-    monkeypatch.setattr(F, 'kernels', lambda: None)
+    monkeypatch.setattr(_ext, 'kernels', lambda: None)
     plain = F.fake_quant_uniform(x, delta, zp, 4)
     big = [d for d in range(x.dim()) if x.shape[d] > 1]
     for out in (fused, fresh):
@@ -346,8 +348,6 @@ def test_fused_kernels_build_dir_is_keyed_by_everything_the_build_depends_on(tmp
     """Two checkouts / virtual environments on one machine, or an edited source, never share (and
     so never recompile over, or load) one another's build: the directory hashes the source's
     path and content, the torch installation, the Python headers and the flags."""
-    from mmdet_lrpq.quant import _ext
-
     monkeypatch.setenv('MMDET_LRPQ_EXT_DIR', str(tmp_path))
     base = _ext.build_dir()
     assert base == _ext.build_dir() and base.startswith(str(tmp_path))
@@ -368,8 +368,6 @@ def test_fused_kernels_build_dir_is_keyed_by_everything_the_build_depends_on(tmp
 def test_fused_kernels_build_dir_is_the_same_after_loading(monkeypatch):
     """torch's ``load`` appends its link flags to the lists it is given: the build key's own flags
     must not change with it (the directory named after loading was another one)."""
-    from mmdet_lrpq.quant import _ext
-
     before = _ext.build_dir()
     monkeypatch.setattr(_ext, '_state', {})  # load again (from the existing build)
     assert _ext.kernels() is not None, 'the fused CPU kernels did not build (see the warning above)'

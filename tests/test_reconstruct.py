@@ -19,7 +19,7 @@ from mmdet_lrpq.models import ModelQuantizer
 from mmdet_lrpq.models.state import StateMismatchError
 from mmdet_lrpq.quant import QuantState, UniformQuantizer, quant_modules, set_quant_state
 from mmdet_lrpq.quant import functional as F
-from mmdet_lrpq.quant import reconstruct as R
+from mmdet_lrpq.quant.reconstruct_units import _conv_rows, _Rng
 from test_api import images, tiny_timm_swin
 
 FAST = dict(iters=8, batch_size=2, max_rows=512, batch_rows=128)
@@ -193,10 +193,10 @@ def test_conv_rows_are_the_convolution(kernel, stride, padding, dilation):
     g = torch.Generator().manual_seed(kernel + stride)
     conv = nn.Conv2d(5, 7, kernel, stride=stride, padding=padding, dilation=dilation)
     x = torch.randn(2, 5, 9, 11, generator=g)
-    rng = R._Rng(0)
-    rows, valid = R._conv_rows(x, conv, 40, rng)
+    rng = _Rng(0)
+    rows, valid = _conv_rows(x, conv, 40, rng)
     out = nnf.conv2d(x, conv.weight, conv.bias, stride, padding, dilation)
-    pick = R._Rng(0).rows(out.shape[0] * out.shape[2] * out.shape[3], 40, x.device)
+    pick = _Rng(0).rows(out.shape[0] * out.shape[2] * out.shape[3], 40, x.device)
     want = out.permute(0, 2, 3, 1).reshape(-1, 7)[pick]
     got = rows @ conv.weight.reshape(7, -1).t() + conv.bias
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

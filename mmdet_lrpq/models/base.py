@@ -26,7 +26,7 @@ from torch import nn
 from ..bits import Bits
 from ..plan.sites import Site
 from ..quant import QuantMatMul, ReparamResult, SmoothResult
-from ..quant.reconstruct import Unit
+from ..quant.reconstruct_units import Unit
 
 
 @dataclass(frozen=True)

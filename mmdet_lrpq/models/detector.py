@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..quant import quant_modules
-from ..quant.reconstruct import Unit
+from ..quant.reconstruct_units import Unit
 from .base import Adapter, ReparamPair
 
 
@@ -55,7 +55,7 @@ def head_units(model: nn.Module) -> list[Unit]:
             if isinstance(heads, nn.Module)
             else []
         )
-        out += [Unit(name, h, lambda *args, h=h: h(*args), aligned=False, rows=True) for name, h in named]
+        out += [Unit(name, h, lambda *args, h=h: h(*args), aligned=False, sample_rows=True) for name, h in named]
     return [u for u in out if quant_modules(u.module)]
 
 

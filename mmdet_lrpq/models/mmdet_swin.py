@@ -25,7 +25,7 @@ from mmdet.models.backbones.swin import SwinTransformer, WindowMSA
 from torch import Tensor, nn
 
 from ..plan.sites import Site
-from ..quant.reconstruct import Unit
+from ..quant.reconstruct_units import Unit
 from .base import QuantWindowAttentionMixin, ReparamPair, SwinFamilyAdapter
 from .swin_names import swin_architecture
 

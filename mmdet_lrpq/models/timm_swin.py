@@ -25,7 +25,7 @@ from torch import nn
 from ..plan.sites import Site
 from ..quant import LayerQuantConfig, wrap_modules
 from ..quant.macs import count_macs
-from ..quant.reconstruct import Unit
+from ..quant.reconstruct_units import Unit
 from ..swin import check_swin, swin_site_layout, swin_units
 from .base import QuantWindowAttentionMixin, ReparamPair, SwinFamilyAdapter
 from .report import sites_with_macs

@@ -12,76 +12,50 @@ mmcv (bit-identical or the stated bound, per op) are pinned by ``tests/test_mmcv
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torchvision
 from torch import Tensor
 
 
 # ------------------------------------------------------------------------------------ RoIAlign
-def _check_avg_pool(pool_mode: int) -> None:
+def _roi_align_args(
+    *,
+    aligned_height: int,
+    aligned_width: int,
+    spatial_scale: float,
+    sampling_ratio: int,
+    pool_mode: int,
+    aligned: bool,
+) -> tuple[float, int, int, int, bool]:
+    """The keyword arguments mmcv passes to both RoIAlign functions, checked, as torchvision's kernels
+    take them: ``(spatial_scale, aligned_height, aligned_width, sampling_ratio, aligned)``."""
     if pool_mode != 1:
         raise NotImplementedError(
             "RoIAlign with pool_mode='max' is not provided by mmdet-lrpq's torchvision backend for "
             'mmcv ops (torchvision implements average pooling only; every MMDetection RoI extractor '
             "uses 'avg'). Use pool_mode='avg', or install mmcv with compiled ops (docs/install.md)"
         )
+    return float(spatial_scale), int(aligned_height), int(aligned_width), int(sampling_ratio), bool(aligned)
 
 
 def roi_align_forward(
-    input: Tensor,
-    rois: Tensor,
-    output: Tensor,
-    argmax_y: Tensor,
-    argmax_x: Tensor,
-    *,
-    aligned_height: int,
-    aligned_width: int,
-    spatial_scale: float,
-    sampling_ratio: int,
-    pool_mode: int,
-    aligned: bool,
+    input: Tensor, rois: Tensor, output: Tensor, argmax_y: Tensor, argmax_x: Tensor, **options: Any
 ) -> None:
-    _check_avg_pool(pool_mode)
-    out = torch.ops.torchvision.roi_align(
-        input,
-        rois.to(input.dtype),
-        float(spatial_scale),
-        int(aligned_height),
-        int(aligned_width),
-        int(sampling_ratio),
-        bool(aligned),
-    )
-    output.copy_(out)
+    """``options``: mmcv's keyword arguments (those of :func:`_roi_align_args`)."""
+    scale, height, width, ratio, aligned = _roi_align_args(**options)
+    output.copy_(torch.ops.torchvision.roi_align(input, rois.to(input.dtype), scale, height, width, ratio, aligned))
 
 
 def roi_align_backward(
-    grad_output: Tensor,
-    rois: Tensor,
-    argmax_y: Tensor,
-    argmax_x: Tensor,
-    grad_input: Tensor,
-    *,
-    aligned_height: int,
-    aligned_width: int,
-    spatial_scale: float,
-    sampling_ratio: int,
-    pool_mode: int,
-    aligned: bool,
+    grad_output: Tensor, rois: Tensor, argmax_y: Tensor, argmax_x: Tensor, grad_input: Tensor, **options: Any
 ) -> None:
-    _check_avg_pool(pool_mode)
+    """``options``: as :func:`roi_align_forward`'s."""
+    scale, height, width, ratio, aligned = _roi_align_args(**options)
     n, c, h, w = grad_input.shape
     grad = torch.ops.torchvision._roi_align_backward(
-        grad_output,
-        rois.to(grad_output.dtype),
-        float(spatial_scale),
-        int(aligned_height),
-        int(aligned_width),
-        n,
-        c,
-        h,
-        w,
-        int(sampling_ratio),
-        bool(aligned),
+        grad_output, rois.to(grad_output.dtype), scale, height, width, n, c, h, w, ratio, aligned
     )
     grad_input.copy_(grad)
 

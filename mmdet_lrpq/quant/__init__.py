@@ -13,13 +13,11 @@ from .functional import (
     fake_quant_log_sqrt2,
     fake_quant_regions,
     fake_quant_uniform,
-    log2_shift_dequant,
-    log2_shift_form,
-    log2_shift_matmul_int,
     log_sqrt2_qparams,
     region_qparams,
     uniform_qparams,
 )
+from .integer_form import log2_shift_dequant, log2_shift_form, log2_shift_matmul_int
 from .modules import (
     LogSqrt2Quantizer,
     QuantConv2d,
@@ -32,7 +30,9 @@ from .modules import (
     quant_modules,
     set_quant_state,
 )
-from .reconstruct import ReconstructConfig, Unit, reconstruct_
+from .reconstruct import reconstruct_
+from .reconstruct_config import ReconstructConfig
+from .reconstruct_units import Unit
 from .reparam import ReparamResult, crl_clip, reparameterize_
 from .smooth import SmoothResult, recording_ranges, smooth_
 from .wrap import LayerQuantConfig, quantizable_layers, set_submodule, wrap_modules

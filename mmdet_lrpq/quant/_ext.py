@@ -1,10 +1,11 @@
-"""Loader of the fused CPU kernels in ``csrc/fused_quant.cpp`` (built once per machine).
+"""The fused CPU kernels in ``csrc/fused_quant.cpp``: their loader (built once per machine), their
+interface, and the tensor layouts they take (:func:`fused_layout`, :func:`strided_rows`).
 
-The kernels compute exactly the float operations of the PyTorch path in
-:mod:`mmdet_lrpq.quant.functional`, in one pass instead of four or five; tests compare both paths
-bit for bit. They are compiled at first use with ``torch.utils.cpp_extension`` (the C++ toolchain
-that builds mmcv; ``make install`` builds them ahead) into
-``~/.cache/mmdet-lrpq/ext/torch-<version>-<key>/`` and loaded from there afterwards. The key hashes
+The kernels compute exactly the float operations of the PyTorch path in :mod:`.functional` and
+:mod:`.quantiles`, in one pass instead of four or five; tests compare both paths bit for bit. They
+are compiled at first use with ``torch.utils.cpp_extension`` (the C++ toolchain that builds mmcv;
+``make install`` builds them ahead) into ``~/.cache/mmdet-lrpq/ext/torch-<version>-<key>/`` and
+loaded from there afterwards. The key hashes
 everything the build depends on — the CPU's flags (``-march=native``), the source's path and
 content, the compiler flags, the torch installation and the Python headers — so that two checkouts or virtual
 environments on one machine (a CI checkout next to a working copy) each keep their own build
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import os.path as osp
 import platform
@@ -122,3 +124,54 @@ def kernels(verbose: bool = False) -> FusedKernels | None:
             )
             _state['module'] = None
     return _state['module']
+
+
+# ----------------------------------------------------------------------------- layouts they take
+def fused_layout(x: Tensor, delta: Tensor) -> int | None:
+    """Where the fused kernel applies (float32 CPU, no autograd, Δ per tensor or along one axis of
+    ``x``): the number of elements per channel run (``inner``); else ``None``."""
+    if x.device.type != 'cpu' or x.dtype != torch.float32 or delta.dtype != torch.float32 or x.dim() == 0:
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or delta.requires_grad):
+        return None
+    if delta.numel() == 1:
+        return x.numel()
+    if delta.dim() > x.dim() or not x.is_contiguous():  # (keeps the output layout PyTorch's path gives)
+        return None
+    shape = (1,) * (x.dim() - delta.dim()) + tuple(delta.shape)
+    axes = [a for a, s in enumerate(shape) if s != 1]
+    if len(axes) != 1 or shape[axes[0]] != x.shape[axes[0]]:
+        return None
+    return math.prod(x.shape[axes[0] + 1 :])
+
+
+def is_dense(x: Tensor) -> bool:
+    """Non-overlapping and dense: some permutation of ``x`` is contiguous (PyTorch's C++ test)."""
+    expected = 1
+    for stride, size in sorted((st, s) for s, st in zip(x.shape, x.stride()) if s != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def strided_rows(x: Tensor) -> tuple[Tensor, list[int]] | None:
+    """``x`` (not dense, e.g. q/k/v sliced out of a fused qkv output) as a 2-D view ``[R, L]`` with
+    unit inner stride and one row stride, with its dims ordered as PyTorch's element-wise ops order
+    their output (by decreasing input stride); ``None`` if it does not collapse that way."""
+    order = sorted(range(x.dim()), key=lambda d: x.stride(d), reverse=True)
+    dims = [(x.shape[d], x.stride(d)) for d in order if x.shape[d] != 1]
+    if not dims or dims[-1][1] != 1:
+        return None
+    inner = 1
+    while dims and dims[-1][1] == inner:  # the contiguous inner run
+        inner *= dims.pop()[0]
+    rows, row_stride = 1, None
+    for size, stride in reversed(dims):  # the rest must be rows of one stride
+        if row_stride is None:
+            row_stride = stride
+        elif stride != row_stride * rows:
+            return None
+        rows *= size
+    view = x.as_strided((rows, inner), (row_stride or inner, 1), x.storage_offset())
+    return view, order

@@ -1,4 +1,9 @@
-"""Quantization primitives with RepQ-ViT's exact semantics, vectorized over channels.
+"""The quantizers' maths with RepQ-ViT's exact semantics, vectorized over channels.
+
+The uniform quantizer (and its region-wise form, OPT-m) and the log-√2 quantizer: their calibration
+and their fake-quant, differentiable where reconstruction learns through them. Calibration starts
+from the exact quantiles of :mod:`.quantiles`; the integer codes and the log2-with-shift form that
+integer pipelines use are in :mod:`.integer_form`.
 
 Contract (DESIGN §3.2). Every function here gives the same numbers as RepQ-ViT's
 ``UniformQuantizer`` / ``LogSqrt2Quantizer`` run in this environment (their per-channel Python
@@ -27,14 +32,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..bits import check_bits
-from ._ext import FusedKernels, kernels
+from . import _ext
+from .quantiles import _check_nonempty, _row_extremes, _rows, _unrows, quantiles
 
 PERCENTILES: tuple[float, ...] = (0.999, 0.9999, 0.99999)
 SQRT2 = math.sqrt(2.0)
@@ -44,174 +50,6 @@ _CHUNK_ELEMENTS = 1 << 20
 # Elements per step of the log-sqrt2 fake-quant: thread start-up per op call stays negligible, and
 # the passes mostly hit cache (same section).
 _LOG_CHUNK = 1 << 20
-# Flat tensors above this size take the threshold-and-select path for their tails.
-_SELECT_MIN_ELEMENTS = 1 << 20
-# Rows of per-channel inputs at least this long take the fused per-row selection (when built).
-_ROW_SELECT_MIN = 1 << 13
-
-
-# ----------------------------------------------------------------------------- validation
-def _check_nonempty(x: Tensor, what: str) -> None:
-    if x.numel() == 0:
-        raise ValueError(f'cannot calibrate {what} on an empty tensor')
-
-
-def _row_extremes(rows: Tensor, what: str) -> tuple[Tensor, Tensor]:
-    """Per-row (min, max) in one pass; NaN/Inf anywhere is an error (aminmax propagates NaN).
-
-    One row (per tensor) is reduced whole: ``aminmax(dim=1)`` runs a single row on one thread."""
-    if rows.shape[0] == 1:
-        lo, hi = (v.reshape(1) for v in torch.aminmax(rows))
-    else:
-        lo, hi = torch.aminmax(rows, dim=1)
-    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
-        n_nan, n_inf = int(torch.isnan(rows).sum()), int(torch.isinf(rows).sum())
-        raise ValueError(
-            f'cannot calibrate {what}: input has {n_nan} NaN and {n_inf} Inf values '
-            f'(shape {tuple(rows.shape)} as rows); check the model/input for overflow'
-        )
-    return lo, hi
-
-
-def _rows(x: Tensor, channel_axis: int | None) -> Tensor:
-    """View ``x`` as ``[C, M]`` (channels first) or ``[1, numel]`` for per-tensor."""
-    x = x.detach().float()
-    if channel_axis is None:
-        return x.reshape(1, -1)
-    axis = channel_axis % x.dim()
-    return x.movedim(axis, 0).reshape(x.shape[axis], -1)
-
-
-def _unrows(v: Tensor, like: Tensor, channel_axis: int | None) -> Tensor:
-    """Shape per-row results ``[C]`` so they broadcast against ``like``."""
-    if channel_axis is None:
-        return v.reshape(())
-    shape = [1] * like.dim()
-    shape[channel_axis % like.dim()] = -1
-    return v.reshape(shape)
-
-
-# ----------------------------------------------------------------------------- quantiles
-def _rank(n: int, q: float) -> tuple[int, int, float]:
-    """torch.quantile's rank arithmetic: q is rounded to float32, the rank taken in double."""
-    r = float(np.float32(q)) * (n - 1)
-    return math.floor(r), math.ceil(r), r - math.floor(r)
-
-
-# Every this many-th value forms the sample that sets a tail threshold. A prime, so that the
-# sample visits every channel of tensors whose sizes are products of small primes (Swin's 32-wide
-# attention heads, 96·2^k channels, 7x7 windows): with 32, the q/k/v operands of stage-1 Swin-T
-# attention (32 per head) were sampled in one channel of 32 and [.., 192] activations in 6 channels
-# of 192, the threshold often missed, and the exact fallback (a full single-threaded topk) cost
-# more than the select path of a tensor ten times larger. (csrc/fused_quant.cpp row_tails
-# samples every 32nd value of one channel's row.)
-_SAMPLE_STRIDE = 31
-
-
-def _tail_sample(flat: Tensor) -> Tensor:
-    """Every ``_SAMPLE_STRIDE``-th value of ``flat``, gathered once: both tails' thresholds come from
-    it, and a contiguous copy is cheaper to select in than the strided view (measured: 17 vs 12 ms
-    for both thresholds of a 20.9M-value activation)."""
-    return flat[::_SAMPLE_STRIDE].contiguous()
-
-
-def _sample_threshold(sample: Tensor, k: int, largest: bool) -> Tensor:
-    """A value that at least ``k`` elements of the sampled tensor likely reach: the
-    (2k/stride + 64)-th most extreme value of its :func:`_tail_sample`. Callers verify the count,
-    so a bad guess costs time, never exactness."""
-    ks = min(sample.numel(), 2 * (k // _SAMPLE_STRIDE) + 64)
-    return sample.topk(ks, largest=largest).values[-1]
-
-
-def _tail_from_beyond(beyond: Tensor, thr: Tensor, k: int, largest: bool) -> Tensor:
-    """The ``k`` most extreme values given every value strictly beyond ``thr`` and at least
-    ``k - beyond.numel()`` values equal to it: those beyond, in order, then copies of ``thr``."""
-    if beyond.numel() >= k:
-        return beyond.topk(k, largest=largest).values
-    head = beyond.sort(descending=largest).values
-    return torch.cat([head, thr.expand(k - head.numel())])
-
-
-def _top_tail(rows: Tensor, k: int, largest: bool) -> Tensor:
-    """The ``k`` largest (descending) or smallest (ascending) values of every row, exactly."""
-    n = rows.shape[1]
-    if rows.shape[0] == 1 and n >= _SELECT_MIN_ELEMENTS and k < n // 64:
-        flat = rows[0]
-        # Estimate a threshold from a strided sample with generous slack, then verify: if at
-        # least k elements are on the tail side of it, the k most extreme are among them (exact,
-        # no assumption about the data). NaN/Inf input cannot make this wrong, only fall through
-        # to the plain topk (callers reject it afterwards).
-        thr = _sample_threshold(_tail_sample(flat), k, largest)
-        mask = flat >= thr if largest else flat <= thr
-        n_sel = int(torch.count_nonzero(mask))  # (bool .sum() is 25x slower: int64 promotion)
-        if n_sel >= k:
-            if n_sel <= 8 * k + 4096:
-                return flat[mask].topk(k, largest=largest).values.unsqueeze(0)
-            # Many values tie at the threshold (e.g. the zeros after a ReLU).
-            beyond = flat[flat > thr] if largest else flat[flat < thr]
-            return _tail_from_beyond(beyond, thr, k, largest).unsqueeze(0)
-    return rows.topk(k, dim=1, largest=largest, sorted=True).values
-
-
-def _select_tails(flat: Tensor, k_top: int, k_bot: int, fused: FusedKernels) -> tuple[Tensor, Tensor] | None:
-    """Both tails of a large flat tensor in one fused pass: the ``k_top`` largest (descending) and
-    ``k_bot`` smallest (ascending) values, exactly, or ``None`` if a sampled threshold was too tight.
-
-    Same thresholds as :func:`_top_tail`'s select path; values strictly beyond a threshold are
-    collected and values equal to it counted, so ties at the threshold (post-ReLU zeros) cost nothing.
-    """
-    sample = _tail_sample(flat)
-    hi = _sample_threshold(sample, k_top, True) if k_top else flat.new_tensor(math.inf)
-    lo = _sample_threshold(sample, k_bot, False) if k_bot else flat.new_tensor(-math.inf)
-    above, n_hi, below, n_lo = fused.tails_beyond(flat, float(hi), float(lo))
-
-    def finish(beyond: Tensor, n_eq: int, t: Tensor, k: int, largest: bool) -> Tensor | None:
-        return None if beyond.numel() + n_eq < k else _tail_from_beyond(beyond, t, k, largest)
-
-    top = finish(above, n_hi, hi, k_top, True) if k_top else above[:0]
-    bot = finish(below, n_lo, lo, k_bot, False) if k_bot else below[:0]
-    return None if top is None or bot is None else (top.unsqueeze(0), bot.unsqueeze(0))
-
-
-def quantiles(rows: Tensor, qs: Sequence[float]) -> Tensor:
-    """``torch.quantile(row, q)`` for every row of ``rows`` [C, M] and every q -> ``[len(qs), C]``.
-
-    Bit-identical to ``torch.quantile`` (linear interpolation) but only extracts the order
-    statistics that extreme quantiles need, so it costs a ``topk`` instead of a full sort.
-    """
-    n = rows.shape[1]
-    ranks = [_rank(n, q) for q in qs]
-    needed = [i for lo, hi, _ in ranks for i in (lo, hi)]
-    k_top = max((n - i for i in needed if i >= n // 2), default=0)
-    k_bot = max((i + 1 for i in needed if i < n // 2), default=0)
-    if k_top + k_bot >= n // 4:  # the tails are a sizeable part of the row: sorting is as cheap
-        ordered = rows.sort(dim=1).values
-        pick = lambda i: ordered[:, i]  # noqa: E731
-    else:
-        fused = kernels() if rows.device.type == 'cpu' and rows.dtype == torch.float32 else None
-        thin = fused is not None and max(k_top, k_bot) < n // 64  # tails small enough to select
-        tails: tuple[Tensor | None, Tensor | None] | None = None
-        if thin and rows.shape[0] == 1 and n >= _SELECT_MIN_ELEMENTS:
-            assert fused is not None  # (thin implies it)
-            tails = _select_tails(rows[0].contiguous(), k_top, k_bot, fused)
-        elif thin and rows.shape[0] > 1 and n >= _ROW_SELECT_MIN:
-            assert fused is not None  # (thin implies it)
-            top, bot, ok = fused.row_tails(rows.contiguous(), k_top, k_bot)
-            if not bool(ok.all()):  # a sampled threshold was too tight for some rows: topk those
-                bad = (~ok).nonzero()[:, 0]
-                top[bad] = _top_tail(rows[bad], k_top, largest=True) if k_top else top[bad]
-                bot[bad] = _top_tail(rows[bad], k_bot, largest=False) if k_bot else bot[bad]
-            tails = (top, bot)
-        if tails is None:
-            tails = (
-                _top_tail(rows, k_top, largest=True) if k_top else None,
-                _top_tail(rows, k_bot, largest=False) if k_bot else None,
-            )
-        # top[:, j] = x_(n-1-j), bot[:, j] = x_(j); a tail is None only when its k is 0 and pick never reads it
-        top, bot = cast(tuple[Tensor, Tensor], tails)
-        pick = lambda i: top[:, n - 1 - i] if i >= n // 2 else bot[:, i]  # noqa: E731
-    # The weight in the rows' dtype, as torch.quantile rounds it (float32 for float32 rows).
-    return torch.stack([torch.lerp(pick(lo), pick(hi), rows.new_tensor(w)) for lo, hi, w in ranks])
 
 
 # ----------------------------------------------------------------------------- uniform quantizer
@@ -282,7 +120,7 @@ def uniform_qparams(
     regular = deltas > 0
     safe_d = torch.where(regular, deltas, torch.ones_like(deltas))
     safe_z = torch.where(regular, zps, torch.zeros_like(zps))
-    fused = kernels() if rows.device.type == 'cpu' else None
+    fused = _ext.kernels() if rows.device.type == 'cpu' else None
     if fused is not None:  # all candidates in one pass over the rows (same float ops per element)
         scores = fused.uniform_sq_err(rows, safe_d, safe_z, levels)
     else:
@@ -316,56 +154,6 @@ def uniform_qparams(
     return _unrows(delta, x, channel_axis), _unrows(zp, x, channel_axis)
 
 
-def _fused_layout(x: Tensor, delta: Tensor) -> int | None:
-    """Where the fused kernel applies (float32 CPU, no autograd, Δ per tensor or along one axis of
-    ``x``): the number of elements per channel run (``inner``); else ``None``."""
-    if x.device.type != 'cpu' or x.dtype != torch.float32 or delta.dtype != torch.float32 or x.dim() == 0:
-        return None
-    if torch.is_grad_enabled() and (x.requires_grad or delta.requires_grad):
-        return None
-    if delta.numel() == 1:
-        return x.numel()
-    if delta.dim() > x.dim() or not x.is_contiguous():  # (keeps the output layout PyTorch's path gives)
-        return None
-    shape = (1,) * (x.dim() - delta.dim()) + tuple(delta.shape)
-    axes = [a for a, s in enumerate(shape) if s != 1]
-    if len(axes) != 1 or shape[axes[0]] != x.shape[axes[0]]:
-        return None
-    return math.prod(x.shape[axes[0] + 1 :])
-
-
-def _dense(x: Tensor) -> bool:
-    """Non-overlapping and dense: some permutation of ``x`` is contiguous (PyTorch's C++ test)."""
-    expected = 1
-    for stride, size in sorted((st, s) for s, st in zip(x.shape, x.stride()) if s != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _strided_rows(x: Tensor) -> tuple[Tensor, list[int]] | None:
-    """``x`` (not dense, e.g. q/k/v sliced out of a fused qkv output) as a 2-D view ``[R, L]`` with
-    unit inner stride and one row stride, with its dims ordered as PyTorch's element-wise ops order
-    their output (by decreasing input stride); ``None`` if it does not collapse that way."""
-    order = sorted(range(x.dim()), key=lambda d: x.stride(d), reverse=True)
-    dims = [(x.shape[d], x.stride(d)) for d in order if x.shape[d] != 1]
-    if not dims or dims[-1][1] != 1:
-        return None
-    inner = 1
-    while dims and dims[-1][1] == inner:  # the contiguous inner run
-        inner *= dims.pop()[0]
-    rows, row_stride = 1, None
-    for size, stride in reversed(dims):  # the rest must be rows of one stride
-        if row_stride is None:
-            row_stride = stride
-        elif stride != row_stride * rows:
-            return None
-        rows *= size
-    view = x.as_strided((rows, inner), (row_stride or inner, 1), x.storage_offset())
-    return view, order
-
-
 def fake_quant_uniform(
     x: Tensor, delta: Tensor, zero_point: Tensor, bits: int, scratch: Tensor | None = None
 ) -> Tensor:
@@ -378,13 +166,13 @@ def fake_quant_uniform(
     calibrated) and rounded back to ``x``'s dtype, so that it can meet the layer's own parameters.
     """
     levels = (1 << check_bits(bits)) - 1
-    inner = _fused_layout(x, delta) if zero_point.shape == delta.shape else None
-    fused = kernels() if inner else None
+    inner = _ext.fused_layout(x, delta) if zero_point.shape == delta.shape else None
+    fused = _ext.kernels() if inner else None
     if fused is not None:
         assert inner  # (fused is looked up only then)
-        if delta.numel() > 1 or _dense(x):
+        if delta.numel() > 1 or _ext.is_dense(x):
             return fused.fake_quant_uniform(x, delta, zero_point, levels, inner, scratch)
-        rows = _strided_rows(x)  # else the PyTorch path below, which lays the output out as it does
+        rows = _ext.strided_rows(x)  # else the PyTorch path below, which lays the output out as it does
         if rows is not None:
             view, order = rows
             out = fused.fake_quant_uniform_rows(view, delta, zero_point, levels, scratch)
@@ -441,12 +229,6 @@ def fake_quant_uniform_rounded(x: Tensor, delta: Tensor, zero_point: Tensor, bit
     work = torch.promote_types(x.dtype, delta.dtype)
     y = torch.floor(x.to(work) / delta) + rounding.to(work)
     return (torch.clamp(y, -zero_point, levels - zero_point) * delta).to(x.dtype)
-
-
-def uniform_codes(x: Tensor, delta: Tensor, zero_point: Tensor, bits: int) -> Tensor:
-    """The integer codes ``clamp(round(x/Δ) + zp, 0, 2^b-1)`` (as float), for integer pipelines."""
-    levels = (1 << check_bits(bits)) - 1
-    return (torch.round(x / delta) + zero_point).clamp_(0, levels)
 
 
 # ----------------------------------------------------------------------------- region-wise uniform (OPT-m)
@@ -530,11 +312,6 @@ def _log_sqrt2_codes_(t: Tensor, levels: int) -> Tensor:
     return t.log2_().mul_(-2.0).round_().clamp_(0, levels)
 
 
-def log_sqrt2_codes(x: Tensor, delta: Tensor, bits: int) -> Tensor:
-    """Codes ``q = clamp(round(-2·log2(x/Δ)), 0, 2^b)`` as int64; ``2^b`` encodes an exact zero."""
-    return _log_sqrt2_codes_(x / delta, 1 << check_bits(bits)).to(torch.int64)
-
-
 def log_sqrt2_table(delta: Tensor, bits: int) -> Tensor:
     """Dequantized value of every code, computed exactly as RepQ-ViT does (last entry: zero)."""
     levels = 1 << check_bits(bits)
@@ -559,7 +336,7 @@ def fake_quant_log_sqrt2(x: Tensor, delta: Tensor, bits: int, scratch: Tensor | 
     if _records_grad(x, delta):
         return _LogSqrt2STE.apply(x, delta, bits)
     table = log_sqrt2_table(delta, bits).to(x.dtype)
-    fused = kernels() if _fused_layout(x, delta) and delta.numel() == 1 else None
+    fused = _ext.kernels() if _ext.fused_layout(x, delta) and delta.numel() == 1 else None
     if fused is not None:
         return fused.log_sqrt2_fake_quant(x.contiguous(), delta, table, scratch)
     flat = x.reshape(-1)
@@ -594,7 +371,7 @@ class _LogSqrt2STE(torch.autograd.Function):
 
 def _log_sqrt2_sq_err(flat: Tensor, delta: Tensor, bits: int) -> Tensor:
     """Sum of squared log-√2 fake-quant error over a contiguous 1-D float tensor, as ``[1]`` float64."""
-    fused = kernels() if flat.device.type == 'cpu' else None
+    fused = _ext.kernels() if flat.device.type == 'cpu' else None
     if fused is None:
         return _sum_sq_err(flat.view(1, -1), lambda t: fake_quant_log_sqrt2(t, delta, bits).sub_(t))
     return torch.tensor(
@@ -629,57 +406,3 @@ def log_sqrt2_qparams(x: Tensor, bits: int, percentiles: Sequence[float] = PERCE
     if not regular.any():
         return hi[0] if hi[0] > 0 else rows.new_ones(())
     return cands[_select_best(scores[:, None])[0]].reshape(())
-
-
-# --------------------------------------------------------------- log2-with-shift inference form
-def log2_shift_form(codes: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Rewrite log-√2 codes as a log2 quantizer with a shift.
-
-    Returns ``(shift s = ceil(q/2), odd = q mod 2, nonzero = q < 2^b)``. Then
-    ``x̂ = 2^-s · Δ_odd`` with two per-tensor scales ``Δ_0 = Δ`` and ``Δ_1 = fl(√2)·Δ``: even codes
-    are a plain log2 quantizer, odd codes the same one scaled by √2, so ``A·V`` becomes two
-    shift-and-add products, ``Δ·A_even·V + √2Δ·A_odd·V`` (see :func:`log2_shift_matmul_int`).
-    """
-    levels = 1 << check_bits(bits)
-    return (codes + 1) // 2, codes % 2, codes < levels
-
-
-def log2_shift_scales(delta: Tensor) -> Tensor:
-    """``[Δ, fl(√2)·Δ]``: the two scales of the shift form, rounded exactly as RepQ-ViT rounds."""
-    odd = torch.tensor([0.0, 1.0], device=delta.device) * (SQRT2 - 1) + 1
-    return odd * delta.float().reshape(())
-
-
-def log2_shift_dequant(codes: Tensor, delta: Tensor, bits: int) -> Tensor:
-    """``ldexp(Δ_odd, -s)``: equals :func:`fake_quant_log_sqrt2` bit for bit (outside subnormals)."""
-    shift, odd, nonzero = log2_shift_form(codes, bits)
-    scale = log2_shift_scales(delta)[odd]
-    return torch.where(nonzero, torch.ldexp(scale, -shift.to(scale.dtype)), torch.zeros_like(scale))
-
-
-def log2_shift_matmul_int(codes: Tensor, v_int: Tensor, bits: int) -> tuple[Tensor, Tensor, int]:
-    """Integer-only ``A·V`` for integer ``V``: ``Σ_k V_k << (S - s_k)`` per code parity.
-
-    Returns ``(even_acc, odd_acc, S)`` in int64 such that, exactly in real arithmetic,
-    ``dequant(A) @ V = 2^-S · (Δ_0 · even_acc + Δ_1 · odd_acc)`` (scales of
-    :func:`log2_shift_scales`). Raises ``ValueError`` where the accumulation could be inexact:
-    beyond int64 on the CPU; elsewhere (no integer matmul, e.g. on CUDA) the products run in
-    float64, exact while every partial sum stays below 2^53.
-    """
-    shift, odd, nonzero = log2_shift_form(codes, bits)
-    s_max = int(shift[nonzero].max()) if nonzero.any() else 0
-    v_int = v_int.to(torch.int64)
-    headroom = s_max + math.ceil(math.log2(max(1, int(v_int.abs().max())) * codes.shape[-1] + 1))
-    on_cpu = codes.device.type == 'cpu'
-    limit = 62 if on_cpu else 53
-    if headroom > limit:
-        raise ValueError(
-            f'integer accumulation needs {headroom} bits (> {limit} on {codes.device.type}): '
-            f'use fewer bits or log2_shift_dequant'
-        )
-    weights = torch.where(nonzero, torch.ones_like(shift) << (s_max - shift).clamp(min=0), torch.zeros_like(shift))
-    even_w, odd_w = weights * (1 - odd), weights * odd
-    if on_cpu:
-        return even_w @ v_int, odd_w @ v_int, s_max
-    v = v_int.double()
-    return (even_w.double() @ v).to(torch.int64), (odd_w.double() @ v).to(torch.int64), s_max
