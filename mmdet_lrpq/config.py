@@ -137,7 +137,7 @@ class QuantConfig:
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f'smooth_alpha must be in [0, 1], got {alpha}')
         object.__setattr__(self, 'smooth_alpha', alpha)
-        if self.smooth is not None and self.method != 'none' and math.isinf(self.k):
+        if self.smooth is not None and self.method != 'none' and math.isinf(self.clip_k):
             what = "method='repq'" if self.method == 'repq' else "method='crl' with crl_k=inf (RepQ)"
             raise ValueError(
                 f'smooth={self.smooth!r} cannot be combined with {what}: RepQ re-derives every '
@@ -171,7 +171,7 @@ class QuantConfig:
         return from_options(cls, options, where)
 
     @property
-    def k(self) -> float:
+    def clip_k(self) -> float:
         """The clipping actually applied: CRL's k, or infinity (RepQ)."""
         return self.crl_k if self.method == 'crl' else math.inf
 

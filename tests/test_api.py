@@ -374,7 +374,7 @@ def test_import_is_light_and_lazy():
         'assert not bad, bad; from mmdet_lrpq import quantize_, QuantConfig; assert callable(quantize_)'
     )
     subprocess.run([sys.executable, '-c', code], check=True)
-    assert mmdet_lrpq.QuantConfig is QuantConfig and math.isinf(QuantConfig(method='repq').k)
+    assert mmdet_lrpq.QuantConfig is QuantConfig and math.isinf(QuantConfig(method='repq').clip_k)
 
 
 # ------------------------------------------------------------------------------ inputs, states, plans

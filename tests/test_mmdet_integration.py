@@ -573,7 +573,7 @@ def test_convert_official_mmdet2_checkpoint(tmp_path):
 
 def test_settings_describe_is_json_and_k_semantics():
     s = QuantConfig(method='repq', crl_k=2.0)
-    assert s.k == math.inf and QuantConfig(method='crl', crl_k=2.0).k == 2.0
+    assert s.clip_k == math.inf and QuantConfig(method='crl', crl_k=2.0).clip_k == 2.0
     json.dumps(QuantConfig(crl_k=float('inf')).describe())
     with pytest.raises(TypeError, match=r"calib: unknown option\(s\) \['num_image'\]"):
         HOOKS.build(dict(type='QuantizationHook', calib=dict(num_image=2)))

@@ -404,7 +404,7 @@ class ModelQuantizer:
         tag = f'crl(k={self.config.crl_k:g})' if self.config.method == 'crl' else 'repq'
         for pair in self.pairs:
             norm, layer = modules[pair.norm], modules[pair.layer]
-            res = reparameterize_(norm, layer, k=self.config.k, round_zero_point=self.config.round_zero_point)
+            res = reparameterize_(norm, layer, k=self.config.clip_k, round_zero_point=self.config.round_zero_point)
             if pair.shift_owner is not None:
                 apply_reparam_shift(modules[pair.shift_owner], norm, res)
             smoothed = self.report.reparameterized.get(pair.layer)
