@@ -14,8 +14,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 
+from .bits import check_bits
 from .plan import BitPlan, Site
-from .quant.functional import check_bits
 from .quant.options import from_options
 from .quant.reconstruct_config import ReconstructConfig
 from .quant.smooth import DEFAULT_ALPHA

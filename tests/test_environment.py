@@ -1,4 +1,4 @@
-"""The installed stack: mmcv's compiled ops, the import boundaries of DESIGN §4, the install's
+"""The installed stack: mmcv's compiled ops, the import boundaries of docs/architecture.md, the install's
 CPU-or-CUDA decision (tools/cuda_build_plan.py) and the stack check (mmdet_lrpq/env.py)."""
 
 import ast
@@ -50,7 +50,7 @@ def test_mmcv_nms_matches_torchvision():
 
 @pytest.mark.parametrize('package', PURE_PACKAGES)
 def test_pure_packages_do_not_import_mmdet_or_mmcv(package):
-    """quant/, lrp/, plan/ stay importable and testable without MMDetection (DESIGN §4)."""
+    """quant/, lrp/, plan/ stay importable and testable without MMDetection (docs/architecture.md)."""
     offenders = []
     for path in sorted((REPO / 'mmdet_lrpq' / package).rglob('*.py')):
         for node in ast.walk(ast.parse(path.read_text())):

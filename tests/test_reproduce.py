@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / 'tools' / 'reproduce.py'
 PAPER = REPO / 'configs' / 'paper_results.json'
 
-# DESIGN §2 as written there: configs/paper_results.json must carry every one of these cells.
+# The paper's reference table: configs/paper_results.json must carry every one of these cells.
 DESIGN_TABLE = """
 | model | FP32 | RepQ-ViT W4A4 | LRP-QViT MP4 | best uniform W4A4 (APHQ-ViT) | RepQ-ViT W6A6 | LRP-QViT MP6 |
 |---|---|---|---|---|---|---|

@@ -1,4 +1,4 @@
-"""Make an LRP mixed-precision bit plan for a Swin backbone (LRP-QViT, DESIGN §3.4-3.5).
+"""Make an LRP mixed-precision bit plan for a Swin backbone (LRP-QViT, docs/method.md).
 
     python tools/lrp_plan.py --model swin_tiny_patch4_window7_224 --checkpoint swin_tiny.pth \\
         --images /data/imagenet/val --num-images 64 --target mp4 --out configs/plans/swin_t_mp4.json \\

@@ -1,4 +1,4 @@
-"""Layer-wise relevance propagation on timm's Swin classifier: which layers matter (DESIGN §3.4).
+"""Layer-wise relevance propagation on timm's Swin classifier: which layers matter (docs/method.md).
 
 Pure PyTorch + timm (no MMDetection). Typical use, what ``tools/lrp_plan.py`` does::
 

@@ -29,7 +29,7 @@ def lrp_site_scores(
     batch_size: int = 8,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
-    """Raw LRP score of every site (DESIGN §3.4), averaged over the images.
+    """Raw LRP score of every site (docs/method.md), averaged over the images.
 
     images:   single images ``(3, H, W)`` at the model's input size, streamed: only one batch of
               ``batch_size`` is held at a time (a ``(N, 3, H, W)`` tensor also works).

@@ -17,7 +17,7 @@ the values; relevance reaching zero padding is dropped (and reported); the head 
 on its Linear and the z-rule on the mean pool. Relevance starts as the one-hot target logit, so
 every image carries a total relevance of 1.
 
-Site scores (DESIGN §3.4): ``mean(clamp(∂y_t/∂Y ⊙ R_Y, min=0))`` over the elements (and heads)
+Site scores (docs/method.md): ``mean(clamp(∂y_t/∂Y ⊙ R_Y, min=0))`` over the elements (and heads)
 of the site output ``Y`` (a Linear's output includes its bias; ``qkv`` is the whole q|k|v
 output). For ``matmul1``, ``Y`` is the post-softmax attention map (the operand ``matmul2``
 consumes and the log-√2 quantizer sees) and ``R_Y`` its half share from the ``attn@v`` z-rule.

@@ -1,4 +1,4 @@
-"""Quantization sites of MMDetection's ``SwinTransformer`` (DESIGN §3.1, §3.3).
+"""Quantization sites of MMDetection's ``SwinTransformer`` (docs/method.md).
 
 Sites, in forward order: the patch-embedding conv, and per block ``qkv``, ``matmul1`` (q·kᵀ),
 ``matmul2`` (attn·v, post-softmax operand on the log-√2 quantizer), ``proj``, ``fc1``

@@ -7,7 +7,7 @@ per-channel post-LayerNorm inputs and their reparameterization; ``nn.MultiheadAt
 packed projection and matmuls), every other Conv2d/Linear is quantized generically, and modules
 of a known family that cannot be quantized are reported as float and left out of the totals.
 
-Protocol (RepQ-ViT, DESIGN §3.1/§3.6): weights per output channel, inputs per tensor, the
+Protocol (RepQ-ViT, docs/method.md): weights per output channel, inputs per tensor, the
 patch-embedding input at 8 bits, post-LayerNorm inputs calibrated per channel and
 reparameterized (RepQ, or CRL with clipping ``k``). Order: wrap -> calibrate (streamed, see
 :mod:`mmdet_lrpq.quant.calibrate`) -> reparameterize -> re-quantize weights -> evaluate.

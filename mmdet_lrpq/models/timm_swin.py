@@ -1,6 +1,6 @@
 """Quantization sites of timm's ``SwinTransformer`` (the classifier LRP plans are computed on).
 
-The same sites as mmdet's Swin (DESIGN §3.1), named by timm's module paths
+The same sites as mmdet's Swin (docs/method.md), named by timm's module paths
 (``layers.i.blocks.j.attn.qkv``, ``mlp.fc1``, patch merging ``layers.i.downsample`` at the start of
 stage ``i``). In bit plans they go by their mmdet names (``backbone.stages...``, the mapping of
 :mod:`.swin_names`), so the plan ``tools/lrp_plan.py`` writes for a detector can be checked on the

@@ -1,4 +1,4 @@
-"""Bit plans, budgets and allocators (DESIGN §3.5): pure Python/NumPy/SciPy, no torch or mmdet.
+"""Bit plans, budgets and allocators (docs/method.md): pure Python/NumPy/SciPy, no torch or mmdet.
 
 Sites (:class:`Site`) describe what can be quantized; a :class:`BitPlan` says at how many bits;
 :func:`account` / :class:`Budget` say what that costs; :func:`allocate` makes plans from scores;

@@ -1,4 +1,4 @@
-"""Bit allocators behind one interface, so they can be compared on the same budget (DESIGN §3.5).
+"""Bit allocators behind one interface, so they can be compared on the same budget (docs/method.md).
 
 ``allocate(name, sites, scores, target_bits=k)`` returns a :class:`BitPlan` with an exact entry
 for every given site, in site order. Rules shared by every allocator:

@@ -1,6 +1,6 @@
 """Budget accounting for bit plans: weight memory, average bits and BOPs, in exact integers.
 
-Mixed-precision results are only comparable at equal cost (DESIGN §3.5), so the cost is computed
+Mixed-precision results are only comparable at equal cost (docs/method.md), so the cost is computed
 one way, here, and recorded next to every plan and result. Sums are Python ints (no overflow, no
 rounding); only the reported averages and megabytes are floats.
 """

@@ -5,7 +5,7 @@ and their fake-quant, differentiable where reconstruction learns through them. C
 from the exact quantiles of :mod:`.quantiles`; the integer codes and the log2-with-shift form that
 integer pipelines use are in :mod:`.integer_form`.
 
-Contract (DESIGN §3.2). Every function here gives the same numbers as RepQ-ViT's
+Contract (docs/method.md). Every function here gives the same numbers as RepQ-ViT's
 ``UniformQuantizer`` / ``LogSqrt2Quantizer`` run in this environment (their per-channel Python
 loop over ``torch.quantile``), without a loop over channels:
 

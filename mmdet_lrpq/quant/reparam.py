@@ -6,7 +6,7 @@ very different ranges per channel, so the layer's input was calibrated per chann
 ``(Δ_c, zp_c)``. Reparameterization moves the per-channel part into the LayerNorm affine and
 the layer's weights so that a single per-tensor quantizer ``(Δ̃, z̃)`` can be used at inference.
 
-**RepQ** (DESIGN §3.3)::
+**RepQ** (docs/method.md)::
 
     Δ̃ = mean_c Δ_c,   z̃ = mean_c zp_c   (optionally rounded)
     r_c = Δ_c / Δ̃,    b_c = (-zp_c·Δ_c) / r_c + z̃·Δ̃

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .functional import check_bits
+from ..bits import check_bits
 from .modules import QuantConv2d, QuantLinear, QuantModule
 
 # Linear layers whose weight is consumed directly by F.multi_head_attention_forward: their
