@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as nnf
 from torch import nn
 
-from conftest import randomize_
 from mmdet_lrpq import QuantConfig, quantize_
 from mmdet_lrpq.models.quantizer import ModelQuantizer
 from mmdet_lrpq.quant import (
@@ -34,30 +33,7 @@ from mmdet_lrpq.quant import (
 )
 from mmdet_lrpq.quant import functional as F
 from mmdet_lrpq.quant.smooth import sqb_factors
-
-
-def tiny_timm_swin(seed: int = 0):
-    """112 px: the last stage's 4x4 tokens are padded to 7x7 windows (the shift after padding matters)."""
-    from timm.models.swin_transformer import SwinTransformer
-
-    torch.manual_seed(seed)
-    return randomize_(
-        SwinTransformer(
-            img_size=112,
-            embed_dim=32,
-            depths=(2, 2, 2, 2),
-            num_heads=(1, 2, 4, 8),
-            num_classes=10,
-            always_partition=True,
-            strict_img_size=False,
-        ),
-        seed,
-        norm_std=0.3,
-    )
-
-
-def images(n: int, seed: int = 0, size: int = 112) -> torch.Tensor:
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+from test_api import images, tiny_timm_swin  # a Swin whose last stage pads its windows (112 px)
 
 
 @pytest.fixture(scope='module')
