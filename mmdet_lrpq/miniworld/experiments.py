@@ -18,7 +18,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+from ..cli import REPO  # the checkout, one definition for every command-line module
+
 DATA = osp.join(REPO, 'data', 'miniworld')
 CKPT = osp.join(REPO, 'checkpoints', 'miniworld')
 CLASSIFIER = osp.join(CKPT, 'swin_mini_cls.pth')

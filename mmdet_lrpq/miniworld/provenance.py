@@ -6,7 +6,7 @@ import os.path as osp
 import shlex
 import sys
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+from ..cli import REPO  # the checkout, one definition for every command-line module
 
 
 def command_line(script: str, argv: list[str] | None = None) -> str:

@@ -9,7 +9,8 @@ import os
 import os.path as osp
 import shlex
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
+from ..cli import REPO  # the checkout, one definition for every command-line module
+
 PAPER = osp.join(REPO, 'configs', 'paper_results.json')
 
 
