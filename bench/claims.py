@@ -724,6 +724,7 @@ class Plans:
         self.dir = osp.join(args.work_dir, 'plans')
         os.makedirs(self.dir, exist_ok=True)
         self._classifier = None
+        self._sites = None
 
     # the classifier and its sites in the detector's names (the names every LRP plan uses)
     @property
@@ -733,25 +734,16 @@ class Plans:
         return self._classifier
 
     def sites(self, named: str = 'mmdet'):
+        from dataclasses import replace
+
         from mmdet_lrpq.models.swin_names import swin_name_to_mmdet
         from mmdet_lrpq.models.timm_swin import swin_sites
-        from mmdet_lrpq.plan import Site
 
-        sites = swin_sites(self.classifier)
+        if self._sites is None:  # counting their MACs takes a forward of a copy of the classifier: once
+            self._sites = swin_sites(self.classifier)
         if named == 'timm':
-            return sites
-        return [
-            Site(
-                'backbone.' + swin_name_to_mmdet(s.name, 'timm'),
-                s.kind,
-                s.layer_type,
-                s.block,
-                s.stage,
-                s.params,
-                s.macs,
-            )
-            for s in sites
-        ]
+            return self._sites
+        return [replace(s, name='backbone.' + swin_name_to_mmdet(s.name, 'timm')) for s in self._sites]
 
     def _to_detector(self, plan, lrp):
         """A timm-named classifier plan as the detector-named plan the LRP tool writes."""
